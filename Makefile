@@ -1,0 +1,27 @@
+# Each target sets up .venv itself on first use (plain pip + venv; no root needed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: sweep test lint bench clean
+
+sweep: $(STAMP)
+	$(BIN)/advlab sweep sweeps/quickstart.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check advlab tests benchmarks
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check advlab tests benchmarks
+	$(BIN)/ruff format --check advlab tests benchmarks
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) results

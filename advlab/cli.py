@@ -1,0 +1,87 @@
+"""`advlab validate | sweep | trial`: the command line. Exit codes: 0 ok, 1 trials failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from advlab.spec import SpecError, SweepSpec, load_sweep
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="advlab", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="check a sweep file without running anything")
+    validate.add_argument("file")
+
+    sweep = commands.add_parser("sweep", help="run a sweep file's grid with Ray Tune")
+    sweep.add_argument("file")
+    sweep.add_argument("--storage", help="results root (path or s3://...); overrides the file")
+    sweep.add_argument("--address", help="Ray cluster address ('auto' joins a running one)")
+    sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: as fit)")
+    sweep.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+
+    trial = commands.add_parser("trial", help="run one grid point in this process, without Ray")
+    trial.add_argument("file")
+    trial.add_argument("--index", type=int, default=0, help="grid point, in grid order")
+    trial.add_argument("--storage", help="results root; overrides the file")
+    trial.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        spec = load_sweep(args.file, overrides=_overrides(args))
+        if args.command == "validate":
+            return validate(spec)
+        if args.command == "trial":
+            return run_one(spec, args.index, args.wandb)
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise SpecError("--max-concurrent: must be at least 1")
+        return sweep(spec, args.address, args.max_concurrent, args.wandb)
+    except SpecError as err:
+        print(f"advlab: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"storage": args.storage} if getattr(args, "storage", None) else {}
+
+
+def validate(spec: SweepSpec) -> int:
+    axes = ", ".join(f"{k} ({len(v)})" for k, v in spec.settings.grid.items()) or "none"
+    print(f"{spec.name}: valid, {len(spec.trials)} trials; grid axes: {axes}")
+    return 0
+
+
+def sweep(spec: SweepSpec, address: str | None, max_concurrent: int | None, wandb: str | None) -> int:
+    from advlab.sweep import run_sweep, summary_lines
+    from advlab.track import resolve_mode
+
+    outcome = run_sweep(spec, address=address, max_concurrent=max_concurrent, wandb_mode=wandb)
+    for line in summary_lines(outcome, resolve_mode(wandb or spec.settings.wandb.mode)):
+        print(line)
+    return 0 if outcome.all_ok else 1
+
+
+def run_one(spec: SweepSpec, index: int, wandb: str | None) -> int:
+    from advlab.store import resolve_storage
+    from advlab.sweep import trial_context
+    from advlab.track import resolve_mode
+    from advlab.trial import run_trial
+
+    if not 0 <= index < len(spec.trials):
+        raise SpecError(f"--index: {index} is outside the grid; use 0..{len(spec.trials) - 1}")
+    mode = resolve_mode(wandb or spec.settings.wandb.mode)
+    ctx = trial_context(spec, index, resolve_storage(spec.settings.storage), mode)
+    row = run_trial(spec.trials[index], ctx, report=lambda m: print(f"  epoch {m['epoch']}: {m}"))
+    for key, value in row.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""Distortion norms and success at perturbation budgets; the one place distances are defined."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+NORMS = ("rms", "l2", "linf")
+
+
+def distortions(x: Tensor, x_adv: Tensor) -> dict[str, Tensor]:
+    """Per-example distances between x and x_adv, each of shape (B,).
+
+    rms is the paper's measure, sqrt(mean((x_adv - x)^2)) over all pixels (so on MNIST
+    l2 = 28 * rms); l2 and linf are the plain vector norms of the flattened difference.
+    """
+    if x.shape != x_adv.shape:
+        raise ValueError(f"x_adv: shape {tuple(x_adv.shape)} must equal x's {tuple(x.shape)}")
+    if x.ndim < 1:
+        raise ValueError("x: needs a leading batch dimension")
+    diff = (x_adv - x).flatten(1) if x.ndim > 1 else (x_adv - x)[:, None]
+    if diff.shape[1] == 0:
+        zeros = diff.new_zeros(diff.shape[0])
+        return {"rms": zeros, "l2": zeros.clone(), "linf": zeros.clone()}
+    sq = diff.square().sum(dim=1)
+    return {
+        "rms": (sq / diff.shape[1]).sqrt(),
+        "l2": sq.sqrt(),
+        "linf": diff.abs().amax(dim=1),
+    }
+
+
+def success_at_budgets(success: Tensor, distance: Tensor, budgets: Sequence[float]) -> Tensor:
+    """(len(budgets), B) bool: success & (distance <= eps) for each budget eps.
+
+    For a minimisation attack one run is scored at every budget; a NaN distance never counts.
+    """
+    if success.shape != distance.shape or success.ndim != 1:
+        raise ValueError(
+            f"success and distance: need equal (B,) shapes, got {tuple(success.shape)} "
+            f"and {tuple(distance.shape)}"
+        )
+    values = [float(b) for b in budgets]
+    bad = [b for b in values if math.isnan(b) or b < 0]
+    if bad:
+        raise ValueError(f"budgets: must be numbers >= 0, got {bad}")
+    eps = torch.tensor(values, dtype=torch.float64, device=distance.device)
+    within = distance.to(torch.float64)[None, :] <= eps[:, None]
+    return success.bool()[None, :] & within
+
+
+def robust_error(clean_correct: Tensor, success_matrix: Tensor) -> Tensor:
+    """(len(budgets),) fraction of examples wrong at each budget: misclassified clean or fooled.
+
+    clean_correct is (B,) bool; success_matrix is success_at_budgets' (len(budgets), B) output
+    for an untargeted (or targeted) attack on the same examples.
+    """
+    if success_matrix.ndim != 2 or success_matrix.shape[1] != clean_correct.shape[0]:
+        raise ValueError("success_matrix: need shape (len(budgets), B) matching clean_correct")
+    wrong = ~clean_correct.bool()[None, :] | success_matrix.bool()
+    if wrong.shape[1] == 0:
+        return torch.full((wrong.shape[0],), math.nan, dtype=torch.float64)
+    return wrong.double().mean(dim=1)

@@ -1,0 +1,246 @@
+"""Architectures by name, as the paper names them.
+
+Names are parsed, not looked up, so any width works:
+
+- ``fc10``: softmax regression on the pixels (Flatten + Linear(D, 10)).
+- ``fc<h1>-<h2>-...-<K>``: fully connected net with sigmoid hidden layers (``activation="relu"``
+  or ``"tanh"`` as options) and K outputs, e.g. fc100-100-10, fc200-200-10, fc123-456-10.
+- ``ae<h>-<K>``: :class:`AutoencoderClassifier`, a softmax classifier on an h-unit autoencoder code.
+- ``cnn``: a small conv net for any input of at least 4x4 pixels.
+- ``resnet18``: torchvision's ResNet-18, CIFAR-style: 3x3 stride-1 first conv, no max-pool.
+
+Every model takes (B, C, H, W) pixels in [0, 1] and returns logits (B, K). Models are not seeded
+here: the caller seeds torch before :func:`build_model` for reproducible initial weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "Architecture",
+    "AutoencoderClassifier",
+    "ModelNameError",
+    "SmallCNN",
+    "build_model",
+    "count_parameters",
+    "decay_weights",
+    "parse_architecture",
+    "weight_penalty",
+]
+
+
+class ModelNameError(ValueError):
+    """A model name that names no architecture, or one whose class count does not fit the data."""
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+_FORMS = "use fc10, fc<h1>-...-<K>, ae<h>-<K>, cnn or resnet18"
+# Widths are positive and written without leading zeros, so one architecture has one name.
+_WIDTH = r"[1-9][0-9]*"
+_FC = re.compile(rf"fc({_WIDTH}(?:-{_WIDTH})*)")
+_AE = re.compile(rf"ae({_WIDTH})-({_WIDTH})")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A parsed model name; ``classes`` is the trailing number, None for cnn and resnet18."""
+
+    kind: str  # "fc", "ae", "cnn" or "resnet18"
+    hidden: tuple[int, ...]
+    classes: int | None
+
+
+def parse_architecture(name: str) -> Architecture:
+    """Parse a model name (see module docstring); raise ModelNameError if it names nothing."""
+    if not isinstance(name, str):
+        raise ModelNameError(f"model: {name!r} is not an architecture; {_FORMS}")
+    if name in ("cnn", "resnet18"):
+        return Architecture(kind=name, hidden=(), classes=None)
+    if match := _FC.fullmatch(name):
+        widths = tuple(int(w) for w in match.group(1).split("-"))
+        return Architecture(kind="fc", hidden=widths[:-1], classes=widths[-1])
+    if match := _AE.fullmatch(name):
+        return Architecture(kind="ae", hidden=(int(match.group(1)),), classes=int(match.group(2)))
+    raise ModelNameError(f"model: {name!r} is not an architecture; {_FORMS}")
+
+
+def _activation(activation: str) -> nn.Module:
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: {activation!r} is not supported; use {', '.join(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[activation]()
+
+
+def _mlp(
+    input_shape: tuple[int, int, int], hidden: tuple[int, ...], classes: int, act: str
+) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for h in hidden:
+        layers += [nn.Linear(width, h), _activation(act)]
+        width = h
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+class AutoencoderClassifier(nn.Module):
+    """Softmax classifier on the code of a one-hidden-layer autoencoder (the paper's AE400-10).
+
+    encoder: Linear(D, h) + activation (sigmoid by default); decoder: Linear(h, D) + sigmoid, so a
+    reconstruction is a valid image in [0, 1]; classifier: Linear(h, K) on the code. The paper does
+    not say which autoencoder it used; training (plain or denoising pretraining, then fine-tuning)
+    is train.py's business, through :meth:`reconstruct`.
+    """
+
+    def __init__(
+        self,
+        input_shape: tuple[int, int, int],
+        code_size: int,
+        num_classes: int,
+        activation: str = "sigmoid",
+    ) -> None:
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        d = math.prod(input_shape)
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, code_size), _activation(activation))
+        self.decoder = nn.Sequential(
+            nn.Linear(code_size, d), nn.Sigmoid(), nn.Unflatten(1, self.input_shape)
+        )
+        self.classifier = nn.Linear(code_size, num_classes)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """The code (B, h)."""
+        return self.encoder(x)
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Decode the code back to an image (B, C, H, W) in [0, 1]."""
+        return self.decoder(self.encoder(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.encoder(x))
+
+    def decay_weights(self) -> list[nn.Parameter]:
+        # The decoder only serves reconstruction pretraining and is not part of the classifier
+        # the paper attacks and regularises, so its weights take no classification weight decay.
+        return [self.encoder[1].weight, self.classifier.weight]
+
+
+class SmallCNN(nn.Module):
+    """conv32-pool-conv64-pool-fc128-fc K, ReLU, 3x3 'same' convs; any input of at least 4x4."""
+
+    def __init__(self, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        if h < 4 or w < 4:
+            raise ValueError(f"model: cnn needs inputs of at least 4x4 pixels, got {h}x{w}")
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * (h // 4) * (w // 4), 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+def _resnet18(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    # ImageNet's 7x7/2 stem and max-pool would shrink a 32x32 image to 8x8 before the first block.
+    model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(
+    name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    activation: str = "sigmoid",
+) -> nn.Module:
+    """Build the architecture ``name`` for inputs of ``input_shape`` (C, H, W).
+
+    ``activation`` sets the hidden units of fc nets and the autoencoder's encoder; cnn and
+    resnet18 always use ReLU and ignore it.
+    """
+    arch = parse_architecture(name)
+    if arch.classes is not None and arch.classes != num_classes:
+        fixed = name[: name.rfind(str(arch.classes))] + str(num_classes)
+        raise ModelNameError(
+            f"model: {name!r} ends in {arch.classes} classes but the dataset has {num_classes}; "
+            f"use {fixed}"
+        )
+    input_shape = tuple(int(s) for s in input_shape)
+    if arch.kind == "fc":
+        return _mlp(input_shape, arch.hidden, num_classes, activation)
+    if arch.kind == "ae":
+        return AutoencoderClassifier(input_shape, arch.hidden[0], num_classes, activation)
+    _activation(activation)  # still reject typos, even where the value is unused
+    if arch.kind == "cnn":
+        return SmallCNN(input_shape, num_classes)
+    return _resnet18(input_shape, num_classes)
+
+
+def decay_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The weight matrices and conv kernels (no biases, no norm scales), input to output.
+
+    These are what per-layer weight-decay lambdas index: fc100-100-10 has 3, fc10 has 1. For
+    ae<h>-<K> they are the encoder and the classifier; the decoder is excluded (see
+    :class:`AutoencoderClassifier`). A model may define its own ``decay_weights()`` method.
+    """
+    own = getattr(model, "decay_weights", None)
+    if callable(own):
+        return list(own())
+    # Registration order is forward order for every model built here (torchvision's ResNet
+    # included; a block's downsample shortcut comes after its two convs).
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+
+
+def weight_penalty(model: nn.Module, weight_decay: float | Sequence[float]) -> Tensor:
+    """sum_k lambda_k * ||W_k||_F^2 over :func:`decay_weights`, to add to the loss.
+
+    Explicit in the loss (not the optimiser's weight_decay) so lambda means the paper's lambda
+    whatever the optimiser. One number applies to every layer; a sequence needs one per layer.
+    """
+    weights = decay_weights(model)
+    if isinstance(weight_decay, Real) and not isinstance(weight_decay, bool):
+        lambdas = [float(weight_decay)] * len(weights)
+    else:
+        lambdas = [float(v) for v in weight_decay]
+        if len(lambdas) != len(weights):
+            raise ValueError(
+                f"weight_decay: {len(lambdas)} values given but the model has {len(weights)} "
+                f"decayed weight layers; give {len(weights)} values or one number"
+            )
+    if any(not lam >= 0 for lam in lambdas):  # also catches nan
+        raise ValueError(f"weight_decay: {lambdas} must all be >= 0")
+    total = torch.zeros((), device=weights[0].device if weights else None)
+    for lam, w in zip(lambdas, weights, strict=True):
+        if lam:
+            total = total + lam * w.pow(2).sum()
+    return total
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalars in all of the model's parameters (an autoencoder's decoder included)."""
+    return sum(p.numel() for p in model.parameters())

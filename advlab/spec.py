@@ -1,0 +1,329 @@
+"""Sweep files: YAML -> validated SweepSpec -> one TrialSpec per grid point.
+
+A sweep file holds sweep-level keys (name, grid, resources, storage, wandb, ...) and trial-level
+keys (everything in TrialSpec) as the base of every trial. `grid` maps trial keys, dotted for
+nested ones (`train.lr`), to lists of values; the grid is their cartesian product. Every grid
+point is validated here, before any work starts, and every user mistake becomes a SpecError whose
+message is one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from advlab.data import DataError, parse_subset, validate_dataset_source
+from advlab.models import ModelNameError, parse_architecture
+
+NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+
+
+class SpecError(ValueError):
+    """A mistake in a sweep file or command line; str() is the one-line message for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    name: str = "digits"
+    root: str | None = None  # a local folder of the standard files; None downloads (or embeds)
+    split_seed: int = 0  # fixes P1/P2 and fractions across trials, unlike the trial seed
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    ae_epochs: int = Field(5, ge=0)  # autoencoder pretraining epochs, ae<h>-K models only
+
+
+AttackName = Literal["fgsm", "lbfgs"]
+NormName = Literal["rms", "l2", "linf"]
+MINIMISATION_ATTACKS = {"lbfgs"}
+
+
+def _check_budgets(value: list[float]) -> list[float]:
+    for eps in value:
+        if math.isnan(eps) or eps < 0:
+            raise ValueError(f"budget {eps} must be a number >= 0")
+    return sorted(value)
+
+
+class AttackSpec(_Strict):
+    name: AttackName
+    label: str | None = None  # the name in results; defaults to `name`
+    eps: list[float] | None = None  # budgets; None uses the trial's `eps`
+    norm: NormName | None = None  # budget norm; fgsm is linf, lbfgs defaults to the paper's rms
+    target: Literal["random"] = "random"
+    max_iter: int = Field(50, ge=1)  # L-BFGS iterations per value of c
+    search_steps: int = Field(10, ge=1)  # bracket + bisection steps on c
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int | float) else value
+
+    @field_validator("eps")
+    @classmethod
+    def _budgets_valid(cls, value: list[float] | None) -> list[float] | None:
+        return None if value is None else _check_budgets(value)
+
+    @model_validator(mode="after")
+    def _norm_fits_attack(self) -> AttackSpec:
+        if self.name == "fgsm" and self.norm not in (None, "linf"):
+            raise ValueError("fgsm is an linf attack; drop `norm` or set it to linf")
+        return self
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+    @property
+    def budget_norm(self) -> str:
+        return self.norm or ("rms" if self.name in MINIMISATION_ATTACKS else "linf")
+
+
+class TrialSpec(_Strict):
+    """Everything that decides a trial's numbers. Any key may be a grid axis."""
+
+    dataset: DatasetSpec = DatasetSpec()
+    model: str = "fc10"
+    activation: Literal["sigmoid", "relu"] = "sigmoid"
+    subset: str = "all"
+    weight_decay: float | list[float] = 0.0  # one lambda, or one per layer
+    seed: int = 0
+    train: TrainSpec = TrainSpec()
+    eps: list[float] = [0.1, 0.2]  # default budgets for every attack
+    attack_examples: int = Field(100, ge=1)  # first N correctly classified test examples
+    attacks: list[AttackSpec] = [AttackSpec(name="fgsm"), AttackSpec(name="lbfgs")]
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _scalar_to_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int | float) else value
+
+    @field_validator("eps")
+    @classmethod
+    def _budgets_valid(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("needs at least one budget")
+        return _check_budgets(value)
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _decay_valid(cls, value: float | list[float]) -> float | list[float]:
+        values = value if isinstance(value, list) else [value]
+        if not values or any(math.isnan(v) or v < 0 for v in values):
+            raise ValueError("weight decay must be >= 0 (one lambda or one per layer)")
+        return value
+
+    @field_validator("attacks")
+    @classmethod
+    def _attack_keys_unique(cls, value: list[AttackSpec]) -> list[AttackSpec]:
+        keys = [a.key for a in value]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"attack names repeat ({keys}); give repeated attacks a `label`")
+        return value
+
+    def budgets(self, attack: AttackSpec) -> list[float]:
+        return attack.eps if attack.eps is not None else self.eps
+
+    def trial_id(self) -> str:
+        """Stable id from the trial's content, so a rerun of the same grid point replaces it."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha1(canonical.encode()).hexdigest()[:10]
+
+
+class ResourcesSpec(_Strict):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+
+
+class WandbSpec(_Strict):
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "advlab"
+    entity: str | None = None
+
+
+class SweepSettings(_Strict):
+    name: str
+    grid: dict[str, list[Any]] = {}
+    resources: ResourcesSpec = ResourcesSpec()
+    storage: str = "results"
+    max_concurrent: int | None = Field(None, ge=1)
+    wandb: WandbSpec = WandbSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, value: str) -> str:
+        if not value or not all(ch.isalnum() or ch in "-_." for ch in value) or value[0] == ".":
+            raise ValueError("use letters, digits, '-', '_' or '.' (it names a folder)")
+        return value
+
+
+SWEEP_KEYS = set(SweepSettings.model_fields)
+TRIAL_KEYS = set(TrialSpec.model_fields)
+
+
+class SweepSpec:
+    """A validated sweep: its settings and the trial spec of every grid point, in grid order."""
+
+    def __init__(self, settings: SweepSettings, base: dict[str, Any], trials: list[TrialSpec]):
+        self.settings = settings
+        self.base = base
+        self.trials = trials
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def grid_values(self, trial: TrialSpec) -> dict[str, Any]:
+        """The values a trial takes on each grid axis, keyed by the axis' dotted path."""
+        dumped = trial.model_dump(mode="json")
+        return {axis: _get_dotted(dumped, axis) for axis in self.settings.grid}
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep file; `overrides` (e.g. storage from the command line) win."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such sweep file; pass the path of a YAML sweep file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise SpecError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a sweep file must be a mapping of keys (name, grid, ...)")
+    raw.update(overrides or {})
+    try:
+        return parse_sweep(raw)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def parse_sweep(raw: dict[str, Any]) -> SweepSpec:
+    for key in raw:
+        if key not in SWEEP_KEYS | TRIAL_KEYS:
+            raise SpecError(f"{key}: unknown key{_did_you_mean(key, SWEEP_KEYS | TRIAL_KEYS)}")
+    settings = _validate(SweepSettings, {k: v for k, v in raw.items() if k in SWEEP_KEYS})
+    base = {k: v for k, v in raw.items() if k in TRIAL_KEYS}
+    for axis, values in settings.grid.items():
+        if axis.split(".")[0] not in TRIAL_KEYS:
+            head = axis.split(".")[0]
+            raise SpecError(f"grid.{axis}: not a trial key{_did_you_mean(head, TRIAL_KEYS)}")
+        if not values:
+            raise SpecError(f"grid.{axis}: empty list; give at least one value or drop the axis")
+    trials = [_validate_trial(point) for point in expand_grid(base, settings.grid)]
+    ids = [t.trial_id() for t in trials]
+    if len(set(ids)) != len(ids):
+        raise SpecError("grid: two grid points give the same trial; remove repeated values")
+    return SweepSpec(settings, base, trials)
+
+
+def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of the grid's axes, each point applied on top of the base."""
+    points = []
+    for combo in itertools.product(*grid.values()):
+        point = copy.deepcopy(base)
+        for axis, value in zip(grid, combo, strict=True):
+            _set_dotted(point, axis, copy.deepcopy(value))
+        points.append(point)
+    return points
+
+
+def _validate_trial(point: dict[str, Any]) -> TrialSpec:
+    trial = _validate(TrialSpec, point)
+    try:
+        validate_dataset_source(trial.dataset.name, trial.dataset.root)
+    except DataError as err:
+        raise SpecError(f"dataset: {err}") from None
+    try:
+        parse_subset(trial.subset)
+    except DataError as err:
+        raise SpecError(f"subset: {err}") from None
+    try:
+        arch = parse_architecture(trial.model)
+    except ModelNameError as err:
+        raise SpecError(f"model: {err}") from None
+    classes = NUM_CLASSES[trial.dataset.name]
+    if arch.classes is not None and arch.classes != classes:
+        raise SpecError(
+            f"model: '{trial.model}' ends in {arch.classes} classes but {trial.dataset.name} "
+            f"has {classes}; end the name in {classes}"
+        )
+    return trial
+
+
+def _validate(model: type[_Strict], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_one_line(err, model)) from None
+
+
+def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        leaf = str(first["loc"][-1])
+        known = _fields_at(model, [str(p) for p in first["loc"][:-1]])
+        return f"{key}: unknown key{_did_you_mean(leaf, known)}"
+    if first["type"] == "missing":
+        return f"{key}: required; add it"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {first.get('input')!r})"
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> set[str]:
+    """The field names valid at a nested location, for did-you-mean suggestions."""
+    current: Any = model
+    for part in path:
+        if part.isdigit():
+            continue
+        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        if field is None:
+            return set()
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        current = inner[0] if inner else annotation
+    return set(getattr(current, "model_fields", {}))
+
+
+def _did_you_mean(word: str, choices: set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; valid keys: {', '.join(sorted(choices))}" if choices else ""
+
+
+def _set_dotted(target: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = target.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"grid.{path}: '{part}' is not a nested mapping; use a top-level key")
+        target = node
+    target[leaf] = value
+
+
+def _get_dotted(source: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        source = source[part]
+    return source

@@ -1,0 +1,169 @@
+"""The Ray Tune driver: one Tune trial per grid point, each running advlab.trial.run_trial.
+
+The grid is expanded and validated by spec.py before Ray starts, then handed to Tune as a single
+grid_search over fully resolved trial configs, so Tune schedules exactly the trials we validated.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from advlab.spec import SpecError, SweepSpec, TrialSpec
+from advlab.store import SweepStore, resolve_storage
+from advlab.track import resolve_mode
+from advlab.trial import TrialContext
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    store: SweepStore
+    expected: int
+    ok: list[str]
+    failed: dict[str, str]  # trial id -> reason
+    missing: list[str]  # trial ids that left no trials row at all
+
+    @property
+    def all_ok(self) -> bool:
+        return not self.failed and not self.missing
+
+
+def trial_configs(spec: SweepSpec, storage: str, wandb_mode: str) -> list[dict[str, Any]]:
+    """The Tune config of every grid point: the trial spec, where it writes, and its threads."""
+    return [
+        {
+            "id": trial.trial_id(),
+            "spec": trial.model_dump(mode="json"),
+            "ctx": asdict(trial_context(spec, index, storage, wandb_mode)),
+            "threads": max(1, math.floor(spec.settings.resources.cpu)),
+        }
+        for index, trial in enumerate(spec.trials)
+    ]
+
+
+def trial_context(spec: SweepSpec, index: int, storage: str, wandb_mode: str) -> TrialContext:
+    return TrialContext(
+        sweep=spec.name,
+        storage=storage,
+        trial_index=index,
+        grid_values=spec.grid_values(spec.trials[index]),
+        wandb_mode=wandb_mode,
+        wandb_project=spec.settings.wandb.project,
+        wandb_entity=spec.settings.wandb.entity,
+    )
+
+
+def tune_trainable(config: dict[str, Any]) -> None:
+    """What each Ray worker runs: rebuild the specs, pin torch's threads, run the trial."""
+    import torch
+    from ray import tune
+
+    from advlab.trial import run_trial
+
+    trial = config["trial"]
+    torch.set_num_threads(trial["threads"])  # else 2 trials each use every core and thrash
+    spec = TrialSpec.model_validate(trial["spec"])
+    ctx = TrialContext(**trial["ctx"])
+    row = run_trial(spec, ctx, report=tune.report)
+    final = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    tune.report(final | {"done": 1})
+
+
+def check_storage(spec: SweepSpec, store: SweepStore) -> None:
+    """Refuse to mix two different sweeps in one folder (a rerun of the same one is fine)."""
+    recorded = store.read_json("sweep.json")
+    mine = sweep_record(spec)
+    if recorded is not None and recorded["trial_ids"] != mine["trial_ids"]:
+        raise SpecError(
+            f"name: {store.uri} already holds a different sweep called '{spec.name}'; "
+            "change `name` or pass --storage to write elsewhere"
+        )
+
+
+def sweep_record(spec: SweepSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "grid": spec.settings.grid,
+        "trial_ids": [t.trial_id() for t in spec.trials],
+    }
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    wandb_mode: str | None = None,
+    verbose: int = 1,
+) -> SweepOutcome:
+    """Run every grid point as a Ray Tune trial; returns what landed in the store."""
+    storage = resolve_storage(spec.settings.storage)
+    store = SweepStore(storage, spec.name)
+    check_storage(spec, store)
+    mode = resolve_mode(wandb_mode or spec.settings.wandb.mode)
+    configs = trial_configs(spec, storage, mode)
+    store.write_json("sweep.json", sweep_record(spec))
+
+    import ray
+    from ray import tune
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        ray.init(
+            address=address or "local",
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=True,
+        )
+    resources = spec.settings.resources
+    trainable = tune.with_resources(tune_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
+            trial_dirname_creator=lambda t: t.config["trial"]["id"],
+            trial_name_creator=lambda t: t.config["trial"]["id"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
+            storage_path=store.path("ray") if "://" not in storage else f"{store.uri}/ray",
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=verbose,
+        ),
+    )
+    results = tuner.fit()
+    return collect_outcome(spec, store, [str(e).splitlines()[0] for e in results.errors])
+
+
+def collect_outcome(spec: SweepSpec, store: SweepStore, errors: list[str]) -> SweepOutcome:
+    trials = store.read("trials")
+    expected = [t.trial_id() for t in spec.trials]
+    status = dict(zip(trials["trial_id"], trials["status"], strict=True)) if len(trials) else {}
+    reasons = dict(zip(trials["trial_id"], trials["reason"], strict=True)) if len(trials) else {}
+    ok = [t for t in expected if status.get(t) == "ok"]
+    failed = {t: reasons[t] for t in expected if status.get(t) == "failed"}
+    missing = [t for t in expected if t not in status]
+    if missing and errors:
+        print(f"advlab: {len(missing)} trial(s) left no row; Ray said: {errors[0]}", file=sys.stderr)
+    return SweepOutcome(store, len(expected), ok, failed, missing)
+
+
+def summary_lines(outcome: SweepOutcome, wandb_mode: str) -> list[str]:
+    store = outcome.store
+    lines = [
+        f"advlab: {len(outcome.ok)}/{outcome.expected} trials ok, {len(outcome.failed)} failed, "
+        f"{len(outcome.missing)} missing",
+    ]
+    lines += [f"  failed {tid}: {reason}" for tid, reason in outcome.failed.items()]
+    lines.append(f"  parquet: {store.uri}/{{trials,epochs,examples,curves}}/")
+    if wandb_mode == "offline":
+        lines.append(f"  W&B offline runs: {store.uri}/wandb/  (upload: wandb sync {store.uri}/wandb/offline-run-*)")
+    elif wandb_mode == "online":
+        lines.append(f"  W&B: online, group '{store.uri.rsplit('/', 1)[1]}'")
+    return lines

@@ -1,0 +1,143 @@
+"""W&B tracking: one run per trial, grouped by sweep. The only module that imports wandb.
+
+Runs are offline unless an API key is set (or the sweep asks for online); offline runs are kept
+under the sweep's storage folder and can be uploaded later with `wandb sync`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import wandb
+from wandb.proto import wandb_internal_pb2
+
+_BLOCK = 32768  # the leveldb-style log W&B writes: records never straddle a 7-byte header gap
+_HEADER = 7
+
+
+def resolve_mode(mode: str) -> str:
+    """'auto' means online when an API key is available, offline otherwise."""
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class TrialRun:
+    """A trial's W&B run; every call is a no-op when tracking is disabled."""
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        project: str,
+        entity: str | None,
+        group: str,
+        run_id: str,
+        name: str,
+        config: dict[str, Any],
+        directory: str,
+    ):
+        self.run = None
+        if mode == "disabled":
+            return
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            mode=mode,  # type: ignore[arg-type]
+            project=project,
+            entity=entity,
+            group=group,
+            job_type="trial",
+            id=run_id,
+            name=name,
+            config=config,
+            dir=directory,
+            reinit="finish_previous",
+            resume="allow",
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+        self.run.define_metric("epoch")
+        self.run.define_metric("train/*", step_metric="epoch")
+        self.run.define_metric("train/test_error", step_metric="epoch", summary="min")
+
+    def log_epoch(self, metrics: dict[str, float]) -> None:
+        if self.run is not None:
+            self.run.log({"epoch": metrics["epoch"]} | {f"train/{k}": v for k, v in metrics.items()})
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(summary)
+
+    def log_curves(self, rows: list[dict[str, Any]]) -> None:
+        """The robust-error curves as one table, for plotting error against budget per attack."""
+        if self.run is None or not rows:
+            return
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        self.run.log({"curves": table})
+
+    def finish(self, failed: bool = False) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None
+
+
+def offline_run_dirs(directory: str | Path) -> list[Path]:
+    """The offline run folders W&B made under a directory (it nests them in wandb/)."""
+    return sorted(Path(directory).glob("wandb/offline-run-*"))
+
+
+def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+    """Read an offline run's transaction log back: its run info, config, history and summary."""
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "files": []}
+    for record in _records(log.read_bytes()):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            out["run"] = {"id": run.run_id, "group": run.run_group, "project": run.project}
+            out["config"].update(_items(run.config.update))
+        elif kind == "config":
+            out["config"].update(_items(record.config.update))
+        elif kind == "history":
+            out["history"].append(_items(record.history.item))
+        elif kind == "summary":
+            out["summary"].update(_items(record.summary.update))
+        elif kind == "files":
+            out["files"].extend(f.path for f in record.files.files)
+    return out
+
+
+def _items(items: Any) -> dict[str, Any]:
+    parsed = {}
+    for item in items:
+        key = "/".join(item.nested_key) if item.nested_key else item.key
+        parsed[key] = json.loads(item.value_json) if item.value_json else None
+    return parsed
+
+
+def _records(data: bytes) -> Iterator[wandb_internal_pb2.Record]:
+    """Reassemble the log's chunks (full, first, middle, last) into protobuf records."""
+    if data[:4] != b":W&B":
+        raise ValueError("not a W&B transaction log")
+    pos, pending = _HEADER, b""
+    while pos + _HEADER <= len(data):
+        if _BLOCK - pos % _BLOCK < _HEADER:
+            pos += _BLOCK - pos % _BLOCK
+            continue
+        length, chunk_type = struct.unpack_from("<HB", data, pos + 4)
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        if chunk_type in (1, 2):  # full or first
+            pending = chunk
+        else:
+            pending += chunk
+        if chunk_type in (1, 4):  # full or last
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""

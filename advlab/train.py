@@ -1,0 +1,126 @@
+"""Training on in-memory tensors: minibatch SGD/Adam with the paper's explicit weight-decay penalty.
+
+The whole training set lives in one tensor, so a batch is an index, not a DataLoader round trip;
+shuffling uses a generator seeded by the trial, which keeps CPU runs deterministic.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from advlab.models import weight_penalty
+from advlab.spec import TrainSpec
+
+EVAL_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    loss: float  # mean training objective (cross-entropy + penalty) over the epoch's batches
+    train_error: float
+    test_error: float
+    seconds: float
+
+
+def error_rate(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    """Fraction of x the model misclassifies; NaN for an empty set."""
+    if len(x) == 0:
+        return float("nan")
+    return float((predict(model, x) != y.to(predict_device(model))).float().mean())
+
+
+def predict_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor) -> Tensor:
+    was_training = model.training
+    model.eval()
+    device = predict_device(model)
+    preds = [model(x[i : i + EVAL_BATCH].to(device)).argmax(1) for i in range(0, len(x), EVAL_BATCH)]
+    model.train(was_training)
+    return torch.cat(preds)
+
+
+def make_optimizer(params: Sequence[nn.Parameter], settings: TrainSpec) -> torch.optim.Optimizer:
+    if settings.optimizer == "adam":
+        return torch.optim.Adam(params, lr=settings.lr)
+    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[Tensor]:
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size))
+
+
+def pretrain_autoencoder(
+    model: nn.Module, x: Tensor, settings: TrainSpec, generator: torch.Generator
+) -> list[float]:
+    """Fit encoder and decoder to reconstruct x (mean squared error); returns the loss per epoch."""
+    params = [p for name, p in model.named_parameters() if not name.startswith("classifier")]
+    optimizer = make_optimizer(params, settings)
+    losses = []
+    model.train()
+    for _ in range(settings.ae_epochs):
+        total = 0.0
+        order = batches(len(x), settings.batch_size, generator)
+        for idx in order:
+            xb = x[idx]
+            loss = nn.functional.mse_loss(model.reconstruct(xb), xb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss)
+        losses.append(total / len(order))
+    return losses
+
+
+def train_model(
+    model: nn.Module,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    settings: TrainSpec,
+    weight_decay: float | Sequence[float],
+    seed: int,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> list[EpochStats]:
+    """Train in place; the data must already be on the model's device."""
+    generator = torch.Generator().manual_seed(seed)
+    if hasattr(model, "reconstruct") and settings.ae_epochs > 0:
+        pretrain_autoencoder(model, x_train, settings, generator)
+    optimizer = make_optimizer(list(model.parameters()), settings)
+    history = []
+    for epoch in range(1, settings.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        total, steps = 0.0, 0
+        for idx in batches(len(x_train), settings.batch_size, generator):
+            logits = model(x_train[idx])
+            loss = nn.functional.cross_entropy(logits, y_train[idx])
+            loss = loss + weight_penalty(model, weight_decay)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss)
+            steps += 1
+        stats = EpochStats(
+            epoch=epoch,
+            loss=total / steps,
+            train_error=error_rate(model, x_train, y_train),
+            test_error=error_rate(model, x_test, y_test),
+            seconds=time.perf_counter() - start,
+        )
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(stats)
+    model.eval()
+    return history

@@ -1,0 +1,142 @@
+"""Sweep files -> validated specs and grids; every mistake is one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import tiny_sweep
+
+from advlab.cli import main
+from advlab.spec import SpecError, TrialSpec, load_sweep, parse_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_expands_to_the_full_grid() -> None:
+    spec = load_sweep(REPO / "sweeps" / "quickstart.yaml")
+    assert len(spec.trials) == 8
+    points = {
+        (t.model, t.weight_decay, t.subset) for t in spec.trials
+    }
+    assert points == {
+        (m, wd, s)
+        for m in ("fc10", "fc100-100-10")
+        for wd in (1e-4, 1e-2)
+        for s in ("p1", "p2")
+    }
+    assert spec.grid_values(spec.trials[0]) == {
+        "model": "fc10",
+        "weight_decay": 1e-4,
+        "subset": "p1",
+    }
+    assert len({t.trial_id() for t in spec.trials}) == 8
+
+
+def test_every_sweep_file_in_the_repo_is_valid() -> None:
+    files = sorted((REPO / "sweeps").glob("*.yaml"))
+    assert files
+    for path in files:
+        assert load_sweep(path).trials, path
+
+
+def test_dotted_grid_axes_reach_nested_keys() -> None:
+    spec = parse_sweep(tiny_sweep(grid={"train.lr": [0.1, 0.01], "dataset.split_seed": [0, 1]}))
+    assert sorted((t.train.lr, t.dataset.split_seed) for t in spec.trials) == [
+        (0.01, 0),
+        (0.01, 1),
+        (0.1, 0),
+        (0.1, 1),
+    ]
+    # Untouched nested keys keep the base values.
+    assert {t.train.epochs for t in spec.trials} == {3}
+
+
+def test_eps_axis_and_per_layer_weight_decay() -> None:
+    spec = parse_sweep(
+        tiny_sweep(grid={"eps": [0.1, [0.2, 0.05]], "weight_decay": [[1e-5, 1e-5, 1e-6]]})
+    )
+    assert sorted(tuple(t.eps) for t in spec.trials) == [(0.05, 0.2), (0.1,)]
+    assert spec.trials[0].weight_decay == [1e-5, 1e-5, 1e-6]
+
+
+def test_trial_id_depends_on_content_only() -> None:
+    a = TrialSpec(model="fc10", seed=1)
+    assert a.trial_id() == TrialSpec(seed=1, model="fc10").trial_id()
+    assert a.trial_id() != TrialSpec(model="fc10", seed=2).trial_id()
+
+
+def test_attack_budgets_default_to_the_trial_budgets() -> None:
+    spec = parse_sweep(tiny_sweep(attacks=[{"name": "fgsm", "eps": 0.3}, {"name": "lbfgs"}]))
+    trial = spec.trials[0]
+    fgsm, lbfgs = trial.attacks
+    assert trial.budgets(fgsm) == [0.3]
+    assert trial.budgets(lbfgs) == [0.05, 0.1]
+    assert (fgsm.budget_norm, lbfgs.budget_norm) == ("linf", "rms")
+
+
+BAD_SWEEPS = [
+    ({"modle": "fc10"}, "modle: unknown key; did you mean 'model'?"),
+    ({"train": {"epochs": 3, "lrr": 0.1}}, "train.lrr: unknown key; did you mean 'lr'?"),
+    ({"grid": {"model": ["fc10", "fc100-x-10"]}}, "model: 'fc100-x-10'"),
+    ({"grid": {"model": ["fc100-100-7"]}}, "end the name in 10"),
+    ({"eps": [0.1, -0.2]}, "eps: budget -0.2 must be a number >= 0"),
+    ({"eps": [float("nan")]}, "eps: budget nan must be a number >= 0"),
+    ({"grid": {"model": []}}, "grid.model: empty list"),
+    ({"grid": {"modell": ["fc10"]}}, "grid.modell: not a trial key; did you mean 'model'?"),
+    ({"dataset": {"name": "imagenet"}}, "dataset:"),
+    ({"dataset": {"name": "fashion_mnist", "root": "/no/such/folder"}}, "/no/such/folder"),
+    ({"subset": "p3"}, "subset:"),
+    ({"attacks": [{"name": "jsma"}]}, "attacks.0.name"),
+    ({"attacks": [{"name": "fgsm", "norm": "l2"}]}, "fgsm is an linf attack"),
+    ({"attacks": [{"name": "fgsm"}, {"name": "fgsm"}]}, "give repeated attacks a `label`"),
+    ({"grid": {"weight_decay": [-1.0]}}, "weight_decay:"),
+    ({"grid": {"weight_decay": [[1e-5, -1e-5]]}}, "weight_decay:"),
+    ({"train": {"epochs": 0}}, "train.epochs:"),
+    ({"name": "../escape"}, "name:"),
+    ({"resources": {"cpu": 0}}, "resources.cpu:"),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), BAD_SWEEPS)
+def test_bad_sweeps_fail_with_one_line_naming_the_key(change: dict, expected: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_sweep(tiny_sweep(**change))
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"modle": "fc10"}, "modle"),
+        ({"grid": {"model": ["fc10", "nonsense"]}}, "model"),
+        ({"eps": [-0.1]}, "eps"),
+        ({"grid": {"model": []}}, "grid.model"),
+    ],
+)
+def test_cli_rejects_bad_sweeps_with_exit_2_before_ray_starts(
+    change: dict, key: str, write_sweep, tmp_path: Path, capsys
+) -> None:
+    import ray
+
+    path = write_sweep(tiny_sweep(**change))
+    assert main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("advlab: error: ") and key in err
+    assert len(err.splitlines()) == 1
+    assert not ray.is_initialized()
+    assert not (tmp_path / "results").exists()  # nothing written
+
+
+def test_yaml_syntax_error_names_the_line(write_sweep, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ngrid: {model: [fc10\n")
+    assert main(["validate", str(path)]) == 2
+    assert "YAML syntax error at line" in capsys.readouterr().err
+
+
+def test_validate_reports_the_grid(write_sweep, capsys) -> None:
+    assert main(["validate", str(write_sweep(tiny_sweep()))]) == 0
+    assert "tiny: valid, 2 trials; grid axes: model (2), weight_decay (1)" in capsys.readouterr().out

@@ -1,0 +1,72 @@
+"""Parquet store: atomic per-trial files, replaced (never duplicated) on rerun, read back whole."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from advlab.store import EXAMPLES_SCHEMA, SweepStore
+
+
+def curve(trial_id: str, rate: float) -> dict:
+    return {
+        "trial_id": trial_id,
+        "attack": "fgsm",
+        "norm": "linf",
+        "budget": 0.1,
+        "n": 10,
+        "success_rate": rate,
+        "robust_error": rate,
+    }
+
+
+def test_rows_round_trip_and_rewrite_replaces(tmp_path: Path) -> None:
+    store = SweepStore(str(tmp_path), "s")
+    store.write_rows("curves", "a", [curve("a", 0.5)])
+    store.write_rows("curves", "b", [curve("b", 0.25), curve("b", 0.75)])
+    store.write_rows("curves", "a", [curve("a", 0.9)])  # a retried trial
+    frame = store.read("curves").sort_values(["trial_id", "success_rate"])
+    assert frame["trial_id"].tolist() == ["a", "b", "b"]
+    assert frame["success_rate"].tolist() == [0.9, 0.25, 0.75]
+    # No temporary files are left behind, and pyarrow reads the folder as one dataset.
+    assert sorted(p.name for p in (tmp_path / "s" / "curves").iterdir()) == [
+        "a.parquet",
+        "b.parquet",
+    ]
+    assert pq.read_table(tmp_path / "s" / "curves").num_rows == 3
+
+
+def test_examples_keep_their_schema_and_images(tmp_path: Path) -> None:
+    store = SweepStore(str(tmp_path), "s")
+    row = {name: 0 for name in EXAMPLES_SCHEMA.names}
+    row |= {"trial_id": "t", "attack": "lbfgs", "budget": math.nan, "success": True}
+    row |= {"dist_rms": 0.1, "dist_l2": 0.8, "dist_linf": 0.3, "x_adv": [0.0, 0.5, 1.0]}
+    store.write_rows("examples", "t", [row])
+    table = pq.read_table(tmp_path / "s" / "examples" / "t.parquet")
+    assert table.schema == EXAMPLES_SCHEMA
+    assert table.column("x_adv").to_pylist() == [[0.0, 0.5, 1.0]]
+
+
+def test_empty_tables_read_as_empty_frames_with_columns(tmp_path: Path) -> None:
+    store = SweepStore(str(tmp_path), "s")
+    assert list(store.read("curves").columns) == [
+        "trial_id",
+        "attack",
+        "norm",
+        "budget",
+        "n",
+        "success_rate",
+        "robust_error",
+    ]
+    assert store.finished_trial_ids() == set()
+    assert store.read_json("sweep.json") is None
+
+
+def test_relative_storage_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = SweepStore("results", "s")
+    assert store.uri == f"{tmp_path}/results/s"
+    store.write_json("sweep.json", {"a": 1})
+    assert store.read_json("sweep.json") == {"a": 1}

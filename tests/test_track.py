@@ -1,0 +1,59 @@
+"""W&B offline runs: written by a real wandb run, read back from the transaction log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from advlab.track import TrialRun, offline_run_dirs, read_offline_run, resolve_mode
+
+
+def test_offline_run_files_hold_config_history_and_summary(tmp_path: Path) -> None:
+    run = TrialRun(
+        mode="offline",
+        project="advlab-tests",
+        entity=None,
+        group="my-sweep",
+        run_id="my-sweep-abc",
+        name="abc",
+        config={"model": "fc10", "train": {"lr": 0.1}},
+        directory=str(tmp_path),
+    )
+    for epoch in (1, 2, 3):
+        run.log_epoch({"epoch": epoch, "loss": 1.0 / epoch, "test_error": 0.5 / epoch})
+    run.log_summary({"test_error": 0.125, "lbfgs/mean_dist_rms": 0.0625})
+    run.finish()
+
+    (run_dir,) = offline_run_dirs(tmp_path)
+    logged = read_offline_run(run_dir)
+    assert logged["run"] == {"id": "my-sweep-abc", "group": "my-sweep", "project": "advlab-tests"}
+    assert logged["config"]["model"] == "fc10"
+    assert logged["config"]["train"] == {"lr": 0.1}
+    losses = [h["train/loss"] for h in logged["history"] if "train/loss" in h]
+    assert losses == [1.0, 0.5, 1.0 / 3]
+    assert logged["summary"]["test_error"] == 0.125
+    assert logged["summary"]["lbfgs/mean_dist_rms"] == 0.0625
+    assert logged["summary"]["train/test_error"] == {"min": 0.5 / 3}
+
+
+def test_disabled_tracking_writes_nothing(tmp_path: Path) -> None:
+    run = TrialRun(
+        mode="disabled",
+        project="p",
+        entity=None,
+        group="g",
+        run_id="r",
+        name="r",
+        config={},
+        directory=str(tmp_path / "wandb-dir"),
+    )
+    run.log_epoch({"epoch": 1, "loss": 1.0})
+    run.finish()
+    assert not (tmp_path / "wandb-dir").exists()
+
+
+def test_mode_is_offline_without_an_api_key(monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+    assert resolve_mode("disabled") == "disabled"
