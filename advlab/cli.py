@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
@@ -68,6 +69,8 @@ def sweep(spec: SweepSpec, address: str | None, max_concurrent: int | None, wand
 
 
 def run_one(spec: SweepSpec, index: int, wandb: str | None) -> int:
+    import torch
+
     from advlab.store import resolve_storage
     from advlab.sweep import trial_context
     from advlab.track import resolve_mode
@@ -75,6 +78,7 @@ def run_one(spec: SweepSpec, index: int, wandb: str | None) -> int:
 
     if not 0 <= index < len(spec.trials):
         raise SpecError(f"--index: {index} is outside the grid; use 0..{len(spec.trials) - 1}")
+    torch.set_num_threads(max(1, math.floor(spec.settings.resources.cpu)))  # as under Ray
     mode = resolve_mode(wandb or spec.settings.wandb.mode)
     ctx = trial_context(spec, index, resolve_storage(spec.settings.storage), mode)
     row = run_trial(spec.trials[index], ctx, report=lambda m: print(f"  epoch {m['epoch']}: {m}"))

@@ -122,7 +122,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError) as err:
-        raise DataError(f"dataset.root: cannot read IDX file {path} ({err})") from err
+        raise DataError(f"dataset.root: cannot read IDX file {path} ({_one_line(err)})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"dataset.root: {path} is not an IDX file (bad magic number)")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
@@ -170,6 +170,12 @@ def _load_idx_dataset(name: str, root: Path) -> Dataset:
                 f"dataset.root: {folder} {split} files disagree: images {x.shape}, labels "
                 f"{y.shape}; expected (N, H, W) images and N labels"
             )
+        # Pixels are scaled by 1/255 and labels index logits, so anything else is the wrong file.
+        if x.dtype != np.uint8 or y.dtype.kind not in "iu" or (y.size and y.min() < 0):
+            raise DataError(
+                f"dataset.root: {folder} {split} files hold {x.dtype} images and {y.dtype} "
+                "labels; expected unsigned-byte images and non-negative integer labels"
+            )
     return Dataset(
         name=name,
         x_train=_images_to_tensor(arrays["x_train"][:, None]),
@@ -216,9 +222,14 @@ def _load_digits() -> Dataset:
     )
 
 
+def _one_line(err: Exception) -> str:
+    """torchvision's errors span lines (one per mirror); DataError messages must not."""
+    return " ".join(str(err).split())
+
+
 def _download_failed(name: str, err: Exception) -> DataError:
     return DataError(
-        f"dataset.root: downloading {name} into {default_cache_dir()} failed ({err}); "
+        f"dataset.root: downloading {name} into {default_cache_dir()} failed ({_one_line(err)}); "
         "check the network or point dataset.root at a local copy"
     )
 
@@ -262,7 +273,7 @@ def _load_cifar10(root: Path | None) -> Dataset:
         if download:
             raise _download_failed("cifar10", err) from err
         raise DataError(
-            f"dataset.root: cannot load CIFAR-10 from {folder / _CIFAR_FOLDER} ({err}); "
+            f"dataset.root: cannot load CIFAR-10 from {folder / _CIFAR_FOLDER} ({_one_line(err)}); "
             "re-extract cifar-10-python.tar.gz there or drop dataset.root to download"
         ) from err
     return Dataset(

@@ -184,6 +184,7 @@ def build_model(
     resnet18 always use ReLU and ignore it.
     """
     arch = parse_architecture(name)
+    _activation(activation)  # reject typos even where the value goes unused (fc10, cnn, resnet18)
     if arch.classes is not None and arch.classes != num_classes:
         fixed = name[: name.rfind(str(arch.classes))] + str(num_classes)
         raise ModelNameError(
@@ -195,7 +196,6 @@ def build_model(
         return _mlp(input_shape, arch.hidden, num_classes, activation)
     if arch.kind == "ae":
         return AutoencoderClassifier(input_shape, arch.hidden[0], num_classes, activation)
-    _activation(activation)  # still reject typos, even where the value is unused
     if arch.kind == "cnn":
         return SmallCNN(input_shape, num_classes)
     return _resnet18(input_shape, num_classes)

@@ -252,16 +252,10 @@ def _validate_trial(point: dict[str, Any]) -> TrialSpec:
     trial = _validate(TrialSpec, point)
     try:
         validate_dataset_source(trial.dataset.name, trial.dataset.root)
-    except DataError as err:
-        raise SpecError(f"dataset: {err}") from None
-    try:
         parse_subset(trial.subset)
-    except DataError as err:
-        raise SpecError(f"subset: {err}") from None
-    try:
         arch = parse_architecture(trial.model)
-    except ModelNameError as err:
-        raise SpecError(f"model: {err}") from None
+    except (DataError, ModelNameError) as err:  # their messages already name the key
+        raise SpecError(str(err)) from None
     classes = NUM_CLASSES[trial.dataset.name]
     if arch.classes is not None and arch.classes != classes:
         raise SpecError(

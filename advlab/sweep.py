@@ -10,6 +10,7 @@ import datetime as dt
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +31,43 @@ class SweepOutcome:
     @property
     def all_ok(self) -> bool:
         return not self.failed and not self.missing
+
+
+class Progress:
+    """One line per finished trial: done of total, failures, and an ETA from the mean pace."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.done = 0
+        self.failed = 0
+        self.start = time.monotonic()
+
+    def line(self, trial_id: str, ok: bool) -> str:
+        self.done += 1
+        self.failed += 0 if ok else 1
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        status = "ok" if ok else "FAILED"
+        return (
+            f"advlab: [{self.done}/{self.total}] {trial_id} {status}; {self.failed} failed; "
+            f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s"
+        )
+
+
+def progress_callback(total: int) -> Any:
+    from ray import tune
+
+    class PrintProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.progress = Progress(total)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(self.progress.line(trial.config["trial"]["id"], ok=True), flush=True)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            print(self.progress.line(trial.config["trial"]["id"], ok=False), flush=True)
+
+    return PrintProgress()
 
 
 def trial_configs(spec: SweepSpec, storage: str, wandb_mode: str) -> list[dict[str, Any]]:
@@ -98,7 +136,7 @@ def run_sweep(
     address: str | None = None,
     max_concurrent: int | None = None,
     wandb_mode: str | None = None,
-    verbose: int = 1,
+    verbose: int = 0,
 ) -> SweepOutcome:
     """Run every grid point as a Ray Tune trial; returns what landed in the store."""
     storage = resolve_storage(spec.settings.storage)
@@ -117,8 +155,9 @@ def run_sweep(
             address=address or "local",
             include_dashboard=False,
             configure_logging=False,
-            log_to_driver=True,
+            log_to_driver=False,  # trials report through parquet, W&B and Progress instead
         )
+    print(f"advlab: sweep '{spec.name}': {len(configs)} trials -> {store.uri}", flush=True)
     resources = spec.settings.resources
     trainable = tune.with_resources(tune_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
@@ -129,12 +168,14 @@ def run_sweep(
             max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
             trial_dirname_creator=lambda t: t.config["trial"]["id"],
             trial_name_creator=lambda t: t.config["trial"]["id"],
+            reuse_actors=True,  # a worker process (torch, data cache) serves many trials
         ),
         run_config=tune.RunConfig(
             name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
             storage_path=store.path("ray") if "://" not in storage else f"{store.uri}/ray",
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=verbose,
+            callbacks=[progress_callback(len(configs))],
         ),
     )
     results = tuner.fit()

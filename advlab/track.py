@@ -84,6 +84,7 @@ class TrialRun:
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
+            wandb.teardown()  # stop the service now, not in an atexit hook Ray may cut short
 
 
 def offline_run_dirs(directory: str | Path) -> list[Path]:

@@ -77,7 +77,7 @@ def pretrain_autoencoder(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.item()
         losses.append(total / len(order))
     return losses
 
@@ -110,7 +110,7 @@ def train_model(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss)
+            total += loss.item()
             steps += 1
         stats = EpochStats(
             epoch=epoch,

@@ -54,6 +54,7 @@ class AttackedSet:
     dataset_index: Tensor
     scanned: int
     wrong: int
+    num_classes: int
 
 
 def run_trial(spec: TrialSpec, ctx: TrialContext, report: Reporter | None = None) -> dict[str, Any]:
@@ -130,7 +131,7 @@ def _run(
         "test_error": error_rate(model, x_test, y_test),
         "heldout_error": heldout_error(model, data, split.heldout_idx),
     }
-    attacked = first_correct(model, x_test, y_test, spec.attack_examples)
+    attacked = first_correct(model, x_test, y_test, spec.attack_examples, data.num_classes)
     summary["n_attacked"] = len(attacked.y)
     example_rows: list[dict[str, Any]] = []
     curve_rows: list[dict[str, Any]] = []
@@ -188,7 +189,7 @@ def heldout_error(model: nn.Module, data: Dataset, heldout_idx: Tensor) -> float
     return error_rate(model, data.x_train[heldout_idx], data.y_train[heldout_idx])
 
 
-def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int) -> AttackedSet:
+def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int, num_classes: int) -> AttackedSet:
     """The first n test examples, in test-set order, that the model classifies correctly."""
     correct = predict(model, x) == y
     index = torch.nonzero(correct).flatten()[:n]
@@ -199,6 +200,7 @@ def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int) -> AttackedSet
         dataset_index=index.cpu(),
         scanned=scanned,
         wrong=scanned - int(correct[:scanned].sum()),
+        num_classes=num_classes,
     )
 
 
@@ -213,7 +215,7 @@ def run_attack(
     summary: dict[str, Any] = {}
     if attack.name in MINIMISATION_ATTACKS:
         generator = torch.Generator().manual_seed(spec.seed)
-        target = random_wrong_targets(attacked.y.cpu(), 10, generator).to(attacked.y.device)
+        target = random_wrong_targets(attacked.y.cpu(), attacked.num_classes, generator).to(attacked.y.device)
         result = lbfgs_attack(
             model,
             attacked.x,

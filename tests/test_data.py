@@ -156,6 +156,14 @@ def test_idx_image_label_count_mismatch(tmp_path: Path) -> None:
         load_dataset("mnist", str(tmp_path))
 
 
+def test_idx_wrong_dtypes(tmp_path: Path) -> None:
+    write_fake_mnist(tmp_path)
+    images = np.zeros((20, 5, 6), dtype=np.float32)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", images, gz=True)
+    with pytest.raises(DataError, match="expected unsigned-byte images"):
+        load_dataset("mnist", str(tmp_path))
+
+
 @pytest.mark.skipif(
     not DEBIAN_FASHION.is_dir(),
     reason=f"{DEBIAN_FASHION} absent; apt-get install dataset-fashion-mnist to run this test",
@@ -206,14 +214,15 @@ def test_download_failure_is_a_data_error(tmp_path: Path, monkeypatch: pytest.Mo
     import torchvision
 
     def offline(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried a, got:\nboom\n")
 
     monkeypatch.setattr(data, "default_cache_dir", lambda: tmp_path)
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     data._load_cached.cache_clear()
     try:
-        with pytest.raises(DataError, match=r"downloading fashion_mnist .* failed"):
+        with pytest.raises(DataError, match=r"downloading fashion_mnist .* failed") as info:
             load_dataset("fashion_mnist")
+        assert "\n" not in str(info.value) and "Tried a, got: boom" in str(info.value)
     finally:
         data._load_cached.cache_clear()
 

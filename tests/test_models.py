@@ -187,6 +187,8 @@ def test_unknown_activation() -> None:
         build_model("fc100-10", MNIST, 10, activation="softplus")
     with pytest.raises(ValueError, match="activation"):
         build_model("cnn", MNIST, 10, activation="gelu")
+    with pytest.raises(ValueError, match="activation"):
+        build_model("fc10", MNIST, 10, activation="elu")  # no hidden layer, still a typo
 
 
 # --------------------------------------------------------------------------- forward shapes

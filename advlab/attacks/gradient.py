@@ -34,8 +34,7 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> AttackResult:
     x, y = x.to(device), y.to(device).long()
     with eval_mode(model):
         if eps == 0:
-            # The identity, and no gradient spent: sign(0) arithmetic could still move nothing,
-            # but skipping it keeps eps=0 bit-exact and free.
+            # The identity: skip the gradient so eps=0 costs nothing and reports 0 evaluations.
             return finish(model, x, y, None, torch.zeros(len(x), dtype=torch.int64))
         grad = loss_gradient(model, x, y)
         x_adv = (x + eps * grad.sign()).clamp(0.0, 1.0)

@@ -65,7 +65,7 @@ class SearchParams:
     history: int = 10  # curvature pairs kept (scipy's m)
     ftol: float = 1e-6  # stop when the relative decrease of the objective is below this
     gtol: float = 1e-5  # stop when the projected gradient's max-norm is below this
-    margin: float = 1e-4  # logit margin that counts as reaching the target
+    margin: float = 1e-5  # logit margin that counts as reaching the target
 
     def validate(self) -> None:
         """Raise AttackError on a parameter no search can run with."""
