@@ -1,4 +1,4 @@
-"""`advlab validate | sweep | trial`: the command line. Exit codes: 0 ok, 1 trials failed, 2 bad input."""
+"""`advlab validate | sweep | trial`. Exit codes: 0 ok, 1 some trials failed, 2 bad input."""
 
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ def validate(spec: SweepSpec) -> int:
     return 0
 
 
-def sweep(spec: SweepSpec, address: str | None, max_concurrent: int | None, wandb: str | None) -> int:
+def sweep(
+    spec: SweepSpec, address: str | None, max_concurrent: int | None, wandb: str | None
+) -> int:
     from advlab.sweep import run_sweep, summary_lines
     from advlab.track import resolve_mode
 

@@ -47,8 +47,11 @@ def success_at_budgets(success: Tensor, distance: Tensor, budgets: Sequence[floa
     bad = [b for b in values if math.isnan(b) or b < 0]
     if bad:
         raise ValueError(f"budgets: must be numbers >= 0, got {bad}")
-    eps = torch.tensor(values, dtype=torch.float64, device=distance.device)
-    within = distance.to(torch.float64)[None, :] <= eps[:, None]
+    # Compare in the distance's own precision: a float32 distance of 0.1 must count at budget 0.1,
+    # which it would not against the float64 0.1 (float32(0.1) > float64(0.1)).
+    dtype = distance.dtype if distance.is_floating_point() else torch.float64
+    eps = torch.tensor(values, dtype=dtype, device=distance.device)
+    within = distance.to(dtype)[None, :] <= eps[:, None]
     return success.bool()[None, :] & within
 
 

@@ -191,7 +191,9 @@ def collect_outcome(spec: SweepSpec, store: SweepStore, errors: list[str]) -> Sw
     failed = {t: reasons[t] for t in expected if status.get(t) == "failed"}
     missing = [t for t in expected if t not in status]
     if missing and errors:
-        print(f"advlab: {len(missing)} trial(s) left no row; Ray said: {errors[0]}", file=sys.stderr)
+        print(
+            f"advlab: {len(missing)} trial(s) left no row; Ray said: {errors[0]}", file=sys.stderr
+        )
     return SweepOutcome(store, len(expected), ok, failed, missing)
 
 
@@ -204,7 +206,9 @@ def summary_lines(outcome: SweepOutcome, wandb_mode: str) -> list[str]:
     lines += [f"  failed {tid}: {reason}" for tid, reason in outcome.failed.items()]
     lines.append(f"  parquet: {store.uri}/{{trials,epochs,examples,curves}}/")
     if wandb_mode == "offline":
-        lines.append(f"  W&B offline runs: {store.uri}/wandb/  (upload: wandb sync {store.uri}/wandb/offline-run-*)")
+        lines.append(
+            f"  W&B offline runs: {store.uri}/wandb/  (upload: wandb sync {store.uri}/wandb/offline-run-*)"
+        )
     elif wandb_mode == "online":
         lines.append(f"  W&B: online, group '{store.uri.rsplit('/', 1)[1]}'")
     return lines

@@ -66,7 +66,9 @@ class TrialRun:
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         if self.run is not None:
-            self.run.log({"epoch": metrics["epoch"]} | {f"train/{k}": v for k, v in metrics.items()})
+            self.run.log(
+                {"epoch": metrics["epoch"]} | {f"train/{k}": v for k, v in metrics.items()}
+            )
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         if self.run is not None:

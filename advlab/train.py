@@ -44,7 +44,9 @@ def predict(model: nn.Module, x: Tensor) -> Tensor:
     was_training = model.training
     model.eval()
     device = predict_device(model)
-    preds = [model(x[i : i + EVAL_BATCH].to(device)).argmax(1) for i in range(0, len(x), EVAL_BATCH)]
+    preds = [
+        model(x[i : i + EVAL_BATCH].to(device)).argmax(1) for i in range(0, len(x), EVAL_BATCH)
+    ]
     model.train(was_training)
     return torch.cat(preds)
 

@@ -215,7 +215,9 @@ def run_attack(
     summary: dict[str, Any] = {}
     if attack.name in MINIMISATION_ATTACKS:
         generator = torch.Generator().manual_seed(spec.seed)
-        target = random_wrong_targets(attacked.y.cpu(), attacked.num_classes, generator).to(attacked.y.device)
+        target = random_wrong_targets(attacked.y.cpu(), attacked.num_classes, generator).to(
+            attacked.y.device
+        )
         result = lbfgs_attack(
             model,
             attacked.x,

@@ -25,7 +25,7 @@ def tiny_sweep(**overrides: Any) -> dict[str, Any]:
         "grid": {"model": ["fc10", "fc16-10"], "weight_decay": [1.0e-4]},
         "subset": "fraction:0.5",
         "seed": 0,
-        "train": {"epochs": 3, "batch_size": 64, "lr": 0.1},
+        "train": {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
         "eps": [0.05, 0.1],
         "attack_examples": 12,
         "attacks": [{"name": "fgsm"}, {"name": "lbfgs", "max_iter": 20, "search_steps": 6}],

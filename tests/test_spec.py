@@ -16,14 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quickstart_expands_to_the_full_grid() -> None:
     spec = load_sweep(REPO / "sweeps" / "quickstart.yaml")
     assert len(spec.trials) == 8
-    points = {
-        (t.model, t.weight_decay, t.subset) for t in spec.trials
-    }
+    points = {(t.model, t.weight_decay, t.subset) for t in spec.trials}
     assert points == {
-        (m, wd, s)
-        for m in ("fc10", "fc100-100-10")
-        for wd in (1e-4, 1e-3)
-        for s in ("p1", "p2")
+        (m, wd, s) for m in ("fc10", "fc100-100-10") for wd in (1e-4, 1e-3) for s in ("p1", "p2")
     }
     assert spec.grid_values(spec.trials[0]) == {
         "model": "fc10",
@@ -139,4 +134,6 @@ def test_yaml_syntax_error_names_the_line(write_sweep, tmp_path: Path, capsys) -
 
 def test_validate_reports_the_grid(write_sweep, capsys) -> None:
     assert main(["validate", str(write_sweep(tiny_sweep()))]) == 0
-    assert "tiny: valid, 2 trials; grid axes: model (2), weight_decay (1)" in capsys.readouterr().out
+    assert (
+        "tiny: valid, 2 trials; grid axes: model (2), weight_decay (1)" in capsys.readouterr().out
+    )

@@ -294,7 +294,10 @@ def _search_c(objective: _PenaltyObjective, inner: InnerSolver, p: SearchParams)
     lo = torch.zeros(n, dtype=torch.float64, device=dev)  # largest c that reached the target
     hi = torch.full((n,), math.inf, dtype=torch.float64, device=dev)  # smallest c that did not
     evals = torch.zeros(n, dtype=torch.int64, device=dev)
-    searching = torch.ones(n, dtype=torch.bool, device=dev)
+    # An input the model already puts in the target class is its own closest success.
+    already = objective.reached(objective.x0, torch.arange(n, device=dev))
+    objective.best_sq[already] = 0.0
+    searching = ~already
     for _ in range(p.search_steps):
         rows = searching.nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -307,8 +310,7 @@ def _search_c(objective: _PenaltyObjective, inner: InnerSolver, p: SearchParams)
         hi[rows] = torch.where(ok, hi[rows], c[rows])
         c = _next_c(lo, hi, p.c_factor)
         bracketed = (lo > 0) & (hi <= lo * (1 + p.c_rtol))
-        # best_sq == 0: the clean input already is the target class; nothing is closer.
-        searching &= ~bracketed & (objective.best_sq > 0)
+        searching &= ~bracketed
     return evals
 
 

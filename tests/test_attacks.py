@@ -1,0 +1,467 @@
+"""Attacks against known answers, the scipy oracle, batching and the contract's invariants."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import fmin_l_bfgs_b, minimize
+from sklearn.datasets import load_digits
+from torch import Tensor, nn
+
+from advlab.attacks import (
+    AttackError,
+    AttackResult,
+    check_inputs,
+    fgsm,
+    lbfgs_attack,
+    lbfgs_attack_all_targets,
+    lbfgs_scipy_reference,
+    pgd,
+    random_wrong_targets,
+)
+from advlab.attacks.lbfgs import minimize_box_lbfgs
+from advlab.measure import distortions
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny models: a second OpenMP thread only adds contention on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Tensor, Tensor]:
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    return x, torch.tensor(data.target, dtype=torch.int64)
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mlp(digits: tuple[Tensor, Tensor]) -> nn.Module:
+    """A 64-32-10 sigmoid net in the spirit of the paper's FC nets (test accuracy ~0.94)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 10))
+    x, y = digits
+    return _train(model, x[:1000], y[:1000], steps=200, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def linear10(digits: tuple[Tensor, Tensor]) -> nn.Sequential:
+    """Softmax regression on the pixels (the paper's FC10)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x, y = digits
+    return _train(model, x[:500], y[:500], steps=100, lr=0.05)  # type: ignore[return-value]
+
+
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def _l2(x: Tensor, result: AttackResult) -> Tensor:
+    return distortions(x, result.x_adv)["l2"]
+
+
+def _exact_linear_target_distance(lin: nn.Linear, x0: np.ndarray, target: int) -> float:
+    """min ||r||_2 s.t. the target logit is >= every other at x0 + r, 0 <= x0 + r <= 1 (SLSQP)."""
+    w = lin.weight.detach().double().numpy()
+    b = lin.bias.detach().double().numpy()
+    others = [j for j in range(len(b)) if j != target]
+    a = w[target] - w[others]  # (K-1, D): rows of the half-space constraints a.(x0+r) + c >= 0
+    c = b[target] - b[others]
+    res = minimize(
+        lambda r: r @ r,
+        np.zeros_like(x0),
+        jac=lambda r: 2 * r,
+        constraints=[{"type": "ineq", "fun": lambda r: a @ (x0 + r) + c, "jac": lambda r: a}],
+        bounds=list(zip(-x0, 1 - x0, strict=True)),
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 1000},
+    )
+    assert res.success, res.message
+    return float(np.sqrt(res.fun))
+
+
+def _assert_contract(model: nn.Module, x: Tensor, y: Tensor, result: AttackResult) -> None:
+    """Box, shapes, dtypes and success recomputed from the model."""
+    b = len(x)
+    assert result.x_adv.shape == x.shape
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    for field in (result.success, result.adv_pred, result.target, result.grad_evals):
+        assert field.shape == (b,)
+    assert result.success.dtype == torch.bool
+    assert result.adv_pred.dtype == result.target.dtype == result.grad_evals.dtype == torch.int64
+    pred = _predict(model, result.x_adv)
+    assert torch.equal(result.adv_pred, pred)
+    untargeted = result.target < 0
+    expected = torch.where(untargeted, pred != y, pred == result.target)
+    assert torch.equal(result.success, expected)
+    assert not (result.target == y).any()
+
+
+# ----------------------------------------------------------------------------- base
+
+
+def test_random_wrong_targets_never_hit_the_label_and_repeat_with_the_seed() -> None:
+    y = torch.arange(10).repeat(50)
+    t1 = random_wrong_targets(y, 10, torch.Generator().manual_seed(5))
+    t2 = random_wrong_targets(y, 10, torch.Generator().manual_seed(5))
+    t3 = random_wrong_targets(y, 10, torch.Generator().manual_seed(6))
+    assert torch.equal(t1, t2) and not torch.equal(t1, t3)
+    assert not (t1 == y).any()
+    assert t1.min() >= 0 and t1.max() <= 9
+    # Every wrong class is reachable from every label (500 draws, 9 options each).
+    assert all(len(set(t1[y == k].tolist())) >= 7 for k in range(10))
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "target", "match"),
+    [
+        (torch.full((2, 1, 2, 2), 1.5), torch.tensor([0, 1]), None, "x: pixels must lie in"),
+        (torch.full((2, 1, 2, 2), -0.1), torch.tensor([0, 1]), None, "x: pixels must lie in"),
+        (torch.full((2, 1, 2, 2), torch.nan), torch.tensor([0, 1]), None, "x: contains NaN"),
+        (torch.zeros(2, 1, 2, 2), torch.tensor([0.0, 1.0]), None, "y: expected an integer"),
+        (torch.zeros(2, 1, 2, 2), torch.tensor([0, 1, 2]), None, "y: expected shape"),
+        (torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), torch.tensor([1, 1]), "target: equals"),
+        (torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]), torch.tensor([1]), "target: expected"),
+    ],
+)
+def test_check_inputs_rejects(x: Tensor, y: Tensor, target: Tensor | None, match: str) -> None:
+    with pytest.raises(AttackError, match=match):
+        check_inputs(x, y, target)
+
+
+# ----------------------------------------------------------------------------- FGSM / PGD
+
+
+def test_fgsm_invariants(mlp: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits[0][1000:1050], digits[1][1000:1050]
+    result = fgsm(mlp, x, y, eps=0.1)
+    _assert_contract(mlp, x, y, result)
+    assert (distortions(x, result.x_adv)["linf"] <= 0.1 + 1e-6).all()
+    assert (result.target == -1).all() and (result.grad_evals == 1).all()
+    assert result.success.float().mean() > 1 - (_predict(mlp, x) == y).float().mean()
+
+
+def test_fgsm_matches_closed_form_on_a_linear_model() -> None:
+    # Two classes, logits W x + b: grad_x CE(label 0) = (p1) (w1 - w0), so the step is
+    # eps * sign(w1 - w0) wherever the pixel is not clipped.
+    torch.manual_seed(1)
+    lin = nn.Linear(4, 2)
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.tensor([[[[0.0, 0.5, 1.0, 0.97]]]])
+    y = torch.tensor([0])
+    expected = (x.flatten() + 0.05 * (lin.weight[1] - lin.weight[0]).sign()).clamp(0, 1)
+    result = fgsm(model, x, y, eps=0.05)
+    torch.testing.assert_close(result.x_adv.flatten(), expected.detach())
+
+
+def test_fgsm_eps_zero_is_the_identity(mlp: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits[0][:20], digits[1][:20]
+    result = fgsm(mlp, x, y, eps=0.0)
+    assert torch.equal(result.x_adv, x)
+    assert torch.equal(result.success, _predict(mlp, x) != y)
+
+
+@pytest.mark.parametrize("eps", [-0.1, float("nan"), float("inf")])
+def test_fgsm_rejects_bad_eps(mlp: nn.Module, digits: tuple[Tensor, Tensor], eps: float) -> None:
+    with pytest.raises(AttackError, match="eps"):
+        fgsm(mlp, digits[0][:2], digits[1][:2], eps=eps)
+
+
+def test_fgsm_rejects_inputs_outside_the_box(mlp: nn.Module) -> None:
+    with pytest.raises(AttackError, match="x: pixels must lie in"):
+        fgsm(mlp, torch.full((2, 1, 8, 8), 2.0), torch.tensor([0, 1]), eps=0.1)
+
+
+def test_fgsm_batch_consistency(mlp: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits[0][:12], digits[1][:12]
+    batch = fgsm(mlp, x, y, eps=0.2)
+    for i in range(len(x)):
+        alone = fgsm(mlp, x[i : i + 1], y[i : i + 1], eps=0.2)
+        torch.testing.assert_close(alone.x_adv[0], batch.x_adv[i])
+        assert alone.success[0] == batch.success[i]
+
+
+def test_pgd_stays_in_the_ball_and_beats_fgsm(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1050], digits[1][1000:1050]
+    result = pgd(mlp, x, y, eps=0.1, steps=20, generator=torch.Generator().manual_seed(0))
+    _assert_contract(mlp, x, y, result)
+    assert (distortions(x, result.x_adv)["linf"] <= 0.1 + 1e-6).all()
+    assert (result.grad_evals >= 1).all() and (result.grad_evals <= 20).all()
+    assert result.success.sum() >= fgsm(mlp, x, y, eps=0.1).success.sum()
+    again = pgd(mlp, x, y, eps=0.1, steps=20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again.x_adv, result.x_adv)
+
+
+# ----------------------------------------------------------------------------- the optimiser
+
+
+def test_minimize_box_lbfgs_solves_a_box_constrained_quadratic() -> None:
+    # Independent problems f_i(z) = (z - m_i)' A_i (z - m_i) with minimisers partly outside the
+    # box; compared to scipy's L-BFGS-B on each row (the box makes the answer non-trivial).
+    gen = torch.Generator().manual_seed(0)
+    n, dim = 5, 12
+    q = torch.randn(n, dim, dim, generator=gen, dtype=torch.float64)
+    a = q @ q.transpose(1, 2) / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
+    a[0] = torch.diag(torch.linspace(0.5, 5.0, dim, dtype=torch.float64))  # separable row
+    m = 1.5 * torch.randn(n, dim, generator=gen, dtype=torch.float64) + 0.5
+
+    def fun(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        r = z - m[rows]
+        ar = (a[rows] @ r[:, :, None]).squeeze(2)
+        return (r * ar).sum(1), 2 * ar
+
+    z, evals = minimize_box_lbfgs(
+        fun, torch.full((n, dim), 0.5, dtype=torch.float64), gtol=1e-9, ftol=1e-14, max_iter=200
+    )
+    torch.testing.assert_close(z[0], m[0].clamp(0, 1), atol=1e-6, rtol=0)
+    for i in range(n):
+        ref, _, _ = fmin_l_bfgs_b(
+            lambda v, i=i: tuple(
+                t[0].numpy() for t in fun(torch.tensor(v)[None], torch.tensor([i]))
+            ),
+            np.full(dim, 0.5),
+            bounds=[(0, 1)] * dim,
+            pgtol=1e-10,
+            factr=10,
+        )
+        np.testing.assert_allclose(z[i].numpy(), ref, atol=1e-5)
+    assert (evals > 1).all()
+
+
+# ----------------------------------------------------------------------------- L-BFGS attack
+
+
+def test_lbfgs_two_class_linear_known_answer() -> None:
+    # Exact answer |w.x + b| / ||w|| (w, b: differences of the two logit rows) when the box is
+    # inactive: x sits mid-box and the boundary is close (max |r_j| << 0.3).
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(2, 64, generator=gen))
+        lin.bias.zero_()
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = 0.35 + 0.3 * torch.rand(12, 1, 8, 8, generator=gen)
+    y = _predict(model, x)
+    w = (lin.weight[1] - lin.weight[0]).detach()
+    margin = (x.flatten(1) @ w).abs()
+    with torch.no_grad():  # put each point 0.05 .. 0.6 away from the boundary
+        lin.bias[1] = 0.0
+        x_dist = torch.linspace(0.05, 0.6, 12)
+        shift = margin / w.norm() - x_dist
+        x = x.flatten(1) - (torch.where(y == 1, 1.0, -1.0) * shift)[:, None] * w / w.norm()
+        x = x.view(12, 1, 8, 8)
+    assert x.min() > 0.1 and x.max() < 0.9
+    y = _predict(model, x)
+    exact = (x.flatten(1) @ w + lin.bias[1] - lin.bias[0]).abs().detach() / w.norm()
+    torch.testing.assert_close(exact, x_dist, atol=1e-4, rtol=0)
+    result = lbfgs_attack(model, x, y, 1 - y)
+    _assert_contract(model, x, y, result)
+    assert result.success.all()
+    ratio = _l2(x, result) / exact
+    assert (ratio >= 1 - 1e-4).all(), ratio  # nothing beats the exact minimum
+    assert (ratio <= 1.01).all(), ratio
+    r = (result.x_adv - x).flatten(1)
+    cos = (r @ w).abs() / (r.norm(dim=1) * w.norm())
+    assert (cos > 0.999).all()  # and it moved straight along w
+
+
+def test_lbfgs_ten_class_linear_matches_the_exact_qp(
+    linear10: nn.Sequential, digits: tuple[Tensor, Tensor]
+) -> None:
+    # Digits have many pixels at 0, so box constraints are active at the optimum.
+    x = digits[0][500:516]
+    y = _predict(linear10, x)
+    result = lbfgs_attack(linear10, x, y, generator=torch.Generator().manual_seed(3))
+    _assert_contract(linear10, x, y, result)
+    assert result.success.all()
+    exact = torch.tensor(
+        [
+            _exact_linear_target_distance(linear10[1], x[i].flatten().double().numpy(), int(t))
+            for i, t in enumerate(result.target)
+        ]
+    )
+    ratio = _l2(x, result).double() / exact
+    assert (ratio >= 1 - 1e-4).all(), ratio
+    # The CE penalty pulls away from every other class, not only the nearest, so the path of
+    # minimisers enters the target region a little off the projection: a few % on average.
+    assert ratio.mean() <= 1.03, ratio
+    assert ratio.max() <= 1.08, ratio
+
+
+def test_lbfgs_agrees_with_the_scipy_reference(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1010], digits[1][1000:1010]
+    ours = lbfgs_attack(mlp, x, y, generator=torch.Generator().manual_seed(1))
+    ref = lbfgs_scipy_reference(mlp, x, y, ours.target)
+    _assert_contract(mlp, x, y, ref)
+    assert torch.equal(ours.success, ref.success) and ours.success.all()
+    d_ours, d_ref = _l2(x, ours), _l2(x, ref)
+    assert abs(d_ours.mean() / d_ref.mean() - 1) <= 0.02
+    assert ((d_ours / d_ref - 1).abs() <= 0.05).all()
+
+
+def test_lbfgs_reaches_every_target_on_a_sigmoid_mlp(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1020], digits[1][1000:1020]
+    result = lbfgs_attack(mlp, x, y, generator=torch.Generator().manual_seed(2))
+    _assert_contract(mlp, x, y, result)
+    assert result.success.all()
+    dist = distortions(x, result.x_adv)
+    # Minimum distortions are small next to the image (mean pixel ~0.3, ||x||_2 ~ 3.5).
+    assert 0 < dist["rms"].mean() < 0.25
+    assert (result.grad_evals > 0).all() and result.grad_evals.float().mean() < 600
+
+
+def test_lbfgs_batch_consistency(mlp: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits[0][1000:1006], digits[1][1000:1006]
+    target = random_wrong_targets(y, 10, torch.Generator().manual_seed(4))
+    batch = lbfgs_attack(mlp, x, y, target)
+    for i in range(len(x)):
+        alone = lbfgs_attack(mlp, x[i : i + 1], y[i : i + 1], target[i : i + 1])
+        assert alone.success[0] == batch.success[i]
+        torch.testing.assert_close(alone.x_adv[0], batch.x_adv[i], atol=2e-3, rtol=0)
+        torch.testing.assert_close(_l2(x[i : i + 1], alone)[0], _l2(x, batch)[i], rtol=2e-3, atol=0)
+
+
+def test_lbfgs_same_seed_same_targets_and_results(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1005], digits[1][1000:1005]
+    a = lbfgs_attack(mlp, x, y, generator=torch.Generator().manual_seed(9), search_steps=4)
+    b = lbfgs_attack(mlp, x, y, generator=torch.Generator().manual_seed(9), search_steps=4)
+    assert torch.equal(a.target, b.target) and torch.equal(a.x_adv, b.x_adv)
+    assert torch.equal(a.grad_evals, b.grad_evals)
+    c = lbfgs_attack(mlp, x, y, generator=torch.Generator().manual_seed(10), search_steps=4)
+    assert not torch.equal(a.target, c.target)
+
+
+def test_lbfgs_unreachable_target_returns_the_clean_input() -> None:
+    lin = nn.Linear(64, 2)
+    with torch.no_grad():  # class 1 trails by 100 everywhere: no image in the box reaches it
+        lin.weight.zero_()
+        lin.bias.copy_(torch.tensor([0.0, -100.0]))
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(3, dtype=torch.int64)
+    result = lbfgs_attack(model, x, y, torch.ones(3, dtype=torch.int64), search_steps=3)
+    assert torch.equal(result.x_adv, x) and not result.success.any()
+
+
+def test_lbfgs_input_already_in_the_target_class_costs_nothing(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:], digits[1][1000:]
+    pred = _predict(mlp, x)
+    wrong = (pred != y).nonzero().squeeze(1)[:3]
+    assert len(wrong) > 0
+    keep = torch.cat([wrong, torch.tensor([0])])  # plus one correctly classified example
+    target = torch.cat([pred[wrong], (y[:1] + 1) % 10])
+    result = lbfgs_attack(mlp, x[keep], y[keep], target)
+    assert result.success.all()
+    assert torch.equal(result.x_adv[:-1], x[wrong]) and (result.grad_evals[:-1] == 0).all()
+    assert result.grad_evals[-1] > 0 and not torch.equal(result.x_adv[-1], x[0])
+
+
+def test_lbfgs_all_targets_is_the_closest_over_targets(
+    linear10: nn.Sequential, digits: tuple[Tensor, Tensor]
+) -> None:
+    x = digits[0][520:526]
+    y = _predict(linear10, x)
+    result = lbfgs_attack_all_targets(linear10, x, y)
+    _assert_contract(linear10, x, y, result)
+    assert (result.target == -1).all() and result.success.all()
+    exact = torch.tensor(
+        [
+            min(
+                _exact_linear_target_distance(linear10[1], x[i].flatten().double().numpy(), t)
+                for t in range(10)
+                if t != int(y[i])
+            )
+            for i in range(len(x))
+        ]
+    )
+    ratio = _l2(x, result).double() / exact
+    assert (ratio >= 1 - 1e-4).all() and (ratio <= 1.05).all(), ratio
+    random_target = lbfgs_attack(linear10, x, y, generator=torch.Generator().manual_seed(0))
+    assert (_l2(x, result) <= _l2(x, random_target) * (1 + 1e-3)).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"c_init": 0.0}, "c_init"),
+        ({"c_init": float("nan")}, "c_init"),
+        ({"search_steps": 0}, "search_steps"),
+        ({"c_factor": 1.0}, "c_factor"),
+        ({"max_iter": 0}, "max_iter"),
+    ],
+)
+def test_lbfgs_rejects_bad_search_parameters(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor], kwargs: dict[str, float], match: str
+) -> None:
+    with pytest.raises(AttackError, match=match):
+        lbfgs_attack(mlp, digits[0][:2], digits[1][:2], **kwargs)  # type: ignore[arg-type]
+
+
+def test_lbfgs_rejects_bad_targets_and_inputs(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][:2], digits[1][:2]
+    with pytest.raises(AttackError, match="target: equals"):
+        lbfgs_attack(mlp, x, y, y.clone())
+    with pytest.raises(AttackError, match="out of range"):
+        lbfgs_attack(mlp, x, y, (y + 1) % 10 + 10, num_classes=10)
+    with pytest.raises(AttackError, match="x: pixels"):
+        lbfgs_attack(mlp, x * 255, y)
+
+
+AttackFn = Callable[[nn.Module, Tensor, Tensor], AttackResult]
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        lambda m, x, y: fgsm(m, x, y, eps=0.1),
+        lambda m, x, y: pgd(m, x, y, eps=0.1, steps=3),
+        lambda m, x, y: lbfgs_attack(m, x, y, search_steps=2),
+    ],
+    ids=["fgsm", "pgd", "lbfgs"],
+)
+def test_attacks_leave_the_model_untouched(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor], attack: AttackFn
+) -> None:
+    before = [p.detach().clone() for p in mlp.parameters()]
+    mlp.train()
+    try:
+        attack(mlp, digits[0][:4], digits[1][:4])
+        assert mlp.training  # mode restored
+        for p, p0 in zip(mlp.parameters(), before, strict=True):
+            assert torch.equal(p, p0) and p.grad is None
+    finally:
+        mlp.eval()

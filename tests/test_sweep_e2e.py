@@ -1,0 +1,125 @@
+"""Real Ray Tune sweeps on the embedded digits, read back from parquet and W&B offline files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_sweep
+
+from advlab.cli import main
+from advlab.data import load_dataset
+from advlab.spec import load_sweep
+from advlab.store import SweepStore
+from advlab.track import offline_run_dirs, read_offline_run
+
+TIMING_COLUMNS = ["train_seconds", "attack_seconds"]
+
+
+@pytest.fixture(scope="module")
+def finished(ray_local, tmp_path_factory) -> tuple[Path, str]:
+    """One real sweep (2 trials), run through the command line as a user would."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("sweep")
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump({**tiny_sweep(), "storage": str(folder / "results")}))
+    assert main(["sweep", str(path)]) == 0
+    return path, str(folder / "results")
+
+
+def test_one_trials_row_per_grid_point_with_its_grid_values(finished) -> None:
+    path, storage = finished
+    spec = load_sweep(path)
+    trials = SweepStore(storage, "tiny").read("trials")
+    assert sorted(trials["trial_id"]) == sorted(t.trial_id() for t in spec.trials)
+    assert sorted(trials["model"]) == ["fc10", "fc16-10"]
+    assert set(trials["weight_decay"]) == {1e-4}
+    assert (trials["status"] == "ok").all()
+    assert (trials["n_attacked"] == 12).all()
+    assert trials["test_error"].between(0, 0.5).all()
+
+
+def test_examples_distortions_match_the_stored_images(finished) -> None:
+    _, storage = finished
+    examples = SweepStore(storage, "tiny").read("examples")
+    x_test = load_dataset("digits").x_test.flatten(1).numpy()
+    assert len(examples) == 2 * 12 * 3  # 2 trials x 12 examples x (fgsm at 2 budgets + lbfgs)
+    x_adv = np.stack(examples["x_adv"].to_numpy())
+    x = x_test[examples["dataset_index"].to_numpy()]
+    assert x_adv.shape == (len(examples), 64)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    rms = np.sqrt(((x_adv.astype(np.float64) - x) ** 2).mean(axis=1))
+    np.testing.assert_allclose(examples["dist_rms"], rms, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(examples["dist_l2"], rms * 8, rtol=1e-4, atol=1e-6)
+    fgsm = examples[examples["attack"] == "fgsm"]
+    assert (fgsm["dist_linf"] <= fgsm["budget"] + 1e-6).all()
+    lbfgs = examples[examples["attack"] == "lbfgs"]
+    assert (lbfgs.loc[lbfgs["success"], "adv_pred"] == lbfgs.loc[lbfgs["success"], "target"]).all()
+    assert (lbfgs["target"] != lbfgs["label"]).all()
+
+
+def test_curves_agree_with_the_examples(finished) -> None:
+    _, storage = finished
+    store = SweepStore(storage, "tiny")
+    examples, curves = store.read("examples"), store.read("curves")
+    assert len(curves) == 2 * 2 * 2  # trials x attacks x budgets
+    for row in curves.itertuples():
+        rows = examples[(examples["trial_id"] == row.trial_id) & (examples["attack"] == row.attack)]
+        if row.attack == "fgsm":
+            hit = rows.loc[rows["budget"] == row.budget, "success"]
+        else:
+            hit = rows["success"] & (rows["dist_rms"] <= row.budget)
+        assert row.n == 12
+        assert row.success_rate == pytest.approx(hit.mean())
+
+
+def test_wandb_offline_runs_hold_the_summary_metrics(finished) -> None:
+    _, storage = finished
+    trials = SweepStore(storage, "tiny").read("trials").set_index("trial_id")
+    runs = [read_offline_run(d) for d in offline_run_dirs(Path(storage) / "tiny")]
+    assert len(runs) == 2
+    for run in runs:
+        trial_id = run["config"]["trial_id"]
+        assert run["run"]["group"] == "tiny"
+        assert run["run"]["project"] == "advlab-tests"
+        assert run["config"]["model"] == trials.loc[trial_id, "model"]
+        summary = run["summary"]
+        for key in ("test_error", "train_error", "lbfgs/mean_dist_rms", "fgsm/success@0.1"):
+            assert summary[key] == pytest.approx(trials.loc[trial_id, key])
+        epochs = [h["train/loss"] for h in run["history"] if "train/loss" in h]
+        assert len(epochs) == 3
+
+
+def test_same_sweep_twice_gives_identical_trials_tables(finished, tmp_path: Path) -> None:
+    path, storage = finished
+    assert main(["sweep", str(path), "--storage", str(tmp_path)]) == 0
+    first = SweepStore(storage, "tiny").read("trials").drop(columns=TIMING_COLUMNS)
+    second = SweepStore(str(tmp_path), "tiny").read("trials").drop(columns=TIMING_COLUMNS)
+    key = "trial_id"
+    pd.testing.assert_frame_equal(
+        first.sort_values(key).reset_index(drop=True),
+        second.sort_values(key).reset_index(drop=True),
+    )
+    order = ["trial_id", "attack", "budget", "example"]
+    ex1 = SweepStore(storage, "tiny").read("examples").sort_values(order)
+    ex2 = SweepStore(str(tmp_path), "tiny").read("examples").sort_values(order)
+    np.testing.assert_array_equal(np.stack(ex1["x_adv"]), np.stack(ex2["x_adv"]))
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(ray_local, write_sweep, capsys) -> None:
+    raw = tiny_sweep(name="diverges", grid={"train.lr": [0.1, 1.0e30]})
+    raw |= {"train": {"epochs": 3, "optimizer": "sgd"}, "weight_decay": 1.0e-4}  # overflows
+    assert main(["sweep", str(write_sweep(raw))]) == 1
+    out = capsys.readouterr().out
+    assert "1/2 trials ok, 1 failed, 0 missing" in out
+    storage = load_sweep(write_sweep(raw)).settings.storage
+    trials = SweepStore(storage, "diverges").read("trials").set_index("train.lr")
+    assert trials.loc[0.1, "status"] == "ok"
+    assert trials.loc[1.0e30, "status"] == "failed"
+    assert "training loss is nan" in trials.loc[1.0e30, "reason"]
+    # The failed trial wrote no partial results beside its trials row.
+    examples = SweepStore(storage, "diverges").read("examples")
+    assert set(examples["trial_id"]) == {trials.loc[0.1, "trial_id"]}
