@@ -206,9 +206,8 @@ def summary_lines(outcome: SweepOutcome, wandb_mode: str) -> list[str]:
     lines += [f"  failed {tid}: {reason}" for tid, reason in outcome.failed.items()]
     lines.append(f"  parquet: {store.uri}/{{trials,epochs,examples,curves}}/")
     if wandb_mode == "offline":
-        lines.append(
-            f"  W&B offline runs: {store.uri}/wandb/  (upload: wandb sync {store.uri}/wandb/offline-run-*)"
-        )
+        runs = f"{store.uri}/wandb/offline-run-*"
+        lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")
     elif wandb_mode == "online":
         lines.append(f"  W&B: online, group '{store.uri.rsplit('/', 1)[1]}'")
     return lines
