@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-TABLES = ("trials", "epochs", "examples", "curves")
+TABLES = ("trials", "epochs", "examples", "curves", "properties")
 
 EPOCHS_SCHEMA = pa.schema(
     [
@@ -63,7 +63,22 @@ CURVES_SCHEMA = pa.schema(
     ]
 )
 
-SCHEMAS = {"epochs": EPOCHS_SCHEMA, "examples": EXAMPLES_SCHEMA, "curves": CURVES_SCHEMA}
+PROPERTIES_SCHEMA = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("analysis", pa.string()),  # lipschitz, unit_analysis, density
+        ("layer", pa.string()),  # a layer name, "network" for the whole net, or an attack name
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
+SCHEMAS = {
+    "epochs": EPOCHS_SCHEMA,
+    "examples": EXAMPLES_SCHEMA,
+    "curves": CURVES_SCHEMA,
+    "properties": PROPERTIES_SCHEMA,
+}
 
 
 def resolve_storage(storage: str) -> str:
@@ -79,6 +94,16 @@ class SweepStore:
     def __init__(self, storage: str, sweep: str):
         self.uri = f"{resolve_storage(storage)}/{sweep}"
         self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+
+    @classmethod
+    def from_dir(cls, sweep_dir: str) -> SweepStore:
+        """Open <storage>/<sweep> given as one path or URI (what `advlab report` takes)."""
+        storage, _, sweep = resolve_storage(sweep_dir).rstrip("/").rpartition("/")
+        return cls(storage, sweep)
+
+    @property
+    def sweep(self) -> str:
+        return self.uri.rsplit("/", 1)[1]
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -70,3 +70,11 @@ def test_relative_storage_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
     assert store.uri == f"{tmp_path}/results/s"
     store.write_json("sweep.json", {"a": 1})
     assert store.read_json("sweep.json") == {"a": 1}
+
+
+def test_from_dir_opens_the_same_sweep(tmp_path: Path) -> None:
+    store = SweepStore(str(tmp_path), "my-sweep")
+    store.write_json("sweep.json", {"name": "my-sweep"})
+    again = SweepStore.from_dir(str(tmp_path / "my-sweep"))
+    assert (again.uri, again.sweep) == (store.uri, "my-sweep")
+    assert again.read_json("sweep.json") == {"name": "my-sweep"}
