@@ -68,8 +68,8 @@ class AttackSpec(_Strict):
     eps: list[float] | None = None  # budgets; None uses the trial's `eps`
     norm: NormName | None = None  # budget norm; fgsm is linf, lbfgs defaults to the paper's rms
     target: Literal["random"] = "random"
-    max_iter: int = Field(50, ge=1)  # L-BFGS iterations per value of c
-    search_steps: int = Field(10, ge=1)  # bracket + bisection steps on c
+    max_iter: int = Field(100, ge=1)  # L-BFGS iterations per value of c
+    search_steps: int = Field(12, ge=1)  # bracket + bisection steps on c
 
     @field_validator("eps", mode="before")
     @classmethod

@@ -395,6 +395,8 @@ def lbfgs_attack(
 
     target=None draws a random wrong class per example from `generator` (seed 0 when None);
     num_classes defaults to the model's output width. Unsuccessful examples return x_adv = x.
+    The search knobs are described on `SearchParams`; grad_evals counts every objective
+    gradient (L-BFGS iterates and line-search trials) over the whole c search.
     """
     params = SearchParams(
         c_init, c_factor, search_steps, c_rtol, max_iter, history, ftol, gtol, margin
@@ -490,14 +492,13 @@ def _run(
     check_inputs(x, y, target)
     device = model_device(model)
     x, y = x.to(device), y.to(device).long()
+    k = _num_classes(model, x, num_classes)
     if target is None:
-        k = _num_classes(model, x, num_classes)
         gen = generator if generator is not None else torch.Generator().manual_seed(0)
         target = random_wrong_targets(y, k, gen)
     else:
         target = target.to(device).long()
-        if num_classes is not None:
-            check_num_classes(int(num_classes), y, target)
+    check_num_classes(k, y, target)
     with eval_mode(model):
         objective = _PenaltyObjective(
             model, x.flatten(1), target, tuple(x.shape[1:]), params.margin
