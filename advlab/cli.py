@@ -7,6 +7,8 @@ import math
 import sys
 from typing import Any
 
+import yaml
+
 from advlab.spec import SpecError, SweepSpec, load_sweep
 
 
@@ -16,9 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a sweep file without running anything")
     validate.add_argument("file")
+    sets = {"action": "append", "metavar": "KEY=VALUE", "help": "override a sweep key (dotted)"}
+    validate.add_argument("--set", **sets)
 
     sweep = commands.add_parser("sweep", help="run a sweep file's grid with Ray Tune")
     sweep.add_argument("file")
+    sweep.add_argument("--set", **sets)
     sweep.add_argument("--storage", help="results root (path or s3://...); overrides the file")
     sweep.add_argument("--address", help="Ray cluster address ('auto' joins a running one)")
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: as fit)")
@@ -26,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     trial = commands.add_parser("trial", help="run one grid point in this process, without Ray")
     trial.add_argument("file")
+    trial.add_argument("--set", **sets)
     trial.add_argument("--index", type=int, default=0, help="grid point, in grid order")
     trial.add_argument("--storage", help="results root; overrides the file")
     trial.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
@@ -49,12 +55,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"storage": args.storage} if getattr(args, "storage", None) else {}
+    """--set KEY=VALUE pairs (values read as YAML) and --storage, as dotted sweep keys."""
+    overrides: dict[str, Any] = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set {item}: expected KEY=VALUE, e.g. --set train.epochs=5")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SpecError(f"--set {item}: the value is not valid YAML; quote it") from None
+    if getattr(args, "storage", None):
+        overrides["storage"] = args.storage
+    return overrides
 
 
 def validate(spec: SweepSpec) -> int:
     axes = ", ".join(f"{k} ({len(v)})" for k, v in spec.settings.grid.items()) or "none"
-    print(f"{spec.name}: valid, {len(spec.trials)} trials; grid axes: {axes}")
+    cases = f"{len(spec.settings.cases)} cases x " if spec.settings.cases else ""
+    print(f"{spec.name}: valid, {len(spec.trials)} trials; {cases}grid axes: {axes}")
     return 0
 
 

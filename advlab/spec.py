@@ -2,7 +2,9 @@
 
 A sweep file holds sweep-level keys (name, grid, resources, storage, wandb, ...) and trial-level
 keys (everything in TrialSpec) as the base of every trial. `grid` maps trial keys, dotted for
-nested ones (`train.lr`), to lists of values; the grid is their cartesian product. Every grid
+nested ones (`train.lr`), to lists of values; the grid is their cartesian product. `cases` is a
+list of named combinations that a product cannot express (Table 1's model-and-decay pairs); the
+trials are every case crossed with every grid point. Every grid
 point is validated here, before any work starts, and every user mistake becomes a SpecError whose
 message is one line naming the key and the fix.
 """
@@ -162,6 +164,7 @@ class WandbSpec(_Strict):
 class SweepSettings(_Strict):
     name: str
     grid: dict[str, list[Any]] = {}
+    cases: list[dict[str, Any]] = []  # each a set of dotted trial keys applied together
     resources: ResourcesSpec = ResourcesSpec()
     storage: str = "results"
     max_concurrent: int | None = Field(None, ge=1)
@@ -191,14 +194,20 @@ class SweepSpec:
     def name(self) -> str:
         return self.settings.name
 
+    @property
+    def axes(self) -> list[str]:
+        """Every dotted key that varies between trials: case keys, then grid axes."""
+        keys = [key for case in self.settings.cases for key in case]
+        return list(dict.fromkeys([*keys, *self.settings.grid]))
+
     def grid_values(self, trial: TrialSpec) -> dict[str, Any]:
-        """The values a trial takes on each grid axis, keyed by the axis' dotted path."""
+        """The values a trial takes on each case key and grid axis, keyed by dotted path."""
         dumped = trial.model_dump(mode="json")
-        return {axis: _get_dotted(dumped, axis) for axis in self.settings.grid}
+        return {axis: _get_dotted(dumped, axis) for axis in self.axes}
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
-    """Read and validate a sweep file; `overrides` (e.g. storage from the command line) win."""
+    """Read and validate a sweep file; `overrides` (dotted keys from the command line) win."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such sweep file; pass the path of a YAML sweep file")
@@ -211,8 +220,9 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         raise SpecError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep file must be a mapping of keys (name, grid, ...)")
-    raw.update(overrides or {})
     try:
+        for key, value in (overrides or {}).items():
+            _set_dotted(raw, key, value)
         return parse_sweep(raw)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
@@ -225,16 +235,35 @@ def parse_sweep(raw: dict[str, Any]) -> SweepSpec:
     settings = _validate(SweepSettings, {k: v for k, v in raw.items() if k in SWEEP_KEYS})
     base = {k: v for k, v in raw.items() if k in TRIAL_KEYS}
     for axis, values in settings.grid.items():
-        if axis.split(".")[0] not in TRIAL_KEYS:
-            head = axis.split(".")[0]
-            raise SpecError(f"grid.{axis}: not a trial key{_did_you_mean(head, TRIAL_KEYS)}")
+        _check_axis(f"grid.{axis}", axis)
         if not values:
             raise SpecError(f"grid.{axis}: empty list; give at least one value or drop the axis")
-    trials = [_validate_trial(point) for point in expand_grid(base, settings.grid)]
+    for number, case in enumerate(settings.cases):
+        for key in case:
+            _check_axis(f"cases.{number}.{key}", key)
+    points = [
+        point
+        for case_base in _apply_cases(base, settings.cases)
+        for point in expand_grid(case_base, settings.grid)
+    ]
+    trials = [_validate_trial(point) for point in points]
     ids = [t.trial_id() for t in trials]
     if len(set(ids)) != len(ids):
         raise SpecError("grid: two grid points give the same trial; remove repeated values")
     return SweepSpec(settings, base, trials)
+
+
+def _check_axis(where: str, axis: str) -> None:
+    head = axis.split(".")[0]
+    if head not in TRIAL_KEYS:
+        raise SpecError(f"{where}: not a trial key{_did_you_mean(head, TRIAL_KEYS)}")
+
+
+def _apply_cases(base: dict[str, Any], cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One base per case (the plain base when there are none)."""
+    if not cases:
+        return [base]
+    return [expand_grid(base, {key: [value] for key, value in case.items()})[0] for case in cases]
 
 
 def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
@@ -312,7 +341,7 @@ def _set_dotted(target: dict[str, Any], path: str, value: Any) -> None:
     for part in parents:
         node = target.setdefault(part, {})
         if not isinstance(node, dict):
-            raise SpecError(f"grid.{path}: '{part}' is not a nested mapping; use a top-level key")
+            raise SpecError(f"{path}: '{part}' is not a nested mapping; use a top-level key")
         target = node
     target[leaf] = value
 

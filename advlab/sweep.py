@@ -126,6 +126,7 @@ def sweep_record(spec: SweepSpec) -> dict[str, Any]:
     return {
         "name": spec.name,
         "grid": spec.settings.grid,
+        "cases": spec.settings.cases,
         "trial_ids": [t.trial_id() for t in spec.trials],
     }
 

@@ -1,0 +1,563 @@
+"""The paper's other properties: Lipschitz upper bounds, unit analysis, adversarial density.
+
+Every analysis returns rows ``{"analysis", "layer", "metric", "value"}`` for the properties table.
+
+Lipschitz bounds (section 4.3). The network bound is the product of per-layer bounds, each an upper
+bound on that layer's Lipschitz constant in the L2 norm (biases never matter):
+
+- Linear: the largest singular value of W.
+- Conv2d: the paper's Fourier bound (:func:`conv_bound`). Convention: it is the *exact* operator
+  norm of the *circular* (periodic) convolution on a grid of size (H + 2p, W + 2p), each side rounded
+  up to a multiple of the stride. PyTorch's zero-padded convolution of an H x W input is that
+  circular convolution applied to the zero-padded image embedded in the grid (no wrap-around can
+  reach the image) and then restricted to the valid outputs; embedding and restriction have norm
+  <= 1, so the bound holds for zero padding too. With padding 0 and H, W multiples of the stride the
+  grid is the input itself and the bound is exact for the circular convolution of the input.
+  Layers with ``padding_mode="circular"`` are bounded exactly on their own input grid.
+- Activations: sigmoid 1/4, ReLU and tanh 1 (their derivatives' suprema).
+- MaxPool: 1 for non-overlapping windows, sqrt(windows covering one pixel) if they overlap.
+- Average pooling (incl. adaptive): exact, the largest singular value of the pooling matrix.
+- BatchNorm (eval statistics): max |gamma / sqrt(running_var + eps)|.
+- Flatten, Unflatten, Identity, Dropout (eval): 1.
+- A torchvision residual block: bound(branch) + bound(shortcut), where the shortcut is 1 for the
+  identity or the bound of its 1x1-conv + BatchNorm downsample; the block's inner layers are
+  folded into that one factor (the block's closing ReLU is 1-Lipschitz).
+
+Unit analysis (section 3) scores the paper's by-eye comparison with two numbers: label purity and
+mean pairwise cosine similarity of the top-k images along unit versus random directions.
+
+Density (the review's open question): how far inputs sit from the training data, as the mean L2
+distance to the k nearest training images (and optionally a PCA reconstruction error), for clean,
+adversarial and Gaussian-noise inputs of the same per-example distortion.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from advlab.attacks.base import eval_mode, model_device
+from advlab.measure import distortions
+
+__all__ = [
+    "LayerBound",
+    "conv_bound",
+    "density_rows",
+    "knn_distance",
+    "label_purity",
+    "linear_bound",
+    "lipschitz_bounds",
+    "lipschitz_rows",
+    "mean_pairwise_cosine",
+    "network_bound",
+    "pca_error",
+    "unit_analysis",
+]
+
+Row = dict[str, str | float]
+
+
+def _row(analysis: str, layer: str, metric: str, value: float) -> Row:
+    return {"analysis": analysis, "layer": layer, "metric": metric, "value": float(value)}
+
+
+# --------------------------------------------------------------------------- Lipschitz bounds
+
+
+@dataclass(frozen=True)
+class LayerBound:
+    """An upper bound on one layer's L2 Lipschitz constant; ``name`` is the module's path."""
+
+    name: str
+    kind: str
+    bound: float
+
+
+def linear_bound(weight: Tensor) -> float:
+    """Largest singular value of a (out, in) weight matrix."""
+    # float64 so a bound never comes out below the truth by float32 rounding.
+    return float(torch.linalg.matrix_norm(weight.detach().to(torch.float64), ord=2))
+
+
+def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    if len(value) != 2:
+        raise ValueError(f"expected an int or a pair, got {value!r}")
+    return (int(value[0]), int(value[1]))
+
+
+def conv_bound(
+    weight: Tensor,
+    input_hw: tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    *,
+    circular: bool = False,
+) -> float:
+    """The Fourier bound on a (D, C, kh, kw) convolution's operator norm (see module docstring).
+
+    With (sh, sw) the stride and (M1, M2) the grid, the convolution in the frequency domain maps
+    the C input spectra at the sh*sw frequencies that alias onto one output frequency eta to the D
+    output spectra at eta, through A(eta), the D x (C sh sw) matrix of the kernels' 2-D DFTs on the
+    grid at those aliased frequencies. Parseval then gives the norm sup_eta ||A(eta)||_2 /
+    sqrt(sh sw) (the 1/(sh sw) of the aliasing sum, times sqrt(M1 M2 / M1' M2') = sqrt(sh sw)
+    from the two grids' normalisations). ``circular=True`` bounds the circular convolution on the
+    input grid itself (padding is then only a shift); H and W must be multiples of the stride.
+    """
+    if weight.ndim != 4:
+        raise ValueError(f"weight: expected (D, C, kh, kw), got shape {tuple(weight.shape)}")
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    h, w = _pair(tuple(input_hw))
+    if circular:
+        if h % sh or w % sw:
+            raise ValueError(f"circular: input {h}x{w} is not a multiple of the stride {sh}x{sw}")
+        m1, m2 = h, w
+    else:
+        m1, m2 = -(-(h + 2 * ph) // sh) * sh, -(-(w + 2 * pw) // sw) * sw
+    d, c, kh, kw = weight.shape
+    kernel = weight.detach().to(torch.float64)
+    # Kernel taps on the grid; a kernel larger than the grid wraps around (circular case only).
+    grid = kernel.new_zeros(d, c, m1, m2)
+    rows = torch.arange(kh, device=kernel.device) % m1
+    cols = torch.arange(kw, device=kernel.device) % m2
+    for a in range(kh):
+        for b in range(kw):
+            grid[:, :, rows[a], cols[b]] += kernel[:, :, a, b]
+    # PyTorch convolves by cross-correlation, whose spectrum is the conjugate of this one; the
+    # conjugate has the same singular values.
+    spectrum = torch.fft.fft2(grid)  # (D, C, M1, M2)
+    n1, n2 = m1 // sh, m2 // sw
+    # Frequency xi = l * n + eta for alias l in [0, s): split each axis into (alias, eta).
+    blocks = spectrum.reshape(d, c, sh, n1, sw, n2).permute(3, 5, 0, 1, 2, 4)
+    blocks = blocks.reshape(n1 * n2, d, c * sh * sw)
+    norms = torch.linalg.matrix_norm(blocks, ord=2)
+    return float(norms.max()) / math.sqrt(sh * sw)
+
+
+def _dense_kernel(conv: nn.Conv2d) -> Tensor:
+    """The conv's kernel with groups expanded to block-diagonal form and dilation spelled out."""
+    weight = conv.weight.detach()
+    d, cg, kh, kw = weight.shape
+    dh, dw = _pair(conv.dilation)
+    if dh > 1 or dw > 1:
+        dilated = weight.new_zeros(d, cg, (kh - 1) * dh + 1, (kw - 1) * dw + 1)
+        dilated[:, :, ::dh, ::dw] = weight
+        weight, kh, kw = dilated, dilated.shape[2], dilated.shape[3]
+    if conv.groups == 1:
+        return weight
+    dense = weight.new_zeros(d, cg * conv.groups, kh, kw)
+    per_group = d // conv.groups
+    for g in range(conv.groups):
+        out = slice(g * per_group, (g + 1) * per_group)
+        dense[out, g * cg : (g + 1) * cg] = weight[out]
+    return dense
+
+
+def _conv_layer_bound(conv: nn.Conv2d, input_shape: torch.Size) -> float:
+    kernel = _dense_kernel(conv)
+    hw = (int(input_shape[-2]), int(input_shape[-1]))
+    if conv.padding_mode == "circular":
+        return conv_bound(kernel, hw, conv.stride, conv.padding, circular=True)
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"{conv}: padding_mode {conv.padding_mode!r} copies pixels, so the Fourier bound does "
+            "not hold; use zeros or circular padding"
+        )
+    padding = conv.padding
+    if isinstance(padding, str):  # "valid" or "same"
+        kh, kw = kernel.shape[-2:]
+        # "same" pads k - 1 in all, the larger half on one side: ceil covers both sides.
+        padding = (0, 0) if padding == "valid" else (kh // 2, kw // 2)
+    return conv_bound(kernel, hw, conv.stride, padding)
+
+
+def _maxpool_bound(pool: nn.MaxPool2d) -> float:
+    # |max a - max b| <= max |a - b|, so ||dy||^2 <= sum over windows of their ||dx||^2, which
+    # counts each pixel once per window covering it.
+    (kh, kw), (sh, sw), (dh, dw) = _pair(pool.kernel_size), _pair(pool.stride), _pair(pool.dilation)
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    cover = min(kh, math.ceil(span_h / sh)) * min(kw, math.ceil(span_w / sw))
+    return math.sqrt(max(cover, 1))
+
+
+def _linear_per_channel_bound(module: nn.Module, input_shape: torch.Size) -> float:
+    """Exact norm of a parameter-free linear map acting on each channel alike (average pooling)."""
+    h, w = int(input_shape[-2]), int(input_shape[-1])
+    basis = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    matrix = module(basis).reshape(h * w, -1)
+    return float(torch.linalg.matrix_norm(matrix, ord=2))
+
+
+def _batchnorm_bound(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    scale = 1.0 / torch.sqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach().to(torch.float64)
+    return float(scale.abs().max())
+
+
+_ONE = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.ReLU, nn.Tanh)
+_KINDS: dict[type[nn.Module], str] = {
+    nn.Linear: "linear",
+    nn.Conv2d: "conv2d",
+    nn.Sigmoid: "sigmoid",
+    nn.ReLU: "relu",
+    nn.Tanh: "tanh",
+    nn.MaxPool2d: "maxpool",
+    nn.AvgPool2d: "avgpool",
+    nn.AdaptiveAvgPool2d: "avgpool",
+    nn.BatchNorm2d: "batchnorm",
+    nn.BatchNorm1d: "batchnorm",
+    nn.Flatten: "flatten",
+    nn.Unflatten: "unflatten",
+    nn.Identity: "identity",
+    nn.Dropout: "dropout",
+}
+
+
+def _leaf_bound(module: nn.Module, input_shape: torch.Size) -> tuple[str, float]:
+    """(kind, bound) of one leaf module seen with input of ``input_shape``."""
+    kind = next((k for t, k in _KINDS.items() if isinstance(module, t)), None)
+    if kind is None:
+        raise ValueError(
+            f"lipschitz_bounds: no bound for {type(module).__name__}; add one to "
+            "advlab/properties.py before bounding this model"
+        )
+    if isinstance(module, nn.Linear):
+        return kind, linear_bound(module.weight)
+    if isinstance(module, nn.Conv2d):
+        return kind, _conv_layer_bound(module, input_shape)
+    if isinstance(module, nn.Sigmoid):
+        return kind, 0.25
+    if isinstance(module, nn.MaxPool2d):
+        return kind, _maxpool_bound(module)
+    if isinstance(module, nn.AvgPool2d | nn.AdaptiveAvgPool2d):
+        return kind, _linear_per_channel_bound(module, input_shape)
+    if isinstance(module, nn.BatchNorm1d | nn.BatchNorm2d):
+        return kind, _batchnorm_bound(module)
+    assert isinstance(module, _ONE)
+    return kind, 1.0
+
+
+@dataclass(frozen=True)
+class _Call:
+    name: str
+    module: nn.Module
+    input_shape: torch.Size
+
+
+def _forward_calls(model: nn.Module, input_shape: tuple[int, int, int]) -> list[_Call]:
+    """Every module call, in the order forward makes them, with its input's shape."""
+    calls: list[_Call] = []
+    handles = []
+    for name, module in model.named_modules():
+
+        def record(mod: nn.Module, args: tuple, name: str = name) -> None:
+            calls.append(_Call(name, mod, args[0].shape))
+
+        handles.append(module.register_forward_pre_hook(record))
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    dummy = torch.zeros(1, *input_shape, device=model_device(model), dtype=dtype)
+    try:
+        # Eval mode: BatchNorm must use (and not update) its running statistics.
+        with eval_mode(model), torch.no_grad():
+            model(dummy)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return name.startswith(prefix + ".")
+
+
+def _residual_bound(block: nn.Module, name: str, calls: list[_Call]) -> float:
+    branch, shortcut = 1.0, 1.0
+    for call in calls:
+        if not _inside(call.name, name) or list(call.module.children()):
+            continue
+        _, bound = _leaf_bound(call.module, call.input_shape)
+        if _inside(call.name, f"{name}.downsample"):
+            shortcut *= bound
+        else:
+            branch *= bound
+    return branch + shortcut
+
+
+def lipschitz_bounds(model: nn.Module, input_shape: tuple[int, int, int]) -> list[LayerBound]:
+    """Per-layer upper Lipschitz bounds in forward order (a module called twice counts twice)."""
+    calls = _forward_calls(model, tuple(int(s) for s in input_shape))
+    bounds: list[LayerBound] = []
+    block: str | None = None
+    for call in calls:
+        if block is not None and _inside(call.name, block):
+            continue  # folded into the residual block's bound
+        if isinstance(call.module, BasicBlock | Bottleneck):
+            block = call.name
+            bound = _residual_bound(call.module, call.name, calls)
+            bounds.append(LayerBound(call.name, "residual", bound))
+        elif not list(call.module.children()):
+            kind, bound = _leaf_bound(call.module, call.input_shape)
+            bounds.append(LayerBound(call.name, kind, bound))
+    return bounds
+
+
+def network_bound(bounds: list[LayerBound]) -> float:
+    """Upper bound on the whole network's Lipschitz constant: the product of the layers'."""
+    return math.prod(b.bound for b in bounds)
+
+
+def lipschitz_rows(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Row]:
+    """One "upper_bound" row per layer plus one for layer="network"."""
+    bounds = lipschitz_bounds(model, input_shape)
+    rows = [_row("lipschitz", b.name, "upper_bound", b.bound) for b in bounds]
+    rows.append(_row("lipschitz", "network", "upper_bound", network_bound(bounds)))
+    return rows
+
+
+# --------------------------------------------------------------------------- unit analysis
+
+
+def label_purity(labels: Tensor) -> float:
+    """Fraction of the labels equal to the most common one."""
+    if labels.numel() == 0:
+        raise ValueError("label_purity: needs at least one label")
+    return float(torch.bincount(labels.flatten().long()).max()) / labels.numel()
+
+
+def mean_pairwise_cosine(images: Tensor) -> float:
+    """Mean cosine similarity over distinct pairs of the flattened images (1.0 for one image)."""
+    n = images.shape[0]
+    if n < 2:
+        return 1.0
+    flat = F.normalize(images.flatten(1).to(torch.float64), dim=1)
+    gram = flat @ flat.T
+    return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
+
+
+def _default_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
+    """The input of the last Linear (last hidden layer), or its output if it reads the pixels."""
+    calls = _forward_calls(model, input_shape)
+    weighted = [c for c in calls if isinstance(c.module, nn.Linear | nn.Conv2d)]
+    if not weighted or not isinstance(weighted[-1].module, nn.Linear):
+        raise ValueError("unit_analysis: the model has no final Linear layer; name a layer")
+    last = weighted[-1].name
+    return last if len(weighted) == 1 else f"{last}:input"
+
+
+def _features(model: nn.Module, x: Tensor, layer: str, batch_size: int = 512) -> Tensor:
+    """(N, F) activations at ``layer``: a module's output, or its input with a ":input" suffix."""
+    name, _, where = layer.partition(":")
+    if where not in ("", "input"):
+        raise ValueError(f"layer: {layer!r} must be a module name, optionally with ':input'")
+    modules = dict(model.named_modules())
+    if name not in modules:
+        raise ValueError(f"layer: {name!r} is not a module of the model; use one of {list(modules)}")
+    captured: list[Tensor] = []
+
+    def keep(value: Tensor) -> None:
+        captured.append(value.detach().flatten(1).to(torch.float64).cpu())
+
+    if where == "input":
+        handle = modules[name].register_forward_pre_hook(lambda _m, args: keep(args[0]))
+    else:
+        handle = modules[name].register_forward_hook(lambda _m, _a, out: keep(out))
+    device = model_device(model)
+    chunks: list[Tensor] = []
+    try:
+        with eval_mode(model), torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                captured.clear()
+                model(x[start : start + batch_size].to(device))
+                chunks.append(captured[0])  # first call: the module's place in the forward
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+def _top_k(scores: Tensor, k: int) -> Tensor:
+    # Stable sort: ties (e.g. a ReLU unit at zero) resolve by index, the same on every run.
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
+def _save_grid(images: Tensor, path: Path, min_side: int = 28) -> None:
+    """Save (rows, k, C, H, W) images in [0, 1] as one PNG, a row per direction."""
+    from PIL import Image
+
+    rows, k, c, h, w = images.shape
+    scale = max(1, math.ceil(min_side / max(h, w)))
+    pad = 2
+    canvas = np.ones((rows * (h * scale + pad) + pad, k * (w * scale + pad) + pad, c))
+    pixels = images.clamp(0, 1).permute(0, 1, 3, 4, 2).cpu().numpy()
+    for i in range(rows):
+        for j in range(k):
+            tile = pixels[i, j].repeat(scale, axis=0).repeat(scale, axis=1)
+            top, left = pad + i * (h * scale + pad), pad + j * (w * scale + pad)
+            canvas[top : top + h * scale, left : left + w * scale] = tile
+    array = (canvas * 255).round().astype(np.uint8)
+    image = Image.fromarray(array[:, :, 0] if c == 1 else array[:, :, :3])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def unit_analysis(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    layer: str | None = None,
+    units: int = 8,
+    top_k: int = 9,
+    seed: int = 0,
+    out_dir: str | None = None,
+) -> list[Row]:
+    """Score the top-k held-out images along unit versus random directions of ``layer``.
+
+    ``layer`` is a module name (its output) or "name:input" (its input); the default is the input
+    of the last Linear (the last hidden layer), or for a one-layer model (fc10) its logits.
+    ``units`` units are drawn at random (seeded) among those that vary over x, and as many random
+    unit-norm directions. Rows: mean purity and mean pairwise cosine similarity of the top-k sets,
+    natural (units) and random. With ``out_dir``, saves unit_analysis_natural.png and
+    unit_analysis_random.png, one row of top-k images per direction.
+    """
+    if units < 1 or top_k < 1:
+        raise ValueError(f"unit_analysis: units and top_k must be >= 1, got {units}, {top_k}")
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"unit_analysis: {x.shape[0]} images and {y.shape[0]} labels")
+    layer = layer or _default_layer(model, tuple(x.shape[1:]))
+    phi = _features(model, x, layer)
+    gen = torch.Generator().manual_seed(seed)
+    # A unit constant over x (a dead ReLU) would rank images by index alone.
+    alive = torch.nonzero(phi.std(dim=0) > 0).flatten() if phi.shape[0] > 1 else None
+    candidates = alive if alive is not None and alive.numel() else torch.arange(phi.shape[1])
+    chosen = candidates[torch.randperm(candidates.numel(), generator=gen)[:units]]
+    directions = torch.randn(units, phi.shape[1], generator=gen, dtype=torch.float64)
+    directions = F.normalize(directions, dim=1)
+    k = min(top_k, x.shape[0])
+    sets = {
+        "natural": [_top_k(phi[:, i], k) for i in chosen.tolist()],
+        "random": [_top_k(phi @ v, k) for v in directions],
+    }
+    rows: list[Row] = []
+    for kind, index_sets in sets.items():
+        purity = [label_purity(y[idx.to(y.device)]) for idx in index_sets]
+        similarity = [mean_pairwise_cosine(x[idx.to(x.device)]) for idx in index_sets]
+        rows.append(_row("unit_analysis", layer, f"purity_{kind}", float(np.mean(purity))))
+        rows.append(_row("unit_analysis", layer, f"similarity_{kind}", float(np.mean(similarity))))
+        if out_dir is not None:
+            grid = torch.stack([x[idx.to(x.device)] for idx in index_sets])
+            _save_grid(grid, Path(out_dir) / f"unit_analysis_{kind}.png")
+    return rows
+
+
+# --------------------------------------------------------------------------- density
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def knn_distance(x_train: Tensor, x: Tensor, k: int = 5, chunk: int = 1024) -> Tensor:
+    """(N,) mean L2 distance from each x to its k nearest training images (pixels flattened).
+
+    Both sides are chunked and a running k-best kept, so memory stays at chunk x chunk distances
+    whatever the training set's size.
+    """
+    train = x_train.flatten(1).to(torch.float32)
+    query = x.flatten(1).to(device=train.device, dtype=torch.float32)
+    if train.shape[1] != query.shape[1]:
+        raise ValueError(f"knn_distance: {query.shape[1]} pixels per image vs {train.shape[1]}")
+    if not 1 <= k <= train.shape[0]:
+        raise ValueError(f"knn_distance: k={k} must lie in [1, {train.shape[0]}] training images")
+    out = []
+    for q in _chunks(query.shape[0], chunk):
+        best = query.new_full((q.stop - q.start, 0), math.inf)
+        for t in _chunks(train.shape[0], chunk):
+            dist = torch.cdist(query[q], train[t])
+            best = torch.cat([best, dist], dim=1)
+            best = best.topk(min(k, best.shape[1]), dim=1, largest=False).values
+        out.append(best.mean(dim=1))
+    return torch.cat(out) if out else query.new_zeros(0)
+
+
+def _pca(x_train: Tensor, components: int) -> tuple[Tensor, Tensor]:
+    """(mean, basis): the training images' mean and top principal directions as rows."""
+    train = x_train.flatten(1).to(torch.float64)
+    mean = train.mean(dim=0)
+    _, _, vh = torch.linalg.svd(train - mean, full_matrices=False)  # strongest first
+    return mean, vh[:components]
+
+
+def _pca_residual(mean: Tensor, basis: Tensor, x: Tensor) -> Tensor:
+    centred = x.flatten(1).to(device=mean.device, dtype=torch.float64) - mean
+    return (centred - (centred @ basis.T) @ basis).norm(dim=1)
+
+
+def pca_error(x_train: Tensor, x: Tensor, components: int) -> Tensor:
+    """(N,) L2 norm of what the training set's top principal components leave of each x."""
+    if components < 1:
+        raise ValueError(f"pca_error: components={components} must be >= 1")
+    return _pca_residual(*_pca(x_train, components), x)
+
+
+def _matched_noise(clean: Tensor, adversarial: Tensor, gen: torch.Generator) -> Tensor:
+    """clean + Gaussian noise with each example's own perturbation RMS, clipped to [0, 1]."""
+    rms = distortions(clean, adversarial)["rms"].nan_to_num(0.0)
+    noise = torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+    # Rescale each draw to exactly the perturbation's RMS: same distance, random direction.
+    noise_rms = noise.flatten(1).square().mean(dim=1).sqrt().clamp_min(1e-12)
+    scale = (rms.cpu().to(torch.float64) / noise_rms).reshape(-1, *([1] * (clean.ndim - 1)))
+    return (clean.cpu().to(torch.float64) + noise * scale).clamp(0.0, 1.0).to(clean.dtype)
+
+
+def density_rows(
+    x_train: Tensor,
+    clean: Tensor,
+    adversarial: dict[str, Tensor],
+    *,
+    k: int = 5,
+    seed: int = 0,
+    pca_components: int | None = None,
+) -> list[Row]:
+    """Mean kNN distance to the training set for clean inputs, each attack's adversarials and
+    Gaussian noise of the same per-example RMS as that attack's perturbations.
+
+    Rows: layer "clean", the attack name, then f"noise_{attack}"; metric "knn_distance" (and
+    "pca_error" with ``pca_components``). ``adversarial[name]`` must align row for row with
+    ``clean``. Noise is seeded per attack name, so adding an attack changes no other row.
+    """
+    sources: dict[str, Tensor] = {"clean": clean}
+    for name, adv in adversarial.items():
+        if adv.shape != clean.shape:
+            raise ValueError(
+                f"density_rows: {name!r} adversarials have shape {tuple(adv.shape)}, clean "
+                f"{tuple(clean.shape)}; pass one adversarial per clean example"
+            )
+        sources[name] = adv
+    for name, adv in adversarial.items():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        sources[f"noise_{name}"] = _matched_noise(clean, adv, gen)
+    metrics: dict[str, Callable[[Tensor], Tensor]] = {
+        "knn_distance": lambda batch: knn_distance(x_train, batch, k=k)
+    }
+    if pca_components:
+        mean, basis = _pca(x_train, pca_components)  # fitted once for every source
+        metrics["pca_error"] = lambda batch: _pca_residual(mean, basis, batch)
+    return [
+        _row("density", layer, metric, float(fn(batch).mean()))
+        for layer, batch in sources.items()
+        for metric, fn in metrics.items()
+    ]
