@@ -216,12 +216,10 @@ def decay_weights(model: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
 
 
-def weight_penalty(model: nn.Module, weight_decay: float | Sequence[float]) -> Tensor:
-    """sum_k lambda_k * ||W_k||_F^2 over :func:`decay_weights`, to add to the loss.
-
-    Explicit in the loss (not the optimiser's weight_decay) so lambda means the paper's lambda
-    whatever the optimiser. One number applies to every layer; a sequence needs one per layer.
-    """
+def decay_terms(
+    model: nn.Module, weight_decay: float | Sequence[float]
+) -> list[tuple[float, nn.Parameter]]:
+    """(lambda_k, W_k) for every decayed weight; one number applies to every layer."""
     weights = decay_weights(model)
     if isinstance(weight_decay, Real) and not isinstance(weight_decay, bool):
         lambdas = [float(weight_decay)] * len(weights)
@@ -234,8 +232,18 @@ def weight_penalty(model: nn.Module, weight_decay: float | Sequence[float]) -> T
             )
     if any(not lam >= 0 for lam in lambdas):  # also catches nan
         raise ValueError(f"weight_decay: {lambdas} must all be >= 0")
-    total = torch.zeros((), device=weights[0].device if weights else None)
-    for lam, w in zip(lambdas, weights, strict=True):
+    return list(zip(lambdas, weights, strict=True))
+
+
+def weight_penalty(model: nn.Module, weight_decay: float | Sequence[float]) -> Tensor:
+    """sum_k lambda_k * ||W_k||_F^2 over :func:`decay_weights`, to add to the loss.
+
+    Explicit in the loss (not the optimiser's weight_decay) so lambda means the paper's lambda
+    whatever the optimiser. One number applies to every layer; a sequence needs one per layer.
+    """
+    terms = decay_terms(model, weight_decay)
+    total = torch.zeros((), device=terms[0][1].device if terms else None)
+    for lam, w in terms:
         if lam:
             total = total + lam * w.pow(2).sum()
     return total
