@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", help="Ray cluster address ('auto' joins a running one)")
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: as fit)")
     sweep.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    sweep.add_argument(
+        "--fresh", action="store_true", help="rerun trials that already finished in this folder"
+    )
 
     trial = commands.add_parser("trial", help="run one grid point in this process, without Ray")
     trial.add_argument("file")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_one(spec, args.index, args.wandb)
         if args.max_concurrent is not None and args.max_concurrent < 1:
             raise SpecError("--max-concurrent: must be at least 1")
-        return sweep(spec, args.address, args.max_concurrent, args.wandb)
+        return sweep(spec, args.address, args.max_concurrent, args.wandb, args.fresh)
     except SpecError as err:
         print(f"advlab: error: {err}", file=sys.stderr)
         return 2
@@ -78,12 +81,18 @@ def validate(spec: SweepSpec) -> int:
 
 
 def sweep(
-    spec: SweepSpec, address: str | None, max_concurrent: int | None, wandb: str | None
+    spec: SweepSpec,
+    address: str | None,
+    max_concurrent: int | None,
+    wandb: str | None,
+    fresh: bool,
 ) -> int:
     from advlab.sweep import run_sweep, summary_lines
     from advlab.track import resolve_mode
 
-    outcome = run_sweep(spec, address=address, max_concurrent=max_concurrent, wandb_mode=wandb)
+    outcome = run_sweep(
+        spec, address=address, max_concurrent=max_concurrent, wandb_mode=wandb, fresh=fresh
+    )
     for line in summary_lines(outcome, resolve_mode(wandb or spec.settings.wandb.mode)):
         print(line)
     return 0 if outcome.all_ok else 1
@@ -102,7 +111,7 @@ def run_one(spec: SweepSpec, index: int, wandb: str | None) -> int:
     torch.set_num_threads(max(1, math.floor(spec.settings.resources.cpu)))  # as under Ray
     mode = resolve_mode(wandb or spec.settings.wandb.mode)
     ctx = trial_context(spec, index, resolve_storage(spec.settings.storage), mode)
-    row = run_trial(spec.trials[index], ctx, report=lambda m: print(f"  epoch {m['epoch']}: {m}"))
+    row = run_trial(spec.trials[index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
     for key, value in row.items():
         print(f"{key}: {value}")
     return 0

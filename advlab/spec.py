@@ -146,8 +146,19 @@ class TrialSpec(_Strict):
 
     def trial_id(self) -> str:
         """Stable id from the trial's content, so a rerun of the same grid point replaces it."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha1(canonical.encode()).hexdigest()[:10]
+        return _content_hash(self.model_dump(mode="json"))
+
+    def training_key(self) -> str:
+        """Id of the trained model: trials that differ only in evaluation share it."""
+        return _content_hash(self.model_dump(mode="json", include=set(TRAINING_KEYS)))
+
+
+TRAINING_KEYS = ("dataset", "model", "activation", "subset", "weight_decay", "seed", "train")
+
+
+def _content_hash(content: dict[str, Any]) -> str:
+    canonical = json.dumps(content, sort_keys=True)
+    return hashlib.sha1(canonical.encode()).hexdigest()[:10]
 
 
 class ResourcesSpec(_Strict):
@@ -168,6 +179,8 @@ class SweepSettings(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     storage: str = "results"
     max_concurrent: int | None = Field(None, ge=1)
+    max_failures: int = Field(3, ge=0)  # retries of a trial whose worker or node was lost
+    checkpoint_every: int = Field(1, ge=0)  # epochs between training checkpoints; 0: none
     wandb: WandbSpec = WandbSpec()
 
     @field_validator("name")

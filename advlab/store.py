@@ -8,15 +8,20 @@ complete. Storage may be a local path or a URI that pyarrow.fs understands (s3:/
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import torch
 
 TABLES = ("trials", "epochs", "examples", "curves", "properties")
 
@@ -106,7 +111,7 @@ class SweepStore:
         return self.uri.rsplit("/", 1)[1]
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+        return "/".join([self.root, *(p for p in parts if p)])
 
     def local_path(self, *parts: str) -> str | None:
         """A path usable by non-arrow writers (W&B), or None for remote storage."""
@@ -115,13 +120,47 @@ class SweepStore:
         return None
 
     def write_table(self, table: str, trial_id: str, data: pa.Table) -> None:
-        folder = self.path(table)
-        self.fs.create_dir(folder, recursive=True)
-        final = f"{folder}/{trial_id}.parquet"
-        temp = f"{folder}/.{trial_id}.{uuid.uuid4().hex}.tmp"
-        with self.fs.open_output_stream(temp) as sink:
-            pq.write_table(data, sink)
-        self.fs.move(temp, final)
+        sink = io.BytesIO()
+        pq.write_table(data, sink)
+        self._write_atomic(table, f"{trial_id}.parquet", sink.getvalue())
+
+    def _write_atomic(self, folder: str, name: str, payload: bytes) -> None:
+        """Write to a hidden temporary name, then rename: readers never see half a file."""
+        self.fs.create_dir(self.path(folder), recursive=True)
+        temp = self.path(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        with self.fs.open_output_stream(temp) as out:
+            out.write(payload)
+        self.fs.move(temp, self.path(folder, name))
+
+    def save_model(self, key: str, state: dict[str, Any]) -> None:
+        """Trained weights and training history under models/<training key>.pt."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        self._write_atomic("models", f"{key}.pt", buffer.getvalue())
+
+    def load_model(self, key: str) -> dict[str, Any] | None:
+        path = self.path("models", f"{key}.pt")
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with self.fs.open_input_stream(path) as source:
+            # weights_only: a results folder is data, and must never run code when loaded.
+            return torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Serialise work on one name across processes (local storage; a no-op for URIs, where
+        concurrent trials may both do the work, with the same result)."""
+        local = self.local_path("models")
+        if local is None:
+            yield
+            return
+        os.makedirs(local, exist_ok=True)
+        with open(os.path.join(local, f".{name}.lock"), "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def write_rows(self, table: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
         schema = SCHEMAS.get(table)
@@ -148,11 +187,7 @@ class SweepStore:
         return {p.rsplit("/", 1)[1].removesuffix(".parquet") for p in self.trial_files("trials")}
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
-        self.fs.create_dir(self.root, recursive=True)
-        temp = self.path(f".{name}.{uuid.uuid4().hex}.tmp")
-        with self.fs.open_output_stream(temp) as sink:
-            sink.write(json.dumps(payload, indent=2, sort_keys=True).encode())
-        self.fs.move(temp, self.path(name))
+        self._write_atomic("", name, json.dumps(payload, indent=2, sort_keys=True).encode())
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         if self.fs.get_file_info(self.path(name)).type == pafs.FileType.NotFound:

@@ -62,7 +62,8 @@ def progress_callback(total: int) -> Any:
             self.progress = Progress(total)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(self.progress.line(trial.config["trial"]["id"], ok=True), flush=True)
+            ok = not (trial.last_result or {}).get("failed", 0)
+            print(self.progress.line(trial.config["trial"]["id"], ok=ok), flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             print(self.progress.line(trial.config["trial"]["id"], ok=False), flush=True)
@@ -78,6 +79,7 @@ def trial_configs(spec: SweepSpec, storage: str, wandb_mode: str) -> list[dict[s
             "spec": trial.model_dump(mode="json"),
             "ctx": asdict(trial_context(spec, index, storage, wandb_mode)),
             "threads": max(1, math.floor(spec.settings.resources.cpu)),
+            "checkpoint_every": spec.settings.checkpoint_every,
         }
         for index, trial in enumerate(spec.trials)
     ]
@@ -96,7 +98,14 @@ def trial_context(spec: SweepSpec, index: int, storage: str, wandb_mode: str) ->
 
 
 def tune_trainable(config: dict[str, Any]) -> None:
-    """What each Ray worker runs: rebuild the specs, pin torch's threads, run the trial."""
+    """What each Ray worker runs: rebuild the specs, pin torch's threads, run the trial.
+
+    Training checkpoints go through Tune, so a trial whose worker dies resumes from its last
+    epoch on another node. A trial that fails on its own (NaN loss, a bad attack) has already
+    recorded its failure in the trials table; it ends normally so Tune does not retry it.
+    """
+    import tempfile
+
     import torch
     from ray import tune
 
@@ -106,9 +115,29 @@ def tune_trainable(config: dict[str, Any]) -> None:
     torch.set_num_threads(trial["threads"])  # else 2 trials each use every core and thrash
     spec = TrialSpec.model_validate(trial["spec"])
     ctx = TrialContext(**trial["ctx"])
-    row = run_trial(spec, ctx, report=tune.report)
+    every = trial["checkpoint_every"]
+
+    def report(metrics: dict[str, Any], state: Any) -> None:
+        if state is None or not every or metrics["epoch"] % every:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state(), os.path.join(folder, "training.pt"))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            path = os.path.join(folder, "training.pt")
+            resume = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        row = run_trial(spec, ctx, report=report, resume=resume)
+    except Exception:
+        tune.report({"failed": 1})
+        return
     final = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    tune.report(final | {"done": 1})
+    tune.report(final | {"failed": 0})
 
 
 def check_storage(spec: SweepSpec, store: SweepStore) -> None:
@@ -137,15 +166,27 @@ def run_sweep(
     address: str | None = None,
     max_concurrent: int | None = None,
     wandb_mode: str | None = None,
+    fresh: bool = False,
     verbose: int = 0,
 ) -> SweepOutcome:
-    """Run every grid point as a Ray Tune trial; returns what landed in the store."""
+    """Run every grid point as a Ray Tune trial; returns what landed in the store.
+
+    Trials already finished ok in this sweep's folder are skipped (an interrupted sweep resumes
+    where it stopped) unless `fresh`; failed and unfinished ones run again.
+    """
     storage = resolve_storage(spec.settings.storage)
     store = SweepStore(storage, spec.name)
     check_storage(spec, store)
     mode = resolve_mode(wandb_mode or spec.settings.wandb.mode)
     configs = trial_configs(spec, storage, mode)
+    done = set() if fresh else finished_ok(store)
+    todo = [c for c in configs if c["id"] not in done]
     store.write_json("sweep.json", sweep_record(spec))
+    if done & {c["id"] for c in configs}:
+        skipped = len(configs) - len(todo)
+        print(f"advlab: resuming: {skipped} trials already finished (--fresh reruns them)")
+    if not todo:
+        return collect_outcome(spec, store, [])
 
     import ray
     from ray import tune
@@ -158,13 +199,13 @@ def run_sweep(
             configure_logging=False,
             log_to_driver=False,  # trials report through parquet, W&B and Progress instead
         )
-    print(f"advlab: sweep '{spec.name}': {len(configs)} trials -> {store.uri}", flush=True)
+    print(f"advlab: sweep '{spec.name}': {len(todo)} trials -> {store.uri}", flush=True)
     resources = spec.settings.resources
     trainable = tune.with_resources(tune_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(configs)},
+        param_space={"trial": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
             trial_dirname_creator=lambda t: t.config["trial"]["id"],
@@ -174,13 +215,22 @@ def run_sweep(
         run_config=tune.RunConfig(
             name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
             storage_path=store.path("ray") if "://" not in storage else f"{store.uri}/ray",
-            failure_config=tune.FailureConfig(max_failures=0),
+            # Retries are for lost workers and nodes; trial failures do not raise (see above).
+            failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             verbose=verbose,
-            callbacks=[progress_callback(len(configs))],
+            callbacks=[progress_callback(len(todo))],
         ),
     )
     results = tuner.fit()
     return collect_outcome(spec, store, [str(e).splitlines()[0] for e in results.errors])
+
+
+def finished_ok(store: SweepStore) -> set[str]:
+    trials = store.read("trials")
+    if trials.empty:
+        return set()
+    return set(trials.loc[trials["status"] == "ok", "trial_id"])
 
 
 def collect_outcome(spec: SweepSpec, store: SweepStore, errors: list[str]) -> SweepOutcome:

@@ -6,9 +6,11 @@ shuffling uses a generator seeded by the trial, which keeps CPU runs determinist
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +113,9 @@ def pretrain_autoencoder(
     return losses
 
 
+EpochHook = Callable[[EpochStats, Callable[[], dict[str, Any]]], None]
+
+
 def train_model(
     model: nn.Module,
     x_train: Tensor,
@@ -120,38 +125,75 @@ def train_model(
     settings: TrainSpec,
     weight_decay: float | Sequence[float],
     seed: int,
-    on_epoch: Callable[[EpochStats], None] | None = None,
+    on_epoch: EpochHook | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> list[EpochStats]:
-    """Train in place; the data must already be on the model's device."""
+    """Train in place; the data must already be on the model's device.
+
+    After each epoch `on_epoch(stats, state)` is called; `state()` builds a checkpoint (weights,
+    optimizer, shuffle generator, history) only if asked. Passing such a checkpoint as `resume`
+    continues from it and gives the same weights as an uninterrupted run.
+    """
     generator = torch.Generator().manual_seed(seed)
-    if hasattr(model, "reconstruct") and settings.ae_epochs > 0:
-        pretrain_autoencoder(model, x_train, settings, generator)
     optimizer = make_optimizer(model, settings, weight_decay)
-    history = []
-    for epoch in range(1, settings.epochs + 1):
-        start = time.perf_counter()
-        model.train()
-        # Accumulate on the device: a .item() per step would sync a GPU every batch.
-        total = torch.zeros((), device=x_train.device)
-        wrong = torch.zeros((), device=x_train.device, dtype=torch.long)
-        order = batches(len(x_train), settings.batch_size, generator, x_train.device)
-        for idx in order:
-            logits = model(x_train[idx])
-            loss = nn.functional.cross_entropy(logits, y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            wrong += (logits.detach().argmax(1) != y_train[idx]).sum()
-        stats = EpochStats(
-            epoch=epoch,
-            loss=total.item() / len(order) + penalty_value(model, weight_decay),
-            train_error=wrong.item() / len(x_train),
+    history: list[EpochStats] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        history = [EpochStats(**row) for row in resume["history"]]
+    elif hasattr(model, "reconstruct") and settings.ae_epochs > 0:
+        pretrain_autoencoder(model, x_train, settings, generator)
+
+    def state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "history": [asdict(h) for h in history],
+        }
+
+    for epoch in range(len(history) + 1, settings.epochs + 1):
+        history.append(train_epoch(model, optimizer, x_train, y_train, settings, generator, epoch))
+        history[-1] = replace(
+            history[-1],
+            loss=history[-1].loss + penalty_value(model, weight_decay),
             test_error=error_rate(model, x_test, y_test),
-            seconds=time.perf_counter() - start,
         )
-        history.append(stats)
         if on_epoch is not None:
-            on_epoch(stats)
+            on_epoch(history[-1], state)
     model.eval()
     return history
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    settings: TrainSpec,
+    generator: torch.Generator,
+    epoch: int,
+) -> EpochStats:
+    """One pass over the shuffled data; loss is the mean cross-entropy (penalty added later)."""
+    start = time.perf_counter()
+    model.train()
+    # Accumulate on the device: a .item() per step would sync a GPU every batch.
+    total = torch.zeros((), device=x.device)
+    wrong = torch.zeros((), device=x.device, dtype=torch.long)
+    order = batches(len(x), settings.batch_size, generator, x.device)
+    for idx in order:
+        logits = model(x[idx])
+        loss = nn.functional.cross_entropy(logits, y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+        wrong += (logits.detach().argmax(1) != y[idx]).sum()
+    return EpochStats(
+        epoch=epoch,
+        loss=total.item() / len(order),
+        train_error=wrong.item() / len(x),
+        test_error=math.nan,
+        seconds=time.perf_counter() - start,
+    )

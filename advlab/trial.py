@@ -29,7 +29,9 @@ from advlab.store import SweepStore
 from advlab.track import TrialRun
 from advlab.train import EpochStats, error_rate, predict, train_model
 
-Reporter = Callable[[dict[str, Any]], None]
+# report(metrics, state): state is None for the final report, and after each epoch a function
+# that builds a resumable training checkpoint (called only by reporters that keep checkpoints).
+Reporter = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
 
 
 @dataclass(frozen=True)
@@ -57,11 +59,17 @@ class AttackedSet:
     num_classes: int
 
 
-def run_trial(spec: TrialSpec, ctx: TrialContext, report: Reporter | None = None) -> dict[str, Any]:
+def run_trial(
+    spec: TrialSpec,
+    ctx: TrialContext,
+    report: Reporter | None = None,
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run one trial and write its results; returns its trials-table row.
 
-    A failure is recorded (status failed, with the reason) in the trials table and the W&B run
-    before the exception propagates, so the sweep can carry on and report the gap.
+    `resume` is a training checkpoint from an earlier attempt (see Reporter). A failure is
+    recorded (status failed, with the reason) in the trials table and the W&B run before the
+    exception propagates, so the sweep can carry on and report the gap.
     """
     trial_id = spec.trial_id()
     store = SweepStore(ctx.storage, ctx.sweep)
@@ -77,7 +85,7 @@ def run_trial(spec: TrialSpec, ctx: TrialContext, report: Reporter | None = None
     )
     row = base_row(spec, ctx, trial_id)
     try:
-        summary = _run(spec, trial_id, store, tracker, report)
+        summary = _run(spec, trial_id, store, tracker, report, resume)
     except Exception as err:
         row |= {"status": "failed", "reason": f"{type(err).__name__}: {err}".splitlines()[0]}
         store.write_rows("trials", trial_id, [row])
@@ -93,7 +101,12 @@ def run_trial(spec: TrialSpec, ctx: TrialContext, report: Reporter | None = None
 
 
 def _run(
-    spec: TrialSpec, trial_id: str, store: SweepStore, tracker: TrialRun, report: Reporter | None
+    spec: TrialSpec,
+    trial_id: str,
+    store: SweepStore,
+    tracker: TrialRun,
+    report: Reporter | None,
+    resume: dict[str, Any] | None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
@@ -106,7 +119,7 @@ def _run(
 
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.activation).to(device)
 
-    def on_epoch(stats: EpochStats) -> None:
+    def on_epoch(stats: EpochStats, state: Callable[[], dict[str, Any]] | None) -> None:
         metrics = asdict(stats)
         if not math.isfinite(stats.loss):
             raise FloatingPointError(
@@ -115,17 +128,43 @@ def _run(
             )
         tracker.log_epoch(metrics)
         if report is not None:
-            report(metrics)
+            report(metrics, state)
 
-    history = train_model(
-        model, x_train, y_train, x_test, y_test, spec.train, spec.weight_decay, spec.seed, on_epoch
-    )
+    # Trials that differ only in evaluation settings share one trained model: the first to get
+    # the lock trains and saves it, the others load it.
+    key = spec.training_key()
+    with store.lock(key):
+        cached = store.load_model(key)
+        if cached is None:
+            history = train_model(
+                model,
+                x_train,
+                y_train,
+                x_test,
+                y_test,
+                spec.train,
+                spec.weight_decay,
+                spec.seed,
+                on_epoch,
+                resume,
+            )
+            store.save_model(
+                key, {"model": model.state_dict(), "history": [asdict(h) for h in history]}
+            )
+        else:
+            model.load_state_dict(cached["model"])
+            model.eval()
+            history = [EpochStats(**row) for row in cached["history"]]
+            for stats in history:
+                on_epoch(stats, None)
     store.write_rows("epochs", trial_id, [{"trial_id": trial_id, **asdict(s)} for s in history])
     trained = time.perf_counter()
 
     summary: dict[str, Any] = {
         "status": "ok",
         "reason": "",
+        "training_key": key,
+        "trained_here": cached is None,  # False: loaded from models/, trained by a twin trial
         "n_train": len(x_train),
         "train_error": error_rate(model, x_train, y_train),
         "test_error": error_rate(model, x_test, y_test),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,17 +114,33 @@ def test_bad_sweeps_fail_with_one_line_naming_the_key(change: dict, expected: st
     ],
 )
 def test_cli_rejects_bad_sweeps_with_exit_2_before_ray_starts(
-    change: dict, key: str, write_sweep, tmp_path: Path, capsys
+    change: dict, key: str, write_sweep, tmp_path: Path, capsys, monkeypatch
 ) -> None:
-    import ray
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the sweep started despite a bad sweep file")
 
+    monkeypatch.setattr("advlab.sweep.run_sweep", must_not_run)
     path = write_sweep(tiny_sweep(**change))
     assert main(["sweep", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("advlab: error: ") and key in err
     assert len(err.splitlines()) == 1
-    assert not ray.is_initialized()
     assert not (tmp_path / "results").exists()  # nothing written
+
+
+def test_console_script_exits_2_on_a_bad_file_without_importing_ray(write_sweep) -> None:
+    path = write_sweep(tiny_sweep(modle="fc10"))
+    code = (
+        "import sys; from advlab.cli import main; rc = main(['sweep', sys.argv[1]]); "
+        "assert 'ray' not in sys.modules, 'ray was imported'; sys.exit(rc)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"advlab: error: {path}: modle: unknown key; did you mean 'model'?"
+    ]
 
 
 def test_yaml_syntax_error_names_the_line(write_sweep, tmp_path: Path, capsys) -> None:

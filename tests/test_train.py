@@ -87,3 +87,39 @@ def test_autoencoder_pretraining_lowers_reconstruction_error() -> None:
     assert len(losses) == 10
     assert after < 0.5 * before
     assert losses[-1] < losses[0]
+
+
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights() -> None:
+    x, y, xt, yt = digits_half()
+    settings = TrainSpec(epochs=4, batch_size=32, optimizer="adam", lr=0.01)
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(3)
+        return build_model("fc16-10", (1, 8, 8), 10)
+
+    straight = fresh()
+    full = train_model(straight, x, y, xt, yt, settings, 1e-3, seed=3)
+
+    saved = {}
+
+    def keep_epoch_2(stats, state) -> None:
+        if stats.epoch == 2:
+            saved.update(state())
+
+    train_model(
+        fresh(),
+        x,
+        y,
+        xt,
+        yt,
+        settings.model_copy(update={"epochs": 2}),
+        1e-3,
+        3,
+        on_epoch=keep_epoch_2,
+    )
+    resumed = fresh()
+    history = train_model(resumed, x, y, xt, yt, settings, 1e-3, seed=3, resume=saved)
+    assert [h.epoch for h in history] == [1, 2, 3, 4]
+    assert [h.loss for h in history] == [h.loss for h in full]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
