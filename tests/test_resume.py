@@ -1,0 +1,63 @@
+"""An interrupted sweep: kill the driver (and its Ray) mid-run, rerun, nothing recomputed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from advlab.store import SweepStore
+
+ADVLAB = [sys.executable, "-m", "advlab.cli"]
+
+
+def test_killed_driver_resumes_without_recomputing_finished_trials(tmp_path: Path) -> None:
+    sweep = {
+        "name": "killme",
+        "dataset": {"name": "digits"},
+        "grid": {"seed": [0, 1, 2]},
+        "model": "fc32-10",
+        "train": {"epochs": 15, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
+        "attack_examples": 10,
+        "attacks": [{"name": "fgsm"}],
+        "max_concurrent": 1,
+        "storage": str(tmp_path / "results"),
+        "wandb": {"mode": "disabled"},
+    }
+    path = tmp_path / "killme.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    trials_dir = tmp_path / "results" / "killme" / "trials"
+
+    # Its own session, so SIGKILL to the group takes the driver's local Ray down with it.
+    first = subprocess.Popen(
+        [*ADVLAB, "sweep", str(path)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not list(trials_dir.glob("*.parquet")) and time.monotonic() < deadline:
+        assert first.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    finished = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in trials_dir.glob("*.parquet")}
+    assert 1 <= len(finished) < 3
+
+    second = subprocess.run(
+        [*ADVLAB, "sweep", str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 0, second.stderr
+    assert f"resuming: {len(finished)} trials already finished" in second.stdout
+    for file, (mtime, content) in finished.items():
+        assert (file.stat().st_mtime_ns, file.read_bytes()) == (mtime, content), file.name
+    trials = SweepStore(str(tmp_path / "results"), "killme").read("trials")
+    assert sorted(trials["seed"]) == [0, 1, 2]
+    assert (trials["status"] == "ok").all()
+    examples = SweepStore(str(tmp_path / "results"), "killme").read("examples")
+    assert len(examples) == 3 * 10 * 2  # trials x examples x budgets, no duplicates
