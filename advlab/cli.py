@@ -1,4 +1,4 @@
-"""`advlab validate | sweep | trial`. Exit codes: 0 ok, 1 some trials failed, 2 bad input."""
+"""`advlab validate | sweep | trial | report`. Exit codes: 0 ok, 1 trials failed, 2 bad input."""
 
 from __future__ import annotations
 
@@ -38,11 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--index", type=int, default=0, help="grid point, in grid order")
     trial.add_argument("--storage", help="results root; overrides the file")
     trial.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    report = commands.add_parser("report", help="one HTML page from one or more sweep folders")
+    report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="<storage>/<sweep>")
+    report.add_argument("-o", "--output", default="report.html")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return make_report(args.sweep_dirs, args.output)
     try:
         spec = load_sweep(args.file, overrides=_overrides(args))
         if args.command == "validate":
@@ -53,8 +58,23 @@ def main(argv: list[str] | None = None) -> int:
             raise SpecError("--max-concurrent: must be at least 1")
         return sweep(spec, args.address, args.max_concurrent, args.wandb, args.fresh)
     except SpecError as err:
+        message = str(err)
+        if not message.startswith(args.file):  # checks past parsing name the file too
+            message = f"{args.file}: {message}"
+        print(f"advlab: error: {message}", file=sys.stderr)
+        return 2
+
+
+def make_report(sweep_dirs: list[str], output: str) -> int:
+    from advlab.report import build_report
+
+    try:
+        path = build_report(sweep_dirs, output)
+    except FileNotFoundError as err:
         print(f"advlab: error: {err}", file=sys.stderr)
         return 2
+    print(f"advlab: report written to {path}")
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -74,6 +94,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validate(spec: SweepSpec) -> int:
+    from advlab.sweep import check_data
+
+    check_data(spec)
     axes = ", ".join(f"{k} ({len(v)})" for k, v in spec.settings.grid.items()) or "none"
     cases = f"{len(spec.settings.cases)} cases x " if spec.settings.cases else ""
     print(f"{spec.name}: valid, {len(spec.trials)} trials; {cases}grid axes: {axes}")
@@ -88,12 +111,11 @@ def sweep(
     fresh: bool,
 ) -> int:
     from advlab.sweep import run_sweep, summary_lines
-    from advlab.track import resolve_mode
 
     outcome = run_sweep(
         spec, address=address, max_concurrent=max_concurrent, wandb_mode=wandb, fresh=fresh
     )
-    for line in summary_lines(outcome, resolve_mode(wandb or spec.settings.wandb.mode)):
+    for line in summary_lines(outcome):
         print(line)
     return 0 if outcome.all_ok else 1
 

@@ -36,7 +36,7 @@ CONFIG_HINTS = ("model", "activation", "subset", "weight_decay", "seed", "datase
 MAX_LINES = 8  # more trials than this in one chart: one line per model (mean) instead
 EXAMPLES_PER_TRIAL = 3
 MAX_EXAMPLE_TRIALS = 16  # keeps the page small for big sweeps
-IMAGE_PX = 72  # images are scaled up (nearest neighbour) to at least this many pixels
+IMAGE_PX = 56  # images are scaled up (nearest neighbour) to at least this many pixels
 MAGNIFY = 10.0  # perturbations are shown x10 around gray 0.5, as in the paper's figures
 PALETTE = (
     "#1f77b4",
@@ -78,9 +78,12 @@ class SweepData:
 
     @property
     def axes(self) -> list[str]:
-        """Grid axes (from sweep.json), else the config columns that vary between trials."""
-        if self.meta and self.meta.get("grid"):
-            return list(self.meta["grid"])
+        """Case keys and grid axes (from sweep.json), else the config columns that vary."""
+        meta = self.meta or {}
+        keys = [key for case in meta.get("cases") or [] for key in case]
+        keys += list(meta.get("grid") or {})
+        if keys:
+            return list(dict.fromkeys(keys))
         return [c for c in CONFIG_HINTS if c in self.trials and _varies(self.trials[c])]
 
     @property
@@ -126,7 +129,8 @@ def trial_labels(trials: pd.DataFrame, axes: Sequence[str]) -> dict[str, str]:
     """A short name per trial: its model and its values on the other grid axes."""
     if trials.empty or "trial_id" not in trials:
         return {}
-    shown = [a for a in axes if a in trials and a != "model"]
+    # A one-value grid axis names nothing: only what tells this sweep's trials apart.
+    shown = [a for a in axes if a in trials and a != "model" and _varies(trials[a])]
     labels: dict[str, str] = {}
     for row in trials.to_dict("records"):
         parts = [str(row.get("model", ""))] + [axis_text(a, row.get(a)) for a in shown]
@@ -185,7 +189,7 @@ def decay_text(value: Any) -> str:
     if not lambdas:
         return "–"
     text = ", ".join(f"{v:g}" for v in lambdas)
-    return f"[{text}]" if len(lambdas) > 1 or isinstance(value, str) and "[" in value else text
+    return f"[{text}]" if len(lambdas) > 1 or (isinstance(value, str) and "[" in value) else text
 
 
 def decay_for_plot(value: Any) -> float:
@@ -278,6 +282,8 @@ class Series:
     label: str
     points: list[tuple[float, float]]
     line: bool = True
+    style: int | None = None  # palette slot; series that share one read as one (dots + mean)
+    legend: bool = True
 
 
 @dataclass
@@ -288,13 +294,14 @@ class Axis:
     lo: float | None = None  # forced ends of the domain (e.g. 0 for errors)
     hi: float | None = None
     ticks: list[tuple[float, str]] | None = None  # explicit ticks (value, text)
+    integer: bool = False
 
 
 W, LEFT, RIGHT, TOP, PLOT_H, AXIS_H, LEGEND_ROW = 560, 64, 16, 30, 230, 46, 17
 
 
-def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (1, 2, 2.5, 5 x 10^k steps)."""
+def nice_ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values covering [lo, hi] (1, 2, 2.5, 5 x 10^k steps; whole steps if integer)."""
     if not hi > lo:
         hi = lo + (abs(lo) or 1.0)
     raw = (hi - lo) / count
@@ -303,6 +310,8 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
         if raw <= step * m:
             step *= m
             break
+    if integer:  # epochs: no tick at 1.5
+        step = max(1, round(step)) if step != 2.5 else 2
     first = math.floor(lo / step + 1e-9) * step
     last = math.ceil(hi / step - 1e-9) * step
     n = round((last - first) / step)
@@ -334,7 +343,7 @@ def _domain(values: list[float], axis: Axis) -> tuple[float, float, list[tuple[f
             lo, hi = lo - 0.5, hi + 0.5
         decades = list(range(math.floor(lo), math.ceil(hi) + 1))
         return decades[0], decades[-1], [(d, _tick_text(d, axis)) for d in decades]
-    values = nice_ticks(lo, hi)
+    values = nice_ticks(lo, hi, integer=axis.integer)
     return values[0], values[-1], [(v, _tick_text(v, axis)) for v in values]
 
 
@@ -351,8 +360,14 @@ def series_style(index: int) -> tuple[str, str]:
 def svg_chart(series: list[Series], title: str, x: Axis, y: Axis, name: str) -> str:
     """A line/scatter chart with axes, ticks and a legend below, as an inline SVG string."""
     clean = [
-        Series(s.label, [(px, py) for px, py in s.points if _plottable(px, x) and _finite(py)], s.line)
-        for s in series
+        Series(
+            s.label,
+            [(px, py) for px, py in s.points if _plottable(px, x) and _finite(py)],
+            s.line,
+            i if s.style is None else s.style,
+            s.legend,
+        )
+        for i, s in enumerate(series)
     ]
     clean = [s for s in clean if s.points]
     if not clean:
@@ -363,7 +378,8 @@ def svg_chart(series: list[Series], title: str, x: Axis, y: Axis, name: str) -> 
     y0, y1, yticks = _domain(ys, y)
     plot_w = W - LEFT - RIGHT
     legend_top = TOP + PLOT_H + AXIS_H
-    height = legend_top + math.ceil(len(clean) / 2) * LEGEND_ROW + 6
+    legend = [s for s in clean if s.legend]
+    height = legend_top + math.ceil(len(legend) / 2) * LEGEND_ROW + 6
 
     def sx(value: float) -> float:
         return LEFT + (_tx(value, x) - x0) / (x1 - x0) * plot_w
@@ -379,35 +395,43 @@ def svg_chart(series: list[Series], title: str, x: Axis, y: Axis, name: str) -> 
     ]
     for value, text in yticks:
         py = TOP + PLOT_H - (value - y0) / (y1 - y0) * PLOT_H
-        out.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py:.1f}" y2="{py:.1f}" class="grid"/>')
+        out.append(
+            f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py:.1f}" y2="{py:.1f}" class="grid"/>'
+        )
         out.append(f'<text x="{LEFT - 6}" y="{py + 4:.1f}" class="yt">{esc(text)}</text>')
     for value, text in xticks:
         px = LEFT + (value - x0) / (x1 - x0) * plot_w
-        out.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{TOP + PLOT_H}" class="grid"/>')
+        out.append(
+            f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{TOP + PLOT_H}" class="grid"/>'
+        )
         out.append(f'<text x="{px:.1f}" y="{TOP + PLOT_H + 16}" class="xt">{esc(text)}</text>')
-    out.append(f'<text x="{LEFT + plot_w / 2}" y="{TOP + PLOT_H + 36}" class="al">{esc(x.label)}</text>')
+    out.append(
+        f'<text x="{LEFT + plot_w / 2}" y="{TOP + PLOT_H + 36}" class="al">{esc(x.label)}</text>'
+    )
     mid = TOP + PLOT_H / 2
     out.append(
         f'<text x="14" y="{mid}" class="al" transform="rotate(-90 14 {mid})">{esc(y.label)}</text>'
     )
-    for i, s in enumerate(clean):
-        color, dash = series_style(i)
+    for s in clean:
+        color, dash = series_style(s.style or 0)
         pts = sorted(s.points)
         out.append(f'<g class="series" data-label="{esc(s.label)}"><title>{esc(s.label)}</title>')
         if s.line and len(pts) > 1:
             coords = " ".join(f"{sx(px):.1f},{sy(py):.1f}" for px, py in pts)
             out.append(
-                f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="1.8"{dash}/>'
+                f'<polyline points="{coords}" fill="none" stroke="{color}" '
+                f'stroke-width="1.8"{dash}/>'
             )
         for px, py in pts:
-            tip = f"{s.label}: {x.label} {px:g}, {y.label} {_tick_text(py, y) if y.percent else f'{py:.4g}'}"
+            shown = _tick_text(py, y) if y.percent else f"{py:.4g}"
+            tip = f"{s.label}: {x.label} {px:g}, {y.label} {shown}"
             out.append(
                 f'<circle cx="{sx(px):.1f}" cy="{sy(py):.1f}" r="3" fill="{color}" '
                 f'data-x="{px!r}" data-y="{py!r}"><title>{esc(tip)}</title></circle>'
             )
         out.append("</g>")
-    for i, s in enumerate(clean):
-        color, dash = series_style(i)
+    for i, s in enumerate(legend):
+        color, dash = series_style(s.style or 0)
         lx = LEFT + (i % 2) * (plot_w / 2)
         ly = legend_top + (i // 2) * LEGEND_ROW
         text = s.label if len(s.label) <= 40 else s.label[:39] + "…"
@@ -475,13 +499,17 @@ def render_overview(sweeps: list[SweepData]) -> str:
     for s in sweeps:
         status = s.trials["status"] if "status" in s.trials else pd.Series(dtype=str)
         datasets = s.trials["dataset.name"].dropna().unique() if "dataset.name" in s.trials else []
-        grid = (s.meta or {}).get("grid") or {}
+        meta = s.meta or {}
+        grid = [f"{k}: {json.dumps(v)}" for k, v in (meta.get("grid") or {}).items()]
+        if cases := meta.get("cases"):
+            keys = ", ".join(dict.fromkeys(k for case in cases for k in case))
+            grid.insert(0, f"{len(cases)} cases of {keys}")
         rows.append(
             {
                 "sweep": s.name,
                 "path": s.uri,
                 "dataset": ", ".join(map(str, datasets)) or "–",
-                "grid": "; ".join(f"{k}: {json.dumps(v)}" for k, v in grid.items()) or "–",
+                "grid": "; ".join(grid) or "–",
                 "ok": int((status == "ok").sum()),
                 "failed": int((status == "failed").sum()),
                 "missing": len(s.missing_ids),
@@ -512,16 +540,22 @@ def attack_columns(trials: pd.DataFrame) -> tuple[list[str], list[tuple[str, str
 
 
 def render_table1(sweeps: list[SweepData]) -> str:
-    frames = [s.trials.assign(sweep=s.name, label=s.trials["trial_id"].map(s.labels)) for s in sweeps]
+    failures = render_failures(sweeps)
+    frames = [s.trials.assign(sweep=s.name) for s in sweeps if "trial_id" in s.trials]
     frames = [f for f in frames if not f.empty]
-    if not frames:
-        return ""
+    if not frames:  # only sweep.json so far: still say which trials are missing
+        return failures and section("table1", "Trials", failures)
     trials = pd.concat(frames, ignore_index=True)
     axes = [a for a in CORE_AXES if a in trials]
     for s in sweeps:
         axes += [a for a in s.axes if a in trials and a not in axes]
     columns = [Column("sweep", "sweep"), Column("trial", "trial_id", "id")]
-    headers = {"model": "model", "weight_decay": "weight decay λ", "subset": "subset", "seed": "seed"}
+    headers = {
+        "model": "model",
+        "weight_decay": "weight decay λ",
+        "subset": "subset",
+        "seed": "seed",
+    }
     for a in axes:
         columns.append(Column(headers.get(a, a), a, "decay" if a == "weight_decay" else "text"))
     for key, header in (
@@ -547,7 +581,7 @@ def render_table1(sweeps: list[SweepData]) -> str:
         "Errors are fractions of the training set used, the test set and the held-out rest of "
         "the training set; distortion is sqrt(mean((x'-x)^2)) over successful examples.",
     )
-    body += render_failures(sweeps)
+    body += failures
     return section(
         "table1",
         "Table 1: models, clean errors and minimum distortion",
@@ -621,18 +655,15 @@ def render_distortion(sweeps: list[SweepData]) -> str:
         minimisers, _ = attack_columns(trials)
         figures = []
         for attack in minimisers:
-            frame = trials.assign(
-                _wd=[decay_for_plot(v) for v in trials["weight_decay"]],
-                _dist=trials[f"{attack}/mean_dist_rms"],
-            )
+            x, decay = decay_axis(pd.Series([decay_for_plot(v) for v in trials["weight_decay"]]))
+            frame = trials.assign(_wd=decay.to_numpy(), _dist=trials[f"{attack}/mean_dist_rms"])
             any_lists |= any(len(decay_values(v)) > 1 for v in trials["weight_decay"])
             series = []
-            for model, rows in frame.groupby("model", sort=False):
+            for i, (model, rows) in enumerate(frame.groupby("model", sort=False)):
                 points = list(zip(rows["_wd"], rows["_dist"], strict=True))
-                series.append(Series(f"{model} (trials)", points, line=False))
                 mean = rows.groupby("_wd")["_dist"].mean()
-                series.append(Series(f"{model} (mean)", list(mean.items())))
-            x = decay_axis(frame["_wd"])
+                series.append(Series(str(model), list(mean.items()), style=i))
+                series.append(Series(f"{model} trial", points, False, style=i, legend=False))
             svg = svg_chart(
                 series,
                 f"{attack}: minimum distortion against weight decay",
@@ -640,28 +671,33 @@ def render_distortion(sweeps: list[SweepData]) -> str:
                 Axis("av. min. distortion (rms)", lo=0.0),
                 "distortion-decay",
             )
-            caption = f"{esc(attack)}: mean rms distortion of successful examples per trial."
+            caption = (
+                f"{esc(attack)}: dots are trials (mean rms distortion of their successful "
+                "examples); lines join each model's mean at each λ."
+            )
             figures.append(figure(svg, "distortion-decay", s.name, caption, attack=attack))
         parts.append((s, "".join(figures)))
     body = sweep_columns(parts)
-    note = (
-        "A per-layer weight decay is plotted at its largest λ. " if any_lists else ""
-    ) + "λ = 0 sits at the left end of a log axis."
+    note = "A per-layer weight decay is plotted at its largest λ." if any_lists else ""
     return body and section("distortion", "Distortion against weight decay", body, esc(note))
 
 
-def decay_axis(values: pd.Series) -> Axis:
-    """Log axis ticked at the sweep's own lambdas; 0 drawn a decade below the smallest."""
+def decay_axis(values: pd.Series) -> tuple[Axis, pd.Series]:
+    """Log axis ticked at the sweep's own lambdas, and the values to plot on it.
+
+    A log axis has no 0, so lambda = 0 is drawn a decade below the smallest positive lambda
+    and ticked "0".
+    """
     distinct = sorted({float(v) for v in values if _finite(v)})
     positive = [v for v in distinct if v > 0]
     if not positive:
-        return Axis("weight decay λ", ticks=[(v, f"{v:g}") for v in distinct])
+        return Axis("weight decay λ", ticks=[(v, f"{v:g}") for v in distinct]), values
+    zero_at = positive[0] / 10
     ticks = [(v, f"{v:g}") for v in positive] if len(positive) <= 8 else None
-    return Axis("weight decay λ (log)", log=True, ticks=ticks)
-
-
-def _zero_decay_to_left(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame
+    if 0.0 in distinct:
+        values = values.where(values != 0.0, zero_at)
+        ticks = [(zero_at, "0"), *(ticks or [])] if ticks is not None else None
+    return Axis("weight decay λ (log)", log=True, ticks=ticks), values
 
 
 def render_training(sweeps: list[SweepData]) -> str:
@@ -673,7 +709,7 @@ def render_training(sweeps: list[SweepData]) -> str:
         svg = svg_chart(
             series,
             "test error during training",
-            Axis("epoch", lo=0.0),
+            Axis("epoch", lo=0.0, integer=True),
             Axis("test error", percent=True, lo=0.0),
             "training",
         )
@@ -777,15 +813,18 @@ def trial_examples(sweep: SweepData, trial_id: str, clean: CleanImages) -> str:
     rows = rows.sort_values("example")
     rows = pd.concat([rows[rows["success"]], rows[~rows["success"]]]).head(EXAMPLES_PER_TRIAL)
     x_test = None
-    info = sweep.trials[sweep.trials["trial_id"] == trial_id] if "trial_id" in sweep.trials else None
+    info = (
+        sweep.trials[sweep.trials["trial_id"] == trial_id] if "trial_id" in sweep.trials else None
+    )
     if info is not None and not info.empty and "dataset.name" in info:
-        x_test = clean.get(info["dataset.name"].iloc[0], info.get("dataset.root", [None]).iloc[0])
+        root = info["dataset.root"].iloc[0] if "dataset.root" in info else None
+        x_test = clean.get(info["dataset.name"].iloc[0], root)
     cells = [example_cell(row, x_test) for row in rows.to_dict("records")]
     where = "" if math.isnan(budget) else f" @{budget:g}"
     return (
         f'<div class="trial-examples" data-trial="{esc(trial_id)}" data-attack="{esc(attack)}">'
-        f"<h4>{esc(sweep.label(trial_id))} <span class=\"id\">{esc(trial_id)}</span> · "
-        f"{esc(attack)}{esc(where)}</h4><div class=\"examples\">{''.join(cells)}</div></div>"
+        f'<h4>{esc(sweep.label(trial_id))} <span class="id">{esc(trial_id)}</span> · '
+        f'{esc(attack)}{esc(where)}</h4><div class="examples">{"".join(cells)}</div></div>'
     )
 
 
@@ -846,13 +885,35 @@ def render_transfer(sweeps: list[SweepData]) -> str:
     return section("transfer", "Transfer between models", "".join(blocks), intro)
 
 
+def row_key_columns(rows: pd.DataFrame) -> list[str]:
+    """Extra columns that tell apart rows sharing one (source, target) cell.
+
+    The transfer stage may add rows the paper's Tables 2 and 4 have (Gaussian noise of several
+    stddevs, amplified perturbations) with a descriptive column; those become part of the row
+    name. Columns that never split a cell (measurements) stay out.
+    """
+    cell = ["source_trial", "target"]
+    shared = rows[rows.duplicated(cell, keep=False)]
+    keys = []
+    for col in rows.columns:
+        if col in TRANSFER_KNOWN or shared.empty:
+            continue
+        try:
+            if shared.groupby(cell)[col].nunique(dropna=False).gt(1).any():
+                keys.append(col)
+        except TypeError:  # list-valued columns cannot name a row
+            continue
+    return keys
+
+
 def transfer_matrix(sweep: SweepData, attack: str, rows: pd.DataFrame) -> str:
-    # Extra descriptive columns (noise, amplification, ...) tell rows with one source apart.
-    extra = [
-        c for c in rows.columns if c not in TRANSFER_KNOWN and rows[c].dtype == object
-    ]
+    extra = row_key_columns(rows)
     key_cols = ["source_trial", *extra]
-    sources = list(dict.fromkeys(tuple(r) for r in rows[key_cols].itertuples(index=False)))
+    # None for missing: NaN != NaN would give every row of a trial its own key.
+    keyed = [
+        tuple(None if _missing(v) else v for v in r) for r in rows[key_cols].itertuples(index=False)
+    ]
+    sources = list(dict.fromkeys(keyed))
     trial_order = {t: i for i, t in enumerate(sweep.trials.get("trial_id", []))}
     targets = sorted(
         dict.fromkeys(rows["target"]), key=lambda t: (t not in trial_order, trial_order.get(t, 0))
@@ -865,12 +926,13 @@ def transfer_matrix(sweep: SweepData, attack: str, rows: pd.DataFrame) -> str:
     head = "".join(f'<th data-target="{esc(t)}">{esc(sweep.label(t))}</th>' for t in targets)
     body = []
     for key in sources:
-        mask = np.ones(len(rows), dtype=bool)
-        for col, value in zip(key_cols, key, strict=True):
-            mask &= (rows[col] == value).to_numpy() | (rows[col].isna() & _missing(value)).to_numpy()
-        mine = rows[mask]
+        mine = rows[[k == key for k in keyed]]
         name = sweep.label(key[0]) if key[0] in trial_order else str(key[0])
-        name += "".join(f" · {v}" for v in key[1:] if not _missing(v))
+        name += "".join(
+            f" · {col}={_cell_text(v)}"
+            for col, v in zip(extra, key[1:], strict=True)
+            if not _missing(v)
+        )
         cells = []
         for t in targets:
             hit = mine[mine["target"] == t]
@@ -942,16 +1004,21 @@ body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:
 background:#fafafa}
 header,section,nav,footer{max-width:1500px;margin:0 auto;padding:8px 24px}
 h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;border-bottom:2px solid #ddd;
-padding-bottom:4px;margin-top:28px}h3{font-size:15px;margin:14px 0 6px}h4{font-size:13px;margin:8px 0 4px}
+padding-bottom:4px;margin-top:28px}h3{font-size:15px;margin:14px 0 6px}
+h4{font-size:13px;margin:8px 0 4px}
 nav a{margin-right:14px}.intro,.note,figcaption,caption{color:#555;font-size:12.5px}
 caption{caption-side:bottom;text-align:left;padding-top:4px}
 .scroll{overflow-x:auto}table{border-collapse:collapse;background:#fff;font-size:12.5px}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;white-space:nowrap}
+thead th{white-space:normal;vertical-align:bottom;max-width:110px}
 th{background:#f0f0f0;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
 .id{font-family:ui-monospace,Menlo,monospace;font-size:11.5px;color:#555}
 .cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(580px,1fr));gap:18px}
-.col{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:4px 12px 10px;min-width:0}
-figure.chart{margin:8px 0}figure.chart svg{max-width:100%;height:auto;display:block}
+.col{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:4px 12px 10px;min-width:0;
+display:flex;flex-wrap:wrap;align-items:flex-start;align-content:flex-start;
+column-gap:20px}.col>h3,.col>p{flex-basis:100%}
+figure.chart{margin:8px 0;flex:0 1 560px;min-width:0}
+figure.chart svg{max-width:100%;height:auto;display:block}
 svg text{font:11px system-ui,sans-serif;fill:#333}svg .ct{font-size:13px;font-weight:600;
 text-anchor:middle}svg .xt,svg .al{text-anchor:middle}svg .yt{text-anchor:end}
 svg .frame{fill:#fff;stroke:#999}svg .grid{stroke:#e8e8e8}
@@ -987,10 +1054,10 @@ def render_report(sweeps: list[SweepData]) -> str:
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>advlab report: {esc(names)}</title><style>{CSS}</style></head><body>"
-        f"<header><h1>advlab report: {esc(names)}</h1><p class=\"intro\">Reproducing Szegedy et "
+        f'<header><h1>advlab report: {esc(names)}</h1><p class="intro">Reproducing Szegedy et '
         f"al. 2014, <i>Intriguing properties of neural networks</i>. Generated {stamp}.</p>"
         f"</header><nav>{links}</nav>{''.join(sections)}"
-        "<footer class=\"note\">advlab · one self-contained page: tables from the parquet "
+        '<footer class="note">advlab · one self-contained page: tables from the parquet '
         "results, charts drawn as inline SVG, images embedded as PNG.</footer></body></html>\n"
     )
 

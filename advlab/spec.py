@@ -20,13 +20,20 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from advlab.data import DataError, parse_subset, validate_dataset_source
-from advlab.models import ModelNameError, parse_architecture
+from advlab.models import ModelNameError, build_model, decay_weights, parse_architecture
 
 NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
+INPUT_SHAPES = {
+    "digits": (1, 8, 8),
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+}
 
 
 class SpecError(ValueError):
@@ -304,7 +311,20 @@ def _validate_trial(point: dict[str, Any]) -> TrialSpec:
             f"model: '{trial.model}' ends in {arch.classes} classes but {trial.dataset.name} "
             f"has {classes}; end the name in {classes}"
         )
+    if isinstance(trial.weight_decay, list):
+        _check_decay_per_layer(trial, classes)
     return trial
+
+
+def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_model(trial.model, INPUT_SHAPES[trial.dataset.name], classes)
+    layers = len(decay_weights(model))
+    if len(trial.weight_decay) != layers:
+        raise SpecError(
+            f"weight_decay: {len(trial.weight_decay)} values for {trial.model}, which has "
+            f"{layers} weight layers; give {layers} values or one number"
+        )
 
 
 def _validate(model: type[_Strict], data: dict[str, Any]) -> Any:

@@ -14,15 +14,17 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from advlab.data import DataError, load_dataset, select_subset
 from advlab.spec import SpecError, SweepSpec, TrialSpec
 from advlab.store import SweepStore, resolve_storage
-from advlab.track import resolve_mode
+from advlab.track import reachable_mode, resolve_mode
 from advlab.trial import TrialContext
 
 
 @dataclass(frozen=True)
 class SweepOutcome:
     store: SweepStore
+    wandb_mode: str
     expected: int
     ok: list[str]
     failed: dict[str, str]  # trial id -> reason
@@ -140,6 +142,67 @@ def tune_trainable(config: dict[str, Any]) -> None:
     tune.report(final | {"failed": 0})
 
 
+def preflight(spec: SweepSpec, store: SweepStore, address: str | None) -> None:
+    """Every check that needs more than the sweep file, before anything is run or written."""
+    check_writable(store)
+    check_storage(spec, store)
+    check_gpu(spec, address)
+    check_data(spec)
+
+
+def check_writable(store: SweepStore) -> None:
+    local = store.local_path()
+    if local is None:
+        return  # remote storage: the first write tells; credentials are the cloud's business
+    existing = local
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(
+            f"storage: cannot write under {existing} (for {local}); "
+            "pass --storage with a folder you can write to"
+        )
+
+
+def check_gpu(spec: SweepSpec, address: str | None) -> None:
+    """A GPU trial on a machine without one would wait for resources forever."""
+    wants_cuda = spec.settings.resources.gpu > 0 or any(t.device == "cuda" for t in spec.trials)
+    if not wants_cuda or address is not None:
+        return  # a cluster's GPUs are checked once Ray is up
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SpecError(
+            "resources.gpu: GPUs requested but this machine has none; set resources.gpu: 0 "
+            "and device: auto, or pass --address of a cluster with GPU nodes"
+        )
+
+
+def check_cluster_gpus(spec: SweepSpec) -> None:
+    import ray
+
+    if spec.settings.resources.gpu > 0 and not ray.cluster_resources().get("GPU", 0):
+        raise SpecError(
+            "resources.gpu: the Ray cluster has no GPUs; set resources.gpu: 0 or add GPU nodes"
+        )
+
+
+def check_data(spec: SweepSpec) -> None:
+    """Load each data set once and draw each subset: missing files or a subset larger than the
+    data fail here, not an hour into the sweep."""
+    seen = set()
+    for trial in spec.trials:
+        key = (trial.dataset.name, trial.dataset.root, trial.subset, trial.dataset.split_seed)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            data = load_dataset(trial.dataset.name, trial.dataset.root)
+            select_subset(data, trial.subset, trial.dataset.split_seed)
+        except DataError as err:
+            raise SpecError(str(err)) from None
+
+
 def check_storage(spec: SweepSpec, store: SweepStore) -> None:
     """Refuse to mix two different sweeps in one folder (a rerun of the same one is fine)."""
     recorded = store.read_json("sweep.json")
@@ -176,8 +239,10 @@ def run_sweep(
     """
     storage = resolve_storage(spec.settings.storage)
     store = SweepStore(storage, spec.name)
-    check_storage(spec, store)
-    mode = resolve_mode(wandb_mode or spec.settings.wandb.mode)
+    preflight(spec, store, address)
+    mode, note = reachable_mode(resolve_mode(wandb_mode or spec.settings.wandb.mode))
+    if note:
+        print(f"advlab: {note}", file=sys.stderr)
     configs = trial_configs(spec, storage, mode)
     done = set() if fresh else finished_ok(store)
     todo = [c for c in configs if c["id"] not in done]
@@ -186,7 +251,7 @@ def run_sweep(
         skipped = len(configs) - len(todo)
         print(f"advlab: resuming: {skipped} trials already finished (--fresh reruns them)")
     if not todo:
-        return collect_outcome(spec, store, [])
+        return collect_outcome(spec, store, mode, [])
 
     import ray
     from ray import tune
@@ -199,6 +264,7 @@ def run_sweep(
             configure_logging=False,
             log_to_driver=False,  # trials report through parquet, W&B and Progress instead
         )
+    check_cluster_gpus(spec)
     print(f"advlab: sweep '{spec.name}': {len(todo)} trials -> {store.uri}", flush=True)
     resources = spec.settings.resources
     trainable = tune.with_resources(tune_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
@@ -223,7 +289,7 @@ def run_sweep(
         ),
     )
     results = tuner.fit()
-    return collect_outcome(spec, store, [str(e).splitlines()[0] for e in results.errors])
+    return collect_outcome(spec, store, mode, [str(e).splitlines()[0] for e in results.errors])
 
 
 def finished_ok(store: SweepStore) -> set[str]:
@@ -233,7 +299,9 @@ def finished_ok(store: SweepStore) -> set[str]:
     return set(trials.loc[trials["status"] == "ok", "trial_id"])
 
 
-def collect_outcome(spec: SweepSpec, store: SweepStore, errors: list[str]) -> SweepOutcome:
+def collect_outcome(
+    spec: SweepSpec, store: SweepStore, wandb_mode: str, errors: list[str]
+) -> SweepOutcome:
     trials = store.read("trials")
     expected = [t.trial_id() for t in spec.trials]
     status = dict(zip(trials["trial_id"], trials["status"], strict=True)) if len(trials) else {}
@@ -245,10 +313,10 @@ def collect_outcome(spec: SweepSpec, store: SweepStore, errors: list[str]) -> Sw
         print(
             f"advlab: {len(missing)} trial(s) left no row; Ray said: {errors[0]}", file=sys.stderr
         )
-    return SweepOutcome(store, len(expected), ok, failed, missing)
+    return SweepOutcome(store, wandb_mode, len(expected), ok, failed, missing)
 
 
-def summary_lines(outcome: SweepOutcome, wandb_mode: str) -> list[str]:
+def summary_lines(outcome: SweepOutcome) -> list[str]:
     store = outcome.store
     lines = [
         f"advlab: {len(outcome.ok)}/{outcome.expected} trials ok, {len(outcome.failed)} failed, "
@@ -256,9 +324,9 @@ def summary_lines(outcome: SweepOutcome, wandb_mode: str) -> list[str]:
     ]
     lines += [f"  failed {tid}: {reason}" for tid, reason in outcome.failed.items()]
     lines.append(f"  parquet: {store.uri}/{{trials,epochs,examples,curves}}/")
-    if wandb_mode == "offline":
+    if outcome.wandb_mode == "offline":
         runs = f"{store.uri}/wandb/offline-run-*"
         lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")
-    elif wandb_mode == "online":
+    elif outcome.wandb_mode == "online":
         lines.append(f"  W&B: online, group '{store.uri.rsplit('/', 1)[1]}'")
     return lines

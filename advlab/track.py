@@ -27,6 +27,25 @@ def resolve_mode(mode: str) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
+def reachable_mode(mode: str) -> tuple[str, str | None]:
+    """Keep 'online' only if W&B accepts the API key; else fall back to offline, with a note.
+
+    Checked once by the driver, so a sweep with no network or a bad key says so once and
+    goes on with offline runs instead of every trial failing or hanging on its own.
+    """
+    if mode != "online":
+        return mode, None
+    try:
+        wandb.Api(timeout=10).viewer  # noqa: B018 - the request is the check
+    except Exception as err:
+        reason = type(err).__name__
+        return "offline", (
+            f"W&B is unreachable or refused the API key ({reason}); logging offline runs "
+            "instead (upload them later with `wandb sync`)"
+        )
+    return mode, None
+
+
 class TrialRun:
     """A trial's W&B run; every call is a no-op when tracking is disabled."""
 

@@ -51,7 +51,10 @@ def test_dotted_grid_axes_reach_nested_keys() -> None:
 
 def test_eps_axis_and_per_layer_weight_decay() -> None:
     spec = parse_sweep(
-        tiny_sweep(grid={"eps": [0.1, [0.2, 0.05]], "weight_decay": [[1e-5, 1e-5, 1e-6]]})
+        tiny_sweep(
+            model="fc16-16-10",
+            grid={"eps": [0.1, [0.2, 0.05]], "weight_decay": [[1e-5, 1e-5, 1e-6]]},
+        )
     )
     assert sorted(tuple(t.eps) for t in spec.trials) == [(0.05, 0.2), (0.1,)]
     assert spec.trials[0].weight_decay == [1e-5, 1e-5, 1e-6]
