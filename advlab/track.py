@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import wandb
 from wandb.proto import wandb_internal_pb2
 
@@ -82,6 +83,7 @@ class TrialRun:
         self.run.define_metric("epoch")
         self.run.define_metric("train/*", step_metric="epoch")
         self.run.define_metric("train/test_error", step_metric="epoch", summary="min")
+        self.run.define_metric("train/loss", step_metric="epoch", summary="min")
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         if self.run is not None:
@@ -100,6 +102,37 @@ class TrialRun:
         columns = list(rows[0])
         table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
         self.run.log({"curves": table})
+
+    def log_attack_table(self, summary: dict[str, Any]) -> None:
+        """Per-attack summary (attack, metric, value) as a table, for side-by-side panels."""
+        if self.run is None:
+            return
+        rows = [
+            [key.split("/", 1)[0], key.split("/", 1)[1], float(value)]
+            for key, value in summary.items()
+            if "/" in key and isinstance(value, int | float) and not isinstance(value, bool)
+        ]
+        table = wandb.Table(columns=["attack", "metric", "value"], data=rows)
+        self.run.log({"attack_summary": table})
+
+    def log_examples(self, attack: str, clean: Any, adversarial: Any, captions: list[str]) -> None:
+        """Original, adversarial and the perturbation magnified x10 around gray, as in the
+        paper's figures; arrays are (k, C, H, W) in [0, 1]."""
+        if self.run is None or len(captions) == 0:
+            return
+        magnified = np.clip(0.5 + 10 * (adversarial - clean), 0, 1)
+        images = []
+        for image, kind in ((clean, "original"), (adversarial, "adversarial"), (magnified, "x10")):
+            images += [
+                wandb.Image(
+                    np.moveaxis(img, 0, -1).squeeze(-1)
+                    if img.shape[0] == 1
+                    else np.moveaxis(img, 0, -1),
+                    caption=f"{kind}: {caption}",
+                )
+                for img, caption in zip(image, captions, strict=True)
+            ]
+        self.run.log({f"examples/{attack}": images})
 
     def finish(self, failed: bool = False) -> None:
         if self.run is not None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -182,6 +183,8 @@ def _run(
     store.write_rows("examples", trial_id, example_rows)
     store.write_rows("curves", trial_id, curve_rows)
     tracker.log_curves(curve_rows)
+    tracker.log_attack_table(summary)
+    log_example_images(tracker, spec, attacked, example_rows, data.input_shape)
     summary |= {
         "train_seconds": trained - start,
         "attack_seconds": time.perf_counter() - trained,
@@ -336,6 +339,27 @@ def example_rows(
         }
         for i in range(len(attacked.y))
     ]
+
+
+def log_example_images(
+    tracker: TrialRun,
+    spec: TrialSpec,
+    attacked: AttackedSet,
+    rows: list[dict[str, Any]],
+    shape: tuple[int, int, int],
+    count: int = 8,
+) -> None:
+    """The first successful examples of each minimisation attack, for the W&B run."""
+    for attack in spec.attacks:
+        if attack.name not in MINIMISATION_ATTACKS:
+            continue
+        chosen = [r for r in rows if r["attack"] == attack.key and r["success"]][:count]
+        if not chosen:
+            continue
+        clean = attacked.x[[r["example"] for r in chosen]].cpu().numpy()
+        adversarial = np.stack([r["x_adv"] for r in chosen]).reshape(len(chosen), *shape)
+        captions = [f"{r['label']}->{r['adv_pred']} rms {r['dist_rms']:.3f}" for r in chosen]
+        tracker.log_examples(attack.key, clean, adversarial, captions)
 
 
 def _is_number(value: Any) -> bool:

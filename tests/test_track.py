@@ -57,3 +57,43 @@ def test_mode_is_offline_without_an_api_key(monkeypatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert resolve_mode("auto") == "online"
     assert resolve_mode("disabled") == "disabled"
+
+
+def test_a_trials_offline_run_holds_its_tables_and_example_images(tmp_path: Path) -> None:
+    import json
+
+    from conftest import tiny_sweep
+    from PIL import Image
+
+    from advlab.spec import parse_sweep
+    from advlab.store import SweepStore
+    from advlab.sweep import trial_context
+    from advlab.trial import run_trial
+
+    spec = parse_sweep(tiny_sweep(grid={"seed": [0]}))
+    row = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "offline"))
+    (run_dir,) = offline_run_dirs(tmp_path / "tiny")
+    logged = read_offline_run(run_dir)
+    files = logged["files"]
+
+    (curves_file,) = [f for f in files if f.startswith("media/table/curves_")]
+    table = json.loads((run_dir / "files" / curves_file).read_text())
+    curves = SweepStore(str(tmp_path), "tiny").read("curves")
+    assert table["columns"] == list(curves.columns)
+    assert len(table["data"]) == len(curves) == 4
+    budget = table["columns"].index("budget")
+    rate = table["columns"].index("success_rate")
+    logged_rates = {(r[1], r[budget]): r[rate] for r in table["data"]}
+    for r in curves.itertuples():
+        assert logged_rates[(r.attack, r.budget)] == r.success_rate
+
+    (summary_file,) = [f for f in files if f.startswith("media/table/attack_summary_")]
+    summary = json.loads((run_dir / "files" / summary_file).read_text())
+    values = {(a, m): v for a, m, v in summary["data"]}
+    assert values[("lbfgs", "mean_dist_rms")] == row["lbfgs/mean_dist_rms"]
+
+    images = [f for f in files if f.startswith("media/images/examples/lbfgs")]
+    successes = min(8, round(row["lbfgs/success_rate"] * row["n_attacked"]))
+    assert len(images) == 3 * successes  # original, adversarial, perturbation x10
+    with Image.open(run_dir / "files" / images[0]) as image:
+        assert image.size == (8, 8)
