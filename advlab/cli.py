@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--index", type=int, default=0, help="grid point, in grid order")
     trial.add_argument("--storage", help="results root; overrides the file")
     trial.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    transfer = commands.add_parser("transfer", help="all-pairs transfer over a finished sweep")
+    transfer.add_argument("sweep_dir", metavar="SWEEP_DIR", help="<storage>/<sweep>")
+    transfer.add_argument("--address", help="Ray cluster address ('auto' joins a running one)")
+
     report = commands.add_parser("report", help="one HTML page from one or more sweep folders")
     report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="<storage>/<sweep>")
     report.add_argument("-o", "--output", default="report.html")
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "report":
         return make_report(args.sweep_dirs, args.output)
+    if args.command == "transfer":
+        return transfer(args.sweep_dir, args.address)
     try:
         spec = load_sweep(args.file, overrides=_overrides(args))
         if args.command == "validate":
@@ -63,6 +69,21 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{args.file}: {message}"
         print(f"advlab: error: {message}", file=sys.stderr)
         return 2
+
+
+def transfer(sweep_dir: str, address: str | None) -> int:
+    from advlab.sweep import init_ray, transfer_lines
+    from advlab.transfer import run_transfer
+
+    init_ray(address)
+    try:
+        outcome = run_transfer(sweep_dir)
+    except FileNotFoundError as err:
+        print(f"advlab: error: {err}", file=sys.stderr)
+        return 2
+    for line in transfer_lines(outcome):
+        print(line)
+    return 0
 
 
 def make_report(sweep_dirs: list[str], output: str) -> int:

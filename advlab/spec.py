@@ -179,6 +179,27 @@ class WandbSpec(_Strict):
     entity: str | None = None
 
 
+CONTROLS = ("logistic", "linear_svm", "rbf_svm", "random_forest", "knn", "constant")
+
+
+class TransferSpec(_Strict):
+    """The all-pairs transfer stage run after the trials (Tables 2 and 4 of the paper)."""
+
+    enabled: bool = True
+    controls: list[Literal[CONTROLS]] = ["logistic", "linear_svm", "random_forest", "knn"]  # type: ignore[valid-type]
+    noise: bool = True  # Gaussian noise with each example's own per-pixel rms distortion
+    amplify_rms: list[float] = [0.1]  # perturbations rescaled to these per-pixel rms values
+    control_max_train: int = Field(10000, ge=10)  # subsample for the slow controls (rbf_svm)
+    seed: int = 0
+
+    @field_validator("amplify_rms")
+    @classmethod
+    def _rms_valid(cls, value: list[float]) -> list[float]:
+        if any(math.isnan(v) or not 0 < v <= 1 for v in value):
+            raise ValueError("each rms must be in (0, 1]")
+        return value
+
+
 class SweepSettings(_Strict):
     name: str
     grid: dict[str, list[Any]] = {}
@@ -189,6 +210,7 @@ class SweepSettings(_Strict):
     max_failures: int = Field(3, ge=0)  # retries of a trial whose worker or node was lost
     checkpoint_every: int = Field(1, ge=0)  # epochs between training checkpoints; 0: none
     wandb: WandbSpec = WandbSpec()
+    transfer: TransferSpec = TransferSpec()
 
     @field_validator("name")
     @classmethod

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-TABLES = ("trials", "epochs", "examples", "curves", "properties")
+TABLES = ("trials", "epochs", "examples", "curves", "properties", "transfer")
 
 EPOCHS_SCHEMA = pa.schema(
     [
@@ -78,11 +78,27 @@ PROPERTIES_SCHEMA = pa.schema(
     ]
 )
 
+TRANSFER_SCHEMA = pa.schema(
+    [
+        ("source_trial", pa.string()),
+        ("attack", pa.string()),
+        ("budget", pa.float64()),  # NaN for minimisation attacks
+        ("kind", pa.string()),  # adversarial, noise, amplified@<rms>
+        ("rms", pa.float64()),  # mean per-pixel rms of the perturbation applied
+        ("target", pa.string()),  # a trial id, or a control's name (trained on the source's data)
+        ("target_kind", pa.string()),  # trial or control
+        ("n", pa.int64()),
+        ("error_adv", pa.float64()),
+        ("error_clean", pa.float64()),
+    ]
+)
+
 SCHEMAS = {
     "epochs": EPOCHS_SCHEMA,
     "examples": EXAMPLES_SCHEMA,
     "curves": CURVES_SCHEMA,
     "properties": PROPERTIES_SCHEMA,
+    "transfer": TRANSFER_SCHEMA,
 }
 
 

@@ -18,10 +18,11 @@ from advlab.data import DataError, load_dataset, select_subset
 from advlab.spec import SpecError, SweepSpec, TrialSpec
 from advlab.store import SweepStore, resolve_storage
 from advlab.track import reachable_mode, resolve_mode
+from advlab.transfer import TransferOutcome
 from advlab.trial import TrialContext
 
 
-@dataclass(frozen=True)
+@dataclass
 class SweepOutcome:
     store: SweepStore
     wandb_mode: str
@@ -29,6 +30,7 @@ class SweepOutcome:
     ok: list[str]
     failed: dict[str, str]  # trial id -> reason
     missing: list[str]  # trial ids that left no trials row at all
+    transfer: TransferOutcome | None = None
 
     @property
     def all_ok(self) -> bool:
@@ -178,6 +180,20 @@ def check_gpu(spec: SweepSpec, address: str | None) -> None:
         )
 
 
+def init_ray(address: str | None) -> None:
+    """Join `address`, or start a private local Ray (never a stale cluster from RAY_ADDRESS)."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    if not ray.is_initialized():
+        ray.init(
+            address=address or "local",
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,  # trials report through parquet, W&B and Progress instead
+        )
+
+
 def check_cluster_gpus(spec: SweepSpec) -> None:
     import ray
 
@@ -220,6 +236,8 @@ def sweep_record(spec: SweepSpec) -> dict[str, Any]:
         "grid": spec.settings.grid,
         "cases": spec.settings.cases,
         "trial_ids": [t.trial_id() for t in spec.trials],
+        "transfer": spec.settings.transfer.model_dump(mode="json"),
+        "wandb": spec.settings.wandb.model_dump(mode="json"),
     }
 
 
@@ -251,19 +269,17 @@ def run_sweep(
         skipped = len(configs) - len(todo)
         print(f"advlab: resuming: {skipped} trials already finished (--fresh reruns them)")
     if not todo:
-        return collect_outcome(spec, store, mode, [])
+        outcome = collect_outcome(spec, store, mode, [])
+        if spec.settings.transfer.enabled and outcome.ok and not store.trial_files("transfer"):
+            from advlab.transfer import run_transfer
 
-    import ray
+            init_ray(address)
+            outcome.transfer = run_transfer(store.uri, spec.settings.transfer, mode)
+        return outcome
+
     from ray import tune
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if not ray.is_initialized():
-        ray.init(
-            address=address or "local",
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,  # trials report through parquet, W&B and Progress instead
-        )
+    init_ray(address)
     check_cluster_gpus(spec)
     print(f"advlab: sweep '{spec.name}': {len(todo)} trials -> {store.uri}", flush=True)
     resources = spec.settings.resources
@@ -289,7 +305,12 @@ def run_sweep(
         ),
     )
     results = tuner.fit()
-    return collect_outcome(spec, store, mode, [str(e).splitlines()[0] for e in results.errors])
+    outcome = collect_outcome(spec, store, mode, [str(e).splitlines()[0] for e in results.errors])
+    if spec.settings.transfer.enabled and outcome.ok:
+        from advlab.transfer import run_transfer
+
+        outcome.transfer = run_transfer(store.uri, spec.settings.transfer, mode)
+    return outcome
 
 
 def finished_ok(store: SweepStore) -> set[str]:
@@ -316,6 +337,16 @@ def collect_outcome(
     return SweepOutcome(store, wandb_mode, len(expected), ok, failed, missing)
 
 
+def transfer_lines(outcome: TransferOutcome) -> list[str]:
+    lines = [
+        f"advlab: transfer: {len(outcome.sources)} source trials x "
+        f"{outcome.rows['target'].nunique()} targets, {len(outcome.rows)} rows in "
+        f"{outcome.seconds:.1f} s"
+    ]
+    lines += [f"  not transferred {tid}: {why}" for tid, why in outcome.skipped.items()]
+    return lines
+
+
 def summary_lines(outcome: SweepOutcome) -> list[str]:
     store = outcome.store
     lines = [
@@ -323,7 +354,9 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
         f"{len(outcome.missing)} missing",
     ]
     lines += [f"  failed {tid}: {reason}" for tid, reason in outcome.failed.items()]
-    lines.append(f"  parquet: {store.uri}/{{trials,epochs,examples,curves}}/")
+    if outcome.transfer is not None:
+        lines += transfer_lines(outcome.transfer)
+    lines.append(f"  parquet: {store.uri}/{{trials,epochs,examples,curves,transfer}}/")
     if outcome.wandb_mode == "offline":
         runs = f"{store.uri}/wandb/offline-run-*"
         lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")

@@ -61,6 +61,7 @@ class TrialRun:
         name: str,
         config: dict[str, Any],
         directory: str,
+        job_type: str = "trial",
     ):
         self.run = None
         if mode == "disabled":
@@ -71,7 +72,7 @@ class TrialRun:
             project=project,
             entity=entity,
             group=group,
-            job_type="trial",
+            job_type=job_type,
             id=run_id,
             name=name,
             config=config,
@@ -139,6 +140,54 @@ class TrialRun:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
             wandb.teardown()  # stop the service now, not in an atexit hook Ray may cut short
+
+
+def log_transfer_run(
+    *,
+    mode: str,
+    project: str,
+    entity: str | None,
+    group: str,
+    directory: str,
+    rows: list[dict[str, Any]],
+    matrices: dict[str, tuple[list[str], list[str], np.ndarray]],
+) -> None:
+    """One run per sweep (job type 'transfer') with the transfer table and a heatmap per
+    attack: matrices maps a name to (row labels, column labels, errors in [0,1])."""
+    if mode == "disabled" or not rows:
+        return
+    run = TrialRun(
+        mode=mode,
+        project=project,
+        entity=entity,
+        group=group,
+        run_id=f"{group}-transfer",
+        name="transfer",
+        config={"sweep": group},
+        directory=directory,
+        job_type="transfer",
+    )
+    assert run.run is not None
+    columns = list(rows[0])
+    payload: dict[str, Any] = {
+        "transfer": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+    }
+    for name, (row_labels, column_labels, errors) in matrices.items():
+        payload[f"transfer_matrix/{name}"] = wandb.Image(
+            heatmap(errors),
+            caption=f"rows: {', '.join(row_labels)}; columns: {', '.join(column_labels)}",
+        )
+    run.run.log(payload)
+    run.finish()
+
+
+def heatmap(errors: np.ndarray, cell: int = 24) -> np.ndarray:
+    """An RGB image of a matrix in [0,1]: white (0) to red (1), NaN gray, one block per cell."""
+    values = np.nan_to_num(errors, nan=-1.0)
+    red = np.where(values < 0, 0.8, 1.0)
+    other = np.where(values < 0, 0.8, 1.0 - values)
+    image = np.stack([red, other, other], axis=-1)
+    return np.kron(image, np.ones((cell, cell, 1))).astype(np.float32)
 
 
 def offline_run_dirs(directory: str | Path) -> list[Path]:

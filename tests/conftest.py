@@ -31,6 +31,7 @@ def tiny_sweep(**overrides: Any) -> dict[str, Any]:
         "attacks": [{"name": "fgsm"}, {"name": "lbfgs", "max_iter": 20, "search_steps": 6}],
         "resources": {"cpu": 1},
         "wandb": {"mode": "offline", "project": "advlab-tests"},
+        "transfer": {"controls": ["constant", "knn"]},
     }
     raw.update(overrides)
     return raw
