@@ -7,13 +7,13 @@ bound on that layer's Lipschitz constant in the L2 norm (biases never matter):
 
 - Linear: the largest singular value of W.
 - Conv2d: the paper's Fourier bound (:func:`conv_bound`). Convention: it is the *exact* operator
-  norm of the *circular* (periodic) convolution on a grid of size (H + 2p, W + 2p), each side rounded
-  up to a multiple of the stride. PyTorch's zero-padded convolution of an H x W input is that
-  circular convolution applied to the zero-padded image embedded in the grid (no wrap-around can
-  reach the image) and then restricted to the valid outputs; embedding and restriction have norm
-  <= 1, so the bound holds for zero padding too. With padding 0 and H, W multiples of the stride the
-  grid is the input itself and the bound is exact for the circular convolution of the input.
-  Layers with ``padding_mode="circular"`` are bounded exactly on their own input grid.
+  norm of the *circular* (periodic) convolution on a grid of size (H + 2p, W + 2p), each side
+  rounded up to a multiple of the stride. PyTorch's zero-padded convolution of an H x W input is
+  that circular convolution applied to the zero-padded image embedded in the grid (no wrap-around
+  can reach the image) and then restricted to the valid outputs; embedding and restriction have
+  norm <= 1, so the bound holds for zero padding too. With padding 0 and H, W multiples of the
+  stride the grid is the input itself and the bound is exact for the circular convolution of the
+  input. Layers with ``padding_mode="circular"`` are bounded exactly on their own input grid.
 - Activations: sigmoid 1/4, ReLU and tanh 1 (their derivatives' suprema).
 - MaxPool: 1 for non-overlapping windows, sqrt(windows covering one pixel) if they overlap.
 - Average pooling (incl. adaptive): exact, the largest singular value of the pooling matrix.
@@ -139,10 +139,23 @@ def conv_bound(
     spectrum = torch.fft.fft2(grid)  # (D, C, M1, M2)
     n1, n2 = m1 // sh, m2 // sw
     # Frequency xi = l * n + eta for alias l in [0, s): split each axis into (alias, eta).
-    blocks = spectrum.reshape(d, c, sh, n1, sw, n2).permute(3, 5, 0, 1, 2, 4)
-    blocks = blocks.reshape(n1 * n2, d, c * sh * sw)
-    norms = torch.linalg.matrix_norm(blocks, ord=2)
-    return float(norms.max()) / math.sqrt(sh * sw)
+    blocks = spectrum.reshape(d, c, sh, n1, sw, n2)
+    # A real kernel has A(-eta) = conj(A(eta)) up to a column permutation (same singular
+    # values), so half the output frequencies suffice.
+    blocks = blocks[..., : n2 // 2 + 1].permute(3, 5, 0, 1, 2, 4).reshape(-1, d, c * sh * sw)
+    return _largest_singular_value(blocks) / math.sqrt(sh * sw)
+
+
+def _largest_singular_value(matrices: Tensor) -> float:
+    """max over a batch of sigma_max, via the top eigenvalue of the smaller Gram matrix.
+
+    Several times faster than batched SVD on CPU, and as accurate for the top singular value:
+    float64 eigvalsh errs by ~eps * sigma_max^2 in sigma_max^2.
+    """
+    wide = matrices.shape[-2] <= matrices.shape[-1]
+    gram = matrices @ matrices.mH if wide else matrices.mH @ matrices
+    top = torch.linalg.eigvalsh(gram)[..., -1]
+    return math.sqrt(max(float(top.max()), 0.0))
 
 
 def _dense_kernel(conv: nn.Conv2d) -> Tensor:
@@ -200,13 +213,16 @@ def _linear_per_channel_bound(module: nn.Module, input_shape: torch.Size) -> flo
 
 
 def _batchnorm_bound(bn: nn.modules.batchnorm._BatchNorm) -> float:
+    if bn.running_var is None:
+        raise ValueError(f"{bn}: keeps no running statistics, so its eval-mode map is unknown")
     scale = 1.0 / torch.sqrt(bn.running_var.detach().to(torch.float64) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.detach().to(torch.float64)
     return float(scale.abs().max())
 
 
-_ONE = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.ReLU, nn.Tanh)
+_DROPOUT = nn.modules.dropout._DropoutNd  # every Dropout kind; the identity in eval mode
+_ONE = (nn.Flatten, nn.Unflatten, nn.Identity, _DROPOUT, nn.ReLU, nn.Tanh)
 _KINDS: dict[type[nn.Module], str] = {
     nn.Linear: "linear",
     nn.Conv2d: "conv2d",
@@ -221,7 +237,7 @@ _KINDS: dict[type[nn.Module], str] = {
     nn.Flatten: "flatten",
     nn.Unflatten: "unflatten",
     nn.Identity: "identity",
-    nn.Dropout: "dropout",
+    _DROPOUT: "dropout",
 }
 
 
@@ -283,7 +299,8 @@ def _inside(name: str, prefix: str) -> bool:
     return name.startswith(prefix + ".")
 
 
-def _residual_bound(block: nn.Module, name: str, calls: list[_Call]) -> float:
+def _residual_bound(name: str, calls: list[_Call]) -> float:
+    """bound(branch) + bound(shortcut) of the block called ``name``, from its inner calls."""
     branch, shortcut = 1.0, 1.0
     for call in calls:
         if not _inside(call.name, name) or list(call.module.children()):
@@ -306,7 +323,7 @@ def lipschitz_bounds(model: nn.Module, input_shape: tuple[int, int, int]) -> lis
             continue  # folded into the residual block's bound
         if isinstance(call.module, BasicBlock | Bottleneck):
             block = call.name
-            bound = _residual_bound(call.module, call.name, calls)
+            bound = _residual_bound(call.name, calls)
             bounds.append(LayerBound(call.name, "residual", bound))
         elif not list(call.module.children()):
             kind, bound = _leaf_bound(call.module, call.input_shape)
@@ -320,9 +337,16 @@ def network_bound(bounds: list[LayerBound]) -> float:
 
 
 def lipschitz_rows(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Row]:
-    """One "upper_bound" row per layer plus one for layer="network"."""
+    """One "upper_bound" row per layer ("<module> (<kind>)") plus one for layer="network".
+
+    Layers whose bound is exactly 1 (flatten, relu, identity) change nothing and are left out.
+    """
     bounds = lipschitz_bounds(model, input_shape)
-    rows = [_row("lipschitz", b.name, "upper_bound", b.bound) for b in bounds]
+    rows = [
+        _row("lipschitz", f"{b.name} ({b.kind})", "upper_bound", b.bound)
+        for b in bounds
+        if b.bound != 1.0
+    ]
     rows.append(_row("lipschitz", "network", "upper_bound", network_bound(bounds)))
     return rows
 
@@ -364,7 +388,9 @@ def _features(model: nn.Module, x: Tensor, layer: str, batch_size: int = 512) ->
         raise ValueError(f"layer: {layer!r} must be a module name, optionally with ':input'")
     modules = dict(model.named_modules())
     if name not in modules:
-        raise ValueError(f"layer: {name!r} is not a module of the model; use one of {list(modules)}")
+        raise ValueError(
+            f"layer: {name!r} is not a module of the model; use one of {list(modules)}"
+        )
     captured: list[Tensor] = []
 
     def keep(value: Tensor) -> None:

@@ -50,6 +50,32 @@ class DatasetSpec(_Strict):
     split_seed: int = 0  # fixes P1/P2 and fractions across trials, unlike the trial seed
 
 
+class AdversarialTrainingSpec(_Strict):
+    """How training mixes in adversarial examples: J = mix*J(x) + (1-mix)*J(x_adv)."""
+
+    method: Literal["none", "fgsm", "pgd", "pool"] = "none"
+    eps: float = Field(0.1, ge=0)  # Linf budget of the training perturbations
+    mix: float = Field(0.5, ge=0, le=1)  # weight of the clean loss
+    pgd_steps: int = Field(10, ge=1)
+    pool_size: int = Field(1000, ge=1)  # the paper's pool (section 4.2)
+    pool_refresh: float = Field(0.1, ge=0, le=1)  # fraction replaced after each epoch
+    pool_layers: list[int] = [0]  # 0: inputs; k: outputs of hidden layer k (one pool each)
+
+    @field_validator("eps")
+    @classmethod
+    def _eps_finite(cls, value: float) -> float:
+        if math.isnan(value):
+            raise ValueError("eps must be a number >= 0")
+        return value
+
+    @field_validator("pool_layers")
+    @classmethod
+    def _layers_valid(cls, value: list[int]) -> list[int]:
+        if not value or any(layer < 0 for layer in value) or len(set(value)) != len(value):
+            raise ValueError("give distinct layers >= 0 (0 is the input)")
+        return value
+
+
 class TrainSpec(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -57,6 +83,7 @@ class TrainSpec(_Strict):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     ae_epochs: int = Field(5, ge=0)  # autoencoder pretraining epochs, ae<h>-K models only
+    adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
 
 
 AttackName = Literal["fgsm", "lbfgs"]
@@ -105,6 +132,17 @@ class AttackSpec(_Strict):
         return self.norm or ("rms" if self.name in MINIMISATION_ATTACKS else "linf")
 
 
+class PropertiesSpec(_Strict):
+    """The paper's other properties, each switched on per sweep (sections 3 and 4.3)."""
+
+    lipschitz: bool = True  # per-layer upper Lipschitz bounds and their product
+    unit_analysis: bool = False  # natural vs random directions, scored by label purity
+    units: int = Field(8, ge=1)
+    top_k: int = Field(9, ge=2)
+    density: bool = False  # kNN distance to the training set: clean, adversarial, noise
+    density_k: int = Field(5, ge=1)
+
+
 class TrialSpec(_Strict):
     """Everything that decides a trial's numbers. Any key may be a grid axis."""
 
@@ -119,6 +157,7 @@ class TrialSpec(_Strict):
     attack_examples: int = Field(100, ge=1)  # first N correctly classified test examples
     attacks: list[AttackSpec] = [AttackSpec(name="fgsm"), AttackSpec(name="lbfgs")]
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    properties: PropertiesSpec = PropertiesSpec()
 
     @field_validator("eps", mode="before")
     @classmethod

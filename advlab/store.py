@@ -33,6 +33,7 @@ EPOCHS_SCHEMA = pa.schema(
         ("train_error", pa.float64()),
         ("test_error", pa.float64()),
         ("seconds", pa.float64()),
+        ("adv_grad_evals", pa.int64()),
     ]
 )
 

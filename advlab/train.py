@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from advlab.adversarial_training import AdversarialObjective
 from advlab.models import decay_terms
 from advlab.spec import TrainSpec
 
@@ -28,6 +29,7 @@ class EpochStats:
     train_error: float  # on each batch as it was trained on: free, unlike a second pass
     test_error: float  # after the epoch
     seconds: float
+    adv_grad_evals: int = 0  # gradient evaluations spent on adversarial examples, cumulative
 
 
 def error_rate(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -136,11 +138,13 @@ def train_model(
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, settings, weight_decay)
+    objective = AdversarialObjective(model, settings.adversarial, seed)
     history: list[EpochStats] = []
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
+        objective.load_state(resume["adversarial"])
         history = [EpochStats(**row) for row in resume["history"]]
     elif hasattr(model, "reconstruct") and settings.ae_epochs > 0:
         pretrain_autoencoder(model, x_train, settings, generator)
@@ -150,15 +154,22 @@ def train_model(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(),
+            "adversarial": objective.state(),
             "history": [asdict(h) for h in history],
         }
 
     for epoch in range(len(history) + 1, settings.epochs + 1):
-        history.append(train_epoch(model, optimizer, x_train, y_train, settings, generator, epoch))
-        history[-1] = replace(
-            history[-1],
-            loss=history[-1].loss + penalty_value(model, weight_decay),
-            test_error=error_rate(model, x_test, y_test),
+        stats = train_epoch(
+            model, objective, optimizer, x_train, y_train, settings, generator, epoch
+        )
+        objective.end_epoch(x_train, y_train)
+        history.append(
+            replace(
+                stats,
+                loss=stats.loss + penalty_value(model, weight_decay),
+                test_error=error_rate(model, x_test, y_test),
+                adv_grad_evals=objective.grad_evals,
+            )
         )
         if on_epoch is not None:
             on_epoch(history[-1], state)
@@ -168,6 +179,7 @@ def train_model(
 
 def train_epoch(
     model: nn.Module,
+    objective: AdversarialObjective,
     optimizer: torch.optim.Optimizer,
     x: Tensor,
     y: Tensor,
@@ -175,7 +187,7 @@ def train_epoch(
     generator: torch.Generator,
     epoch: int,
 ) -> EpochStats:
-    """One pass over the shuffled data; loss is the mean cross-entropy (penalty added later)."""
+    """One pass over the shuffled data; loss is the mean batch objective (penalty added later)."""
     start = time.perf_counter()
     model.train()
     # Accumulate on the device: a .item() per step would sync a GPU every batch.
@@ -183,8 +195,7 @@ def train_epoch(
     wrong = torch.zeros((), device=x.device, dtype=torch.long)
     order = batches(len(x), settings.batch_size, generator, x.device)
     for idx in order:
-        logits = model(x[idx])
-        loss = nn.functional.cross_entropy(logits, y[idx])
+        loss, logits = objective.loss(x[idx], y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

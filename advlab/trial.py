@@ -25,6 +25,7 @@ from advlab.attacks.lbfgs import lbfgs_attack
 from advlab.data import Dataset, load_dataset, select_subset
 from advlab.measure import distortions, success_at_budgets
 from advlab.models import build_model
+from advlab.properties import density_rows, lipschitz_rows, unit_analysis
 from advlab.spec import MINIMISATION_ATTACKS, AttackSpec, TrialSpec
 from advlab.store import SweepStore
 from advlab.track import TrialRun
@@ -165,6 +166,7 @@ def _run(
         "status": "ok",
         "reason": "",
         "training_key": key,
+        "train_adv_grad_evals": history[-1].adv_grad_evals if history else 0,
         "trained_here": cached is None,  # False: loaded from models/, trained by a twin trial
         "n_train": len(x_train),
         "train_error": error_rate(model, x_train, y_train),
@@ -180,6 +182,13 @@ def _run(
         example_rows += examples
         curve_rows += curves
         summary |= attack_summary
+    property_rows = measure_properties(spec, model, data, x_train, attacked, example_rows, store)
+    summary |= {
+        f"{r['analysis']}/{r['metric']}": r["value"]
+        for r in property_rows
+        if r["layer"] == "network" or r["analysis"] == "unit_analysis"
+    }
+    store.write_rows("properties", trial_id, [{"trial_id": trial_id, **r} for r in property_rows])
     store.write_rows("examples", trial_id, example_rows)
     store.write_rows("curves", trial_id, curve_rows)
     tracker.log_curves(curve_rows)
@@ -191,6 +200,44 @@ def _run(
         "device": str(device),
     }
     return summary
+
+
+def measure_properties(
+    spec: TrialSpec,
+    model: nn.Module,
+    data: Dataset,
+    x_train: Tensor,
+    attacked: AttackedSet,
+    example_rows: list[dict[str, Any]],
+    store: SweepStore,
+) -> list[dict[str, Any]]:
+    """Lipschitz bounds, unit analysis and adversarial-example density, as switched on."""
+    settings = spec.properties
+    rows: list[dict[str, Any]] = []
+    if settings.lipschitz:
+        rows += lipschitz_rows(model, data.input_shape)
+    if settings.unit_analysis:
+        folder = store.local_path("units", spec.trial_id())
+        rows += unit_analysis(
+            model,
+            data.x_test.to(x_train.device),
+            data.y_test.to(x_train.device),
+            units=settings.units,
+            top_k=settings.top_k,
+            seed=spec.seed,
+            out_dir=folder,
+        )
+    if settings.density:
+        adversarial: dict[str, list[np.ndarray]] = {}
+        for r in example_rows:
+            name = r["attack"] if math.isnan(r["budget"]) else f"{r['attack']}@{r['budget']:g}"
+            adversarial.setdefault(name, []).append(r["x_adv"])
+        shape = (-1, *data.input_shape)
+        tensors = {k: torch.from_numpy(np.stack(v)).view(shape) for k, v in adversarial.items()}
+        rows += density_rows(
+            x_train.cpu(), attacked.x.cpu(), tensors, k=settings.density_k, seed=spec.seed
+        )
+    return rows
 
 
 def base_row(spec: TrialSpec, ctx: TrialContext, trial_id: str) -> dict[str, Any]:
