@@ -110,6 +110,7 @@ def tune_trainable(config: dict[str, Any]) -> None:
     """
     import tempfile
 
+    import ray
     import torch
     from ray import tune
 
@@ -118,7 +119,8 @@ def tune_trainable(config: dict[str, Any]) -> None:
     trial = config["trial"]
     torch.set_num_threads(trial["threads"])  # else 2 trials each use every core and thrash
     spec = TrialSpec.model_validate(trial["spec"])
-    ctx = TrialContext(**trial["ctx"])
+    node = ray.get_runtime_context().get_node_id()
+    ctx = TrialContext(**trial["ctx"] | {"worker_node": node})
     every = trial["checkpoint_every"]
 
     def report(metrics: dict[str, Any], state: Any) -> None:

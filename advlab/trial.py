@@ -47,6 +47,7 @@ class TrialContext:
     wandb_mode: str = "disabled"  # already resolved: online, offline or disabled
     wandb_project: str = "advlab"
     wandb_entity: str | None = None
+    worker_node: str = ""  # where it ran (a Ray node id under a sweep), for the record
 
 
 @dataclass
@@ -242,7 +243,12 @@ def measure_properties(
 
 def base_row(spec: TrialSpec, ctx: TrialContext, trial_id: str) -> dict[str, Any]:
     """Ids, the flattened config (lists as JSON) and versions: the columns every row has."""
-    row: dict[str, Any] = {"trial_id": trial_id, "trial_index": ctx.trial_index, "sweep": ctx.sweep}
+    row: dict[str, Any] = {
+        "trial_id": trial_id,
+        "trial_index": ctx.trial_index,
+        "sweep": ctx.sweep,
+        "worker_node": ctx.worker_node,
+    }
     row |= flatten(spec.model_dump(mode="json"))
     row |= {
         "advlab_version": advlab.__version__,
