@@ -227,11 +227,12 @@ class TransferSpec(_Strict):
     enabled: bool = True
     controls: list[Literal[CONTROLS]] = ["logistic", "linear_svm", "random_forest", "knn"]  # type: ignore[valid-type]
     noise: bool = True  # Gaussian noise with each example's own per-pixel rms distortion
+    noise_stddev: list[float] = []  # the paper's fixed-stddev noise rows on clean test images
     amplify_rms: list[float] = [0.1]  # perturbations rescaled to these per-pixel rms values
     control_max_train: int = Field(10000, ge=10)  # subsample for the slow controls (rbf_svm)
     seed: int = 0
 
-    @field_validator("amplify_rms")
+    @field_validator("amplify_rms", "noise_stddev")
     @classmethod
     def _rms_valid(cls, value: list[float]) -> list[float]:
         if any(math.isnan(v) or not 0 < v <= 1 for v in value):

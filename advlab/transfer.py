@@ -127,6 +127,38 @@ def build_eval_sets(
     return sets
 
 
+NOISE_SOURCE = "gaussian-noise"
+
+
+def fixed_noise_sets(trials: list[dict[str, Any]], settings: TransferSpec) -> list[EvalSet]:
+    """The paper's 'Gaussian noise, stddev s' rows: the first test images of the sweep's data
+    set (as many as the trials attack) plus noise of a fixed stddev, clipped to [0,1]."""
+    if not settings.noise_stddev or not trials:
+        return []
+    first = trials[0]
+    data = load_dataset(first["dataset.name"], _root(first))
+    count = max(int(t["attack_examples"]) for t in trials)
+    clean = data.x_test[:count].flatten(1)
+    y = data.y_test[:count].numpy()
+    generator = torch.Generator().manual_seed(settings.seed)
+    sets = []
+    for stddev in settings.noise_stddev:
+        noisy = gaussian_like(clean, torch.full((len(clean),), stddev), generator).numpy()
+        sets.append(
+            EvalSet(
+                source_trial=NOISE_SOURCE,
+                attack="gaussian",
+                budget=stddev,
+                kind="noise",
+                rms=per_pixel_rms(noisy, clean.numpy()),
+                x=noisy,
+                clean=clean.numpy(),
+                y=y,
+            )
+        )
+    return sets
+
+
 def evaluate(target: str, target_kind: str, predict: Predict, sets: list[EvalSet]) -> list[dict]:
     """Error of one target on every set, and on the same examples before perturbation."""
     rows = []
@@ -229,7 +261,8 @@ def run_transfer(
     skipped |= {t: "no result" for t in expected if t not in set(trials["trial_id"])}
     examples = store.read("examples")
     examples = examples[examples["trial_id"].isin(set(ok["trial_id"]))]
-    sets = build_eval_sets(ok.to_dict("records"), examples, settings)
+    records = ok.to_dict("records")
+    sets = build_eval_sets(records, examples, settings) + fixed_noise_sets(records, settings)
     sets_ref = ray.put(sets)
 
     @ray.remote(num_cpus=1)
@@ -245,8 +278,10 @@ def run_transfer(
         return evaluate(name, "control", control_predictor(name, training, settings), mine)
 
     futures = [trial_task.remote(row, sets_ref) for row in ok.to_dict("records")]
-    for training, group in ok.groupby(TRAINING_SET, dropna=False):
-        spec = dict(zip(TRAINING_SET, training, strict=True)) | {"sources": list(group["trial_id"])}
+    groups = ok.groupby(TRAINING_SET, dropna=False)
+    for number, (training, group) in enumerate(groups):
+        sources = list(group["trial_id"]) + ([NOISE_SOURCE] if number == 0 else [])
+        spec = dict(zip(TRAINING_SET, training, strict=True)) | {"sources": sources}
         futures += [control_task.remote(name, spec, sets_ref) for name in settings.controls]
     rows = [row for result in ray.get(futures) for row in result]
     frame = pd.DataFrame(rows)
