@@ -248,7 +248,7 @@ class SweepSettings(_Strict):
     storage: str = "results"
     max_concurrent: int | None = Field(None, ge=1)
     max_failures: int = Field(3, ge=0)  # retries of a trial whose worker or node was lost
-    checkpoint_every: int = Field(1, ge=0)  # epochs between training checkpoints; 0: none
+    checkpoint_every: int = Field(5, ge=0)  # epochs between training checkpoints; 0: none
     wandb: WandbSpec = WandbSpec()
     transfer: TransferSpec = TransferSpec()
 

@@ -301,7 +301,7 @@ def run_sweep(
             storage_path=store.path("ray") if "://" not in storage else f"{store.uri}/ray",
             # Retries are for lost workers and nodes; trial failures do not raise (see above).
             failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             verbose=verbose,
             callbacks=[progress_callback(len(todo))],
         ),

@@ -125,3 +125,23 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(ray_local, write_swee
     # The failed trial wrote no partial results beside its trials row.
     examples = SweepStore(storage, "diverges").read("examples")
     assert set(examples["trial_id"]) == {trials.loc[0.1, "trial_id"]}
+
+
+def test_bad_api_key_falls_back_to_offline_once_and_never_leaks(
+    ray_local, write_sweep, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    key = "advlabsecret" + "0" * 28
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    raw = tiny_sweep(name="keyed", grid={"model": ["fc10"]})
+    raw["wandb"] = {"mode": "auto", "project": "advlab-tests"}
+    raw["transfer"] = {"controls": ["constant"]}
+    assert main(["sweep", str(write_sweep(raw))]) == 0
+    out, err = capfd.readouterr()
+    assert err.count("W&B is unreachable or refused the API key") == 1
+    assert "W&B offline runs:" in out
+    assert key not in out + err
+    files = [p for p in (tmp_path / "results").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in files)
+    assert any(p.name.endswith(".wandb") for p in files)
+    for path in files:
+        assert key.encode() not in path.read_bytes(), path
