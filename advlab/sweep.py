@@ -187,6 +187,8 @@ def init_ray(address: str | None) -> None:
     import ray
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Checkpoints every few epochs are the point; Tune warns about their snapshot cost.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not ray.is_initialized():
         ray.init(
             address=address or "local",
