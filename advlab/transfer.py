@@ -50,8 +50,11 @@ class TransferOutcome:
     seconds: float = 0.0
 
 
-def amplify(clean: torch.Tensor, adversarial: torch.Tensor, rms: float, steps: int = 60):
-    """Rescale each perturbation so that, after clipping to [0,1], its per-pixel rms is `rms`.
+def amplify(
+    clean: torch.Tensor, adversarial: torch.Tensor, rms: float | torch.Tensor, steps: int = 60
+) -> torch.Tensor:
+    """Rescale each perturbation so that, after clipping to [0,1], its per-pixel rms is `rms`
+    (one number, or one per example).
 
     Clipping shrinks a perturbation, so the scale is found per example by bisection on the
     clipped result (the rms of clip(x + s*r) - x grows with s). An example whose clipped
@@ -59,6 +62,7 @@ def amplify(clean: torch.Tensor, adversarial: torch.Tensor, rms: float, steps: i
     """
     delta = adversarial - clean
     size = delta.pow(2).mean(1).sqrt()
+    rms = torch.as_tensor(rms, dtype=size.dtype).expand_as(size)
     hi = torch.where(size > 0, rms / size.clamp_min(1e-12), torch.zeros_like(size))
     lo = torch.zeros_like(hi)
     hi = hi * 4  # clipping only ever needs a larger scale than the unclipped one
@@ -105,8 +109,11 @@ def build_eval_sets(
             sets.append(EvalSet(**common, kind="adversarial", rms=rms, x=x, clean=clean, y=y))
             clean_t, x_t = torch.tensor(clean), torch.tensor(x)
             if settings.noise:
+                # Random directions scaled so each example's clipped noise has exactly the rms
+                # of its own adversarial perturbation: the fair "same distortion" control.
                 own = torch.tensor(group["dist_rms"].to_numpy(), dtype=torch.float32)
-                noisy = gaussian_like(clean_t, own, generator).numpy()
+                direction = clean_t + torch.randn(clean_t.shape, generator=generator)
+                noisy = amplify(clean_t, direction, own).numpy()
                 rms = per_pixel_rms(noisy, clean)
                 sets.append(EvalSet(**common, kind="noise", rms=rms, x=noisy, clean=clean, y=y))
             for target in settings.amplify_rms:
