@@ -1,7 +1,14 @@
-"""Fixed-budget gradient attacks under the Linf norm: FGSM (Goodfellow et al. 2015) and PGD
-(Madry et al. 2018). Each call runs at one budget; run once per budget for a curve."""
+"""Fixed-budget gradient attacks: FGSM (Goodfellow et al. 2015) and PGD (Madry et al. 2018) under
+the Linf or L2 norm. Each call runs at one budget; run once per budget for a curve.
+
+Targets (`target=`): None or "untargeted" raises the cross-entropy of the label; a (B,) tensor or
+"random" lowers the cross-entropy of the target class; "all" attacks every wrong class and keeps,
+per example, the successful image closest to x in the attack's norm.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -10,11 +17,16 @@ from torch import Tensor, nn
 from advlab.attacks.base import (
     AttackError,
     AttackResult,
+    Target,
     check_budget,
-    check_inputs,
+    check_norm,
+    closest_over_targets,
     eval_mode,
+    example_generators,
+    example_rand,
+    example_randn,
     finish,
-    model_device,
+    prepare,
 )
 
 
@@ -26,19 +38,43 @@ def loss_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return grad
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> AttackResult:
-    """Untargeted FGSM: x_adv = clamp(x + eps * sign(grad_x CE(model(x), y)), 0, 1)."""
+def _ascent(grad: Tensor, target: Tensor | None) -> Tensor:
+    """The direction that helps the attack: up the label's loss, or down the target's."""
+    return grad if target is None else -grad
+
+
+def fgsm(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    *,
+    target: Target = None,
+    num_classes: int | None = None,
+    generator: torch.Generator | None = None,
+) -> AttackResult:
+    """FGSM: x_adv = clamp(x + eps * sign(grad), 0, 1), up the label's CE or down the target's."""
     eps = check_budget("eps", eps)
-    check_inputs(x, y)
-    device = model_device(model)
-    x, y = x.to(device), y.to(device).long()
+    x, y, resolved, k = prepare(
+        model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
+    )
     with eval_mode(model):
-        if eps == 0:
-            # The identity: skip the gradient so eps=0 costs nothing and reports 0 evaluations.
-            return finish(model, x, y, None, torch.zeros(len(x), dtype=torch.int64))
-        grad = loss_gradient(model, x, y)
-        x_adv = (x + eps * grad.sign()).clamp(0.0, 1.0)
-        return finish(model, x_adv, y, None, torch.ones(len(x), dtype=torch.int64))
+        if isinstance(resolved, str):  # "all"
+            return closest_over_targets(
+                model, x, y, k, lambda xs, ys, ts: _fgsm(model, xs, ys, ts, eps), norm="linf"
+            )
+        return _fgsm(model, x, y, resolved, eps)
+
+
+def _fgsm(
+    model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, eps: float
+) -> AttackResult:
+    if eps == 0:
+        # The identity: skip the gradient so eps=0 costs nothing and reports 0 evaluations.
+        return finish(model, x, y, target, torch.zeros(len(x), dtype=torch.int64))
+    grad = _ascent(loss_gradient(model, x, y if target is None else target), target)
+    x_adv = (x + eps * grad.sign()).clamp(0.0, 1.0)
+    return finish(model, x_adv, y, target, torch.ones(len(x), dtype=torch.int64))
 
 
 def pgd(
@@ -47,49 +83,145 @@ def pgd(
     y: Tensor,
     eps: float,
     *,
+    norm: str = "linf",
     steps: int = 40,
     step_size: float | None = None,
     random_start: bool = True,
+    restarts: int = 1,
+    target: Target = None,
+    num_classes: int | None = None,
     generator: torch.Generator | None = None,
 ) -> AttackResult:
-    """Untargeted Linf PGD: `steps` signed-gradient steps projected onto the eps-ball and the box.
+    """PGD: `steps` normalised-gradient steps projected onto the eps-ball (Linf or L2) and the box.
 
-    step_size defaults to 2.5 * eps / steps (Madry et al.); the random start is uniform in the
-    eps-ball, drawn from `generator` (seed 0 when None) so runs are reproducible. The returned
-    image is the last iterate, except that an example already fooled keeps its first fooling
-    iterate (so success never decreases with more steps).
+    Linf steps along sign(grad); L2 along grad / ||grad||_2. step_size defaults to
+    2.5 * eps / steps (Madry et al.). Each restart starts uniformly in the eps-ball (when
+    random_start) from a per-example stream seeded by `generator` (seed 0 when None) and the
+    example's own pixels, so an example's result does not depend on its batch. An example keeps
+    its first fooling iterate (success never decreases with more steps) and skips later
+    restarts; an example never fooled returns the restart whose end point had the highest loss.
     """
     eps = check_budget("eps", eps)
-    if steps < 1:
+    norm = check_norm(norm)
+    if int(steps) < 1:
         raise AttackError(f"steps: must be >= 1, got {steps}")
+    if int(restarts) < 1:
+        raise AttackError(f"restarts: must be >= 1, got {restarts}")
     step = 2.5 * eps / steps if step_size is None else check_budget("step_size", step_size)
-    check_inputs(x, y)
-    device = model_device(model)
-    x, y = x.to(device), y.to(device).long()
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
+    x, y, resolved, k = prepare(
+        model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
+    )
+    settings = (eps, norm, int(steps), step, random_start, int(restarts), generator)
     with eval_mode(model):
-        x_adv = x.clone()
-        if random_start and eps > 0:
-            noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu")
-            x_adv = (x + eps * (2 * noise.to(device) - 1)).clamp(0.0, 1.0)
-        evals = torch.zeros(len(x), dtype=torch.int64, device=device)
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=device)
-        for _ in range(steps):
-            active = ~fooled
-            if not active.any():
-                break
-            xa = x_adv[active].detach().requires_grad_(True)
-            logits = model(xa)
-            loss = F.cross_entropy(logits, y[active], reduction="sum")
-            (grad,) = torch.autograd.grad(loss, xa)
-            evals[active] += 1
-            # Freeze examples already fooled at their current point before stepping.
-            now_fooled = logits.detach().argmax(1) != y[active]
-            idx = active.nonzero().squeeze(1)
-            fooled[idx[now_fooled]] = True
-            moving = idx[~now_fooled]
-            stepped = xa.detach()[~now_fooled] + step * grad[~now_fooled].sign()
-            stepped = torch.minimum(torch.maximum(stepped, x[moving] - eps), x[moving] + eps)
-            x_adv[moving] = stepped.clamp(0.0, 1.0)
-        return finish(model, x_adv, y, None, evals)
+        if isinstance(resolved, str):  # "all"
+            return closest_over_targets(
+                model, x, y, k, lambda xs, ys, ts: _pgd(model, xs, ys, ts, *settings), norm=norm
+            )
+        return _pgd(model, x, y, resolved, *settings)
+
+
+def _pgd(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    target: Tensor | None,
+    eps: float,
+    norm: str,
+    steps: int,
+    step: float,
+    random_start: bool,
+    restarts: int,
+    generator: torch.Generator | None,
+) -> AttackResult:
+    n = len(x)
+    evals = torch.zeros(n, dtype=torch.int64, device=x.device)
+    if eps == 0:
+        return finish(model, x, y, target, evals)
+    # Per-example streams keyed on the example and its target, drawn once for all restarts.
+    gens = example_generators(x, generator, target) if random_start else []
+    best = x.clone()
+    best_loss = torch.full((n,), -math.inf, dtype=x.dtype, device=x.device)
+    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        rows = (~fooled).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            break
+        start = x[rows]
+        if random_start:
+            start = _random_start(x[rows], eps, norm, [gens[i] for i in rows.tolist()])
+        x_end, loss, hit, n_evals = _pgd_run(
+            model, x[rows], y[rows], None if target is None else target[rows], start, eps, norm,
+            steps, step,
+        )  # fmt: skip
+        evals[rows] += n_evals
+        better = hit | (loss > best_loss[rows])
+        best[rows[better]] = x_end[better]
+        best_loss[rows] = torch.maximum(best_loss[rows], loss)
+        fooled[rows[hit]] = True
+    return finish(model, best, y, target, evals)
+
+
+def _random_start(x: Tensor, eps: float, norm: str, gens: list[torch.Generator]) -> Tensor:
+    """A point uniform in the eps-ball around each row, clipped to the box (stays in the ball)."""
+    shape = tuple(x.shape[1:])
+    if norm == "linf":
+        return (x + eps * (2 * example_rand(gens, shape, x) - 1)).clamp(0.0, 1.0)
+    # Uniform in the L2 ball: a Gaussian direction and a radius eps * U^(1/D).
+    direction = example_randn(gens, shape, x).flatten(1)
+    direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    u = torch.stack([torch.rand((), generator=g, dtype=x.dtype) for g in gens]).to(x.device)
+    radius = eps * u.pow(1.0 / direction.shape[1])
+    return (x + (radius[:, None] * direction).view_as(x)).clamp(0.0, 1.0)
+
+
+def _pgd_run(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    target: Tensor | None,
+    start: Tensor,
+    eps: float,
+    norm: str,
+    steps: int,
+    step: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One PGD run from `start`; (end points, their loss, fooled mask, evals per row)."""
+    n = len(x)
+    goal = y if target is None else target
+    x_adv = start.clone()
+    evals = torch.zeros(n, dtype=torch.int64, device=x.device)
+    fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
+    loss_end = torch.zeros(n, dtype=x.dtype, device=x.device)
+    view = (-1, *[1] * (x.ndim - 1))
+    for i in range(steps + 1):
+        active = (~fooled).nonzero().squeeze(1)
+        if active.numel() == 0:
+            break
+        xa = x_adv[active].detach().requires_grad_(True)
+        logits = model(xa)
+        loss = F.cross_entropy(logits, goal[active], reduction="none")
+        hit = logits.detach().argmax(1)
+        hit = hit != y[active] if target is None else hit == target[active]
+        loss_end[active] = loss.detach() if target is None else -loss.detach()
+        fooled[active[hit]] = True
+        if i == steps:
+            break  # the last iterate was only scored: no step after it
+        (grad,) = torch.autograd.grad(loss.sum(), xa)
+        evals[active] += 1
+        # Freeze examples already fooled at their current point; step the others.
+        moving = active[~hit]
+        g = _ascent(grad[~hit], target)
+        if norm == "linf":
+            stepped = xa.detach()[~hit] + step * g.sign()
+            x0 = x[moving]
+            stepped = torch.minimum(torch.maximum(stepped, x0 - eps), x0 + eps).clamp(0.0, 1.0)
+        else:
+            gn = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(view)
+            stepped = (xa.detach()[~hit] + step * g / gn).clamp(0.0, 1.0)
+            delta = stepped - x[moving]
+            dn = delta.flatten(1).norm(dim=1).view(view)
+            # Scaling toward x keeps the box: x + s * delta (0 <= s <= 1) lies between two points
+            # that are in it.
+            stepped = x[moving] + delta * torch.clamp(eps / dn.clamp_min(1e-12), max=1.0)
+        x_adv[moving] = stepped
+    return x_adv, loss_end, fooled, evals

@@ -1,0 +1,684 @@
+"""DeepFool, C&W, PGD-L2, Gaussian noise and the target modes: known answers, batch consistency,
+the contract's invariants and argument checks, for every attack."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.optimize import fmin_l_bfgs_b, minimize
+from sklearn.datasets import load_digits
+from torch import Tensor, nn
+
+from advlab.attacks import (
+    AttackError,
+    AttackResult,
+    carlini_wagner,
+    deepfool,
+    fgsm,
+    gaussian_noise,
+    lbfgs_attack,
+    lbfgs_scipy_reference,
+    linearized_distances,
+    pgd,
+    random_wrong_targets,
+    shrink_toward_input,
+)
+from advlab.measure import distortions
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny models: a second OpenMP thread only adds contention on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[Tensor, Tensor]:
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
+    return x, torch.tensor(data.target, dtype=torch.int64)
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> nn.Module:
+    opt = torch.optim.Adam(model.parameters(), lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mlp(digits: tuple[Tensor, Tensor]) -> nn.Module:
+    """A 64-32-10 sigmoid net in the spirit of the paper's FC nets."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 10))
+    x, y = digits
+    return _train(model, x[:1000], y[:1000], steps=200, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def linear10(digits: tuple[Tensor, Tensor]) -> nn.Sequential:
+    """Softmax regression on the pixels (the paper's FC10), trained to convergence-ish."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    x, y = digits
+    return _train(model, x[:500], y[:500], steps=100, lr=0.05)  # type: ignore[return-value]
+
+
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def _l2(x: Tensor, result: AttackResult) -> Tensor:
+    return distortions(x, result.x_adv)["l2"]
+
+
+def _exact_linear_distance(lin: nn.Linear, x0: np.ndarray, target: int) -> float:
+    """min ||r||_2 s.t. the target logit is >= every other at x0 + r, 0 <= x0 + r <= 1.
+
+    Solved through its dual: for multipliers lam >= 0 of the constraints A (x0 + r) + c >= 0,
+    the box minimiser is z(lam) = clip(x0 + A' lam / 2, 0, 1) and q(lam) = ||z - x0||^2 -
+    lam . (A z + c) is concave and differentiable with gradient -(A z + c); strong duality holds
+    (a convex QP), so max q is the squared distance. L-BFGS-B on K-1 variables.
+    """
+    w = lin.weight.detach().double().numpy()
+    b = lin.bias.detach().double().numpy()
+    others = [j for j in range(len(b)) if j != target]
+    a = w[target] - w[others]
+    c = b[target] - b[others]
+
+    def neg_dual(lam: np.ndarray) -> tuple[float, np.ndarray]:
+        z = np.clip(x0 + a.T @ lam / 2, 0.0, 1.0)
+        slack = a @ z + c
+        return -float((z - x0) @ (z - x0) - lam @ slack), slack
+
+    _, value, info = fmin_l_bfgs_b(
+        neg_dual, np.zeros(len(others)), bounds=[(0, None)] * len(others), pgtol=1e-12, factr=10
+    )
+    assert info["warnflag"] == 0, info
+    return float(np.sqrt(max(-value, 0.0)))
+
+
+def _exact_untargeted_distance(lin: nn.Linear, x0: np.ndarray, label: int) -> float:
+    """The minimum over wrong classes of `_exact_linear_distance`, pruned by a lower bound.
+
+    Each target's distance is at least its farthest single half-space (box ignored); targets are
+    solved in order of that bound and skipped once it exceeds the best found.
+    """
+    w = lin.weight.detach().double().numpy()
+    b = lin.bias.detach().double().numpy()
+    bounds = []
+    for t in range(len(b)):
+        if t == label:
+            continue
+        a = w[t] - np.delete(w, t, axis=0)
+        c = b[t] - np.delete(b, t)
+        bounds.append((max(0.0, float(np.max(-(a @ x0 + c) / np.linalg.norm(a, axis=1)))), t))
+    best = np.inf
+    for bound, t in sorted(bounds):
+        if bound >= best:
+            break
+        best = min(best, _exact_linear_distance(lin, x0, t))
+    return best
+
+
+@pytest.fixture(scope="module")
+def known_answer(
+    linear10: nn.Sequential, digits: tuple[Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """16 digits, the linear model's labels and the exact untargeted minimum L2 (min over targets
+    of the box-constrained QP). Many digit pixels sit at 0, so the box is active."""
+    x = digits[0][500:516]
+    y = _predict(linear10, x)
+    exact = torch.tensor(
+        [
+            _exact_untargeted_distance(linear10[1], x[i].flatten().double().numpy(), int(y[i]))
+            for i in range(len(x))
+        ],
+        dtype=torch.float64,
+    )
+    return x, y, exact
+
+
+def test_exact_qp_solver_matches_slsqp(
+    linear10: nn.Sequential, digits: tuple[Tensor, Tensor]
+) -> None:
+    # The oracle's own check: the dual solve against scipy's SLSQP on the primal.
+    lin = linear10[1]
+    x0 = digits[0][503].flatten().double().numpy()
+    label = int(_predict(linear10, digits[0][503:504]))
+    w = lin.weight.detach().double().numpy()
+    b = lin.bias.detach().double().numpy()
+    for t in [(label + 1) % 10, (label + 5) % 10]:
+        others = [j for j in range(10) if j != t]
+        a, c = w[t] - w[others], b[t] - b[others]
+        res = minimize(
+            lambda r, a=a, c=c: r @ r,
+            np.zeros_like(x0),
+            jac=lambda r: 2 * r,
+            constraints=[
+                {
+                    "type": "ineq",
+                    "fun": lambda r, a=a, c=c: a @ (x0 + r) + c,
+                    "jac": lambda r, a=a: a,
+                }
+            ],
+            bounds=list(zip(-x0, 1 - x0, strict=True)),
+            method="SLSQP",
+            options={"ftol": 1e-14, "maxiter": 1000},
+        )
+        assert res.success
+        assert abs(_exact_linear_distance(lin, x0, t) - np.sqrt(res.fun)) <= 1e-6
+
+
+def _assert_contract(model: nn.Module, x: Tensor, y: Tensor, result: AttackResult) -> None:
+    """Box, shapes, dtypes and success recomputed from the model."""
+    b = len(x)
+    assert result.x_adv.shape == x.shape
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    for field in (result.success, result.adv_pred, result.target, result.grad_evals):
+        assert field.shape == (b,)
+    assert result.success.dtype == torch.bool
+    assert result.adv_pred.dtype == result.target.dtype == result.grad_evals.dtype == torch.int64
+    pred = _predict(model, result.x_adv)
+    assert torch.equal(result.adv_pred, pred)
+    expected = torch.where(result.target < 0, pred != y, pred == result.target)
+    assert torch.equal(result.success, expected)
+    assert not (result.target == y).any()
+    assert (result.grad_evals >= 0).all()
+
+
+# ----------------------------------------------------------------------------- known answers
+
+
+def test_lbfgs_margin_all_targets_within_one_percent_of_the_exact_minimum(
+    linear10: nn.Sequential, known_answer: tuple[Tensor, Tensor, Tensor]
+) -> None:
+    # The issue's target: each wrong class attacked, the closest kept, mean L2 within 1% of the
+    # exact QP. The margin loss's c search solves that QP on a linear model.
+    x, y, exact = known_answer
+    result = lbfgs_attack(linear10, x, y, "all", loss="margin")
+    _assert_contract(linear10, x, y, result)
+    assert result.success.all() and (result.target == -1).all()
+    ratio = _l2(x, result).double() / exact
+    assert (ratio >= 1 - 1e-4).all(), ratio  # nothing beats the exact minimum
+    assert ratio.mean() <= 1.01, ratio
+
+
+def test_lbfgs_cross_entropy_lands_beyond_the_exact_minimum(
+    linear10: nn.Sequential, known_answer: tuple[Tensor, Tensor, Tensor]
+) -> None:
+    # The paper's CE objective pushes against every class, so it overshoots the QP: documented,
+    # not a bug. The margin loss is the exact option.
+    x, y, exact = known_answer
+    ce = _l2(x, lbfgs_attack(linear10, x, y, "all")).double() / exact
+    margin = _l2(x, lbfgs_attack(linear10, x, y, "all", loss="margin")).double() / exact
+    assert (ce >= 1 - 1e-4).all()
+    assert ce.mean() > margin.mean()
+    assert ce.mean() <= 1.2, ce
+
+
+def test_deepfool_within_five_percent_of_the_exact_minimum(
+    linear10: nn.Sequential, known_answer: tuple[Tensor, Tensor, Tensor]
+) -> None:
+    x, y, exact = known_answer
+    result = deepfool(linear10, x, y)
+    _assert_contract(linear10, x, y, result)
+    assert result.success.all()
+    ratio = _l2(x, result).double() / exact
+    assert (ratio >= 1 - 1e-4).all(), ratio
+    assert ratio.mean() <= 1.05, ratio
+    # Every class gradient counted, at least one step plus the final check.
+    assert (result.grad_evals >= 20).all() and (result.grad_evals % 10 == 0).all()
+
+
+def test_carlini_wagner_within_five_percent_of_the_exact_minimum(
+    linear10: nn.Sequential, known_answer: tuple[Tensor, Tensor, Tensor]
+) -> None:
+    x, y, exact = known_answer
+    x, y, exact = x[:10], y[:10], exact[:10]
+    result = carlini_wagner(linear10, x, y, steps=300, search_steps=6, c_init=0.1)
+    _assert_contract(linear10, x, y, result)
+    assert result.success.all()
+    ratio = _l2(x, result).double() / exact
+    assert (ratio >= 1 - 1e-4).all(), ratio
+    assert ratio.mean() <= 1.05, ratio
+
+
+def test_deepfool_two_class_linear_is_one_projection() -> None:
+    # Mid-box inputs, boundary close: DeepFool's first step is the exact projection, then the
+    # 2% overshoot; refine_steps bisects the overshoot away.
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(16, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(2, 16, generator=gen))
+        lin.bias.copy_(torch.tensor([0.0, 0.3]))
+    model = nn.Sequential(nn.Flatten(), lin).eval()
+    x = 0.45 + 0.1 * torch.rand(6, 1, 4, 4, generator=gen)
+    y = _predict(model, x)
+    w = (lin.weight[1] - lin.weight[0]).detach()
+    exact = (x.flatten(1) @ w + 0.3).abs() / w.norm()
+    plain = deepfool(model, x, y)
+    assert plain.success.all() and (plain.grad_evals == 4).all()  # one step + final check
+    torch.testing.assert_close(_l2(x, plain), exact * 1.02, rtol=1e-3, atol=1e-5)
+    refined = deepfool(model, x, y, refine_steps=30)
+    assert refined.success.all()
+    torch.testing.assert_close(_l2(x, refined), exact, rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- attacks table
+
+# Each entry: (name, attack(model, x, y, target, generator) -> AttackResult, fixed-budget norm
+# and eps or None). Targets are explicit tensors where the attack takes one.
+Attack = Callable[[nn.Module, Tensor, Tensor, Tensor, torch.Generator], AttackResult]
+ATTACKS: list[tuple[str, Attack, tuple[str, float] | None]] = [
+    ("fgsm", lambda m, x, y, t, g: fgsm(m, x, y, 0.1), ("linf", 0.1)),
+    ("fgsm-targeted", lambda m, x, y, t, g: fgsm(m, x, y, 0.2, target=t), ("linf", 0.2)),
+    (
+        "pgd-linf",
+        lambda m, x, y, t, g: pgd(m, x, y, 0.08, steps=10, restarts=2, generator=g),
+        ("linf", 0.08),
+    ),
+    (
+        "pgd-l2-targeted",
+        lambda m, x, y, t, g: pgd(m, x, y, 1.0, norm="l2", steps=10, target=t, generator=g),
+        ("l2", 1.0),
+    ),
+    (
+        "pgd-l2",
+        lambda m, x, y, t, g: pgd(m, x, y, 0.5, norm="l2", steps=10, restarts=2, generator=g),
+        ("l2", 0.5),
+    ),
+    ("noise", lambda m, x, y, t, g: gaussian_noise(m, x, y, 0.3, g), None),
+    ("lbfgs-ce", lambda m, x, y, t, g: lbfgs_attack(m, x, y, t, search_steps=6), None),
+    (
+        "lbfgs-margin",
+        lambda m, x, y, t, g: lbfgs_attack(m, x, y, t, loss="margin", search_steps=6),
+        None,
+    ),
+    (
+        "lbfgs-untargeted",
+        lambda m, x, y, t, g: lbfgs_attack(m, x, y, "untargeted", loss="margin"),
+        None,
+    ),
+    ("deepfool", lambda m, x, y, t, g: deepfool(m, x, y), None),
+    ("deepfool-targeted", lambda m, x, y, t, g: deepfool(m, x, y, t), None),
+    (
+        "cw",
+        lambda m, x, y, t, g: carlini_wagner(m, x, y, steps=50, c_init=1, lr=0.1, search_steps=5),
+        None,
+    ),
+    (
+        "cw-targeted",
+        lambda m, x, y, t, g: carlini_wagner(
+            m, x, y, t, steps=50, c_init=1, lr=0.1, search_steps=5
+        ),
+        None,
+    ),
+]
+IDS = [name for name, _, _ in ATTACKS]
+
+
+def _targets(y: Tensor, seed: int = 4) -> Tensor:
+    return random_wrong_targets(y, 10, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(("name", "attack", "budget"), ATTACKS, ids=IDS)
+def test_every_attack_keeps_the_contract(
+    mlp: nn.Module,
+    digits: tuple[Tensor, Tensor],
+    name: str,
+    attack: Attack,
+    budget: tuple[str, float] | None,
+) -> None:
+    x, y = digits[0][1000:1012], digits[1][1000:1012]
+    result = attack(mlp, x, y, _targets(y), torch.Generator().manual_seed(0))
+    _assert_contract(mlp, x, y, result)
+    if budget is not None:
+        norm, eps = budget
+        assert (distortions(x, result.x_adv)[norm] <= eps * (1 + 1e-5) + 1e-6).all()
+    if name.endswith("targeted") and name != "lbfgs-untargeted":
+        assert torch.equal(result.target, _targets(y))
+    if name.startswith(("lbfgs", "deepfool", "cw")):
+        assert result.success.all(), name  # minimisation attacks reach every goal here
+        # ... and an unsuccessful example would return x itself.
+
+
+@pytest.mark.parametrize(("name", "attack", "budget"), ATTACKS, ids=IDS)
+def test_every_attack_is_batch_consistent(
+    mlp: nn.Module,
+    digits: tuple[Tensor, Tensor],
+    name: str,
+    attack: Attack,
+    budget: tuple[str, float] | None,
+) -> None:
+    # Row i of a batch equals the attack on x[i:i+1] alone, with explicit targets and seeded
+    # generators (random starts and noise are keyed on each example's pixels, not its position).
+    # Every attack but L-BFGS agrees to float round-off. L-BFGS's line-search and c-search
+    # decisions are thresholds that a 1e-7 difference between batch sizes' matmuls can flip
+    # (in float64 its CE runs agree to 1e-12), after which it stops at another point within its
+    # tolerances: distances agree to ~0.5%, single pixels to a few hundredths.
+    x, y = digits[0][1100:1105], digits[1][1100:1105]
+    target = _targets(y)
+    batch = attack(mlp, x, y, target, torch.Generator().manual_seed(7))
+    d_batch = _l2(x, batch)
+    loose = name.startswith("lbfgs")
+    for i in range(len(x)):
+        sl = slice(i, i + 1)
+        alone = attack(mlp, x[sl], y[sl], target[sl], torch.Generator().manual_seed(7))
+        assert alone.success[0] == batch.success[i], (name, i)
+        assert alone.target[0] == batch.target[i]
+        assert alone.grad_evals[0] == batch.grad_evals[i] or loose
+        atol = 5e-2 if loose else 1e-5
+        torch.testing.assert_close(alone.x_adv[0], batch.x_adv[i], atol=atol, rtol=0)
+        rtol = 1e-2 if loose else 1e-5
+        torch.testing.assert_close(_l2(x[sl], alone)[0], d_batch[i], rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        lambda m, x, y: fgsm(m, x, y, 0.0),
+        lambda m, x, y: fgsm(m, x, y, 0.0, target=(y + 1) % 10),
+        lambda m, x, y: pgd(m, x, y, 0.0),
+        lambda m, x, y: pgd(m, x, y, 0.0, norm="l2", restarts=3),
+        lambda m, x, y: gaussian_noise(m, x, y, 0.0),
+    ],
+    ids=["fgsm", "fgsm-targeted", "pgd-linf", "pgd-l2", "noise"],
+)
+def test_zero_budget_changes_nothing(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor], attack: Callable[..., AttackResult]
+) -> None:
+    x, y = digits[0][:20], digits[1][:20]
+    result = attack(mlp, x, y)
+    assert torch.equal(result.x_adv, x)
+    assert (result.grad_evals == 0).all()
+    pred = _predict(mlp, x)
+    expected = torch.where(result.target < 0, pred != y, pred == result.target)
+    assert torch.equal(result.success, expected)
+
+
+def test_minimisation_attacks_leave_misclassified_inputs_alone(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:], digits[1][1000:]
+    wrong = (_predict(mlp, x) != y).nonzero().squeeze(1)[:3]
+    assert len(wrong) > 0
+    for attack in (deepfool, carlini_wagner):
+        result = attack(mlp, x[wrong], y[wrong])
+        assert torch.equal(result.x_adv, x[wrong]) and result.success.all()
+    result = lbfgs_attack(mlp, x[wrong], y[wrong], "untargeted")
+    assert torch.equal(result.x_adv, x[wrong]) and (result.grad_evals == 0).all()
+
+
+# ----------------------------------------------------------------------------- target modes
+
+
+def test_all_targets_is_no_farther_than_any_single_target(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1006], digits[1][1000:1006]
+    for attack in (
+        lambda t: deepfool(mlp, x, y, t),
+        lambda t: lbfgs_attack(mlp, x, y, t, loss="margin"),
+    ):
+        closest = attack("all")
+        _assert_contract(mlp, x, y, closest)
+        assert (closest.target == -1).all() and closest.success.all()
+        for offset in (1, 4, 7):
+            single = attack((y + offset) % 10)
+            assert (_l2(x, closest) <= _l2(x, single) * (1 + 1e-3) + 1e-6).all()
+
+
+def test_candidates_attack_the_nearest_linearised_classes(
+    linear10: nn.Sequential, known_answer: tuple[Tensor, Tensor, Tensor]
+) -> None:
+    x, y, exact = known_answer
+    est = linearized_distances(linear10, x, y, 10)
+    assert torch.isinf(est.gather(1, y[:, None])).all() and torch.isfinite(est).sum() == 9 * len(x)
+    full = lbfgs_attack(linear10, x, y, "all", loss="margin")
+    three = lbfgs_attack(linear10, x, y, "all", loss="margin", candidates=3)
+    assert three.success.all()
+    assert (three.grad_evals < full.grad_evals).all()
+    assert (_l2(x, three) >= _l2(x, full) * (1 - 1e-3)).all()
+    assert (_l2(x, three).double() / exact).mean() <= 1.02
+
+
+def test_random_targets_come_from_the_generator_and_are_reached(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1008], digits[1][1000:1008]
+    a = deepfool(mlp, x, y, "random", generator=torch.Generator().manual_seed(3))
+    b = carlini_wagner(
+        mlp, x, y, "random", generator=torch.Generator().manual_seed(3), steps=50, search_steps=3
+    )
+    assert torch.equal(a.target, b.target) and not (a.target == y).any()
+    assert torch.equal(a.target, _targets(y, seed=3))
+    assert a.success.all()
+    # L-BFGS keeps the paper's default: None means a random target.
+    c = lbfgs_attack(mlp, x, y, generator=torch.Generator().manual_seed(3), search_steps=3)
+    assert torch.equal(c.target, a.target)
+
+
+def test_targeted_pgd_reaches_the_target_and_beats_targeted_fgsm(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1040], digits[1][1000:1040]
+    t = _targets(y)
+    p = pgd(mlp, x, y, 0.3, steps=20, target=t, generator=torch.Generator().manual_seed(0))
+    f = fgsm(mlp, x, y, 0.3, target=t)
+    _assert_contract(mlp, x, y, p)
+    assert torch.equal(p.target, t) and torch.equal(f.target, t)
+    assert p.success.sum() >= f.success.sum() and p.success.float().mean() > 0.5
+
+
+# ----------------------------------------------------------------------------- PGD and noise
+
+
+def test_pgd_l2_random_start_lies_in_the_ball_and_restarts_only_help(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1040], digits[1][1000:1040]
+    gen = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    one_step = pgd(mlp, x, y, 0.4, norm="l2", steps=1, step_size=0.0, generator=gen())
+    d = distortions(x, one_step.x_adv)
+    assert (d["l2"] <= 0.4 + 1e-5).all() and (d["l2"] > 0).all()  # moved, but only inside
+    once = pgd(mlp, x, y, 0.4, norm="l2", steps=5, generator=gen())
+    thrice = pgd(mlp, x, y, 0.4, norm="l2", steps=5, restarts=3, generator=gen())
+    assert (thrice.success | ~once.success).all()  # the first restart is shared
+    assert (thrice.grad_evals >= once.grad_evals).all()
+    assert thrice.success.sum() >= once.success.sum()
+
+
+def test_pgd_l2_beats_pgd_linf_at_the_same_l2_cost(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    # Sanity of the L2 step: with a budget of 1.0 in L2 it fools more than Linf PGD whose
+    # ball (8x8 pixels, eps 0.125) has the same L2 radius.
+    x, y = digits[0][1000:1060], digits[1][1000:1060]
+    l2 = pgd(mlp, x, y, 1.0, norm="l2", steps=20, generator=torch.Generator().manual_seed(0))
+    linf = pgd(mlp, x, y, 0.125, steps=20, generator=torch.Generator().manual_seed(0))
+    assert (distortions(x, l2.x_adv)["l2"] <= 1.0 + 1e-5).all()
+    assert l2.success.sum() >= linf.success.sum()
+
+
+def test_gaussian_noise_is_a_weak_control_with_the_given_spread(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1100], digits[1][1000:1100]
+    result = gaussian_noise(mlp, x, y, 0.1, torch.Generator().manual_seed(0))
+    _assert_contract(mlp, x, y, result)
+    assert (result.target == -1).all() and (result.grad_evals == 0).all()
+    rms = distortions(x, result.x_adv)["rms"]
+    # Clipping at 0 and 1 only removes noise: rms <= 0.1 on average, and not much less here.
+    assert 0.05 < rms.mean() < 0.1
+    again = gaussian_noise(mlp, x, y, 0.1, torch.Generator().manual_seed(0))
+    other = gaussian_noise(mlp, x, y, 0.1, torch.Generator().manual_seed(1))
+    assert torch.equal(again.x_adv, result.x_adv) and not torch.equal(other.x_adv, result.x_adv)
+    # The paper's point: at a similar distortion DeepFool fools every example, noise few.
+    assert result.success.float().mean() < 0.3
+
+
+# ----------------------------------------------------------------------------- the scipy oracle
+
+
+def test_lbfgs_margin_agrees_with_the_scipy_reference(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1004], digits[1][1000:1004]
+    t = _targets(y, seed=1)
+    ours = lbfgs_attack(mlp, x, y, t, loss="margin")
+    ref = lbfgs_scipy_reference(mlp, x, y, t, loss="margin")
+    _assert_contract(mlp, x, y, ref)
+    assert torch.equal(ours.success, ref.success) and ours.success.all()
+    ratio = _l2(x, ours) / _l2(x, ref)
+    assert (ratio - 1).abs().max() <= 0.03, ratio
+
+
+# ----------------------------------------------------------------------------- refinement
+
+
+def test_shrink_toward_input_keeps_success_and_never_grows(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1010], digits[1][1000:1010]
+    far = fgsm(mlp, x, y, 0.5)
+    shrunk = shrink_toward_input(mlp, x, far.x_adv, y, None, steps=20)
+    with torch.no_grad():
+        still = mlp(shrunk).argmax(1) != y
+    assert torch.equal(still, far.success)
+    assert (distortions(x, shrunk)["l2"] <= distortions(x, far.x_adv)["l2"] + 1e-6).all()
+    assert (
+        distortions(x, shrunk)["l2"][far.success] < distortions(x, far.x_adv)["l2"][far.success]
+    ).all()
+    assert shrunk.min() >= 0 and shrunk.max() <= 1
+
+
+# ----------------------------------------------------------------------------- bad arguments
+
+
+def _x() -> tuple[Tensor, Tensor]:
+    return torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1])
+
+
+BAD_CALLS: list[tuple[str, Callable[[nn.Module], object], str]] = [
+    ("fgsm eps<0", lambda m: fgsm(m, *_x(), -0.1), "eps"),
+    ("fgsm eps nan", lambda m: fgsm(m, *_x(), float("nan")), "eps"),
+    ("pgd eps<0", lambda m: pgd(m, *_x(), -1.0, norm="l2"), "eps"),
+    ("pgd eps nan", lambda m: pgd(m, *_x(), float("nan")), "eps"),
+    ("pgd norm", lambda m: pgd(m, *_x(), 0.1, norm="l1"), "norm"),
+    ("pgd steps", lambda m: pgd(m, *_x(), 0.1, steps=0), "steps"),
+    ("pgd restarts", lambda m: pgd(m, *_x(), 0.1, restarts=0), "restarts"),
+    ("noise stddev<0", lambda m: gaussian_noise(m, *_x(), -0.1), "stddev"),
+    ("noise stddev nan", lambda m: gaussian_noise(m, *_x(), float("nan")), "stddev"),
+    ("deepfool overshoot", lambda m: deepfool(m, *_x(), overshoot=-1.0), "overshoot"),
+    ("deepfool steps", lambda m: deepfool(m, *_x(), steps=0), "steps"),
+    ("cw lr", lambda m: carlini_wagner(m, *_x(), lr=0.0), "lr"),
+    ("cw kappa", lambda m: carlini_wagner(m, *_x(), kappa=float("nan")), "kappa"),
+    ("lbfgs loss", lambda m: lbfgs_attack(m, *_x(), loss="hinge"), "loss"),  # type: ignore[arg-type]
+    ("lbfgs kappa", lambda m: lbfgs_attack(m, *_x(), kappa=-1.0), "kappa"),
+    ("lbfgs candidates", lambda m: lbfgs_attack(m, *_x(), "all", candidates=0), "candidates"),
+    ("target mode", lambda m: deepfool(m, *_x(), "nearest"), "target"),  # type: ignore[arg-type]
+    ("target mode pgd", lambda m: pgd(m, *_x(), 0.1, target="any"), "target"),  # type: ignore[arg-type]
+]
+
+
+@pytest.mark.parametrize(("name", "call", "match"), BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
+def test_bad_arguments_raise(
+    mlp: nn.Module, name: str, call: Callable[..., object], match: str
+) -> None:
+    with pytest.raises(AttackError, match=match):
+        call(mlp)
+
+
+TARGETED = [
+    ("fgsm", lambda m, x, y, t: fgsm(m, x, y, 0.1, target=t)),
+    ("pgd", lambda m, x, y, t: pgd(m, x, y, 0.1, norm="l2", target=t)),
+    ("lbfgs", lambda m, x, y, t: lbfgs_attack(m, x, y, t)),
+    ("deepfool", lambda m, x, y, t: deepfool(m, x, y, t)),
+    ("cw", lambda m, x, y, t: carlini_wagner(m, x, y, t)),
+]
+
+
+@pytest.mark.parametrize(("name", "attack"), TARGETED, ids=[a[0] for a in TARGETED])
+def test_target_equal_to_label_and_inputs_outside_the_box_raise(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor], name: str, attack: Callable[..., AttackResult]
+) -> None:
+    x, y = digits[0][:2], digits[1][:2]
+    with pytest.raises(AttackError, match="target: equals"):
+        attack(mlp, x, y, y.clone())
+    with pytest.raises(AttackError, match="x: pixels"):
+        attack(mlp, x * 255, y, (y + 1) % 10)
+    with pytest.raises(AttackError, match="out of range"):
+        attack(mlp, x, y, (y + 1) % 10 + 10)
+
+
+def test_noise_rejects_inputs_outside_the_box(mlp: nn.Module) -> None:
+    with pytest.raises(AttackError, match="x: pixels"):
+        gaussian_noise(mlp, torch.full((2, 1, 8, 8), 2.0), torch.tensor([0, 1]), 0.1)
+
+
+# ----------------------------------------------------------------------------- model and device
+
+
+@pytest.mark.parametrize(
+    "attack",
+    [
+        lambda m, x, y: pgd(m, x, y, 0.5, norm="l2", steps=3),
+        lambda m, x, y: deepfool(m, x, y, steps=3),
+        lambda m, x, y: carlini_wagner(m, x, y, steps=5, search_steps=2),
+        lambda m, x, y: gaussian_noise(m, x, y, 0.1),
+        lambda m, x, y: lbfgs_attack(m, x, y, "untargeted", loss="margin", search_steps=2),
+    ],
+    ids=["pgd-l2", "deepfool", "cw", "noise", "lbfgs-untargeted"],
+)
+def test_new_attacks_leave_the_model_untouched(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor], attack: Callable[..., AttackResult]
+) -> None:
+    before = [p.detach().clone() for p in mlp.parameters()]
+    mlp.train()
+    try:
+        attack(mlp, digits[0][:4], digits[1][:4])
+        assert mlp.training  # mode restored
+        for p, p0 in zip(mlp.parameters(), before, strict=True):
+            assert torch.equal(p, p0) and p.grad is None
+    finally:
+        mlp.eval()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_attack_runs_on_cuda_and_matches_cpu(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    # Device follows the model: CPU inputs, a CUDA model -> CUDA results, same answers.
+    x, y = digits[0][1000:1006], digits[1][1000:1006]
+    target = _targets(y)
+    gpu = _clone_to(mlp, "cuda")
+    for name, attack, _ in ATTACKS:
+        on_cpu = attack(mlp, x, y, target, torch.Generator().manual_seed(7))
+        on_gpu = attack(gpu, x, y, target, torch.Generator().manual_seed(7))
+        assert on_gpu.x_adv.device.type == "cuda", name
+        for field in ("success", "adv_pred", "target", "grad_evals"):
+            assert getattr(on_gpu, field).device.type == "cuda", (name, field)
+        assert (on_gpu.success.cpu() == on_cpu.success).float().mean() >= 0.8, name
+        torch.testing.assert_close(
+            _l2(x, on_cpu).mean(), _l2(x.cuda(), on_gpu).mean().cpu(), rtol=0.05, atol=1e-3
+        )
+
+
+def _clone_to(model: nn.Module, device: str) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(device).eval()
