@@ -86,9 +86,10 @@ class TrainSpec(_Strict):
     adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
 
 
-AttackName = Literal["fgsm", "lbfgs"]
+AttackName = Literal["fgsm", "pgd", "noise", "lbfgs", "deepfool", "cw"]
 NormName = Literal["rms", "l2", "linf"]
-MINIMISATION_ATTACKS = {"lbfgs"}
+# Minimisation attacks run once and are scored at every budget; the others run per budget.
+MINIMISATION_ATTACKS = {"lbfgs", "deepfool", "cw"}
 
 
 def _check_budgets(value: list[float]) -> list[float]:
@@ -99,13 +100,22 @@ def _check_budgets(value: list[float]) -> list[float]:
 
 
 class AttackSpec(_Strict):
+    """One attack of a trial. Budgets are Linf for fgsm, `norm` for pgd, the noise stddev for
+    noise; minimisation attacks are scored at every budget in `norm` (default: the paper's rms)."""
+
     name: AttackName
     label: str | None = None  # the name in results; defaults to `name`
     eps: list[float] | None = None  # budgets; None uses the trial's `eps`
-    norm: NormName | None = None  # budget norm; fgsm is linf, lbfgs defaults to the paper's rms
-    target: Literal["random"] = "random"
-    max_iter: int = Field(100, ge=1)  # L-BFGS iterations per value of c
-    search_steps: int = Field(12, ge=1)  # bracket + bisection steps on c
+    norm: NormName | None = None
+    # random: a random wrong class (the paper's L-BFGS); untargeted; all: every wrong class,
+    # closest success kept. Default: random for lbfgs, untargeted for the others.
+    target: Literal["random", "untargeted", "all"] | None = None
+    loss: Literal["ce", "margin"] = "ce"  # lbfgs: the paper's cross-entropy, or exact margin
+    max_iter: int = Field(100, ge=1)  # lbfgs: L-BFGS iterations per value of c
+    search_steps: int | None = Field(None, ge=1)  # lbfgs and cw: steps of the search on c
+    steps: int | None = Field(None, ge=1)  # pgd (40), deepfool (50), cw (1000) iterations
+    restarts: int = Field(1, ge=1)  # pgd random restarts
+    candidates: int | None = Field(None, ge=1)  # target all: only the k nearest classes
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -121,6 +131,12 @@ class AttackSpec(_Strict):
     def _norm_fits_attack(self) -> AttackSpec:
         if self.name == "fgsm" and self.norm not in (None, "linf"):
             raise ValueError("fgsm is an linf attack; drop `norm` or set it to linf")
+        if self.name == "pgd" and self.norm not in (None, "linf", "l2"):
+            raise ValueError("pgd runs in linf or l2; set norm to one of them")
+        if self.name == "noise" and (self.norm is not None or self.target is not None):
+            raise ValueError("noise takes its stddev as budget; drop `norm` and `target`")
+        if self.loss != "ce" and self.name != "lbfgs":
+            raise ValueError("`loss` applies to lbfgs only; drop it")
         return self
 
     @property
@@ -129,7 +145,13 @@ class AttackSpec(_Strict):
 
     @property
     def budget_norm(self) -> str:
+        if self.name == "noise":
+            return "stddev"
         return self.norm or ("rms" if self.name in MINIMISATION_ATTACKS else "linf")
+
+    @property
+    def target_mode(self) -> str:
+        return self.target or ("random" if self.name == "lbfgs" else "untargeted")
 
 
 class PropertiesSpec(_Strict):

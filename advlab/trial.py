@@ -19,9 +19,15 @@ import torch
 from torch import Tensor, nn
 
 import advlab
-from advlab.attacks.base import AttackResult, random_wrong_targets
-from advlab.attacks.gradient import fgsm
-from advlab.attacks.lbfgs import lbfgs_attack
+from advlab.attacks import (
+    AttackResult,
+    carlini_wagner,
+    deepfool,
+    fgsm,
+    gaussian_noise,
+    lbfgs_attack,
+    pgd,
+)
 from advlab.data import Dataset, load_dataset, select_subset
 from advlab.measure import distortions, success_at_budgets
 from advlab.models import build_model
@@ -59,7 +65,6 @@ class AttackedSet:
     dataset_index: Tensor
     scanned: int
     wrong: int
-    num_classes: int
 
 
 def run_trial(
@@ -174,7 +179,7 @@ def _run(
         "test_error": error_rate(model, x_test, y_test),
         "heldout_error": heldout_error(model, data, split.heldout_idx),
     }
-    attacked = first_correct(model, x_test, y_test, spec.attack_examples, data.num_classes)
+    attacked = first_correct(model, x_test, y_test, spec.attack_examples)
     summary["n_attacked"] = len(attacked.y)
     example_rows: list[dict[str, Any]] = []
     curve_rows: list[dict[str, Any]] = []
@@ -284,7 +289,7 @@ def heldout_error(model: nn.Module, data: Dataset, heldout_idx: Tensor) -> float
     return error_rate(model, data.x_train[heldout_idx], data.y_train[heldout_idx])
 
 
-def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int, num_classes: int) -> AttackedSet:
+def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int) -> AttackedSet:
     """The first n test examples, in test-set order, that the model classifies correctly."""
     correct = predict(model, x) == y
     index = torch.nonzero(correct).flatten()[:n]
@@ -295,7 +300,6 @@ def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int, num_classes: i
         dataset_index=index.cpu(),
         scanned=scanned,
         wrong=scanned - int(correct[:scanned].sum()),
-        num_classes=num_classes,
     )
 
 
@@ -309,18 +313,7 @@ def run_attack(
     curves: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     if attack.name in MINIMISATION_ATTACKS:
-        generator = torch.Generator().manual_seed(spec.seed)
-        target = random_wrong_targets(attacked.y.cpu(), attacked.num_classes, generator).to(
-            attacked.y.device
-        )
-        result = lbfgs_attack(
-            model,
-            attacked.x,
-            attacked.y,
-            target,
-            max_iter=attack.max_iter,
-            search_steps=attack.search_steps,
-        )
+        result = attack_once(attack, model, attacked, spec.seed)
         dist = distortions(attacked.x, result.x_adv)
         examples += example_rows(trial_id, key, math.nan, attacked, result, dist)
         hits = success_at_budgets(result.success, dist[attack.budget_norm], budgets)
@@ -333,14 +326,68 @@ def run_attack(
         summary[f"{key}/grad_evals"] = float(result.grad_evals.float().mean())
     else:
         for eps in budgets:
-            result = fgsm(model, attacked.x, attacked.y, eps)
+            result = attack_once(attack, model, attacked, spec.seed, eps)
             dist = distortions(attacked.x, result.x_adv)
             examples += example_rows(trial_id, key, eps, attacked, result, dist)
-            curves.append(curve_row(trial_id, key, "linf", eps, result.success, attacked))
+            curves.append(
+                curve_row(trial_id, key, attack.budget_norm, eps, result.success, attacked)
+            )
     for row in curves:
         summary[f"{key}/success@{row['budget']:g}"] = row["success_rate"]
         summary[f"{key}/robust_error@{row['budget']:g}"] = row["robust_error"]
     return examples, curves, summary
+
+
+def attack_once(
+    attack: AttackSpec, model: nn.Module, attacked: AttackedSet, seed: int, eps: float = math.nan
+) -> AttackResult:
+    """Run one attack (at one budget, for fixed-budget attacks), seeded by the trial."""
+    x, y, target = attacked.x, attacked.y, attack.target_mode
+    generator = torch.Generator().manual_seed(seed)
+    search = {} if attack.search_steps is None else {"search_steps": attack.search_steps}
+    steps = {} if attack.steps is None else {"steps": attack.steps}
+    if attack.name == "lbfgs":
+        return lbfgs_attack(
+            model,
+            x,
+            y,
+            target,
+            generator=generator,
+            loss=attack.loss,
+            max_iter=attack.max_iter,
+            candidates=attack.candidates,
+            **search,
+        )
+    if attack.name == "deepfool":
+        return deepfool(
+            model, x, y, target, generator=generator, candidates=attack.candidates, **steps
+        )
+    if attack.name == "cw":
+        return carlini_wagner(
+            model,
+            x,
+            y,
+            target,
+            generator=generator,
+            candidates=attack.candidates,
+            **steps,
+            **search,
+        )
+    if attack.name == "fgsm":
+        return fgsm(model, x, y, eps, target=target, generator=generator)
+    if attack.name == "pgd":
+        return pgd(
+            model,
+            x,
+            y,
+            eps,
+            norm=attack.norm or "linf",
+            restarts=attack.restarts,
+            target=target,
+            generator=generator,
+            **steps,
+        )
+    return gaussian_noise(model, x, y, eps, generator=generator)
 
 
 def curve_row(

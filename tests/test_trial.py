@@ -40,3 +40,39 @@ def test_a_different_seed_trains_a_different_model(tmp_path: Path) -> None:
     ]
     assert all(r["trained_here"] for r in rows)
     assert len(list((tmp_path / "seeds" / "models").glob("*.pt"))) == 2
+
+
+def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> None:
+    attacks = [
+        {"name": "fgsm"},
+        {"name": "pgd", "steps": 5},
+        {"name": "pgd", "label": "pgd_l2", "norm": "l2", "eps": [0.5, 1.0]},
+        {"name": "noise", "eps": [0.1]},
+        {"name": "lbfgs", "max_iter": 20, "search_steps": 6},
+        {"name": "deepfool"},
+        {"name": "cw", "steps": 100, "search_steps": 6},
+    ]
+    spec = parse_sweep(tiny_sweep(name="attacks", grid={"seed": [0]}, attacks=attacks))
+    row = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"))
+    curves = SweepStore(str(tmp_path), "attacks").read("curves")
+    norms = dict(zip(curves["attack"], curves["norm"], strict=False))
+    assert norms == {
+        "fgsm": "linf",
+        "pgd": "linf",
+        "pgd_l2": "l2",
+        "noise": "stddev",
+        "lbfgs": "rms",
+        "deepfool": "rms",
+        "cw": "rms",
+    }
+    examples = SweepStore(str(tmp_path), "attacks").read("examples")
+    l2 = examples[examples["attack"] == "pgd_l2"]
+    assert (l2["dist_l2"] <= l2["budget"] + 1e-5).all()
+    # PGD is at least as strong as FGSM at the same budget, on the same examples.
+    assert row["pgd/success@0.1"] >= row["fgsm/success@0.1"]
+    for name in ("lbfgs", "deepfool", "cw"):
+        assert row[f"{name}/success_rate"] > 0.9
+        assert (examples.loc[examples["attack"] == name, "budget"].isna()).all()
+    targets = examples.loc[examples["attack"] == "deepfool", "target"]
+    assert (targets == -1).all()  # untargeted by default; lbfgs draws random targets
+    assert (examples.loc[examples["attack"] == "lbfgs", "target"] >= 0).all()
