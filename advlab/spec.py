@@ -83,6 +83,7 @@ class TrainSpec(_Strict):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     ae_epochs: int = Field(5, ge=0)  # autoencoder pretraining epochs, ae<h>-K models only
+    eval_every: int = Field(1, ge=0)  # epochs between test-error evaluations; 0: the last only
     adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
 
 

@@ -27,7 +27,7 @@ class EpochStats:
     epoch: int  # 1-based
     loss: float  # mean cross-entropy over the epoch's batches + the penalty at the epoch's end
     train_error: float  # on each batch as it was trained on: free, unlike a second pass
-    test_error: float  # after the epoch
+    test_error: float  # after the epoch (NaN on epochs skipped by train.eval_every)
     seconds: float
     adv_grad_evals: int = 0  # gradient evaluations spent on adversarial examples, cumulative
 
@@ -167,7 +167,7 @@ def train_model(
             replace(
                 stats,
                 loss=stats.loss + penalty_value(model, weight_decay),
-                test_error=error_rate(model, x_test, y_test),
+                test_error=test_error_now(model, x_test, y_test, epoch, settings),
                 adv_grad_evals=objective.grad_evals,
             )
         )
@@ -175,6 +175,14 @@ def train_model(
             on_epoch(history[-1], state)
     model.eval()
     return history
+
+
+def test_error_now(
+    model: nn.Module, x: Tensor, y: Tensor, epoch: int, settings: TrainSpec
+) -> float:
+    """Test error after this epoch if it is due (every `eval_every` epochs and the last)."""
+    due = epoch == settings.epochs or (settings.eval_every and epoch % settings.eval_every == 0)
+    return error_rate(model, x, y) if due else math.nan
 
 
 def train_epoch(
