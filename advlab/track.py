@@ -93,8 +93,17 @@ class TrialRun:
             )
 
     def log_summary(self, summary: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.summary.update(summary)
+        """Final metrics, declared so run tables and panels aggregate them the right way."""
+        if self.run is None:
+            return
+        numbers = {k: v for k, v in summary.items() if isinstance(v, int | float)}
+        for key in numbers:
+            goal = summary_goal(key)
+            if goal is not None:
+                self.run.define_metric(key, summary=goal)
+        if numbers:
+            self.run.log(numbers)
+        self.run.summary.update({k: v for k, v in summary.items() if summary_goal(k) is None})
 
     def log_curves(self, rows: list[dict[str, Any]]) -> None:
         """The robust-error curves as one table, for plotting error against budget per attack."""
@@ -188,6 +197,19 @@ def heatmap(errors: np.ndarray, cell: int = 24) -> np.ndarray:
     other = np.where(values < 0, 0.8, 1.0 - values)
     image = np.stack([red, other, other], axis=-1)
     return np.kron(image, np.ones((cell, cell, 1))).astype(np.float32)
+
+
+def summary_goal(key: str) -> str | None:
+    """How a final metric is summarised across a run: clean errors and distortions by their
+    smallest value, attack success and robust error by their largest (the worst case). W&B
+    reads a dot in a metric name as nesting, so budget-suffixed names (`@0.1`) stay plain."""
+    if "." in key:
+        return None
+    if "mean_dist_" in key or key in {"train_error", "test_error", "heldout_error"}:
+        return "min"
+    if "/robust_error@" in key or "/success" in key:
+        return "max"
+    return None
 
 
 def offline_run_dirs(directory: str | Path) -> list[Path]:

@@ -89,8 +89,15 @@ def test_wandb_offline_runs_hold_the_summary_metrics(finished) -> None:
         assert run["run"]["project"] == "advlab-tests"
         assert run["config"]["model"] == trials.loc[trial_id, "model"]
         summary = run["summary"]
-        for key in ("test_error", "train_error", "lbfgs/mean_dist_rms", "fgsm/success@0.1"):
-            assert summary[key] == pytest.approx(trials.loc[trial_id, key])
+        for key, goal in (
+            ("test_error", "min"),
+            ("train_error", "min"),
+            ("lbfgs/mean_dist_rms", "min"),
+            ("lbfgs/success_rate", "max"),
+        ):
+            # Declared with define_metric, so W&B keeps them as {goal: value}.
+            assert summary[key] == {goal: pytest.approx(trials.loc[trial_id, key])}
+        assert summary["n_attacked"] == 12
         epochs = [h["train/loss"] for h in run["history"] if "train/loss" in h]
         assert len(epochs) == 3
 

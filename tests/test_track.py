@@ -30,8 +30,8 @@ def test_offline_run_files_hold_config_history_and_summary(tmp_path: Path) -> No
     assert logged["config"]["train"] == {"lr": 0.1}
     losses = [h["train/loss"] for h in logged["history"] if "train/loss" in h]
     assert losses == [1.0, 0.5, 1.0 / 3]
-    assert logged["summary"]["test_error"] == 0.125
-    assert logged["summary"]["lbfgs/mean_dist_rms"] == 0.0625
+    assert logged["summary"]["test_error"] == {"min": 0.125}
+    assert logged["summary"]["lbfgs/mean_dist_rms"] == {"min": 0.0625}
     assert logged["summary"]["train/test_error"] == {"min": 0.5 / 3}
 
 
@@ -91,6 +91,14 @@ def test_a_trials_offline_run_holds_its_tables_and_example_images(tmp_path: Path
     summary = json.loads((run_dir / "files" / summary_file).read_text())
     values = {(a, m): v for a, m, v in summary["data"]}
     assert values[("lbfgs", "mean_dist_rms")] == row["lbfgs/mean_dist_rms"]
+
+    # Final metrics are declared for dashboards: distortions and clean errors by min, success
+    # rates by max; budget-suffixed names stay plain values.
+    summary = logged["summary"]
+    assert summary["lbfgs/mean_dist_rms"] == {"min": row["lbfgs/mean_dist_rms"]}
+    assert summary["lbfgs/success_rate"] == {"max": row["lbfgs/success_rate"]}
+    assert summary["test_error"] == {"min": row["test_error"]}
+    assert summary["fgsm/robust_error@0.1"] == row["fgsm/robust_error@0.1"]
 
     images = [f for f in files if f.startswith("media/images/examples/lbfgs")]
     successes = min(8, round(row["lbfgs/success_rate"] * row["n_attacked"]))
