@@ -41,3 +41,23 @@ def test_docker_images_and_setup_pin_the_installed_ray_version() -> None:
         assert docker[key].startswith(f"rayproject/ray:{ray.__version__}-"), key
     assert any("--shm-size" in option for option in docker["run_options"])
     assert any(f"ray[tune]=={ray.__version__}" in cmd for cmd in config["setup_commands"])
+
+
+def test_kuberay_rayjob_runs_an_advlab_sweep_on_the_pinned_ray() -> None:
+    job = yaml.safe_load((CLUSTER.parent / "k8s" / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert "advlab sweep sweeps/" in job["spec"]["entrypoint"]
+    assert "--address auto" in job["spec"]["entrypoint"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["rayVersion"] == ray.__version__
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    images = [c["image"] for g in groups for c in g["template"]["spec"]["containers"]]
+    assert all(image.startswith(f"rayproject/ray:{ray.__version__}-") for image in images)
+    limits = [c["resources"]["limits"] for g in groups for c in g["template"]["spec"]["containers"]]
+    assert any("nvidia.com/gpu" in limit for limit in limits)
+    assert all(
+        limit == c["resources"]["requests"]
+        for g in groups
+        for c in g["template"]["spec"]["containers"]
+        for limit in [c["resources"]["limits"]]
+    )

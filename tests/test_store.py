@@ -78,3 +78,14 @@ def test_from_dir_opens_the_same_sweep(tmp_path: Path) -> None:
     again = SweepStore.from_dir(str(tmp_path / "my-sweep"))
     assert (again.uri, again.sweep) == (store.uri, "my-sweep")
     assert again.read_json("sweep.json") == {"name": "my-sweep"}
+
+
+def test_readers_ignore_half_written_files(tmp_path: Path) -> None:
+    store = SweepStore(str(tmp_path), "s")
+    store.write_rows("curves", "a", [curve("a", 0.5)])
+    folder = tmp_path / "s" / "curves"
+    # What a writer killed mid-write leaves: a hidden temporary file, possibly truncated.
+    whole = (folder / "a.parquet").read_bytes()
+    (folder / ".b.parquet.0123.tmp").write_bytes(whole[: len(whole) // 2])
+    assert store.read("curves")["trial_id"].tolist() == ["a"]
+    assert store.finished_trial_ids() == set()  # no trials row: not finished
