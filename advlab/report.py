@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from advlab.store import SweepStore
+from advlab.transfer import NOISE_SOURCE
 
 __all__ = ["SweepData", "build_report", "load_sweep_data", "render_report"]
 
@@ -865,7 +866,18 @@ def heat_style(value: float) -> str:
     return f' style="background:rgb({r},{g},{b});color:{ink}"'
 
 
-TRANSFER_KNOWN = {"sweep", "source_trial", "attack", "target", "n", "error_adv", "error_clean"}
+# Measurements, never part of a row's name (kind and budget are: they split a source's rows).
+TRANSFER_KNOWN = {
+    "sweep",
+    "source_trial",
+    "attack",
+    "target",
+    "target_kind",
+    "n",
+    "error_adv",
+    "error_clean",
+    "rms",
+}
 
 
 def render_transfer(sweeps: list[SweepData]) -> str:
@@ -874,7 +886,10 @@ def render_transfer(sweeps: list[SweepData]) -> str:
         if s.transfer.empty or not {"source_trial", "target", "error_adv"} <= set(s.transfer):
             continue
         frame = s.transfer if "attack" in s.transfer else s.transfer.assign(attack="")
-        for attack, rows in frame.groupby("attack", sort=False):
+        # The fixed-stddev noise rows belong under every attack, as in the paper's tables.
+        noise = frame["source_trial"] == NOISE_SOURCE
+        for attack, rows in frame[~noise].groupby("attack", sort=False):
+            rows = pd.concat([rows, frame[noise]], ignore_index=True)
             blocks.append(transfer_matrix(s, str(attack), rows))
     if not blocks:
         return ""
@@ -948,7 +963,10 @@ def transfer_matrix(sweep: SweepData, attack: str, rows: pd.DataFrame) -> str:
                 f'<td class="n heat{diag}" data-target="{esc(t)}" data-value="{err!r}" '
                 f'title="{esc(tip)}"{heat_style(err)}>{pct(err)}</td>'
             )
-        dist = num(dists.get(key[0])) if key[0] in dists else "–"
+        if "rms" in mine and mine["rms"].notna().any():  # the rms each row's inputs moved by
+            dist = num(float(mine["rms"].mean()))
+        else:
+            dist = num(dists.get(key[0])) if key[0] in dists else "–"
         body.append(
             f'<tr data-source="{esc(key[0])}"><th>{esc(name)}</th>{"".join(cells)}'
             f'<td class="n">{dist}</td></tr>'

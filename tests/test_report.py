@@ -32,6 +32,7 @@ from advlab.report import (
 from advlab.spec import parse_sweep
 from advlab.store import SweepStore
 from advlab.sweep import sweep_record  # imports Ray only when a sweep runs
+from advlab.transfer import NOISE_SOURCE
 from advlab.trial import TrialContext, run_trial
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -85,24 +86,30 @@ def add_transfer_and_properties(sweep_dir: str) -> None:
                 {
                     "source_trial": source,
                     "attack": "lbfgs",
+                    "budget": math.nan,
+                    "kind": "adversarial",
+                    "rms": 0.05,
                     "target": target,
+                    "target_kind": "trial" if target in ids else "control",
                     "n": 6,
                     "error_adv": error,
                     "error_clean": 0.0,
-                    "stddev": None,  # from_pylist takes its columns from the first row
                 }
             )
     for stddev in (0.1, 0.3):  # the paper's Gaussian-noise control rows
         for target in [*ids, "knn"]:
             rows.append(
                 {
-                    "source_trial": "gaussian_noise",
-                    "attack": "lbfgs",
+                    "source_trial": NOISE_SOURCE,
+                    "attack": "gaussian",
+                    "budget": stddev,
+                    "kind": "noise",
+                    "rms": 0.8 * stddev,
                     "target": target,
+                    "target_kind": "trial" if target in ids else "control",
                     "n": 6,
                     "error_adv": stddev / 2,
                     "error_clean": 0.0,
-                    "stddev": stddev,
                 }
             )
     store.write_rows("transfer", "all", rows)
@@ -459,7 +466,7 @@ def test_transfer_heatmap_shows_error_on_adversarial_as_percentages(
     diagonal = [t for a, t in heat if "diag" in a["class"]]
     assert diagonal == ["100.00%", "100.00%"]
     names = [cells[0][1] for cells in table.cells[1:]]
-    assert names[2:] == ["gaussian_noise · stddev=0.1", "gaussian_noise · stddev=0.3"]
+    assert names[2:] == [f"{NOISE_SOURCE} · budget=0.1", f"{NOISE_SOURCE} · budget=0.3"]
     noise = [t for cells in table.cells[3:] for a, t in cells if "data-value" in a]
     assert noise == ["5.00%"] * 3 + ["15.00%"] * 3
     assert page.table("transfer", sweep="tiny-b") == []
