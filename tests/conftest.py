@@ -50,6 +50,17 @@ def write_sweep(tmp_path: Path):
     return write
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models: a second OpenMP thread only adds contention on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     import ray
