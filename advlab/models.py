@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from numbers import Real
 
 import torch
-import torchvision
 from torch import Tensor, nn
 
 __all__ = [
@@ -165,6 +164,8 @@ class SmallCNN(nn.Module):
 
 
 def _resnet18(input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    import torchvision  # costs ~1.5 s per process: only when a resnet is asked for
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     # ImageNet's 7x7/2 stem and max-pool would shrink a 32x32 image to 8x8 before the first block.
     model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)

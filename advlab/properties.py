@@ -34,6 +34,7 @@ adversarial and Gaussian-noise inputs of the same per-example distortion.
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,7 +44,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from advlab.attacks.base import eval_mode, model_device
 from advlab.measure import distortions
@@ -313,6 +313,13 @@ def _residual_bound(name: str, calls: list[_Call]) -> float:
     return branch + shortcut
 
 
+def residual_blocks() -> tuple[type, ...]:
+    """torchvision's residual block classes, if torchvision is loaded (else no model has them);
+    importing it costs ~1.5 s per process, which fc-only sweeps need not pay."""
+    resnet = sys.modules.get("torchvision.models.resnet")
+    return (resnet.BasicBlock, resnet.Bottleneck) if resnet is not None else ()
+
+
 def lipschitz_bounds(model: nn.Module, input_shape: tuple[int, int, int]) -> list[LayerBound]:
     """Per-layer upper Lipschitz bounds in forward order (a module called twice counts twice)."""
     calls = _forward_calls(model, tuple(int(s) for s in input_shape))
@@ -321,7 +328,7 @@ def lipschitz_bounds(model: nn.Module, input_shape: tuple[int, int, int]) -> lis
     for call in calls:
         if block is not None and _inside(call.name, block):
             continue  # folded into the residual block's bound
-        if isinstance(call.module, BasicBlock | Bottleneck):
+        if isinstance(call.module, residual_blocks()):
             block = call.name
             bound = _residual_bound(call.name, calls)
             bounds.append(LayerBound(call.name, "residual", bound))
