@@ -96,6 +96,7 @@ class TrialRun:
         """Final metrics, declared so run tables and panels aggregate them the right way."""
         if self.run is None:
             return
+        summary = {wandb_key(k): v for k, v in summary.items()}
         numbers = {k: v for k, v in summary.items() if isinstance(v, int | float)}
         for key in numbers:
             goal = summary_goal(key)
@@ -199,15 +200,18 @@ def heatmap(errors: np.ndarray, cell: int = 24) -> np.ndarray:
     return np.kron(image, np.ones((cell, cell, 1))).astype(np.float32)
 
 
+def wandb_key(key: str) -> str:
+    """W&B sorts and filters only names made of letters, digits, '_' (and '/' groups), so a
+    budget suffix becomes `_at_0_1`: `fgsm/robust_error@0.1` -> `fgsm/robust_error_at_0_1`."""
+    return key.replace("@", "_at_").replace(".", "_")
+
+
 def summary_goal(key: str) -> str | None:
     """How a final metric is summarised across a run: clean errors and distortions by their
-    smallest value, attack success and robust error by their largest (the worst case). W&B
-    reads a dot in a metric name as nesting, so budget-suffixed names (`@0.1`) stay plain."""
-    if "." in key:
-        return None
+    smallest value, attack success and robust error by their largest (the worst case)."""
     if "mean_dist_" in key or key in {"train_error", "test_error", "heldout_error"}:
         return "min"
-    if "/robust_error@" in key or "/success" in key:
+    if "/robust_error_at_" in key or "/success" in key:
         return "max"
     return None
 
