@@ -8,9 +8,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import l2_distance as _l2
+from conftest import predict_labels as _predict
 from scipy.optimize import fmin_l_bfgs_b, minimize
-from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
 from advlab.attacks import (
@@ -33,50 +33,6 @@ from advlab.measure import distortions
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[Tensor, Tensor]:
-    data = load_digits()
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
-    return x, torch.tensor(data.target, dtype=torch.int64)
-
-
-def _train(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> nn.Module:
-    opt = torch.optim.Adam(model.parameters(), lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    model.zero_grad(set_to_none=True)
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def mlp(digits: tuple[Tensor, Tensor]) -> nn.Module:
-    """A 64-32-10 sigmoid net in the spirit of the paper's FC nets."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Sigmoid(), nn.Linear(32, 10))
-    x, y = digits
-    return _train(model, x[:1000], y[:1000], steps=200, lr=1e-2)
-
-
-@pytest.fixture(scope="module")
-def linear10(digits: tuple[Tensor, Tensor]) -> nn.Sequential:
-    """Softmax regression on the pixels (the paper's FC10), trained to convergence-ish."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    x, y = digits
-    return _train(model, x[:500], y[:500], steps=100, lr=0.05)  # type: ignore[return-value]
-
-
-def _predict(model: nn.Module, x: Tensor) -> Tensor:
-    with torch.no_grad():
-        return model(x).argmax(1)
-
-
-def _l2(x: Tensor, result: AttackResult) -> Tensor:
-    return distortions(x, result.x_adv)["l2"]
 
 
 def _exact_linear_distance(lin: nn.Linear, x0: np.ndarray, target: int) -> float:
