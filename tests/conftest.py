@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from scipy.optimize import minimize
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
@@ -130,3 +132,41 @@ def predict_labels(model: nn.Module, x: Tensor) -> Tensor:
 
 def l2_distance(x: Tensor, result: AttackResult) -> Tensor:
     return distortions(x, result.x_adv)["l2"]
+
+
+def exact_linear_distance_slsqp(lin: nn.Linear, x0: np.ndarray, target: int) -> float:
+    """min ||r||_2 s.t. the target logit is >= every other at x0 + r, 0 <= x0 + r <= 1 (SLSQP
+    on the primal QP): the known answer for a linear model."""
+    w = lin.weight.detach().double().numpy()
+    b = lin.bias.detach().double().numpy()
+    others = [j for j in range(len(b)) if j != target]
+    a = w[target] - w[others]  # (K-1, D): rows of the half-space constraints a.(x0+r) + c >= 0
+    c = b[target] - b[others]
+    res = minimize(
+        lambda r: r @ r,
+        np.zeros_like(x0),
+        jac=lambda r: 2 * r,
+        constraints=[{"type": "ineq", "fun": lambda r: a @ (x0 + r) + c, "jac": lambda r: a}],
+        bounds=list(zip(-x0, 1 - x0, strict=True)),
+        method="SLSQP",
+        options={"ftol": 1e-14, "maxiter": 1000},
+    )
+    assert res.success, res.message
+    return float(np.sqrt(res.fun))
+
+
+def assert_attack_contract(model: nn.Module, x: Tensor, y: Tensor, result: AttackResult) -> None:
+    """Box, shapes, dtypes and success recomputed from the model."""
+    b = len(x)
+    assert result.x_adv.shape == x.shape
+    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    for field in (result.success, result.adv_pred, result.target, result.grad_evals):
+        assert field.shape == (b,)
+    assert result.success.dtype == torch.bool
+    assert result.adv_pred.dtype == result.target.dtype == result.grad_evals.dtype == torch.int64
+    pred = predict_labels(model, result.x_adv)
+    assert torch.equal(result.adv_pred, pred)
+    expected = torch.where(result.target < 0, pred != y, pred == result.target)
+    assert torch.equal(result.success, expected)
+    assert not (result.target == y).any()
+    assert (result.grad_evals >= 0).all()

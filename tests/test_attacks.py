@@ -7,9 +7,11 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import assert_attack_contract as _assert_contract
+from conftest import exact_linear_distance_slsqp as _exact_linear_target_distance
 from conftest import l2_distance as _l2
 from conftest import predict_labels as _predict
-from scipy.optimize import fmin_l_bfgs_b, minimize
+from scipy.optimize import fmin_l_bfgs_b
 from torch import Tensor, nn
 
 from advlab.attacks import (
@@ -30,43 +32,6 @@ from advlab.measure import distortions
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _exact_linear_target_distance(lin: nn.Linear, x0: np.ndarray, target: int) -> float:
-    """min ||r||_2 s.t. the target logit is >= every other at x0 + r, 0 <= x0 + r <= 1 (SLSQP)."""
-    w = lin.weight.detach().double().numpy()
-    b = lin.bias.detach().double().numpy()
-    others = [j for j in range(len(b)) if j != target]
-    a = w[target] - w[others]  # (K-1, D): rows of the half-space constraints a.(x0+r) + c >= 0
-    c = b[target] - b[others]
-    res = minimize(
-        lambda r: r @ r,
-        np.zeros_like(x0),
-        jac=lambda r: 2 * r,
-        constraints=[{"type": "ineq", "fun": lambda r: a @ (x0 + r) + c, "jac": lambda r: a}],
-        bounds=list(zip(-x0, 1 - x0, strict=True)),
-        method="SLSQP",
-        options={"ftol": 1e-14, "maxiter": 1000},
-    )
-    assert res.success, res.message
-    return float(np.sqrt(res.fun))
-
-
-def _assert_contract(model: nn.Module, x: Tensor, y: Tensor, result: AttackResult) -> None:
-    """Box, shapes, dtypes and success recomputed from the model."""
-    b = len(x)
-    assert result.x_adv.shape == x.shape
-    assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
-    for field in (result.success, result.adv_pred, result.target, result.grad_evals):
-        assert field.shape == (b,)
-    assert result.success.dtype == torch.bool
-    assert result.adv_pred.dtype == result.target.dtype == result.grad_evals.dtype == torch.int64
-    pred = _predict(model, result.x_adv)
-    assert torch.equal(result.adv_pred, pred)
-    untargeted = result.target < 0
-    expected = torch.where(untargeted, pred != y, pred == result.target)
-    assert torch.equal(result.success, expected)
-    assert not (result.target == y).any()
 
 
 # ----------------------------------------------------------------------------- base
