@@ -17,8 +17,11 @@ from torch import Tensor, nn
 from advlab.attacks import (
     AttackError,
     AttackResult,
+    carlini_wagner,
     check_inputs,
+    deepfool,
     fgsm,
+    gaussian_noise,
     lbfgs_attack,
     lbfgs_attack_all_targets,
     lbfgs_scipy_reference,
@@ -367,8 +370,13 @@ AttackFn = Callable[[nn.Module, Tensor, Tensor], AttackResult]
         lambda m, x, y: fgsm(m, x, y, eps=0.1),
         lambda m, x, y: pgd(m, x, y, eps=0.1, steps=3),
         lambda m, x, y: lbfgs_attack(m, x, y, search_steps=2),
+        lambda m, x, y: pgd(m, x, y, 0.5, norm="l2", steps=3),
+        lambda m, x, y: deepfool(m, x, y, steps=3),
+        lambda m, x, y: carlini_wagner(m, x, y, steps=5, search_steps=2),
+        lambda m, x, y: gaussian_noise(m, x, y, 0.1),
+        lambda m, x, y: lbfgs_attack(m, x, y, "untargeted", loss="margin", search_steps=2),
     ],
-    ids=["fgsm", "pgd", "lbfgs"],
+    ids=["fgsm", "pgd", "lbfgs", "pgd-l2", "deepfool", "cw", "noise", "lbfgs-untargeted"],
 )
 def test_attacks_leave_the_model_untouched(
     mlp: nn.Module, digits: tuple[Tensor, Tensor], attack: AttackFn
