@@ -272,15 +272,30 @@ def run_sweep(
     if done & {c["id"] for c in configs}:
         skipped = len(configs) - len(todo)
         print(f"advlab: resuming: {skipped} trials already finished (--fresh reruns them)")
-    if not todo:
-        outcome = collect_outcome(spec, store, mode, [])
-        if spec.settings.transfer.enabled and outcome.ok and not store.trial_files("transfer"):
-            from advlab.transfer import run_transfer
+    errors = run_trials(spec, store, todo, address, max_concurrent, verbose) if todo else []
+    outcome = collect_outcome(spec, store, mode, errors)
+    # Transfer after new results, or when a finished sweep has never had its transfer stage.
+    if (
+        spec.settings.transfer.enabled
+        and outcome.ok
+        and (todo or not store.trial_files("transfer"))
+    ):
+        from advlab.transfer import run_transfer
 
-            init_ray(address)
-            outcome.transfer = run_transfer(store.uri, spec.settings.transfer, mode)
-        return outcome
+        init_ray(address)
+        outcome.transfer = run_transfer(store.uri, spec.settings.transfer, mode)
+    return outcome
 
+
+def run_trials(
+    spec: SweepSpec,
+    store: SweepStore,
+    todo: list[dict[str, Any]],
+    address: str | None,
+    max_concurrent: int | None,
+    verbose: int,
+) -> list[str]:
+    """One Tune trial per config in `todo`; returns the first line of each error Tune saw."""
     from ray import tune
 
     init_ray(address)
@@ -289,6 +304,7 @@ def run_sweep(
     resources = spec.settings.resources
     trainable = tune.with_resources(tune_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    remote = "://" in store.uri
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(todo)},
@@ -300,7 +316,7 @@ def run_sweep(
         ),
         run_config=tune.RunConfig(
             name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
-            storage_path=store.path("ray") if "://" not in storage else f"{store.uri}/ray",
+            storage_path=f"{store.uri}/ray" if remote else store.path("ray"),
             # Retries are for lost workers and nodes; trial failures do not raise (see above).
             failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -309,12 +325,7 @@ def run_sweep(
         ),
     )
     results = tuner.fit()
-    outcome = collect_outcome(spec, store, mode, [str(e).splitlines()[0] for e in results.errors])
-    if spec.settings.transfer.enabled and outcome.ok:
-        from advlab.transfer import run_transfer
-
-        outcome.transfer = run_transfer(store.uri, spec.settings.transfer, mode)
-    return outcome
+    return [str(e).splitlines()[0] for e in results.errors]
 
 
 def finished_ok(store: SweepStore) -> set[str]:
