@@ -152,7 +152,7 @@ def test_minimize_box_lbfgs_solves_a_box_constrained_quadratic() -> None:
         ar = (a[rows] @ r[:, :, None]).squeeze(2)
         return (r * ar).sum(1), 2 * ar
 
-    z, evals = minimize_box_lbfgs(
+    z, _, evals = minimize_box_lbfgs(
         fun, torch.full((n, dim), 0.5, dtype=torch.float64), gtol=1e-9, ftol=1e-14, max_iter=200
     )
     torch.testing.assert_close(z[0], m[0].clamp(0, 1), atol=1e-6, rtol=0)

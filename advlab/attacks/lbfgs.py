@@ -131,9 +131,10 @@ class SearchParams:
 # --------------------------------------------------------------------------- batched L-BFGS-B
 
 
-# Called with the original indices of rows whose solve converged and their points; returns which
-# of them go on (bool) and mu: a resumed row's objective gains mu/2 * ||x - anchor||^2.
-OnConverged = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# Called with the indices of rows whose solve converged, their points and objective values;
+# returns which of them go on (bool) and mu: a resumed row's objective gains
+# mu/2 * ||x - x0||^2.
+OnConverged = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 def minimize_box_lbfgs(
@@ -146,132 +147,223 @@ def minimize_box_lbfgs(
     gtol: float = 1e-5,
     max_linesearch: int = 10,
     on_converged: OnConverged | None = None,
-    anchor: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Minimise n independent problems over [0,1]^D with projected L-BFGS; (x (n, D), evals (n,)).
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Minimise n independent problems over [0,1]^D with projected L-BFGS; (x, f, evals).
+
+    x (n, D) are the final points, f (n,) their objective values, evals (n,) the evaluations.
 
     Every row has its own curvature pairs, step size, active set and stopping state; a row only
-    ever touches its own data. The direction is the L-BFGS two-loop product restricted to the free
-    variables (those not pinned at a bound by the gradient), which is always a descent direction;
-    steps are projected onto the box and accepted by a projected Armijo backtracking search.
+    ever touches its own data. The direction is the L-BFGS two-loop product restricted to the
+    free variables (those not pinned at a bound by the gradient), which is always a descent
+    direction; steps are projected onto the box and accepted by a projected Armijo
+    backtracking search.
 
     A row's solve ends after max_iter iterations, a projected gradient below gtol, a relative
     decrease below ftol, or a line search that fails without curvature pairs. Then
-    `on_converged` (if given) may resume it with a reshaped objective f + mu/2 ||x - anchor||^2
+    `on_converged` (if given) may resume it with a reshaped objective f + mu/2 ||x - x0||^2
     (the L-BFGS attack's next penalty weight): the row goes on from where it stands and its
     curvature pairs stay valid after the exact correction y += mu * s, so a resumed solve
-    starts with a good Hessian model and no model evaluation. Rows never wait for each other.
+    starts with a good Hessian model and no model evaluation.
 
-    Speed: the state holds only the rows still running. It is compacted when rows stop (so the
-    stopped ones cost nothing and the running ones need no gather per iteration), and the
-    curvature pairs live in a ring buffer shared by all rows (a row whose pair is rejected
-    stores an empty pair), so pushing a pair is one slice write instead of a shift.
+    Speed: each pass of the loop makes exactly one batched evaluation, of every row's next
+    trial point: a new direction's unit step for rows whose last trial was accepted, a shorter
+    step for rows still backtracking. So no row waits for another's line search or solve, and
+    small models, where an evaluation's fixed cost dominates, need few calls. The state holds
+    only live rows (`_Batch`); the curvature pairs live in a ring buffer shared by all rows
+    (`_Pairs`).
     """
-    n, dim = x0.shape
-    dev, dt = x0.device, x0.dtype
-    anchor = x0 if anchor is None else anchor
+    n = x0.shape[0]
+    dt = x0.dtype
     out = x0.clone()
-    evals = torch.ones(n, dtype=torch.int64, device=dev)
-    rows = torch.arange(n, device=dev)
-    x = x0.clone()
-    f, g = fun(x, rows)
-    mem_s = torch.zeros(n, history, dim, device=dev, dtype=dt)
-    mem_y = torch.zeros_like(mem_s)
-    rho = torch.zeros(n, history, device=dev, dtype=dt)  # 0 marks an empty slot
-    gamma = torch.zeros(n, device=dev, dtype=dt)  # initial Hessian scale; 0 until a pair exists
-    iters = torch.zeros(n, dtype=torch.int64, device=dev)  # iterations in the current solve
-    head = 0  # the ring slot the next pair goes into
-    running = torch.isfinite(f)
-    parked = torch.zeros(n, dtype=torch.bool, device=dev)  # finished, not yet compacted away
-    eps, tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
+    f_out = torch.empty(n, device=x0.device, dtype=dt)
+    evals = torch.ones(n, dtype=torch.int64, device=x0.device)
+    f, g = fun(x0, torch.arange(n, device=x0.device))
+    b = _Batch(x0, f, g, history)
     while True:
-        running &= (_projected_grad_norm(x, g) > gtol) & (iters < max_iter)
-        newly = ~running & ~parked
+        b.running &= (_projected_grad_norm(b.x, b.g) > gtol) & (b.iters < max_iter)
+        newly = ~b.running & ~b.parked
         if bool(newly.any()):
             done = newly.nonzero().squeeze(1)
-            resume = torch.zeros(len(done), dtype=torch.bool, device=dev)
+            resume = torch.zeros(len(done), dtype=torch.bool, device=x0.device)
             if on_converged is not None:
-                resume, mu = on_converged(rows[done], x[done])
-                back = done[resume]
-                if back.numel():
-                    mu = mu[resume].to(dt)
-                    shift = x[back] - anchor[rows[back]]
-                    f[back] += 0.5 * mu * torch.linalg.vecdot(shift, shift)
-                    g[back] += mu[:, None] * shift
-                    order = [(head - 1 - i) % history for i in range(history)]
-                    rho[back], gamma[back] = _reshape_pairs(
-                        mem_s[back], mem_y[back], mu, eps, order
-                    )
-                    mem_y[back] += mu[:, None, None] * mem_s[back]
-                    iters[back] = 0
-                    running[back] = torch.isfinite(f[back])
+                resume, mu = on_converged(b.rows[done], b.x[done], b.f[done])
+                b.resume(done[resume], mu[resume].to(dt))
             stop = done[~resume]
-            out[rows[stop]] = x[stop]
-            parked[stop] = True
-            n_parked = int(parked.sum())
-            if n_parked == len(rows):
+            out[b.rows[stop]], f_out[b.rows[stop]] = b.x[stop], b.f[stop]
+            b.parked[stop] = True
+            n_parked = int(b.parked.sum())
+            if n_parked == len(b.rows):
                 break
-            # Compacting copies the curvature pairs, so do it only once a quarter of the rows
-            # are parked: at most ~log(n) copies, at most a quarter of the work wasted.
-            if n_parked * 4 >= len(rows):
-                keep = (~parked).nonzero().squeeze(1)
-                rows, x, f, g, iters = rows[keep], x[keep], f[keep], g[keep], iters[keep]
-                mem_s, mem_y, rho, gamma = mem_s[keep], mem_y[keep], rho[keep], gamma[keep]
-                running, parked = running[keep], parked[keep]
+            # Parked rows ride along in every batched operation until dropped, and dropping
+            # copies the curvature pairs: an eighth parked is about break-even.
+            if n_parked * 8 >= len(b.rows):
+                b.drop_parked()
             continue  # resumed rows may already satisfy the tests under their new objective
-        order = [(head - 1 - i) % history for i in range(history)]  # newest first
-        d = _search_direction(x, g, mem_s, mem_y, rho, gamma, order)
-        d.masked_fill_(parked[:, None], 0.0)  # parked rows stay put (their trial is x itself)
-        xt, ft, gt, ok, n_evals = _projected_armijo(fun, rows, x, f, g, d, max_linesearch)
-        evals[rows] += n_evals * ~parked
-        iters += 1
-        s, y = xt - x, gt - g
-        sy = torch.linalg.vecdot(s, y)
-        yy = torch.linalg.vecdot(y, y)
-        good = ok & (sy > eps * yy)
-        mem_s[:, head], mem_y[:, head] = s, y
-        if not bool(good.all()):
-            bad = (~good).nonzero().squeeze(1)
-            mem_s[bad, head], mem_y[bad, head] = 0.0, 0.0
-        rho[:, head] = torch.where(good, 1.0 / sy.clamp_min(tiny), 0.0)
-        gamma = torch.where(good, sy / yy.clamp_min(tiny), gamma)
-        head = (head + 1) % history
-        # A failed line search: drop the row's memory and retry along the gradient; a row that
-        # already was on the gradient cannot make progress and its solve ends.
-        stuck = ~ok
-        running &= ~(stuck & (gamma <= 0))
-        rho = torch.where(stuck[:, None], 0.0, rho)
-        gamma = torch.where(stuck, 0.0, gamma)
-        scale = torch.maximum(torch.maximum(f.abs(), ft.abs()), torch.ones_like(f))
-        running &= ~(ok & ((f - ft) <= ftol * scale))
+        if bool(b.fresh.any()):
+            d_new = _search_direction(b.x, b.g, b.pairs)
+            b.d = d_new if bool(b.fresh.all()) else torch.where(b.fresh[:, None], d_new, b.d)
+            b.step = torch.where(b.fresh, 1.0, b.step)
+            b.tries.masked_fill_(b.fresh, 0)
+        b.d.masked_fill_(b.parked[:, None], 0.0)  # parked rows stay put (their trial is x)
+        xt = torch.addcmul(b.x, b.step[:, None], b.d).clamp_(0.0, 1.0)
+        ft, gt = fun(xt, b.rows)
+        evals[b.rows] += ~b.parked
+        s = xt - b.x
+        slope = torch.linalg.vecdot(b.g, s)  # < 0: the projected step's first-order decrease
+        rise = ft - b.f
+        # Rises within float round-off of f count as none, so a converged row does not
+        # backtrack forever (the ftol test then ends its solve).
+        noise = 8 * torch.finfo(dt).eps * b.f.abs()
+        ok = torch.isfinite(ft) & (rise <= 1e-4 * slope + noise) & ~b.parked
+        b.pairs.push(s, gt - b.g, ok)
+        scale = torch.maximum(torch.maximum(b.f.abs(), ft.abs()), torch.ones_like(ft))
+        b.running &= ~(ok & (-rise <= ftol * scale))
+        # Rejected rows retry along the same direction at the quadratic model's minimiser. A
+        # step too short to move the point in this precision, or too many tries, fails the
+        # line search: the row drops its memory and restarts along the gradient, and a row
+        # that already was on the gradient cannot make progress, so its solve ends.
+        back_off = ~ok & ~b.parked
+        b.tries += back_off
+        b.step = torch.where(back_off, _backtrack(b.step, slope, rise), b.step)
+        failed = back_off & ((b.tries >= max_linesearch) | ~(s != 0).any(dim=1))
+        if bool(failed.any()):
+            b.running &= ~(failed & ~b.pairs.used.any(dim=1))
+            b.pairs.forget(failed)
+        b.iters += ok | failed
+        b.fresh = ok | failed
         if bool(ok.all()):  # the common case: no copies
-            x, f, g = xt, ft, gt
+            b.x, b.f, b.g = xt, ft, gt
         else:
-            x = torch.where(ok[:, None], xt, x)
-            f = torch.where(ok, ft, f)
-            g = torch.where(ok[:, None], gt, g)
-    return out, evals
+            b.x = torch.where(ok[:, None], xt, b.x)
+            b.f = torch.where(ok, ft, b.f)
+            b.g = torch.where(ok[:, None], gt, b.g)
+    return out, f_out, evals
 
 
-def _reshape_pairs(
-    mem_s: Tensor, mem_y: Tensor, mu: Tensor, eps: float, order: list[int]
-) -> tuple[Tensor, Tensor]:
-    """rho and gamma of the pairs after y += mu * s; pairs that lose curvature are emptied.
+class _Batch:
+    """The rows `minimize_box_lbfgs` still holds, and their per-row state."""
 
-    Adding mu/2 ||x - a||^2 to the objective adds exactly mu * s to every gradient difference.
-    Called before mem_y is updated; emptied slots keep stale vectors but rho = 0 ignores them.
+    def __init__(self, x0: Tensor, f: Tensor, g: Tensor, history: int) -> None:
+        n, dim = x0.shape
+        dev = x0.device
+        self.x0 = x0
+        self.rows = torch.arange(n, device=dev)  # indices into x0
+        self.x, self.f, self.g = x0.clone(), f, g
+        self.d = torch.zeros_like(x0)  # the current search direction
+        self.step = torch.ones_like(f)  # the next trial's step along d
+        self.iters = torch.zeros(n, dtype=torch.int64, device=dev)  # iterations in this solve
+        self.tries = torch.zeros_like(self.iters)  # trials along d so far
+        self.fresh = torch.ones(n, dtype=torch.bool, device=dev)  # needs a new direction
+        self.running = torch.isfinite(f)
+        self.parked = torch.zeros_like(self.fresh)  # finished, not yet dropped
+        self.pairs = _Pairs(n, dim, history, dev, x0.dtype)
+
+    def resume(self, idx: Tensor, mu: Tensor) -> None:
+        """Rows idx go on with mu/2 ||x - x0||^2 added to their objective."""
+        if idx.numel() == 0:
+            return
+        shift = self.x[idx] - self.x0[self.rows[idx]]
+        self.f[idx] += 0.5 * mu * torch.linalg.vecdot(shift, shift)
+        self.g[idx] += mu[:, None] * shift
+        self.pairs.reshape(idx, mu)
+        self.iters[idx] = 0
+        self.fresh[idx] = True
+        self.running[idx] = torch.isfinite(self.f[idx])
+
+    def drop_parked(self) -> None:
+        keep = (~self.parked).nonzero().squeeze(1)
+        self.rows, self.x, self.f, self.g, self.d = (
+            self.rows[keep],
+            self.x[keep],
+            self.f[keep],
+            self.g[keep],
+            self.d[keep],
+        )
+        self.step, self.iters, self.tries = self.step[keep], self.iters[keep], self.tries[keep]
+        self.fresh, self.running, self.parked = (
+            self.fresh[keep],
+            self.running[keep],
+            self.parked[keep],
+        )
+        self.pairs.keep(keep)
+
+
+class _Pairs:
+    """Each row's last m curvature pairs (s, y) in a ring buffer, with their dot products.
+
+    Slots are (m, n, D), so each slot's vectors are one contiguous block. Keeping s.s, s.y and
+    y.y per pair makes a resume cheap: adding mu/2 ||x - a||^2 to a row's objective adds mu * s
+    to each of its y, and the products follow in closed form (s.y += mu s.s, y.y += 2 mu s.y +
+    mu^2 s.s), so only y itself is touched. A pair is used while s.y > eps y.y; a pair that
+    fails that, or was rejected when stored, is skipped.
     """
-    ss = torch.einsum("nhd,nhd->nh", mem_s, mem_s)
-    sy = torch.einsum("nhd,nhd->nh", mem_s, mem_y) + mu[:, None] * ss
-    y_new = mem_y + mu[:, None, None] * mem_s
-    yy = torch.einsum("nhd,nhd->nh", y_new, y_new)
-    valid = (ss > 0) & (sy > eps * yy)
-    rho = torch.where(valid, 1.0 / sy.clamp_min(torch.finfo(sy.dtype).tiny), 0.0)
-    # The initial Hessian scale comes from the newest surviving pair (`order`: newest first).
-    ratio = torch.where(valid, sy / yy.clamp_min(torch.finfo(sy.dtype).tiny), 0.0)[:, order]
-    newest = valid[:, order].to(torch.int8).argmax(dim=1, keepdim=True)
-    gamma = ratio.gather(1, newest).squeeze(1)
-    return rho, gamma
+
+    def __init__(self, n: int, dim: int, m: int, dev: torch.device, dt: torch.dtype) -> None:
+        self.m, self.head = m, 0  # head: the ring slot the next pair goes into
+        self.s = torch.zeros(m, n, dim, device=dev, dtype=dt)
+        self.y = torch.zeros_like(self.s)
+        self.ss = torch.zeros(n, m, device=dev, dtype=dt)
+        self.sy = torch.zeros_like(self.ss)
+        self.yy = torch.zeros_like(self.ss)
+        self.used = torch.zeros(n, m, device=dev, dtype=torch.bool)
+        self.eps, self.tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
+
+    def newest_first(self) -> list[int]:
+        return [(self.head - 1 - i) % self.m for i in range(self.m)]
+
+    def push(self, s: Tensor, y: Tensor, ok: Tensor) -> None:
+        """Store this iteration's pairs; rows whose line search failed store an unused one."""
+        h = self.head
+        self.s[h], self.y[h] = s, y
+        self.ss[:, h] = torch.linalg.vecdot(s, s)
+        self.sy[:, h] = torch.linalg.vecdot(s, y)
+        self.yy[:, h] = torch.linalg.vecdot(y, y)
+        self.used[:, h] = ok & (self.sy[:, h] > self.eps * self.yy[:, h])
+        self.head = (h + 1) % self.m
+
+    def gamma(self) -> Tensor:
+        """(n,) s.y / y.y of each row's newest used pair (the initial Hessian scale); 0 if none."""
+        order = self.newest_first()
+        used = self.used[:, order]
+        ratio = (self.sy / self.yy.clamp_min(self.tiny))[:, order]
+        newest = used.to(torch.int8).argmax(dim=1, keepdim=True)
+        return torch.where(used.any(dim=1), ratio.gather(1, newest).squeeze(1), 0.0)
+
+    def forget(self, mask: Tensor) -> None:
+        self.used[mask] = False
+
+    def reshape(self, idx: Tensor, mu: Tensor) -> None:
+        """Rows idx gain mu/2 ||x - a||^2 in their objective: y += mu * s for their pairs."""
+        ss, sy, mu2 = self.ss[idx], self.sy[idx], mu[:, None]
+        self.yy[idx] = self.yy[idx] + 2 * mu2 * sy + mu2 * mu2 * ss
+        self.sy[idx] = sy + mu2 * ss
+        self.used[idx] &= self.sy[idx] > self.eps * self.yy[idx]
+        self.y[:, idx] += mu[None, :, None] * self.s[:, idx]
+
+    def keep(self, idx: Tensor) -> None:
+        self.s, self.y = self.s[:, idx], self.y[:, idx]
+        self.ss, self.sy, self.yy, self.used = (
+            self.ss[idx],
+            self.sy[idx],
+            self.yy[idx],
+            self.used[idx],
+        )
+
+    def times(self, q: Tensor, h0: Tensor) -> Tensor:
+        """H q by the two-loop recursion, H0 = h0 I; unused slots contribute nothing."""
+        rho = torch.where(self.used, 1.0 / self.sy.clamp_min(self.tiny), 0.0)
+        order = self.newest_first()
+        r = q.clone()
+        alpha = []
+        for i in order:
+            a = rho[:, i] * torch.linalg.vecdot(self.s[i], r)
+            r.addcmul_(a[:, None], self.y[i], value=-1.0)
+            alpha.append(a)
+        r.mul_(h0[:, None])
+        for i, a in zip(reversed(order), reversed(alpha), strict=True):
+            beta = rho[:, i] * torch.linalg.vecdot(self.y[i], r)
+            r.addcmul_((a - beta)[:, None], self.s[i])
+        return r
 
 
 def _projected_grad_norm(x: Tensor, g: Tensor) -> Tensor:
@@ -280,107 +372,21 @@ def _projected_grad_norm(x: Tensor, g: Tensor) -> Tensor:
     return torch.clamp(g, min=x - 1, max=x).abs_().amax(dim=1)
 
 
-def _search_direction(
-    x: Tensor,
-    g: Tensor,
-    mem_s: Tensor,
-    mem_y: Tensor,
-    rho: Tensor,
-    gamma: Tensor,
-    order: list[int],
-) -> Tensor:
+def _search_direction(x: Tensor, g: Tensor, pairs: _Pairs) -> Tensor:
     """-H g on the free variables, H the per-row L-BFGS inverse Hessian; zero on pinned ones."""
     free = ~(((x <= 0) & (g > 0)) | ((x >= 1) & (g < 0)))
     q = g * free
     gnorm = q.norm(dim=1).clamp_min(torch.finfo(q.dtype).tiny)
     # Without pairs the first step has unit length, as in L-BFGS-B.
+    gamma = pairs.gamma()
     h0 = torch.where(gamma > 0, gamma, 1.0 / gnorm)
-    d = _two_loop(q, mem_s, mem_y, rho, h0, order)
+    d = pairs.times(q, h0)
     d = d.neg_().mul_(free)
     # Masking keeps d a descent direction in exact arithmetic; guard against round-off anyway.
     bad = ~(torch.linalg.vecdot(g, d) < 0)
     if bool(bad.any()):
         d = torch.where(bad[:, None], -q / gnorm[:, None], d)
     return d
-
-
-def _two_loop(
-    q: Tensor, mem_s: Tensor, mem_y: Tensor, rho: Tensor, h0: Tensor, order: list[int]
-) -> Tensor:
-    """The L-BFGS two-loop recursion for a batch; `order` lists ring slots newest first.
-
-    Empty slots (rho = 0) contribute nothing, so rows with fewer pairs need no special case.
-    """
-    q = q.clone()
-    alpha = []
-    for i in order:
-        a = rho[:, i] * torch.linalg.vecdot(mem_s[:, i], q)
-        q.sub_(a[:, None] * mem_y[:, i])
-        alpha.append(a)
-    r = q.mul_(h0[:, None])
-    for i, a in zip(reversed(order), reversed(alpha), strict=True):
-        beta = rho[:, i] * torch.linalg.vecdot(mem_y[:, i], r)
-        r.add_((a - beta)[:, None] * mem_s[:, i])
-    return r
-
-
-def _projected_armijo(
-    fun: BatchObjective,
-    rows: Tensor,
-    x: Tensor,
-    f: Tensor,
-    g: Tensor,
-    d: Tensor,
-    max_steps: int,
-    fan: int = 2,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Backtrack each row from step 1 until f(P(x + a d)) <= f + 1e-4 g.(P(x + a d) - x).
-
-    Rows that reject the unit step try `fan` shorter steps at once, in one batched evaluation:
-    the quadratic model's minimiser t (from f, the slope and the failed trial), t/4, ...;
-    the longest accepted one wins. One wide call instead of several sequential ones is what
-    matters for small models, where each call's fixed cost dominates. Rises within float
-    round-off of f count as no rise, so a converged row does not backtrack forever (the ftol test
-    then ends its solve). Returns the accepted points, values, gradients, an accepted mask and
-    evaluations per row (a fan of k trials counts k).
-    """
-    n = x.shape[0]
-    evals = torch.ones(n, dtype=torch.int64, device=x.device)
-    noise = 8 * torch.finfo(f.dtype).eps * f.abs()
-    # The first trial covers every row: no indexing (most rows accept the unit step).
-    xt = (x + d).clamp_(0.0, 1.0)
-    ft, gt = fun(xt, rows)
-    slope = torch.linalg.vecdot(g, xt - x)  # < 0: the projected step's first-order decrease
-    ok = torch.isfinite(ft) & (ft - f <= 1e-4 * slope + noise)
-    pending = (~ok).nonzero().squeeze(1)
-    step = _backtrack(torch.ones_like(f), slope, ft - f)
-    shrink = 0.25 ** torch.arange(fan, dtype=x.dtype, device=x.device)
-    rounds = max(1, math.ceil((max_steps - 1) / fan))
-    for _ in range(rounds):
-        if pending.numel() == 0:
-            break
-        m = pending.numel()
-        xp = x[pending]
-        a = step[pending][:, None] * shrink  # (m, fan), longest first
-        trial = (xp[:, None] + a[:, :, None] * d[pending][:, None]).clamp_(0.0, 1.0)
-        f_trial, g_trial = fun(trial.view(m * fan, -1), rows[pending].repeat_interleave(fan))
-        f_trial, g_trial = f_trial.view(m, fan), g_trial.view(m, fan, -1)
-        evals[pending] += fan
-        decrease = torch.einsum("md,mkd->mk", g[pending], trial - xp[:, None])
-        rise = f_trial - f[pending][:, None]
-        accept = torch.isfinite(f_trial) & (rise <= 1e-4 * decrease + noise[pending][:, None])
-        hit = accept.any(dim=1)
-        first = accept.to(torch.int8).argmax(dim=1)  # the longest accepted step
-        acc, k = pending[hit], first[hit]
-        xt[acc], ft[acc], gt[acc] = trial[hit, k], f_trial[hit, k], g_trial[hit, k]
-        ok[acc] = True
-        # Missed rows go on below the shortest step tried, by the model fitted to it.
-        last = fan - 1
-        step[pending] = _backtrack(a[:, last], decrease[:, last], rise[:, last])
-        # A step too small to move the point in this precision can never be accepted: give up.
-        moved = (trial[:, last] != xp).any(dim=1)
-        pending = pending[~hit & moved]
-    return xt, ft, gt, ok, evals
 
 
 def _backtrack(step: Tensor, slope: Tensor, rise: Tensor) -> Tensor:
@@ -459,10 +465,9 @@ class _PenaltyObjective:
             self.best_x[rows[closer]] = z[closer]
 
     @torch.no_grad()
-    def reached(self, z: Tensor, rows: Tensor) -> Tensor:
-        """Whether each row's point is adversarial (by the margin)."""
-        logits = self.model(z.view(-1, *self.shape))
-        return self._margin(logits, rows) > self.params.margin
+    def margin_at(self, z: Tensor, rows: Tensor) -> Tensor:
+        """(n,) how far each row's point is inside its adversarial region, in logits."""
+        return self._margin(self.model(z.view(-1, *self.shape)), rows)
 
 
 # --------------------------------------------------------------------------- c search
@@ -483,14 +488,15 @@ class _CSearch:
         self.steps = torch.zeros(n, dtype=torch.int64, device=dev)
         self.before = torch.full((n,), math.inf, dtype=objective.x0.dtype, device=dev)
         # An input the model already puts in the target class is its own closest success.
-        self.active = ~objective.reached(objective.x0, torch.arange(n, device=dev))
+        rows = torch.arange(n, device=dev)
+        self.active = ~(objective.margin_at(objective.x0, rows) > p.margin)
         objective.best_sq[~self.active] = 0.0
         objective.c.copy_(self.c.to(objective.c.dtype))
 
-    def solved(self, rows: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Record the solves of `rows` ending at z; (which rows go on, their change in c)."""
+    def solved(self, rows: Tensor, z: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+        """Record solves of `rows` ending at z with objective f; (rows going on, change in c)."""
         p, obj = self.p, self.objective
-        ok = obj.reached(z, rows)
+        ok = obj.margin_at(z, rows) > p.margin
         c = self.c[rows]
         lo = torch.where(ok, c, self.lo[rows])
         hi = torch.where(ok, self.hi[rows], c)
@@ -508,12 +514,26 @@ class _CSearch:
         bracketed = (lo > 0) & (hi <= lo * (1 + p.c_rtol))
         go_on = ~(stalled | bracketed | (self.steps[rows] >= p.search_steps))
         if obj.groups is not None:
-            go_on &= ~self._outrun(rows, lo, sq)
+            go_on &= ~self._outrun(rows, lo, self._bound(rows, sq, f))
         c_next = _next_c(lo, hi, p.c_factor)
         self.c[rows] = torch.where(go_on, c_next, c)
         obj.c[rows] = self.c[rows].to(obj.c.dtype)
         self.active[rows] = go_on
         return go_on, 2 * (self.c[rows] - c)
+
+    def _bound(self, rows: Tensor, sq: Tensor, f: Tensor) -> Tensor:
+        """A lower bound on the squared distance from x to the row's target region.
+
+        The margin loss is 0 on the region, so every point r of it has objective c ||r - x||^2,
+        never below the minimum f: ||r - x||^2 >= f / c. That is the failing minimiser's own
+        squared distance plus loss / c, far tighter than the distance alone while c is large.
+        (Exact for a convex loss; a local minimiser of a non-linear net makes it an estimate.)
+        Cross-entropy is never 0, so for it the bound is the minimiser's distance.
+        """
+        if self.p.loss != "margin":
+            return sq
+        c = self.objective.c[rows]
+        return torch.maximum(sq, f / c)
 
     def _outrun(self, rows: Tensor, lo: Tensor, sq: Tensor) -> Tensor:
         """Rows (target="all") that cannot beat another target of their own example.
@@ -561,18 +581,18 @@ def _torch_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
     from there (warm start, curvature pairs kept), so no example waits for slower ones.
     """
     search = _CSearch(objective, p)
-    evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
     rows = search.active.nonzero().squeeze(1)
+    evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
     if rows.numel() == 0:
         return evals
 
     def fun(z: Tensor, sub: Tensor) -> tuple[Tensor, Tensor]:
         return objective(z, rows[sub])
 
-    def on_converged(sub: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        return search.solved(rows[sub], z)
+    def on_converged(sub: Tensor, z: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+        return search.solved(rows[sub], z, f)
 
-    _, n_evals = minimize_box_lbfgs(
+    _, _, evals[rows] = minimize_box_lbfgs(
         fun,
         objective.x0[rows],
         max_iter=p.max_iter,
@@ -581,7 +601,6 @@ def _torch_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
         gtol=p.gtol,
         on_converged=on_converged,
     )
-    evals[rows] = n_evals
     return evals
 
 
@@ -595,12 +614,12 @@ def _torch_search_cold(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
         def fun(z: Tensor, sub: Tensor, rows: Tensor = rows) -> tuple[Tensor, Tensor]:
             return objective(z, rows[sub])
 
-        z, n_evals = minimize_box_lbfgs(
+        z, f, n_evals = minimize_box_lbfgs(
             fun, objective.x0[rows], max_iter=p.max_iter, history=p.history, ftol=p.ftol,
             gtol=p.gtol,
         )  # fmt: skip
         evals[rows] += n_evals
-        search.solved(rows, z)
+        search.solved(rows, z, f)
     return evals
 
 
@@ -611,21 +630,22 @@ def _scipy_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
     start = objective.x0.clone()
     while bool(search.active.any()):
         rows = search.active.nonzero().squeeze(1)
-        z, n_evals = _scipy_inner(objective, rows, start[rows], p)
+        z, f, n_evals = _scipy_inner(objective, rows, start[rows], p)
         evals[rows] += n_evals
         if p.warm_start:
             start[rows] = z
-        search.solved(rows, z)
+        search.solved(rows, z, f)
     return evals
 
 
 def _scipy_inner(
     objective: _PenaltyObjective, rows: Tensor, starts: Tensor, p: SearchParams
-) -> tuple[Tensor, Tensor]:
-    """scipy's L-BFGS-B one row at a time from the given starting points."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """scipy's L-BFGS-B one row at a time from the given starting points; (z, f, evals)."""
     dim = objective.x0.shape[1]
     bounds = np.tile([0.0, 1.0], (dim, 1))
     out = starts.clone()
+    values = torch.empty(len(rows), dtype=out.dtype, device=out.device)
     evals = torch.zeros(len(rows), dtype=torch.int64, device=out.device)
     for k, row in enumerate(rows.tolist()):
         row_t = torch.tensor([row], device=out.device)
@@ -635,7 +655,7 @@ def _scipy_inner(
             f, g = objective(zt, row_t)
             return float(f.item()), g[0].double().cpu().numpy()
 
-        z, _, info = fmin_l_bfgs_b(
+        z, value, info = fmin_l_bfgs_b(
             fun,
             starts[k].double().cpu().numpy(),
             bounds=bounds,
@@ -645,8 +665,9 @@ def _scipy_inner(
             maxiter=p.max_iter,
         )
         out[k] = torch.as_tensor(z, dtype=out.dtype, device=out.device)
+        values[k] = float(value)
         evals[k] = info["funcalls"]
-    return out, evals
+    return out, values, evals
 
 
 # --------------------------------------------------------------------------- public API
