@@ -5,9 +5,11 @@ same thread count for everyone. For each model it prints a markdown table (succe
 over the examples every attack fooled and over each attack's own successes, wall time) and the
 ratios the attack issue targets:
 
-- advlab L-BFGS mean L2 <= the best peer's, at 100% success (peers that fool every example,
+- advlab L-BFGS (every wrong class, and the 3 nearest by the linearised estimate) mean L2 <=
+  the best peer's, at 100% success (peers that fool every example,
   all examples; the table also gives each attack's mean over the examples every attack fooled);
-- advlab L-BFGS wall time <= 3x Foolbox DDN's;
+- advlab L-BFGS wall time <= 3x Foolbox DDN's (every attack that takes under 5 s is timed as
+  the best of --repeats runs, so a busy moment on the machine does not decide a ratio);
 - advlab L-BFGS >= 20x faster per example than the same search run by scipy one example at a
   time (`lbfgs_scipy_reference`, timed on the first --scipy-examples examples).
 
@@ -46,8 +48,10 @@ from advlab.spec import TrainSpec
 from advlab.train import error_rate, train_model
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
-# The advlab L-BFGS row the targets are checked on, and the mode the scipy reference reruns.
+# The advlab L-BFGS rows the targets are checked on; the scipy reference reruns the first.
 HEADLINE = "advlab L-BFGS margin, all targets"
+NEAREST = "advlab L-BFGS margin, 3 nearest targets"
+DDN = "Foolbox DDN (100 steps)"
 
 
 @dataclass
@@ -99,11 +103,22 @@ def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int) -> tuple[Tenso
 # --------------------------------------------------------------------------- attacks
 
 
+# Attacks faster than this are rerun and timed by their best run (timeit's rule: the minimum is
+# the run least disturbed by the rest of the machine); slower ones once.
+REPEAT_BELOW_S = 5.0
+REPEATS = 3
+
+
 def timed(name: str, run: Callable[[], tuple[Tensor, float]], note: str = "") -> Row:
-    start, cpu = time.perf_counter(), time.process_time()
-    x_adv, evals = run()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return Row(name, x_adv.detach().cpu(), wall, cpu, evals, note)
+    best_wall = best_cpu = math.inf
+    for attempt in range(REPEATS):
+        start, cpu = time.perf_counter(), time.process_time()
+        x_adv, evals = run()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        best_wall, best_cpu = min(best_wall, wall), min(best_cpu, cpu)
+        if attempt == 0 and wall >= REPEAT_BELOW_S:
+            break
+    return Row(name, x_adv.detach().cpu(), best_wall, best_cpu, evals, note)
 
 
 def advlab_rows(model: nn.Module, x: Tensor, y: Tensor) -> list[Row]:
@@ -117,7 +132,7 @@ def advlab_rows(model: nn.Module, x: Tensor, y: Tensor) -> list[Row]:
     return [
         timed(HEADLINE, run(lambda: lbfgs_attack(model, x, y, "all", loss="margin"))),
         timed(
-            "advlab L-BFGS margin, 3 nearest targets",
+            NEAREST,
             run(lambda: lbfgs_attack(model, x, y, "all", loss="margin", candidates=3)),
         ),
         timed(
@@ -141,7 +156,7 @@ def foolbox_rows(model: nn.Module, x: Tensor, y: Tensor) -> list[Row]:
         return []
     fmodel = fb.PyTorchModel(model, bounds=(0, 1))
     attacks = {
-        "Foolbox DDN (100 steps)": fb.attacks.DDNAttack(steps=100),
+        DDN: fb.attacks.DDNAttack(steps=100),
         "Foolbox FMN-L2 (100 steps)": fb.attacks.L2FMNAttack(steps=100),
         "Foolbox DeepFool-L2": fb.attacks.L2DeepFoolAttack(steps=50, overshoot=0.02),
         "Foolbox C&W-L2 (9x1000)": fb.attacks.L2CarliniWagnerAttack(
@@ -239,9 +254,8 @@ def table(title: str, scored: list[dict[str, object]], n: int) -> str:
 
 
 def targets(scored: list[dict[str, object]], ref: Row, ours_small: Row) -> str:
-    """The issue's three ratios for one model."""
+    """The issue's three ratios for one model, for both advlab L-BFGS configurations."""
     by_name = {s["row"].name: s for s in scored}  # type: ignore[union-attr]
-    head = by_name[HEADLINE]
     # The bar: peers that fool every example (a peer that gives up on the hard half has a small
     # mean over the easy half), compared over all examples.
     peers = [
@@ -252,25 +266,26 @@ def targets(scored: list[dict[str, object]], ref: Row, ours_small: Row) -> str:
     lines = []
     if peers:
         best = min(peers, key=lambda s: s["l2_own"])  # type: ignore[arg-type, return-value]
-        ratio = head["l2_own"] / best["l2_own"]  # type: ignore[operator]
-        ok = ratio <= 1 and head["success"] == 1.0
-        lines.append(
-            f"- L2: advlab L-BFGS {head['l2_own']:.4f} vs best peer at 100% success "
-            f"{best['row'].name} {best['l2_own']:.4f} -> ratio {ratio:.4f} "  # type: ignore[union-attr]
-            f"(target <= 1 at 100% success: {'met' if ok else 'MISSED'}; "
-            f"success {head['success']:.1%})"
-        )
-        for name in (HEADLINE, "advlab L-BFGS margin, 3 nearest targets"):
-            if "Foolbox DDN (100 steps)" in by_name and name in by_name:
-                ddn: Row = by_name["Foolbox DDN (100 steps)"]["row"]  # type: ignore[assignment]
-                mine: Row = by_name[name]["row"]  # type: ignore[assignment]
-                wall, cpu = mine.seconds / ddn.seconds, mine.cpu / ddn.cpu
+        for name in (HEADLINE, NEAREST):
+            mine = by_name[name]
+            ratio = mine["l2_own"] / best["l2_own"]  # type: ignore[operator]
+            ok = ratio <= 1 and mine["success"] == 1.0
+            lines.append(
+                f"- L2: {name} {mine['l2_own']:.4f} vs best peer at 100% success "
+                f"{best['row'].name} {best['l2_own']:.4f} -> ratio {ratio:.4f} "  # type: ignore[union-attr]
+                f"(target <= 1 at 100% success: {'met' if ok else 'MISSED'}; "
+                f"success {mine['success']:.1%})"
+            )
+            if DDN in by_name:
+                ddn: Row = by_name[DDN]["row"]  # type: ignore[assignment]
+                row: Row = mine["row"]  # type: ignore[assignment]
+                wall, cpu = row.seconds / ddn.seconds, row.cpu / ddn.cpu
                 lines.append(
-                    f"- time: {name} / Foolbox DDN = {wall:.2f}x wall, {cpu:.2f}x cpu "
+                    f"- time: {name} / {DDN} = {wall:.2f}x wall, {cpu:.2f}x cpu "
                     f"(target <= 3x: {'met' if max(wall, cpu) <= 3 else 'MISSED'})"
                 )
     n_ref = len(ref.x_adv)
-    head_row: Row = head["row"]  # type: ignore[assignment]
+    head_row: Row = by_name[HEADLINE]["row"]  # type: ignore[assignment]
     speedup = (ref.cpu / n_ref) / (head_row.cpu / len(head_row.x_adv))
     same_n = ref.cpu / ours_small.cpu
     lines.append(
@@ -291,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="digits,fashion_mnist")
     parser.add_argument("--fashion-root", default=FASHION_ROOT)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for everyone")
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="best of N runs (fast ones)")
     parser.add_argument("--epochs", type=int, default=0, help="0: 20 on digits, 3 otherwise")
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--scipy-examples", type=int, default=5, help="scipy is slow: ~s each")
@@ -298,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/advlab/bench")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args(argv)
+    global REPEATS
+    REPEATS = max(1, args.repeats)
     torch.set_num_threads(args.threads)
     report = [
         f"torch {torch.__version__}, {args.threads} thread(s), {args.examples} examples per model"

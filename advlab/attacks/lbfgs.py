@@ -374,14 +374,16 @@ def _projected_grad_norm(x: Tensor, g: Tensor) -> Tensor:
 
 def _search_direction(x: Tensor, g: Tensor, pairs: _Pairs) -> Tensor:
     """-H g on the free variables, H the per-row L-BFGS inverse Hessian; zero on pinned ones."""
-    free = ~(((x <= 0) & (g > 0)) | ((x >= 1) & (g < 0)))
-    q = g * free
+    # Pinned: at 0 with g > 0, or at 1 with g < 0, i.e. exactly where a unit step against the
+    # gradient's sign, clamped to the box, does not move x (g = 0 counts too: harmless).
+    free = (x - g.sign()).clamp_(0.0, 1.0) != x
+    q = torch.where(free, g, 0.0)
     gnorm = q.norm(dim=1).clamp_min(torch.finfo(q.dtype).tiny)
     # Without pairs the first step has unit length, as in L-BFGS-B.
     gamma = pairs.gamma()
     h0 = torch.where(gamma > 0, gamma, 1.0 / gnorm)
-    d = pairs.times(q, h0)
-    d = d.neg_().mul_(free)
+    d = pairs.times(q, h0).neg_()
+    d = torch.where(free, d, 0.0)
     # Masking keeps d a descent direction in exact arithmetic; guard against round-off anyway.
     bad = ~(torch.linalg.vecdot(g, d) < 0)
     if bool(bad.any()):
@@ -535,12 +537,11 @@ class _CSearch:
         c = self.objective.c[rows]
         return torch.maximum(sq, f / c)
 
-    def _outrun(self, rows: Tensor, lo: Tensor, sq: Tensor) -> Tensor:
+    def _outrun(self, rows: Tensor, lo: Tensor, bound: Tensor) -> Tensor:
         """Rows (target="all") that cannot beat another target of their own example.
 
-        A row that has never succeeded only finds success at a smaller c, and the penalty's
-        minimiser moves away from x as c shrinks (exactly so for a convex loss, as on linear
-        models). So once its failing minimiser is already as far as the closest success of its
+        `bound` is a lower bound on the squared distance to the row's target region (`_bound`).
+        Once a row that has never succeeded has a bound as large as the closest success of its
         example's other targets, it stops: the far targets of an example drop out after a
         solve or two instead of running the whole search. Rows of other examples play no part.
         """
@@ -550,7 +551,7 @@ class _CSearch:
         n_groups = int(groups.max()) + 1
         best = torch.full((n_groups,), math.inf, dtype=obj.best_sq.dtype, device=groups.device)
         best = best.scatter_reduce(0, groups, obj.best_sq, reduce="amin")
-        return (lo == 0) & (sq >= best[groups[rows]])
+        return (lo == 0) & (bound >= best[groups[rows]])
 
 
 def initial_c(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
