@@ -300,6 +300,7 @@ def targets(scored: list[dict[str, object]], ref: Row, ours_small: Row) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global REPEATS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", type=int, default=200, help="examples per model")
     parser.add_argument("--models", default="fc10,fc100-100-10")
@@ -314,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache/advlab/bench")
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args(argv)
-    global REPEATS
     REPEATS = max(1, args.repeats)
     torch.set_num_threads(args.threads)
     report = [
