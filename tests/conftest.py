@@ -134,14 +134,16 @@ def l2_distance(x: Tensor, result: AttackResult) -> Tensor:
     return distortions(x, result.x_adv)["l2"]
 
 
-def exact_linear_distance_slsqp(lin: nn.Linear, x0: np.ndarray, target: int) -> float:
-    """min ||r||_2 s.t. the target logit is >= every other at x0 + r, 0 <= x0 + r <= 1 (SLSQP
-    on the primal QP): the known answer for a linear model."""
+def exact_linear_distance_slsqp(
+    lin: nn.Linear, x0: np.ndarray, target: int, lead: float = 0.0
+) -> float:
+    """min ||r||_2 s.t. the target logit is >= every other + lead at x0 + r, 0 <= x0 + r <= 1
+    (SLSQP on the primal QP): the known answer for a linear model."""
     w = lin.weight.detach().double().numpy()
     b = lin.bias.detach().double().numpy()
     others = [j for j in range(len(b)) if j != target]
     a = w[target] - w[others]  # (K-1, D): rows of the half-space constraints a.(x0+r) + c >= 0
-    c = b[target] - b[others]
+    c = b[target] - b[others] - lead
     res = minimize(
         lambda r: r @ r,
         np.zeros_like(x0),

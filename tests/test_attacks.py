@@ -28,7 +28,7 @@ from advlab.attacks import (
     pgd,
     random_wrong_targets,
 )
-from advlab.attacks.lbfgs import minimize_box_lbfgs
+from advlab.attacks.lbfgs import SearchParams, _PenaltyObjective, minimize_box_lbfgs
 from advlab.measure import distortions
 
 # ----------------------------------------------------------------------------- fixtures
@@ -228,6 +228,44 @@ def test_lbfgs_ten_class_linear_matches_the_exact_qp(
     # minimisers enters the target region a little off the projection: a few % on average.
     assert ratio.mean() <= 1.03, ratio
     assert ratio.max() <= 1.08, ratio
+
+
+@pytest.mark.parametrize("c", [100.0, 10.0, 1.0])
+def test_failed_solve_bounds_the_distance_from_below(
+    linear10: nn.Sequential, digits: tuple[Tensor, Tensor], c: float
+) -> None:
+    # target="all" stops a far target once f / c (the minimum of c ||r||^2 + margin loss over
+    # the box, divided by c) reaches the example's closest success: valid only if f / c never
+    # exceeds the squared distance to the target region (where the loss is 0), which the exact
+    # QP gives on a linear model. It must also beat the minimiser's own squared distance,
+    # or it prunes nothing the old rule did not.
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double()
+    model.load_state_dict(linear10.state_dict())
+    x = digits[0][600:604].double()
+    y = _predict(model, x)
+    xs = x.flatten(1).repeat(9, 1)
+    ys = y.repeat(9)
+    ts = (ys + torch.arange(1, 10).repeat_interleave(len(x))) % 10
+    params = SearchParams(loss="margin")
+    objective = _PenaltyObjective(model, xs, ys, ts, tuple(x.shape[1:]), params)
+    objective.c.fill_(c)
+    z, f, _ = minimize_box_lbfgs(objective, xs.clone(), gtol=1e-10, ftol=1e-15, max_iter=500)
+    sq = ((z - xs) ** 2).sum(dim=1)
+    failed = objective.margin_at(z, torch.arange(len(xs))) <= params.margin
+    assert failed.sum() >= 9
+    exact = torch.tensor(
+        [
+            _exact_linear_target_distance(model[1], xs[i].numpy(), int(ts[i]), params.kappa) ** 2
+            for i in failed.nonzero().squeeze(1).tolist()
+        ],
+        dtype=torch.float64,
+    )
+    bound = (f / c)[failed]
+    assert (bound <= exact * (1 + 1e-6)).all(), (bound / exact).max()
+    assert (bound > sq[failed]).all()
+    # It closes a good part of the gap between the failed minimiser and the region.
+    closed = (bound - sq[failed]) / (exact - sq[failed])
+    assert closed.mean() > 0.25, closed
 
 
 def test_lbfgs_agrees_with_the_scipy_reference(
