@@ -28,7 +28,7 @@ from advlab.attacks import (
     pgd,
     random_wrong_targets,
 )
-from advlab.attacks.lbfgs import SearchParams, _PenaltyObjective, minimize_box_lbfgs
+from advlab.attacks.lbfgs import SearchParams, _Pairs, _PenaltyObjective, minimize_box_lbfgs
 from advlab.measure import distortions
 
 # ----------------------------------------------------------------------------- fixtures
@@ -168,6 +168,54 @@ def test_minimize_box_lbfgs_solves_a_box_constrained_quadratic() -> None:
         )
         np.testing.assert_allclose(z[i].numpy(), ref, atol=1e-5)
     assert (evals > 1).all()
+
+
+def test_minimize_box_lbfgs_restarts_after_a_failed_line_search() -> None:
+    # Ten evaluations in a row come back inf, so the line search fails with pairs in memory:
+    # the row must drop them and go on along the gradient (not stop as if it had none), even
+    # with fewer ring slots (history 3) than line-search tries.
+    w = torch.tensor([1.0, 4.0, 9.0, 16.0], dtype=torch.float64)
+    target = torch.full((4,), 0.7, dtype=torch.float64)
+    calls = [0]
+
+    def fun(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        calls[0] += 1
+        f = ((z - target) ** 2 * w).sum(1)
+        if 4 <= calls[0] < 14:
+            f = torch.full_like(f, float("inf"))
+        return f, 2 * (z - target) * w
+
+    x0 = torch.full((1, 4), 0.1, dtype=torch.float64)
+    z, f, _ = minimize_box_lbfgs(fun, x0, history=3, gtol=1e-10, ftol=1e-15)
+    torch.testing.assert_close(z[0], target, atol=1e-6, rtol=0)
+    assert float(f) < 1e-10
+
+
+def test_resumed_pairs_keep_their_curvature_through_shrinking_c() -> None:
+    # The attack shrinks c by 10x per failed solve; each resume adds mu * s to the stored y
+    # (mu = 2 (c' - c) < 0). In float32 the updated s.y and y.y must still match the pair a
+    # float64 computation would hold at the new c, down to c = 1e-3 (a closed-form update of
+    # y.y cancels to the wrong sign there).
+    gen = torch.Generator().manual_seed(0)
+    s64 = 1e-2 * torch.randn(1, 784, generator=gen, dtype=torch.float64)
+    pairs = _Pairs(1, 784, 5, torch.device("cpu"), torch.float32)
+    c = 100.0
+    pairs.push(s64.float(), (2 * c * s64).float(), torch.tensor([True]))
+    for c_new in (10.0, 1.0, 0.1, 0.01, 0.001):
+        pairs.reshape(torch.tensor([0]), torch.tensor([2 * (c_new - c)]))
+        c = c_new
+        y = 2 * c * s64
+        exact_gamma = float((s64 * y).sum() / (y * y).sum())
+        assert bool(pairs.used[0, 0])
+        assert float(pairs.gamma()[0]) == pytest.approx(exact_gamma, rel=1e-3)
+
+
+def test_minimize_box_lbfgs_takes_an_empty_batch() -> None:
+    def fun(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        return (z**2).sum(1), 2 * z
+
+    z, f, evals = minimize_box_lbfgs(fun, torch.zeros(0, 3))
+    assert z.shape == (0, 3) and f.shape == (0,) and evals.shape == (0,)
 
 
 # ----------------------------------------------------------------------------- L-BFGS attack

@@ -177,6 +177,8 @@ def minimize_box_lbfgs(
     out = x0.clone()
     f_out = torch.empty(n, device=x0.device, dtype=dt)
     evals = torch.ones(n, dtype=torch.int64, device=x0.device)
+    if n == 0:
+        return out, f_out, evals
     f, g = fun(x0, torch.arange(n, device=x0.device))
     b = _Batch(x0, f, g, history)
     while True:
@@ -202,6 +204,7 @@ def minimize_box_lbfgs(
         if bool(b.fresh.any()):
             d_new = _search_direction(b.x, b.g, b.pairs)
             b.d = d_new if bool(b.fresh.all()) else torch.where(b.fresh[:, None], d_new, b.d)
+            b.on_gradient = torch.where(b.fresh, ~b.pairs.used.any(dim=1), b.on_gradient)
             b.step = torch.where(b.fresh, 1.0, b.step)
             b.tries.masked_fill_(b.fresh, 0)
         b.d.masked_fill_(b.parked[:, None], 0.0)  # parked rows stay put (their trial is x)
@@ -227,7 +230,7 @@ def minimize_box_lbfgs(
         b.step = torch.where(back_off, _backtrack(b.step, slope, rise), b.step)
         failed = back_off & ((b.tries >= max_linesearch) | ~(s != 0).any(dim=1))
         if bool(failed.any()):
-            b.running &= ~(failed & ~b.pairs.used.any(dim=1))
+            b.running &= ~(failed & b.on_gradient)
             b.pairs.forget(failed)
         b.iters += ok | failed
         b.fresh = ok | failed
@@ -254,6 +257,7 @@ class _Batch:
         self.iters = torch.zeros(n, dtype=torch.int64, device=dev)  # iterations in this solve
         self.tries = torch.zeros_like(self.iters)  # trials along d so far
         self.fresh = torch.ones(n, dtype=torch.bool, device=dev)  # needs a new direction
+        self.on_gradient = torch.ones_like(self.fresh)  # d was computed without pairs
         self.running = torch.isfinite(f)
         self.parked = torch.zeros_like(self.fresh)  # finished, not yet dropped
         self.pairs = _Pairs(n, dim, history, dev, x0.dtype)
@@ -280,31 +284,30 @@ class _Batch:
             self.d[keep],
         )
         self.step, self.iters, self.tries = self.step[keep], self.iters[keep], self.tries[keep]
-        self.fresh, self.running, self.parked = (
-            self.fresh[keep],
-            self.running[keep],
-            self.parked[keep],
-        )
+        self.fresh, self.on_gradient = self.fresh[keep], self.on_gradient[keep]
+        self.running, self.parked = self.running[keep], self.parked[keep]
         self.pairs.keep(keep)
 
 
 class _Pairs:
-    """Each row's last m curvature pairs (s, y) in a ring buffer, with their dot products.
+    """Each row's recent curvature pairs (s, y) in a ring buffer, with s.y and y.y.
 
-    Slots are (m, n, D), so each slot's vectors are one contiguous block. Keeping s.s, s.y and
-    y.y per pair makes a resume cheap: adding mu/2 ||x - a||^2 to a row's objective adds mu * s
-    to each of its y, and the products follow in closed form (s.y += mu s.s, y.y += 2 mu s.y +
-    mu^2 s.s), so only y itself is touched. A pair is used while s.y > eps y.y; a pair that
-    fails that, or was rejected when stored, is skipped.
+    Slots are (m, n, D), so each slot's vectors are one contiguous block. The ring's head is
+    shared: every loop pass writes a slot for every row, and a row whose trial was rejected
+    writes an unused, zeroed one, so a row that backtracked keeps fewer than m pairs. A pair
+    is used while s.y > eps y.y.
+
+    A resume (the row's objective gains mu/2 ||x - a||^2) adds mu * s to each of its y; s.y and
+    y.y are then recomputed from the vectors (their closed forms cancel badly in float32 when
+    mu < 0, as c shrinks).
     """
 
     def __init__(self, n: int, dim: int, m: int, dev: torch.device, dt: torch.dtype) -> None:
         self.m, self.head = m, 0  # head: the ring slot the next pair goes into
         self.s = torch.zeros(m, n, dim, device=dev, dtype=dt)
         self.y = torch.zeros_like(self.s)
-        self.ss = torch.zeros(n, m, device=dev, dtype=dt)
-        self.sy = torch.zeros_like(self.ss)
-        self.yy = torch.zeros_like(self.ss)
+        self.sy = torch.zeros(n, m, device=dev, dtype=dt)
+        self.yy = torch.zeros_like(self.sy)
         self.used = torch.zeros(n, m, device=dev, dtype=torch.bool)
         self.eps, self.tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
 
@@ -312,12 +315,14 @@ class _Pairs:
         return [(self.head - 1 - i) % self.m for i in range(self.m)]
 
     def push(self, s: Tensor, y: Tensor, ok: Tensor) -> None:
-        """Store this iteration's pairs; rows whose line search failed store an unused one."""
+        """Store this pass's pairs; rows whose trial was rejected store an unused, zero one."""
         h = self.head
         self.s[h], self.y[h] = s, y
-        self.ss[:, h] = torch.linalg.vecdot(s, s)
-        self.sy[:, h] = torch.linalg.vecdot(s, y)
-        self.yy[:, h] = torch.linalg.vecdot(y, y)
+        if not bool(ok.all()):  # a rejected trial's gradient may be inf; 0 * inf would be NaN
+            rejected = (~ok).nonzero().squeeze(1)
+            self.s[h, rejected], self.y[h, rejected] = 0.0, 0.0
+        self.sy[:, h] = torch.linalg.vecdot(self.s[h], self.y[h])
+        self.yy[:, h] = torch.linalg.vecdot(self.y[h], self.y[h])
         self.used[:, h] = ok & (self.sy[:, h] > self.eps * self.yy[:, h])
         self.head = (h + 1) % self.m
 
@@ -334,20 +339,16 @@ class _Pairs:
 
     def reshape(self, idx: Tensor, mu: Tensor) -> None:
         """Rows idx gain mu/2 ||x - a||^2 in their objective: y += mu * s for their pairs."""
-        ss, sy, mu2 = self.ss[idx], self.sy[idx], mu[:, None]
-        self.yy[idx] = self.yy[idx] + 2 * mu2 * sy + mu2 * mu2 * ss
-        self.sy[idx] = sy + mu2 * ss
+        s = self.s[:, idx]
+        y = torch.addcmul(self.y[:, idx], mu[None, :, None], s)
+        self.y[:, idx] = y
+        self.sy[idx] = torch.linalg.vecdot(s, y).T
+        self.yy[idx] = torch.linalg.vecdot(y, y).T
         self.used[idx] &= self.sy[idx] > self.eps * self.yy[idx]
-        self.y[:, idx] += mu[None, :, None] * self.s[:, idx]
 
     def keep(self, idx: Tensor) -> None:
         self.s, self.y = self.s[:, idx], self.y[:, idx]
-        self.ss, self.sy, self.yy, self.used = (
-            self.ss[idx],
-            self.sy[idx],
-            self.yy[idx],
-            self.used[idx],
-        )
+        self.sy, self.yy, self.used = self.sy[idx], self.yy[idx], self.used[idx]
 
     def times(self, q: Tensor, h0: Tensor) -> Tensor:
         """H q by the two-loop recursion, H0 = h0 I; unused slots contribute nothing."""
@@ -526,16 +527,18 @@ class _CSearch:
     def _bound(self, rows: Tensor, sq: Tensor, f: Tensor) -> Tensor:
         """A lower bound on the squared distance from x to the row's target region.
 
-        The margin loss is 0 on the region, so every point r of it has objective c ||r - x||^2,
-        never below the minimum f: ||r - x||^2 >= f / c. That is the failing minimiser's own
-        squared distance plus loss / c, far tighter than the distance alone while c is large.
-        (Exact for a convex loss; a local minimiser of a non-linear net makes it an estimate.)
-        Cross-entropy is never 0, so for it the bound is the minimiser's distance.
+        The margin loss is 0 where the target leads every other class by kappa, so every point
+        r there has objective c ||r - x||^2, never below the minimum f: ||r - x||^2 >= f / c,
+        the failing minimiser's own squared distance plus loss / c (far tighter than the
+        distance alone while c is large). Exact for a convex loss up to the solve's tolerance
+        (f is the value where the solve stopped) and kappa (success needs a lead of `margin`,
+        not kappa: a slack of order kappa / ||grad||); on a non-linear net it holds for the
+        local minimiser found. Cross-entropy is never 0, so for it the bound is the minimiser's
+        squared distance.
         """
         if self.p.loss != "margin":
             return sq
-        c = self.objective.c[rows]
-        return torch.maximum(sq, f / c)
+        return f / self.objective.c[rows]
 
     def _outrun(self, rows: Tensor, lo: Tensor, bound: Tensor) -> Tensor:
         """Rows (target="all") that cannot beat another target of their own example.
