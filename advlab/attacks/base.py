@@ -192,7 +192,7 @@ def prepare(
     """Check the arguments and move them to the model's device; (x, y, target, num_classes).
 
     The returned target is a (B,) tensor (given or drawn at random), None for untargeted, or the
-    string "all" for the caller to dispatch to `closest_over_targets`.
+    string "all" for the caller to dispatch through `run_targets`.
     """
     check_target_mode(target, allowed)
     check_inputs(x, y, target if isinstance(target, Tensor) else None)
@@ -274,6 +274,32 @@ def closest_over_targets(
     evals = rep.grad_evals.view(n_t, b).sum(dim=0) + extra
     with eval_mode(model):
         return finish(model, x_adv, y, None, evals)
+
+
+def run_targets(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    resolved: Tensor | str | None,
+    num_classes: int,
+    attack: Callable[[Tensor, Tensor, Tensor | None], AttackResult],
+    *,
+    norm: str = "l2",
+    candidates: int | None = None,
+    attack_all: Callable[[Tensor, Tensor, Tensor], AttackResult] | None = None,
+) -> AttackResult:
+    """Run `attack(x, y, target)` in eval mode for a target `prepare` resolved.
+
+    "all" goes through `closest_over_targets`, calling `attack_all` (default `attack`) on the
+    batch repeated once per target, for attacks that use that layout.
+    """
+    with eval_mode(model):
+        if isinstance(resolved, str):  # "all"
+            run = attack if attack_all is None else attack_all
+            return closest_over_targets(
+                model, x, y, num_classes, run, norm=norm, candidates=candidates
+            )
+        return attack(x, y, resolved)
 
 
 def adversarial_margin(logits: Tensor, y: Tensor, target: Tensor | None) -> Tensor:

@@ -26,10 +26,9 @@ from advlab.attacks.base import (
     AttackResult,
     Target,
     adversarial_margin,
-    closest_over_targets,
-    eval_mode,
     finish,
     prepare,
+    run_targets,
 )
 
 # Keeps atanh finite at pixels 0 and 1 (the authors' code uses the same factor).
@@ -72,17 +71,15 @@ def carlini_wagner(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
     settings = (int(steps), int(search_steps), c_init, lr, kappa, abort_early, margin)
-    with eval_mode(model):
-        if isinstance(resolved, str):  # "all"
-            return closest_over_targets(
-                model,
-                x,
-                y,
-                k,
-                lambda xs, ys, ts: _cw(model, xs, ys, ts, *settings),
-                candidates=candidates,
-            )
-        return _cw(model, x, y, resolved, *settings)
+    return run_targets(
+        model,
+        x,
+        y,
+        resolved,
+        k,
+        lambda xs, ys, ts: _cw(model, xs, ys, ts, *settings),
+        candidates=candidates,
+    )
 
 
 def _cw(

@@ -23,11 +23,10 @@ from advlab.attacks.base import (
     AttackError,
     AttackResult,
     Target,
-    closest_over_targets,
-    eval_mode,
     finish,
     is_adversarial,
     prepare,
+    run_targets,
     shrink_toward_input,
 )
 
@@ -61,17 +60,15 @@ def deepfool(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
     settings = (k, int(steps), float(overshoot), int(refine_steps))
-    with eval_mode(model):
-        if isinstance(resolved, str):  # "all"
-            return closest_over_targets(
-                model,
-                x,
-                y,
-                k,
-                lambda xs, ys, ts: _deepfool(model, xs, ys, ts, *settings),
-                candidates=candidates,
-            )
-        return _deepfool(model, x, y, resolved, *settings)
+    return run_targets(
+        model,
+        x,
+        y,
+        resolved,
+        k,
+        lambda xs, ys, ts: _deepfool(model, xs, ys, ts, *settings),
+        candidates=candidates,
+    )
 
 
 def class_gradients(model: nn.Module, x: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:

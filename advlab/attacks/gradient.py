@@ -20,13 +20,12 @@ from advlab.attacks.base import (
     Target,
     check_budget,
     check_norm,
-    closest_over_targets,
-    eval_mode,
     example_generators,
     example_rand,
     example_randn,
     finish,
     prepare,
+    run_targets,
 )
 
 
@@ -58,12 +57,9 @@ def fgsm(
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
-    with eval_mode(model):
-        if isinstance(resolved, str):  # "all"
-            return closest_over_targets(
-                model, x, y, k, lambda xs, ys, ts: _fgsm(model, xs, ys, ts, eps), norm="linf"
-            )
-        return _fgsm(model, x, y, resolved, eps)
+    return run_targets(
+        model, x, y, resolved, k, lambda xs, ys, ts: _fgsm(model, xs, ys, ts, eps), norm="linf"
+    )
 
 
 def _fgsm(
@@ -112,12 +108,9 @@ def pgd(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
     settings = (eps, norm, int(steps), step, random_start, int(restarts), generator)
-    with eval_mode(model):
-        if isinstance(resolved, str):  # "all"
-            return closest_over_targets(
-                model, x, y, k, lambda xs, ys, ts: _pgd(model, xs, ys, ts, *settings), norm=norm
-            )
-        return _pgd(model, x, y, resolved, *settings)
+    return run_targets(
+        model, x, y, resolved, k, lambda xs, ys, ts: _pgd(model, xs, ys, ts, *settings), norm=norm
+    )
 
 
 def _pgd(

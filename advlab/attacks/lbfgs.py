@@ -72,10 +72,9 @@ from advlab.attacks.base import (
     AttackResult,
     Target,
     adversarial_margin,
-    closest_over_targets,
-    eval_mode,
     finish,
     prepare,
+    run_targets,
     shrink_toward_input,
 )
 
@@ -784,17 +783,16 @@ def _run(
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="random"
     )
-    with eval_mode(model):
-        if isinstance(resolved, str):  # "all"
-            return closest_over_targets(
-                model,
-                x,
-                y,
-                k,
-                lambda xs, ys, ts: _attack(model, xs, ys, ts, params, search, groups=len(x)),
-                candidates=candidates,
-            )
-        return _attack(model, x, y, resolved, params, search)
+    return run_targets(
+        model,
+        x,
+        y,
+        resolved,
+        k,
+        lambda xs, ys, ts: _attack(model, xs, ys, ts, params, search),
+        candidates=candidates,
+        attack_all=lambda xs, ys, ts: _attack(model, xs, ys, ts, params, search, groups=len(x)),
+    )
 
 
 def _attack(
