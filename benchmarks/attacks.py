@@ -121,20 +121,23 @@ class Job:
     note: str = ""
 
 
+def _timed(run: Run) -> tuple[Tensor, float, float, float]:
+    """(adversarial images, grad evals, wall seconds, cpu seconds) of one run."""
+    start, cpu = time.perf_counter(), time.process_time()
+    x_adv, evals = run()
+    return x_adv, evals, time.perf_counter() - start, time.process_time() - cpu
+
+
 def run_jobs(jobs: list[Job]) -> list[Row]:
     """Run every job, then rerun the fast ones round robin; best wall and cpu time of each."""
     rows = []
     for job in jobs:
-        start, cpu = time.perf_counter(), time.process_time()
-        x_adv, evals = job.run()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        x_adv, evals, wall, cpu = _timed(job.run)
         rows.append(Row(job.name, x_adv.detach().cpu(), wall, cpu, evals, job.note))
     fast = [(job, row) for job, row in zip(jobs, rows, strict=True) if row.seconds < REPEAT_BELOW_S]
     for _ in range(REPEATS - 1):
         for job, row in fast:
-            start, cpu = time.perf_counter(), time.process_time()
-            job.run()
-            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            _, _, wall, cpu = _timed(job.run)
             row.seconds, row.cpu = min(row.seconds, wall), min(row.cpu, cpu)
     return rows
 
