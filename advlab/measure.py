@@ -55,15 +55,15 @@ def success_at_budgets(success: Tensor, distance: Tensor, budgets: Sequence[floa
     return success.bool()[None, :] & within
 
 
-def robust_error(clean_correct: Tensor, success_matrix: Tensor) -> Tensor:
-    """(len(budgets),) fraction of examples wrong at each budget: misclassified clean or fooled.
+def robust_error(fooled: Tensor, clean_wrong: int) -> float | None:
+    """Fraction of the scanned examples that are wrong under attack: clean mistakes + fooled.
 
-    clean_correct is (B,) bool; success_matrix is success_at_budgets' (len(budgets), B) output
-    for an untargeted (or targeted) attack on the same examples.
+    `fooled` (n,) bool marks which of the n attacked examples the attack fooled within a budget;
+    those n were found by scanning the data in order for correctly classified examples, and the
+    scan met `clean_wrong` misclassified ones on the way, so n + clean_wrong were scanned. None
+    when nothing was scanned.
     """
-    if success_matrix.ndim != 2 or success_matrix.shape[1] != clean_correct.shape[0]:
-        raise ValueError("success_matrix: need shape (len(budgets), B) matching clean_correct")
-    wrong = ~clean_correct.bool()[None, :] | success_matrix.bool()
-    if wrong.shape[1] == 0:
-        return torch.full((wrong.shape[0],), math.nan, dtype=torch.float64)
-    return wrong.double().mean(dim=1)
+    if fooled.ndim != 1 or clean_wrong < 0:
+        raise ValueError("robust_error: need a (n,) fooled mask and clean_wrong >= 0")
+    scanned = len(fooled) + clean_wrong
+    return (clean_wrong + int(fooled.sum())) / scanned if scanned else None

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
 
-import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -34,7 +33,6 @@ __all__ = [
     "count_parameters",
     "decay_weights",
     "parse_architecture",
-    "weight_penalty",
 ]
 
 
@@ -234,20 +232,6 @@ def decay_terms(
     if any(not lam >= 0 for lam in lambdas):  # also catches nan
         raise ValueError(f"weight_decay: {lambdas} must all be >= 0")
     return list(zip(lambdas, weights, strict=True))
-
-
-def weight_penalty(model: nn.Module, weight_decay: float | Sequence[float]) -> Tensor:
-    """sum_k lambda_k * ||W_k||_F^2 over :func:`decay_weights`, to add to the loss.
-
-    Explicit in the loss (not the optimiser's weight_decay) so lambda means the paper's lambda
-    whatever the optimiser. One number applies to every layer; a sequence needs one per layer.
-    """
-    terms = decay_terms(model, weight_decay)
-    total = torch.zeros((), device=terms[0][1].device if terms else None)
-    for lam, w in terms:
-        if lam:
-            total = total + lam * w.pow(2).sum()
-    return total
 
 
 def count_parameters(model: nn.Module) -> int:

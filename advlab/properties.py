@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advlab.attacks.base import eval_mode, model_device
+from advlab.attacks.noise import matched_noise
 from advlab.measure import distortions
+from advlab.runtime import eval_mode, model_device
 
 __all__ = [
     "LayerBound",
@@ -546,16 +547,6 @@ def pca_error(x_train: Tensor, x: Tensor, components: int) -> Tensor:
     return _pca_residual(*_pca(x_train, components), x)
 
 
-def _matched_noise(clean: Tensor, adversarial: Tensor, gen: torch.Generator) -> Tensor:
-    """clean + Gaussian noise with each example's own perturbation RMS, clipped to [0, 1]."""
-    rms = distortions(clean, adversarial)["rms"].nan_to_num(0.0)
-    noise = torch.randn(clean.shape, generator=gen, dtype=torch.float64)
-    # Rescale each draw to exactly the perturbation's RMS: same distance, random direction.
-    noise_rms = noise.flatten(1).square().mean(dim=1).sqrt().clamp_min(1e-12)
-    scale = (rms.cpu().to(torch.float64) / noise_rms).reshape(-1, *([1] * (clean.ndim - 1)))
-    return (clean.cpu().to(torch.float64) + noise * scale).clamp(0.0, 1.0).to(clean.dtype)
-
-
 def density_rows(
     x_train: Tensor,
     clean: Tensor,
@@ -582,7 +573,8 @@ def density_rows(
         sources[name] = adv
     for name, adv in adversarial.items():
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        sources[f"noise_{name}"] = _matched_noise(clean, adv, gen)
+        rms = distortions(clean, adv)["rms"].nan_to_num(0.0).cpu()
+        sources[f"noise_{name}"] = matched_noise(clean.cpu(), rms, gen).to(clean.dtype)
     metrics: dict[str, Callable[[Tensor], Tensor]] = {
         "knn_distance": lambda batch: knn_distance(x_train, batch, k=k)
     }

@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +25,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from advlab.attacks import registry as attack_registry
+from advlab.controls import CONTROLS
 from advlab.data import DataError, parse_subset, validate_dataset_source
 from advlab.models import ModelNameError, build_model, decay_weights, parse_architecture
 
@@ -87,41 +90,27 @@ class TrainSpec(_Strict):
     adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
 
 
-AttackName = Literal["fgsm", "pgd", "noise", "lbfgs", "deepfool", "cw"]
-NormName = Literal["rms", "l2", "linf"]
-# Minimisation attacks run once and are scored at every budget; the others run per budget.
-MINIMISATION_ATTACKS = {"lbfgs", "deepfool", "cw"}
+class AttackSpec(BaseModel):
+    """One attack of a trial: a registered attack's name, its budgets, and its own settings.
 
+    Budgets are in `norm` (the attack's default when None; see advlab.attacks.registry). The
+    attack's settings (steps, loss, candidates, ...) sit beside `name` in the sweep file and are
+    validated against the attack's own settings model; only the ones given are stored, so the
+    trial id does not change when an attack gains a new setting with a default.
+    """
 
-def _check_budgets(value: list[float]) -> list[float]:
-    for eps in value:
-        if math.isnan(eps) or eps < 0:
-            raise ValueError(f"budget {eps} must be a number >= 0")
-    return sorted(value)
+    model_config = ConfigDict(extra="allow", frozen=True)
 
-
-class AttackSpec(_Strict):
-    """One attack of a trial. Budgets are Linf for fgsm, `norm` for pgd, the noise stddev for
-    noise; minimisation attacks are scored at every budget in `norm` (default: the paper's rms)."""
-
-    name: AttackName
+    name: str
     label: str | None = None  # the name in results; defaults to `name`
     eps: list[float] | None = None  # budgets; None uses the trial's `eps`
-    norm: NormName | None = None
-    # random: a random wrong class (the paper's L-BFGS); untargeted; all: every wrong class,
-    # closest success kept. Default: random for lbfgs, untargeted for the others.
-    target: Literal["random", "untargeted", "all"] | None = None
-    loss: Literal["ce", "margin"] = "ce"  # lbfgs: the paper's cross-entropy, or exact margin
-    max_iter: int = Field(100, ge=1)  # lbfgs: L-BFGS iterations per value of c
-    search_steps: int | None = Field(None, ge=1)  # lbfgs and cw: steps of the search on c
-    steps: int | None = Field(None, ge=1)  # pgd (40), deepfool (50), cw (1000) iterations
-    restarts: int = Field(1, ge=1)  # pgd random restarts
-    candidates: int | None = Field(None, ge=1)  # target all: only the k nearest classes
+    norm: str | None = None
+    target: str | None = None  # a target mode the attack supports; None: its default
 
     @field_validator("eps", mode="before")
     @classmethod
     def _scalar_to_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int | float) else value
+        return [value] if _is_number(value) else value
 
     @field_validator("eps")
     @classmethod
@@ -129,16 +118,21 @@ class AttackSpec(_Strict):
         return None if value is None else _check_budgets(value)
 
     @model_validator(mode="after")
-    def _norm_fits_attack(self) -> AttackSpec:
-        if self.name == "fgsm" and self.norm not in (None, "linf"):
-            raise ValueError("fgsm is an linf attack; drop `norm` or set it to linf")
-        if self.name == "pgd" and self.norm not in (None, "linf", "l2"):
-            raise ValueError("pgd runs in linf or l2; set norm to one of them")
-        if self.name == "noise" and (self.norm is not None or self.target is not None):
-            raise ValueError("noise takes its stddev as budget; drop `norm` and `target`")
-        if self.loss != "ce" and self.name != "lbfgs":
-            raise ValueError("`loss` applies to lbfgs only; drop it")
+    def _fits_the_attack(self) -> AttackSpec:
+        try:
+            defn = attack_registry.get(self.name)
+        except attack_registry.AttackError as err:
+            raise ValueError(f"name: {err}") from None
+        if self.norm is not None and self.norm not in defn.norms:
+            raise ValueError(f"norm: {self.name} takes {_or(defn.norms)}; got {self.norm!r}")
+        if self.target is not None and self.target not in defn.targets:
+            raise ValueError(f"target: {self.name} takes {_or(defn.targets)}; got {self.target!r}")
+        attack_registry.validate_settings(defn, dict(self.__pydantic_extra__ or {}))
         return self
+
+    @property
+    def defn(self) -> attack_registry.AttackDef:
+        return attack_registry.get(self.name)
 
     @property
     def key(self) -> str:
@@ -146,13 +140,31 @@ class AttackSpec(_Strict):
 
     @property
     def budget_norm(self) -> str:
-        if self.name == "noise":
-            return "stddev"
-        return self.norm or ("rms" if self.name in MINIMISATION_ATTACKS else "linf")
+        return self.norm or self.defn.default_norm
 
     @property
     def target_mode(self) -> str:
-        return self.target or ("random" if self.name == "lbfgs" else "untargeted")
+        return self.target or self.defn.default_target
+
+    @property
+    def settings(self) -> attack_registry.Settings:
+        """The attack's settings, defaults filled in."""
+        return attack_registry.validate_settings(self.defn, dict(self.__pydantic_extra__ or {}))
+
+
+def _check_budgets(value: list[float]) -> list[float]:
+    for eps in value:
+        if not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"budget {eps} must be a finite number >= 0")
+    return sorted(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _or(items: tuple[str, ...]) -> str:
+    return " or ".join(repr(i) for i in items)
 
 
 class PropertiesSpec(_Strict):
@@ -164,6 +176,7 @@ class PropertiesSpec(_Strict):
     top_k: int = Field(9, ge=2)
     density: bool = False  # kNN distance to the training set: clean, adversarial, noise
     density_k: int = Field(5, ge=1)
+    density_pca: int = Field(0, ge=0)  # > 0: also the residual off the top principal components
 
 
 class TrialSpec(_Strict):
@@ -185,7 +198,7 @@ class TrialSpec(_Strict):
     @field_validator("eps", mode="before")
     @classmethod
     def _scalar_to_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, int | float) else value
+        return [value] if _is_number(value) else value
 
     @field_validator("eps")
     @classmethod
@@ -215,18 +228,23 @@ class TrialSpec(_Strict):
 
     def trial_id(self) -> str:
         """Stable id from the trial's content, so a rerun of the same grid point replaces it."""
-        return _content_hash(self.model_dump(mode="json"))
+        return _content_hash(self.model_dump(mode="json", exclude_defaults=True))
 
     def training_key(self) -> str:
         """Id of the trained model: trials that differ only in evaluation share it."""
-        return _content_hash(self.model_dump(mode="json", include=set(TRAINING_KEYS)))
+        content = self.model_dump(mode="json", include=set(TRAINING_KEYS), exclude_defaults=True)
+        return _content_hash(content)
 
 
 TRAINING_KEYS = ("dataset", "model", "activation", "subset", "weight_decay", "seed", "train")
+# Part of every id. Ids hash only the values that differ from their defaults, so a new setting
+# with a default leaves existing ids (and finished trials) alone; changing what an existing
+# default means must bump this instead.
+SPEC_VERSION = 2
 
 
 def _content_hash(content: dict[str, Any]) -> str:
-    canonical = json.dumps(content, sort_keys=True)
+    canonical = json.dumps({"spec_version": SPEC_VERSION, **content}, sort_keys=True)
     return hashlib.sha1(canonical.encode()).hexdigest()[:10]
 
 
@@ -239,9 +257,6 @@ class WandbSpec(_Strict):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "advlab"
     entity: str | None = None
-
-
-CONTROLS = ("logistic", "linear_svm", "rbf_svm", "random_forest", "knn", "constant")
 
 
 class TransferSpec(_Strict):
@@ -290,10 +305,14 @@ TRIAL_KEYS = set(TrialSpec.model_fields)
 class SweepSpec:
     """A validated sweep: its settings and the trial spec of every grid point, in grid order."""
 
-    def __init__(self, settings: SweepSettings, base: dict[str, Any], trials: list[TrialSpec]):
+    def __init__(
+        self, settings: SweepSettings, trials: list[TrialSpec], definition: dict[str, Any]
+    ):
         self.settings = settings
-        self.base = base
         self.trials = trials
+        self.definition = definition  # the sweep file's mapping, overrides applied
+        values = [{"model": t.model, **self.grid_values(t)} for t in trials]
+        self.labels = trial_labels(values, self.ids)
 
     @property
     def name(self) -> str:
@@ -305,10 +324,49 @@ class SweepSpec:
         keys = [key for case in self.settings.cases for key in case]
         return list(dict.fromkeys([*keys, *self.settings.grid]))
 
+    @property
+    def ids(self) -> list[str]:
+        return [t.trial_id() for t in self.trials]
+
     def grid_values(self, trial: TrialSpec) -> dict[str, Any]:
         """The values a trial takes on each case key and grid axis, keyed by dotted path."""
         dumped = trial.model_dump(mode="json")
         return {axis: _get_dotted(dumped, axis) for axis in self.axes}
+
+
+def trial_labels(values: list[dict[str, Any]], ids: list[str]) -> dict[str, str]:
+    """A readable name per trial from the grid values that vary, e.g. `fc10 wd=0.0001 p1 seed0`.
+
+    The id stays the key everywhere; a label is for people (progress lines, W&B run names,
+    report legends). Where labels would repeat, the id's first characters tell them apart.
+    """
+    varying = [a for a in (values[0] if values else {}) if len({_text(v[a]) for v in values}) > 1]
+    labels = [" ".join(axis_text(a, v[a]) for a in varying) or _text(v["model"]) for v in values]
+    counts = {label: labels.count(label) for label in labels}
+    return {
+        tid: label if counts[label] == 1 and label else f"{label} [{tid[:6]}]".lstrip()
+        for tid, label in zip(ids, labels, strict=True)
+    }
+
+
+def axis_text(axis: str, value: Any) -> str:
+    """One grid value as a label part: bare for model and subset, `seed3`, `wd=1e-4`, `lr=0.1`."""
+    leaf = axis.rsplit(".", 1)[-1]
+    if leaf in ("model", "subset"):
+        return _text(value)
+    if leaf == "seed":
+        return f"seed{value}"
+    return f"{'wd' if leaf == 'weight_decay' else leaf}={_text(value)}"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(_text(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{_text(v)}" for k, v in value.items())
+    return str(value)
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
@@ -355,7 +413,7 @@ def parse_sweep(raw: dict[str, Any]) -> SweepSpec:
     ids = [t.trial_id() for t in trials]
     if len(set(ids)) != len(ids):
         raise SpecError("grid: two grid points give the same trial; remove repeated values")
-    return SweepSpec(settings, base, trials)
+    return SweepSpec(settings, trials, copy.deepcopy(raw))
 
 
 def _check_axis(where: str, axis: str) -> None:
@@ -429,6 +487,9 @@ def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
     if first["type"] == "missing":
         return f"{key}: required; add it"
     message = first["msg"].removeprefix("Value error, ")
+    # Validators name the field they refuse as "field: why"; fold it into the key.
+    if (named := re.match(r"([A-Za-z_][\w.]*): (.*)", message)) is not None:
+        return f"{key}.{named.group(1)}: {named.group(2)}"
     return f"{key}: {message} (got {first.get('input')!r})"
 
 

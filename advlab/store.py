@@ -13,6 +13,8 @@ import fcntl
 import io
 import json
 import os
+import re
+import tempfile
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -23,84 +25,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-TABLES = ("trials", "epochs", "examples", "curves", "properties", "transfer")
+from advlab.tables import SCHEMAS, table
 
-EPOCHS_SCHEMA = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("epoch", pa.int64()),
-        ("loss", pa.float64()),
-        ("train_error", pa.float64()),
-        ("test_error", pa.float64()),
-        ("seconds", pa.float64()),
-        ("adv_grad_evals", pa.int64()),
-    ]
-)
-
-EXAMPLES_SCHEMA = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("attack", pa.string()),
-        ("budget", pa.float64()),  # NaN for minimisation attacks, which run once for all budgets
-        ("example", pa.int64()),  # position among the attacked examples
-        ("dataset_index", pa.int64()),  # index into the test set
-        ("label", pa.int64()),
-        ("target", pa.int64()),  # -1 when untargeted
-        ("clean_pred", pa.int64()),
-        ("adv_pred", pa.int64()),
-        ("success", pa.bool_()),
-        ("dist_rms", pa.float64()),
-        ("dist_l2", pa.float64()),
-        ("dist_linf", pa.float64()),
-        ("grad_evals", pa.int64()),
-        ("x_adv", pa.list_(pa.float32())),  # the adversarial image, flattened C*H*W
-    ]
-)
-
-CURVES_SCHEMA = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("attack", pa.string()),
-        ("norm", pa.string()),
-        ("budget", pa.float64()),
-        ("n", pa.int64()),  # attacked examples (all correctly classified when clean)
-        ("success_rate", pa.float64()),
-        ("robust_error", pa.float64()),  # over every test example scanned to find the n
-    ]
-)
-
-PROPERTIES_SCHEMA = pa.schema(
-    [
-        ("trial_id", pa.string()),
-        ("analysis", pa.string()),  # lipschitz, unit_analysis, density
-        ("layer", pa.string()),  # a layer name, "network" for the whole net, or an attack name
-        ("metric", pa.string()),
-        ("value", pa.float64()),
-    ]
-)
-
-TRANSFER_SCHEMA = pa.schema(
-    [
-        ("source_trial", pa.string()),
-        ("attack", pa.string()),
-        ("budget", pa.float64()),  # NaN for minimisation attacks
-        ("kind", pa.string()),  # adversarial, noise, amplified@<rms>
-        ("rms", pa.float64()),  # mean per-pixel rms of the perturbation applied
-        ("target", pa.string()),  # a trial id, or a control's name (trained on the source's data)
-        ("target_kind", pa.string()),  # trial or control
-        ("n", pa.int64()),
-        ("error_adv", pa.float64()),
-        ("error_clean", pa.float64()),
-    ]
-)
-
-SCHEMAS = {
-    "epochs": EPOCHS_SCHEMA,
-    "examples": EXAMPLES_SCHEMA,
-    "curves": CURVES_SCHEMA,
-    "properties": PROPERTIES_SCHEMA,
-    "transfer": TRANSFER_SCHEMA,
-}
+TABLES = tuple(SCHEMAS)
+MANIFEST = "sweep.json"
 
 
 def resolve_storage(storage: str) -> str:
@@ -130,11 +58,28 @@ class SweepStore:
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *(p for p in parts if p)])
 
-    def local_path(self, *parts: str) -> str | None:
-        """A path usable by non-arrow writers (W&B), or None for remote storage."""
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            return self.path(*parts)
-        return None
+    @property
+    def is_remote(self) -> bool:
+        return not isinstance(self.fs, pafs.LocalFileSystem)
+
+    def ray_dir(self) -> str:
+        """Ray Tune's own experiment state (a URI for remote storage, which Tune syncs to)."""
+        return f"{self.uri}/ray" if self.is_remote else self.path("ray")
+
+    def wandb_dir(self) -> str:
+        """Where W&B writes its offline runs: the sweep folder itself, or for remote storage a
+        local staging folder that `sync_wandb` copies up."""
+        if not self.is_remote:
+            return self.path()
+        return os.path.join(tempfile.gettempdir(), "advlab-wandb", _safe(self.uri))
+
+    def wandb_runs(self) -> str:
+        """The offline runs, as a glob for `wandb sync`."""
+        return f"{self.uri}/wandb/offline-run-*"
+
+    def units_dir(self, trial_id: str) -> str | None:
+        """Unit-analysis images of a trial (local storage only: they are PNG files)."""
+        return None if self.is_remote else self.path("units", trial_id)
 
     def write_table(self, table: str, trial_id: str, data: pa.Table) -> None:
         sink = io.BytesIO()
@@ -167,10 +112,10 @@ class SweepStore:
     def lock(self, name: str) -> Iterator[None]:
         """Serialise work on one name across processes (local storage; a no-op for URIs, where
         concurrent trials may both do the work, with the same result)."""
-        local = self.local_path("models")
-        if local is None:
+        if self.is_remote:
             yield
             return
+        local = self.path("models")
         os.makedirs(local, exist_ok=True)
         with open(os.path.join(local, f".{name}.lock"), "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
@@ -179,13 +124,9 @@ class SweepStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def write_rows(self, table: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
-        schema = SCHEMAS.get(table)
-        if schema is None:
-            data = pa.Table.from_pylist(rows)
-        else:
-            data = pa.Table.from_pylist(rows, schema=schema)
-        self.write_table(table, trial_id, data)
+    def write_rows(self, name: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
+        """A trial's rows of one table, in that table's declared schema."""
+        self.write_table(name, trial_id, table(name, rows))
 
     def trial_files(self, table: str) -> list[str]:
         selector = pafs.FileSelector(self.path(table), allow_not_found=True)
@@ -196,12 +137,15 @@ class SweepStore:
         """Every trial's rows of one table (empty frame if none)."""
         frames = [pq.read_table(p, filesystem=self.fs).to_pandas() for p in self.trial_files(table)]
         if not frames:
-            schema = SCHEMAS.get(table)
-            return schema.empty_table().to_pandas() if schema is not None else pd.DataFrame()
+            return SCHEMAS[table].empty_table().to_pandas()
         return pd.concat(frames, ignore_index=True)
 
-    def finished_trial_ids(self) -> set[str]:
-        return {p.rsplit("/", 1)[1].removesuffix(".parquet") for p in self.trial_files("trials")}
+    def read_manifest(self) -> dict[str, Any] | None:
+        """sweep.json: the sweep's versions and trials (advlab.manifest), None if not yet run."""
+        return self.read_json(MANIFEST)
+
+    def write_manifest(self, payload: dict[str, Any]) -> None:
+        self.write_json(MANIFEST, payload)
 
     def write_json(self, name: str, payload: dict[str, Any]) -> None:
         self._write_atomic("", name, json.dumps(payload, indent=2, sort_keys=True).encode())
@@ -211,3 +155,7 @@ class SweepStore:
             return None
         with self.fs.open_input_stream(self.path(name)) as source:
             return json.loads(source.read().decode())
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)

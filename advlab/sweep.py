@@ -14,9 +14,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from advlab import manifest
 from advlab.data import DataError, load_dataset, select_subset
 from advlab.spec import SpecError, SweepSpec, TrialSpec
-from advlab.store import SweepStore, resolve_storage
+from advlab.store import TABLES, SweepStore, resolve_storage
 from advlab.track import reachable_mode, resolve_mode
 from advlab.transfer import TransferOutcome
 from advlab.trial import TrialContext
@@ -46,14 +47,14 @@ class Progress:
         self.failed = 0
         self.start = time.monotonic()
 
-    def line(self, trial_id: str, ok: bool) -> str:
+    def line(self, label: str, ok: bool) -> str:
         self.done += 1
         self.failed += 0 if ok else 1
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done)
         status = "ok" if ok else "FAILED"
         return (
-            f"advlab: [{self.done}/{self.total}] {trial_id} {status}; {self.failed} failed; "
+            f"advlab: [{self.done}/{self.total}] {label} {status}; {self.failed} failed; "
             f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s"
         )
 
@@ -67,21 +68,23 @@ def progress_callback(total: int) -> Any:
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             ok = not (trial.last_result or {}).get("failed", 0)
-            print(self.progress.line(trial.config["trial"]["id"], ok=ok), flush=True)
+            print(self.progress.line(trial.config["trial"]["ctx"]["label"], ok=ok), flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(self.progress.line(trial.config["trial"]["id"], ok=False), flush=True)
+            print(self.progress.line(trial.config["trial"]["ctx"]["label"], ok=False), flush=True)
 
     return PrintProgress()
 
 
-def trial_configs(spec: SweepSpec, storage: str, wandb_mode: str) -> list[dict[str, Any]]:
+def trial_configs(
+    spec: SweepSpec, storage: str, wandb_mode: str, labels: dict[str, str], run_stamp: str = ""
+) -> list[dict[str, Any]]:
     """The Tune config of every grid point: the trial spec, where it writes, and its threads."""
     return [
         {
             "id": trial.trial_id(),
             "spec": trial.model_dump(mode="json"),
-            "ctx": asdict(trial_context(spec, index, storage, wandb_mode)),
+            "ctx": asdict(trial_context(spec, index, storage, wandb_mode, labels, run_stamp)),
             "threads": max(1, math.floor(spec.settings.resources.cpu)),
             "checkpoint_every": spec.settings.checkpoint_every,
         }
@@ -89,15 +92,25 @@ def trial_configs(spec: SweepSpec, storage: str, wandb_mode: str) -> list[dict[s
     ]
 
 
-def trial_context(spec: SweepSpec, index: int, storage: str, wandb_mode: str) -> TrialContext:
+def trial_context(
+    spec: SweepSpec,
+    index: int,
+    storage: str,
+    wandb_mode: str,
+    labels: dict[str, str] | None = None,
+    run_stamp: str = "",
+) -> TrialContext:
+    trial_id = spec.ids[index]
     return TrialContext(
         sweep=spec.name,
         storage=storage,
         trial_index=index,
+        label=(labels or spec.labels).get(trial_id, trial_id),
         grid_values=spec.grid_values(spec.trials[index]),
         wandb_mode=wandb_mode,
         wandb_project=spec.settings.wandb.project,
         wandb_entity=spec.settings.wandb.entity,
+        run_stamp=run_stamp,
     )
 
 
@@ -138,26 +151,26 @@ def tune_trainable(config: dict[str, Any]) -> None:
             path = os.path.join(folder, "training.pt")
             resume = torch.load(path, map_location="cpu", weights_only=True)
     try:
-        row = run_trial(spec, ctx, report=report, resume=resume)
+        result = run_trial(spec, ctx, report=report, resume=resume)
     except Exception:
         tune.report({"failed": 1})
         return
+    row = result.row
     final = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    tune.report(final | {"failed": 0})
+    tune.report(final | result.metrics | {"failed": 0})
 
 
 def preflight(spec: SweepSpec, store: SweepStore, address: str | None) -> None:
     """Every check that needs more than the sweep file, before anything is run or written."""
     check_writable(store)
-    check_storage(spec, store)
     check_gpu(spec, address)
     check_data(spec)
 
 
 def check_writable(store: SweepStore) -> None:
-    local = store.local_path()
-    if local is None:
+    if store.is_remote:
         return  # remote storage: the first write tells; credentials are the cloud's business
+    local = store.path()
     existing = local
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
@@ -223,28 +236,6 @@ def check_data(spec: SweepSpec) -> None:
             raise SpecError(str(err)) from None
 
 
-def check_storage(spec: SweepSpec, store: SweepStore) -> None:
-    """Refuse to mix two different sweeps in one folder (a rerun of the same one is fine)."""
-    recorded = store.read_json("sweep.json")
-    mine = sweep_record(spec)
-    if recorded is not None and recorded["trial_ids"] != mine["trial_ids"]:
-        raise SpecError(
-            f"name: {store.uri} already holds a different sweep called '{spec.name}'; "
-            "change `name` or pass --storage to write elsewhere"
-        )
-
-
-def sweep_record(spec: SweepSpec) -> dict[str, Any]:
-    return {
-        "name": spec.name,
-        "grid": spec.settings.grid,
-        "cases": spec.settings.cases,
-        "trial_ids": [t.trial_id() for t in spec.trials],
-        "transfer": spec.settings.transfer.model_dump(mode="json"),
-        "wandb": spec.settings.wandb.model_dump(mode="json"),
-    }
-
-
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -265,10 +256,12 @@ def run_sweep(
     mode, note = reachable_mode(resolve_mode(wandb_mode or spec.settings.wandb.mode))
     if note:
         print(f"advlab: {note}", file=sys.stderr)
-    configs = trial_configs(spec, storage, mode)
+    recorded = manifest.record_version(store.read_manifest(), spec)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f") if fresh else ""
+    configs = trial_configs(spec, storage, mode, manifest.labels(recorded), stamp)
     done = set() if fresh else finished_ok(store)
     todo = [c for c in configs if c["id"] not in done]
-    store.write_json("sweep.json", sweep_record(spec))
+    store.write_manifest(recorded)
     if done & {c["id"] for c in configs}:
         skipped = len(configs) - len(todo)
         print(f"advlab: resuming: {skipped} trials already finished (--fresh reruns them)")
@@ -304,19 +297,18 @@ def run_trials(
     resources = spec.settings.resources
     trainable = tune.with_resources(tune_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
-    remote = "://" in store.uri
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
-            trial_dirname_creator=lambda t: t.config["trial"]["id"],
-            trial_name_creator=lambda t: t.config["trial"]["id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["id"],  # labels may not be paths
+            trial_name_creator=lambda t: t.config["trial"]["ctx"]["label"],
             reuse_actors=True,  # a worker process (torch, data cache) serves many trials
         ),
         run_config=tune.RunConfig(
             name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
-            storage_path=f"{store.uri}/ray" if remote else store.path("ray"),
+            storage_path=store.ray_dir(),
             # Retries are for lost workers and nodes; trial failures do not raise (see above).
             failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -339,7 +331,7 @@ def collect_outcome(
     spec: SweepSpec, store: SweepStore, wandb_mode: str, errors: list[str]
 ) -> SweepOutcome:
     trials = store.read("trials")
-    expected = [t.trial_id() for t in spec.trials]
+    expected = spec.ids
     status = dict(zip(trials["trial_id"], trials["status"], strict=True)) if len(trials) else {}
     reasons = dict(zip(trials["trial_id"], trials["reason"], strict=True)) if len(trials) else {}
     ok = [t for t in expected if status.get(t) == "ok"]
@@ -368,13 +360,14 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
         f"advlab: {len(outcome.ok)}/{outcome.expected} trials ok, {len(outcome.failed)} failed, "
         f"{len(outcome.missing)} missing",
     ]
-    lines += [f"  failed {tid}: {reason}" for tid, reason in outcome.failed.items()]
+    labels = manifest.labels(store.read_manifest())
+    lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]
     if outcome.transfer is not None:
         lines += transfer_lines(outcome.transfer)
-    lines.append(f"  parquet: {store.uri}/{{trials,epochs,examples,curves,transfer}}/")
+    lines.append(f"  parquet: {store.uri}/{{{','.join(TABLES)}}}/")
     if outcome.wandb_mode == "offline":
-        runs = f"{store.uri}/wandb/offline-run-*"
+        runs = store.wandb_runs()
         lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")
     elif outcome.wandb_mode == "online":
-        lines.append(f"  W&B: online, group '{store.uri.rsplit('/', 1)[1]}'")
+        lines.append(f"  W&B: online, group '{store.sweep}'")
     return lines

@@ -6,19 +6,12 @@ under the sweep's storage folder and can be uploaded later with `wandb sync`.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import wandb
-from wandb.proto import wandb_internal_pb2
-
-_BLOCK = 32768  # the leveldb-style log W&B writes: records never straddle a 7-byte header gap
-_HEADER = 7
 
 
 def resolve_mode(mode: str) -> str:
@@ -62,6 +55,7 @@ class TrialRun:
         config: dict[str, Any],
         directory: str,
         job_type: str = "trial",
+        tags: list[str] | None = None,
     ):
         self.run = None
         if mode == "disabled":
@@ -75,6 +69,7 @@ class TrialRun:
             job_type=job_type,
             id=run_id,
             name=name,
+            tags=tags,
             config=config,
             dir=directory,
             reinit="finish_previous",
@@ -114,17 +109,13 @@ class TrialRun:
         table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
         self.run.log({"curves": table})
 
-    def log_attack_table(self, summary: dict[str, Any]) -> None:
-        """Per-attack summary (attack, metric, value) as a table, for side-by-side panels."""
-        if self.run is None:
+    def log_attacks(self, rows: list[dict[str, Any]]) -> None:
+        """The attacks table's rows (one per attack run), for side-by-side panels."""
+        if self.run is None or not rows:
             return
-        rows = [
-            [key.split("/", 1)[0], key.split("/", 1)[1], float(value)]
-            for key, value in summary.items()
-            if "/" in key and isinstance(value, int | float) and not isinstance(value, bool)
-        ]
-        table = wandb.Table(columns=["attack", "metric", "value"], data=rows)
-        self.run.log({"attack_summary": table})
+        columns = list(rows[0])
+        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+        self.run.log({"attacks": table})
 
     def log_examples(self, attack: str, clean: Any, adversarial: Any, captions: list[str]) -> None:
         """Original, adversarial and the perturbation magnified x10 around gray, as in the
@@ -214,60 +205,3 @@ def summary_goal(key: str) -> str | None:
     if "/robust_error_at_" in key or "/success" in key:
         return "max"
     return None
-
-
-def offline_run_dirs(directory: str | Path) -> list[Path]:
-    """The offline run folders W&B made under a directory (it nests them in wandb/)."""
-    return sorted(Path(directory).glob("wandb/offline-run-*"))
-
-
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """Read an offline run's transaction log back: its run info, config, history and summary."""
-    (log,) = Path(run_dir).glob("run-*.wandb")
-    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "files": []}
-    for record in _records(log.read_bytes()):
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run = record.run
-            out["run"] = {"id": run.run_id, "group": run.run_group, "project": run.project}
-            out["config"].update(_items(run.config.update))
-        elif kind == "config":
-            out["config"].update(_items(record.config.update))
-        elif kind == "history":
-            out["history"].append(_items(record.history.item))
-        elif kind == "summary":
-            out["summary"].update(_items(record.summary.update))
-        elif kind == "files":
-            out["files"].extend(f.path for f in record.files.files)
-    return out
-
-
-def _items(items: Any) -> dict[str, Any]:
-    parsed = {}
-    for item in items:
-        key = "/".join(item.nested_key) if item.nested_key else item.key
-        parsed[key] = json.loads(item.value_json) if item.value_json else None
-    return parsed
-
-
-def _records(data: bytes) -> Iterator[wandb_internal_pb2.Record]:
-    """Reassemble the log's chunks (full, first, middle, last) into protobuf records."""
-    if data[:4] != b":W&B":
-        raise ValueError("not a W&B transaction log")
-    pos, pending = _HEADER, b""
-    while pos + _HEADER <= len(data):
-        if _BLOCK - pos % _BLOCK < _HEADER:
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        length, chunk_type = struct.unpack_from("<HB", data, pos + 4)
-        chunk = data[pos + _HEADER : pos + _HEADER + length]
-        pos += _HEADER + length
-        if chunk_type in (1, 2):  # full or first
-            pending = chunk
-        else:
-            pending += chunk
-        if chunk_type in (1, 4):  # full or last
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            yield record
-            pending = b""

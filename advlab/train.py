@@ -17,9 +17,8 @@ from torch import Tensor, nn
 
 from advlab.adversarial_training import AdversarialObjective
 from advlab.models import decay_terms
+from advlab.runtime import error_rate
 from advlab.spec import TrainSpec
-
-EVAL_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -30,29 +29,6 @@ class EpochStats:
     test_error: float  # after the epoch (NaN on epochs skipped by train.eval_every)
     seconds: float
     adv_grad_evals: int = 0  # gradient evaluations spent on adversarial examples, cumulative
-
-
-def error_rate(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Fraction of x the model misclassifies; NaN for an empty set."""
-    if len(x) == 0:
-        return float("nan")
-    return float((predict(model, x) != y.to(predict_device(model))).float().mean())
-
-
-def predict_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor) -> Tensor:
-    was_training = model.training
-    model.eval()
-    device = predict_device(model)
-    preds = [
-        model(x[i : i + EVAL_BATCH].to(device)).argmax(1) for i in range(0, len(x), EVAL_BATCH)
-    ]
-    model.train(was_training)
-    return torch.cat(preds)
 
 
 def penalty_value(model: nn.Module, weight_decay: float | Sequence[float]) -> float:

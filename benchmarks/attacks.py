@@ -44,8 +44,9 @@ from advlab.attacks import (
 )
 from advlab.data import load_dataset
 from advlab.models import build_model
+from advlab.runtime import error_rate
 from advlab.spec import TrainSpec
-from advlab.train import error_rate, train_model
+from advlab.train import train_model
 
 FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 # The advlab L-BFGS rows the targets are checked on; the scipy reference reruns the first.

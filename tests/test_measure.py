@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from advlab.evaluate import first_correct
 from advlab.measure import NORMS, distortions, robust_error, success_at_budgets
 
 
@@ -71,11 +72,39 @@ def test_success_at_budgets_rejects_bad_budgets_and_shapes() -> None:
 
 
 def test_robust_error_counts_clean_mistakes_and_successes() -> None:
-    clean_correct = torch.tensor([True, True, False, True])
-    matrix = success_at_budgets(
+    # 4 attacked (correct) examples, 2 clean mistakes met on the way: 6 scanned.
+    hits = success_at_budgets(
         torch.tensor([True, False, True, True]), torch.tensor([0.2, 0.0, 0.1, 0.6]), [0.0, 0.3, 1.0]
     )
-    # budget 0: only the clean mistake; 0.3: + example 0; 1.0: + example 3.
-    torch.testing.assert_close(
-        robust_error(clean_correct, matrix), torch.tensor([0.25, 0.5, 0.75]).double()
-    )
+    # budget 0: only the 2 clean mistakes; 0.3: + examples 0 and 2; 1.0: + example 3.
+    assert [robust_error(h, 2) for h in hits] == [2 / 6, 4 / 6, 5 / 6]
+    assert robust_error(torch.zeros(0, dtype=torch.bool), 0) is None
+    with pytest.raises(ValueError, match="robust_error"):
+        robust_error(hits, 2)
+
+
+class _FixedPredictions(torch.nn.Module):
+    """Predicts class x[i, 0, 0, 0] for each example: a model whose mistakes we choose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float() * self.scale
+
+
+def test_first_correct_counts_what_the_scan_met() -> None:
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    preds = torch.tensor([0, 2, 2, 1, 1, 2, 0])  # wrong at positions 1 and 3
+    x = preds.float().view(-1, 1, 1, 1)
+    model = _FixedPredictions()
+    found = first_correct(model, x, labels, 3)
+    # Correct: 0, 2, 4 -> the third is at position 4, so 5 were scanned, 2 of them wrong.
+    assert found.dataset_index.tolist() == [0, 2, 4]
+    assert (found.n_scanned, found.n_clean_wrong) == (5, 2)
+    # Asking for more than exist: the whole set is scanned (5 correct of 7).
+    found = first_correct(model, x, labels, 10)
+    assert (len(found.y), found.n_scanned, found.n_clean_wrong) == (5, 7, 2)
+    # Robust error when every attacked example is fooled: every scanned example is wrong.
+    assert robust_error(torch.ones(5, dtype=torch.bool), found.n_clean_wrong) == 1.0

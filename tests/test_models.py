@@ -14,8 +14,9 @@ from advlab.models import (
     count_parameters,
     decay_weights,
     parse_architecture,
-    weight_penalty,
 )
+from advlab.spec import TrainSpec
+from advlab.train import make_optimizer, penalty_value
 
 MNIST = (1, 28, 28)
 DIGITS = (1, 8, 8)
@@ -267,36 +268,43 @@ def _constant_fc100() -> nn.Module:
     return model
 
 
-def test_weight_penalty_scalar_hand_computed() -> None:
+def test_penalty_value_scalar_hand_computed() -> None:
     model = _constant_fc100()
     # ||W1||^2 = 78400 * 0.25 = 19600, ||W2||^2 = 10000 * 4 = 40000, ||W3||^2 = 1000 * 1 = 1000.
-    assert weight_penalty(model, 1e-3).item() == pytest.approx(1e-3 * 60600, rel=1e-6)
-    assert weight_penalty(model, 0.0).item() == 0.0
+    assert penalty_value(model, 1e-3) == pytest.approx(1e-3 * 60600, rel=1e-6)
+    assert penalty_value(model, 0.0) == 0.0
 
 
-def test_weight_penalty_per_layer_hand_computed() -> None:
+def test_penalty_value_per_layer_hand_computed() -> None:
     model = _constant_fc100()
     # The paper's FC100-100-10 lambdas: 1e-5 * 19600 + 1e-5 * 40000 + 1e-6 * 1000 = 0.597.
-    penalty = weight_penalty(model, [1e-5, 1e-5, 1e-6])
-    assert penalty.item() == pytest.approx(0.597, rel=1e-6)
-    assert weight_penalty(model, (0.0, 0.0, 1.0)).item() == pytest.approx(1000.0)
+    penalty = penalty_value(model, [1e-5, 1e-5, 1e-6])
+    assert penalty == pytest.approx(0.597, rel=1e-6)
+    assert penalty_value(model, (0.0, 0.0, 1.0)) == pytest.approx(1000.0)
 
 
-def test_weight_penalty_gradient_is_two_lambda_w() -> None:
+def test_optimizer_step_applies_the_penalty_gradient_two_lambda_w() -> None:
+    # The penalty enters as the optimizer's coupled weight decay 2*lambda: with no data
+    # gradient, one plain SGD step moves W by exactly -lr * 2 * lambda * W and leaves biases.
     model = build_model("fc10", DIGITS, 10)
-    weight_penalty(model, 0.25).backward()
-    assert torch.allclose(model[1].weight.grad, 0.5 * model[1].weight.detach())
-    assert model[1].bias.grad is None
+    before = [p.detach().clone() for p in model.parameters()]
+    settings = TrainSpec(optimizer="sgd", lr=0.1, momentum=0.0)
+    optimizer = make_optimizer(model, settings, 0.25)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    torch.testing.assert_close(model[1].weight.detach(), before[0] * (1 - 0.1 * 2 * 0.25))
+    torch.testing.assert_close(model[1].bias.detach(), before[1])
 
 
-def test_weight_penalty_wrong_length() -> None:
+def test_penalty_value_wrong_length() -> None:
     model = build_model("fc100-100-10", MNIST, 10)
     with pytest.raises(ValueError, match="2 values given but the model has 3 decayed weight"):
-        weight_penalty(model, [1e-5, 1e-5])
+        penalty_value(model, [1e-5, 1e-5])
     with pytest.raises(ValueError, match="give 2 values"):
-        weight_penalty(build_model("ae400-10", MNIST, 10), [1e-6, 1e-6, 1e-6])
+        penalty_value(build_model("ae400-10", MNIST, 10), [1e-6, 1e-6, 1e-6])
 
 
-def test_weight_penalty_rejects_negative() -> None:
+def test_penalty_value_rejects_negative() -> None:
     with pytest.raises(ValueError, match=">= 0"):
-        weight_penalty(build_model("fc10", DIGITS, 10), -1.0)
+        penalty_value(build_model("fc10", DIGITS, 10), -1.0)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
-from advlab.store import EXAMPLES_SCHEMA, SweepStore
+from advlab.store import SweepStore
+from advlab.tables import EXAMPLES
 
 
 def curve(trial_id: str, rate: float) -> dict:
@@ -40,12 +41,12 @@ def test_rows_round_trip_and_rewrite_replaces(tmp_path: Path) -> None:
 
 def test_examples_keep_their_schema_and_images(tmp_path: Path) -> None:
     store = SweepStore(str(tmp_path), "s")
-    row = {name: 0 for name in EXAMPLES_SCHEMA.names}
-    row |= {"trial_id": "t", "attack": "lbfgs", "budget": math.nan, "success": True}
+    row = {name: 0 for name in EXAMPLES.names}
+    row |= {"trial_id": "t", "attack": "lbfgs", "budget": None, "success": True}
     row |= {"dist_rms": 0.1, "dist_l2": 0.8, "dist_linf": 0.3, "x_adv": [0.0, 0.5, 1.0]}
     store.write_rows("examples", "t", [row])
     table = pq.read_table(tmp_path / "s" / "examples" / "t.parquet")
-    assert table.schema == EXAMPLES_SCHEMA
+    assert table.schema == EXAMPLES
     assert table.column("x_adv").to_pylist() == [[0.0, 0.5, 1.0]]
 
 
@@ -60,7 +61,7 @@ def test_empty_tables_read_as_empty_frames_with_columns(tmp_path: Path) -> None:
         "success_rate",
         "robust_error",
     ]
-    assert store.finished_trial_ids() == set()
+    assert store.read("trials").empty
     assert store.read_json("sweep.json") is None
 
 
@@ -88,4 +89,11 @@ def test_readers_ignore_half_written_files(tmp_path: Path) -> None:
     whole = (folder / "a.parquet").read_bytes()
     (folder / ".b.parquet.0123.tmp").write_bytes(whole[: len(whole) // 2])
     assert store.read("curves")["trial_id"].tolist() == ["a"]
-    assert store.finished_trial_ids() == set()  # no trials row: not finished
+    assert store.read("trials").empty  # no trials row: not finished
+
+
+def test_rows_outside_the_declared_schema_are_refused(tmp_path: Path) -> None:
+    store = SweepStore(str(tmp_path), "s")
+    with pytest.raises(ValueError, match="not in the declared schema"):
+        store.write_rows("curves", "a", [curve("a", 0.5) | {"fgsm/success@0.1": 0.5}])
+    assert not (tmp_path / "s" / "curves").exists()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from advlab.track import TrialRun, offline_run_dirs, read_offline_run, resolve_mode
+from wandb_reader import offline_run_dirs, read_offline_run
+
+from advlab.track import TrialRun, resolve_mode
 
 
 def test_offline_run_files_hold_config_history_and_summary(tmp_path: Path) -> None:
@@ -71,7 +73,8 @@ def test_a_trials_offline_run_holds_its_tables_and_example_images(tmp_path: Path
     from advlab.trial import run_trial
 
     spec = parse_sweep(tiny_sweep(grid={"seed": [0]}))
-    row = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "offline"))
+    result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "offline"))
+    row, metrics = result.row, result.metrics
     (run_dir,) = offline_run_dirs(tmp_path / "tiny")
     logged = read_offline_run(run_dir)
     files = logged["files"]
@@ -87,22 +90,26 @@ def test_a_trials_offline_run_holds_its_tables_and_example_images(tmp_path: Path
     for r in curves.itertuples():
         assert logged_rates[(r.attack, r.budget)] == r.success_rate
 
-    (summary_file,) = [f for f in files if f.startswith("media/table/attack_summary_")]
-    summary = json.loads((run_dir / "files" / summary_file).read_text())
-    values = {(a, m): v for a, m, v in summary["data"]}
-    assert values[("lbfgs", "mean_dist_rms")] == row["lbfgs/mean_dist_rms"]
+    (attacks_file,) = [f for f in files if f.startswith("media/table/attacks_")]
+    logged_attacks = json.loads((run_dir / "files" / attacks_file).read_text())
+    attacks = SweepStore(str(tmp_path), "tiny").read("attacks")
+    assert logged_attacks["columns"] == list(attacks.columns)
+    column = logged_attacks["columns"].index("mean_dist_rms")
+    lbfgs = attacks.loc[attacks["attack"] == "lbfgs", "mean_dist_rms"].item()
+    assert [r[column] for r in logged_attacks["data"] if r[1] == "lbfgs"] == [lbfgs]
+    assert metrics["lbfgs/mean_dist_rms"] == lbfgs
 
     # Final metrics are declared for dashboards: distortions and clean errors by min, success
     # and robust error by max, under names W&B can sort and filter (no '@' or '.').
     summary = logged["summary"]
-    assert summary["lbfgs/mean_dist_rms"] == {"min": row["lbfgs/mean_dist_rms"]}
-    assert summary["lbfgs/success_rate"] == {"max": row["lbfgs/success_rate"]}
+    assert summary["lbfgs/mean_dist_rms"] == {"min": metrics["lbfgs/mean_dist_rms"]}
+    assert summary["lbfgs/success_rate"] == {"max": metrics["lbfgs/success_rate"]}
     assert summary["test_error"] == {"min": row["test_error"]}
-    assert summary["fgsm/robust_error_at_0_1"] == {"max": row["fgsm/robust_error@0.1"]}
+    assert summary["fgsm/robust_error_at_0_1"] == {"max": metrics["fgsm/robust_error@0.1"]}
     assert not [k for k in summary if "@" in k or "." in k]
 
     images = [f for f in files if f.startswith("media/images/examples/lbfgs")]
-    successes = min(8, round(row["lbfgs/success_rate"] * row["n_attacked"]))
+    successes = min(8, round(metrics["lbfgs/success_rate"] * row["n_attacked"]))
     assert len(images) == 3 * successes  # original, adversarial, perturbation x10
     with Image.open(run_dir / "files" / images[0]) as image:
         assert image.size == (8, 8)

@@ -7,8 +7,9 @@ from torch import nn
 
 from advlab.data import load_dataset, select_subset
 from advlab.models import build_model
+from advlab.runtime import error_rate
 from advlab.spec import TrainSpec
-from advlab.train import error_rate, pretrain_autoencoder, train_model
+from advlab.train import pretrain_autoencoder, train_model
 
 
 def digits_half() -> tuple[torch.Tensor, ...]:

@@ -7,15 +7,16 @@ restores the previous mode afterwards and leaves no gradients on the parameters.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+from advlab.runtime import eval_mode, model_device, predict
 
 
 class AttackError(ValueError):
@@ -31,23 +32,6 @@ class AttackResult:
     adv_pred: Tensor  # (B,) int64 model prediction on x_adv
     target: Tensor  # (B,) int64 target class, -1 when untargeted
     grad_evals: Tensor  # (B,) int64 gradient evaluations spent on each example
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device the model lives on (CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the model in eval mode and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def check_inputs(x: Tensor, y: Tensor, target: Tensor | None = None) -> None:
@@ -107,12 +91,6 @@ def random_wrong_targets(y: Tensor, num_classes: int, generator: torch.Generator
     # Drawing an offset in [1, K) and wrapping can never land on y and stays uniform.
     offset = torch.randint(1, num_classes, (y.shape[0],), generator=generator, device="cpu")
     return (y.cpu().long() + offset).remainder(num_classes).to(y.device)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, x: Tensor) -> Tensor:
-    """Model predictions (B,) int64 for inputs x."""
-    return model(x).argmax(dim=1)
 
 
 def finish(

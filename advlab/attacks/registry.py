@@ -1,0 +1,278 @@
+"""The attack registry: the one place that knows which attacks exist and what kind each is.
+
+Each attack declares, once (in the style of Foolbox 3's attack base classes):
+- its kind: a *minimisation* attack (L-BFGS, DeepFool, C&W) runs once and returns the closest
+  adversarial it found, so success at budget eps is `success & (distance <= eps)` and one run
+  scores every budget; a *fixed-budget* attack (FGSM, PGD, noise) runs once per budget;
+- its budget norms (the first is the default) and target modes (the first is the default);
+- its settings, as a pydantic model whose fields are the attack function's keyword arguments
+  (validated from sweep files before any work starts);
+- the function that runs it.
+
+Spec validation, the trial, the store, W&B and the report ask this module; nothing else keeps a
+list of attacks. A plug-in attack is an `AttackDef` passed to `register()`, or named in a sweep
+file by import path (`name: "mypkg.attacks:MY_ATTACK"`), which also resolves on Ray workers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor, nn
+
+from advlab.attacks.base import AttackError, AttackResult
+from advlab.attacks.cw import carlini_wagner
+from advlab.attacks.deepfool import deepfool
+from advlab.attacks.gradient import fgsm, pgd
+from advlab.attacks.lbfgs import lbfgs_attack
+from advlab.attacks.noise import gaussian_noise
+from advlab.measure import distortions, success_at_budgets
+
+Kind = Literal["minimization", "fixed_budget"]
+MINIMIZATION: Kind = "minimization"
+FIXED_BUDGET: Kind = "fixed_budget"
+
+# run(model, x, y, *, eps, norm, target, generator, **settings) -> AttackResult; eps is None for
+# minimisation attacks, norm the budget norm the sweep chose (from the attack's own `norms`).
+AttackFn = Callable[..., AttackResult]
+
+
+class Settings(BaseModel):
+    """Base of every attack's settings: unknown keys are refused, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class AttackDef:
+    """Everything advlab needs to know about one attack."""
+
+    name: str
+    kind: Kind
+    norms: tuple[str, ...]  # budget norms; the first is the default
+    targets: tuple[str, ...]  # target modes; the first is the default
+    settings: type[Settings]
+    run: AttackFn
+    summary: str = ""  # one line for `advlab attacks` and the docs
+
+    @property
+    def default_norm(self) -> str:
+        return self.norms[0]
+
+    @property
+    def default_target(self) -> str:
+        return self.targets[0]
+
+
+# --------------------------------------------------------------------------- settings
+
+_ALL_TARGETS = ("untargeted", "random", "all")
+_DIST_NORMS = ("rms", "l2", "linf")  # what a minimisation attack's distances are scored in
+
+
+class NoParams(Settings):
+    pass
+
+
+class PGDParams(Settings):
+    steps: int = Field(40, ge=1)
+    restarts: int = Field(1, ge=1)
+    step_size: float | None = Field(None, gt=0, allow_inf_nan=False)
+    random_start: bool = True
+
+
+class LBFGSParams(Settings):
+    loss: Literal["ce", "margin"] = "ce"  # the paper's cross-entropy, or the exact margin loss
+    max_iter: int = Field(100, ge=1)  # L-BFGS iterations per value of c
+    search_steps: int = Field(12, ge=1)  # solves in the search over c
+    candidates: int | None = Field(None, ge=1)  # target all: only the k nearest classes
+
+
+class DeepFoolParams(Settings):
+    steps: int = Field(50, ge=1)
+    overshoot: float = Field(0.02, ge=0, allow_inf_nan=False)
+    refine_steps: int = Field(0, ge=0)
+    candidates: int | None = Field(None, ge=1)
+
+
+class CWParams(Settings):
+    steps: int = Field(1000, ge=1)
+    search_steps: int = Field(9, ge=1)
+    c_init: float = Field(1e-3, gt=0, allow_inf_nan=False)
+    lr: float = Field(1e-2, gt=0, allow_inf_nan=False)
+    kappa: float = Field(0.0, ge=0, allow_inf_nan=False)
+    candidates: int | None = Field(None, ge=1)
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def _minimization(fn: Callable[..., AttackResult]) -> AttackFn:
+    """A minimisation attack's function takes no budget and optimises its own norm."""
+
+    def run(model: nn.Module, x: Tensor, y: Tensor, *, eps: Any, norm: str, **kw: Any):
+        return fn(model, x, y, **kw)
+
+    return run
+
+
+def _fixed(fn: Callable[..., AttackResult], takes_norm: bool = False) -> AttackFn:
+    def run(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, **kw: Any):
+        return fn(model, x, y, eps, **({"norm": norm} if takes_norm else {}), **kw)
+
+    return run
+
+
+def _noise(
+    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, target: Any, generator: Any
+) -> AttackResult:
+    return gaussian_noise(model, x, y, eps, generator=generator)
+
+
+# --------------------------------------------------------------------------- the registry
+
+_REGISTRY: dict[str, AttackDef] = {}
+
+
+def register(defn: AttackDef) -> AttackDef:
+    """Add an attack (a plug-in's, or a test's); its name must be new."""
+    if defn.name in _REGISTRY and _REGISTRY[defn.name] is not defn:
+        raise AttackError(f"attack {defn.name!r} is registered already; pick another name")
+    if defn.kind not in (MINIMIZATION, FIXED_BUDGET) or not defn.norms or not defn.targets:
+        raise AttackError(f"attack {defn.name!r}: needs a kind, norms and target modes")
+    _REGISTRY[defn.name] = defn
+    return defn
+
+
+def names() -> list[str]:
+    """Every registered attack's name."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> AttackDef:
+    """The attack called `name`, or the AttackDef at an import path `module:attribute`."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if ":" in name:
+        return _import_attack(name)
+    raise AttackError(f"unknown attack {name!r}; use one of {', '.join(names())} or module:object")
+
+
+def _import_attack(path: str) -> AttackDef:
+    module, _, attribute = path.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as err:
+        raise AttackError(f"cannot import attack {path!r} ({err}); check the module path") from None
+    if not isinstance(found, AttackDef):
+        raise AttackError(f"{path!r} is a {type(found).__name__}, not an advlab AttackDef")
+    return _REGISTRY.setdefault(path, found)
+
+
+for _defn in (
+    AttackDef("fgsm", FIXED_BUDGET, ("linf",), _ALL_TARGETS, NoParams, _fixed(fgsm),
+              "fast gradient sign, one step (Goodfellow et al. 2015)"),
+    AttackDef("pgd", FIXED_BUDGET, ("linf", "l2"), _ALL_TARGETS, PGDParams,
+              _fixed(pgd, takes_norm=True), "projected gradient descent (Madry et al. 2018)"),
+    AttackDef("noise", FIXED_BUDGET, ("stddev",), ("untargeted",), NoParams, _noise,
+              "Gaussian noise of stddev eps, clipped to the box (the paper's control)"),
+    AttackDef("lbfgs", MINIMIZATION, _DIST_NORMS, ("random", "untargeted", "all"), LBFGSParams,
+              _minimization(lbfgs_attack), "box-constrained L-BFGS (Szegedy et al. 2014)"),
+    AttackDef("deepfool", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DeepFoolParams,
+              _minimization(deepfool), "DeepFool L2 (Moosavi-Dezfooli et al. 2016)"),
+    AttackDef("cw", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, CWParams,
+              _minimization(carlini_wagner), "Carlini & Wagner L2 (2017)"),
+):  # fmt: skip
+    register(_defn)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class BudgetRun:
+    """One run of an attack: at `budget` (fixed-budget attacks) or at none (minimisation)."""
+
+    budget: float | None
+    result: AttackResult
+    distances: dict[str, Tensor]  # rms, l2, linf per example
+    seconds: float
+
+
+def run_attack(
+    name: str,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float | None = None,
+    norm: str | None = None,
+    target: Any = None,
+    generator: torch.Generator | None = None,
+    **settings: Any,
+) -> AttackResult:
+    """Run any registered attack by name (the Python API); settings are validated first."""
+    defn = get(name)
+    checked = validate_settings(defn, settings)
+    if defn.kind == FIXED_BUDGET and eps is None:
+        raise AttackError(f"{name}: a fixed-budget attack needs eps=")
+    return defn.run(
+        model, x, y, eps=eps, norm=norm or defn.default_norm,
+        target=target if target is not None else defn.default_target,
+        generator=generator if generator is not None else torch.Generator().manual_seed(0),
+        **checked.model_dump(),
+    )  # fmt: skip
+
+
+def validate_settings(defn: AttackDef, settings: dict[str, Any]) -> Settings:
+    """The attack's settings model from a plain mapping; AttackError on a bad key or value."""
+    try:
+        return defn.settings.model_validate(settings)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            known = sorted(defn.settings.model_fields)
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"its settings: {', '.join(known)}"
+            raise AttackError(f"{key}: not a setting of {defn.name}; {hint}") from None
+        raise AttackError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+def run_budgets(
+    defn: AttackDef,
+    budgets: Sequence[float],
+    attack: Callable[[float | None], AttackResult],
+    x: Tensor,
+) -> list[BudgetRun]:
+    """The runs that cover `budgets`: one for a minimisation attack, one per budget otherwise."""
+    plan: list[float | None] = [None] if defn.kind == MINIMIZATION else list(budgets)
+    runs = []
+    for budget in plan:
+        start = time.perf_counter()
+        result = attack(budget)
+        seconds = time.perf_counter() - start
+        runs.append(BudgetRun(budget, result, distortions(x, result.x_adv), seconds))
+    return runs
+
+
+def hits_at_budgets(
+    defn: AttackDef, runs: list[BudgetRun], budgets: Sequence[float], norm: str
+) -> list[tuple[float, Tensor]]:
+    """(budget, per-example success within it) for every budget: what a budget means.
+
+    A minimisation attack's one run counts at eps where it succeeded at distance <= eps in the
+    chosen norm; a fixed-budget attack's run at eps counts where it succeeded.
+    """
+    if defn.kind == MINIMIZATION:
+        (run,) = runs
+        matrix = success_at_budgets(run.result.success, run.distances[norm], budgets)
+        return list(zip(budgets, matrix, strict=True))
+    return [(run.budget, run.result.success) for run in runs]  # type: ignore[misc]

@@ -1,0 +1,96 @@
+"""A sweep's manifest (sweep.json): every version of its definition and the trials each added.
+
+Sweeps grow: editing a sweep file (a new weight decay, a new case, a new attack) and running it
+again records a new version and runs only the trials that are new; finished trials of earlier
+versions stay, untouched, and keep being read, reported and transferred. The manifest is what
+tells which trials belong to the sweep, in what order (grid order, newest version first), and
+by what readable names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from advlab.spec import SPEC_VERSION, SweepSpec, trial_labels
+from advlab.tables import SCHEMA_VERSION
+
+
+def empty(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "schema_version": SCHEMA_VERSION,
+        "spec_version": SPEC_VERSION,
+        "versions": [],
+        "trials": {},
+    }
+
+
+def record_version(manifest: dict[str, Any] | None, spec: SweepSpec) -> dict[str, Any]:
+    """The manifest with `spec` recorded: a new version when its trials or settings changed.
+
+    Each trial keeps the version that first added it; its grid values are refreshed from the
+    newest version that has it, so labels follow the newest grid.
+    """
+    out = dict(manifest) if manifest else empty(spec.name)
+    versions = list(out.get("versions", []))
+    ids = spec.ids
+    current = {"trial_ids": ids, "definition": spec.definition}
+    if not versions or {k: versions[-1].get(k) for k in current} != current:
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        versions.append(
+            {"version": len(versions) + 1, "created": stamp, "axes": spec.axes, **current}
+        )
+    trials = dict(out.get("trials", {}))
+    for index, (trial_id, trial) in enumerate(zip(ids, spec.trials, strict=True)):
+        first = trials.get(trial_id, {}).get("version", versions[-1]["version"])
+        trials[trial_id] = {
+            "version": first,
+            "index": index,
+            "model": trial.model,
+            "values": spec.grid_values(trial),
+        }
+    out |= {
+        "versions": versions,
+        "trials": trials,
+        "schema_version": SCHEMA_VERSION,
+        "spec_version": SPEC_VERSION,
+        "transfer": spec.settings.transfer.model_dump(mode="json"),
+        "wandb": spec.settings.wandb.model_dump(mode="json"),
+    }
+    return out
+
+
+def trial_order(manifest: dict[str, Any] | None) -> list[str]:
+    """Every trial of the sweep: the newest version's, in its grid order, then older ones."""
+    if not manifest or not manifest.get("versions"):
+        return []
+    newest = manifest["versions"][-1]["trial_ids"]
+    seen = set(newest)
+    older = [
+        t
+        for version in reversed(manifest["versions"][:-1])
+        for t in version["trial_ids"]
+        if not (t in seen or seen.add(t))
+    ]
+    return [*newest, *older]
+
+
+def current_ids(manifest: dict[str, Any] | None) -> list[str]:
+    """The trials of the newest version: what the sweep as now written expects."""
+    if not manifest or not manifest.get("versions"):
+        return []
+    return list(manifest["versions"][-1]["trial_ids"])
+
+
+def labels(manifest: dict[str, Any] | None) -> dict[str, str]:
+    """Readable names for every trial, built over all versions' grid values together."""
+    order = trial_order(manifest)
+    if not order:
+        return {}
+    trials = manifest["trials"]  # type: ignore[index]
+    axes = list(dict.fromkeys(a for t in order for a in trials[t]["values"]))
+    values = [
+        {"model": trials[t]["model"]} | {a: trials[t]["values"].get(a) for a in axes} for t in order
+    ]
+    return trial_labels(values, order)

@@ -1,0 +1,200 @@
+"""Load a sweep's results as typed, joined pandas frames: `advlab.results.load(path)`.
+
+    >>> res = advlab.results.load("results/quickstart")
+    >>> res.trials[["label", "model", "weight_decay", "test_error"]]
+    >>> res.attacks.query("attack == 'lbfgs'")[["label", "mean_dist_rms", "success_rate"]]
+    >>> res.curves.pivot_table(index="label", columns="budget", values="robust_error")
+
+Every frame has its table's declared schema (advlab.tables), whatever version of advlab wrote
+each file: a column a file lacks reads as null. Trials come in grid order (the newest version
+of the sweep first) with readable labels; the other tables carry the trial's label and the
+grid values of every axis beside their own columns, so nothing needs a join or column parsing.
+Each table folder is also plain parquet that pandas, polars and DuckDB read as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from advlab import manifest
+from advlab.store import SweepStore, resolve_storage
+from advlab.tables import SCHEMAS
+
+__all__ = ["Results", "load", "read_table"]
+
+
+@dataclass
+class Results:
+    """One sweep's tables. `axes` are the grid keys whose values label the trials."""
+
+    name: str
+    uri: str
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    attacks: pd.DataFrame
+    curves: pd.DataFrame
+    properties: pd.DataFrame
+    transfer: pd.DataFrame
+    manifest: dict[str, Any] | None
+    axes: list[str] = field(default_factory=list)
+    store: SweepStore | None = None
+
+    def examples(self, images: bool = False) -> pd.DataFrame:
+        """The examples table (one row per attacked example and run), joined with labels; the
+        adversarial images (`x_adv`) only when asked for, since they dominate its size."""
+        assert self.store is not None
+        columns = None if images else [n for n in SCHEMAS["examples"].names if n != "x_adv"]
+        return self._join(read_table(self.store, "examples", columns))
+
+    def _join(self, frame: pd.DataFrame) -> pd.DataFrame:
+        keys = ["trial_id", "label", *[a for a in self.axes if a in self.trials]]
+        joined = frame.merge(self.trials[keys], on="trial_id", how="left", sort=False)
+        return _in_trial_order(joined, self.trials)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(zip(self.trials["trial_id"], self.trials["label"], strict=True))
+
+
+def read_table(store: SweepStore, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Every file of one table, each cast to the declared schema (a missing column is null)."""
+    schema = SCHEMAS[name]
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    parts = [_conform(_read_file(store, path), schema) for path in store.trial_files(name)]
+    table = pa.concat_tables(parts) if parts else schema.empty_table()
+    return table.to_pandas(types_mapper=_nullable_types)
+
+
+def _read_file(store: SweepStore, path: str) -> pa.Table:
+    return pq.read_table(path, filesystem=store.fs)
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    arrays = [
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _nullable_types(kind: pa.DataType) -> Any:
+    """Integers and booleans as pandas' nullable types, so a null stays null, not NaN."""
+    if pa.types.is_integer(kind):
+        return pd.Int64Dtype()
+    if pa.types.is_boolean(kind):
+        return pd.BooleanDtype()
+    return None
+
+
+def load(path: str) -> Results:
+    """Read the sweep folder `path` (<storage>/<sweep>, local or a pyarrow URI)."""
+    store = SweepStore.from_dir(path)
+    recorded = store.read_manifest()
+    trials = read_table(store, "trials")
+    if trials.empty and recorded is None:
+        raise FileNotFoundError(
+            f"{path}: no advlab results here (no trials/ nor sweep.json); pass a "
+            "<storage>/<sweep> folder such as results/quickstart"
+        )
+    axes = _axes(recorded)
+    trials = _ordered_trials(trials, recorded, axes)
+    results = Results(
+        name=store.sweep, uri=store.uri, trials=trials, manifest=recorded, axes=axes, store=store,
+        epochs=pd.DataFrame(), attacks=pd.DataFrame(), curves=pd.DataFrame(),
+        properties=pd.DataFrame(), transfer=pd.DataFrame(),
+    )  # fmt: skip
+    for name in ("epochs", "attacks", "curves", "properties"):
+        setattr(results, name, results._join(read_table(store, name)))
+    results.transfer = _label_transfer(read_table(store, "transfer"), results.labels)
+    return results
+
+
+def _axes(recorded: dict[str, Any] | None) -> list[str]:
+    versions = (recorded or {}).get("versions") or []
+    return list(dict.fromkeys(a for v in versions for a in v.get("axes", [])))
+
+
+def _ordered_trials(
+    trials: pd.DataFrame, recorded: dict[str, Any] | None, axes: list[str]
+) -> pd.DataFrame:
+    """Trials in the manifest's order with its labels (over every version's grid), and a column
+    per grid axis that is no trials column of its own (a model_args key)."""
+    order = manifest.trial_order(recorded)
+    labels = manifest.labels(recorded)
+    rank = {t: i for i, t in enumerate(order)}
+    trials = trials.assign(
+        label=[
+            labels.get(t, lab) for t, lab in zip(trials["trial_id"], trials["label"], strict=True)
+        ],
+        _rank=[rank.get(t, len(rank)) for t in trials["trial_id"]],
+    )
+    trials = trials.sort_values(["_rank", "trial_index"], kind="stable").drop(columns="_rank")
+    for axis in axes:
+        if axis not in trials:
+            values = (recorded or {}).get("trials", {})
+            trials[axis] = [
+                _text(values.get(t, {}).get("values", {}).get(axis)) for t in trials["trial_id"]
+            ]
+    return trials.reset_index(drop=True)
+
+
+def _text(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, dict | list) else value
+
+
+def _in_trial_order(frame: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
+    rank = {t: i for i, t in enumerate(trials["trial_id"])}
+    order = frame["trial_id"].map(rank).fillna(len(rank))
+    return (
+        frame.assign(_rank=order)
+        .sort_values("_rank", kind="stable")
+        .drop(columns="_rank")
+        .reset_index(drop=True)
+    )
+
+
+def _label_transfer(frame: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    return frame.assign(
+        source_label=frame["source_trial"].map(lambda t: labels.get(t, t)),
+        target_label=frame["target"].map(lambda t: labels.get(t, t)),
+    )
+
+
+def sweeps(storage: str) -> list[dict[str, Any]]:
+    """Every sweep folder under a storage root: name, trials ok / failed / expected."""
+    import pyarrow.fs as pafs
+
+    root = resolve_storage(storage)
+    fs, base = pafs.FileSystem.from_uri(root)
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type != pafs.FileType.Directory:
+            continue
+        store = SweepStore(root, info.base_name)
+        recorded = store.read_manifest()
+        if recorded is None:
+            continue
+        trials = read_table(store, "trials", ["trial_id", "status"])
+        status = dict(zip(trials["trial_id"], trials["status"], strict=True))
+        current = manifest.current_ids(recorded)
+        found.append(
+            {
+                "sweep": info.base_name,
+                "versions": len(recorded.get("versions", [])),
+                "trials": len(current),
+                "ok": sum(status.get(t) == "ok" for t in current),
+                "failed": sum(status.get(t) == "failed" for t in current),
+                "missing": sum(t not in status for t in current),
+                "older": len(set(status) - set(current)),
+            }
+        )
+    return sorted(found, key=lambda row: row["sweep"])

@@ -1,0 +1,219 @@
+"""The results tables: one declared pyarrow schema per table, and the trial config's columns.
+
+Every trial writes every table with exactly these schemas (a failed trial's row carries every
+column, as nulls), so pandas, polars and DuckDB read a table folder as it is. Settings that are
+lists are typed lists (weight decay is always list<double>); free-form mappings (model_args) and
+the attack list are JSON strings; the whole trial spec is kept as JSON in `spec` so downstream
+code rebuilds it instead of parsing columns. The trial-config columns are derived from
+`TrialSpec`'s fields, so a new setting becomes a column without an edit here.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel
+
+from advlab.spec import TrialSpec
+
+SCHEMA_VERSION = 2
+
+EPOCHS = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("epoch", pa.int64()),
+        ("loss", pa.float64()),
+        ("train_error", pa.float64()),
+        ("test_error", pa.float64()),  # null on epochs skipped by train.eval_every
+        ("seconds", pa.float64()),
+        ("adv_grad_evals", pa.int64()),
+    ]
+)
+
+EXAMPLES = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("attack", pa.string()),  # the attack's label in the trial (its name by default)
+        ("budget", pa.float64()),  # null for minimisation attacks: one run for every budget
+        ("example", pa.int64()),  # position among the attacked examples
+        ("dataset_index", pa.int64()),  # index into the attacked split
+        ("label", pa.int64()),
+        ("target", pa.int64()),  # -1 when untargeted
+        ("clean_pred", pa.int64()),
+        ("adv_pred", pa.int64()),
+        ("success", pa.bool_()),
+        ("dist_rms", pa.float64()),
+        ("dist_l2", pa.float64()),
+        ("dist_linf", pa.float64()),
+        ("grad_evals", pa.int64()),
+        ("x_adv", pa.list_(pa.float32())),  # the adversarial image, flattened C*H*W
+    ]
+)
+
+# One row per attack run: once for a minimisation attack (budget null), once per budget for a
+# fixed-budget one. Distances are over the successful examples.
+ATTACKS = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("attack", pa.string()),
+        ("method", pa.string()),  # the registered attack (lbfgs, pgd, ...)
+        ("kind", pa.string()),  # minimization or fixed_budget
+        ("norm", pa.string()),  # the budget norm: rms, l2, linf or stddev
+        ("target", pa.string()),  # target mode: untargeted, random or all
+        ("budget", pa.float64()),
+        ("n", pa.int64()),
+        ("success_rate", pa.float64()),
+        *[
+            (f"{stat}_dist_{norm}", pa.float64())
+            for norm in ("rms", "l2", "linf")
+            for stat in ("mean", "median")
+        ],
+        ("grad_evals", pa.float64()),  # mean per example
+        ("seconds", pa.float64()),
+        ("settings", pa.string()),  # JSON: every setting of the attack, defaults filled in
+    ]
+)
+
+CURVES = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("attack", pa.string()),
+        ("norm", pa.string()),
+        ("budget", pa.float64()),
+        ("n", pa.int64()),  # attacked examples (all correctly classified when clean)
+        ("success_rate", pa.float64()),
+        ("robust_error", pa.float64()),  # over every example scanned to find the n
+    ]
+)
+
+PROPERTIES = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("analysis", pa.string()),  # lipschitz, unit_analysis, density
+        ("layer", pa.string()),  # a layer name, "network" for the whole net, or an attack name
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
+TRANSFER = pa.schema(
+    [
+        ("source_trial", pa.string()),
+        ("attack", pa.string()),
+        ("budget", pa.float64()),  # null for minimisation attacks
+        ("kind", pa.string()),  # adversarial, noise, amplified@<rms>
+        ("rms", pa.float64()),  # mean per-pixel rms of the perturbation applied
+        ("target", pa.string()),  # a trial id, or a control's name (trained on the source's data)
+        ("target_kind", pa.string()),  # trial or control
+        ("n", pa.int64()),
+        ("error_adv", pa.float64()),
+        ("error_clean", pa.float64()),
+        ("status", pa.string()),  # ok, or failed (with the reason) for a target that broke
+        ("reason", pa.string()),
+    ]
+)
+
+# What a trial row holds besides its config: ids, outcome, clean errors, timings, versions.
+_TRIAL_HEAD = [
+    ("trial_id", pa.string()),
+    ("trial_index", pa.int64()),  # position in its sweep version's grid
+    ("label", pa.string()),  # readable name from the grid values
+    ("sweep", pa.string()),
+    ("status", pa.string()),  # ok or failed
+    ("reason", pa.string()),
+]
+_TRIAL_RESULTS = [
+    ("training_key", pa.string()),
+    ("trained_here", pa.bool_()),  # False: loaded from models/, trained by a twin trial
+    ("n_train", pa.int64()),
+    ("train_error", pa.float64()),
+    ("test_error", pa.float64()),
+    ("heldout_error", pa.float64()),
+    ("n_attacked", pa.int64()),
+    ("n_scanned", pa.int64()),  # examples looked at to find the n_attacked correct ones
+    ("n_clean_wrong", pa.int64()),  # of those, misclassified without any attack
+    ("train_adv_grad_evals", pa.int64()),
+    ("train_seconds", pa.float64()),
+    ("attack_seconds", pa.float64()),
+    ("device_used", pa.string()),  # the device it ran on (`device` is what was asked)
+    ("worker_node", pa.string()),
+    ("spec", pa.string()),  # the whole TrialSpec as JSON: rebuild it, never parse columns
+    ("advlab_version", pa.string()),
+    ("torch_version", pa.string()),
+    ("python_version", pa.string()),
+]
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    """The column type of a (flattened) TrialSpec field."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if float in inner and any(typing.get_origin(a) is list for a in inner):
+            return pa.list_(pa.float64())  # one lambda or one per layer: always a list
+        return _arrow_type(inner[0])
+    if origin is list:
+        inner_type = args[0]
+        if isinstance(inner_type, type) and issubclass(inner_type, BaseModel):
+            return pa.string()  # the attack list: JSON
+        return pa.list_(_arrow_type(inner_type))
+    if origin is dict:
+        return pa.string()  # free-form mappings (model_args): JSON
+    if origin is Literal:
+        return pa.string()
+    return {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}[annotation]
+
+
+def _config_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, pa.DataType]]:
+    fields: list[tuple[str, pa.DataType]] = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields += _config_fields(annotation, f"{prefix}{name}.")
+        else:
+            fields.append((f"{prefix}{name}", _arrow_type(annotation)))
+    return fields
+
+
+CONFIG_FIELDS = _config_fields(TrialSpec)
+TRIALS = pa.schema([*_TRIAL_HEAD, *CONFIG_FIELDS, *_TRIAL_RESULTS])
+assert len(set(TRIALS.names)) == len(TRIALS.names), "a config field shadows a results column"
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "trials": TRIALS,
+    "epochs": EPOCHS,
+    "examples": EXAMPLES,
+    "attacks": ATTACKS,
+    "curves": CURVES,
+    "properties": PROPERTIES,
+    "transfer": TRANSFER,
+}
+
+
+def config_columns(spec: TrialSpec) -> dict[str, Any]:
+    """The trial's settings as trials-table columns (dotted names, typed as in TRIALS)."""
+    dumped = spec.model_dump(mode="json")
+    columns: dict[str, Any] = {}
+    for name, kind in CONFIG_FIELDS:
+        value: Any = dumped
+        for part in name.split("."):
+            value = value[part]
+        if pa.types.is_string(kind) and not isinstance(value, str | None):
+            value = json.dumps(value, sort_keys=True)
+        elif pa.types.is_list(kind) and not isinstance(value, list):
+            value = [value]
+        columns[name] = value
+    return columns
+
+
+def table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as a table of `name`'s schema; a missing column is null, an unknown one an error."""
+    schema = SCHEMAS[name]
+    unknown = {key for row in rows for key in row} - set(schema.names)
+    if unknown:
+        raise ValueError(f"{name}: columns {sorted(unknown)} are not in the declared schema")
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -1,0 +1,58 @@
+"""The paper's noise controls: Gaussian noise, perturbations rescaled to an rms, matched noise."""
+
+from __future__ import annotations
+
+import torch
+
+from advlab.attacks.noise import add_noise, amplify, matched_noise
+from advlab.measure import distortions
+
+
+def test_amplify_reaches_the_requested_rms_inside_the_box() -> None:
+    torch.manual_seed(0)
+    clean = torch.rand(50, 64)
+    adversarial = (clean + 0.02 * torch.randn(50, 64)).clamp(0, 1)
+    for rms in (0.05, 0.1, 0.2):
+        out = amplify(clean, adversarial, rms)
+        assert out.min() >= 0 and out.max() <= 1
+        achieved = (out - clean).pow(2).mean(1).sqrt()
+        torch.testing.assert_close(achieved, torch.full((50,), rms), rtol=1e-4, atol=1e-5)
+        if rms == 0.05:  # little clipping: the direction of each perturbation is kept
+            cosine = torch.nn.functional.cosine_similarity(out - clean, adversarial - clean)
+            assert (cosine > 0.95).all()
+
+
+def test_amplify_saturates_when_the_box_forbids_the_rms() -> None:
+    clean = torch.zeros(1, 4)
+    adversarial = torch.tensor([[0.01, 0.0, 0.0, 0.0]])  # one pixel can move to 1 at most
+    out = amplify(clean, adversarial, rms=0.9)
+    assert torch.equal(out, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))  # rms 0.5, the most possible
+
+
+def test_gaussian_noise_has_each_examples_stddev() -> None:
+    clean = torch.full((2, 20000), 0.5)
+    noisy = add_noise(clean, torch.tensor([0.05, 0.1]), torch.Generator().manual_seed(0))
+    std = (noisy - clean).std(1)
+    torch.testing.assert_close(std, torch.tensor([0.05, 0.1]), rtol=0.02, atol=0)
+
+
+def test_matched_noise_has_each_perturbations_rms() -> None:
+    gen = torch.Generator().manual_seed(0)
+    clean = torch.full((5, 1, 6, 6), 0.5)
+    scales = torch.tensor([0.0, 0.01, 0.02, 0.04, 0.05]).reshape(5, 1, 1, 1)
+    adv = clean + scales * torch.randn(5, 1, 6, 6, generator=gen).sign()
+    rms = distortions(clean, adv)["rms"]
+    noise = matched_noise(clean, rms, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(distortions(clean, noise)["rms"], scales.flatten())
+    assert not torch.equal(noise[1:] - clean[1:], adv[1:] - clean[1:])  # a different direction
+
+
+def test_amplify_works_on_image_shaped_batches() -> None:
+    torch.manual_seed(0)
+    clean = torch.rand(4, 1, 5, 5)
+    adversarial = (clean + 0.01 * torch.randn(4, 1, 5, 5)).clamp(0, 1)
+    out = amplify(clean, adversarial, torch.tensor([0.02, 0.04, 0.06, 0.08]))
+    assert out.shape == clean.shape
+    torch.testing.assert_close(
+        distortions(clean, out)["rms"], torch.tensor([0.02, 0.04, 0.06, 0.08]), rtol=1e-4, atol=1e-5
+    )
