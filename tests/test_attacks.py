@@ -28,8 +28,9 @@ from advlab.attacks import (
     pgd,
     random_wrong_targets,
 )
-from advlab.attacks.lbfgs import SearchParams, _Pairs, _PenaltyObjective, minimize_box_lbfgs
+from advlab.attacks.lbfgs import SearchParams, _PenaltyObjective
 from advlab.measure import distortions
+from advlab.optim import _Pairs, minimize_box_lbfgs
 
 # ----------------------------------------------------------------------------- fixtures
 
