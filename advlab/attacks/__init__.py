@@ -19,6 +19,7 @@ from advlab.attacks.cw import carlini_wagner
 from advlab.attacks.deepfool import deepfool
 from advlab.attacks.gradient import fgsm, pgd
 from advlab.attacks.lbfgs import (
+    LBFGSSettings,
     lbfgs_attack,
     lbfgs_attack_all_targets,
     lbfgs_scipy_reference,
@@ -29,6 +30,7 @@ __all__ = [
     "TARGET_MODES",
     "AttackError",
     "AttackResult",
+    "LBFGSSettings",
     "Target",
     "carlini_wagner",
     "check_inputs",

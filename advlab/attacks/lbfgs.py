@@ -58,8 +58,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -84,8 +84,12 @@ LOSSES: tuple[str, ...] = ("ce", "margin")
 
 
 @dataclass(frozen=True)
-class SearchParams:
-    """Knobs shared by the torch attack and the scipy reference."""
+class LBFGSSettings:
+    """The c search's knobs, shared by the torch attack and the scipy reference.
+
+    Pass one as `settings=`, or name fields as keywords (`loss="margin"`), or both: keywords
+    replace the settings' fields (`lbfgs_settings`).
+    """
 
     c_init: float | None = None  # first penalty weight; None: the loss's default (`initial_c`)
     c_factor: float = 10.0  # multiply/divide c by this until a bracket exists
@@ -98,13 +102,13 @@ class SearchParams:
     ftol: float = 1e-6  # stop when the relative decrease of the objective is below this
     gtol: float = 1e-5  # stop when the projected gradient's max-norm is below this
     margin: float = 1e-5  # logit margin that counts as reaching the target
-    loss: str = "ce"  # "ce" (the paper's) or "margin" (exact on linear models); see module doc
+    loss: Loss = "ce"  # "ce" (the paper's) or "margin" (exact on linear models); see module doc
     kappa: float = 1e-3  # the margin loss's hinge offset, in logits
     warm_start: bool = True  # start each c's solve from the previous minimiser
     refine_steps: int = 20  # bisections of the final point back toward x (0: none)
 
     def validate(self) -> None:
-        """Raise AttackError on a parameter no search can run with."""
+        """Raise AttackError on a setting no search can run with."""
         c_init = 1.0 if self.c_init is None else float(self.c_init)
         positive = {"c_init": c_init, "ftol": self.ftol, "gtol": self.gtol}
         for name, value in positive.items():
@@ -154,11 +158,11 @@ class _PenaltyObjective:
         y: Tensor,
         target: Tensor | None,
         shape: tuple[int, ...],
-        params: SearchParams,
+        settings: LBFGSSettings,
     ) -> None:
         self.model, self.x0, self.y, self.target, self.shape = model, x0, y, target, shape
         self.cls = y if target is None else target
-        self.params = params
+        self.settings = settings
         self.c = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
         self.best_sq = torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
         self.best_x = x0.clone()
@@ -170,7 +174,7 @@ class _PenaltyObjective:
         logits = self.model(z.view(-1, *self.shape))
         diff = z - self.x0[rows]
         sq = torch.linalg.vecdot(diff, diff)
-        p = self.params
+        p = self.settings
         term = penalty_loss(logits, self.cls[rows], self.target is not None, p.loss, p.kappa)
         (g,) = torch.autograd.grad(term.sum(), z)
         # The penalty's gradient is closed-form: no need to push it through autograd.
@@ -184,7 +188,7 @@ class _PenaltyObjective:
         return adversarial_margin(logits, self.y[rows], target)
 
     def _remember(self, rows: Tensor, z: Tensor, sq: Tensor, logits: Tensor) -> None:
-        closer = (self._margin(logits, rows) > self.params.margin) & (sq < self.best_sq[rows])
+        closer = (self._margin(logits, rows) > self.settings.margin) & (sq < self.best_sq[rows])
         if bool(closer.any()):
             self.best_sq[rows[closer]] = sq[closer]
             self.best_x[rows[closer]] = z[closer]
@@ -197,14 +201,14 @@ class _PenaltyObjective:
 
 # --------------------------------------------------------------------------- c search
 
-# A c search: (objective, params) -> evaluations per example; the objective keeps the best points.
-Search = Callable[["_PenaltyObjective", SearchParams], Tensor]
+# A c search: (objective, settings) -> evaluations per example; the objective keeps the best points.
+Search = Callable[["_PenaltyObjective", LBFGSSettings], Tensor]
 
 
 class _CSearch:
     """Per-example state of the search over c; shared by the torch and the scipy solvers."""
 
-    def __init__(self, objective: _PenaltyObjective, p: SearchParams) -> None:
+    def __init__(self, objective: _PenaltyObjective, p: LBFGSSettings) -> None:
         n, dev = len(objective.x0), objective.x0.device
         self.objective, self.p = objective, p
         self.c = initial_c(objective, p)
@@ -279,7 +283,7 @@ class _CSearch:
         return (lo == 0) & (bound >= best[groups[rows]])
 
 
-def initial_c(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
+def initial_c(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """(n,) float64 first penalty weight per example: c_init, or the loss's default for None.
 
     The defaults: 1 for "ce" (the earlier fixed value) and 100 for "margin". Starting the margin
@@ -300,7 +304,7 @@ def _next_c(lo: Tensor, hi: Tensor, factor: float) -> Tensor:
     )
 
 
-def _torch_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
+def _torch_search(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """The whole c search as one batched L-BFGS run; returns evals per example.
 
     When an example's solve for one c ends, the search picks its next c and the same run goes on
@@ -330,7 +334,7 @@ def _torch_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
     return evals
 
 
-def _torch_search_cold(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
+def _torch_search_cold(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """The c search with every solve started afresh from the clean input (warm_start=False)."""
     search = _CSearch(objective, p)
     evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
@@ -349,7 +353,7 @@ def _torch_search_cold(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
     return evals
 
 
-def _scipy_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
+def _scipy_search(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """The c search with scipy's L-BFGS-B, one example and one c at a time."""
     search = _CSearch(objective, p)
     evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
@@ -365,7 +369,7 @@ def _scipy_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
 
 
 def _scipy_inner(
-    objective: _PenaltyObjective, rows: Tensor, starts: Tensor, p: SearchParams
+    objective: _PenaltyObjective, rows: Tensor, starts: Tensor, p: LBFGSSettings
 ) -> tuple[Tensor, Tensor, Tensor]:
     """scipy's L-BFGS-B one row at a time from the given starting points; (z, f, evals)."""
     dim = objective.x0.shape[1]
@@ -405,23 +409,11 @@ def lbfgs_attack(
     y: Tensor,
     target: Target = None,
     *,
+    settings: LBFGSSettings | None = None,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    loss: Loss = "ce",
-    c_init: float | None = SearchParams.c_init,
-    c_factor: float = SearchParams.c_factor,
-    search_steps: int = SearchParams.search_steps,
-    c_rtol: float = SearchParams.c_rtol,
-    dist_rtol: float = SearchParams.dist_rtol,
-    max_iter: int = SearchParams.max_iter,
-    history: int = SearchParams.history,
-    ftol: float = SearchParams.ftol,
-    gtol: float = SearchParams.gtol,
-    margin: float = SearchParams.margin,
-    kappa: float = SearchParams.kappa,
-    warm_start: bool = SearchParams.warm_start,
-    refine_steps: int = SearchParams.refine_steps,
     candidates: int | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """Minimum-distortion L-BFGS attack, batched in torch with per-example state.
 
@@ -430,16 +422,18 @@ def lbfgs_attack(
     class in one run; "all" attacks every wrong class and keeps the closest success (the
     untargeted minimum distortion, K-1 times the work; `candidates=k` attacks only the k classes
     whose linearised boundary is nearest, see `closest_over_targets`). num_classes defaults to
-    the model's output width. Unsuccessful examples return x_adv = x. loss "ce" is the paper's;
-    "margin" reaches the exact minimum on linear models (module doc). grad_evals counts every
-    objective gradient (L-BFGS iterates, line-search trials) over the whole c search.
+    the model's output width. Unsuccessful examples return x_adv = x. The search's knobs are
+    `settings` (LBFGSSettings() when None) with any of its fields replaced by keyword, e.g.
+    `loss="margin", search_steps=6`; loss "ce" is the paper's, "margin" reaches the exact
+    minimum on linear models (module doc). grad_evals counts every objective gradient
+    (L-BFGS iterates, line-search trials) over the whole c search.
     """
-    params = SearchParams(
-        c_init, c_factor, search_steps, c_rtol, dist_rtol, max_iter, history, ftol, gtol,
-        margin, loss, kappa, warm_start, refine_steps,
-    )  # fmt: skip
-    search = _torch_search if warm_start else _torch_search_cold
-    return _run(model, x, y, target, num_classes, generator, params, search, candidates)
+    s = lbfgs_settings(settings, overrides)
+    search = _torch_search if s.warm_start else _torch_search_cold
+    x, y, resolved, k = prepare(
+        model, x, y, target, num_classes=num_classes, generator=generator, default="random"
+    )
+    return run_c_search(model, x, y, resolved, k, s, search, candidates)
 
 
 def lbfgs_scipy_reference(
@@ -448,30 +442,18 @@ def lbfgs_scipy_reference(
     y: Tensor,
     target: Target = None,
     *,
+    settings: LBFGSSettings | None = None,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    loss: Loss = "ce",
-    c_init: float | None = SearchParams.c_init,
-    c_factor: float = SearchParams.c_factor,
-    search_steps: int = SearchParams.search_steps,
-    c_rtol: float = SearchParams.c_rtol,
-    dist_rtol: float = SearchParams.dist_rtol,
-    max_iter: int = SearchParams.max_iter,
-    history: int = SearchParams.history,
-    ftol: float = SearchParams.ftol,
-    gtol: float = SearchParams.gtol,
-    margin: float = SearchParams.margin,
-    kappa: float = SearchParams.kappa,
-    warm_start: bool = SearchParams.warm_start,
-    refine_steps: int = SearchParams.refine_steps,
     candidates: int | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """The same attack with scipy's fmin_l_bfgs_b run per example: the oracle and a baseline."""
-    params = SearchParams(
-        c_init, c_factor, search_steps, c_rtol, dist_rtol, max_iter, history, ftol, gtol,
-        margin, loss, kappa, warm_start, refine_steps,
-    )  # fmt: skip
-    return _run(model, x, y, target, num_classes, generator, params, _scipy_search, candidates)
+    s = lbfgs_settings(settings, overrides)
+    x, y, resolved, k = prepare(
+        model, x, y, target, num_classes=num_classes, generator=generator, default="random"
+    )
+    return run_c_search(model, x, y, resolved, k, s, _scipy_search, candidates)
 
 
 def lbfgs_attack_all_targets(
@@ -487,34 +469,51 @@ def lbfgs_attack_all_targets(
     The same as lbfgs_attack(..., target="all"). All (example, target) pairs run as one batch of
     B * (K - 1) rows, so memory grows with K.
     """
-    return lbfgs_attack(model, x, y, "all", num_classes=num_classes, **search)  # type: ignore[arg-type]
+    return lbfgs_attack(model, x, y, "all", num_classes=num_classes, **search)
 
 
-def _run(
+def lbfgs_settings(settings: LBFGSSettings | None, overrides: dict[str, Any]) -> LBFGSSettings:
+    """`settings` (LBFGSSettings() when None) with `overrides` replacing fields, validated.
+
+    The one place the public functions turn their keywords into settings, so the list of knobs
+    lives only in the dataclass.
+    """
+    if settings is None:
+        settings = LBFGSSettings()
+    elif not isinstance(settings, LBFGSSettings):
+        raise AttackError(f"settings: expected an LBFGSSettings, got {type(settings).__name__}")
+    names = [f.name for f in fields(LBFGSSettings)]
+    unknown = [name for name in overrides if name not in names]
+    if unknown:
+        raise AttackError(
+            f"{', '.join(unknown)}: not an L-BFGS setting; valid names: {', '.join(names)}"
+        )
+    if overrides:
+        settings = replace(settings, **overrides)
+    settings.validate()
+    return settings
+
+
+def run_c_search(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
-    target: Target,
-    num_classes: int | None,
-    generator: torch.Generator | None,
-    params: SearchParams,
+    resolved: Tensor | str | None,
+    num_classes: int,
+    settings: LBFGSSettings,
     search: Search,
-    candidates: int | None = None,
+    candidates: int | None,
 ) -> AttackResult:
-    """Check arguments, pick targets, run the c search, and package the closest successes."""
-    params.validate()
-    x, y, resolved, k = prepare(
-        model, x, y, target, num_classes=num_classes, generator=generator, default="random"
-    )
+    """Run the c search for a target `prepare` resolved and package the closest successes."""
     return run_targets(
         model,
         x,
         y,
         resolved,
-        k,
-        lambda xs, ys, ts: _attack(model, xs, ys, ts, params, search),
+        num_classes,
+        lambda xs, ys, ts: _attack(model, xs, ys, ts, settings, search),
         candidates=candidates,
-        attack_all=lambda xs, ys, ts: _attack(model, xs, ys, ts, params, search, groups=len(x)),
+        attack_all=lambda xs, ys, ts: _attack(model, xs, ys, ts, settings, search, groups=len(x)),
     )
 
 
@@ -523,7 +522,7 @@ def _attack(
     x: Tensor,
     y: Tensor,
     target: Tensor | None,
-    params: SearchParams,
+    settings: LBFGSSettings,
     search: Search,
     groups: int | None = None,
 ) -> AttackResult:
@@ -532,10 +531,10 @@ def _attack(
     groups=b: the batch is b examples repeated target-major (row r attacks example r % b), so
     an example's far targets may stop early (`_CSearch._outrun`).
     """
-    objective = _PenaltyObjective(model, x.flatten(1), y, target, tuple(x.shape[1:]), params)
+    objective = _PenaltyObjective(model, x.flatten(1), y, target, tuple(x.shape[1:]), settings)
     if groups is not None:
         objective.groups = torch.arange(len(x), device=x.device).remainder(groups)
-    evals = search(objective, params)
+    evals = search(objective, settings)
     x_adv = objective.best_x.view_as(x)
-    x_adv = shrink_toward_input(model, x, x_adv, y, target, params.refine_steps, params.margin)
+    x_adv = shrink_toward_input(model, x, x_adv, y, target, settings.refine_steps, settings.margin)
     return finish(model, x_adv, y, target, evals)
