@@ -24,7 +24,6 @@ from advlab.attacks import (
     fgsm,
     gaussian_noise,
     lbfgs_attack,
-    lbfgs_attack_all_targets,
     lbfgs_scipy_reference,
     pgd,
     random_wrong_targets,
@@ -401,7 +400,7 @@ def test_lbfgs_all_targets_is_the_closest_over_targets(
 ) -> None:
     x = digits[0][520:526]
     y = _predict(linear10, x)
-    result = lbfgs_attack_all_targets(linear10, x, y)
+    result = lbfgs_attack(linear10, x, y, "all")
     _assert_contract(linear10, x, y, result)
     assert (result.target == -1).all() and result.success.all()
     exact = torch.tensor(

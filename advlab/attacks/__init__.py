@@ -21,7 +21,6 @@ from advlab.attacks.gradient import fgsm, pgd
 from advlab.attacks.lbfgs import (
     LBFGSSettings,
     lbfgs_attack,
-    lbfgs_attack_all_targets,
     lbfgs_scipy_reference,
 )
 from advlab.attacks.noise import gaussian_noise
@@ -39,7 +38,6 @@ __all__ = [
     "fgsm",
     "gaussian_noise",
     "lbfgs_attack",
-    "lbfgs_attack_all_targets",
     "lbfgs_scipy_reference",
     "linearized_distances",
     "pgd",

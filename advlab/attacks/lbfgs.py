@@ -456,22 +456,6 @@ def lbfgs_scipy_reference(
     return run_c_search(model, x, y, resolved, k, s, _scipy_search, candidates)
 
 
-def lbfgs_attack_all_targets(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    num_classes: int | None = None,
-    **search: float | str | bool,
-) -> AttackResult:
-    """Untargeted minimum distortion: attack every wrong class, keep the closest success.
-
-    The same as lbfgs_attack(..., target="all"). All (example, target) pairs run as one batch of
-    B * (K - 1) rows, so memory grows with K.
-    """
-    return lbfgs_attack(model, x, y, "all", num_classes=num_classes, **search)
-
-
 def lbfgs_settings(settings: LBFGSSettings | None, overrides: dict[str, Any]) -> LBFGSSettings:
     """`settings` (LBFGSSettings() when None) with `overrides` replacing fields, validated.
 
