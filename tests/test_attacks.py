@@ -28,7 +28,7 @@ from advlab.attacks import (
     pgd,
     random_wrong_targets,
 )
-from advlab.attacks.lbfgs import LBFGSSettings, _PenaltyObjective, lbfgs_settings
+from advlab.attacks.lbfgs import LBFGSSettings, PenaltyObjective, lbfgs_settings
 from advlab.measure import distortions
 from advlab.optim import _Pairs, minimize_box_lbfgs
 
@@ -296,7 +296,7 @@ def test_failed_solve_bounds_the_distance_from_below(
     ys = y.repeat(9)
     ts = (ys + torch.arange(1, 10).repeat_interleave(len(x))) % 10
     params = LBFGSSettings(loss="margin")
-    objective = _PenaltyObjective(model, xs, ys, ts, tuple(x.shape[1:]), params)
+    objective = PenaltyObjective(model, xs, ys, ts, tuple(x.shape[1:]), params)
     objective.c.fill_(c)
     z, f, _ = minimize_box_lbfgs(objective, xs.clone(), gtol=1e-10, ftol=1e-15, max_iter=500)
     sq = ((z - xs) ** 2).sum(dim=1)

@@ -18,11 +18,8 @@ from advlab.attacks.base import (
 from advlab.attacks.cw import carlini_wagner
 from advlab.attacks.deepfool import deepfool
 from advlab.attacks.gradient import fgsm, pgd
-from advlab.attacks.lbfgs import (
-    LBFGSSettings,
-    lbfgs_attack,
-    lbfgs_scipy_reference,
-)
+from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
+from advlab.attacks.lbfgs_reference import lbfgs_scipy_reference
 from advlab.attacks.noise import gaussian_noise
 
 __all__ = [

@@ -38,7 +38,7 @@ Choices (the paper gives none of these):
   with a good Hessian model; this cuts the evaluations several-fold. warm_start=False starts
   every solve from the clean input, as the paper's description reads.
 - target="all": the example's far targets stop early once they cannot beat its closest success
-  (`_CSearch._outrun`).
+  (`CSearch._outrun`).
 - "Success" during the search needs the target logit to beat every other logit by `margin`, so a
   kept image cannot flip class under the floating-point noise of a different batch size.
 - Kept image: the closest successful point evaluated anywhere in the search (every L-BFGS iterate
@@ -47,11 +47,13 @@ Choices (the paper gives none of these):
   toward x along its own direction, keeping it adversarial. It removes what the search's
   tolerances (c_rtol, dist_rtol, kappa) leave past the boundary; it can only shorten r.
 
-Two solvers share the objective and the c search:
-- `lbfgs_attack`: a batched projected L-BFGS in torch with per-example state (c, bracket, curvature
-  pairs, line-search step, active set), so no example's result depends on its batch-mates.
-- `lbfgs_scipy_reference`: scipy's fmin_l_bfgs_b, one example at a time; the test oracle and the
-  speed baseline (the way Foolbox <= 2.4 ran this attack).
+Two solvers share the objective (`PenaltyObjective`) and the c search (`CSearch`):
+- `lbfgs_attack`: the batched projected L-BFGS of `advlab.optim` with per-example state (c,
+  bracket, curvature pairs, line-search step, active set), so no example's result depends on its
+  batch-mates.
+- `lbfgs_scipy_reference` (`advlab.attacks.lbfgs_reference`): scipy's fmin_l_bfgs_b, one example
+  at a time; the test oracle and the speed baseline (the way Foolbox <= 2.4 ran this attack).
+Both take their knobs as one `LBFGSSettings`, with keyword overrides of its fields.
 """
 
 from __future__ import annotations
@@ -61,10 +63,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import fmin_l_bfgs_b
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
@@ -148,7 +148,7 @@ def penalty_loss(logits: Tensor, cls: Tensor, targeted: bool, loss: str, kappa: 
     return (own.squeeze(1) - best_other + kappa).clamp_min(0.0).square()
 
 
-class _PenaltyObjective:
+class PenaltyObjective:
     """c * ||z - x||^2 + loss(model(z)) per row, remembering the closest successful z seen."""
 
     def __init__(
@@ -202,13 +202,13 @@ class _PenaltyObjective:
 # --------------------------------------------------------------------------- c search
 
 # A c search: (objective, settings) -> evaluations per example; the objective keeps the best points.
-Search = Callable[["_PenaltyObjective", LBFGSSettings], Tensor]
+Search = Callable[["PenaltyObjective", LBFGSSettings], Tensor]
 
 
-class _CSearch:
+class CSearch:
     """Per-example state of the search over c; shared by the torch and the scipy solvers."""
 
-    def __init__(self, objective: _PenaltyObjective, p: LBFGSSettings) -> None:
+    def __init__(self, objective: PenaltyObjective, p: LBFGSSettings) -> None:
         n, dev = len(objective.x0), objective.x0.device
         self.objective, self.p = objective, p
         self.c = initial_c(objective, p)
@@ -283,7 +283,7 @@ class _CSearch:
         return (lo == 0) & (bound >= best[groups[rows]])
 
 
-def initial_c(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
+def initial_c(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """(n,) float64 first penalty weight per example: c_init, or the loss's default for None.
 
     The defaults: 1 for "ce" (the earlier fixed value) and 100 for "margin". Starting the margin
@@ -304,13 +304,13 @@ def _next_c(lo: Tensor, hi: Tensor, factor: float) -> Tensor:
     )
 
 
-def _torch_search(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
+def _torch_search(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """The whole c search as one batched L-BFGS run; returns evals per example.
 
     When an example's solve for one c ends, the search picks its next c and the same run goes on
     from there (warm start, curvature pairs kept), so no example waits for slower ones.
     """
-    search = _CSearch(objective, p)
+    search = CSearch(objective, p)
     rows = search.active.nonzero().squeeze(1)
     evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
     if rows.numel() == 0:
@@ -334,9 +334,9 @@ def _torch_search(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
     return evals
 
 
-def _torch_search_cold(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
+def _torch_search_cold(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """The c search with every solve started afresh from the clean input (warm_start=False)."""
-    search = _CSearch(objective, p)
+    search = CSearch(objective, p)
     evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
     while bool(search.active.any()):
         rows = search.active.nonzero().squeeze(1)
@@ -351,53 +351,6 @@ def _torch_search_cold(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor
         evals[rows] += n_evals
         search.solved(rows, z, f)
     return evals
-
-
-def _scipy_search(objective: _PenaltyObjective, p: LBFGSSettings) -> Tensor:
-    """The c search with scipy's L-BFGS-B, one example and one c at a time."""
-    search = _CSearch(objective, p)
-    evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
-    start = objective.x0.clone()
-    while bool(search.active.any()):
-        rows = search.active.nonzero().squeeze(1)
-        z, f, n_evals = _scipy_inner(objective, rows, start[rows], p)
-        evals[rows] += n_evals
-        if p.warm_start:
-            start[rows] = z
-        search.solved(rows, z, f)
-    return evals
-
-
-def _scipy_inner(
-    objective: _PenaltyObjective, rows: Tensor, starts: Tensor, p: LBFGSSettings
-) -> tuple[Tensor, Tensor, Tensor]:
-    """scipy's L-BFGS-B one row at a time from the given starting points; (z, f, evals)."""
-    dim = objective.x0.shape[1]
-    bounds = np.tile([0.0, 1.0], (dim, 1))
-    out = starts.clone()
-    values = torch.empty(len(rows), dtype=out.dtype, device=out.device)
-    evals = torch.zeros(len(rows), dtype=torch.int64, device=out.device)
-    for k, row in enumerate(rows.tolist()):
-        row_t = torch.tensor([row], device=out.device)
-
-        def fun(z: np.ndarray, row_t: Tensor = row_t) -> tuple[float, np.ndarray]:
-            zt = torch.as_tensor(z, dtype=out.dtype, device=out.device)[None]
-            f, g = objective(zt, row_t)
-            return float(f.item()), g[0].double().cpu().numpy()
-
-        z, value, info = fmin_l_bfgs_b(
-            fun,
-            starts[k].double().cpu().numpy(),
-            bounds=bounds,
-            m=p.history,
-            factr=p.ftol / np.finfo(float).eps,
-            pgtol=p.gtol,
-            maxiter=p.max_iter,
-        )
-        out[k] = torch.as_tensor(z, dtype=out.dtype, device=out.device)
-        values[k] = float(value)
-        evals[k] = info["funcalls"]
-    return out, values, evals
 
 
 # --------------------------------------------------------------------------- public API
@@ -434,26 +387,6 @@ def lbfgs_attack(
         model, x, y, target, num_classes=num_classes, generator=generator, default="random"
     )
     return run_c_search(model, x, y, resolved, k, s, search, candidates)
-
-
-def lbfgs_scipy_reference(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    target: Target = None,
-    *,
-    settings: LBFGSSettings | None = None,
-    num_classes: int | None = None,
-    generator: torch.Generator | None = None,
-    candidates: int | None = None,
-    **overrides: Any,
-) -> AttackResult:
-    """The same attack with scipy's fmin_l_bfgs_b run per example: the oracle and a baseline."""
-    s = lbfgs_settings(settings, overrides)
-    x, y, resolved, k = prepare(
-        model, x, y, target, num_classes=num_classes, generator=generator, default="random"
-    )
-    return run_c_search(model, x, y, resolved, k, s, _scipy_search, candidates)
 
 
 def lbfgs_settings(settings: LBFGSSettings | None, overrides: dict[str, Any]) -> LBFGSSettings:
@@ -513,9 +446,9 @@ def _attack(
     """One c search over the batch (targeted, or untargeted when target is None).
 
     groups=b: the batch is b examples repeated target-major (row r attacks example r % b), so
-    an example's far targets may stop early (`_CSearch._outrun`).
+    an example's far targets may stop early (`CSearch._outrun`).
     """
-    objective = _PenaltyObjective(model, x.flatten(1), y, target, tuple(x.shape[1:]), settings)
+    objective = PenaltyObjective(model, x.flatten(1), y, target, tuple(x.shape[1:]), settings)
     if groups is not None:
         objective.groups = torch.arange(len(x), device=x.device).remainder(groups)
     evals = search(objective, settings)
