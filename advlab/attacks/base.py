@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from advlab.measure import distortions
+
 
 class AttackError(ValueError):
     """A bad argument to an attack; the message names the argument and the fix in one line."""
@@ -264,8 +266,7 @@ def closest_over_targets(
     n_t = targets.shape[0]
     reps = (n_t, *[1] * (x.ndim - 1))
     rep = attack(x.repeat(reps), y.repeat(n_t), targets.reshape(-1))
-    diff = (rep.x_adv - x.repeat(reps)).flatten(1)
-    dist = diff.norm(dim=1) if norm == "l2" else diff.abs().amax(dim=1)
+    dist = distortions(x.repeat(reps), rep.x_adv)[norm]
     dist = torch.where(rep.success, dist, torch.full_like(dist, math.inf)).view(n_t, b)
     best = dist.argmin(dim=0)
     found = torch.isfinite(dist.gather(0, best[None]).squeeze(0))
