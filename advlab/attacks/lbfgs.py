@@ -59,7 +59,7 @@ Both take their knobs as one `LBFGSSettings`, with keyword overrides of its fiel
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
@@ -202,7 +202,7 @@ class PenaltyObjective:
 # --------------------------------------------------------------------------- c search
 
 # A c search: (objective, settings) -> evaluations per example; the objective keeps the best points.
-Search = Callable[["PenaltyObjective", LBFGSSettings], Tensor]
+Search = Callable[[PenaltyObjective, LBFGSSettings], Tensor]
 
 
 class CSearch:
@@ -389,7 +389,7 @@ def lbfgs_attack(
     return run_c_search(model, x, y, resolved, k, s, search, candidates)
 
 
-def lbfgs_settings(settings: LBFGSSettings | None, overrides: dict[str, Any]) -> LBFGSSettings:
+def lbfgs_settings(settings: LBFGSSettings | None, overrides: Mapping[str, Any]) -> LBFGSSettings:
     """`settings` (LBFGSSettings() when None) with `overrides` replacing fields, validated.
 
     The one place the public functions turn their keywords into settings, so the list of knobs
