@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,13 +24,13 @@ from advlab.attacks import (
     fgsm,
     gaussian_noise,
     lbfgs_attack,
-    lbfgs_attack_all_targets,
     lbfgs_scipy_reference,
     pgd,
     random_wrong_targets,
 )
-from advlab.attacks.lbfgs import SearchParams, _Pairs, _PenaltyObjective, minimize_box_lbfgs
+from advlab.attacks.lbfgs import LBFGSSettings, PenaltyObjective, lbfgs_settings
 from advlab.measure import distortions
+from advlab.optim import _Pairs, minimize_box_lbfgs
 
 # ----------------------------------------------------------------------------- fixtures
 
@@ -294,8 +295,8 @@ def test_failed_solve_bounds_the_distance_from_below(
     xs = x.flatten(1).repeat(9, 1)
     ys = y.repeat(9)
     ts = (ys + torch.arange(1, 10).repeat_interleave(len(x))) % 10
-    params = SearchParams(loss="margin")
-    objective = _PenaltyObjective(model, xs, ys, ts, tuple(x.shape[1:]), params)
+    params = LBFGSSettings(loss="margin")
+    objective = PenaltyObjective(model, xs, ys, ts, tuple(x.shape[1:]), params)
     objective.c.fill_(c)
     z, f, _ = minimize_box_lbfgs(objective, xs.clone(), gtol=1e-10, ftol=1e-15, max_iter=500)
     sq = ((z - xs) ** 2).sum(dim=1)
@@ -399,7 +400,7 @@ def test_lbfgs_all_targets_is_the_closest_over_targets(
 ) -> None:
     x = digits[0][520:526]
     y = _predict(linear10, x)
-    result = lbfgs_attack_all_targets(linear10, x, y)
+    result = lbfgs_attack(linear10, x, y, "all")
     _assert_contract(linear10, x, y, result)
     assert (result.target == -1).all() and result.success.all()
     exact = torch.tensor(
@@ -433,6 +434,29 @@ def test_lbfgs_rejects_bad_search_parameters(
 ) -> None:
     with pytest.raises(AttackError, match=match):
         lbfgs_attack(mlp, digits[0][:2], digits[1][:2], **kwargs)  # type: ignore[arg-type]
+
+
+def test_lbfgs_rejects_an_unknown_setting(mlp: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    x, y = digits[0][:2], digits[1][:2]
+    for attack in (lbfgs_attack, lbfgs_scipy_reference):
+        with pytest.raises(AttackError, match=r"^kapa: not an L-BFGS setting") as info:
+            attack(mlp, x, y, kapa=0.1)
+        message = str(info.value)
+        assert "\n" not in message
+        assert all(name in message for name in ("c_init", "kappa", "loss", "refine_steps"))
+
+
+def test_lbfgs_settings_plus_an_override_equals_all_keywords(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][:6], digits[1][:6]
+    knobs: dict[str, Any] = {"loss": "margin", "search_steps": 4, "max_iter": 30, "kappa": 1e-2}
+    settings = LBFGSSettings(loss="margin", search_steps=4, max_iter=30, kappa=0.5)
+    assert lbfgs_settings(settings, {"kappa": 1e-2}) == LBFGSSettings(**knobs)
+    a = lbfgs_attack(mlp, x, y, "untargeted", settings=settings, kappa=1e-2)
+    b = lbfgs_attack(mlp, x, y, "untargeted", **knobs)
+    for field in ("x_adv", "success", "adv_pred", "target", "grad_evals"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
 
 
 def test_lbfgs_rejects_bad_targets_and_inputs(

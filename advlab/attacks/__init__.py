@@ -18,17 +18,15 @@ from advlab.attacks.base import (
 from advlab.attacks.cw import carlini_wagner
 from advlab.attacks.deepfool import deepfool
 from advlab.attacks.gradient import fgsm, pgd
-from advlab.attacks.lbfgs import (
-    lbfgs_attack,
-    lbfgs_attack_all_targets,
-    lbfgs_scipy_reference,
-)
+from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
+from advlab.attacks.lbfgs_reference import lbfgs_scipy_reference
 from advlab.attacks.noise import gaussian_noise
 
 __all__ = [
     "TARGET_MODES",
     "AttackError",
     "AttackResult",
+    "LBFGSSettings",
     "Target",
     "carlini_wagner",
     "check_inputs",
@@ -37,7 +35,6 @@ __all__ = [
     "fgsm",
     "gaussian_noise",
     "lbfgs_attack",
-    "lbfgs_attack_all_targets",
     "lbfgs_scipy_reference",
     "linearized_distances",
     "pgd",

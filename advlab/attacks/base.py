@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from advlab.measure import distortions
 from advlab.runtime import eval_mode, model_device, predict
 
 
@@ -242,8 +243,7 @@ def closest_over_targets(
     n_t = targets.shape[0]
     reps = (n_t, *[1] * (x.ndim - 1))
     rep = attack(x.repeat(reps), y.repeat(n_t), targets.reshape(-1))
-    diff = (rep.x_adv - x.repeat(reps)).flatten(1)
-    dist = diff.norm(dim=1) if norm == "l2" else diff.abs().amax(dim=1)
+    dist = distortions(x.repeat(reps), rep.x_adv)[norm]
     dist = torch.where(rep.success, dist, torch.full_like(dist, math.inf)).view(n_t, b)
     best = dist.argmin(dim=0)
     found = torch.isfinite(dist.gather(0, best[None]).squeeze(0))

@@ -17,6 +17,7 @@ stops for that round. Adam is element-wise, so rows never interact.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,61 @@ from advlab.attacks.base import (
 
 # Keeps atanh finite at pixels 0 and 1 (the authors' code uses the same factor).
 _TANH_SHRINK = 1 - 1e-6
+
+
+@dataclass(frozen=True)
+class CWSettings:
+    """The search's knobs, checked and built once by `carlini_wagner`."""
+
+    steps: int  # Adam iterations per round
+    search_steps: int  # rounds of the binary search on c
+    c_init: float  # every example's first c
+    lr: float  # Adam's step size
+    kappa: float  # the loss stops rewarding a lead beyond kappa logits
+    abort_early: bool  # end an example's round once its objective stalls
+    margin: float  # logit lead an iterate needs to be kept as adversarial
+
+    def validated(self) -> CWSettings:
+        """These settings with integer step counts; AttackError if no search can run with them."""
+        for name in ("steps", "search_steps"):
+            value = getattr(self, name)
+            if int(value) < 1:
+                raise AttackError(f"{name}: must be an integer >= 1, got {value}")
+        for name, value in (("c_init", self.c_init), ("lr", self.lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise AttackError(f"{name}: must be a finite number > 0, got {value}")
+        for name, value in (("kappa", self.kappa), ("margin", self.margin)):
+            if not (math.isfinite(value) and value >= 0):
+                raise AttackError(f"{name}: must be a finite number >= 0, got {value}")
+        return replace(self, steps=int(self.steps), search_steps=int(self.search_steps))
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """What every round attacks: the model, the flat inputs, their labels and targets."""
+
+    model: nn.Module
+    flat: Tensor  # (n, D) the inputs
+    y: Tensor
+    target: Tensor | None
+    w0: Tensor  # (n, D) atanh(2x - 1): where every round restarts
+    shape: tuple[int, ...]  # one input's shape, for the model
+
+
+@dataclass
+class _Bests:
+    """Each example's closest adversarial iterate over all rounds, updated in place."""
+
+    sq: Tensor  # (n,) its squared L2 distance to the input; inf while none was found
+    x: Tensor  # (n, D) the iterate; the input while none was found
+    evals: Tensor  # (n,) Adam iterations (one gradient each) spent so far
+
+    def keep(self, rows: Tensor, xa: Tensor, sq: Tensor, adv: Tensor) -> None:
+        """Take the iterates xa of `rows` that are adversarial and closer than the best."""
+        closer = adv & (sq < self.sq[rows])
+        if bool(closer.any()):
+            self.sq[rows[closer]] = sq[closer]
+            self.x[rows[closer]] = xa[closer]
 
 
 def carlini_wagner(
@@ -58,128 +114,80 @@ def carlini_wagner(
     adversarial when it is so by more than `margin` logits, so a kept image cannot flip under
     another batch size's round-off. grad_evals counts Adam iterations (one gradient each).
     """
-    for name, value in (("steps", steps), ("search_steps", search_steps)):
-        if int(value) < 1:
-            raise AttackError(f"{name}: must be an integer >= 1, got {value}")
-    for name, value in (("c_init", c_init), ("lr", lr)):
-        if not (math.isfinite(value) and value > 0):
-            raise AttackError(f"{name}: must be a finite number > 0, got {value}")
-    for name, value in (("kappa", kappa), ("margin", margin)):
-        if not (math.isfinite(value) and value >= 0):
-            raise AttackError(f"{name}: must be a finite number >= 0, got {value}")
+    settings = CWSettings(steps, search_steps, c_init, lr, kappa, abort_early, margin).validated()
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
-    settings = (int(steps), int(search_steps), c_init, lr, kappa, abort_early, margin)
     return run_targets(
         model,
         x,
         y,
         resolved,
         k,
-        lambda xs, ys, ts: _cw(model, xs, ys, ts, *settings),
+        lambda xs, ys, ts: _cw(model, xs, ys, ts, settings),
         candidates=candidates,
     )
 
 
 def _cw(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    target: Tensor | None,
-    steps: int,
-    search_steps: int,
-    c_init: float,
-    lr: float,
-    kappa: float,
-    abort_early: bool,
-    margin: float,
+    model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, s: CWSettings
 ) -> AttackResult:
-    n = len(x)
+    """The binary search on c over the batch (targeted, or untargeted when target is None)."""
+    n, dev = len(x), x.device
     flat = x.flatten(1)
-    dev = x.device
     w0 = torch.atanh((2 * flat - 1) * _TANH_SHRINK)
-    c = torch.full((n,), c_init, dtype=torch.float64, device=dev)
+    problem = _Problem(model, flat, y, target, w0, tuple(x.shape[1:]))
+    c = torch.full((n,), s.c_init, dtype=torch.float64, device=dev)
     lo = torch.zeros(n, dtype=torch.float64, device=dev)  # largest c that failed
     hi = torch.full((n,), math.inf, dtype=torch.float64, device=dev)  # smallest that succeeded
-    best_sq = torch.full((n,), math.inf, dtype=x.dtype, device=dev)
-    best_x = flat.clone()
-    evals = torch.zeros(n, dtype=torch.int64, device=dev)
-    shape = tuple(x.shape[1:])
+    best = _Bests(
+        sq=torch.full((n,), math.inf, dtype=x.dtype, device=dev),
+        x=flat.clone(),
+        evals=torch.zeros(n, dtype=torch.int64, device=dev),
+    )
     # An input that is already adversarial is its own closest success.
     with torch.no_grad():
-        already = adversarial_margin(model(x), y, target) > margin
-    best_sq[already] = 0.0
+        already = adversarial_margin(model(x), y, target) > s.margin
+    best.sq[already] = 0.0
     rows_left = (~already).nonzero().squeeze(1)
-    for _ in range(search_steps):
+    for _ in range(s.search_steps):
         if rows_left.numel() == 0:
             break
-        found = _cw_round(
-            model, flat, y, target, w0, c, rows_left, steps, lr, kappa, abort_early, margin,
-            best_sq, best_x, evals, shape,
-        )  # fmt: skip
+        found = _cw_round(problem, c, rows_left, s, best)
         r = rows_left
         hi[r] = torch.where(found, torch.minimum(hi[r], c[r]), hi[r])
         lo[r] = torch.where(found, lo[r], torch.maximum(lo[r], c[r]))
         c[r] = torch.where(torch.isinf(hi[r]), c[r] * 10, (lo[r] + hi[r]) / 2)
-    return finish(model, best_x.view_as(x), y, target, evals)
+    return finish(model, best.x.view_as(x), y, target, best.evals)
 
 
-def _cw_round(
-    model: nn.Module,
-    flat: Tensor,
-    y: Tensor,
-    target: Tensor | None,
-    w0: Tensor,
-    c_all: Tensor,
-    rows: Tensor,
-    steps: int,
-    lr: float,
-    kappa: float,
-    abort_early: bool,
-    margin: float,
-    best_sq: Tensor,
-    best_x: Tensor,
-    evals: Tensor,
-    shape: tuple[int, ...],
-) -> Tensor:
-    """One round of Adam at fixed c for `rows`; updates the bests in place; (found (m,),)."""
-    m = len(rows)
-    found = torch.zeros(m, dtype=torch.bool, device=flat.device)
-    live = torch.arange(m, device=flat.device)  # positions in `rows` still iterating
-    w = w0[rows].clone()
-    x0, yy = flat[rows], y[rows]
-    tt = None if target is None else target[rows]
-    c = c_all[rows].to(flat.dtype)
+def _cw_round(p: _Problem, c_all: Tensor, rows: Tensor, s: CWSettings, best: _Bests) -> Tensor:
+    """One round of Adam at fixed c for `rows`; updates `best` in place; (found (m,),)."""
+    m, dev, dt = len(rows), p.flat.device, p.flat.dtype
+    found = torch.zeros(m, dtype=torch.bool, device=dev)
+    live = torch.arange(m, device=dev)  # positions in `rows` still iterating
+    w = p.w0[rows].clone()
+    x0, yy = p.flat[rows], p.y[rows]
+    tt = None if p.target is None else p.target[rows]
+    c = c_all[rows].to(dt)
     m1, m2 = torch.zeros_like(w), torch.zeros_like(w)
-    prev = torch.full((m,), math.inf, dtype=flat.dtype, device=flat.device)
-    check_every = max(1, steps // 10)
-    beta1, beta2 = 0.9, 0.999
-    for i in range(1, steps + 1):
+    prev = torch.full((m,), math.inf, dtype=dt, device=dev)
+    check_every = max(1, s.steps // 10)
+    for i in range(1, s.steps + 1):
         wv = w.detach().requires_grad_(True)
         xa = (torch.tanh(wv) + 1) / 2
-        logits = model(xa.view(-1, *shape))
+        logits = p.model(xa.view(-1, *p.shape))
         gap = adversarial_margin(logits, yy[live], None if tt is None else tt[live])
         dist = (xa - x0[live]).square().sum(dim=1)
-        loss = dist + c[live] * (-gap).clamp_min(-kappa)
+        loss = dist + c[live] * (-gap).clamp_min(-s.kappa)
         (grad,) = torch.autograd.grad(loss.sum(), wv)
-        evals[rows[live]] += 1
+        best.evals[rows[live]] += 1
         # Keep the closest adversarial point of this iterate (before the step).
-        adv = gap.detach() > margin
-        d = dist.detach()
-        glob = rows[live]
-        closer = adv & (d < best_sq[glob])
-        if bool(closer.any()):
-            best_sq[glob[closer]] = d[closer]
-            best_x[glob[closer]] = xa.detach()[closer]
+        adv = gap.detach() > s.margin
+        best.keep(rows[live], xa.detach(), dist.detach(), adv)
         found[live[adv]] = True
-        # Adam, element-wise, with bias correction (so the rows never interact).
-        m1.mul_(beta1).add_(grad, alpha=1 - beta1)
-        m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step = lr / (1 - beta1**i)
-        denom = (m2 / (1 - beta2**i)).sqrt_().add_(1e-8)
-        w = w - step * m1 / denom
-        if abort_early and i % check_every == 0:
+        w = _adam_step(w, grad, m1, m2, i, s.lr)
+        if s.abort_early and i % check_every == 0:
             current = loss.detach()
             stuck = current > prev[live] * 0.9999
             prev[live] = current
@@ -189,3 +197,16 @@ def _cw_round(
                 if live.numel() == 0:
                     break
     return found
+
+
+def _adam_step(w: Tensor, grad: Tensor, m1: Tensor, m2: Tensor, i: int, lr: float) -> Tensor:
+    """Adam's i-th step from w, bias-corrected; updates the moments m1 and m2 in place.
+
+    Element-wise, so the rows never interact.
+    """
+    beta1, beta2 = 0.9, 0.999
+    m1.mul_(beta1).add_(grad, alpha=1 - beta1)
+    m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step = lr / (1 - beta1**i)
+    denom = (m2 / (1 - beta2**i)).sqrt_().add_(1e-8)
+    return w - step * m1 / denom

@@ -38,7 +38,7 @@ Choices (the paper gives none of these):
   with a good Hessian model; this cuts the evaluations several-fold. warm_start=False starts
   every solve from the clean input, as the paper's description reads.
 - target="all": the example's far targets stop early once they cannot beat its closest success
-  (`_CSearch._outrun`).
+  (`CSearch._outrun`).
 - "Success" during the search needs the target logit to beat every other logit by `margin`, so a
   kept image cannot flip class under the floating-point noise of a different batch size.
 - Kept image: the closest successful point evaluated anywhere in the search (every L-BFGS iterate
@@ -47,24 +47,24 @@ Choices (the paper gives none of these):
   toward x along its own direction, keeping it adversarial. It removes what the search's
   tolerances (c_rtol, dist_rtol, kappa) leave past the boundary; it can only shorten r.
 
-Two solvers share the objective and the c search:
-- `lbfgs_attack`: a batched projected L-BFGS in torch with per-example state (c, bracket, curvature
-  pairs, line-search step, active set), so no example's result depends on its batch-mates.
-- `lbfgs_scipy_reference`: scipy's fmin_l_bfgs_b, one example at a time; the test oracle and the
-  speed baseline (the way Foolbox <= 2.4 ran this attack).
+Two solvers share the objective (`PenaltyObjective`) and the c search (`CSearch`):
+- `lbfgs_attack`: the batched projected L-BFGS of `advlab.optim` with per-example state (c,
+  bracket, curvature pairs, line-search step, active set), so no example's result depends on its
+  batch-mates.
+- `lbfgs_scipy_reference` (`advlab.attacks.lbfgs_reference`): scipy's fmin_l_bfgs_b, one example
+  at a time; the test oracle and the speed baseline (the way Foolbox <= 2.4 ran this attack).
+Both take their knobs as one `LBFGSSettings`, with keyword overrides of its fields.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import fmin_l_bfgs_b
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
@@ -77,17 +77,19 @@ from advlab.attacks.base import (
     run_targets,
     shrink_toward_input,
 )
+from advlab.optim import minimize_box_lbfgs
 
 Loss = Literal["ce", "margin"]
 LOSSES: tuple[str, ...] = ("ce", "margin")
 
-# A function of a batch of flat points and the example rows they belong to -> (f (n,), grad (n, D)).
-BatchObjective = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
-
 
 @dataclass(frozen=True)
-class SearchParams:
-    """Knobs shared by the torch attack and the scipy reference."""
+class LBFGSSettings:
+    """The c search's knobs, shared by the torch attack and the scipy reference.
+
+    Pass one as `settings=`, or name fields as keywords (`loss="margin"`), or both: keywords
+    replace the settings' fields (`lbfgs_settings`).
+    """
 
     c_init: float | None = None  # first penalty weight; None: the loss's default (`initial_c`)
     c_factor: float = 10.0  # multiply/divide c by this until a bracket exists
@@ -100,13 +102,13 @@ class SearchParams:
     ftol: float = 1e-6  # stop when the relative decrease of the objective is below this
     gtol: float = 1e-5  # stop when the projected gradient's max-norm is below this
     margin: float = 1e-5  # logit margin that counts as reaching the target
-    loss: str = "ce"  # "ce" (the paper's) or "margin" (exact on linear models); see module doc
+    loss: Loss = "ce"  # "ce" (the paper's) or "margin" (exact on linear models); see module doc
     kappa: float = 1e-3  # the margin loss's hinge offset, in logits
     warm_start: bool = True  # start each c's solve from the previous minimiser
     refine_steps: int = 20  # bisections of the final point back toward x (0: none)
 
     def validate(self) -> None:
-        """Raise AttackError on a parameter no search can run with."""
+        """Raise AttackError on a setting no search can run with."""
         c_init = 1.0 if self.c_init is None else float(self.c_init)
         positive = {"c_init": c_init, "ftol": self.ftol, "gtol": self.gtol}
         for name, value in positive.items():
@@ -125,281 +127,6 @@ class SearchParams:
                 raise AttackError(f"{name}: must be an integer >= 1, got {getattr(self, name)}")
         if self.loss not in LOSSES:
             raise AttackError(f"loss: unknown loss {self.loss!r}; use 'ce' or 'margin'")
-
-
-# --------------------------------------------------------------------------- batched L-BFGS-B
-
-
-# Called with the indices of rows whose solve converged, their points and objective values;
-# returns which of them go on (bool) and mu: a resumed row's objective gains
-# mu/2 * ||x - x0||^2.
-OnConverged = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
-
-
-def minimize_box_lbfgs(
-    fun: BatchObjective,
-    x0: Tensor,
-    *,
-    max_iter: int = 100,
-    history: int = 10,
-    ftol: float = 1e-6,
-    gtol: float = 1e-5,
-    max_linesearch: int = 10,
-    on_converged: OnConverged | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Minimise n independent problems over [0,1]^D with projected L-BFGS; (x, f, evals).
-
-    x (n, D) are the final points, f (n,) their objective values, evals (n,) the evaluations.
-
-    Every row has its own curvature pairs, step size, active set and stopping state; a row only
-    ever touches its own data. The direction is the L-BFGS two-loop product restricted to the
-    free variables (those not pinned at a bound by the gradient), which is always a descent
-    direction; steps are projected onto the box and accepted by a projected Armijo
-    backtracking search.
-
-    A row's solve ends after max_iter iterations, a projected gradient below gtol, a relative
-    decrease below ftol, or a line search that fails without curvature pairs. Then
-    `on_converged` (if given) may resume it with a reshaped objective f + mu/2 ||x - x0||^2
-    (the L-BFGS attack's next penalty weight): the row goes on from where it stands and its
-    curvature pairs stay valid after the exact correction y += mu * s, so a resumed solve
-    starts with a good Hessian model and no model evaluation.
-
-    Speed: each pass of the loop makes exactly one batched evaluation, of every row's next
-    trial point: a new direction's unit step for rows whose last trial was accepted, a shorter
-    step for rows still backtracking. So no row waits for another's line search or solve, and
-    small models, where an evaluation's fixed cost dominates, need few calls. The state holds
-    only live rows (`_Batch`); the curvature pairs live in a ring buffer shared by all rows
-    (`_Pairs`).
-    """
-    n = x0.shape[0]
-    dt = x0.dtype
-    out = x0.clone()
-    f_out = torch.empty(n, device=x0.device, dtype=dt)
-    evals = torch.ones(n, dtype=torch.int64, device=x0.device)
-    if n == 0:
-        return out, f_out, evals
-    f, g = fun(x0, torch.arange(n, device=x0.device))
-    b = _Batch(x0, f, g, history)
-    while True:
-        b.running &= (_projected_grad_norm(b.x, b.g) > gtol) & (b.iters < max_iter)
-        newly = ~b.running & ~b.parked
-        if bool(newly.any()):
-            done = newly.nonzero().squeeze(1)
-            resume = torch.zeros(len(done), dtype=torch.bool, device=x0.device)
-            if on_converged is not None:
-                resume, mu = on_converged(b.rows[done], b.x[done], b.f[done])
-                b.resume(done[resume], mu[resume].to(dt))
-            stop = done[~resume]
-            out[b.rows[stop]], f_out[b.rows[stop]] = b.x[stop], b.f[stop]
-            b.parked[stop] = True
-            n_parked = int(b.parked.sum())
-            if n_parked == len(b.rows):
-                break
-            # Parked rows ride along in every batched operation until dropped, and dropping
-            # copies the curvature pairs: an eighth parked is about break-even.
-            if n_parked * 8 >= len(b.rows):
-                b.drop_parked()
-            continue  # resumed rows may already satisfy the tests under their new objective
-        if bool(b.fresh.any()):
-            d_new = _search_direction(b.x, b.g, b.pairs)
-            b.d = d_new if bool(b.fresh.all()) else torch.where(b.fresh[:, None], d_new, b.d)
-            b.on_gradient = torch.where(b.fresh, ~b.pairs.used.any(dim=1), b.on_gradient)
-            b.step = torch.where(b.fresh, 1.0, b.step)
-            b.tries.masked_fill_(b.fresh, 0)
-        b.d.masked_fill_(b.parked[:, None], 0.0)  # parked rows stay put (their trial is x)
-        xt = torch.addcmul(b.x, b.step[:, None], b.d).clamp_(0.0, 1.0)
-        ft, gt = fun(xt, b.rows)
-        evals[b.rows] += ~b.parked
-        s = xt - b.x
-        slope = torch.linalg.vecdot(b.g, s)  # < 0: the projected step's first-order decrease
-        rise = ft - b.f
-        # Rises within float round-off of f count as none, so a converged row does not
-        # backtrack forever (the ftol test then ends its solve).
-        noise = 8 * torch.finfo(dt).eps * b.f.abs()
-        ok = torch.isfinite(ft) & (rise <= 1e-4 * slope + noise) & ~b.parked
-        b.pairs.push(s, gt - b.g, ok)
-        scale = torch.maximum(torch.maximum(b.f.abs(), ft.abs()), torch.ones_like(ft))
-        b.running &= ~(ok & (-rise <= ftol * scale))
-        # Rejected rows retry along the same direction at the quadratic model's minimiser. A
-        # step too short to move the point in this precision, or too many tries, fails the
-        # line search: the row drops its memory and restarts along the gradient, and a row
-        # that already was on the gradient cannot make progress, so its solve ends.
-        back_off = ~ok & ~b.parked
-        b.tries += back_off
-        b.step = torch.where(back_off, _backtrack(b.step, slope, rise), b.step)
-        failed = back_off & ((b.tries >= max_linesearch) | ~(s != 0).any(dim=1))
-        if bool(failed.any()):
-            b.running &= ~(failed & b.on_gradient)
-            b.pairs.forget(failed)
-        b.iters += ok | failed
-        b.fresh = ok | failed
-        if bool(ok.all()):  # the common case: no copies
-            b.x, b.f, b.g = xt, ft, gt
-        else:
-            b.x = torch.where(ok[:, None], xt, b.x)
-            b.f = torch.where(ok, ft, b.f)
-            b.g = torch.where(ok[:, None], gt, b.g)
-    return out, f_out, evals
-
-
-class _Batch:
-    """The rows `minimize_box_lbfgs` still holds, and their per-row state."""
-
-    def __init__(self, x0: Tensor, f: Tensor, g: Tensor, history: int) -> None:
-        n, dim = x0.shape
-        dev = x0.device
-        self.x0 = x0
-        self.rows = torch.arange(n, device=dev)  # indices into x0
-        self.x, self.f, self.g = x0.clone(), f, g
-        self.d = torch.zeros_like(x0)  # the current search direction
-        self.step = torch.ones_like(f)  # the next trial's step along d
-        self.iters = torch.zeros(n, dtype=torch.int64, device=dev)  # iterations in this solve
-        self.tries = torch.zeros_like(self.iters)  # trials along d so far
-        self.fresh = torch.ones(n, dtype=torch.bool, device=dev)  # needs a new direction
-        self.on_gradient = torch.ones_like(self.fresh)  # d was computed without pairs
-        self.running = torch.isfinite(f)
-        self.parked = torch.zeros_like(self.fresh)  # finished, not yet dropped
-        self.pairs = _Pairs(n, dim, history, dev, x0.dtype)
-
-    def resume(self, idx: Tensor, mu: Tensor) -> None:
-        """Rows idx go on with mu/2 ||x - x0||^2 added to their objective."""
-        if idx.numel() == 0:
-            return
-        shift = self.x[idx] - self.x0[self.rows[idx]]
-        self.f[idx] += 0.5 * mu * torch.linalg.vecdot(shift, shift)
-        self.g[idx] += mu[:, None] * shift
-        self.pairs.reshape(idx, mu)
-        self.iters[idx] = 0
-        self.fresh[idx] = True
-        self.running[idx] = torch.isfinite(self.f[idx])
-
-    def drop_parked(self) -> None:
-        keep = (~self.parked).nonzero().squeeze(1)
-        self.rows, self.x, self.f, self.g, self.d = (
-            self.rows[keep],
-            self.x[keep],
-            self.f[keep],
-            self.g[keep],
-            self.d[keep],
-        )
-        self.step, self.iters, self.tries = self.step[keep], self.iters[keep], self.tries[keep]
-        self.fresh, self.on_gradient = self.fresh[keep], self.on_gradient[keep]
-        self.running, self.parked = self.running[keep], self.parked[keep]
-        self.pairs.keep(keep)
-
-
-class _Pairs:
-    """Each row's recent curvature pairs (s, y) in a ring buffer, with s.y and y.y.
-
-    Slots are (m, n, D), so each slot's vectors are one contiguous block. The ring's head is
-    shared: every loop pass writes a slot for every row, and a row whose trial was rejected
-    writes an unused, zeroed one, so a row that backtracked keeps fewer than m pairs. A pair
-    is used while s.y > eps y.y.
-
-    A resume (the row's objective gains mu/2 ||x - a||^2) adds mu * s to each of its y; s.y and
-    y.y are then recomputed from the vectors (their closed forms cancel badly in float32 when
-    mu < 0, as c shrinks).
-    """
-
-    def __init__(self, n: int, dim: int, m: int, dev: torch.device, dt: torch.dtype) -> None:
-        self.m, self.head = m, 0  # head: the ring slot the next pair goes into
-        self.s = torch.zeros(m, n, dim, device=dev, dtype=dt)
-        self.y = torch.zeros_like(self.s)
-        self.sy = torch.zeros(n, m, device=dev, dtype=dt)
-        self.yy = torch.zeros_like(self.sy)
-        self.used = torch.zeros(n, m, device=dev, dtype=torch.bool)
-        self.eps, self.tiny = torch.finfo(dt).eps, torch.finfo(dt).tiny
-
-    def newest_first(self) -> list[int]:
-        return [(self.head - 1 - i) % self.m for i in range(self.m)]
-
-    def push(self, s: Tensor, y: Tensor, ok: Tensor) -> None:
-        """Store this pass's pairs; rows whose trial was rejected store an unused, zero one."""
-        h = self.head
-        self.s[h], self.y[h] = s, y
-        if not bool(ok.all()):  # a rejected trial's gradient may be inf; 0 * inf would be NaN
-            rejected = (~ok).nonzero().squeeze(1)
-            self.s[h, rejected], self.y[h, rejected] = 0.0, 0.0
-        self.sy[:, h] = torch.linalg.vecdot(self.s[h], self.y[h])
-        self.yy[:, h] = torch.linalg.vecdot(self.y[h], self.y[h])
-        self.used[:, h] = ok & (self.sy[:, h] > self.eps * self.yy[:, h])
-        self.head = (h + 1) % self.m
-
-    def gamma(self) -> Tensor:
-        """(n,) s.y / y.y of each row's newest used pair (the initial Hessian scale); 0 if none."""
-        order = self.newest_first()
-        used = self.used[:, order]
-        ratio = (self.sy / self.yy.clamp_min(self.tiny))[:, order]
-        newest = used.to(torch.int8).argmax(dim=1, keepdim=True)
-        return torch.where(used.any(dim=1), ratio.gather(1, newest).squeeze(1), 0.0)
-
-    def forget(self, mask: Tensor) -> None:
-        self.used[mask] = False
-
-    def reshape(self, idx: Tensor, mu: Tensor) -> None:
-        """Rows idx gain mu/2 ||x - a||^2 in their objective: y += mu * s for their pairs."""
-        s = self.s[:, idx]
-        y = torch.addcmul(self.y[:, idx], mu[None, :, None], s)
-        self.y[:, idx] = y
-        self.sy[idx] = torch.linalg.vecdot(s, y).T
-        self.yy[idx] = torch.linalg.vecdot(y, y).T
-        self.used[idx] &= self.sy[idx] > self.eps * self.yy[idx]
-
-    def keep(self, idx: Tensor) -> None:
-        self.s, self.y = self.s[:, idx], self.y[:, idx]
-        self.sy, self.yy, self.used = self.sy[idx], self.yy[idx], self.used[idx]
-
-    def times(self, q: Tensor, h0: Tensor) -> Tensor:
-        """H q by the two-loop recursion, H0 = h0 I; unused slots contribute nothing."""
-        rho = torch.where(self.used, 1.0 / self.sy.clamp_min(self.tiny), 0.0)
-        order = self.newest_first()
-        r = q.clone()
-        alpha = []
-        for i in order:
-            a = rho[:, i] * torch.linalg.vecdot(self.s[i], r)
-            r.addcmul_(a[:, None], self.y[i], value=-1.0)
-            alpha.append(a)
-        r.mul_(h0[:, None])
-        for i, a in zip(reversed(order), reversed(alpha), strict=True):
-            beta = rho[:, i] * torch.linalg.vecdot(self.y[i], r)
-            r.addcmul_((a - beta)[:, None], self.s[i])
-        return r
-
-
-def _projected_grad_norm(x: Tensor, g: Tensor) -> Tensor:
-    """Max-norm of the projected gradient x - P(x - g), zero exactly at a box-KKT point."""
-    # x - clamp(x - g, 0, 1) = clamp(g, x - 1, x), one pass fewer.
-    return torch.clamp(g, min=x - 1, max=x).abs_().amax(dim=1)
-
-
-def _search_direction(x: Tensor, g: Tensor, pairs: _Pairs) -> Tensor:
-    """-H g on the free variables, H the per-row L-BFGS inverse Hessian; zero on pinned ones."""
-    # Pinned: at 0 with g > 0, or at 1 with g < 0, i.e. exactly where a unit step against the
-    # gradient's sign, clamped to the box, does not move x (g = 0 counts too: harmless).
-    free = (x - g.sign()).clamp_(0.0, 1.0) != x
-    q = torch.where(free, g, 0.0)
-    gnorm = q.norm(dim=1).clamp_min(torch.finfo(q.dtype).tiny)
-    # Without pairs the first step has unit length, as in L-BFGS-B.
-    gamma = pairs.gamma()
-    h0 = torch.where(gamma > 0, gamma, 1.0 / gnorm)
-    d = pairs.times(q, h0).neg_()
-    d = torch.where(free, d, 0.0)
-    # Masking keeps d a descent direction in exact arithmetic; guard against round-off anyway.
-    bad = ~(torch.linalg.vecdot(g, d) < 0)
-    if bool(bad.any()):
-        d = torch.where(bad[:, None], -q / gnorm[:, None], d)
-    return d
-
-
-def _backtrack(step: Tensor, slope: Tensor, rise: Tensor) -> Tensor:
-    """Next step after a failed trial: the quadratic model's minimiser, in [0.1, 0.5] * step.
-
-    slope is g.(trial - x) (negative) and rise f(trial) - f; the model q(t) = f + slope t +
-    (rise - slope) t^2 over t = a / step has its minimum at t = -slope / (2 (rise - slope)).
-    """
-    curvature = (rise - slope).clamp_min(torch.finfo(step.dtype).tiny)
-    t = torch.nan_to_num(-slope / (2 * curvature), nan=0.1, posinf=0.5, neginf=0.1)
-    return step * t.clamp(0.1, 0.5)
 
 
 # --------------------------------------------------------------------------- objective
@@ -421,7 +148,7 @@ def penalty_loss(logits: Tensor, cls: Tensor, targeted: bool, loss: str, kappa: 
     return (own.squeeze(1) - best_other + kappa).clamp_min(0.0).square()
 
 
-class _PenaltyObjective:
+class PenaltyObjective:
     """c * ||z - x||^2 + loss(model(z)) per row, remembering the closest successful z seen."""
 
     def __init__(
@@ -431,11 +158,11 @@ class _PenaltyObjective:
         y: Tensor,
         target: Tensor | None,
         shape: tuple[int, ...],
-        params: SearchParams,
+        settings: LBFGSSettings,
     ) -> None:
         self.model, self.x0, self.y, self.target, self.shape = model, x0, y, target, shape
         self.cls = y if target is None else target
-        self.params = params
+        self.settings = settings
         self.c = torch.zeros(len(x0), dtype=x0.dtype, device=x0.device)
         self.best_sq = torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
         self.best_x = x0.clone()
@@ -447,7 +174,7 @@ class _PenaltyObjective:
         logits = self.model(z.view(-1, *self.shape))
         diff = z - self.x0[rows]
         sq = torch.linalg.vecdot(diff, diff)
-        p = self.params
+        p = self.settings
         term = penalty_loss(logits, self.cls[rows], self.target is not None, p.loss, p.kappa)
         (g,) = torch.autograd.grad(term.sum(), z)
         # The penalty's gradient is closed-form: no need to push it through autograd.
@@ -461,7 +188,7 @@ class _PenaltyObjective:
         return adversarial_margin(logits, self.y[rows], target)
 
     def _remember(self, rows: Tensor, z: Tensor, sq: Tensor, logits: Tensor) -> None:
-        closer = (self._margin(logits, rows) > self.params.margin) & (sq < self.best_sq[rows])
+        closer = (self._margin(logits, rows) > self.settings.margin) & (sq < self.best_sq[rows])
         if bool(closer.any()):
             self.best_sq[rows[closer]] = sq[closer]
             self.best_x[rows[closer]] = z[closer]
@@ -474,14 +201,14 @@ class _PenaltyObjective:
 
 # --------------------------------------------------------------------------- c search
 
-# A c search: (objective, params) -> evaluations per example; the objective keeps the best points.
-Search = Callable[["_PenaltyObjective", SearchParams], Tensor]
+# A c search: (objective, settings) -> evaluations per example; the objective keeps the best points.
+Search = Callable[[PenaltyObjective, LBFGSSettings], Tensor]
 
 
-class _CSearch:
+class CSearch:
     """Per-example state of the search over c; shared by the torch and the scipy solvers."""
 
-    def __init__(self, objective: _PenaltyObjective, p: SearchParams) -> None:
+    def __init__(self, objective: PenaltyObjective, p: LBFGSSettings) -> None:
         n, dev = len(objective.x0), objective.x0.device
         self.objective, self.p = objective, p
         self.c = initial_c(objective, p)
@@ -556,7 +283,7 @@ class _CSearch:
         return (lo == 0) & (bound >= best[groups[rows]])
 
 
-def initial_c(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
+def initial_c(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """(n,) float64 first penalty weight per example: c_init, or the loss's default for None.
 
     The defaults: 1 for "ce" (the earlier fixed value) and 100 for "margin". Starting the margin
@@ -577,13 +304,13 @@ def _next_c(lo: Tensor, hi: Tensor, factor: float) -> Tensor:
     )
 
 
-def _torch_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
+def _torch_search(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """The whole c search as one batched L-BFGS run; returns evals per example.
 
     When an example's solve for one c ends, the search picks its next c and the same run goes on
     from there (warm start, curvature pairs kept), so no example waits for slower ones.
     """
-    search = _CSearch(objective, p)
+    search = CSearch(objective, p)
     rows = search.active.nonzero().squeeze(1)
     evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
     if rows.numel() == 0:
@@ -607,9 +334,9 @@ def _torch_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
     return evals
 
 
-def _torch_search_cold(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
+def _torch_search_cold(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """The c search with every solve started afresh from the clean input (warm_start=False)."""
-    search = _CSearch(objective, p)
+    search = CSearch(objective, p)
     evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
     while bool(search.active.any()):
         rows = search.active.nonzero().squeeze(1)
@@ -626,53 +353,6 @@ def _torch_search_cold(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
     return evals
 
 
-def _scipy_search(objective: _PenaltyObjective, p: SearchParams) -> Tensor:
-    """The c search with scipy's L-BFGS-B, one example and one c at a time."""
-    search = _CSearch(objective, p)
-    evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
-    start = objective.x0.clone()
-    while bool(search.active.any()):
-        rows = search.active.nonzero().squeeze(1)
-        z, f, n_evals = _scipy_inner(objective, rows, start[rows], p)
-        evals[rows] += n_evals
-        if p.warm_start:
-            start[rows] = z
-        search.solved(rows, z, f)
-    return evals
-
-
-def _scipy_inner(
-    objective: _PenaltyObjective, rows: Tensor, starts: Tensor, p: SearchParams
-) -> tuple[Tensor, Tensor, Tensor]:
-    """scipy's L-BFGS-B one row at a time from the given starting points; (z, f, evals)."""
-    dim = objective.x0.shape[1]
-    bounds = np.tile([0.0, 1.0], (dim, 1))
-    out = starts.clone()
-    values = torch.empty(len(rows), dtype=out.dtype, device=out.device)
-    evals = torch.zeros(len(rows), dtype=torch.int64, device=out.device)
-    for k, row in enumerate(rows.tolist()):
-        row_t = torch.tensor([row], device=out.device)
-
-        def fun(z: np.ndarray, row_t: Tensor = row_t) -> tuple[float, np.ndarray]:
-            zt = torch.as_tensor(z, dtype=out.dtype, device=out.device)[None]
-            f, g = objective(zt, row_t)
-            return float(f.item()), g[0].double().cpu().numpy()
-
-        z, value, info = fmin_l_bfgs_b(
-            fun,
-            starts[k].double().cpu().numpy(),
-            bounds=bounds,
-            m=p.history,
-            factr=p.ftol / np.finfo(float).eps,
-            pgtol=p.gtol,
-            maxiter=p.max_iter,
-        )
-        out[k] = torch.as_tensor(z, dtype=out.dtype, device=out.device)
-        values[k] = float(value)
-        evals[k] = info["funcalls"]
-    return out, values, evals
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -682,23 +362,11 @@ def lbfgs_attack(
     y: Tensor,
     target: Target = None,
     *,
+    settings: LBFGSSettings | None = None,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    loss: Loss = "ce",
-    c_init: float | None = SearchParams.c_init,
-    c_factor: float = SearchParams.c_factor,
-    search_steps: int = SearchParams.search_steps,
-    c_rtol: float = SearchParams.c_rtol,
-    dist_rtol: float = SearchParams.dist_rtol,
-    max_iter: int = SearchParams.max_iter,
-    history: int = SearchParams.history,
-    ftol: float = SearchParams.ftol,
-    gtol: float = SearchParams.gtol,
-    margin: float = SearchParams.margin,
-    kappa: float = SearchParams.kappa,
-    warm_start: bool = SearchParams.warm_start,
-    refine_steps: int = SearchParams.refine_steps,
     candidates: int | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """Minimum-distortion L-BFGS attack, batched in torch with per-example state.
 
@@ -707,91 +375,62 @@ def lbfgs_attack(
     class in one run; "all" attacks every wrong class and keeps the closest success (the
     untargeted minimum distortion, K-1 times the work; `candidates=k` attacks only the k classes
     whose linearised boundary is nearest, see `closest_over_targets`). num_classes defaults to
-    the model's output width. Unsuccessful examples return x_adv = x. loss "ce" is the paper's;
-    "margin" reaches the exact minimum on linear models (module doc). grad_evals counts every
-    objective gradient (L-BFGS iterates, line-search trials) over the whole c search.
+    the model's output width. Unsuccessful examples return x_adv = x. The search's knobs are
+    `settings` (LBFGSSettings() when None) with any of its fields replaced by keyword, e.g.
+    `loss="margin", search_steps=6`; loss "ce" is the paper's, "margin" reaches the exact
+    minimum on linear models (module doc). grad_evals counts every objective gradient
+    (L-BFGS iterates, line-search trials) over the whole c search.
     """
-    params = SearchParams(
-        c_init, c_factor, search_steps, c_rtol, dist_rtol, max_iter, history, ftol, gtol,
-        margin, loss, kappa, warm_start, refine_steps,
-    )  # fmt: skip
-    search = _torch_search if warm_start else _torch_search_cold
-    return _run(model, x, y, target, num_classes, generator, params, search, candidates)
-
-
-def lbfgs_scipy_reference(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    target: Target = None,
-    *,
-    num_classes: int | None = None,
-    generator: torch.Generator | None = None,
-    loss: Loss = "ce",
-    c_init: float | None = SearchParams.c_init,
-    c_factor: float = SearchParams.c_factor,
-    search_steps: int = SearchParams.search_steps,
-    c_rtol: float = SearchParams.c_rtol,
-    dist_rtol: float = SearchParams.dist_rtol,
-    max_iter: int = SearchParams.max_iter,
-    history: int = SearchParams.history,
-    ftol: float = SearchParams.ftol,
-    gtol: float = SearchParams.gtol,
-    margin: float = SearchParams.margin,
-    kappa: float = SearchParams.kappa,
-    warm_start: bool = SearchParams.warm_start,
-    refine_steps: int = SearchParams.refine_steps,
-    candidates: int | None = None,
-) -> AttackResult:
-    """The same attack with scipy's fmin_l_bfgs_b run per example: the oracle and a baseline."""
-    params = SearchParams(
-        c_init, c_factor, search_steps, c_rtol, dist_rtol, max_iter, history, ftol, gtol,
-        margin, loss, kappa, warm_start, refine_steps,
-    )  # fmt: skip
-    return _run(model, x, y, target, num_classes, generator, params, _scipy_search, candidates)
-
-
-def lbfgs_attack_all_targets(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    num_classes: int | None = None,
-    **search: float | str | bool,
-) -> AttackResult:
-    """Untargeted minimum distortion: attack every wrong class, keep the closest success.
-
-    The same as lbfgs_attack(..., target="all"). All (example, target) pairs run as one batch of
-    B * (K - 1) rows, so memory grows with K.
-    """
-    return lbfgs_attack(model, x, y, "all", num_classes=num_classes, **search)  # type: ignore[arg-type]
-
-
-def _run(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    target: Target,
-    num_classes: int | None,
-    generator: torch.Generator | None,
-    params: SearchParams,
-    search: Search,
-    candidates: int | None = None,
-) -> AttackResult:
-    """Check arguments, pick targets, run the c search, and package the closest successes."""
-    params.validate()
+    s = lbfgs_settings(settings, overrides)
+    search = _torch_search if s.warm_start else _torch_search_cold
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="random"
     )
+    return run_c_search(model, x, y, resolved, k, s, search, candidates)
+
+
+def lbfgs_settings(settings: LBFGSSettings | None, overrides: Mapping[str, Any]) -> LBFGSSettings:
+    """`settings` (LBFGSSettings() when None) with `overrides` replacing fields, validated.
+
+    The one place the public functions turn their keywords into settings, so the list of knobs
+    lives only in the dataclass.
+    """
+    if settings is None:
+        settings = LBFGSSettings()
+    elif not isinstance(settings, LBFGSSettings):
+        raise AttackError(f"settings: expected an LBFGSSettings, got {type(settings).__name__}")
+    names = [f.name for f in fields(LBFGSSettings)]
+    unknown = [name for name in overrides if name not in names]
+    if unknown:
+        raise AttackError(
+            f"{', '.join(unknown)}: not an L-BFGS setting; valid names: {', '.join(names)}"
+        )
+    if overrides:
+        settings = replace(settings, **overrides)
+    settings.validate()
+    return settings
+
+
+def run_c_search(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    resolved: Tensor | str | None,
+    num_classes: int,
+    settings: LBFGSSettings,
+    search: Search,
+    candidates: int | None,
+) -> AttackResult:
+    """Run the c search for a target `prepare` resolved and package the closest successes."""
     return run_targets(
         model,
         x,
         y,
         resolved,
-        k,
-        lambda xs, ys, ts: _attack(model, xs, ys, ts, params, search),
+        num_classes,
+        lambda xs, ys, ts: _attack(model, xs, ys, ts, settings, search),
         candidates=candidates,
-        attack_all=lambda xs, ys, ts: _attack(model, xs, ys, ts, params, search, groups=len(x)),
+        attack_all=lambda xs, ys, ts: _attack(model, xs, ys, ts, settings, search, groups=len(x)),
     )
 
 
@@ -800,19 +439,19 @@ def _attack(
     x: Tensor,
     y: Tensor,
     target: Tensor | None,
-    params: SearchParams,
+    settings: LBFGSSettings,
     search: Search,
     groups: int | None = None,
 ) -> AttackResult:
     """One c search over the batch (targeted, or untargeted when target is None).
 
     groups=b: the batch is b examples repeated target-major (row r attacks example r % b), so
-    an example's far targets may stop early (`_CSearch._outrun`).
+    an example's far targets may stop early (`CSearch._outrun`).
     """
-    objective = _PenaltyObjective(model, x.flatten(1), y, target, tuple(x.shape[1:]), params)
+    objective = PenaltyObjective(model, x.flatten(1), y, target, tuple(x.shape[1:]), settings)
     if groups is not None:
         objective.groups = torch.arange(len(x), device=x.device).remainder(groups)
-    evals = search(objective, params)
+    evals = search(objective, settings)
     x_adv = objective.best_x.view_as(x)
-    x_adv = shrink_toward_input(model, x, x_adv, y, target, params.refine_steps, params.margin)
+    x_adv = shrink_toward_input(model, x, x_adv, y, target, settings.refine_steps, settings.margin)
     return finish(model, x_adv, y, target, evals)
