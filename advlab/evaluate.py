@@ -49,7 +49,7 @@ class Evaluation:
         """Per-attack scalars for Tune and W&B, named from the rows (never parsed back)."""
         out: dict[str, float] = {}
         for row in self.attacks:
-            if row["kind"] == MINIMIZATION:
+            if row["status"] == "ok" and row["kind"] == MINIMIZATION:
                 out[f"{row['attack']}/success_rate"] = row["success_rate"]
                 out[f"{row['attack']}/mean_dist_rms"] = _number(row["mean_dist_rms"])
                 out[f"{row['attack']}/grad_evals"] = row["grad_evals"]
@@ -77,19 +77,25 @@ def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int) -> AttackedSet
     )
 
 
-def evaluate_attacks(
-    spec: TrialSpec, model: nn.Module, attacked: AttackedSet, trial_id: str
+def evaluate_attack(
+    spec: TrialSpec, attack: AttackSpec, model: nn.Module, attacked: AttackedSet, trial_id: str
 ) -> Evaluation:
-    """Every attack of the trial, each over its budgets."""
-    evaluation = Evaluation()
-    for attack in spec.attacks:
+    """One attack over its budgets: rows for its own files of the examples, attacks and curves
+    tables. An attack that raises leaves one failed attacks row with the reason instead, so a
+    broken attack costs that attack only."""
+    head = {"trial_id": trial_id, "attack": attack.key, "attack_id": spec.attack_id(attack)}
+    try:
         runs, hits = run_one_attack(spec, attack, model, attacked)
-        for run in runs:
-            evaluation.attacks.append(attack_row(trial_id, attack, run))
-            evaluation.examples += example_rows(trial_id, attack.key, run, attacked)
-        evaluation.curves += [
-            curve_row(trial_id, attack, eps, hit, attacked.n_clean_wrong) for eps, hit in hits
-        ]
+    except Exception as err:
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        return Evaluation(attacks=[head | {"status": "failed", "reason": reason}])
+    evaluation = Evaluation()
+    for run in runs:
+        evaluation.attacks.append(head | attack_row(attack, run))
+        evaluation.examples += example_rows(trial_id, attack.key, run, attacked)
+    evaluation.curves = [
+        curve_row(trial_id, attack, eps, hit, attacked.n_clean_wrong) for eps, hit in hits
+    ]
     return evaluation
 
 
@@ -111,12 +117,12 @@ def run_one_attack(
     return runs, hits_at_budgets(defn, runs, budgets, attack.budget_norm)
 
 
-def attack_row(trial_id: str, attack: AttackSpec, run: BudgetRun) -> dict[str, Any]:
+def attack_row(attack: AttackSpec, run: BudgetRun) -> dict[str, Any]:
     """One attacks-table row: success and distances (over successes) of one run."""
     ok = run.result.success.cpu()
     row: dict[str, Any] = {
-        "trial_id": trial_id,
-        "attack": attack.key,
+        "status": "ok",
+        "reason": "",
         "method": attack.name,
         "kind": attack.defn.kind,
         "norm": attack.budget_norm,
@@ -182,16 +188,15 @@ def example_rows(
     ]
 
 
-def evaluate_properties(
+def trial_properties(
     spec: TrialSpec,
     model: nn.Module,
     data: Dataset,
     x_train: Tensor,
     attacked: AttackedSet,
-    evaluation: Evaluation,
     units_dir: str | None,
 ) -> list[dict[str, Any]]:
-    """Lipschitz bounds, unit analysis and adversarial-example density, as switched on."""
+    """Lipschitz bounds, unit analysis and the clean inputs' density, as switched on."""
     settings, device = spec.properties, x_train.device
     rows: list[dict[str, Any]] = []
     if settings.lipschitz:
@@ -202,17 +207,38 @@ def evaluate_properties(
             top_k=settings.top_k, seed=spec.seed, out_dir=units_dir,
         )  # fmt: skip
     if settings.density:
-        adversarial: dict[str, list[np.ndarray]] = {}
-        for r in evaluation.examples:
-            name = r["attack"] if r["budget"] is None else f"{r['attack']}@{r['budget']:g}"
-            adversarial.setdefault(name, []).append(r["x_adv"])
-        shape = (-1, *data.input_shape)
-        tensors = {k: torch.from_numpy(np.stack(v)).view(shape) for k, v in adversarial.items()}
-        rows += density_rows(
-            x_train.cpu(), attacked.x.cpu(), tensors, k=settings.density_k, seed=spec.seed,
-            pca_components=settings.density_pca or None,
-        )  # fmt: skip
+        rows += _density(spec, x_train, attacked, {}, clean=True)
     return rows
+
+
+def attack_density(
+    spec: TrialSpec, x_train: Tensor, attacked: AttackedSet, evaluation: Evaluation
+) -> list[dict[str, Any]]:
+    """Density of one attack's adversarial examples (and of noise of the same distortion)."""
+    if not spec.properties.density or not evaluation.examples:
+        return []
+    adversarial: dict[str, list[np.ndarray]] = {}
+    for r in evaluation.examples:
+        name = r["attack"] if r["budget"] is None else f"{r['attack']}@{r['budget']:g}"
+        adversarial.setdefault(name, []).append(r["x_adv"])
+    shape = (-1, *attacked.x.shape[1:])
+    tensors = {k: torch.from_numpy(np.stack(v)).view(shape) for k, v in adversarial.items()}
+    return _density(spec, x_train, attacked, tensors, clean=False)
+
+
+def _density(
+    spec: TrialSpec,
+    x_train: Tensor,
+    attacked: AttackedSet,
+    adversarial: dict[str, Tensor],
+    clean: bool,
+) -> list[dict[str, Any]]:
+    settings = spec.properties
+    rows = density_rows(
+        x_train.cpu(), attacked.x.cpu(), adversarial, k=settings.density_k, seed=spec.seed,
+        pca_components=settings.density_pca or None,
+    )  # fmt: skip
+    return [r for r in rows if clean or r["layer"] != "clean"]
 
 
 def _number(value: float | None) -> float:

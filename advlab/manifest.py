@@ -89,7 +89,8 @@ def labels(manifest: dict[str, Any] | None) -> dict[str, str]:
     if not order:
         return {}
     trials = manifest["trials"]  # type: ignore[index]
-    axes = list(dict.fromkeys(a for t in order for a in trials[t]["values"]))
+    # The versions' axis lists keep grid order (a JSON object's keys come back sorted).
+    axes = list(dict.fromkeys(a for v in manifest["versions"] for a in v["axes"]))  # type: ignore[index]
     values = [
         {"model": trials[t]["model"]} | {a: trials[t]["values"].get(a) for a in axes} for t in order
     ]

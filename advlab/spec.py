@@ -117,6 +117,13 @@ class AttackSpec(BaseModel):
     def _budgets_valid(cls, value: list[float] | None) -> list[float] | None:
         return None if value is None else _check_budgets(value)
 
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_file_name(cls, value: str | None) -> str | None:
+        if value is not None and not _is_file_name(value, 64):
+            raise ValueError("use at most 64 letters, digits, '-', '_' or '.' (it names files)")
+        return value
+
     @model_validator(mode="after")
     def _fits_the_attack(self) -> AttackSpec:
         try:
@@ -157,6 +164,14 @@ def _check_budgets(value: list[float]) -> list[float]:
         if not math.isfinite(eps) or eps < 0:
             raise ValueError(f"budget {eps} must be a finite number >= 0")
     return sorted(value)
+
+
+def _is_file_name(value: str, longest: int) -> bool:
+    return (
+        0 < len(value) <= longest
+        and value[0] != "."
+        and all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in value)
+    )
 
 
 def _is_number(value: Any) -> bool:
@@ -227,8 +242,20 @@ class TrialSpec(_Strict):
         return attack.eps if attack.eps is not None else self.eps
 
     def trial_id(self) -> str:
-        """Stable id from the trial's content, so a rerun of the same grid point replaces it."""
-        return _content_hash(self.model_dump(mode="json", exclude_defaults=True))
+        """Stable id from the trial's content, so a rerun of the same grid point replaces it.
+
+        The attacks are not part of it: a trial is a trained model and its clean evaluation,
+        and attack runs are added to it (`attack_id`), so adding an attack to a sweep runs only
+        that attack on the trials that already exist.
+        """
+        return _content_hash(
+            self.model_dump(mode="json", exclude=set(ATTACK_KEYS), exclude_defaults=True)
+        )
+
+    def attack_id(self, attack: AttackSpec) -> str:
+        """Id of one attack run set: the attack's settings and its resolved budgets."""
+        content = attack.model_dump(mode="json", exclude_defaults=True)
+        return _content_hash({"attack": content, "budgets": self.budgets(attack)})
 
     def training_key(self) -> str:
         """Id of the trained model: trials that differ only in evaluation share it."""
@@ -237,6 +264,7 @@ class TrialSpec(_Strict):
 
 
 TRAINING_KEYS = ("dataset", "model", "activation", "subset", "weight_decay", "seed", "train")
+ATTACK_KEYS = ("attacks", "eps")  # what attack runs depend on, and trials do not
 # Part of every id. Ids hash only the values that differ from their defaults, so a new setting
 # with a default leaves existing ids (and finished trials) alone; changing what an existing
 # default means must bump this instead.
@@ -293,8 +321,8 @@ class SweepSettings(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, value: str) -> str:
-        if not value or not all(ch.isalnum() or ch in "-_." for ch in value) or value[0] == ".":
-            raise ValueError("use letters, digits, '-', '_' or '.' (it names a folder)")
+        if not _is_file_name(value, 100):
+            raise ValueError("use at most 100 letters, digits, '-', '_' or '.' (it names a folder)")
         return value
 
 
@@ -420,6 +448,11 @@ def _check_axis(where: str, axis: str) -> None:
     head = axis.split(".")[0]
     if head not in TRIAL_KEYS:
         raise SpecError(f"{where}: not a trial key{_did_you_mean(head, TRIAL_KEYS)}")
+    if head in ATTACK_KEYS:
+        raise SpecError(
+            f"{where}: every trial runs every attack at every budget, so {head} is no grid "
+            "axis; list all budgets in `eps` and give an attack listed twice a `label`"
+        )
 
 
 def _apply_cases(base: dict[str, Any], cases: list[dict[str, Any]]) -> list[dict[str, Any]]:

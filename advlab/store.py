@@ -124,9 +124,30 @@ class SweepStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def write_rows(self, name: str, trial_id: str, rows: list[dict[str, Any]]) -> None:
-        """A trial's rows of one table, in that table's declared schema."""
-        self.write_table(name, trial_id, table(name, rows))
+    def write_rows(
+        self, name: str, trial_id: str, rows: list[dict[str, Any]], part: str = ""
+    ) -> None:
+        """A trial's rows of one table, in that table's declared schema; `part` names one of
+        several files of the trial (an attack run: `<trial_id>.<attack>.parquet`)."""
+        self.write_table(name, f"{trial_id}.{part}" if part else trial_id, table(name, rows))
+
+    def trial_parts(self, name: str, trial_id: str) -> list[str]:
+        """The files one trial wrote to a table: its own, then one per attack run."""
+        return [
+            path
+            for path in self.trial_files(name)
+            if path.rsplit("/", 1)[1].split(".", 1)[0] == trial_id
+        ]
+
+    def read_trial(self, name: str, trial_id: str) -> pd.DataFrame:
+        """One trial's rows of a table (every part), empty with the table's columns if none."""
+        frames = [
+            pq.read_table(p, filesystem=self.fs).to_pandas()
+            for p in self.trial_parts(name, trial_id)
+        ]
+        if not frames:
+            return SCHEMAS[name].empty_table().to_pandas()
+        return pd.concat(frames, ignore_index=True)
 
     def trial_files(self, table: str) -> list[str]:
         selector = pafs.FileSelector(self.path(table), allow_not_found=True)

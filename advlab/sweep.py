@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advlab import manifest
@@ -32,10 +32,11 @@ class SweepOutcome:
     failed: dict[str, str]  # trial id -> reason
     missing: list[str]  # trial ids that left no trials row at all
     transfer: TransferOutcome | None = None
+    attack_failures: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @property
     def all_ok(self) -> bool:
-        return not self.failed and not self.missing
+        return not (self.failed or self.missing or self.attack_failures)
 
 
 class Progress:
@@ -259,12 +260,15 @@ def run_sweep(
     recorded = manifest.record_version(store.read_manifest(), spec)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f") if fresh else ""
     configs = trial_configs(spec, storage, mode, manifest.labels(recorded), stamp)
-    done = set() if fresh else finished_ok(store)
+    done = set() if fresh else finished(store, spec)
     todo = [c for c in configs if c["id"] not in done]
     store.write_manifest(recorded)
     if done & {c["id"] for c in configs}:
         skipped = len(configs) - len(todo)
-        print(f"advlab: resuming: {skipped} trials already finished (--fresh reruns them)")
+        print(
+            f"advlab: resuming: {skipped} trials already finished, {len(todo)} to run "
+            "(--fresh reruns them all)"
+        )
     errors = run_trials(spec, store, todo, address, max_concurrent, verbose) if todo else []
     outcome = collect_outcome(spec, store, mode, errors)
     # Transfer after new results, or when a finished sweep has never had its transfer stage.
@@ -320,11 +324,17 @@ def run_trials(
     return [str(e).splitlines()[0] for e in results.errors]
 
 
-def finished_ok(store: SweepStore) -> set[str]:
-    trials = store.read("trials")
-    if trials.empty:
-        return set()
-    return set(trials.loc[trials["status"] == "ok", "trial_id"])
+def finished(store: SweepStore, spec: SweepSpec) -> set[str]:
+    """Trials with an ok row and an ok result for every attack they now list."""
+    trials, attacks = store.read("trials"), store.read("attacks")
+    ok = set(trials.loc[trials["status"] == "ok", "trial_id"])
+    ok_runs = attacks[attacks["status"] == "ok"]
+    done = set(zip(ok_runs["trial_id"], ok_runs["attack_id"], strict=True))
+    return {
+        trial_id
+        for trial_id, trial in zip(spec.ids, spec.trials, strict=True)
+        if trial_id in ok and all((trial_id, trial.attack_id(a)) in done for a in trial.attacks)
+    }
 
 
 def collect_outcome(
@@ -341,7 +351,25 @@ def collect_outcome(
         print(
             f"advlab: {len(missing)} trial(s) left no row; Ray said: {errors[0]}", file=sys.stderr
         )
-    return SweepOutcome(store, wandb_mode, len(expected), ok, failed, missing)
+    outcome = SweepOutcome(store, wandb_mode, len(expected), ok, failed, missing)
+    outcome.attack_failures = failed_attacks(spec, store)
+    return outcome
+
+
+def failed_attacks(spec: SweepSpec, store: SweepStore) -> dict[tuple[str, str], str]:
+    """(trial id, attack) -> reason, for the attacks the sweep now lists whose run failed."""
+    attacks = store.read("attacks")
+    broken = attacks[attacks["status"] == "failed"]
+    wanted = {
+        (t, trial.attack_id(a)): a.key
+        for t, trial in zip(spec.ids, spec.trials, strict=True)
+        for a in trial.attacks
+    }
+    return {
+        (row.trial_id, wanted[(row.trial_id, row.attack_id)]): row.reason
+        for row in broken.itertuples()
+        if (row.trial_id, row.attack_id) in wanted
+    }
 
 
 def transfer_lines(outcome: TransferOutcome) -> list[str]:
@@ -362,6 +390,10 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     ]
     labels = manifest.labels(store.read_manifest())
     lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]
+    lines += [
+        f"  attack {attack} failed on {labels.get(t, t)}: {why}"
+        for (t, attack), why in outcome.attack_failures.items()
+    ]
     if outcome.transfer is not None:
         lines += transfer_lines(outcome.transfer)
     lines.append(f"  parquet: {store.uri}/{{{','.join(TABLES)}}}/")

@@ -2,10 +2,12 @@
 
 Every trial writes every table with exactly these schemas (a failed trial's row carries every
 column, as nulls), so pandas, polars and DuckDB read a table folder as it is. Settings that are
-lists are typed lists (weight decay is always list<double>); free-form mappings (model_args) and
-the attack list are JSON strings; the whole trial spec is kept as JSON in `spec` so downstream
-code rebuilds it instead of parsing columns. The trial-config columns are derived from
-`TrialSpec`'s fields, so a new setting becomes a column without an edit here.
+lists are typed lists (weight decay is always list<double>); free-form mappings (model_args) are
+JSON strings; the trial's whole spec is kept as JSON in `spec`, so downstream code rebuilds it
+instead of parsing columns. Attacks and budgets are not trial settings: each attack run is a row
+of the attacks table (with its settings as JSON), so attacks can be added to finished trials.
+The trial-config columns are derived from `TrialSpec`'s fields: a new setting becomes a column
+without an edit here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import BaseModel
 
-from advlab.spec import TrialSpec
+from advlab.spec import ATTACK_KEYS, TrialSpec
 
 SCHEMA_VERSION = 2
 
@@ -60,6 +62,9 @@ ATTACKS = pa.schema(
     [
         ("trial_id", pa.string()),
         ("attack", pa.string()),
+        ("attack_id", pa.string()),  # hash of the attack's settings and budgets (TrialSpec)
+        ("status", pa.string()),  # ok, or failed with the reason (other columns null)
+        ("reason", pa.string()),
         ("method", pa.string()),  # the registered attack (lbfgs, pgd, ...)
         ("kind", pa.string()),  # minimization or fixed_budget
         ("norm", pa.string()),  # the budget norm: rms, l2, linf or stddev
@@ -138,10 +143,9 @@ _TRIAL_RESULTS = [
     ("n_clean_wrong", pa.int64()),  # of those, misclassified without any attack
     ("train_adv_grad_evals", pa.int64()),
     ("train_seconds", pa.float64()),
-    ("attack_seconds", pa.float64()),
     ("device_used", pa.string()),  # the device it ran on (`device` is what was asked)
     ("worker_node", pa.string()),
-    ("spec", pa.string()),  # the whole TrialSpec as JSON: rebuild it, never parse columns
+    ("spec", pa.string()),  # the TrialSpec as JSON (attacks live in the attacks table)
     ("advlab_version", pa.string()),
     ("torch_version", pa.string()),
     ("python_version", pa.string()),
@@ -171,6 +175,8 @@ def _arrow_type(annotation: Any) -> pa.DataType:
 def _config_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, pa.DataType]]:
     fields: list[tuple[str, pa.DataType]] = []
     for name, info in model.model_fields.items():
+        if model is TrialSpec and name in ATTACK_KEYS:
+            continue  # attack runs are rows of the attacks table, not trial settings
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             fields += _config_fields(annotation, f"{prefix}{name}.")
@@ -196,7 +202,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 def config_columns(spec: TrialSpec) -> dict[str, Any]:
     """The trial's settings as trials-table columns (dotted names, typed as in TRIALS)."""
-    dumped = spec.model_dump(mode="json")
+    dumped = spec.model_dump(mode="json", exclude=set(ATTACK_KEYS))
     columns: dict[str, Any] = {}
     for name, kind in CONFIG_FIELDS:
         value: Any = dumped

@@ -101,21 +101,20 @@ class TrialRun:
             self.run.log(numbers)
         self.run.summary.update({k: v for k, v in summary.items() if summary_goal(k) is None})
 
-    def log_curves(self, rows: list[dict[str, Any]]) -> None:
-        """The robust-error curves as one table, for plotting error against budget per attack."""
-        if self.run is None or not rows:
+    def log_attack(
+        self, attack: str, runs: list[dict[str, Any]], curves: list[dict[str, Any]]
+    ) -> None:
+        """One attack's rows of the attacks table (its runs) and of the curves table (robust
+        error against budget), as W&B tables named after the attack."""
+        if self.run is None:
             return
-        columns = list(rows[0])
-        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-        self.run.log({"curves": table})
-
-    def log_attacks(self, rows: list[dict[str, Any]]) -> None:
-        """The attacks table's rows (one per attack run), for side-by-side panels."""
-        if self.run is None or not rows:
-            return
-        columns = list(rows[0])
-        table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-        self.run.log({"attacks": table})
+        payload = {}
+        for name, rows in (("attacks", runs), ("curves", curves)):
+            if rows:
+                columns = list(rows[0])
+                data = [[row.get(c) for c in columns] for row in rows]
+                payload[f"{name}/{attack}"] = wandb.Table(columns=columns, data=data)
+        self.run.log(payload)
 
     def log_examples(self, attack: str, clean: Any, adversarial: Any, captions: list[str]) -> None:
         """Original, adversarial and the perturbation magnified x10 around gray, as in the

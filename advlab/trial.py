@@ -22,13 +22,14 @@ from advlab.data import Dataset, load_dataset, select_subset
 from advlab.evaluate import (
     AttackedSet,
     Evaluation,
-    evaluate_attacks,
-    evaluate_properties,
+    attack_density,
+    evaluate_attack,
     first_correct,
+    trial_properties,
 )
 from advlab.models import build_model
 from advlab.runtime import error_rate, pick_device
-from advlab.spec import TrialSpec
+from advlab.spec import ATTACK_KEYS, AttackSpec, TrialSpec
 from advlab.store import SweepStore
 from advlab.tables import config_columns
 from advlab.track import TrialRun
@@ -84,33 +85,67 @@ def run_trial(
 ) -> TrialResult:
     """Run one trial and write its results; returns its trials-table row and metrics.
 
+    A trial that finished before (its trials row is ok) is not redone: only its attacks that
+    have no result yet run (a sweep that gained an attack), and its own files stay untouched.
     `resume` is a training checkpoint from an earlier attempt (see Reporter). A failure is
     recorded (status failed, with the reason) in the trials table and the W&B run before the
     exception propagates, so the sweep can carry on and report the gap.
     """
     trial_id = spec.trial_id()
     store = SweepStore(ctx.storage, ctx.sweep)
+    finished = None if ctx.run_stamp else finished_row(store, trial_id)
     tracker = open_tracker(spec, ctx, store, trial_id)
-    row = trial_head(spec, ctx, trial_id)
+    row = finished or trial_head(spec, ctx, trial_id)
     try:
         trained = train_or_load(spec, ctx, store, tracker, report, resume)
-        start = time.perf_counter()
-        attacked, evaluation = evaluate(spec, trained, store, trial_id)
-        row |= summary_columns(spec, trained, attacked)
-        row["attack_seconds"] = time.perf_counter() - start
-        write_results(store, tracker, spec, trial_id, trained, attacked, evaluation)
+        attacked = attacked_set(spec, trained)
+        if finished is None:
+            row |= summary_columns(trained, attacked)
+            write_trial_tables(store, spec, trial_id, trained, attacked)
+        for attack in pending_attacks(spec, store, trial_id, fresh=bool(ctx.run_stamp)):
+            run_and_write_attack(store, tracker, spec, attack, trained, attacked)
     except Exception as err:
-        row |= {"status": "failed", "reason": f"{type(err).__name__}: {err}".splitlines()[0]}
-        store.write_rows("trials", trial_id, [row])
-        tracker.log_summary({"status": "failed", "reason": row["reason"]})
+        if finished is None:  # a finished trial's row stays as it was
+            row |= {"status": "failed", "reason": f"{type(err).__name__}: {err}".splitlines()[0]}
+            store.write_rows("trials", trial_id, [row])
+        tracker.log_summary({"status": "failed", "reason": str(err).splitlines()[0]})
         tracker.finish(failed=True)
         err.add_note(traceback.format_exc(limit=3))
         raise
-    store.write_rows("trials", trial_id, [row])  # last: marks the trial complete
-    metrics = evaluation.metrics()
+    if finished is None:
+        store.write_rows("trials", trial_id, [row])  # last: marks the trial complete
+    metrics = stored_metrics(store, trial_id)
     tracker.log_summary(_numbers(row) | metrics)
     tracker.finish()
     return TrialResult(row, metrics)
+
+
+def finished_row(store: SweepStore, trial_id: str) -> dict[str, Any] | None:
+    """The trial's row if it finished ok before, as a plain dict."""
+    rows = store.read_trial("trials", trial_id)
+    ok = rows[rows["status"] == "ok"]
+    return None if ok.empty else ok.iloc[0].to_dict()
+
+
+def pending_attacks(
+    spec: TrialSpec, store: SweepStore, trial_id: str, fresh: bool = False
+) -> list[AttackSpec]:
+    """The trial's attacks with no ok result for their current settings."""
+    if fresh:
+        return list(spec.attacks)
+    done = store.read_trial("attacks", trial_id)
+    done_ids = set(done.loc[done["status"] == "ok", "attack_id"])
+    return [a for a in spec.attacks if spec.attack_id(a) not in done_ids]
+
+
+def stored_metrics(store: SweepStore, trial_id: str) -> dict[str, float]:
+    """Per-attack scalars over every attack the trial has results for (old and new)."""
+    evaluation = Evaluation(
+        attacks=store.read_trial("attacks", trial_id).to_dict("records"),
+        curves=store.read_trial("curves", trial_id).to_dict("records"),
+        properties=store.read_trial("properties", trial_id).to_dict("records"),
+    )
+    return evaluation.metrics()
 
 
 def open_tracker(spec: TrialSpec, ctx: TrialContext, store: SweepStore, trial_id: str) -> TrialRun:
@@ -139,7 +174,7 @@ def trial_head(spec: TrialSpec, ctx: TrialContext, trial_id: str) -> dict[str, A
         **config_columns(spec),
         "training_key": spec.training_key(),
         "worker_node": ctx.worker_node,
-        "spec": spec.model_dump_json(),
+        "spec": spec.model_dump_json(exclude=set(ATTACK_KEYS)),
         "advlab_version": advlab.__version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
@@ -214,22 +249,14 @@ def check_training(stats: EpochStats) -> None:
 # --------------------------------------------------------------------------- step 2: evaluate
 
 
-def evaluate(
-    spec: TrialSpec, trained: Trained, store: SweepStore, trial_id: str
-) -> tuple[AttackedSet, Evaluation]:
-    """Attack the first correctly classified test examples, then measure the properties."""
+def attacked_set(spec: TrialSpec, trained: Trained) -> AttackedSet:
+    """The first `attack_examples` test examples the model classifies correctly."""
     device = trained.x_train.device
     x_test, y_test = trained.data.x_test.to(device), trained.data.y_test.to(device)
-    attacked = first_correct(trained.model, x_test, y_test, spec.attack_examples)
-    evaluation = evaluate_attacks(spec, trained.model, attacked, trial_id)
-    evaluation.properties = evaluate_properties(
-        spec, trained.model, trained.data, trained.x_train, attacked, evaluation,
-        store.units_dir(trial_id) if spec.properties.unit_analysis else None,
-    )  # fmt: skip
-    return attacked, evaluation
+    return first_correct(trained.model, x_test, y_test, spec.attack_examples)
 
 
-def summary_columns(spec: TrialSpec, trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
+def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
     """The trials row's results: clean errors, the attacked set, training cost, device."""
     model, data, history = trained.model, trained.data, trained.history
     return {
@@ -252,48 +279,57 @@ def summary_columns(spec: TrialSpec, trained: Trained, attacked: AttackedSet) ->
 # --------------------------------------------------------------------------- step 3: write
 
 
-def write_results(
+def write_trial_tables(
+    store: SweepStore, spec: TrialSpec, trial_id: str, trained: Trained, attacked: AttackedSet
+) -> None:
+    """The trial's own files: its training history and its properties."""
+    epochs = [{"trial_id": trial_id, **asdict(s)} for s in trained.history]
+    store.write_rows("epochs", trial_id, epochs)
+    units = store.units_dir(trial_id) if spec.properties.unit_analysis else None
+    properties = trial_properties(
+        spec, trained.model, trained.data, trained.x_train, attacked, units
+    )
+    store.write_rows("properties", trial_id, [{"trial_id": trial_id, **r} for r in properties])
+
+
+def run_and_write_attack(
     store: SweepStore,
     tracker: TrialRun,
     spec: TrialSpec,
-    trial_id: str,
+    attack: AttackSpec,
     trained: Trained,
     attacked: AttackedSet,
-    evaluation: Evaluation,
 ) -> None:
-    """Every table but trials (written last, by run_trial), then the W&B run's tables."""
-    epochs = [{"trial_id": trial_id, **asdict(s)} for s in trained.history]
-    store.write_rows("epochs", trial_id, epochs)
-    store.write_rows(
-        "properties", trial_id, [{"trial_id": trial_id, **r} for r in evaluation.properties]
-    )
-    store.write_rows("examples", trial_id, evaluation.examples)
-    store.write_rows("attacks", trial_id, evaluation.attacks)
-    store.write_rows("curves", trial_id, evaluation.curves)
-    tracker.log_curves(evaluation.curves)
-    tracker.log_attacks(evaluation.attacks)
-    log_example_images(tracker, spec, attacked, evaluation.examples, trained.data.input_shape)
+    """One attack run set, written as its own files (`<trial>.<attack>.parquet`): examples,
+    curves and density first, the attacks rows last, so their presence marks it done."""
+    trial_id = spec.trial_id()
+    evaluation = evaluate_attack(spec, attack, trained.model, attacked, trial_id)
+    density = attack_density(spec, trained.x_train, attacked, evaluation)
+    part = attack.key
+    store.write_rows("examples", trial_id, evaluation.examples, part)
+    store.write_rows("curves", trial_id, evaluation.curves, part)
+    store.write_rows("properties", trial_id, [{"trial_id": trial_id, **r} for r in density], part)
+    store.write_rows("attacks", trial_id, evaluation.attacks, part)
+    tracker.log_attack(attack.key, evaluation.attacks, evaluation.curves)
+    if attack.defn.kind == "minimization":
+        log_example_images(tracker, attack.key, attacked, evaluation.examples)
 
 
 def log_example_images(
     tracker: TrialRun,
-    spec: TrialSpec,
+    attack: str,
     attacked: AttackedSet,
     rows: list[dict[str, Any]],
-    shape: tuple[int, int, int],
     count: int = 8,
 ) -> None:
-    """The first successful examples of each minimisation attack, for the W&B run."""
-    for attack in spec.attacks:
-        if attack.defn.kind != "minimization":
-            continue
-        chosen = [r for r in rows if r["attack"] == attack.key and r["success"]][:count]
-        if not chosen:
-            continue
-        clean = attacked.x[[r["example"] for r in chosen]].cpu().numpy()
-        adversarial = np.stack([r["x_adv"] for r in chosen]).reshape(len(chosen), *shape)
-        captions = [f"{r['label']}->{r['adv_pred']} rms {r['dist_rms']:.3f}" for r in chosen]
-        tracker.log_examples(attack.key, clean, adversarial, captions)
+    """The first successful examples of a minimisation attack, for the W&B run."""
+    chosen = [r for r in rows if r["success"]][:count]
+    if not chosen:
+        return
+    clean = attacked.x[[r["example"] for r in chosen]].cpu().numpy()
+    adversarial = np.stack([r["x_adv"] for r in chosen]).reshape(clean.shape)
+    captions = [f"{r['label']}->{r['adv_pred']} rms {r['dist_rms']:.3f}" for r in chosen]
+    tracker.log_examples(attack, clean, adversarial, captions)
 
 
 def _numbers(row: dict[str, Any]) -> dict[str, float]:

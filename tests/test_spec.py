@@ -49,15 +49,29 @@ def test_dotted_grid_axes_reach_nested_keys() -> None:
     assert {t.train.epochs for t in spec.trials} == {3}
 
 
-def test_eps_axis_and_per_layer_weight_decay() -> None:
+def test_per_layer_weight_decay_and_sorted_budgets() -> None:
     spec = parse_sweep(
-        tiny_sweep(
-            model="fc16-16-10",
-            grid={"eps": [0.1, [0.2, 0.05]], "weight_decay": [[1e-5, 1e-5, 1e-6]]},
-        )
+        tiny_sweep(model="fc16-16-10", eps=[0.2, 0.05], grid={"weight_decay": [[1e-5, 1e-5, 1e-6]]})
     )
-    assert sorted(tuple(t.eps) for t in spec.trials) == [(0.05, 0.2), (0.1,)]
+    assert spec.trials[0].eps == [0.05, 0.2]
     assert spec.trials[0].weight_decay == [1e-5, 1e-5, 1e-6]
+
+
+@pytest.mark.parametrize("axis", ["eps", "attacks"])
+def test_budgets_and_attacks_are_no_grid_axes(axis: str) -> None:
+    # Every trial runs every attack at every budget; a grid over them would make one trial twice.
+    with pytest.raises(SpecError, match=f"grid.{axis}: every trial runs every attack"):
+        parse_sweep(tiny_sweep(grid={axis: [[0.1], [0.2]]}))
+
+
+def test_attack_ids_follow_settings_and_budgets_not_the_trial() -> None:
+    spec = parse_sweep(tiny_sweep(grid={"seed": [0, 1]}))
+    one, two = spec.trials
+    fgsm = one.attacks[0]
+    assert one.attack_id(fgsm) == two.attack_id(two.attacks[0])
+    wider = TrialSpec.model_validate(one.model_dump() | {"eps": [0.05, 0.1, 0.2]})
+    assert wider.trial_id() == one.trial_id()  # budgets are not the trial's
+    assert wider.attack_id(wider.attacks[0]) != one.attack_id(fgsm)
 
 
 def test_trial_id_depends_on_content_only() -> None:

@@ -15,8 +15,8 @@ from advlab.sweep import trial_context
 from advlab.trial import run_trial
 
 
-def test_trials_differing_only_in_budgets_train_once(tmp_path: Path) -> None:
-    spec = parse_sweep(tiny_sweep(name="budgets", grid={"eps": [[0.05], [0.1, 0.2]]}))
+def test_trials_differing_only_in_evaluation_train_once(tmp_path: Path) -> None:
+    spec = parse_sweep(tiny_sweep(name="budgets", grid={"attack_examples": [6, 12]}))
     assert len({t.training_key() for t in spec.trials}) == 1
     rows = [
         run_trial(trial, trial_context(spec, i, str(tmp_path), "disabled")).row
@@ -30,7 +30,7 @@ def test_trials_differing_only_in_budgets_train_once(tmp_path: Path) -> None:
     assert first["loss"].tolist() == second["loss"].tolist()
     assert rows[0]["test_error"] == rows[1]["test_error"]
     curves = store.read("curves")
-    assert sorted(curves.loc[curves["attack"] == "fgsm", "budget"]) == [0.05, 0.1, 0.2]
+    assert sorted(curves.loc[curves["attack"] == "fgsm", "n"]) == [6, 6, 12, 12]
 
 
 def test_a_different_seed_trains_a_different_model(tmp_path: Path) -> None:
@@ -98,3 +98,45 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
     targets = examples.loc[examples["attack"] == "deepfool", "target"]
     assert (targets == -1).all()  # untargeted by default; lbfgs draws random targets
     assert (examples.loc[examples["attack"] == "lbfgs", "target"] >= 0).all()
+
+
+def test_an_added_attack_runs_alone_and_leaves_the_trials_files_untouched(tmp_path: Path) -> None:
+    first = parse_sweep(tiny_sweep(name="grow", grid={"seed": [0]}))
+    run_trial(first.trials[0], trial_context(first, 0, str(tmp_path), "disabled"))
+    folder = tmp_path / "grow"
+    before = {p: p.read_bytes() for p in folder.rglob("*.parquet")}
+    attacks = [*tiny_sweep()["attacks"], {"name": "pgd", "steps": 5}]
+    second = parse_sweep(tiny_sweep(name="grow", grid={"seed": [0]}, attacks=attacks))
+    assert second.ids == first.ids  # the same trial, with one more attack
+    result = run_trial(second.trials[0], trial_context(second, 0, str(tmp_path), "disabled"))
+    assert {p: p.read_bytes() for p in before} == before  # same bytes
+    added = sorted(p.relative_to(folder) for p in folder.rglob("*.parquet") if p not in before)
+    trial_id = first.ids[0]
+    assert [str(p) for p in added] == [
+        f"{t}/{trial_id}.pgd.parquet" for t in ("attacks", "curves", "examples", "properties")
+    ]
+    assert result.row["trained_here"] is True  # the row of the first run, not rewritten
+    assert "pgd/success@0.1" in result.metrics and "fgsm/success@0.1" in result.metrics
+
+
+def test_a_broken_attack_costs_that_attack_only(tmp_path: Path) -> None:
+    attacks = [{"name": "fgsm"}, {"name": "pgd", "steps": 5, "step_size": 1e-3}]
+    spec = parse_sweep(tiny_sweep(name="broken", grid={"seed": [0]}, attacks=attacks))
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory on the device")
+
+    import advlab.attacks.registry as registry
+
+    pgd = registry.get("pgd")
+    original = pgd.run
+    object.__setattr__(pgd, "run", explode)
+    try:
+        result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"))
+    finally:
+        object.__setattr__(pgd, "run", original)
+    attacks_table = SweepStore(str(tmp_path), "broken").read("attacks").set_index("attack")
+    assert result.row["status"] == "ok"
+    assert attacks_table.loc["pgd", "status"] == "failed"
+    assert attacks_table.loc["pgd", "reason"] == "RuntimeError: out of memory on the device"
+    assert (attacks_table.loc["fgsm", "status"] == "ok").all()
