@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("sweep_dir", metavar="SWEEP_DIR", help="<storage>/<sweep>")
     transfer.add_argument("--address", help="Ray cluster address ('auto' joins a running one)")
 
+    ls = commands.add_parser("ls", help="the sweeps under a storage root, with trial counts")
+    ls.add_argument("storage", nargs="?", default="results", help="results root (default results)")
+
     report = commands.add_parser("report", help="one HTML page from one or more sweep folders")
     report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="<storage>/<sweep>")
     report.add_argument("-o", "--output", default="report.html")
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return make_report(args.sweep_dirs, args.output)
     if args.command == "transfer":
         return transfer(args.sweep_dir, args.address)
+    if args.command == "ls":
+        return list_sweeps(args.storage)
     try:
         spec = load_sweep(args.file, overrides=_overrides(args))
         if args.command == "validate":
@@ -83,6 +88,21 @@ def transfer(sweep_dir: str, address: str | None) -> int:
         return 2
     for line in transfer_lines(outcome):
         print(line)
+    return 0
+
+
+def list_sweeps(storage: str) -> int:
+    from advlab.results import sweeps
+
+    found = sweeps(storage)
+    if not found:
+        print(f"advlab: no sweeps under {storage}")
+        return 0
+    columns = {"versions": 8, "trials": 6, "ok": 4, "failed": 6, "missing": 7, "older": 5}
+    print(f"{'sweep':<32}" + "".join(f" {name:>{width}}" for name, width in columns.items()))
+    for row in found:
+        cells = "".join(f" {row[name]:>{width}}" for name, width in columns.items())
+        print(f"{row['sweep']:<32}{cells}")
     return 0
 
 

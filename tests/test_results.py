@@ -184,3 +184,11 @@ def test_a_sweep_grows_by_its_new_trials_and_attacks_only(ray_local, tmp_path: P
     assert res.trials.set_index("trial_id")["trained_here"].to_dict() == {old: True, new: True}
     epochs = res.epochs.groupby("trial_id").size()
     assert epochs[old] == epochs[new] == 3
+
+
+def test_ls_lists_sweeps_with_their_trial_counts(mixed, capsys) -> None:
+    folder, _ = mixed
+    assert main(["ls", str(folder.parent)]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["sweep", "versions", "trials", "ok", "failed", "missing", "older"]
+    assert row.split() == ["mixed", "1", "3", "2", "1", "0", "0"]
