@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from advlab.spec import SpecError, SweepSpec, load_sweep
+from advlab.spec import SpecError
+from advlab.sweepfile import SweepSpec, load_sweep
 
 
 def build_parser() -> argparse.ArgumentParser:

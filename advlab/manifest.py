@@ -12,7 +12,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from advlab.spec import SPEC_VERSION, SweepSpec, trial_labels
+from advlab.spec import SPEC_VERSION
+from advlab.sweepfile import SweepSpec, trial_labels
 from advlab.tables import SCHEMA_VERSION
 
 

@@ -20,7 +20,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "Architecture",
     "AutoencoderClassifier",
     "ModelNameError",
+    "Normalized",
     "SmallCNN",
     "build_model",
     "count_parameters",
@@ -176,12 +179,33 @@ def build_model(
     input_shape: tuple[int, int, int],
     num_classes: int,
     activation: str = "sigmoid",
+    model_args: dict[str, Any] | None = None,
+    normalize: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> nn.Module:
-    """Build the architecture ``name`` for inputs of ``input_shape`` (C, H, W).
+    """Build the model ``name`` for inputs of ``input_shape`` (C, H, W): one lookup for all.
 
+    ``name`` is a built-in architecture (below), ``torchvision:<name>`` (torchvision's model,
+    untrained, its first convolution adapted to the data's channels), or ``module:function``,
+    your own factory called as ``function(input_shape, num_classes, **model_args)``.
     ``activation`` sets the hidden units of fc nets and the autoencoder's encoder; cnn and
-    resnet18 always use ReLU and ignore it.
+    resnet18 always use ReLU and ignore it. ``normalize`` = (mean, std) per channel wraps the
+    model so it takes [0, 1] pixels and standardises them itself (:class:`Normalized`).
     """
+    input_shape = tuple(int(s) for s in input_shape)
+    if name.startswith("torchvision:"):
+        model = _torchvision_model(name.partition(":")[2], input_shape, num_classes, model_args)
+    elif ":" in name:
+        model = _plugin_model(name, input_shape, num_classes, model_args)
+    else:
+        if model_args:
+            raise ModelNameError(f"model_args: {name} is built in and takes none; drop them")
+        model = _builtin_model(name, input_shape, num_classes, activation)
+    return model if normalize is None else Normalized(model, *normalize)
+
+
+def _builtin_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, activation: str
+) -> nn.Module:
     arch = parse_architecture(name)
     _activation(activation)  # reject typos even where the value goes unused (fc10, cnn, resnet18)
     if arch.classes is not None and arch.classes != num_classes:
@@ -190,7 +214,6 @@ def build_model(
             f"model: {name!r} ends in {arch.classes} classes but the dataset has {num_classes}; "
             f"use {fixed}"
         )
-    input_shape = tuple(int(s) for s in input_shape)
     if arch.kind == "fc":
         return _mlp(input_shape, arch.hidden, num_classes, activation)
     if arch.kind == "ae":
@@ -198,6 +221,95 @@ def build_model(
     if arch.kind == "cnn":
         return SmallCNN(input_shape, num_classes)
     return _resnet18(input_shape, num_classes)
+
+
+def _torchvision_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, model_args: dict[str, Any] | None
+) -> nn.Module:
+    import torchvision  # costs ~1.5 s per process: only when asked for
+
+    try:
+        model = torchvision.models.get_model(
+            name, weights=None, num_classes=num_classes, **(model_args or {})
+        )
+    except (ValueError, TypeError) as err:
+        raise ModelNameError(
+            f"model: torchvision:{name} cannot be built ({err}); "
+            "see torchvision.models.list_models()"
+        ) from None
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != input_shape[0]:
+        _replace_module(model, first, _with_in_channels(first, input_shape[0]))
+    return model
+
+
+def _with_in_channels(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
+    return nn.Conv2d(
+        channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups if conv.groups == 1 else channels, conv.bias is not None,
+    )  # fmt: skip
+
+
+def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child is old:
+                setattr(parent, child_name, new)
+                return
+
+
+def _plugin_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, model_args: dict[str, Any] | None
+) -> nn.Module:
+    from advlab.sources import resolve_import  # one import-path resolver for data and models
+
+    try:
+        factory = resolve_import(name, "model")
+    except ValueError as err:
+        raise ModelNameError(str(err)) from None
+    try:
+        model = factory(input_shape, num_classes, **(model_args or {}))
+    except Exception as err:
+        why = " ".join(str(err).split())[:200]
+        raise ModelNameError(
+            f"model: {name}(input_shape, num_classes, **model_args) raised "
+            f"{type(err).__name__}: {why}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelNameError(
+            f"model: {name} returned a {type(model).__name__}; return a torch.nn.Module"
+        )
+    return model
+
+
+class Normalized(nn.Module):
+    """A model that takes [0, 1] pixels and standardises them per channel itself, so attacks,
+    budgets and distortions stay in pixel space whatever normalisation the model expects."""
+
+    def __init__(self, inner: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.standardize = Standardize(mean, std)
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(self.standardize(x))
+
+    def decay_weights(self) -> list[nn.Parameter]:
+        return decay_weights(self.inner)
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std per channel; its Lipschitz constant is max(1 / std)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError("normalize: give one mean and one std > 0 per channel")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
 
 
 def decay_weights(model: nn.Module) -> list[nn.Parameter]:

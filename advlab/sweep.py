@@ -16,8 +16,9 @@ from typing import Any
 
 from advlab import manifest
 from advlab.data import DataError, load_dataset, select_subset
-from advlab.spec import SpecError, SweepSpec, TrialSpec
+from advlab.spec import SpecError, TrialSpec
 from advlab.store import TABLES, SweepStore, resolve_storage
+from advlab.sweepfile import SweepSpec
 from advlab.track import reachable_mode, resolve_mode
 from advlab.transfer import TransferOutcome
 from advlab.trial import TrialContext

@@ -132,7 +132,7 @@ def run_variant(variant: str, trials: int, epochs: int, storage: str) -> dict[st
     """In a fresh process: one sweep, with the driver's and the workers' clocks."""
     from ray import tune
 
-    from advlab.spec import parse_sweep
+    from advlab.sweepfile import parse_sweep
 
     spec = parse_sweep(sweep_dict(variant, trials, epochs, storage))
     marks: dict[str, float] = {}
@@ -204,7 +204,7 @@ def _plain_trial(job: tuple[dict[str, Any], int, str]) -> dict[str, Any]:
     """One trial in a pool process, as tune_trainable would run it, minus Ray."""
     import torch
 
-    from advlab.spec import parse_sweep
+    from advlab.sweepfile import parse_sweep
     from advlab.trial import run_trial
 
     raw, index, storage = job

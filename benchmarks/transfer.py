@@ -14,8 +14,8 @@ import argparse
 import tempfile
 import time
 
-from advlab.spec import parse_sweep
 from advlab.sweep import init_ray, run_sweep
+from advlab.sweepfile import parse_sweep
 from advlab.transfer import run_transfer
 
 

@@ -36,8 +36,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from advlab.spec import load_sweep
 from advlab.store import SweepStore
+from advlab.sweepfile import load_sweep
 
 pytestmark = [
     pytest.mark.slow,

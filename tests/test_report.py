@@ -29,9 +29,9 @@ from advlab.report import (
     image_shape,
     nice_ticks,
 )
-from advlab.spec import parse_sweep
 from advlab.store import SweepStore
 from advlab.sweep import sweep_record  # imports Ray only when a sweep runs
+from advlab.sweepfile import parse_sweep
 from advlab.transfer import NOISE_SOURCE
 from advlab.trial import TrialContext, run_trial
 

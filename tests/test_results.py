@@ -20,9 +20,9 @@ from conftest import tiny_sweep
 from advlab import results
 from advlab.cli import main
 from advlab.manifest import record_version
-from advlab.spec import parse_sweep
 from advlab.store import SweepStore
 from advlab.sweep import trial_context
+from advlab.sweepfile import parse_sweep
 from advlab.tables import SCHEMAS
 from advlab.trial import TrialContext, run_trial
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_sweep
 
 from advlab.cli import main
-from advlab.spec import SpecError, TrialSpec, load_sweep, parse_sweep
+from advlab.spec import SpecError, TrialSpec
+from advlab.sweepfile import load_sweep, parse_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ from wandb_reader import offline_run_dirs, read_offline_run
 
 from advlab.cli import main
 from advlab.data import load_dataset
-from advlab.spec import load_sweep
 from advlab.store import SweepStore
+from advlab.sweepfile import load_sweep
 
 # Where and how fast a trial ran may differ between runs; its numbers may not.
 TIMING_COLUMNS = ["train_seconds", "worker_node"]

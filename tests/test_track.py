@@ -67,9 +67,9 @@ def test_a_trials_offline_run_holds_its_tables_and_example_images(tmp_path: Path
     from conftest import tiny_sweep
     from PIL import Image
 
-    from advlab.spec import parse_sweep
     from advlab.store import SweepStore
     from advlab.sweep import trial_context
+    from advlab.sweepfile import parse_sweep
     from advlab.trial import run_trial
 
     spec = parse_sweep(tiny_sweep(grid={"seed": [0]}))

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from conftest import tiny_sweep
 
-from advlab.spec import parse_sweep
 from advlab.store import SweepStore
 from advlab.sweep import trial_context
+from advlab.sweepfile import parse_sweep
 from advlab.trial import run_trial
 
 

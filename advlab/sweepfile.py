@@ -1,0 +1,270 @@
+"""Sweep files: YAML -> validated SweepSpec -> one TrialSpec per grid point.
+
+A sweep file holds sweep-level keys (name, grid, resources, storage, wandb, ...) and trial-level
+keys (everything in TrialSpec) as the base of every trial. `grid` maps trial keys, dotted for
+nested ones (`train.lr`), to lists of values; the grid is their cartesian product. `cases` is a
+list of named combinations that a product cannot express (Table 1's model-and-decay pairs); the
+trials are every case crossed with every grid point. Every grid point is validated here, before
+any work starts, and every user mistake becomes a SpecError whose message is one line naming
+the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from advlab.data import DataError, parse_subset, validate_dataset_source
+from advlab.models import ModelNameError, build_model, decay_weights, parse_architecture
+from advlab.spec import (
+    ATTACK_KEYS,
+    INPUT_SHAPES,
+    NUM_CLASSES,
+    SWEEP_KEYS,
+    TRIAL_KEYS,
+    SpecError,
+    SweepSettings,
+    TrialSpec,
+)
+
+
+class SweepSpec:
+    """A validated sweep: its settings and the trial spec of every grid point, in grid order."""
+
+    def __init__(
+        self, settings: SweepSettings, trials: list[TrialSpec], definition: dict[str, Any]
+    ):
+        self.settings = settings
+        self.trials = trials
+        self.definition = definition  # the sweep file's mapping, overrides applied
+        values = [{"model": t.model, **self.grid_values(t)} for t in trials]
+        self.labels = trial_labels(values, self.ids)
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def axes(self) -> list[str]:
+        """Every dotted key that varies between trials: case keys, then grid axes."""
+        keys = [key for case in self.settings.cases for key in case]
+        return list(dict.fromkeys([*keys, *self.settings.grid]))
+
+    @property
+    def ids(self) -> list[str]:
+        return [t.trial_id() for t in self.trials]
+
+    def grid_values(self, trial: TrialSpec) -> dict[str, Any]:
+        """The values a trial takes on each case key and grid axis, keyed by dotted path."""
+        dumped = trial.model_dump(mode="json")
+        return {axis: _get_dotted(dumped, axis) for axis in self.axes}
+
+
+def trial_labels(values: list[dict[str, Any]], ids: list[str]) -> dict[str, str]:
+    """A readable name per trial from the grid values that vary, e.g. `fc10 wd=0.0001 p1 seed0`.
+
+    The id stays the key everywhere; a label is for people (progress lines, W&B run names,
+    report legends). Where labels would repeat, the id's first characters tell them apart.
+    """
+    varying = [a for a in (values[0] if values else {}) if len({_text(v[a]) for v in values}) > 1]
+    labels = [" ".join(axis_text(a, v[a]) for a in varying) or _text(v["model"]) for v in values]
+    counts = {label: labels.count(label) for label in labels}
+    return {
+        tid: label if counts[label] == 1 and label else f"{label} [{tid[:6]}]".lstrip()
+        for tid, label in zip(ids, labels, strict=True)
+    }
+
+
+def axis_text(axis: str, value: Any) -> str:
+    """One grid value as a label part: bare for model and subset, `seed3`, `wd=1e-4`, `lr=0.1`."""
+    leaf = axis.rsplit(".", 1)[-1]
+    if leaf in ("model", "subset"):
+        return _text(value)
+    if leaf == "seed":
+        return f"seed{value}"
+    return f"{'wd' if leaf == 'weight_decay' else leaf}={_text(value)}"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ",".join(_text(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{_text(v)}" for k, v in value.items())
+    return str(value)
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep file; `overrides` (dotted keys from the command line) win."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such sweep file; pass the path of a YAML sweep file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise SpecError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a sweep file must be a mapping of keys (name, grid, ...)")
+    try:
+        for key, value in (overrides or {}).items():
+            _set_dotted(raw, key, value)
+        return parse_sweep(raw)
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+def parse_sweep(raw: dict[str, Any]) -> SweepSpec:
+    for key in raw:
+        if key not in SWEEP_KEYS | TRIAL_KEYS:
+            raise SpecError(f"{key}: unknown key{_did_you_mean(key, SWEEP_KEYS | TRIAL_KEYS)}")
+    settings = _validate(SweepSettings, {k: v for k, v in raw.items() if k in SWEEP_KEYS})
+    base = {k: v for k, v in raw.items() if k in TRIAL_KEYS}
+    for axis, values in settings.grid.items():
+        _check_axis(f"grid.{axis}", axis)
+        if not values:
+            raise SpecError(f"grid.{axis}: empty list; give at least one value or drop the axis")
+    for number, case in enumerate(settings.cases):
+        for key in case:
+            _check_axis(f"cases.{number}.{key}", key)
+    points = [
+        point
+        for case_base in _apply_cases(base, settings.cases)
+        for point in expand_grid(case_base, settings.grid)
+    ]
+    trials = [_validate_trial(point) for point in points]
+    ids = [t.trial_id() for t in trials]
+    if len(set(ids)) != len(ids):
+        raise SpecError("grid: two grid points give the same trial; remove repeated values")
+    return SweepSpec(settings, trials, copy.deepcopy(raw))
+
+
+def _check_axis(where: str, axis: str) -> None:
+    head = axis.split(".")[0]
+    if head not in TRIAL_KEYS:
+        raise SpecError(f"{where}: not a trial key{_did_you_mean(head, TRIAL_KEYS)}")
+    if head in ATTACK_KEYS:
+        raise SpecError(
+            f"{where}: every trial runs every attack at every budget, so {head} is no grid "
+            "axis; list all budgets in `eps` and give an attack listed twice a `label`"
+        )
+
+
+def _apply_cases(base: dict[str, Any], cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One base per case (the plain base when there are none)."""
+    if not cases:
+        return [base]
+    return [expand_grid(base, {key: [value] for key, value in case.items()})[0] for case in cases]
+
+
+def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The cartesian product of the grid's axes, each point applied on top of the base."""
+    points = []
+    for combo in itertools.product(*grid.values()):
+        point = copy.deepcopy(base)
+        for axis, value in zip(grid, combo, strict=True):
+            _set_dotted(point, axis, copy.deepcopy(value))
+        points.append(point)
+    return points
+
+
+def _validate_trial(point: dict[str, Any]) -> TrialSpec:
+    trial = _validate(TrialSpec, point)
+    try:
+        validate_dataset_source(trial.dataset.name, trial.dataset.root)
+        parse_subset(trial.subset)
+        arch = parse_architecture(trial.model)
+    except (DataError, ModelNameError) as err:  # their messages already name the key
+        raise SpecError(str(err)) from None
+    classes = NUM_CLASSES[trial.dataset.name]
+    if arch.classes is not None and arch.classes != classes:
+        raise SpecError(
+            f"model: '{trial.model}' ends in {arch.classes} classes but {trial.dataset.name} "
+            f"has {classes}; end the name in {classes}"
+        )
+    if isinstance(trial.weight_decay, list):
+        _check_decay_per_layer(trial, classes)
+    return trial
+
+
+def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        model = build_model(trial.model, INPUT_SHAPES[trial.dataset.name], classes)
+    layers = len(decay_weights(model))
+    if len(trial.weight_decay) != layers:
+        raise SpecError(
+            f"weight_decay: {len(trial.weight_decay)} values for {trial.model}, which has "
+            f"{layers} weight layers; give {layers} values or one number"
+        )
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(_one_line(err, model)) from None
+
+
+def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        leaf = str(first["loc"][-1])
+        known = _fields_at(model, [str(p) for p in first["loc"][:-1]])
+        return f"{key}: unknown key{_did_you_mean(leaf, known)}"
+    if first["type"] == "missing":
+        return f"{key}: required; add it"
+    message = first["msg"].removeprefix("Value error, ")
+    # Validators name the field they refuse as "field: why"; fold it into the key.
+    if (named := re.match(r"([A-Za-z_][\w.]*): (.*)", message)) is not None:
+        return f"{key}.{named.group(1)}: {named.group(2)}"
+    return f"{key}: {message} (got {first.get('input')!r})"
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> set[str]:
+    """The field names valid at a nested location, for did-you-mean suggestions."""
+    current: Any = model
+    for part in path:
+        if part.isdigit():
+            continue
+        field = current.model_fields.get(part) if hasattr(current, "model_fields") else None
+        if field is None:
+            return set()
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        current = inner[0] if inner else annotation
+    return set(getattr(current, "model_fields", {}))
+
+
+def _did_you_mean(word: str, choices: set[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return f"; valid keys: {', '.join(sorted(choices))}" if choices else ""
+
+
+def _set_dotted(target: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = target.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"{path}: '{part}' is not a nested mapping; use a top-level key")
+        target = node
+    target[leaf] = value
+
+
+def _get_dotted(source: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        source = source[part]
+    return source
