@@ -136,9 +136,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validate(spec: SweepSpec) -> int:
-    from advlab.sweep import check_data
+    from advlab.preflight import preflight
+    from advlab.store import SweepStore, resolve_storage
 
-    check_data(spec)
+    preflight(spec, SweepStore(resolve_storage(spec.settings.storage), spec.name), None)
     axes = ", ".join(f"{k} ({len(v)})" for k, v in spec.settings.grid.items()) or "none"
     cases = f"{len(spec.settings.cases)} cases x " if spec.settings.cases else ""
     print(f"{spec.name}: valid, {len(spec.trials)} trials; {cases}grid axes: {axes}")

@@ -34,6 +34,7 @@ class AttackedSet:
     dataset_index: Tensor
     n_scanned: int  # examples looked at, in split order, to find the n
     n_clean_wrong: int  # of those, the ones the model got wrong without any attack
+    split: str = "test"  # which split dataset_index indexes
 
 
 @dataclass
@@ -180,6 +181,7 @@ def example_rows(
             "attack": attack,
             "budget": run.budget,
             "example": i,
+            "split": attacked.split,
             "clean_pred": lists["label"][i],  # attacked examples are all classified correctly
             **{name: values[i] for name, values in lists.items()},
             "x_adv": images[i],

@@ -57,6 +57,7 @@ def record_version(manifest: dict[str, Any] | None, spec: SweepSpec) -> dict[str
         "schema_version": SCHEMA_VERSION,
         "spec_version": SPEC_VERSION,
         "transfer": spec.settings.transfer.model_dump(mode="json"),
+        "plugin_dirs": spec.plugin_dirs,  # where its models and loaders import from
         "wandb": spec.settings.wandb.model_dump(mode="json"),
     }
     return out

@@ -349,3 +349,35 @@ def decay_terms(
 def count_parameters(model: nn.Module) -> int:
     """Number of scalars in all of the model's parameters (an autoencoder's decoder included)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def model_for(spec: Any, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """A TrialSpec's model for its data: name, factory arguments, activation, normalisation,
+    and the `init` weights when it names some (the one place trials, transfer and checks
+    build a trial's model)."""
+    norm = spec.dataset.normalize
+    normalize = None if norm is None else (norm.mean, norm.std)
+    model = build_model(
+        spec.model, input_shape, num_classes, spec.activation, spec.model_args, normalize
+    )
+    if spec.init is not None:
+        load_init(model, spec.init)
+    return model
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """Load starting weights (a state_dict, or advlab's {"model": state_dict}) into the model;
+    a Normalized model takes them into its inner model. weights_only: a file never runs code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged or foreign file
+        why = " ".join(str(err).split())[:160]
+        raise ModelNameError(f"init: cannot load {path} ({why}); save it with torch.save") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    target = model.inner if isinstance(model, Normalized) else model
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        why = " ".join(str(err).split())[:200]
+        raise ModelNameError(f"init: {path} does not fit the model ({why})") from None

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from advlab.data import DATASETS, DataError, Dataset, load_dataset
+from advlab.data import DATASETS, DataError, Dataset, load_dataset, validate_dataset_source
 from advlab.data import _images_to_tensor as images_to_tensor
 from advlab.data import _labels_to_tensor as labels_to_tensor
 
@@ -41,6 +41,7 @@ def check_source(name: str, root: str | None, path: str | None) -> None:
     if name in DATASETS:
         if path is not None:
             raise DataError(f"dataset.path: {name} is built in and reads no file; drop path")
+        validate_dataset_source(name, root)
         return
     if root is not None:
         raise DataError(
@@ -77,6 +78,11 @@ def load_data(
     resolved = None if path is None else str(Path(path).expanduser().resolve())
     stamp = Path(resolved).stat().st_mtime_ns if resolved else 0  # a rewritten file reloads
     return _load_cached(name, resolved, stamp, json.dumps(dict(args or {}), sort_keys=True))
+
+
+def load_data_spec(dataset: Any) -> Dataset:
+    """The data a DatasetSpec names (advlab.spec.DatasetSpec)."""
+    return load_data(dataset.name, dataset.root, dataset.path, dataset.args)
 
 
 @functools.lru_cache(maxsize=4)

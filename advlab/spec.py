@@ -35,9 +35,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class NormalizeSpec(_Strict):
+    """Per-channel standardisation done inside the model (pixels stay in [0, 1] outside it)."""
+
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _one_per_channel(self) -> NormalizeSpec:
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ValueError("give one mean and one std per channel")
+        if not all(math.isfinite(v) for v in [*self.mean, *self.std]) or min(self.std) <= 0:
+            raise ValueError("means must be finite and stds finite and > 0")
+        return self
+
+
 class DatasetSpec(_Strict):
+    """Where the data comes from (advlab.sources): a built-in name, npz, folder, module:function."""
+
     name: str = "digits"
-    root: str | None = None  # a local folder of the standard files; None downloads (or embeds)
+    root: str | None = None  # built-in sets: a folder of the standard files; None downloads
+    path: str | None = None  # npz: the file; folder: the ImageFolder root
+    args: dict[str, Any] = {}  # keyword arguments of a module:function loader
+    normalize: NormalizeSpec | None = None
     split_seed: int = 0  # fixes P1/P2 and fractions across trials, unlike the trial seed
 
 
@@ -68,7 +88,7 @@ class AdversarialTrainingSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=0)  # 0: evaluate the initial (or `init`) weights untrained
     batch_size: int = Field(64, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
@@ -186,14 +206,17 @@ class TrialSpec(_Strict):
     """Everything that decides a trial's numbers. Any key may be a grid axis."""
 
     dataset: DatasetSpec = DatasetSpec()
-    model: str = "fc10"
+    model: str = "fc10"  # built-in name, torchvision:<name> or module:function (advlab.models)
+    model_args: dict[str, Any] = {}  # keyword arguments of the model's factory; sweepable
+    init: str | None = None  # weights to start from (a state_dict .pt, loaded weights_only)
     activation: Literal["sigmoid", "relu"] = "sigmoid"
     subset: str = "all"
     weight_decay: float | list[float] = 0.0  # one lambda, or one per layer
     seed: int = 0
     train: TrainSpec = TrainSpec()
     eps: list[float] = [0.1, 0.2]  # default budgets for every attack
-    attack_examples: int = Field(100, ge=1)  # first N correctly classified test examples
+    attack_examples: int = Field(100, ge=1)  # first N correctly classified examples of:
+    attack_split: Literal["test", "train"] = "test"  # train: the trial's training subset
     attacks: list[AttackSpec] = [AttackSpec(name="fgsm"), AttackSpec(name="lbfgs")]
     device: Literal["auto", "cpu", "cuda"] = "auto"
     properties: PropertiesSpec = PropertiesSpec()
@@ -251,7 +274,10 @@ class TrialSpec(_Strict):
         return _content_hash(content)
 
 
-TRAINING_KEYS = ("dataset", "model", "activation", "subset", "weight_decay", "seed", "train")
+TRAINING_KEYS = (
+    "dataset", "model", "model_args", "init", "activation", "subset", "weight_decay", "seed",
+    "train",
+)  # fmt: skip
 ATTACK_KEYS = ("attacks", "eps")  # what attack runs depend on, and trials do not
 # Part of every id. Ids hash only the values that differ from their defaults, so a new setting
 # with a default leaves existing ids (and finished trials) alone; changing what an existing

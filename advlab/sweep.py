@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advlab import manifest
-from advlab.data import DataError, load_dataset, select_subset
-from advlab.spec import SpecError, TrialSpec
+from advlab.preflight import check_cluster_gpus, preflight
+from advlab.spec import TrialSpec
 from advlab.store import TABLES, SweepStore, resolve_storage
-from advlab.sweepfile import SweepSpec
+from advlab.sweepfile import SweepSpec, add_plugin_dirs
 from advlab.track import reachable_mode, resolve_mode
 from advlab.transfer import TransferOutcome
 from advlab.trial import TrialContext
@@ -89,9 +89,21 @@ def trial_configs(
             "ctx": asdict(trial_context(spec, index, storage, wandb_mode, labels, run_stamp)),
             "threads": max(1, math.floor(spec.settings.resources.cpu)),
             "checkpoint_every": spec.settings.checkpoint_every,
+            "plugin_dirs": plugin_dirs(spec),
         }
         for index, trial in enumerate(spec.trials)
     ]
+
+
+def plugin_dirs(spec: SweepSpec) -> list[str]:
+    """The sweep file's folder as an absolute path and relative to the working directory: a
+    worker of a `ray job submit --working-dir .` job finds it under its own copy of that."""
+    out = list(spec.plugin_dirs)
+    for folder in spec.plugin_dirs:
+        relative = os.path.relpath(folder)
+        if not relative.startswith(".."):
+            out.append(relative)
+    return out
 
 
 def trial_context(
@@ -133,6 +145,7 @@ def tune_trainable(config: dict[str, Any]) -> None:
 
     trial = config["trial"]
     torch.set_num_threads(trial["threads"])  # else 2 trials each use every core and thrash
+    add_plugin_dirs([os.path.abspath(d) for d in trial["plugin_dirs"]])
     spec = TrialSpec.model_validate(trial["spec"])
     node = ray.get_runtime_context().get_node_id()
     ctx = TrialContext(**trial["ctx"] | {"worker_node": node})
@@ -162,41 +175,6 @@ def tune_trainable(config: dict[str, Any]) -> None:
     tune.report(final | result.metrics | {"failed": 0})
 
 
-def preflight(spec: SweepSpec, store: SweepStore, address: str | None) -> None:
-    """Every check that needs more than the sweep file, before anything is run or written."""
-    check_writable(store)
-    check_gpu(spec, address)
-    check_data(spec)
-
-
-def check_writable(store: SweepStore) -> None:
-    if store.is_remote:
-        return  # remote storage: the first write tells; credentials are the cloud's business
-    local = store.path()
-    existing = local
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise SpecError(
-            f"storage: cannot write under {existing} (for {local}); "
-            "pass --storage with a folder you can write to"
-        )
-
-
-def check_gpu(spec: SweepSpec, address: str | None) -> None:
-    """A GPU trial on a machine without one would wait for resources forever."""
-    wants_cuda = spec.settings.resources.gpu > 0 or any(t.device == "cuda" for t in spec.trials)
-    if not wants_cuda or address is not None:
-        return  # a cluster's GPUs are checked once Ray is up
-    import torch
-
-    if not torch.cuda.is_available():
-        raise SpecError(
-            "resources.gpu: GPUs requested but this machine has none; set resources.gpu: 0 "
-            "and device: auto, or pass --address of a cluster with GPU nodes"
-        )
-
-
 def init_ray(address: str | None) -> None:
     """Join `address`, or start a private local Ray (never a stale cluster from RAY_ADDRESS)."""
     import ray
@@ -211,31 +189,6 @@ def init_ray(address: str | None) -> None:
             configure_logging=False,
             log_to_driver=False,  # trials report through parquet, W&B and Progress instead
         )
-
-
-def check_cluster_gpus(spec: SweepSpec) -> None:
-    import ray
-
-    if spec.settings.resources.gpu > 0 and not ray.cluster_resources().get("GPU", 0):
-        raise SpecError(
-            "resources.gpu: the Ray cluster has no GPUs; set resources.gpu: 0 or add GPU nodes"
-        )
-
-
-def check_data(spec: SweepSpec) -> None:
-    """Load each data set once and draw each subset: missing files or a subset larger than the
-    data fail here, not an hour into the sweep."""
-    seen = set()
-    for trial in spec.trials:
-        key = (trial.dataset.name, trial.dataset.root, trial.subset, trial.dataset.split_seed)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            data = load_dataset(trial.dataset.name, trial.dataset.root)
-            select_subset(data, trial.subset, trial.dataset.split_seed)
-        except DataError as err:
-            raise SpecError(str(err)) from None
 
 
 def run_sweep(

@@ -15,6 +15,7 @@ import copy
 import difflib
 import itertools
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from advlab.data import DataError, parse_subset, validate_dataset_source
+from advlab.data import DataError, parse_subset
 from advlab.models import ModelNameError, build_model, decay_weights, parse_architecture
+from advlab.sources import check_source
 from advlab.spec import (
     ATTACK_KEYS,
     INPUT_SHAPES,
@@ -40,11 +42,17 @@ class SweepSpec:
     """A validated sweep: its settings and the trial spec of every grid point, in grid order."""
 
     def __init__(
-        self, settings: SweepSettings, trials: list[TrialSpec], definition: dict[str, Any]
+        self,
+        settings: SweepSettings,
+        trials: list[TrialSpec],
+        definition: dict[str, Any],
+        plugin_dirs: list[str] | None = None,
     ):
         self.settings = settings
         self.trials = trials
         self.definition = definition  # the sweep file's mapping, overrides applied
+        # Folders whose modules (your models, data loaders, attacks) every worker must import.
+        self.plugin_dirs = plugin_dirs or []
         values = [{"model": t.model, **self.grid_values(t)} for t in trials]
         self.labels = trial_labels(values, self.ids)
 
@@ -117,15 +125,26 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
         raise SpecError(f"{path}: YAML syntax error{where}: {problem}; fix the file") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep file must be a mapping of keys (name, grid, ...)")
+    folder = path.resolve().parent
+    add_plugin_dirs([str(folder)])  # modules beside the sweep file import, here and on workers
     try:
         for key, value in (overrides or {}).items():
             _set_dotted(raw, key, value)
-        return parse_sweep(raw)
+        return parse_sweep(raw, folder)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
 
 
-def parse_sweep(raw: dict[str, Any]) -> SweepSpec:
+def add_plugin_dirs(folders: list[str]) -> None:
+    """Put folders on sys.path (first) so `module:function` names in sweeps import."""
+    for folder in reversed(folders):
+        if folder not in sys.path and Path(folder).is_dir():
+            sys.path.insert(0, folder)
+
+
+def parse_sweep(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
+    """Validate a sweep given as a mapping (a sweep file's contents, or a dict from Python);
+    relative paths inside it are relative to `base_dir` (the sweep file's folder)."""
     for key in raw:
         if key not in SWEEP_KEYS | TRIAL_KEYS:
             raise SpecError(f"{key}: unknown key{_did_you_mean(key, SWEEP_KEYS | TRIAL_KEYS)}")
@@ -143,11 +162,12 @@ def parse_sweep(raw: dict[str, Any]) -> SweepSpec:
         for case_base in _apply_cases(base, settings.cases)
         for point in expand_grid(case_base, settings.grid)
     ]
-    trials = [_validate_trial(point) for point in points]
+    trials = [_validate_trial(point, base_dir) for point in points]
     ids = [t.trial_id() for t in trials]
     if len(set(ids)) != len(ids):
         raise SpecError("grid: two grid points give the same trial; remove repeated values")
-    return SweepSpec(settings, trials, copy.deepcopy(raw))
+    plugin_dirs = [str(base_dir)] if base_dir is not None else []
+    return SweepSpec(settings, trials, copy.deepcopy(raw), plugin_dirs)
 
 
 def _check_axis(where: str, axis: str) -> None:
@@ -179,11 +199,18 @@ def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[dict[s
     return points
 
 
-def _validate_trial(point: dict[str, Any]) -> TrialSpec:
-    trial = _validate(TrialSpec, point)
+def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
+    """A grid point as a TrialSpec, with the checks that need no data: the data source exists,
+    the subset parses, and for built-in data and models, class counts and per-layer decays fit.
+    Your own data and models are checked by advlab.preflight once the data is loaded."""
+    trial = _validate(TrialSpec, _resolve_paths(point, base_dir))
     try:
-        validate_dataset_source(trial.dataset.name, trial.dataset.root)
+        check_source(trial.dataset.name, trial.dataset.root, trial.dataset.path)
         parse_subset(trial.subset)
+        if trial.init is not None and not Path(trial.init).is_file():
+            raise SpecError(f"init: no file {trial.init}; give the path of a saved state_dict")
+        if ":" in trial.model or trial.dataset.name not in NUM_CLASSES:
+            return trial
         arch = parse_architecture(trial.model)
     except (DataError, ModelNameError) as err:  # their messages already name the key
         raise SpecError(str(err)) from None
@@ -196,6 +223,27 @@ def _validate_trial(point: dict[str, Any]) -> TrialSpec:
     if isinstance(trial.weight_decay, list):
         _check_decay_per_layer(trial, classes)
     return trial
+
+
+def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
+    """Relative dataset.path, dataset.root and init are relative to the sweep file's folder."""
+    if base_dir is None:
+        return point
+    point = copy.deepcopy(point)
+    dataset = point.get("dataset")
+    holders = [
+        (point, "init"),
+        *([(dataset, "path"), (dataset, "root")] if isinstance(dataset, dict) else []),
+    ]
+    for holder, key in holders:
+        value = holder.get(key)
+        if (
+            isinstance(value, str)
+            and "://" not in value
+            and not Path(value).expanduser().is_absolute()
+        ):
+            holder[key] = str((base_dir / value).resolve())
+    return point
 
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:

@@ -42,7 +42,8 @@ EXAMPLES = pa.schema(
         ("attack", pa.string()),  # the attack's label in the trial (its name by default)
         ("budget", pa.float64()),  # null for minimisation attacks: one run for every budget
         ("example", pa.int64()),  # position among the attacked examples
-        ("dataset_index", pa.int64()),  # index into the attacked split
+        ("split", pa.string()),  # the split attacked: test or train (TrialSpec.attack_split)
+        ("dataset_index", pa.int64()),  # index into that split
         ("label", pa.int64()),
         ("target", pa.int64()),  # -1 when untargeted
         ("clean_pred", pa.int64()),
@@ -155,6 +156,8 @@ _TRIAL_RESULTS = [
 def _arrow_type(annotation: Any) -> pa.DataType:
     """The column type of a (flattened) TrialSpec field."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.string()  # an optional nested setting (dataset.normalize): JSON
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         if float in inner and any(typing.get_origin(a) is list for a in inner):

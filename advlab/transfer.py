@@ -27,11 +27,13 @@ import torch
 from advlab import manifest
 from advlab.attacks.noise import add_noise, amplify, matched_noise
 from advlab.controls import KERNEL_CONTROLS, make_control
-from advlab.data import load_dataset, select_subset
-from advlab.models import build_model
+from advlab.data import select_subset
+from advlab.models import model_for
 from advlab.runtime import predict as predict_classes
+from advlab.sources import load_data_spec
 from advlab.spec import TransferSpec, TrialSpec
 from advlab.store import SweepStore
+from advlab.sweepfile import add_plugin_dirs
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (N, D) float32 in [0,1] -> (N,) labels
 NOISE_SOURCE = "gaussian-noise"
@@ -68,11 +70,13 @@ def source_sets(
     trial_id: str, spec: TrialSpec, rows: pd.DataFrame, settings: TransferSpec, gen: torch.Generator
 ) -> list[EvalSet]:
     """Adversarial, noise and amplified sets for every (attack, budget) of one source trial."""
-    test = load_dataset(spec.dataset.name, spec.dataset.root).x_test.flatten(1).numpy()
+    data = load_data_spec(spec.dataset)
+    attacked = data.x_train if spec.attack_split == "train" else data.x_test
+    images = attacked.flatten(1).numpy()
     sets = []
     for (attack, budget), group in rows.groupby(["attack", "budget"], dropna=False, sort=True):
         group = group.sort_values("example")
-        clean = test[group["dataset_index"].to_numpy()]  # fancy indexing: a copy
+        clean = images[group["dataset_index"].to_numpy()]  # fancy indexing: a copy
         x = np.stack(group["x_adv"].to_numpy()).astype(np.float32)  # a writable copy
         y = group["label"].to_numpy()
         common = {
@@ -103,7 +107,7 @@ def fixed_noise_sets(specs: list[TrialSpec], settings: TransferSpec) -> list[Eva
     set (as many as the trials attack) plus noise of a fixed stddev, clipped to [0,1]."""
     if not settings.noise_stddev or not specs:
         return []
-    data = load_dataset(specs[0].dataset.name, specs[0].dataset.root)
+    data = load_data_spec(specs[0].dataset)
     count = max(s.attack_examples for s in specs)
     clean = data.x_test[:count].flatten(1)
     y = data.y_test[:count].numpy()
@@ -151,8 +155,8 @@ def failed_target(target: str, target_kind: str, err: Exception) -> list[dict]:
 
 def trial_predictor(store: SweepStore, spec: TrialSpec) -> Predict:
     """A trial's trained model, loaded once from the sweep's models/ folder."""
-    data = load_dataset(spec.dataset.name, spec.dataset.root)
-    model = build_model(spec.model, data.input_shape, data.num_classes, spec.activation)
+    data = load_data_spec(spec.dataset)
+    model = model_for(spec, data.input_shape, data.num_classes)
     saved = store.load_model(spec.training_key())
     if saved is None:
         raise FileNotFoundError(f"no saved model {spec.training_key()}; rerun the sweep")
@@ -167,7 +171,7 @@ def trial_predictor(store: SweepStore, spec: TrialSpec) -> Predict:
 
 def control_predictor(name: str, spec: TrialSpec, settings: TransferSpec) -> Predict:
     """A control trained on a trial's training subset (the images its sources trained on)."""
-    data = load_dataset(spec.dataset.name, spec.dataset.root)
+    data = load_data_spec(spec.dataset)
     split = select_subset(data, spec.subset, spec.dataset.split_seed)
     x = data.x_train[split.train_idx].flatten(1).numpy()
     y = data.y_train[split.train_idx].numpy()
@@ -228,12 +232,15 @@ def run_transfer(
     if settings is None:
         recorded = (store.read_manifest() or {}).get("transfer", {})
         settings = TransferSpec.model_validate(recorded)
+    folders = (store.read_manifest() or {}).get("plugin_dirs", [])
+    add_plugin_dirs(folders)
     sources = gather_sources(store, settings)
     sets_ref = ray.put(sources.sets)
 
     @ray.remote(num_cpus=1)
     def trial_task(trial_id: str, spec: TrialSpec, sets: list[EvalSet]) -> list[dict]:
         torch.set_num_threads(1)
+        add_plugin_dirs(folders)  # a user's model module imports on this worker too
         try:
             return evaluate(trial_id, "trial", trial_predictor(store, spec), sets)
         except Exception as err:
@@ -242,6 +249,7 @@ def run_transfer(
     @ray.remote(num_cpus=1)
     def control_task(name: str, spec: TrialSpec, mine: list[str], sets: list[EvalSet]) -> list:
         torch.set_num_threads(1)
+        add_plugin_dirs(folders)
         try:
             chosen = [s for s in sets if s.source_trial in set(mine)]
             return evaluate(name, "control", control_predictor(name, spec, settings), chosen)

@@ -5,6 +5,7 @@ Plain Python with no Ray import, so it runs and tests in a bare process; sweep.p
 
 from __future__ import annotations
 
+import hashlib
 import math
 import platform
 import time
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 import advlab
-from advlab.data import Dataset, load_dataset, select_subset
+from advlab.data import Dataset, SubsetSplit, select_subset
 from advlab.evaluate import (
     AttackedSet,
     Evaluation,
@@ -27,8 +28,9 @@ from advlab.evaluate import (
     first_correct,
     trial_properties,
 )
-from advlab.models import build_model
+from advlab.models import model_for
 from advlab.runtime import error_rate, pick_device
+from advlab.sources import load_data_spec
 from advlab.spec import ATTACK_KEYS, AttackSpec, TrialSpec
 from advlab.store import SweepStore
 from advlab.tables import config_columns
@@ -69,9 +71,9 @@ class Trained:
 
     model: nn.Module
     data: Dataset
+    split: SubsetSplit
     x_train: Tensor
     y_train: Tensor
-    heldout_idx: Tensor
     history: list[EpochStats]
     trained_here: bool
     seconds: float
@@ -200,11 +202,11 @@ def train_or_load(
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
     device = pick_device(spec.device)
-    data = load_dataset(spec.dataset.name, spec.dataset.root)
+    data = load_data_spec(spec.dataset)
     split = select_subset(data, spec.subset, spec.dataset.split_seed)
     x_train = data.x_train[split.train_idx].to(device)
     y_train = data.y_train[split.train_idx].to(device)
-    model = build_model(spec.model, data.input_shape, data.num_classes, spec.activation).to(device)
+    model = model_for(spec, data.input_shape, data.num_classes).to(device)
 
     def on_epoch(stats: EpochStats, state: Callable[[], dict[str, Any]] | None) -> None:
         check_training(stats)
@@ -212,20 +214,20 @@ def train_or_load(
         if report is not None:
             report(asdict(stats), state)
 
-    key = spec.training_key()
+    key, init = spec.training_key(), init_digest(spec)
     with store.lock(key):
         cached = store.load_model(key)
         if cached is not None and ctx.run_stamp and cached.get("run") != ctx.run_stamp:
             cached = None  # --fresh: trained before this run, so train again
+        if cached is not None and cached.get("init") != init:
+            cached = None  # the init weights file changed since: train again from it
         if cached is None:
             history = train_model(
                 model, x_train, y_train, data.x_test.to(device), data.y_test.to(device),
                 spec.train, spec.weight_decay, spec.seed, on_epoch, resume,
-            )  # fmt: skip
-            history_rows = [asdict(h) for h in history]
-            store.save_model(
-                key, {"model": model.state_dict(), "history": history_rows, "run": ctx.run_stamp}
-            )
+            ) if spec.train.epochs else []  # fmt: skip
+            saved = {"model": model.state_dict(), "history": [asdict(h) for h in history]}
+            store.save_model(key, saved | {"run": ctx.run_stamp, "init": init})
         else:
             model.load_state_dict(cached["model"])
             history = [EpochStats(**row) for row in cached["history"]]
@@ -233,9 +235,16 @@ def train_or_load(
                 on_epoch(stats, None)
     model.eval()
     seconds = time.perf_counter() - start
-    return Trained(
-        model, data, x_train, y_train, split.heldout_idx, history, cached is None, seconds
-    )
+    return Trained(model, data, split, x_train, y_train, history, cached is None, seconds)
+
+
+def init_digest(spec: TrialSpec) -> str | None:
+    """A digest of the `init` weights file, so a cached model trained from an older file is
+    not reused (the training key holds the path, not the content)."""
+    if spec.init is None:
+        return None
+    with open(spec.init, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()[:16]
 
 
 def check_training(stats: EpochStats) -> None:
@@ -250,7 +259,14 @@ def check_training(stats: EpochStats) -> None:
 
 
 def attacked_set(spec: TrialSpec, trained: Trained) -> AttackedSet:
-    """The first `attack_examples` test examples the model classifies correctly."""
+    """The first `attack_examples` examples the model classifies correctly: of the test set,
+    or (attack_split train, as the paper's Tables 1-2) of the trial's own training subset;
+    dataset_index always indexes the whole split."""
+    if spec.attack_split == "train":
+        found = first_correct(trained.model, trained.x_train, trained.y_train, spec.attack_examples)
+        found.dataset_index = trained.split.train_idx[found.dataset_index]
+        found.split = "train"
+        return found
     device = trained.x_train.device
     x_test, y_test = trained.data.x_test.to(device), trained.data.y_test.to(device)
     return first_correct(trained.model, x_test, y_test, spec.attack_examples)
@@ -265,7 +281,7 @@ def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
         "train_error": error_rate(model, trained.x_train, trained.y_train),
         "test_error": error_rate(model, data.x_test, data.y_test),
         "heldout_error": error_rate(
-            model, data.x_train[trained.heldout_idx], data.y_train[trained.heldout_idx]
+            model, data.x_train[trained.split.heldout_idx], data.y_train[trained.split.heldout_idx]
         ),
         "n_attacked": len(attacked.y),
         "n_scanned": attacked.n_scanned,

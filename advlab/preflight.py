@@ -1,0 +1,142 @@
+"""Every check that needs more than the sweep file, run before anything is run or written.
+
+`advlab validate` and `advlab sweep` share it, so what a trial would find out an hour in
+(unwritable storage, no GPU, unreadable data, a model factory that fails or returns the wrong
+shape, weights that do not fit) is one line and exit 2 up front instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from advlab.data import DataError, Dataset, select_subset
+from advlab.models import ModelNameError, decay_weights, model_for
+from advlab.sources import load_data_spec
+from advlab.spec import SpecError, TrialSpec
+from advlab.store import SweepStore
+from advlab.sweepfile import SweepSpec
+
+
+def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> None:
+    if store is not None:
+        check_writable(store)
+    check_gpu(spec, address)
+    datasets = check_data(spec)
+    check_models(spec, datasets)
+
+
+def check_writable(store: SweepStore) -> None:
+    if store.is_remote:
+        return  # remote storage: the first write tells; credentials are the cloud's business
+    local = store.path()
+    existing = local
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise SpecError(
+            f"storage: cannot write under {existing} (for {local}); "
+            "pass --storage with a folder you can write to"
+        )
+
+
+def check_gpu(spec: SweepSpec, address: str | None) -> None:
+    """A GPU trial on a machine without one would wait for resources forever."""
+    wants_cuda = spec.settings.resources.gpu > 0 or any(t.device == "cuda" for t in spec.trials)
+    if not wants_cuda or address is not None:
+        return  # a cluster's GPUs are checked once Ray is up
+    if not torch.cuda.is_available():
+        raise SpecError(
+            "resources.gpu: GPUs requested but this machine has none; set resources.gpu: 0 "
+            "and device: auto, or pass --address of a cluster with GPU nodes"
+        )
+
+
+def _data_key(trial: TrialSpec) -> str:
+    return trial.dataset.model_dump_json()
+
+
+def check_data(spec: SweepSpec) -> dict[str, Dataset]:
+    """Load each data set once and draw each subset: missing files, bad arrays or a subset
+    larger than the data fail here. Returns the loaded data sets by their spec."""
+    loaded: dict[str, Dataset] = {}
+    for trial in spec.trials:
+        key = _data_key(trial)
+        try:
+            if key not in loaded:
+                loaded[key] = load_data_spec(trial.dataset)
+            select_subset(loaded[key], trial.subset, trial.dataset.split_seed)
+        except DataError as err:
+            raise SpecError(str(err)) from None
+    return loaded
+
+
+def check_models(spec: SweepSpec, datasets: dict[str, Dataset]) -> None:
+    """Build each distinct model once on its data's shape and run two blank inputs through it:
+    a factory that fails, an output of the wrong shape, weights that do not fit, normalisation
+    for the wrong number of channels or weight decays for the wrong number of layers."""
+    seen: set[str] = set()
+    for trial in spec.trials:
+        key = trial.model_dump_json(
+            include={"dataset", "model", "model_args", "init", "activation", "weight_decay"}
+        )
+        if key not in seen:
+            seen.add(key)
+            check_model(trial, datasets[_data_key(trial)])
+
+
+def check_model(trial: TrialSpec, data: Dataset) -> None:
+    shape, classes = data.input_shape, data.num_classes
+    norm = trial.dataset.normalize
+    if norm is not None and len(norm.mean) != shape[0]:
+        raise SpecError(
+            f"dataset.normalize: {len(norm.mean)} means for {shape[0]}-channel images; "
+            f"give {shape[0]}"
+        )
+    try:
+        model = model_for(trial, shape, classes).eval()
+    except (ModelNameError, ValueError) as err:
+        raise SpecError(str(err)) from None
+    with torch.no_grad():
+        out = _forward(trial.model, model, torch.zeros(2, *shape))
+    if tuple(out.shape) != (2, classes) or not out.is_floating_point():
+        raise SpecError(
+            f"model: {trial.model} maps a (2, {', '.join(map(str, shape))}) batch to "
+            f"{tuple(out.shape)}; it must return (2, {classes}) logits, one per class"
+        )
+    _check_decays(trial, model)
+
+
+def _forward(name: str, model: torch.nn.Module, x: torch.Tensor) -> Any:
+    try:
+        out = model(x)
+    except Exception as err:
+        why = " ".join(str(err).split())[:200]
+        raise SpecError(
+            f"model: {name} fails on a batch of data's shape: {type(err).__name__}: {why}"
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise SpecError(f"model: {name} returned a {type(out).__name__}; return a logits tensor")
+    return out
+
+
+def _check_decays(trial: TrialSpec, model: torch.nn.Module) -> None:
+    if not isinstance(trial.weight_decay, list):
+        return
+    layers = len(decay_weights(model))
+    if len(trial.weight_decay) != layers:
+        raise SpecError(
+            f"weight_decay: {len(trial.weight_decay)} values for {trial.model}, which has "
+            f"{layers} weight layers; give {layers} values or one number"
+        )
+
+
+def check_cluster_gpus(spec: SweepSpec) -> None:
+    import ray
+
+    if spec.settings.resources.gpu > 0 and not ray.cluster_resources().get("GPU", 0):
+        raise SpecError(
+            "resources.gpu: the Ray cluster has no GPUs; set resources.gpu: 0 or add GPU nodes"
+        )
