@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def transfer(sweep_dir: str, address: str | None) -> int:
-    from advlab.sweep import init_ray, transfer_lines
+    from advlab.sweep import transfer_lines
     from advlab.transfer import run_transfer
+    from advlab.tuning import init_ray
 
     init_ray(address)
     try:
@@ -160,6 +161,8 @@ def sweep(
     )
     for line in summary_lines(outcome):
         print(line)
+    if outcome.interrupted:
+        return 130  # the shell's code for Ctrl-C
     return 0 if outcome.all_ok else 1
 
 

@@ -64,6 +64,21 @@ class Evaluation:
         return out
 
 
+TRIAL_METRICS = ("test_error", "train_error", "heldout_error")
+
+
+def final_metrics(spec: TrialSpec) -> set[str]:
+    """Every metric name a trial of `spec` reports at its end (as `Evaluation.metrics` names
+    them), so a search can be checked against it before any trial runs."""
+    names = set(TRIAL_METRICS)
+    for attack in spec.attacks:
+        if attack.defn.kind == MINIMIZATION:
+            names |= {f"{attack.key}/{m}" for m in ("success_rate", "mean_dist_rms", "grad_evals")}
+        for eps in spec.budgets(attack):
+            names |= {f"{attack.key}/success@{eps:g}", f"{attack.key}/robust_error@{eps:g}"}
+    return names
+
+
 def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int) -> AttackedSet:
     """The first n examples, in order, that the model classifies correctly."""
     correct = predict(model, x) == y.to(x.device)

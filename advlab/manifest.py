@@ -35,15 +35,21 @@ def record_version(manifest: dict[str, Any] | None, spec: SweepSpec) -> dict[str
     """
     out = dict(manifest) if manifest else empty(spec.name)
     versions = list(out.get("versions", []))
-    ids = spec.ids
+    searched = spec.settings.search.algorithm != "grid"
+    # A search's trials are known once sampled (record_samples adds them); its version is its
+    # definition.
+    ids = [] if searched else spec.ids
     current = {"trial_ids": ids, "definition": spec.definition}
-    if not versions or {k: versions[-1].get(k) for k in current} != current:
+    if not versions or _changed(versions[-1], current, searched):
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         versions.append(
             {"version": len(versions) + 1, "created": stamp, "axes": spec.axes, **current}
         )
+    elif searched:  # the same search continued: keep its trials, note the new definition
+        versions[-1] = versions[-1] | {"definition": spec.definition}
     trials = dict(out.get("trials", {}))
-    for index, (trial_id, trial) in enumerate(zip(ids, spec.trials, strict=True)):
+    for index, trial_id in enumerate(ids):
+        trial = spec.trials[index]
         first = trials.get(trial_id, {}).get("version", versions[-1]["version"])
         trials[trial_id] = {
             "version": first,
@@ -61,6 +67,21 @@ def record_version(manifest: dict[str, Any] | None, spec: SweepSpec) -> dict[str
         "wandb": spec.settings.wandb.model_dump(mode="json"),
     }
     return out
+
+
+def _changed(newest: dict[str, Any], current: dict[str, Any], searched: bool) -> bool:
+    """Whether `current` is a new version. A search that only asks for more samples is the
+    same search, continued (its trials stay in its version)."""
+    if not searched:
+        return any(newest.get(k) != current[k] for k in ("trial_ids", "definition"))
+    return _without_samples(newest.get("definition")) != _without_samples(current["definition"])
+
+
+def _without_samples(definition: Any) -> Any:
+    if not isinstance(definition, dict) or not isinstance(definition.get("search"), dict):
+        return definition
+    search = {k: v for k, v in definition["search"].items() if k != "num_samples"}
+    return definition | {"search": search}
 
 
 def trial_order(manifest: dict[str, Any] | None) -> list[str]:
@@ -97,3 +118,25 @@ def labels(manifest: dict[str, Any] | None) -> dict[str, str]:
         {"model": trials[t]["model"]} | {a: trials[t]["values"].get(a) for a in axes} for t in order
     ]
     return trial_labels(values, order)
+
+
+def record_samples(
+    manifest: dict[str, Any] | None, samples: list[tuple[str, str, dict[str, Any]]]
+) -> dict[str, Any]:
+    """A search's sampled trials (trial id, model, grid and sampled values) added to the newest
+    version, in the order Tune ran them; their labels come from those values."""
+    out = dict(manifest or {})
+    versions = [dict(v) for v in out.get("versions", [])]
+    newest = versions[-1]
+    trials = dict(out.get("trials", {}))
+    for trial_id, model, values in samples:
+        if trial_id not in newest["trial_ids"]:
+            newest["trial_ids"] = [*newest["trial_ids"], trial_id]
+        newest["axes"] = list(dict.fromkeys([*newest["axes"], *values]))
+        trials[trial_id] = {
+            "version": trials.get(trial_id, {}).get("version", newest["version"]),
+            "index": newest["trial_ids"].index(trial_id),
+            "model": model,
+            "values": values,
+        }
+    return out | {"versions": versions, "trials": trials}

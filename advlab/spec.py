@@ -320,6 +320,84 @@ class TransferSpec(_Strict):
         return value
 
 
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
+
+
+class SearchSpec(_Strict):
+    """How trials are chosen: the grid (default), random samples, or Optuna (Ray Tune's own
+    searchers). `space` maps trial keys to one distribution each, written as
+    {uniform: [lo, hi]}, {loguniform: [lo, hi]}, {int: [lo, hi]} (inclusive) or {choice: [...]};
+    `metric`/`mode` name what Optuna optimises (a list of two or more: multi-objective, and
+    the sweep records its Pareto front)."""
+
+    algorithm: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1)  # samples drawn (per grid point, for random)
+    space: dict[str, dict[str, list[Any]]] = {}
+    metric: str | list[str] | None = None  # a final metric: test_error, pgd/robust_error@0.1
+    mode: Literal["min", "max"] | list[Literal["min", "max"]] = "min"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchSpec:
+        if self.algorithm == "grid" and (self.space or self.num_samples != 1):
+            raise ValueError("algorithm: grid takes no space or num_samples; use random or optuna")
+        if self.algorithm != "grid" and not self.space:
+            raise ValueError(
+                f"space: {self.algorithm} needs a space to sample, e.g. "
+                "{train.lr: {loguniform: [1e-4, 1e-1]}}"
+            )
+        if self.algorithm == "optuna" and self.metric is None:
+            raise ValueError("metric: optuna needs the metric it optimises, e.g. test_error")
+        if len(self.metrics) != len(self.modes):
+            raise ValueError("mode: give one mode (min or max) per metric")
+        for key, dist in self.space.items():
+            _check_distribution(key, dist)
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        return (
+            []
+            if self.metric is None
+            else [self.metric]
+            if isinstance(self.metric, str)
+            else self.metric
+        )
+
+    @property
+    def modes(self) -> list[str]:
+        if isinstance(self.mode, str):
+            return [self.mode] * len(self.metrics)
+        return list(self.mode)
+
+
+def _check_distribution(key: str, dist: dict[str, list[Any]]) -> None:
+    if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+        raise ValueError(f"{key}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{uniform: [0, 1]}}")
+    kind, values = next(iter(dist.items()))
+    if kind == "choice":
+        if not values:
+            raise ValueError(f"{key}: choice needs at least one value")
+        return
+    if len(values) != 2 or not all(_is_number(v) for v in values) or not values[0] < values[1]:
+        raise ValueError(f"{key}: {kind} needs [low, high] numbers with low < high")
+    if kind == "loguniform" and values[0] <= 0:
+        raise ValueError(f"{key}: loguniform needs low > 0")
+    if kind == "int" and not all(float(v).is_integer() for v in values):
+        raise ValueError(f"{key}: int needs whole-number bounds")
+
+
+class SchedulerSpec(_Strict):
+    """Early stopping on a metric reported every epoch (Ray Tune's ASHA or median stopping):
+    trials it stops are recorded as stopped, not failed."""
+
+    name: Literal["none", "asha", "median"] = "none"
+    metric: str = "test_error"  # an epoch metric: loss, train_error, test_error, ...
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(1, ge=1)  # epochs every trial runs before it can be stopped
+    reduction_factor: float = Field(3.0, gt=1, allow_inf_nan=False)  # ASHA's eta
+
+
 class SweepSettings(_Strict):
     name: str
     grid: dict[str, list[Any]] = {}
@@ -331,6 +409,8 @@ class SweepSettings(_Strict):
     checkpoint_every: int = Field(5, ge=0)  # epochs between training checkpoints; 0: none
     wandb: WandbSpec = WandbSpec()
     transfer: TransferSpec = TransferSpec()
+    search: SearchSpec = SearchSpec()
+    scheduler: SchedulerSpec = SchedulerSpec()
 
     @field_validator("name")
     @classmethod

@@ -77,6 +77,34 @@ class SweepStore:
         """The offline runs, as a glob for `wandb sync`."""
         return f"{self.uri}/wandb/offline-run-*"
 
+    def latest_checkpoint(self, trial_id: str) -> dict[str, Any] | None:
+        """The furthest training checkpoint any earlier Tune run left for this trial (Tune
+        keeps them under ray/<run>/<trial id>/checkpoint_*/training.pt), or None."""
+        best: dict[str, Any] | None = None
+        selector = pafs.FileSelector(self.ray_dir_path(), recursive=True, allow_not_found=True)
+        for info in self.fs.get_file_info(selector):
+            parts = info.path.rsplit("/", 3)
+            if len(parts) < 4 or parts[-1] != "training.pt" or parts[-3] != trial_id:
+                continue
+            with self.fs.open_input_stream(info.path) as source:
+                state = torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
+            if best is None or len(state["history"]) > len(best["history"]):
+                best = state
+        return best
+
+    def tune_configs(self) -> list[dict[str, Any]]:
+        """The config of every Tune trial any run of this sweep started (params.json)."""
+        selector = pafs.FileSelector(self.ray_dir_path(), recursive=True, allow_not_found=True)
+        configs = []
+        for info in self.fs.get_file_info(selector):
+            if info.path.endswith("/params.json"):
+                with self.fs.open_input_stream(info.path) as source:
+                    configs.append(json.loads(source.read().decode()))
+        return configs
+
+    def ray_dir_path(self) -> str:
+        return self.path("ray")
+
     def units_dir(self, trial_id: str) -> str | None:
         """Unit-analysis images of a trial (local storage only: they are PNG files)."""
         return None if self.is_remote else self.path("units", trial_id)

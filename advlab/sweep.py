@@ -10,15 +10,13 @@ import datetime as dt
 import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from advlab import manifest
+from advlab import manifest, tuning
 from advlab.preflight import check_cluster_gpus, preflight
-from advlab.spec import TrialSpec
 from advlab.store import TABLES, SweepStore, resolve_storage
-from advlab.sweepfile import SweepSpec, add_plugin_dirs
+from advlab.sweepfile import SweepSpec
 from advlab.track import reachable_mode, resolve_mode
 from advlab.transfer import TransferOutcome
 from advlab.trial import TrialContext
@@ -34,48 +32,12 @@ class SweepOutcome:
     missing: list[str]  # trial ids that left no trials row at all
     transfer: TransferOutcome | None = None
     attack_failures: dict[tuple[str, str], str] = field(default_factory=dict)
+    stopped: list[str] = field(default_factory=list)  # ended early by the scheduler, on purpose
+    interrupted: bool = False  # Ctrl-C: rerunning the same command continues
 
     @property
     def all_ok(self) -> bool:
-        return not (self.failed or self.missing or self.attack_failures)
-
-
-class Progress:
-    """One line per finished trial: done of total, failures, and an ETA from the mean pace."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.start = time.monotonic()
-
-    def line(self, label: str, ok: bool) -> str:
-        self.done += 1
-        self.failed += 0 if ok else 1
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        status = "ok" if ok else "FAILED"
-        return (
-            f"advlab: [{self.done}/{self.total}] {label} {status}; {self.failed} failed; "
-            f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s"
-        )
-
-
-def progress_callback(total: int) -> Any:
-    from ray import tune
-
-    class PrintProgress(tune.Callback):
-        def __init__(self) -> None:
-            self.progress = Progress(total)
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            ok = not (trial.last_result or {}).get("failed", 0)
-            print(self.progress.line(trial.config["trial"]["ctx"]["label"], ok=ok), flush=True)
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(self.progress.line(trial.config["trial"]["ctx"]["label"], ok=False), flush=True)
-
-    return PrintProgress()
+        return not (self.failed or self.missing or self.attack_failures or self.interrupted)
 
 
 def trial_configs(
@@ -90,6 +52,7 @@ def trial_configs(
             "threads": max(1, math.floor(spec.settings.resources.cpu)),
             "checkpoint_every": spec.settings.checkpoint_every,
             "plugin_dirs": plugin_dirs(spec),
+            "grid_labelled": bool(spec.axes),  # a sample's label starts with its grid point's
         }
         for index, trial in enumerate(spec.trials)
     ]
@@ -128,69 +91,6 @@ def trial_context(
     )
 
 
-def tune_trainable(config: dict[str, Any]) -> None:
-    """What each Ray worker runs: rebuild the specs, pin torch's threads, run the trial.
-
-    Training checkpoints go through Tune, so a trial whose worker dies resumes from its last
-    epoch on another node. A trial that fails on its own (NaN loss, a bad attack) has already
-    recorded its failure in the trials table; it ends normally so Tune does not retry it.
-    """
-    import tempfile
-
-    import ray
-    import torch
-    from ray import tune
-
-    from advlab.trial import run_trial
-
-    trial = config["trial"]
-    torch.set_num_threads(trial["threads"])  # else 2 trials each use every core and thrash
-    add_plugin_dirs([os.path.abspath(d) for d in trial["plugin_dirs"]])
-    spec = TrialSpec.model_validate(trial["spec"])
-    node = ray.get_runtime_context().get_node_id()
-    ctx = TrialContext(**trial["ctx"] | {"worker_node": node})
-    every = trial["checkpoint_every"]
-
-    def report(metrics: dict[str, Any], state: Any) -> None:
-        if state is None or not every or metrics["epoch"] % every:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state(), os.path.join(folder, "training.pt"))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
-
-    resume = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            path = os.path.join(folder, "training.pt")
-            resume = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        result = run_trial(spec, ctx, report=report, resume=resume)
-    except Exception:
-        tune.report({"failed": 1})
-        return
-    row = result.row
-    final = {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    tune.report(final | result.metrics | {"failed": 0})
-
-
-def init_ray(address: str | None) -> None:
-    """Join `address`, or start a private local Ray (never a stale cluster from RAY_ADDRESS)."""
-    import ray
-
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # Checkpoints every few epochs are the point; Tune warns about their snapshot cost.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if not ray.is_initialized():
-        ray.init(
-            address=address or "local",
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,  # trials report through parquet, W&B and Progress instead
-        )
-
-
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -200,10 +100,11 @@ def run_sweep(
     fresh: bool = False,
     verbose: int = 0,
 ) -> SweepOutcome:
-    """Run every grid point as a Ray Tune trial; returns what landed in the store.
+    """Run the sweep's trials with Ray Tune; returns what landed in the store.
 
-    Trials already finished ok in this sweep's folder are skipped (an interrupted sweep resumes
-    where it stopped) unless `fresh`; failed and unfinished ones run again.
+    Trials already finished in this sweep's folder are skipped (an interrupted sweep resumes
+    where it stopped, unfinished trials from their last checkpoint) unless `fresh`, which also
+    retrains; failed ones run again.
     """
     storage = resolve_storage(spec.settings.storage)
     store = SweepStore(storage, spec.name)
@@ -214,68 +115,122 @@ def run_sweep(
     recorded = manifest.record_version(store.read_manifest(), spec)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f") if fresh else ""
     configs = trial_configs(spec, storage, mode, manifest.labels(recorded), stamp)
-    done = set() if fresh else finished(store, spec)
-    todo = [c for c in configs if c["id"] not in done]
     store.write_manifest(recorded)
-    if done & {c["id"] for c in configs}:
-        skipped = len(configs) - len(todo)
-        print(
-            f"advlab: resuming: {skipped} trials already finished, {len(todo)} to run "
-            "(--fresh reruns them all)"
-        )
-    errors = run_trials(spec, store, todo, address, max_concurrent, verbose) if todo else []
-    outcome = collect_outcome(spec, store, mode, errors)
+    plan = plan_run(spec, store, configs, fresh)
+    run = None
+    if plan.total:
+        tuning.init_ray(address, verbose)
+        check_cluster_gpus(spec)
+        print(f"advlab: sweep '{spec.name}': {plan.total} trials -> {store.uri}", flush=True)
+        run = tuning.run_tuner(
+            spec, store, plan.configs, num_samples=plan.num_samples, pending=plan.pending,
+            done=plan.done, max_concurrent=max_concurrent, verbose=verbose,
+            callbacks=[tuning.progress_callback(plan.total)],
+        )  # fmt: skip
+        record_run(spec, store, run)
+        write_pareto(spec, store)
+    outcome = collect_outcome(spec, store, mode, run)
+    if outcome.interrupted:
+        return outcome  # no transfer: rerunning the command continues the trials
     # Transfer after new results, or when a finished sweep has never had its transfer stage.
-    if (
-        spec.settings.transfer.enabled
-        and outcome.ok
-        and (todo or not store.trial_files("transfer"))
-    ):
+    if spec.settings.transfer.enabled and outcome.ok and (run or not store.trial_files("transfer")):
         from advlab.transfer import run_transfer
 
-        init_ray(address)
+        tuning.init_ray(address, verbose)
         outcome.transfer = run_transfer(store.uri, spec.settings.transfer, mode)
     return outcome
 
 
-def run_trials(
-    spec: SweepSpec,
-    store: SweepStore,
-    todo: list[dict[str, Any]],
-    address: str | None,
-    max_concurrent: int | None,
-    verbose: int,
-) -> list[str]:
-    """One Tune trial per config in `todo`; returns the first line of each error Tune saw."""
-    from ray import tune
+@dataclass
+class Plan:
+    """What this invocation hands Tune: grid configs, samples per config, samples to redo."""
 
-    init_ray(address)
-    check_cluster_gpus(spec)
-    print(f"advlab: sweep '{spec.name}': {len(todo)} trials -> {store.uri}", flush=True)
-    resources = spec.settings.resources
-    trainable = tune.with_resources(tune_trainable, {"cpu": resources.cpu, "gpu": resources.gpu})
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(todo)},
-        tune_config=tune.TuneConfig(
-            max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
-            trial_dirname_creator=lambda t: t.config["trial"]["id"],  # labels may not be paths
-            trial_name_creator=lambda t: t.config["trial"]["ctx"]["label"],
-            reuse_actors=True,  # a worker process (torch, data cache) serves many trials
-        ),
-        run_config=tune.RunConfig(
-            name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
-            storage_path=store.ray_dir(),
-            # Retries are for lost workers and nodes; trial failures do not raise (see above).
-            failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=verbose,
-            callbacks=[progress_callback(len(todo))],
-        ),
-    )
-    results = tuner.fit()
-    return [str(e).splitlines()[0] for e in results.errors]
+    configs: list[dict[str, Any]]
+    num_samples: int = 1
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    done: int = 0  # samples the search already has
+
+    @property
+    def total(self) -> int:
+        return len(self.configs) * self.num_samples if self.configs else 0
+
+
+def plan_run(
+    spec: SweepSpec, store: SweepStore, configs: list[dict[str, Any]], fresh: bool
+) -> Plan:
+    """Grid: the points not finished yet. Search: the samples still owed to the version (its
+    num_samples per grid point, less the trials it already has), samples an interrupted run
+    left unfinished first."""
+    search = spec.settings.search
+    if search.algorithm == "grid":
+        done = set() if fresh else finished(store, spec)
+        todo = [c for c in configs if c["id"] not in done]
+        if done & {c["id"] for c in configs}:
+            print(
+                f"advlab: resuming: {len(configs) - len(todo)} trials already finished, "
+                f"{len(todo)} to run (--fresh reruns them all)"
+            )
+        return Plan(todo)
+    recorded = store.read_manifest() or {}
+    version = recorded["versions"][-1]
+    have = 0 if fresh else len(_rows_of(store, version["trial_ids"]))
+    owed = search.num_samples * len(configs) - have
+    if owed <= 0:
+        print(f"advlab: all {have} samples of this search already ran (--fresh samples anew)")
+        return Plan([])
+    pending = [] if fresh else unfinished_samples(store)
+    if have:
+        print(f"advlab: resuming: {have} samples done, {owed} to run (--fresh samples anew)")
+    return Plan(configs, num_samples=-(-owed // len(configs)), pending=pending[:owed], done=have)
+
+
+def _rows_of(store: SweepStore, trial_ids: list[str]) -> set[str]:
+    trials = store.read("trials")
+    return set(trials["trial_id"]) & set(trial_ids)
+
+
+def unfinished_samples(store: SweepStore) -> list[dict[str, Any]]:
+    """Sampled values of Tune trials an earlier run started but left with no trials row."""
+    rows = set(store.read("trials")["trial_id"])
+    pending = []
+    for config in store.tune_configs():
+        if not config.get("sample"):
+            continue
+        spec, _ = tuning.resolve(config)
+        if spec.trial_id() not in rows and config["sample"] not in pending:
+            pending.append({"sample": config["sample"]})
+    return pending
+
+
+def record_run(spec: SweepSpec, store: SweepStore, run: tuning.TuneRun) -> None:
+    """After Tune: a row for every trial a scheduler stopped, and (for a search) the sampled
+    trials in the manifest's newest version."""
+    samples = []
+    for config, last, history in run.trials:
+        trial, ctx = tuning.resolve(config)
+        samples.append((trial.trial_id(), trial.model, ctx.grid_values))
+        if "failed" not in last and "epoch" in last and not run.interrupted:
+            write_stopped(store, trial, ctx, last, history, spec.settings.scheduler.name)
+    if spec.settings.search.algorithm != "grid":
+        store.write_manifest(manifest.record_samples(store.read_manifest(), samples))
+
+
+def write_stopped(
+    store: SweepStore, trial: Any, ctx: Any, last: dict[str, Any], history: Any, by: str
+) -> None:
+    """A trial the scheduler ended early: its epochs as Tune saw them and a `stopped` row."""
+    from advlab.trial import trial_head
+
+    trial_id = trial.trial_id()
+    columns = ["epoch", "loss", "train_error", "test_error", "seconds", "adv_grad_evals"]
+    epochs = history[[c for c in columns if c in history]].dropna(subset=["epoch"])
+    rows = [{"trial_id": trial_id, **r} for r in epochs.to_dict("records")]
+    store.write_rows("epochs", trial_id, rows)
+    metric = next((k for k in ("test_error", "loss") if k in last), None)
+    value = f" ({metric} {last[metric]:.4g})" if metric else ""
+    reason = f"stopped early by {by} after epoch {int(last['epoch'])}{value}"
+    row = trial_head(trial, ctx, trial_id) | {"status": "stopped", "reason": reason}
+    store.write_rows("trials", trial_id, [row])
 
 
 def finished(store: SweepStore, spec: SweepSpec) -> set[str]:
@@ -292,21 +247,24 @@ def finished(store: SweepStore, spec: SweepSpec) -> set[str]:
 
 
 def collect_outcome(
-    spec: SweepSpec, store: SweepStore, wandb_mode: str, errors: list[str]
+    spec: SweepSpec, store: SweepStore, wandb_mode: str, run: tuning.TuneRun | None
 ) -> SweepOutcome:
     trials = store.read("trials")
-    expected = spec.ids
-    status = dict(zip(trials["trial_id"], trials["status"], strict=True)) if len(trials) else {}
-    reasons = dict(zip(trials["trial_id"], trials["reason"], strict=True)) if len(trials) else {}
+    expected = manifest.current_ids(store.read_manifest()) or spec.ids
+    status = dict(zip(trials["trial_id"], trials["status"], strict=True))
+    reasons = dict(zip(trials["trial_id"], trials["reason"], strict=True))
     ok = [t for t in expected if status.get(t) == "ok"]
     failed = {t: reasons[t] for t in expected if status.get(t) == "failed"}
+    stopped = [t for t in expected if status.get(t) == "stopped"]
     missing = [t for t in expected if t not in status]
-    if missing and errors:
+    if missing and run is not None and run.errors and not run.interrupted:
         print(
-            f"advlab: {len(missing)} trial(s) left no row; Ray said: {errors[0]}", file=sys.stderr
+            f"advlab: {len(missing)} trial(s) left no row; Ray said: {run.errors[0]}",
+            file=sys.stderr,
         )
-    outcome = SweepOutcome(store, wandb_mode, len(expected), ok, failed, missing)
+    outcome = SweepOutcome(store, wandb_mode, len(expected), ok, failed, missing, stopped=stopped)
     outcome.attack_failures = failed_attacks(spec, store)
+    outcome.interrupted = run is not None and run.interrupted
     return outcome
 
 
@@ -338,9 +296,16 @@ def transfer_lines(outcome: TransferOutcome) -> list[str]:
 
 def summary_lines(outcome: SweepOutcome) -> list[str]:
     store = outcome.store
+    if outcome.interrupted:
+        return [
+            f"advlab: interrupted: {len(outcome.ok)}/{outcome.expected} trials ok so far; run "
+            "the same command again to resume (unfinished trials continue from their last "
+            "checkpoint)"
+        ]
+    stopped = f", {len(outcome.stopped)} stopped early" if outcome.stopped else ""
     lines = [
         f"advlab: {len(outcome.ok)}/{outcome.expected} trials ok, {len(outcome.failed)} failed, "
-        f"{len(outcome.missing)} missing",
+        f"{len(outcome.missing)} missing{stopped}",
     ]
     labels = manifest.labels(store.read_manifest())
     lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]
@@ -357,3 +322,39 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     elif outcome.wandb_mode == "online":
         lines.append(f"  W&B: online, group '{store.sweep}'")
     return lines
+
+
+def pareto_front(points: dict[str, list[float]], modes: list[str]) -> set[str]:
+    """The keys of the points no other point dominates (as good in every objective, better in
+    one); objectives to maximise are compared negated."""
+    sign = [1.0 if m == "min" else -1.0 for m in modes]
+    scored = {k: [s * v for s, v in zip(sign, vals, strict=True)] for k, vals in points.items()}
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
+
+    return {k for k, a in scored.items() if not any(dominates(b, a) for b in scored.values())}
+
+
+def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
+    """A multi-objective search's Pareto front over its ok trials, as the pareto table."""
+    from advlab.trial import stored_metrics
+
+    search = spec.settings.search
+    if len(search.metrics) < 2:
+        return
+    trials = store.read("trials").set_index("trial_id")
+    ids = [t for t in manifest.current_ids(store.read_manifest()) if t in trials.index]
+    points = {}
+    for trial_id in ids:
+        if trials.loc[trial_id, "status"] != "ok":
+            continue
+        found = stored_metrics(store, trial_id) | trials.loc[trial_id].to_dict()
+        points[trial_id] = [float(found[m]) for m in search.metrics]
+    front = pareto_front(points, search.modes)
+    rows = [
+        {"trial_id": t, "metric": m, "mode": mode, "value": v, "on_front": t in front}
+        for t, values in points.items()
+        for m, mode, v in zip(search.metrics, search.modes, values, strict=True)
+    ]
+    store.write_rows("pareto", "all", rows)

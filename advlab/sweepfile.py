@@ -12,6 +12,7 @@ the key and the fix.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import itertools
 import re
@@ -24,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from advlab.data import DataError, parse_subset
+from advlab.evaluate import final_metrics
 from advlab.models import ModelNameError, build_model, decay_weights, parse_architecture
 from advlab.sources import check_source
 from advlab.spec import (
@@ -36,6 +38,7 @@ from advlab.spec import (
     SweepSettings,
     TrialSpec,
 )
+from advlab.train import EpochStats
 
 
 class SweepSpec:
@@ -129,7 +132,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     add_plugin_dirs([str(folder)])  # modules beside the sweep file import, here and on workers
     try:
         for key, value in (overrides or {}).items():
-            _set_dotted(raw, key, value)
+            set_dotted(raw, key, value)
         return parse_sweep(raw, folder)
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
@@ -163,11 +166,51 @@ def parse_sweep(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
         for point in expand_grid(case_base, settings.grid)
     ]
     trials = [_validate_trial(point, base_dir) for point in points]
+    _check_search(settings, points, trials, base_dir)
     ids = [t.trial_id() for t in trials]
     if len(set(ids)) != len(ids):
         raise SpecError("grid: two grid points give the same trial; remove repeated values")
     plugin_dirs = [str(base_dir)] if base_dir is not None else []
     return SweepSpec(settings, trials, copy.deepcopy(raw), plugin_dirs)
+
+
+def _check_search(
+    settings: SweepSettings,
+    points: list[dict[str, Any]],
+    trials: list[TrialSpec],
+    base_dir: Path | None,
+) -> None:
+    """A search space's every bound and choice makes a valid trial, its metrics exist, and the
+    scheduler's metric is reported every epoch: found now, not when a sample draws it."""
+    search, scheduler = settings.search, settings.scheduler
+    if search.algorithm == "optuna" and (settings.grid or settings.cases):
+        raise SpecError("grid: optuna samples search.space alone; move grid axes into it as choice")
+    for key, dist in search.space.items():
+        _check_axis(f"search.space.{key}", key)
+        kind, values = next(iter(dist.items()))
+        for value in values if kind == "choice" else values[:2]:
+            sample = value if kind != "int" else int(value)
+            _validate_trial(expand_grid(points[0], {key: [sample]})[0], base_dir)
+    produced = final_metrics(trials[0])
+    for metric in search.metrics:
+        if metric not in produced:
+            raise SpecError(
+                f"search.metric: no trial reports {metric!r}; use one of "
+                f"{', '.join(sorted(produced))}"
+            )
+    if scheduler.name != "none":
+        _check_scheduler_metric(scheduler.metric, trials)
+
+
+def _check_scheduler_metric(metric: str, trials: list[TrialSpec]) -> None:
+    epoch_metrics = [f.name for f in dataclasses.fields(EpochStats) if f.name != "epoch"]
+    if metric not in epoch_metrics:
+        raise SpecError(
+            f"scheduler.metric: {metric!r} is not reported every epoch; use one of "
+            f"{', '.join(epoch_metrics)}"
+        )
+    if metric == "test_error" and any(t.train.eval_every != 1 for t in trials):
+        raise SpecError("scheduler.metric: test_error needs train.eval_every: 1 (every epoch)")
 
 
 def _check_axis(where: str, axis: str) -> None:
@@ -194,7 +237,7 @@ def expand_grid(base: dict[str, Any], grid: dict[str, list[Any]]) -> list[dict[s
     for combo in itertools.product(*grid.values()):
         point = copy.deepcopy(base)
         for axis, value in zip(grid, combo, strict=True):
-            _set_dotted(point, axis, copy.deepcopy(value))
+            set_dotted(point, axis, copy.deepcopy(value))
         points.append(point)
     return points
 
@@ -302,7 +345,7 @@ def _did_you_mean(word: str, choices: set[str]) -> str:
     return f"; valid keys: {', '.join(sorted(choices))}" if choices else ""
 
 
-def _set_dotted(target: dict[str, Any], path: str, value: Any) -> None:
+def set_dotted(target: dict[str, Any], path: str, value: Any) -> None:
     *parents, leaf = path.split(".")
     for part in parents:
         node = target.setdefault(part, {})

@@ -123,6 +123,18 @@ TRANSFER = pa.schema(
     ]
 )
 
+# A multi-objective search's trials: one row per (trial, objective), and whether the trial is
+# on the Pareto front (no other trial is at least as good in every objective and better in one).
+PARETO = pa.schema(
+    [
+        ("trial_id", pa.string()),
+        ("metric", pa.string()),
+        ("mode", pa.string()),  # min or max
+        ("value", pa.float64()),
+        ("on_front", pa.bool_()),
+    ]
+)
+
 # What a trial row holds besides its config: ids, outcome, clean errors, timings, versions.
 _TRIAL_HEAD = [
     ("trial_id", pa.string()),
@@ -200,6 +212,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "curves": CURVES,
     "properties": PROPERTIES,
     "transfer": TRANSFER,
+    "pareto": PARETO,
 }
 
 

@@ -55,6 +55,7 @@ from typing import Any
 # Imported here so the wrappers below, pickled by value from __main__, refer to it by reference:
 # a Ray worker then imports it when the trainable is unpickled, at actor start, as in production.
 import advlab.sweep as advlab_sweep
+from advlab import tuning
 from advlab.store import SweepStore
 
 VARIANTS = ("baseline", "report@ckpt", "no-ckpt", "ckpt-every-1", "wandb-offline", "no-ray")
@@ -107,7 +108,7 @@ def _timed(config: dict[str, Any], report_at_checkpoints: bool) -> None:
 
     tune.report = report
     try:
-        advlab_sweep.tune_trainable(config)
+        tuning.trainable(config)
     finally:
         tune.report = original
         times = {"enter": enter, "exit": time.time(), **spent}
@@ -137,7 +138,7 @@ def run_variant(variant: str, trials: int, epochs: int, storage: str) -> dict[st
     spec = parse_sweep(sweep_dict(variant, trials, epochs, storage))
     marks: dict[str, float] = {}
     seen: dict[str, dict[str, float]] = {}
-    progress = advlab_sweep.progress_callback
+    progress = tuning.progress_callback
 
     def timed_progress(total: int) -> Any:
         printer = progress(total)
@@ -167,14 +168,14 @@ def run_variant(variant: str, trials: int, epochs: int, storage: str) -> dict[st
         finally:
             marks["fit_end"] = time.time()
 
-    advlab_sweep.progress_callback = timed_progress
+    tuning.progress_callback = timed_progress
     tune.Tuner.fit = timed_fit
-    advlab_sweep.tune_trainable = (
+    tuning.trainable = (
         timed_trainable_report_at_checkpoints if variant == "report@ckpt" else timed_trainable
     )
     load = os.getloadavg()[0]
     marks["t0"] = time.time()
-    advlab_sweep.init_ray(None)
+    tuning.init_ray(None)
     marks["init"] = time.time()
     outcome = advlab_sweep.run_sweep(spec)
     marks["end"] = time.time()
@@ -182,6 +183,7 @@ def run_variant(variant: str, trials: int, epochs: int, storage: str) -> dict[st
         raise SystemExit(f"{variant}: failed {outcome.failed}, missing {outcome.missing}")
     rows = outcome.store.read("trials")
     compute = outcome.store.read("epochs").groupby("trial_id")["seconds"].sum()
+    attack_seconds = outcome.store.read("attacks").groupby("trial_id")["seconds"].sum()
     return {
         "variant": variant,
         "cores": _cores(),
@@ -190,7 +192,7 @@ def run_variant(variant: str, trials: int, epochs: int, storage: str) -> dict[st
         "trials": [
             {
                 "train": row.train_seconds,
-                "attack": row.attack_seconds,
+                "attack": float(attack_seconds[row.trial_id]),
                 "compute": float(compute[row.trial_id]),
                 **seen[row.trial_id],
                 **json.loads(timing_file(storage, row.trial_id).read_text()),

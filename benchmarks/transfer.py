@@ -14,9 +14,10 @@ import argparse
 import tempfile
 import time
 
-from advlab.sweep import init_ray, run_sweep
+from advlab.sweep import run_sweep
 from advlab.sweepfile import parse_sweep
 from advlab.transfer import run_transfer
+from advlab.tuning import init_ray
 
 
 def sweep_of(n: int, storage: str) -> dict:

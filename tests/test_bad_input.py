@@ -72,7 +72,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         raise AssertionError("Ray started despite bad input")
 
     monkeypatch.setattr(ray, "init", must_not_start)
-    monkeypatch.setattr("advlab.sweep.tune_trainable", must_not_start)
+    monkeypatch.setattr("advlab.tuning.trainable", must_not_start)
     storage = tmp_path / "results"
     path = tmp_path / "sweep.yaml"
     if isinstance(change, str):

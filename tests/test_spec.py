@@ -114,7 +114,7 @@ BAD_SWEEPS = [
     ({"attacks": [{"name": "fgsm"}, {"name": "fgsm"}]}, "give repeated attacks a `label`"),
     ({"grid": {"weight_decay": [-1.0]}}, "weight_decay:"),
     ({"grid": {"weight_decay": [[1e-5, -1e-5]]}}, "weight_decay:"),
-    ({"train": {"epochs": 0}}, "train.epochs:"),
+    ({"train": {"epochs": -1}}, "train.epochs:"),
     ({"name": "../escape"}, "name:"),
     ({"resources": {"cpu": 0}}, "resources.cpu:"),
 ]

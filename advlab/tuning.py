@@ -1,0 +1,325 @@
+"""Ray Tune, as its users know it: the trainable, the search space, searchers and schedulers.
+
+Grid sweeps hand Tune the grid advlab expanded and validated, one resolved config per point.
+Random and Optuna searches hand it the sweep's `search.space` as Tune domains on top of each
+grid point; every sampled config becomes a TrialSpec inside the trainable (validated there, and
+its bounds already validated before Ray started). Schedulers (ASHA, median stopping) act on the
+metrics each trial reports every epoch. Only this module and transfer.py import Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from advlab.spec import SearchSpec, SpecError, TrialSpec
+from advlab.store import SweepStore
+from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
+from advlab.trial import TrialContext
+
+
+@contextlib.contextmanager
+def quiet(verbose: int) -> Iterator[None]:
+    """Keep Ray's banners and log lines (token-auth notice, restore hints) out of advlab's
+    output unless --verbose: advlab prints its own progress and summary."""
+    if verbose:
+        yield
+        return
+    for name in ("ray", "ray.tune", "ray.train"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def init_ray(address: str | None, verbose: int = 0) -> None:
+    """Join `address`, or start a private local Ray (never a stale cluster from RAY_ADDRESS)."""
+    import ray
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Checkpoints every few epochs are the point; Tune warns about their snapshot cost.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # A search's metrics (robust error, distortion) come with a trial's final report only; the
+    # per-epoch reports carry what schedulers need.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    if ray.is_initialized():
+        return
+    try:
+        with quiet(verbose):
+            ray.init(
+                address=address or "local",
+                include_dashboard=False,
+                configure_logging=False,
+                log_to_driver=False,  # trials report through parquet, W&B and progress lines
+            )
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        if address is None:
+            raise
+        why = " ".join(str(err).split())[:160]
+        raise SpecError(
+            f"--address: no Ray cluster answers at {address} ({why}); start one with "
+            "`ray start --head` or drop --address to run locally"
+        ) from None
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def resolve(config: dict[str, Any]) -> tuple[TrialSpec, TrialContext]:
+    """The TrialSpec and context of a Tune config: a grid point plus its sampled values."""
+    trial = config["trial"]
+    sample = config.get("sample") or {}
+    raw = trial["spec"]
+    ctx = TrialContext(**trial["ctx"])
+    if sample:
+        raw = _with_sample(raw, sample)
+        parts = [ctx.label] if ctx.label and trial.get("grid_labelled") else []
+        label = " ".join([*parts, *(axis_text(k, v) for k, v in sample.items())])
+        ctx = replace(ctx, label=label, grid_values=ctx.grid_values | sample)
+    return TrialSpec.model_validate(raw), ctx
+
+
+def _with_sample(raw: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for key, value in sample.items():
+        set_dotted(raw, key, value)
+    return raw
+
+
+def trainable(config: dict[str, Any]) -> None:
+    """What each Ray worker runs: rebuild the specs, pin torch's threads, run the trial.
+
+    Training checkpoints go through Tune every `checkpoint_every` epochs. A trial resumes from
+    Tune's checkpoint when Tune retries it (a lost worker or node), else from the newest one
+    an earlier run of the sweep left on storage (a killed driver, Ctrl-C), so it continues. A
+    trial that fails on its own has recorded its failure; it ends normally so Tune does not
+    retry it.
+    """
+    import ray
+    import torch
+    from ray import tune
+
+    from advlab.trial import run_trial
+
+    trial = config["trial"]
+    torch.set_num_threads(trial["threads"])  # else 2 trials each use every core and thrash
+    add_plugin_dirs([os.path.abspath(d) for d in trial["plugin_dirs"]])
+    spec, ctx = resolve(config)
+    ctx = replace(ctx, worker_node=ray.get_runtime_context().get_node_id())
+    report = _reporter(trial["checkpoint_every"])
+    resume = _resume_state(spec, ctx)
+    try:
+        result = run_trial(spec, ctx, report=report, resume=resume)
+    except Exception:
+        tune.report({"failed": 1, "trial_id": spec.trial_id()})
+        return
+    row = result.row
+    numbers = {
+        k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    tune.report(numbers | result.metrics | {"failed": 0, "trial_id": spec.trial_id()})
+
+
+def _reporter(every: int) -> Any:
+    import torch
+    from ray import tune
+
+    def report(metrics: dict[str, Any], state: Any) -> None:
+        if state is None or not every or metrics["epoch"] % every:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(state(), os.path.join(folder, "training.pt"))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+
+    return report
+
+
+def _resume_state(spec: TrialSpec, ctx: TrialContext) -> dict[str, Any] | None:
+    import torch
+    from ray import tune
+
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            path = os.path.join(folder, "training.pt")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    if ctx.run_stamp:  # --fresh: start over
+        return None
+    return SweepStore(ctx.storage, ctx.sweep).latest_checkpoint(spec.trial_id())
+
+
+# --------------------------------------------------------------------------- the search
+
+
+def domains(search: SearchSpec) -> dict[str, Any]:
+    """The sweep's search space as Ray Tune domains."""
+    from ray import tune
+
+    out = {}
+    for key, dist in search.space.items():
+        kind, values = next(iter(dist.items()))
+        if kind == "choice":
+            out[key] = tune.choice(values)
+        elif kind == "int":
+            out[key] = tune.randint(int(values[0]), int(values[1]) + 1)  # inclusive high
+        else:
+            out[key] = getattr(tune, kind)(float(values[0]), float(values[1]))
+    return out
+
+
+def search_algorithm(
+    spec: SweepSpec, store: SweepStore, pending: list[dict[str, Any]], done: int = 0
+) -> Any:
+    """Optuna's sampler (single or multi-objective), or Tune's random/grid generator; samples
+    an interrupted run left unfinished are evaluated first (they continue from checkpoints)."""
+    from ray.tune.search import BasicVariantGenerator
+
+    search = spec.settings.search
+    if search.algorithm != "optuna":
+        # A continued search draws on from a seed moved past the samples it has, not the same
+        # first draws again.
+        seed = search.seed + done
+        return BasicVariantGenerator(points_to_evaluate=pending or None, random_state=seed)
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its per-study info lines
+
+    storage = None
+    if not store.is_remote:  # the study survives a rerun: later samples learn from earlier ones
+        os.makedirs(store.path(), exist_ok=True)
+        storage = optuna.storages.RDBStorage(f"sqlite:///{store.path('optuna.db')}")
+    metric = search.metrics[0] if len(search.metrics) == 1 else search.metrics
+    mode = search.modes[0] if len(search.modes) == 1 else search.modes
+    return OptunaSearch(
+        metric=metric, mode=mode, seed=search.seed + done, points_to_evaluate=pending or None,
+        study_name=f"{spec.name}", storage=storage,
+    )  # fmt: skip
+
+
+def scheduler(spec: SweepSpec) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+
+    settings = spec.settings.scheduler
+    if settings.name == "none":
+        return FIFOScheduler()
+    # Tune counts reports: one per epoch (a cached model's history replays them), then the
+    # trial's final one, so iterations are epochs and max_t lets the last epoch finish.
+    common = {"time_attr": "training_iteration", "metric": settings.metric, "mode": settings.mode}
+    if settings.name == "median":
+        return MedianStoppingRule(**common, grace_period=settings.grace_period)
+    max_t = max(t.train.epochs for t in spec.trials) + 1
+    return ASHAScheduler(
+        **common, grace_period=settings.grace_period, max_t=max(max_t, settings.grace_period + 1),
+        reduction_factor=settings.reduction_factor,
+    )  # fmt: skip
+
+
+@dataclass
+class TuneRun:
+    """What one Tuner.fit left: per Tune trial its config and last reported metrics."""
+
+    trials: list[tuple[dict[str, Any], dict[str, Any], Any]]  # (config, last metrics, history)
+    errors: list[str]
+    interrupted: bool
+    experiment: str
+
+
+def run_tuner(
+    spec: SweepSpec,
+    store: SweepStore,
+    configs: list[dict[str, Any]],
+    *,
+    num_samples: int,
+    pending: list[dict[str, Any]],
+    done: int,
+    max_concurrent: int | None,
+    verbose: int,
+    callbacks: list[Any],
+) -> TuneRun:
+    """One Tuner.fit over `configs` (grid points), sampling the search space `num_samples`
+    times per point for random and Optuna searches."""
+    import datetime as dt
+
+    from ray import tune
+
+    search = spec.settings.search
+    grid = configs[0] if len(configs) == 1 else tune.grid_search(configs)
+    space: dict[str, Any] = {"trial": grid}
+    if search.algorithm != "grid":
+        space["sample"] = domains(search)
+    resources = spec.settings.resources
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            search_alg=search_algorithm(spec, store, pending, done),
+            scheduler=scheduler(spec),
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
+            trial_dirname_creator=lambda t: resolve(t.config)[0].trial_id(),  # ids are paths
+            trial_name_creator=lambda t: resolve(t.config)[1].label,
+            reuse_actors=True,  # a worker process (torch, data cache) serves many trials
+        ),
+        run_config=tune.RunConfig(
+            name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
+            storage_path=store.ray_dir(),
+            # Retries are for lost workers and nodes; trial failures do not raise (see above).
+            failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=verbose,
+            callbacks=callbacks,
+        ),
+    )
+    with quiet(verbose):
+        results = tuner.fit()
+    statuses = [t.status for t in results._experiment_analysis.trials]
+    trials = [(r.config, r.metrics or {}, r.metrics_dataframe) for r in results]
+    return TuneRun(
+        trials=trials,
+        errors=[str(e).splitlines()[0] for e in results.errors],
+        interrupted=any(s not in ("TERMINATED", "ERROR") for s in statuses),
+        experiment=results.experiment_path,
+    )
+
+
+def progress_callback(total: int) -> Any:
+    """One line per finished trial: done of total, failures, and an ETA from the mean pace."""
+    import time
+
+    from ray import tune
+
+    class PrintProgress(tune.Callback):
+        def __init__(self) -> None:
+            self.done = self.failed = 0
+            self.start = time.monotonic()
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            result = trial.last_result or {}
+            status = "stopped" if "failed" not in result else "FAILED" if result["failed"] else "ok"
+            self.line(resolve(trial.config)[1].label, status)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.line(resolve(trial.config)[1].label, "FAILED")
+
+        def line(self, label: str, status: str) -> None:
+            self.done += 1
+            self.failed += status == "FAILED"
+            elapsed = time.monotonic() - self.start
+            eta = elapsed / self.done * max(total - self.done, 0)
+            print(
+                f"advlab: [{self.done}/{total}] {label} {status}; {self.failed} failed; "
+                f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s",
+                flush=True,
+            )
+
+    return PrintProgress()
