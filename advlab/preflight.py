@@ -8,6 +8,7 @@ shape, weights that do not fit) is one line and exit 2 up front instead.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 import torch
@@ -21,11 +22,30 @@ from advlab.sweepfile import SweepSpec
 
 
 def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> None:
+    check_address(address)
     if store is not None:
         check_writable(store)
     check_gpu(spec, address)
     datasets = check_data(spec)
     check_models(spec, datasets)
+
+
+def check_address(address: str | None, timeout: float = 3.0) -> None:
+    """A cluster address must answer now: ray.init would otherwise retry it for minutes.
+    ("auto" is Ray's own lookup of a local cluster, which fails fast by itself.)"""
+    if address is None or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"--address: {address!r} is not host:port (or auto); e.g. 10.0.0.5:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SpecError(
+            f"--address: nothing answers at {hostport} ({err.strerror or err}); start a cluster "
+            "with `ray start --head` or drop --address to run locally"
+        ) from None
 
 
 def check_writable(store: SweepStore) -> None:

@@ -155,6 +155,7 @@ _TRIAL_RESULTS = [
     ("n_scanned", pa.int64()),  # examples looked at to find the n_attacked correct ones
     ("n_clean_wrong", pa.int64()),  # of those, misclassified without any attack
     ("train_adv_grad_evals", pa.int64()),
+    ("resumed_from_epoch", pa.int64()),  # epochs restored from a checkpoint (0: trained whole)
     ("train_seconds", pa.float64()),
     ("device_used", pa.string()),  # the device it ran on (`device` is what was asked)
     ("worker_node", pa.string()),

@@ -77,6 +77,7 @@ class Trained:
     history: list[EpochStats]
     trained_here: bool
     seconds: float
+    resumed_from_epoch: int = 0
 
 
 def run_trial(
@@ -235,7 +236,8 @@ def train_or_load(
                 on_epoch(stats, None)
     model.eval()
     seconds = time.perf_counter() - start
-    return Trained(model, data, split, x_train, y_train, history, cached is None, seconds)
+    resumed = len(resume["history"]) if resume is not None and cached is None else 0
+    return Trained(model, data, split, x_train, y_train, history, cached is None, seconds, resumed)
 
 
 def init_digest(spec: TrialSpec) -> str | None:
@@ -287,6 +289,7 @@ def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
         "n_scanned": attacked.n_scanned,
         "n_clean_wrong": attacked.n_clean_wrong,
         "train_adv_grad_evals": history[-1].adv_grad_evals if history else 0,
+        "resumed_from_epoch": trained.resumed_from_epoch,
         "train_seconds": trained.seconds,
         "device_used": str(trained.x_train.device),
     }

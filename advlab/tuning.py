@@ -280,10 +280,17 @@ def run_tuner(
             callbacks=callbacks,
         ),
     )
-    with quiet(verbose):
-        results = tuner.fit()
+    # Ctrl-C raises here instead of Tune's own handler, which would finish the call, print its
+    # Tuner.restore hint and leave the caller guessing whether the run completed.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        with quiet(verbose):
+            results = tuner.fit()
+    except KeyboardInterrupt:
+        return TuneRun(trials=[], errors=[], interrupted=True, experiment="")
     statuses = [t.status for t in results._experiment_analysis.trials]
-    trials = [(r.config, r.metrics or {}, r.metrics_dataframe) for r in results]
+    # A trial Ctrl-C caught before it started has no config yet.
+    trials = [(r.config, r.metrics or {}, r.metrics_dataframe) for r in results if r.config]
     return TuneRun(
         trials=trials,
         errors=[str(e).splitlines()[0] for e in results.errors],

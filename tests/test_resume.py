@@ -61,3 +61,59 @@ def test_killed_driver_resumes_without_recomputing_finished_trials(tmp_path: Pat
     assert (trials["status"] == "ok").all()
     examples = SweepStore(str(tmp_path / "results"), "killme").read("examples")
     assert len(examples) == 3 * 10 * 2  # trials x examples x budgets, no duplicates
+
+
+def test_ctrl_c_stops_without_transfer_and_a_rerun_continues_from_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """SIGINT to the driver: exit 130 with one line saying how to resume, no transfer stage;
+    the rerun continues the unfinished trial from its newest checkpoint and ends with the
+    numbers of an uninterrupted run."""
+    sweep = {
+        "name": "ctrlc",
+        "dataset": {"name": "digits"},
+        "model": "fc32-10",
+        "train": {"epochs": 60, "batch_size": 8, "optimizer": "adam", "lr": 0.005},
+        "attack_examples": 10,
+        "attacks": [{"name": "fgsm"}],
+        "checkpoint_every": 2,
+        "storage": str(tmp_path / "results"),
+        "wandb": {"mode": "disabled"},
+        "transfer": {"controls": ["constant"]},
+    }
+    path = tmp_path / "ctrlc.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    sweep_dir = tmp_path / "results" / "ctrlc"
+    first = subprocess.Popen(
+        [*ADVLAB, "sweep", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not list(sweep_dir.glob("ray/*/*/checkpoint_*")) and time.monotonic() < deadline:
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err[-2000:]
+    assert out.strip().splitlines()[-1].startswith("advlab: interrupted:")
+    assert "run the same command again to resume" in out
+    assert "Tuner.restore" not in out + err
+    assert not (sweep_dir / "transfer").exists()
+
+    second = subprocess.run(
+        [*ADVLAB, "sweep", str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    trials = SweepStore(str(tmp_path / "results"), "ctrlc").read("trials")
+    (resumed,) = trials.itertuples()
+    assert resumed.resumed_from_epoch >= 2  # continued, not restarted
+    epochs = SweepStore(str(tmp_path / "results"), "ctrlc").read("epochs")
+    assert epochs["epoch"].tolist() == list(range(1, 61))
+
+    straight = subprocess.run(
+        [*ADVLAB, "sweep", str(path), "--storage", str(tmp_path / "straight")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = SweepStore(str(tmp_path / "straight"), "ctrlc").read("trials").iloc[0]
+    assert resumed.test_error == reference["test_error"]
+    assert resumed.train_error == reference["train_error"]
