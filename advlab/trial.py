@@ -28,7 +28,7 @@ from advlab.evaluate import (
 )
 from advlab.models import build_model
 from advlab.runtime import error_rate, pick_device
-from advlab.spec import TrialSpec
+from advlab.spec import TRAINING_KEYS, TrialSpec
 from advlab.store import SweepStore
 from advlab.tables import config_columns
 from advlab.track import TrialRun
@@ -273,6 +273,12 @@ def write_results(
     tracker.log_curves(evaluation.curves)
     tracker.log_attacks(evaluation.attacks)
     log_example_images(tracker, spec, attacked, evaluation.examples, trained.data.input_shape)
+    key = spec.training_key()
+    training = spec.model_dump(mode="json", include=set(TRAINING_KEYS))
+    tracker.log_artifact(
+        f"model-{key}", "model", [(f"{key}.pt", store.model_file(key))],
+        {"training_key": key, "trial_id": trial_id, **training},
+    )  # fmt: skip
 
 
 def log_example_images(
