@@ -55,7 +55,7 @@ def trend(
     y = alt.Y("mean:Q", title=y_title, axis=alt.Axis(format=y_format))
     low = alt.Y("lo:Q", title=y_title)  # the same title as the means', so it shows once
     spread = (
-        base.mark_area(opacity=0.18).encode(y=low, y2="hi:Q")
+        base.mark_area(opacity=0.13).encode(y=low, y2="hi:Q")
         if band
         else base.mark_errorbar(ticks=True).encode(y=low, y2="hi:Q", opacity=emphasis)
     )

@@ -54,6 +54,8 @@
     });
   });
 
+  apply(); // tables and the count now; the charts get the same keys as they are drawn
+
   window.advlab = {
     views,
     apply,
