@@ -319,6 +319,23 @@ def test_table1_tells_two_lbfgs_setups_apart_and_learns_kinds_and_norms_from_the
     assert f"{TOY}|success@0.05" not in table.header  # a minimisation attack: no budget columns
 
 
+def test_attack_variants_are_named_by_the_settings_that_differ() -> None:
+    from advlab.report.load import with_variants
+
+    setups = [("pgd-small", "pgd", {"steps": 40}), ("pgd-big", "pgd", {"steps": 40}),
+              ("lbfgs", "lbfgs", {"max_iter": 10, "loss": "ce"}),
+              ("lbfgs", "lbfgs", {"max_iter": 20, "loss": "ce"}),
+              ("lbfgs", "lbfgs", {"max_iter": 10, "loss": "ce"})]  # fmt: skip
+    attacks = pd.DataFrame(
+        [{"attack": a, "method": m, "norm": "linf", "target": "untargeted",
+          "settings": json.dumps(s)} for a, m, s in setups]
+    )  # fmt: skip
+    assert list(with_variants(attacks)["variant"]) == [
+        "pgd-small", "pgd-big", "lbfgs (max_iter=10)", "lbfgs (max_iter=20)",
+        "lbfgs (max_iter=10)",
+    ]  # fmt: skip
+
+
 def test_header_lists_what_differs_between_the_sweeps(page: Page) -> None:
     (table,) = page.table("differences")
     rows = {r["setting"][1]: (r["tiny-a"][1], r["tiny-b"][1]) for r in table.rows}

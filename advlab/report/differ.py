@@ -18,8 +18,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
-
 from advlab.report.load import Compared
 from advlab.results import Results
 from advlab.spec import SweepSettings
@@ -172,13 +170,3 @@ def version_changes(run: Results) -> list[str]:
         ]
         lines.append(f"v{after.get('version')}: " + ("; ".join(changed) or "same definition"))
     return lines
-
-
-def frame(found: list[Difference], sweeps: list[str]) -> pd.DataFrame:
-    """The differences as a table: one row per key, one column per sweep."""
-    return pd.DataFrame(
-        [
-            {"setting": d.key} | {s: ", ".join(d.values.get(s, [ABSENT])) for s in sweeps}
-            for d in found
-        ]
-    )

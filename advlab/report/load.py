@@ -176,20 +176,22 @@ def with_variants(attacks: pd.DataFrame) -> pd.DataFrame:
     was set up alike, else the label and the settings that differ, e.g. `lbfgs (max_iter=20)`."""
     if attacks.empty:
         return attacks.assign(variant=[])
-    described = [_describe(row) for row in attacks.to_dict("records")]
-    identity = [json.dumps(d, sort_keys=True) for d in described]
-    names: dict[str, str] = {}
+    setups = [_describe(row) for row in attacks.to_dict("records")]
+    keys = [
+        (label, json.dumps(s, sort_keys=True))
+        for label, s in zip(attacks["attack"], setups, strict=True)
+    ]
+    names: dict[tuple[str, str], str] = {}
     for label in dict.fromkeys(attacks["attack"]):
-        mine = [i for i, a in enumerate(attacks["attack"]) if a == label]
-        kinds = list(dict.fromkeys(identity[i] for i in mine))
+        kinds = [json.loads(k) for k in dict.fromkeys(k for lab, k in keys if lab == label)]
+        fields = dict.fromkeys(f for kind in kinds for f in kind)
+        differing = [f for f in fields if len({json.dumps(k.get(f)) for k in kinds}) > 1]
         for kind in kinds:
-            mine_desc = json.loads(kind)
-            differing = [
-                k for k in mine_desc if len({json.loads(o).get(k) for o in kinds}) > 1
-            ] if len(kinds) > 1 else []  # fmt: skip
-            parts = ", ".join(f"{k}={_text(mine_desc[k])}" for k in differing)
-            names[kind] = f"{label} ({parts})" if parts else label
-    return attacks.assign(variant=[names[i] for i in identity])
+            parts = ", ".join(f"{f}={_text(kind.get(f))}" for f in differing)
+            names[(label, json.dumps(kind, sort_keys=True))] = (
+                f"{label} ({parts})" if parts else label
+            )
+    return attacks.assign(variant=[names[k] for k in keys])
 
 
 def _describe(row: dict[str, Any]) -> dict[str, Any]:
