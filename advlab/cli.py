@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def transfer(sweep_dir: str, address: str | None) -> int:
-    from advlab.sweep import transfer_lines
+    from advlab.store import SweepStore
+    from advlab.sweep import log_results, transfer_lines
     from advlab.transfer import run_transfer
     from advlab.tuning import init_ray
 
@@ -88,6 +89,7 @@ def transfer(sweep_dir: str, address: str | None) -> int:
     except FileNotFoundError as err:
         print(f"advlab: error: {err}", file=sys.stderr)
         return 2
+    log_results(SweepStore.from_dir(sweep_dir))
     for line in transfer_lines(outcome):
         print(line)
     return 0

@@ -54,7 +54,11 @@ class Results:
 
     def _join(self, frame: pd.DataFrame) -> pd.DataFrame:
         keys = ["trial_id", "label", *[a for a in self.axes if a in self.trials]]
-        joined = frame.merge(self.trials[keys], on="trial_id", how="left", sort=False)
+        # A table's own column keeps its name (examples' `label` is the true class); the
+        # trial's value of the same name comes in as trial_<name>.
+        clash = {k: f"trial_{k}" for k in keys[1:] if k in frame.columns}
+        extra = self.trials[keys].rename(columns=clash)
+        joined = frame.merge(extra, on="trial_id", how="left", sort=False)
         return _in_trial_order(joined, self.trials)
 
     @property

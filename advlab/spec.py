@@ -151,7 +151,9 @@ class AttackSpec(BaseModel):
 
     @property
     def key(self) -> str:
-        return self.label or self.name
+        """The attack's name in results: its label, else the registered attack's own name
+        (an import path `module:ATTACK` is known by the AttackDef's name)."""
+        return self.label or self.defn.name
 
     @property
     def budget_norm(self) -> str:

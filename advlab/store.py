@@ -152,6 +152,25 @@ class SweepStore:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    def locator(self, *parts: str) -> str:
+        """A file's local path, or its URI on remote storage (what W&B artifacts point at)."""
+        return f"{self.uri}/{'/'.join(parts)}" if self.is_remote else self.path(*parts)
+
+    def model_file(self, key: str) -> str:
+        return self.locator("models", f"{key}.pt")
+
+    def result_files(self) -> list[tuple[str, str]]:
+        """Every parquet file of every table and sweep.json: (name inside the sweep folder,
+        local path or URI)."""
+        files = [
+            (f"{name}/{os.path.basename(path)}", self.locator(name, os.path.basename(path)))
+            for name in TABLES
+            for path in self.trial_files(name)
+        ]
+        if self.fs.get_file_info(self.path(MANIFEST)).type != pafs.FileType.NotFound:
+            files.append((MANIFEST, self.locator(MANIFEST)))
+        return files
+
     def write_rows(
         self, name: str, trial_id: str, rows: list[dict[str, Any]], part: str = ""
     ) -> None:

@@ -138,7 +138,27 @@ def run_sweep(
 
         tuning.init_ray(address, verbose)
         outcome.transfer = run_transfer(store.uri, spec.settings.transfer, mode)
+    if run is not None or outcome.transfer is not None:
+        log_results(store, mode)
     return outcome
+
+
+def log_results(store: SweepStore, mode: str | None = None) -> None:
+    """The sweep's parquet and sweep.json as a W&B artifact (after new trials or transfer)."""
+    from advlab.track import log_results_run
+
+    recorded = store.read_manifest() or {}
+    settings = recorded.get("wandb", {})
+    if mode is None:
+        mode, _ = reachable_mode(resolve_mode(settings.get("mode", "auto")))
+    trials = store.read("trials")
+    status = trials["status"].value_counts().to_dict() if len(trials) else {}
+    log_results_run(
+        mode=mode, project=settings.get("project", "advlab"), entity=settings.get("entity"),
+        group=store.sweep, directory=store.wandb_dir(), files=store.result_files(),
+        metadata={"sweep": store.sweep, "uri": store.uri, "trials": status,
+                  "versions": len(recorded.get("versions", []))},
+    )  # fmt: skip
 
 
 @dataclass

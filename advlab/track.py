@@ -1,12 +1,19 @@
 """W&B tracking: one run per trial, grouped by sweep. The only module that imports wandb.
 
 Runs are offline unless an API key is set (or the sweep asks for online); offline runs are kept
-under the sweep's storage folder and can be uploaded later with `wandb sync`.
+under the sweep's storage folder and can be uploaded later with `wandb sync`. What makes runs
+compare well in W&B's run table and panels: readable names (the trial's label) and tags (its
+grid values), summaries that are plain numbers under stable names (best-epoch variants beside
+them as `<name>_min`), trained models and the sweep's parquet as artifacts, and one run folder
+per run id however often a trial is rerun.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +65,11 @@ class TrialRun:
         tags: list[str] | None = None,
     ):
         self.run = None
+        self.best: dict[str, float] = {}  # smallest value of each epoch metric so far
         if mode == "disabled":
             return
         Path(directory).mkdir(parents=True, exist_ok=True)
+        drop_earlier_runs(directory, run_id)
         self.run = wandb.init(
             mode=mode,  # type: ignore[arg-type]
             project=project,
@@ -76,30 +85,29 @@ class TrialRun:
             resume="allow",
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )
+        # Per-epoch curves plot against the epoch; their summary stays W&B's default, the last
+        # value, a plain number (a define_metric summary would turn it into {"min": v}).
         self.run.define_metric("epoch")
         self.run.define_metric("train/*", step_metric="epoch")
-        self.run.define_metric("train/test_error", step_metric="epoch", summary="min")
-        self.run.define_metric("train/loss", step_metric="epoch", summary="min")
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
-        if self.run is not None:
-            self.run.log(
-                {"epoch": metrics["epoch"]} | {f"train/{k}": v for k, v in metrics.items()}
-            )
-
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        """Final metrics, declared so run tables and panels aggregate them the right way."""
         if self.run is None:
             return
-        summary = {wandb_key(k): v for k, v in summary.items()}
-        numbers = {k: v for k, v in summary.items() if isinstance(v, int | float)}
-        for key in numbers:
-            goal = summary_goal(key)
-            if goal is not None:
-                self.run.define_metric(key, summary=goal)
-        if numbers:
-            self.run.log(numbers)
-        self.run.summary.update({k: v for k, v in summary.items() if summary_goal(k) is None})
+        logged = {f"train/{k}": v for k, v in metrics.items() if k != "epoch"}
+        self.run.log({"epoch": metrics["epoch"]} | logged)
+        for key in BEST_OF_EPOCHS:
+            value = logged.get(key)
+            if isinstance(value, int | float) and value == value:  # not None, not NaN
+                self.best[key] = min(value, self.best.get(key, value))
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """Final metrics as plain summary values (numbers stay numbers, sortable in the run
+        table), plus the best epoch's value of each training curve as `<name>_min`."""
+        if self.run is None:
+            return
+        plain = {wandb_key(k): v for k, v in summary.items()}
+        plain |= {f"{k}_min": v for k, v in self.best.items()}
+        self.run.summary.update(plain)
 
     def log_attack(
         self, attack: str, runs: list[dict[str, Any]], curves: list[dict[str, Any]]
@@ -135,6 +143,26 @@ class TrialRun:
             ]
         self.run.log({f"examples/{attack}": images})
 
+    def log_artifact(
+        self, name: str, kind: str, files: list[tuple[str, str]], metadata: dict[str, Any]
+    ) -> None:
+        """Log files as an artifact: (name in the artifact, local path or URI) pairs.
+
+        Local files are referenced where they lie instead of copied to W&B's staging folder
+        (policy immutable): results live on storage every node sees, so `wandb sync` finds them
+        from wherever it runs, and nothing is copied twice. A URI (s3://, gs://) is logged as a
+        reference. Offline, the artifact waits in the run's log for `wandb sync`.
+        """
+        if self.run is None or not files:
+            return
+        artifact = wandb.Artifact(name, type=kind, metadata=metadata)
+        for inside, where in files:
+            if "://" in where:
+                artifact.add_reference(where, name=inside)
+            else:
+                artifact.add_file(where, name=inside, policy="immutable")
+        self.run.log_artifact(artifact)
+
     def finish(self, failed: bool = False) -> None:
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
@@ -142,65 +170,84 @@ class TrialRun:
             wandb.teardown()  # stop the service now, not in an atexit hook Ray may cut short
 
 
+BEST_OF_EPOCHS = ("train/test_error", "train/loss")  # also summarised as their best epoch
+_RUN_FOLDER = re.compile(r"^(offline-)?run-\d{8}_\d{6}-(?P<id>.+)$")  # how wandb names them
+
+
+def drop_earlier_runs(directory: str, run_id: str) -> None:
+    """Remove the local folders of earlier runs with this id (a rerun trial, a retried
+    worker): W&B starts a new folder per start, so a rerun sweep would otherwise hold two runs
+    of one id, and `wandb sync` would upload both into one run."""
+    for folder in Path(directory, "wandb").glob("*run-*"):
+        found = _RUN_FOLDER.match(folder.name)
+        if found and found["id"] == run_id and folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_run(
+    *, mode: str, project: str, entity: str | None, group: str, directory: str, job: str
+) -> TrialRun:
+    """A run of the whole sweep (its transfer stage, its results): id and name from the job."""
+    return TrialRun(
+        mode=mode, project=project, entity=entity, group=group, run_id=f"{group}-{job}",
+        name=f"{group}: {job}", config={"sweep": group}, directory=directory, job_type=job,
+        tags=[job],
+    )  # fmt: skip
+
+
 def log_transfer_run(
     *,
-    mode: str,
-    project: str,
-    entity: str | None,
-    group: str,
-    directory: str,
     rows: list[dict[str, Any]],
-    matrices: dict[str, tuple[list[str], list[str], np.ndarray]],
+    matrices: dict[str, Any],
+    figures: dict[str, bytes],
+    **where: Any,
 ) -> None:
-    """One run per sweep (job type 'transfer') with the transfer table and a heatmap per
-    attack: matrices maps a name to (row labels, column labels, errors in [0,1])."""
-    if mode == "disabled" or not rows:
+    """One run per sweep (job type 'transfer'): the transfer table with readable labels, each
+    matrix as a table (sources as rows, targets as columns) and as a labelled heatmap figure.
+
+    matrices: name -> pandas DataFrame (index: source labels, columns: target labels);
+    figures: name -> PNG bytes of the same matrix drawn with axis titles and cell values.
+    """
+    if where["mode"] == "disabled" or not rows:
         return
-    run = TrialRun(
-        mode=mode,
-        project=project,
-        entity=entity,
-        group=group,
-        run_id=f"{group}-transfer",
-        name="transfer",
-        config={"sweep": group},
-        directory=directory,
-        job_type="transfer",
-    )
+    run = sweep_run(job="transfer", **where)
     assert run.run is not None
-    columns = list(rows[0])
-    payload: dict[str, Any] = {
-        "transfer": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
-    }
-    for name, (row_labels, column_labels, errors) in matrices.items():
-        payload[f"transfer_matrix/{name}"] = wandb.Image(
-            heatmap(errors),
-            caption=f"rows: {', '.join(row_labels)}; columns: {', '.join(column_labels)}",
+    payload: dict[str, Any] = {"transfer": _table(rows)}
+    for name, frame in matrices.items():
+        wide = frame.reset_index(names="examples made on")
+        payload[f"transfer_matrix/{name}"] = wandb.Table(dataframe=wide)
+    for name, image in figures.items():
+        payload[f"transfer_heatmap/{name}"] = wandb.Image(
+            _png(image), caption=f"{name}: error of each column's model on each row's examples"
         )
     run.run.log(payload)
     run.finish()
 
 
-def heatmap(errors: np.ndarray, cell: int = 24) -> np.ndarray:
-    """An RGB image of a matrix in [0,1]: white (0) to red (1), NaN gray, one block per cell."""
-    values = np.nan_to_num(errors, nan=-1.0)
-    red = np.where(values < 0, 0.8, 1.0)
-    other = np.where(values < 0, 0.8, 1.0 - values)
-    image = np.stack([red, other, other], axis=-1)
-    return np.kron(image, np.ones((cell, cell, 1))).astype(np.float32)
+def log_results_run(
+    *, files: list[tuple[str, str]], metadata: dict[str, Any], **where: Any
+) -> None:
+    """The sweep's parquet tables and sweep.json as one artifact (type 'results') of a run
+    of job type 'results', so a dashboard can pull the data behind its panels."""
+    if where["mode"] == "disabled" or not files:
+        return
+    run = sweep_run(job="results", **where)
+    run.log_artifact(f"{where['group']}-results", "results", files, metadata)
+    run.finish()
+
+
+def _table(rows: list[dict[str, Any]]) -> wandb.Table:
+    columns = list(rows[0])
+    return wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+
+
+def _png(data: bytes) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
 
 
 def wandb_key(key: str) -> str:
     """W&B sorts and filters only names made of letters, digits, '_' (and '/' groups), so a
     budget suffix becomes `_at_0_1`: `fgsm/robust_error@0.1` -> `fgsm/robust_error_at_0_1`."""
     return key.replace("@", "_at_").replace(".", "_")
-
-
-def summary_goal(key: str) -> str | None:
-    """How a final metric is summarised across a run: clean errors and distortions by their
-    smallest value, attack success and robust error by their largest (the worst case)."""
-    if "mean_dist_" in key or key in {"train_error", "test_error", "heldout_error"}:
-        return "min"
-    if "/robust_error_at_" in key or "/success" in key:
-        return "max"
-    return None

@@ -275,30 +275,55 @@ def run_transfer(
     return TransferOutcome(frame, list(sources.specs), sources.skipped, failed, seconds)
 
 
-def transfer_matrices(frame: pd.DataFrame) -> dict[str, tuple[list[str], list[str], np.ndarray]]:
-    """Per attack (and budget): sources x targets error on adversarial examples."""
+def transfer_matrices(
+    frame: pd.DataFrame, labels: dict[str, str] | None = None
+) -> dict[str, pd.DataFrame]:
+    """Per attack (and budget): error on adversarial examples, sources (rows) x targets, both
+    named by their labels (controls by their own names) in the order they were run."""
+    names = labels or {}
     matrices = {}
     adversarial = frame[frame["kind"] == "adversarial"] if len(frame) else frame
     for (attack, budget), group in adversarial.groupby(["attack", "budget"], dropna=False):
         table = group.pivot_table(index="source_trial", columns="target", values="error_adv")
-        name = attack if pd.isna(budget) else f"{attack}@{budget:g}"
-        matrices[name] = (list(table.index), list(table.columns), table.to_numpy())
+        table = table.reindex(
+            index=list(dict.fromkeys(group["source_trial"])),
+            columns=list(dict.fromkeys(group["target"])),
+        )
+        table.index = [names.get(t, t) for t in table.index]
+        table.columns = [names.get(t, t) for t in table.columns]
+        matrices[attack if pd.isna(budget) else f"{attack}@{budget:g}"] = table
     return matrices
 
 
 def log_to_wandb(store: SweepStore, frame: pd.DataFrame, mode: str | None) -> None:
-    """The transfer table and heatmaps as one run in the sweep's W&B group."""
+    """The transfer table, matrices and labelled heatmaps as one run in the sweep's W&B group."""
     from advlab.track import log_transfer_run, reachable_mode, resolve_mode
 
-    recorded = (store.read_manifest() or {}).get("wandb", {})
+    recorded = store.read_manifest() or {}
+    settings = recorded.get("wandb", {})
     if mode is None:
-        mode, _ = reachable_mode(resolve_mode(recorded.get("mode", "auto")))
-    log_transfer_run(
-        mode=mode,
-        project=recorded.get("project", "advlab"),
-        entity=recorded.get("entity"),
-        group=store.sweep,
-        directory=store.wandb_dir(),
-        rows=frame.to_dict("records"),
-        matrices=transfer_matrices(frame),
+        mode, _ = reachable_mode(resolve_mode(settings.get("mode", "auto")))
+    if mode == "disabled" or frame.empty:
+        return
+    labels = manifest.labels(recorded)
+    named = frame.assign(
+        source_label=frame["source_trial"].map(lambda t: labels.get(t, t)),
+        target_label=frame["target"].map(lambda t: labels.get(t, t)),
     )
+    matrices = transfer_matrices(frame, labels)
+    log_transfer_run(
+        mode=mode, project=settings.get("project", "advlab"), entity=settings.get("entity"),
+        group=store.sweep, directory=store.wandb_dir(), rows=named.to_dict("records"),
+        matrices=matrices, figures={name: heatmap_png(name, m) for name, m in matrices.items()},
+    )  # fmt: skip
+
+
+def heatmap_png(name: str, matrix: pd.DataFrame) -> bytes:
+    """A transfer matrix drawn with labelled axes and the error in each cell."""
+    from advlab.report.charts import png, transfer_heatmap
+
+    spec = transfer_heatmap(
+        matrix, title=f"transfer of {name} examples",
+        row_title="examples made on", column_title="classified by",
+    )  # fmt: skip
+    return png(spec)

@@ -31,7 +31,7 @@ from advlab.evaluate import (
 from advlab.models import model_for
 from advlab.runtime import error_rate, pick_device
 from advlab.sources import load_data_spec
-from advlab.spec import ATTACK_KEYS, AttackSpec, TrialSpec
+from advlab.spec import ATTACK_KEYS, TRAINING_KEYS, AttackSpec, TrialSpec
 from advlab.store import SweepStore
 from advlab.tables import config_columns
 from advlab.track import TrialRun
@@ -105,6 +105,7 @@ def run_trial(
         if finished is None:
             row |= summary_columns(trained, attacked)
             write_trial_tables(store, spec, trial_id, trained, attacked)
+            log_model(tracker, store, spec, trial_id)
         for attack in pending_attacks(spec, store, trial_id, fresh=bool(ctx.run_stamp)):
             run_and_write_attack(store, tracker, spec, attack, trained, attacked)
     except Exception as err:
@@ -309,6 +310,16 @@ def write_trial_tables(
         spec, trained.model, trained.data, trained.x_train, attacked, units
     )
     store.write_rows("properties", trial_id, [{"trial_id": trial_id, **r} for r in properties])
+
+
+def log_model(tracker: TrialRun, store: SweepStore, spec: TrialSpec, trial_id: str) -> None:
+    """The trained weights as a W&B model artifact, pointing at the sweep's models/ file."""
+    key = spec.training_key()
+    training = spec.model_dump(mode="json", include=set(TRAINING_KEYS))
+    tracker.log_artifact(
+        f"model-{key}", "model", [(f"{key}.pt", store.model_file(key))],
+        {"training_key": key, "trial_id": trial_id, **training},
+    )  # fmt: skip
 
 
 def run_and_write_attack(

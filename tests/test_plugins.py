@@ -22,13 +22,41 @@ from advlab.trial import TrialContext, run_trial
 
 NETS = """
 import math
+
+import torch
+from pydantic import Field
 from torch import nn
+
+from advlab.attacks.base import finish
+from advlab.attacks.registry import AttackDef, Settings
+
 
 def build(input_shape, num_classes, width=16):
     return nn.Sequential(
         nn.Flatten(), nn.Linear(math.prod(input_shape), width), nn.ReLU(),
         nn.Linear(width, num_classes),
     )
+
+
+class GraySettings(Settings):
+    steps: int = Field(16, ge=1)
+
+
+def toward_gray(model, x, y, *, eps, norm, target, generator, steps):
+    # The first point on the way from x to the gray image that the model misclassifies.
+    best, found = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            point = x + step / steps * (0.5 - x)
+            fooled = (model(point).argmax(1) != y) & ~found
+            best[fooled], found = point[fooled], found | fooled
+    return finish(model, best, y, None, torch.zeros(len(x), dtype=torch.int64))
+
+
+TOWARD_GRAY = AttackDef(
+    "toward_gray", "minimization", ("l2", "rms"), ("untargeted",), GraySettings, toward_gray
+)
+
 
 def broken(input_shape, num_classes):
     raise ValueError("no such architecture")
@@ -94,19 +122,35 @@ def sweep_file(folder: Path, **changes: Any) -> Path:
 
 
 @pytest.mark.slow
-def test_a_sweep_of_your_own_model_and_data_over_model_args(ray_local, plugin_dir: Path) -> None:
+def test_a_sweep_of_your_own_model_data_and_attack(ray_local, plugin_dir: Path) -> None:
+    """Model, data and a toy attack advlab has never heard of, all from a folder that is not
+    on sys.path, through Ray workers, the transfer stage and the report, with no edit to advlab.
+    """
     assert str(plugin_dir) not in sys.path
-    assert main(["sweep", str(sweep_file(plugin_dir))]) == 0
+    attacks = [
+        {"name": "fgsm"},
+        {"name": "lbfgs", "max_iter": 20, "search_steps": 5},
+        {"name": "mynets:TOWARD_GRAY", "steps": 8},
+    ]
+    assert main(["sweep", str(sweep_file(plugin_dir, attacks=attacks))]) == 0
     res = results.load(str(plugin_dir / "results" / "mine"))
     assert res.trials["label"].tolist() == ["width=8", "width=32"]
     assert res.trials["model_args.width"].tolist() == [8, 32]  # an axis column per grid key
     assert (res.trials["status"] == "ok").all()
     assert res.trials["test_error"].max() < 0.5  # the bands are easy to tell apart
-    assert set(res.attacks["attack"]) == {"fgsm", "lbfgs"}
+    assert set(res.attacks["attack"]) == {"fgsm", "lbfgs", "toward_gray"}
+    toy = res.attacks[res.attacks["attack"] == "toward_gray"]
+    assert toy["kind"].eq("minimization").all() and toy["norm"].eq("l2").all()
+    examples = res.examples()
+    assert (examples.loc[examples["attack"] == "toward_gray", "grad_evals"] == 0).all()
     # Transfer ran on the workers too: each model's examples against the other model.
     adversarial = res.transfer[(res.transfer["kind"] == "adversarial")]
     assert set(adversarial["target_label"]) == {"width=8", "width=32", "constant"}
     assert (res.transfer["status"] == "ok").all()
+    page = plugin_dir / "report.html"
+    assert main(["report", str(plugin_dir / "results" / "mine"), "-o", str(page)]) == 0
+    html = page.read_text()
+    assert "toward_gray" in html and "width=32" in html
 
 
 def test_pretrained_weights_with_zero_epochs_give_their_own_clean_error(

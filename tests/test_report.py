@@ -1,13 +1,17 @@
-"""The HTML report, built from two real (tiny) sweeps run without Ray, parsed and rendered."""
+"""The HTML report over two real sweeps, read back from the page and checked against parquet.
+
+Sweep A ran through Ray Tune (with transfer), sweep B in this process (another activation,
+another L-BFGS setup, a toy attack registered by the test, a failed trial); see report_sweeps.
+Expected values are computed here from advlab.results' frames with plain pandas and scipy, not
+with the report's own code. Chart values are read from the charts Chromium drew.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
-import math
-import os
-import re
-import subprocess
+import json
+import shutil
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -15,128 +19,38 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_sweep
+from browser import CHROMIUM, open_page
 from PIL import Image
+from report_sweeps import FAILURE, TOY, sweep_a_via_ray, sweep_b_in_process
+from scipy import stats
 
-import advlab.trial
+from advlab import results, tables
+from advlab.cli import main
 from advlab.data import load_dataset
-from advlab.report import (
-    build_report,
-    decay_for_plot,
-    decay_text,
-    decay_values,
-    image_shape,
-    nice_ticks,
-)
+from advlab.report import build_report
 from advlab.store import SweepStore
-from advlab.sweep import sweep_record  # imports Ray only when a sweep runs
-from advlab.sweepfile import parse_sweep
 from advlab.transfer import NOISE_SOURCE
-from advlab.trial import TrialContext, run_trial
 
-CHROMIUM = Path("/usr/bin/chromium")
-FAILURE = "RuntimeError: injected failure for the report test"
-# Small on purpose: five trials train and attack in a few seconds in all.
-FAST = {
-    "train": {"epochs": 2, "batch_size": 64, "optimizer": "adam", "lr": 0.01},
-    "attack_examples": 6,
-    "attacks": [{"name": "fgsm"}, {"name": "lbfgs", "max_iter": 10, "search_steps": 4}],
-}
-
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
+)
 
 # --------------------------------------------------------------------------- fixtures
 
 
-def run_sweep_without_ray(raw: dict[str, Any], storage: Path, fail_last: bool = False) -> str:
-    """Run every grid point in this process, as sweep.py would, and record sweep.json too."""
-    spec = parse_sweep(raw)
-    store = SweepStore(str(storage), spec.name)
-    store.write_json("sweep.json", sweep_record(spec))
-    for i, trial in enumerate(spec.trials):
-        ctx = TrialContext(
-            sweep=spec.name,
-            storage=str(storage),
-            trial_index=i,
-            grid_values=spec.grid_values(trial),
-            wandb_mode="disabled",
-        )
-        if fail_last and i == len(spec.trials) - 1:
-            with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError):
-                patch.setattr(advlab.trial, "train_model", _fail)
-                run_trial(trial, ctx)
-        else:
-            run_trial(trial, ctx)
-    return store.uri
-
-
-def _fail(*args: Any, **kwargs: Any) -> None:
-    raise RuntimeError(FAILURE.split(": ", 1)[1])
-
-
-def add_transfer_and_properties(sweep_dir: str) -> None:
-    """The tables later stages write (transfer/, properties/), in their documented layout."""
-    store = SweepStore.from_dir(sweep_dir)
-    ids = list(store.read("trials")["trial_id"])
-    rows = []
-    for i, source in enumerate(ids):
-        for j, target in enumerate([*ids, "knn"]):
-            error = 1.0 if source == target else 0.1 * (i + j + 1)
-            rows.append(
-                {
-                    "source_trial": source,
-                    "attack": "lbfgs",
-                    "budget": math.nan,
-                    "kind": "adversarial",
-                    "rms": 0.05,
-                    "target": target,
-                    "target_kind": "trial" if target in ids else "control",
-                    "n": 6,
-                    "error_adv": error,
-                    "error_clean": 0.0,
-                }
-            )
-    for stddev in (0.1, 0.3):  # the paper's Gaussian-noise control rows
-        for target in [*ids, "knn"]:
-            rows.append(
-                {
-                    "source_trial": NOISE_SOURCE,
-                    "attack": "gaussian",
-                    "budget": stddev,
-                    "kind": "noise",
-                    "rms": 0.8 * stddev,
-                    "target": target,
-                    "target_kind": "trial" if target in ids else "control",
-                    "n": 6,
-                    "error_adv": stddev / 2,
-                    "error_clean": 0.0,
-                }
-            )
-    store.write_rows("transfer", "all", rows)
-    for tid in ids:
-        props = [
-            {"trial_id": tid, "analysis": "lipschitz", "layer": name, "metric": "upper_bound"}
-            | {"value": value}
-            for name, value in (("fc1", 2.75), ("fc2", 4.0), ("network", 11.0))
-        ]
-        store.write_rows("properties", tid, props)
+@pytest.fixture(scope="module")
+def sweeps(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    folder = tmp_path_factory.mktemp("report")
+    storage = folder / "results"
+    return [sweep_a_via_ray(folder, storage), sweep_b_in_process(storage)]
 
 
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    """Two sweeps: A (a grid of two models, with transfer and properties tables), B (cases with
-    per-layer and zero weight decay, one failed trial, no transfer table)."""
-    storage = tmp_path_factory.mktemp("report") / "results"
-    a = run_sweep_without_ray(tiny_sweep(name="tiny-a", **FAST), storage)
-    b_cases = [
-        {"model": "fc16-10", "weight_decay": [1.0e-3, 1.0e-4]},
-        {"model": "fc10", "weight_decay": 0.0},
-        {"model": "fc16-10", "weight_decay": 1.0e-3},
-    ]
-    b_raw = tiny_sweep(name="tiny-b", cases=b_cases, grid={"seed": [0]}, **FAST)
-    b = run_sweep_without_ray(b_raw, storage, fail_last=True)
-    add_transfer_and_properties(a)
-    return [a, b]
+def loaded(sweeps: list[str]) -> list[results.Results]:
+    return [results.load(s) for s in sweeps]
 
 
 @pytest.fixture(scope="module")
@@ -146,54 +60,125 @@ def report(sweeps: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(report: Path) -> Page:
-    parsed = Page()
-    parsed.feed(report.read_text(encoding="utf-8"))
-    return parsed
+    return parse(report)
 
 
-def read(sweep_dir: str, table: str) -> pd.DataFrame:
-    return SweepStore.from_dir(sweep_dir).read(table)
+@pytest.fixture(scope="module")
+def drawn(report: Path, tmp_path_factory: pytest.TempPathFactory) -> Drawn:
+    """The page as Chromium ran it: what it requested and logged, what its charts drew, and
+    what the filters do; plus a screenshot of every section."""
+    if not CHROMIUM.exists():
+        pytest.skip("needs /usr/bin/chromium (apt-get install chromium)")
+    shots = tmp_path_factory.mktemp("screenshots")
+    with open_page(report) as browser:
+        charts = browser.wait_for("document.body.dataset.charts")
+        plotted = browser.evaluate(POINTS_JS)
+        sections = browser.evaluate("[...document.querySelectorAll('section')].map(s => s.id)")
+        screenshots = [browser.screenshot(f"#{s}", shots / f"{s}.png") for s in sections]
+        filtered = browser.evaluate(
+            FILTER_JS.replace("SETTING", "sweep").replace("VALUE", "tiny-b")
+        )
+        chipped = browser.evaluate(CHIP_JS)
+        return Drawn(
+            charts, plotted, sections, screenshots, filtered, chipped, browser.requests(),
+            browser.problems(),
+        )  # fmt: skip
 
 
-# --------------------------------------------------------------------------- html parsing
+@dataclass
+class Drawn:
+    charts: str
+    points: dict[str, list[dict[str, Any]]]  # chart id -> the datum of every plotted mean
+    sections: list[str]
+    screenshots: list[Path]
+    filtered: dict[str, Any]
+    chipped: dict[str, Any]
+    requests: list[str]
+    problems: list[str]
+
+
+# Every mean a chart drew: the data behind the marks of its `points` layer, after its filters.
+POINTS_JS = """(() => {
+  const out = {};
+  for (const [id, view] of Object.entries(window.advlab.views)) {
+    const found = [];
+    const walk = (node) => {
+      if (node.marktype && node.name === "points_marks") {
+        node.items.forEach(i => found.push(i.datum));
+      }
+      (node.items || []).forEach(walk);
+    };
+    walk(view.scenegraph().root);
+    out[id] = found;
+  }
+  return out;
+})()"""
+SHOWN_JS = """(() => {
+  const points = {};
+  for (const [id, view] of Object.entries(window.advlab.views)) {
+    const found = new Set();
+    const walk = (node) => {
+      if (node.marktype && node.name === "points_marks") {
+        node.items.forEach(i => found.add(i.datum.config));
+      }
+      (node.items || []).forEach(walk);
+    };
+    walk(view.scenegraph().root);
+    points[id] = [...found];
+  }
+  const rows = [...document.querySelectorAll('table[data-table=table1] tbody tr')]
+    .filter(r => !r.hidden).map(r => r.dataset.config);
+  return {points, rows};
+})()"""
+FILTER_JS = (
+    "(async () => { const s = document.querySelector('select[data-filter=SETTING]');"
+    " s.value = 'VALUE'; s.dispatchEvent(new Event('change'));"
+    " await window.advlab.apply(); const shown = " + SHOWN_JS + ";"
+    " s.value = ''; await window.advlab.apply(); return shown; })()"
+)
+CHIP_JS = (
+    "(async () => { const chip = document.querySelector('.chip[data-config]');"
+    " chip.click(); await window.advlab.apply(); const shown = " + SHOWN_JS + ";"
+    " chip.click(); await window.advlab.apply(); return {...shown, key: chip.dataset.config}; })()"
+)
+
+
+# --------------------------------------------------------------------------- the page, parsed
 
 
 @dataclass
 class Table:
     attrs: dict[str, str]
     header: list[str] = field(default_factory=list)
-    rows: list[dict[str, str]] = field(default_factory=list)  # data-col -> text
+    rows: list[dict[str, tuple[dict[str, str], str]]] = field(default_factory=list)
     row_attrs: list[dict[str, str]] = field(default_factory=list)
-    cells: list[list[tuple[dict[str, str], str]]] = field(default_factory=list)
 
+    def values(self, column: str) -> list[float | None]:
+        found = [r.get(column, ({}, ""))[0].get("data-value") for r in self.rows]
+        return [None if v is None else float(v) for v in found]
 
-@dataclass
-class Figure:
-    attrs: dict[str, str]
-    series: list[str] = field(default_factory=list)
-    points: list[tuple[str, float, float]] = field(default_factory=list)  # series, x, y
-    legend: list[str] = field(default_factory=list)
+    def texts(self, column: str) -> list[str]:
+        return [r[column][1] for r in self.rows]
 
 
 class Page(HTMLParser):
-    """Just enough structure for the assertions: sections, tables, figures, images."""
+    """Sections, tables (cells by data-col), charts (their Vega-Lite specs) and images."""
 
     def __init__(self) -> None:
         super().__init__()
         self.sections: list[str] = []
         self.tables: list[Table] = []
-        self.figures: list[Figure] = []
+        self.charts: dict[str, dict[str, Any]] = {}  # id -> figure attrs and "spec"
         self.images: list[dict[str, str]] = []
-        self.text: list[str] = []
+        self.scripts = 0
         self._table: Table | None = None
         self._cell: dict[str, str] | None = None
-        self._buffer: list[str] = []
-        self._figure: Figure | None = None
-        self._series: str | None = None
-        self._legend = False
-        self._legend_text = False
+        self._row: dict[str, tuple[dict[str, str], str]] | None = None
+        self._text: list[str] = []
+        self._figure: dict[str, Any] | None = None
+        self._spec: list[str] | None = None
+        self._card: dict[str, str] = {}
         self._in_body = False
-        self._examples: dict[str, str] = {}
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
@@ -202,217 +187,285 @@ class Page(HTMLParser):
         elif tag == "table":
             self._table = Table(a)
             self.tables.append(self._table)
-        elif tag == "tbody":
-            self._in_body = True
-        elif tag == "text" and self._legend:
-            self._legend_text = True
-        elif tag == "tr" and self._table is not None:
+        elif tag in ("thead", "tbody"):
+            self._in_body = tag == "tbody"
+        elif tag == "tr" and self._in_body and self._table is not None:
+            self._row = {}
             self._table.row_attrs.append(a)
-            self._table.cells.append([])
-        elif tag in ("td", "th") and self._table is not None:
-            self._cell, self._buffer = a, []
-        elif tag == "figure" and "data-figure" in a:
-            self._figure = Figure(a)
-            self.figures.append(self._figure)
-        elif tag == "g" and self._figure is not None:
-            if a.get("class") == "series":
-                self._series = a["data-label"]
-                self._figure.series.append(self._series)
-            self._legend = a.get("class") == "legend"
-        elif tag == "circle" and self._figure is not None and self._series and "data-x" in a:
-            self._figure.points.append((self._series, float(a["data-x"]), float(a["data-y"])))
+        elif tag in ("td", "th") and "data-col" in a:
+            self._cell, self._text = a, []
+        elif tag == "figure" and "data-chart" in a:
+            self._figure = dict(a)
+            self.charts[a["data-chart"]] = self._figure
+        elif tag == "script":
+            self.scripts += 1
+            self._spec = [] if "vl-spec" in a.get("class", "") else None
         elif tag == "div" and "trial-examples" in a.get("class", ""):
-            self._examples = a
+            self._card = a
         elif tag == "img":
-            self.images.append(a | {"trial": self._examples.get("data-trial", "")})
+            self.images.append(a | {"trial": self._card.get("data-trial", "")})
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in ("td", "th") and self._table is not None and self._cell is not None:
-            text = "".join(self._buffer).strip()
-            self._table.cells[-1].append((self._cell, text))
-            if "data-col" in self._cell and tag == "th":
+        if tag in ("td", "th") and self._cell is not None and self._table is not None:
+            text = " ".join("".join(self._text).split())
+            if tag == "th":
                 self._table.header.append(self._cell["data-col"])
+            elif self._row is not None:
+                self._row[self._cell["data-col"]] = (self._cell, text)
             self._cell = None
-        elif tag == "tr" and self._table is not None:
-            cells = self._table.cells[-1]
-            if self._in_body and all("data-col" in attrs for attrs, _ in cells):
-                self._table.rows.append({c["data-col"]: t for c, t in cells})
-        elif tag == "table":
-            self._table, self._in_body = None, False
-        elif tag == "figure":
-            self._figure = None
-        elif tag == "g":
-            self._series = None if not self._legend else self._series
-            self._legend = False
+        elif tag == "tr" and self._row is not None and self._table is not None:
+            self._table.rows.append(self._row)
+            self._row = None
+        elif tag == "script" and self._spec is not None and self._figure is not None:
+            self._figure["spec"] = json.loads("".join(self._spec))
+            self._spec = None
 
     def handle_data(self, data: str) -> None:
-        self.text.append(data)
         if self._cell is not None:
-            self._buffer.append(data)
-        if self._legend_text and self._figure is not None:
-            self._figure.legend.append(data)
-            self._legend_text = False  # the rest is the <title> tooltip
+            self._text.append(data)
+        if self._spec is not None:
+            self._spec.append(data)
 
     def table(self, name: str, **attrs: str) -> list[Table]:
-        want = {f"data-{k}": v for k, v in attrs.items()}
         return [
             t
             for t in self.tables
-            if t.attrs.get("data-table") == name and want.items() <= t.attrs.items()
-        ]
-
-    def figs(self, name: str, **attrs: str) -> list[Figure]:
-        want = {f"data-{k}": v for k, v in attrs.items()}
-        return [
-            f
-            for f in self.figures
-            if f.attrs["data-figure"] == name and want.items() <= f.attrs.items()
+            if t.attrs.get("data-table") == name
+            and all(t.attrs.get(f"data-{k}") == v for k, v in attrs.items())
         ]
 
 
-def pct(value: float) -> str:
-    return f"{100 * value:.2f}%"
+def parse(path: Path) -> Page:
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
 
 
-# --------------------------------------------------------------------------- unit helpers
+# --------------------------------------------------------------------------- expectations
 
 
-def test_weight_decay_is_a_float_or_a_json_list_per_layer() -> None:
-    assert decay_values(1e-4) == [1e-4]
-    assert decay_values("[1e-05, 1e-06]") == [1e-5, 1e-6]
-    assert decay_values(None) == [] and decay_values(math.nan) == []
-    assert decay_for_plot("[1e-05, 0.001, 1e-06]") == 1e-3  # the largest lambda
-    assert decay_text("[1e-05, 1e-06]") == "[1e-05, 1e-06]"
-    assert decay_text(0.0001) == "0.0001"
+def ok_trials(run: results.Results) -> pd.DataFrame:
+    return run.trials[run.trials["status"] == "ok"]
 
 
-def test_image_shapes_follow_the_vector_length() -> None:
-    assert image_shape(64) == (1, 8, 8)
-    assert image_shape(784) == (1, 28, 28)
-    assert image_shape(3072) == (3, 32, 32)
-    with pytest.raises(ValueError):
-        image_shape(100 * 3 + 1)
+def repeats(run: results.Results) -> list[list[str]]:
+    """The ok trials of each (model, weight decay) in grid order: the fixtures' repeats."""
+    trials = ok_trials(run)
+    keys = [(m, tuple(w)) for m, w in zip(trials["model"], trials["weight_decay"], strict=True)]
+    groups: dict[Any, list[str]] = {}
+    for key, trial in zip(keys, trials["trial_id"], strict=True):
+        groups.setdefault(key, []).append(trial)
+    return list(groups.values())
 
 
-def test_nice_ticks_cover_the_range() -> None:
-    assert nice_ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    ticks = nice_ticks(0.0, 0.23)
-    assert ticks[0] == 0.0 and ticks[-1] >= 0.23 and len(ticks) <= 7
-    assert nice_ticks(0, 2, integer=True) == [0, 1, 2]
-    assert nice_ticks(0, 50, integer=True) == [0, 10, 20, 30, 40, 50]
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    a = np.asarray(values, dtype=float)
+    half = stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))
+    return a.mean(), a.mean() - half, a.mean() + half
 
 
-def test_a_folder_without_results_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no advlab results"):
-        build_report([str(tmp_path / "nothing")], str(tmp_path / "r.html"))
+def configs_in_order(loaded: list[results.Results]) -> list[tuple[int, list[str]]]:
+    return [(i, group) for i, run in enumerate(loaded) for group in repeats(run)]
 
 
-# --------------------------------------------------------------------------- the page
+# --------------------------------------------------------------------------- Table 1
 
 
-def test_every_section_with_data_is_rendered(report: Path, page: Page) -> None:
-    assert report.name == "report.html" and report.is_file()
-    assert page.sections == [
-        "sweeps",
-        "table1",
-        "robust",
-        "distortion",
-        "training",
-        "examples",
-        "transfer",
-        "properties",
-    ]
-    html = report.read_text(encoding="utf-8")
-    # Self-contained: nothing fetched from anywhere, no script at all.
-    assert "<script" not in html
-    assert not re.search(r"""(src|href)=["'](https?:)?//""", html)
-    assert "<link" not in html
-
-
-def test_overview_counts_ok_and_failed_trials(sweeps: list[str], page: Page) -> None:
-    (table,) = page.table("sweeps")
-    rows = {r["sweep"]: r for r in table.rows}
-    assert set(rows) == {"tiny-a", "tiny-b"}
-    assert (rows["tiny-a"]["ok"], rows["tiny-a"]["failed"]) == ("2", "0")
-    assert (rows["tiny-b"]["ok"], rows["tiny-b"]["failed"]) == ("2", "1")
-    assert rows["tiny-b"]["missing"] == "0"
-
-
-def test_table1_matches_the_trials_parquet(sweeps: list[str], page: Page) -> None:
-    (table,) = page.table("table1")
-    trials = pd.concat([read(s, "trials") for s in sweeps], ignore_index=True)
-    assert len(table.rows) == len(trials) == 5
-    assert {"sweep", "model", "weight_decay", "subset", "seed", "status"} <= set(table.header)
-    assert {"train_error", "test_error", "heldout_error", "lbfgs/mean_dist_rms"} <= set(
-        table.header
-    )
-    assert {"lbfgs/success_rate", "fgsm/success@0.05", "fgsm/success@0.1"} <= set(table.header)
-    by_id = {(r["sweep"], r["trial_id"]): r for r in table.rows}
-    for row in trials.to_dict("records"):
-        shown = by_id[(row["sweep"], row["trial_id"][:10])]
-        assert shown["model"] == row["model"]
-        assert shown["status"] == row["status"]
-        if row["status"] != "ok":
-            assert shown["test_error"] == "–"
-            continue
-        assert shown["test_error"] == pct(row["test_error"])
-        assert shown["train_error"] == pct(row["train_error"])
-        assert shown["lbfgs/mean_dist_rms"] == f"{row['lbfgs/mean_dist_rms']:.3g}"
-        assert shown["fgsm/success@0.1"] == pct(row["fgsm/success@0.1"])
-    decays = sorted(r["weight_decay"] for r in table.rows if r["sweep"] == "tiny-b")
-    assert decays == ["0", "0.001", "[0.001, 0.0001]"]
-
-
-def test_failed_trials_are_listed_with_their_reason(sweeps: list[str], page: Page) -> None:
-    (table,) = page.table("failed")
-    assert [(r["sweep"], r["reason"]) for r in table.rows] == [("tiny-b", FAILURE)]
-    trials = read(sweeps[1], "trials")
-    failed = trials.loc[trials["status"] == "failed", "trial_id"].item()
-    assert table.rows[0]["trial_id"] == failed[:10]
-
-
-def test_robust_error_charts_hold_every_curve_point(sweeps: list[str], page: Page) -> None:
-    for sweep in sweeps:
-        name = sweep.rsplit("/", 1)[1]
-        curves = read(sweep, "curves")
-        figures = page.figs("robust-error", sweep=name)
-        assert sorted(f.attrs["data-attack"] for f in figures) == sorted(set(curves["attack"]))
-        for fig in figures:
-            rows = curves[curves["attack"] == fig.attrs["data-attack"]]
-            assert len(fig.series) == rows["trial_id"].nunique()  # one line per trial
-            assert fig.legend == fig.series
-            got = sorted((x, y) for _, x, y in fig.points)
-            want = sorted(zip(rows["budget"], rows["robust_error"], strict=True))
-            np.testing.assert_allclose(got, want)
-    fig = page.figs("robust-error", sweep="tiny-a", attack="lbfgs")[0]
-    assert "rms distortion" in "".join(page.text)
-    assert fig.series == ["fc10", "fc16-10"]
-
-
-def test_distortion_against_decay_uses_the_largest_per_layer_lambda(
-    sweeps: list[str], page: Page
+def test_table1_has_one_row_per_configuration_with_means_over_seeds(
+    page: Page, loaded: list[results.Results]
 ) -> None:
-    (fig,) = page.figs("distortion-decay", sweep="tiny-b", attack="lbfgs")
-    trials = read(sweeps[1], "trials")
-    ok = trials[trials["status"] == "ok"]
-    xs = sorted({x for _, x, _ in fig.points})
-    # Two ok trials: [1e-3, 1e-4] (plotted at 1e-3) and 0 (drawn a decade below 1e-3).
-    assert xs == pytest.approx([1e-4, 1e-3])
-    ys = sorted({y for _, _, y in fig.points})
-    np.testing.assert_allclose(ys, sorted(ok["lbfgs/mean_dist_rms"]))
-    assert "plotted at its largest λ" in "".join(page.text)
-    assert len(page.figs("distortion-decay", sweep="tiny-a")) == 1
+    (table,) = page.table("table1")
+    groups = configs_in_order(loaded)
+    assert len(table.rows) == len(groups) == 5  # 2 in A, 3 in B (one with its repeat failed)
+    for row, (sweep, group) in zip(table.rows, groups, strict=True):
+        trials = loaded[sweep].trials.set_index("trial_id").loc[group]
+        attrs, _ = row["test_error"]
+        assert float(attrs["data-value"]) == pytest.approx(trials["test_error"].mean())
+        assert row["seeds"][1] == str(len(group))
+        if len(group) > 1:  # repeats: the 95% t-interval over seeds
+            _, lo, hi = t_interval(list(trials["test_error"]))
+            assert (float(attrs["data-lo"]), float(attrs["data-hi"])) == pytest.approx((lo, hi))
+            assert "±" in row["test_error"][1]
+        else:
+            assert "data-lo" not in attrs and "±" not in row["test_error"][1]
+    assert table.texts("model") == ["fc10", "fc16-10", "fc16-10", "fc10", "fc16-10"]
+    assert table.texts("weight_decay") == ["0.0001", "0.0001", "0.001, 0.0001", "0", "0.001"]
 
 
-def test_training_curves_hold_every_epoch(sweeps: list[str], page: Page) -> None:
-    for sweep in sweeps:
-        epochs = read(sweep, "epochs")
-        (fig,) = page.figs("training", sweep=sweep.rsplit("/", 1)[1])
-        assert len(fig.series) == epochs["trial_id"].nunique()
-        got = sorted((x, y) for _, x, y in fig.points)
-        np.testing.assert_allclose(
-            got, sorted(zip(epochs["epoch"], epochs["test_error"], strict=True))
+def test_table1_tells_two_lbfgs_setups_apart_and_learns_kinds_and_norms_from_the_data(
+    page: Page, loaded: list[results.Results]
+) -> None:
+    (table,) = page.table("table1")
+    a_setup, b_setup = "lbfgs (max_iter=10)", "lbfgs (max_iter=20)"
+    assert f"{a_setup}|dist" in table.header and f"{b_setup}|dist" in table.header
+    assert "lbfgs|dist" not in table.header  # never one column for two setups
+    groups = configs_in_order(loaded)
+    for row, (sweep, group) in zip(table.rows, groups, strict=True):
+        attacks = loaded[sweep].attacks.set_index("trial_id").loc[group].reset_index()
+        lbfgs = attacks[attacks["attack"] == "lbfgs"]
+        mine, other = (a_setup, b_setup) if sweep == 0 else (b_setup, a_setup)
+        assert float(row[f"{mine}|dist"][0]["data-value"]) == pytest.approx(
+            lbfgs["mean_dist_rms"].mean()
         )
+        assert row[f"{other}|dist"][1] == ""
+        fgsm = attacks[(attacks["attack"] == "fgsm") & (attacks["budget"] == 0.05)]
+        assert float(row["fgsm|success@0.05"][0]["data-value"]) == pytest.approx(
+            fgsm["success_rate"].mean()
+        )
+        toy = attacks[attacks["attack"] == TOY]  # the registry said: minimisation, in L2
+        if sweep == 1:
+            value = float(row[f"{TOY}|dist"][0]["data-value"])
+            assert value == pytest.approx(toy["mean_dist_l2"].mean())
+    assert f"{TOY}|success@0.05" not in table.header  # a minimisation attack: no budget columns
+
+
+def test_attack_variants_are_named_by_the_settings_that_differ() -> None:
+    from advlab.report.load import with_variants
+
+    setups = [("pgd-small", "pgd", {"steps": 40}), ("pgd-big", "pgd", {"steps": 40}),
+              ("lbfgs", "lbfgs", {"max_iter": 10, "loss": "ce"}),
+              ("lbfgs", "lbfgs", {"max_iter": 20, "loss": "ce"}),
+              ("lbfgs", "lbfgs", {"max_iter": 10, "loss": "ce"})]  # fmt: skip
+    attacks = pd.DataFrame(
+        [{"attack": a, "method": m, "norm": "linf", "target": "untargeted",
+          "settings": json.dumps(s)} for a, m, s in setups]
+    )  # fmt: skip
+    assert list(with_variants(attacks)["variant"]) == [
+        "pgd-small", "pgd-big", "lbfgs (max_iter=10)", "lbfgs (max_iter=20)",
+        "lbfgs (max_iter=10)",
+    ]  # fmt: skip
+
+
+def test_header_lists_what_differs_between_the_sweeps(page: Page) -> None:
+    (table,) = page.table("differences")
+    rows = {r["setting"][1]: (r["tiny-a"][1], r["tiny-b"][1]) for r in table.rows}
+    assert rows["activation"] == ("sigmoid", "relu")
+    assert rows["train.epochs"] == ("2", "3")  # A's came from `--set train.epochs=2`
+    assert rows["attack lbfgs.max_iter"] == ("10", "20")
+    assert rows[f"attack {TOY}"][0] == "—"
+    assert "steps=8" in rows[f"attack {TOY}"][1] and "norm=l2" in rows[f"attack {TOY}"][1]
+    assert rows["seed"] == ("0, 1", "0, 1")
+    assert rows["sweep.transfer.noise_stddev"] == ("[0.3]", "[]")
+    for same in ("dataset.name", "subset", "attack fgsm.norm", "train.optimizer"):
+        assert same not in rows
+    varies = {r["setting"][1] for r in table.rows if "varies" in r["tiny-b"][0].get("class", "")}
+    assert {"model", "weight_decay", "seed"} <= varies
+
+
+def test_failed_trials_are_listed_with_their_reason(page: Page, loaded: list[results.Results]):
+    (table,) = page.table("failed")
+    failed = loaded[1].trials[loaded[1].trials["status"] == "failed"]
+    assert table.texts("trial_id") == list(failed["trial_id"])
+    assert table.texts("reason") == [f"RuntimeError: {FAILURE}"]
+    assert table.texts("trial") == list(failed["label"])
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def chart_points(drawn: Drawn, page: Page, **attrs: str) -> list[dict[str, Any]]:
+    (chart,) = [
+        c for c in page.charts.values() if all(c.get(f"data-{k}") == v for k, v in attrs.items())
+    ]
+    return drawn.points[chart["data-chart"]]
+
+
+def by_config(points: list[dict[str, Any]], x: str) -> dict[str, dict[float, dict[str, Any]]]:
+    out: dict[str, dict[float, dict[str, Any]]] = {}
+    for point in points:
+        out.setdefault(point["configuration"], {})[point[x]] = point
+    return out
+
+
+def config_names(page: Page) -> list[str]:
+    (table,) = page.table("table1")
+    return table.texts("configuration")
+
+
+def test_robust_error_curves_start_at_the_clean_error(
+    drawn: Drawn, page: Page, loaded: list[results.Results]
+) -> None:
+    names = config_names(page)
+    for attack, norm in (("fgsm", "linf"), ("lbfgs", "rms"), (TOY, "l2")):
+        points = by_config(
+            chart_points(drawn, page, shows="robust-error", attack=attack, norm=norm), "budget"
+        )
+        for name, (sweep, group) in zip(names, configs_in_order(loaded), strict=True):
+            run = loaded[sweep]
+            if attack not in set(run.curves["attack"]):
+                assert name not in points
+                continue
+            trials = run.trials.set_index("trial_id").loc[group]
+            clean = (trials["n_clean_wrong"] / trials["n_scanned"]).astype(float)
+            assert points[name][0.0]["mean"] == pytest.approx(clean.mean())
+            curves = run.curves[
+                run.curves["trial_id"].isin(group) & (run.curves["attack"] == attack)
+            ]
+            for budget, rows in curves.groupby("budget"):
+                assert points[name][budget]["mean"] == pytest.approx(rows["robust_error"].mean())
+                assert points[name][budget]["n"] == len(group)
+            assert sorted(points[name]) == [0.0, *sorted(curves["budget"].unique())]
+    (fgsm,) = [c for c in page.charts.values() if c.get("data-attack") == "fgsm"]  # fixed budget
+    x_title = fgsm["spec"]["layer"][0]["encoding"]["x"]["title"]
+    assert "L∞" in x_title  # from the curves table's norm, not from the attack's name
+
+
+def test_every_chart_gives_a_configuration_the_same_colour(page: Page) -> None:
+    scales = []
+    for chart in page.charts.values():
+        for layer in chart["spec"]["layer"]:
+            if "color" in layer.get("encoding", {}):
+                scales.append(json.dumps(layer["encoding"]["color"]["scale"], sort_keys=True))
+    assert len(page.charts) == 7 and len(set(scales)) == 1  # robust 3, decay 2, training 2
+    scale = json.loads(scales[0])
+    assert scale["domain"] == config_names(page)
+    assert len(set(scale["range"])) == len(scale["domain"])
+    (table,) = page.table("table1")
+    names = table.texts("configuration")
+    assert names[0] == "tiny-a · fc10" and names[-1] == "tiny-b · fc16-10 wd=0.001"
+
+
+def test_distortion_against_weight_decay(
+    drawn: Drawn, page: Page, loaded: list[results.Results]
+) -> None:
+    points = by_config(
+        chart_points(drawn, page, shows="distortion", attack="lbfgs", norm="rms"), "decay"
+    )
+    names = config_names(page)
+    # λ: A's 1e-4, B's per-layer [1e-3, 1e-4] at its largest, B's 0 and 1e-3.
+    assert [list(points[n]) for n in names] == [[1e-4], [1e-4], [1e-3], [0.0], [1e-3]]
+    (zero,) = points[names[3]].values()
+    assert zero["x"] == pytest.approx(1e-5)  # a decade below the smallest positive λ
+    for name, (sweep, group) in zip(names, configs_in_order(loaded), strict=True):
+        attacks = loaded[sweep].attacks
+        mine = attacks[attacks["trial_id"].isin(group) & (attacks["attack"] == "lbfgs")]
+        (point,) = points[name].values()
+        assert point["mean"] == pytest.approx(mine["mean_dist_rms"].mean())
+
+
+def test_training_curves_are_means_over_seeds_per_epoch(
+    drawn: Drawn, page: Page, loaded: list[results.Results]
+) -> None:
+    points = by_config(chart_points(drawn, page, metric="test_error"), "epoch")
+    for name, (sweep, group) in zip(config_names(page), configs_in_order(loaded), strict=True):
+        epochs = loaded[sweep].epochs
+        mine = epochs[epochs["trial_id"].isin(group)].groupby("epoch")["test_error"].mean()
+        assert {e: p["mean"] for e, p in points[name].items()} == pytest.approx(mine.to_dict())
+
+
+def test_filters_and_legend_chips_hide_configurations_everywhere(drawn: Drawn, page: Page):
+    (table,) = page.table("table1")
+    keys = [attrs["data-config"] for attrs in table.row_attrs]
+    b_keys = [k for k in keys if k.startswith("tiny-b:")]
+    assert drawn.filtered["rows"] == b_keys
+    for shown in drawn.filtered["points"].values():
+        assert set(shown) <= set(b_keys) and shown
+    hidden = drawn.chipped["key"]
+    assert hidden == keys[0] and drawn.chipped["rows"] == keys[1:]
+    assert all(hidden not in shown for shown in drawn.chipped["points"].values())
+
+
+# --------------------------------------------------------------------------- the rest
 
 
 def decode(uri: str) -> np.ndarray:
@@ -421,132 +474,164 @@ def decode(uri: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri[len(prefix) :]))))
 
 
-def test_example_grids_show_original_adversarial_and_magnified_perturbation(
-    sweeps: list[str], page: Page
+def test_examples_show_original_adversarial_and_magnified_perturbation(
+    page: Page, loaded: list[results.Results]
 ) -> None:
     x_test = load_dataset("digits").x_test.numpy()
-    examples = pd.concat([read(s, "examples") for s in sweeps], ignore_index=True)
-    lbfgs = examples[examples["attack"] == "lbfgs"]
-    ok_trials = set(lbfgs["trial_id"])
-    assert {img["trial"] for img in page.images} == ok_trials
-    assert len(page.images) == len(ok_trials) * 3 * 3  # 3 examples x (clean, adv, perturbation)
-    for trial in ok_trials:
-        mine = [img for img in page.images if img["trial"] == trial]
-        assert [img["data-kind"] for img in mine[:3]] == [
-            "original",
-            "adversarial",
-            "perturbation ×10",
-        ]
-        first = lbfgs[lbfgs["trial_id"] == trial].sort_values("example")
-        first = pd.concat([first[first["success"]], first[~first["success"]]]).iloc[0]
-        original, adversarial, perturbation = (decode(img["src"]) for img in mine[:3])
-        scale = original.shape[0] // 8
-        assert original.shape == (8 * scale, 8 * scale) and scale > 1
-        clean = x_test[first["dataset_index"], 0]
-        adv = np.asarray(first["x_adv"], dtype=np.float32).reshape(8, 8)
-        for shown, value in (
-            (original, clean),
-            (adversarial, adv),
-            (perturbation, np.clip(0.5 + 10 * (adv - clean), 0, 1)),
-        ):
-            np.testing.assert_allclose(shown[::scale, ::scale] / 255, value, atol=1 / 255 + 1e-6)
+    firsts = [group[0] for _, group in configs_in_order(loaded)]
+    assert list(dict.fromkeys(img["trial"] for img in page.images)) == firsts
+    for trial in firsts:
+        run = next(r for r in loaded if trial in set(r.trials["trial_id"]))
+        examples = run.examples(images=True)
+        mine = examples[(examples["trial_id"] == trial) & (examples["attack"] == "lbfgs")]
+        mine = mine.sort_values("example")
+        chosen = pd.concat([mine[mine["success"]], mine[~mine["success"]]]).head(3)
+        shown = [img for img in page.images if img["trial"] == trial]
+        kinds = ["original", "adversarial", "perturbation ×10"]
+        assert [img["data-kind"] for img in shown] == kinds * len(chosen)
+        for number, row in enumerate(chosen.to_dict("records")):
+            original, adversarial, perturbation = (
+                decode(img["src"]) for img in shown[3 * number : 3 * number + 3]
+            )
+            scale = original.shape[0] // 8
+            assert original.shape == (8 * scale, 8 * scale) and scale > 1
+            clean = x_test[row["dataset_index"], 0]
+            adv = np.asarray(row["x_adv"], dtype=np.float32).reshape(8, 8)
+            for image, value in (
+                (original, clean),
+                (adversarial, adv),
+                (perturbation, np.clip(0.5 + 10 * (adv - clean), 0, 1)),
+            ):
+                np.testing.assert_allclose(image[::scale, ::scale] / 255, value, atol=0.6 / 255)
 
 
-def test_transfer_heatmap_shows_error_on_adversarial_as_percentages(
-    sweeps: list[str], page: Page
+def test_transfer_is_the_papers_table2_with_labels(page: Page, loaded: list[results.Results]):
+    run = loaded[0]
+    transfer = run.transfer[run.transfer["status"] == "ok"]
+    ids = list(run.trials["trial_id"])
+    labels = run.labels
+    noise = transfer[(transfer["source_trial"] == NOISE_SOURCE) & (transfer["kind"] == "noise")]
+    for attack, budget in (("lbfgs", ""), ("fgsm", "0.05"), ("fgsm", "0.1")):
+        (table,) = page.table("transfer", sweep="tiny-a", attack=attack, budget=budget,
+                              kind="adversarial")  # fmt: skip
+        targets = [*ids, "constant", "knn"]
+        assert table.header == ["source", *targets, "rms"]
+        assert table.texts("source") == [labels[t] for t in ids] + ["Gaussian noise σ = 0.3"]
+        wanted = transfer[(transfer["attack"] == attack) & (transfer["kind"] == "adversarial")]
+        if budget:
+            wanted = wanted[wanted["budget"] == float(budget)]
+        for row, source in zip(table.rows, ids, strict=False):
+            for target in targets:
+                (value,) = wanted.loc[
+                    (wanted["source_trial"] == source) & (wanted["target"] == target), "error_adv"
+                ]
+                assert float(row[target][0]["data-value"]) == pytest.approx(value)
+                assert ("diag" in row[target][0]["class"]) == (source == target)
+        for target in targets:
+            (value,) = noise.loc[noise["target"] == target, "error_adv"]
+            assert float(table.rows[-1][target][0]["data-value"]) == pytest.approx(value)
+    assert page.table("transfer", sweep="tiny-b") == []  # B has no transfer stage
+    kinds = {t.attrs["data-kind"] for t in page.table("transfer", sweep="tiny-a")}
+    assert kinds == {"adversarial", "noise", "amplified@0.1"}
+
+
+def test_lipschitz_bounds_per_configuration_in_layer_order(
+    page: Page, loaded: list[results.Results]
 ) -> None:
-    (table,) = page.table("transfer", sweep="tiny-a", attack="lbfgs")
-    transfer = read(sweeps[0], "transfer")
-    heat = [(a, t) for row in table.cells for a, t in row if "data-value" in a]
-    assert len(heat) == len(transfer) == 2 * 3 + 2 * 3  # 2 trials and 2 noise rows, 3 targets
-    for attrs, text in heat:
-        value = float(attrs["data-value"])
-        assert text == pct(value)
-        assert "background:rgb(" in attrs["style"]
-    diagonal = [t for a, t in heat if "diag" in a["class"]]
-    assert diagonal == ["100.00%", "100.00%"]
-    names = [cells[0][1] for cells in table.cells[1:]]
-    assert names[2:] == [f"{NOISE_SOURCE} · budget=0.1", f"{NOISE_SOURCE} · budget=0.3"]
-    noise = [t for cells in table.cells[3:] for a, t in cells if "data-value" in a]
-    assert noise == ["5.00%"] * 3 + ["15.00%"] * 3
-    assert page.table("transfer", sweep="tiny-b") == []
-
-
-def test_lipschitz_bounds_table_per_layer_per_trial(sweeps: list[str], page: Page) -> None:
     (table,) = page.table("properties-lipschitz")
-    rows = [r for r in table.rows if r["sweep"] == "tiny-a"]
-    assert sorted(r["trial_id"] for r in rows) == sorted(read(sweeps[0], "trials")["trial_id"])
-    columns = [c for c in table.header if "|" in c]
-    assert columns.index("fc1|upper_bound") < columns.index("fc2|upper_bound")
-    assert columns[-1] == "network|upper_bound"  # the whole-network product last
-    assert {r["fc1|upper_bound"] for r in rows} == {"2.75"}
-    assert {r["network|upper_bound"] for r in rows} == {"11"}
+    layers = [c for c in table.header if "|" in c]
+    assert layers[-1] == "network|upper_bound"
+    assert layers.index("1 (linear)|upper_bound") < layers.index("3 (linear)|upper_bound")
+    for row, (sweep, group) in zip(table.rows, configs_in_order(loaded), strict=True):
+        props = loaded[sweep].properties
+        mine = props[props["trial_id"].isin(group) & (props["layer"] == "network")]
+        assert float(row["network|upper_bound"][0]["data-value"]) == pytest.approx(
+            mine["value"].mean()
+        )
+
+
+@needs_chromium
+def test_page_runs_offline_without_errors_and_every_section_renders(
+    drawn: Drawn, page: Page
+) -> None:
+    assert drawn.problems == []
+    assert [u for u in drawn.requests if not u.startswith(("file://", "data:"))] == []
+    assert sum(u.startswith("file://") for u in drawn.requests) == 1  # the page itself
+    assert drawn.charts == str(len(page.charts))
+    assert drawn.sections == page.sections == [
+        "sweeps", "table1", "failed", "robust", "distortion", "training", "examples",
+        "transfer", "properties",
+    ]  # fmt: skip
+    for shot in drawn.screenshots:
+        with Image.open(shot) as image:
+            assert image.width > 600 and image.height > 100
+            colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
+            assert colours is not None and len(colours) > 20, shot.name  # not a blank box
 
 
 def test_sections_without_data_are_left_out(sweeps: list[str], tmp_path: Path) -> None:
-    html = build_report([sweeps[1]], str(tmp_path / "b.html")).read_text(encoding="utf-8")
-    assert 'id="table1"' in html and 'id="examples"' in html
-    assert 'id="transfer"' not in html
-    assert ('id="properties"' in html) == (not read(sweeps[1], "properties").empty)
-    # A sweep that has started but finished nothing: only its missing trials.
+    only_b = parse(build_report([sweeps[1]], str(tmp_path / "b.html")))
+    assert "transfer" not in only_b.sections and "examples" in only_b.sections
+    assert only_b.table("differences")  # within one sweep: what its trials vary
+    # A sweep that has started but finished nothing: only its trials without a result.
     store = SweepStore(str(tmp_path / "results"), "fresh")
-    store.write_json("sweep.json", {"name": "fresh", "grid": {}, "trial_ids": ["abc123"]})
-    page = Page()
-    page.feed(build_report([store.uri], str(tmp_path / "f.html")).read_text(encoding="utf-8"))
-    assert page.sections == ["sweeps", "table1"]
-    assert page.table("failed")[0].rows[0]["trial_id"] == "abc123"
-
-
-# --------------------------------------------------------------------------- in a browser
-
-
-def chromium(report: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    command = [
-        str(CHROMIUM),
-        "--headless",
-        "--no-sandbox",  # tests run as root in CI containers
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--hide-scrollbars",
-        f"--user-data-dir={profile}",
-        *args,
-        report.resolve().as_uri(),
-    ]
-    env = os.environ | {"DBUS_SESSION_BUS_ADDRESS": "disabled:"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
-
-
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"
-)
-def test_page_renders_in_headless_chromium(report: Path, page: Page, tmp_path: Path) -> None:
-    shot = tmp_path / "report.png"
-    result = chromium(
-        report,
-        tmp_path,
-        "--enable-logging=stderr",
-        "--v=0",
-        f"--screenshot={shot}",
-        "--window-size=1400,3000",
+    store.write_manifest(
+        {
+            "name": "fresh",
+            "versions": [{"version": 1, "trial_ids": ["abc123"], "axes": [], "definition": {}}],
+            "trials": {"abc123": {"version": 1, "index": 0, "model": "fc10", "values": {}}},
+        }
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    errors = [
-        line
-        for line in result.stderr.splitlines()
-        if "Uncaught" in line or ("CONSOLE" in line and "error" in line.lower())
-    ]
-    assert errors == []
-    image = Image.open(shot)
-    assert image.size == (1400, 3000)
-    colours = image.convert("RGB").getcolors(maxcolors=1_000_000)
-    assert colours is not None and len(colours) > 50  # text, charts and images, not a blank page
-    dom = chromium(report, tmp_path, "--dump-dom")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert dom.stdout.count("<svg") == len(page.figures)
-    assert dom.stdout.count("<img") == len(page.images)
-    assert dom.stdout.count("<section") == len(page.sections)
+    fresh = parse(build_report([store.uri], str(tmp_path / "f.html")))
+    assert fresh.sections == ["sweeps", "failed"]
+    (table,) = fresh.table("failed")
+    assert table.texts("trial_id") == ["abc123"] and table.texts("status") == ["no result"]
+
+
+def test_a_folder_without_results_is_one_clear_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(FileNotFoundError, match="no advlab results here"):
+        build_report([str(tmp_path / "nothing")], str(tmp_path / "r.html"))
+    assert main(["report", str(tmp_path / "nothing"), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("advlab: error:") and len(err.splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_command_line_writes_the_report(sweeps: list[str], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cli.html"
+    assert main(["report", *sweeps, "-o", str(out)]) == 0
+    assert f"report written to {out}" in capsys.readouterr().out
+    assert parse(out).table("table1")
+
+
+def test_masking_flag_column_only_when_the_trials_table_has_it(
+    sweeps: list[str], page: Page, tmp_path: Path, monkeypatch
+) -> None:
+    (table,) = page.table("table1")
+    assert "masking" not in table.header
+    copy = tmp_path / "results" / "tiny-b"
+    shutil.copytree(sweeps[1], copy)
+    flagged = results.load(str(copy)).trials["trial_id"].iloc[0]  # the first seed of row 1
+    extra = [pa.field("gradient_masking", pa.bool_()), pa.field("masking_reason", pa.string())]
+    monkeypatch.setitem(tables.SCHEMAS, "trials", tables.TRIALS.append(extra[0]).append(extra[1]))
+    for path in sorted((copy / "trials").glob("*.parquet")):
+        data = pq.read_table(path)
+        flag = data.column("trial_id")[0].as_py() == flagged
+        data = data.append_column(extra[0], pa.array([flag])).append_column(
+            extra[1], pa.array(["gradient norm vanishes" if flag else ""])
+        )
+        pq.write_table(data, path)
+    masked = parse(build_report([str(copy)], str(tmp_path / "m.html")))
+    (table,) = masked.table("table1")
+    assert "masking" in table.header
+    texts = table.texts("masking")
+    assert texts[0].startswith("⚠ yes (1 of 2)") and "gradient norm vanishes" in texts[0]
+    assert texts[1:] == ["no", "no"]
+
+
+def test_results_examples_keep_the_true_class_beside_the_trial_label(
+    loaded: list[results.Results],
+) -> None:
+    examples = loaded[0].examples()
+    assert examples["label"].dtype.kind in "iu" or str(examples["label"].dtype) == "Int64"
+    assert set(examples["trial_label"]) == set(loaded[0].trials["label"])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import tiny_sweep
+from PIL import Image
 from wandb_reader import offline_run_dirs, read_offline_run
 
 from advlab.cli import main
@@ -77,29 +79,66 @@ def test_curves_agree_with_the_examples(finished) -> None:
         assert row.success_rate == pytest.approx(hit.mean())
 
 
-def test_wandb_offline_runs_hold_the_summary_metrics(finished) -> None:
-    _, storage = finished
+def test_wandb_offline_runs_compare_well(finished) -> None:
+    """Readable names and grid-value tags, plain scalar summaries, models and results as
+    artifacts, and a transfer run with its matrices as tables and labelled heatmaps."""
+    path, storage = finished
     store = SweepStore(storage, "tiny")
     trials = store.read("trials").set_index("trial_id")
     attacks = store.read("attacks").set_index(["trial_id", "attack"])
     runs = [read_offline_run(d) for d in offline_run_dirs(Path(storage) / "tiny")]
-    runs = [run for run in runs if "trial_id" in run["config"]]  # not the transfer run
-    assert len(runs) == 2
-    for run in runs:
+    by_job = {
+        job: [r for r in runs if r["run"]["job_type"] == job]
+        for job in ("trial", "transfer", "results")
+    }
+    assert [len(v) for v in by_job.values()] == [2, 1, 1]
+    labels = load_sweep(path).labels
+    for run in by_job["trial"]:
         trial_id = run["config"]["trial_id"]
         assert run["run"]["group"] == "tiny"
         assert run["run"]["project"] == "advlab-tests"
-        assert run["config"]["model"] == trials.loc[trial_id, "model"]
+        assert run["run"]["name"] == labels[trial_id] == trials.loc[trial_id, "label"]
+        model = trials.loc[trial_id, "model"]
+        assert run["run"]["tags"] == [f"model={model}", "weight_decay=0.0001"]
+        assert run["config"]["model"] == model
         summary = run["summary"]
-        for key, goal in (("test_error", "min"), ("train_error", "min")):
-            # Declared with define_metric, so W&B keeps them as {goal: value}.
-            assert summary[key] == {goal: pytest.approx(trials.loc[trial_id, key])}
+        for key in ("test_error", "train_error"):
+            assert summary[key] == pytest.approx(trials.loc[trial_id, key])  # a plain number
         lbfgs = attacks.loc[(trial_id, "lbfgs")]
-        assert summary["lbfgs/mean_dist_rms"] == {"min": pytest.approx(lbfgs["mean_dist_rms"])}
-        assert summary["lbfgs/success_rate"] == {"max": pytest.approx(lbfgs["success_rate"])}
+        assert summary["lbfgs/mean_dist_rms"] == pytest.approx(lbfgs["mean_dist_rms"])
+        assert summary["lbfgs/success_rate"] == pytest.approx(lbfgs["success_rate"])
         assert summary["n_attacked"] == 12
-        epochs = [h["train/loss"] for h in run["history"] if "train/loss" in h]
-        assert len(epochs) == 3
+        epochs = [h["train/test_error"] for h in run["history"] if "train/test_error" in h]
+        assert len(epochs) == 3 and summary["train/test_error_min"] == min(epochs)
+        (artifact,) = [a for a in run["artifacts"] if a["type"] == "model"]
+        key = trials.loc[trial_id, "training_key"]
+        assert artifact["files"][f"{key}.pt"]["local_path"] == store.model_file(key)
+        assert Path(store.model_file(key)).is_file()
+
+    (results_run,) = by_job["results"]
+    assert results_run["run"]["name"] == "tiny: results"
+    (artifact,) = results_run["artifacts"]
+    assert (artifact["name"], artifact["type"]) == ("tiny-results", "results")
+    assert set(artifact["files"]) == {name for name, _ in store.result_files()}
+    assert {f"trials/{t}.parquet" for t in trials.index} | {
+        "sweep.json",
+        "transfer/all.parquet",
+    } <= set(artifact["files"])
+
+    (transfer_run,) = by_job["transfer"]
+    run_dir = next(
+        d for d in offline_run_dirs(Path(storage) / "tiny") if d.name.endswith("tiny-transfer")
+    )
+    files = transfer_run["files"]
+    heatmaps = [f for f in files if f.startswith("media/images/transfer_heatmap/lbfgs")]
+    matrix_files = [f for f in files if f.startswith("media/table/transfer_matrix/lbfgs")]
+    assert len(heatmaps) == 1 and len(matrix_files) == 1
+    matrix = json.loads((run_dir / "files" / matrix_files[0]).read_text())
+    assert matrix["columns"][0] == "examples made on"
+    assert sorted(r[0] for r in matrix["data"]) == sorted(trials["label"])  # labels, not ids
+    assert {"constant", "knn", *trials["label"]} == set(matrix["columns"][1:])
+    with Image.open(run_dir / "files" / heatmaps[0]) as image:
+        assert image.width > 200 and image.height > 100  # a drawn figure, not 1 px per cell
 
 
 def test_same_sweep_twice_gives_identical_trials_tables(finished, tmp_path: Path) -> None:
@@ -152,3 +191,13 @@ def test_bad_api_key_falls_back_to_offline_once_and_never_leaks(
     assert any(p.name.endswith(".wandb") for p in files)
     for path in files:
         assert key.encode() not in path.read_bytes(), path
+
+
+def test_a_fresh_rerun_keeps_one_wandb_run_folder_per_run(finished) -> None:
+    """Last in this module: it reruns the fixture's sweep in place."""
+    path, storage = finished
+    folder = Path(storage) / "tiny"
+    before = {read_offline_run(d)["run"]["id"] for d in offline_run_dirs(folder)}
+    assert main(["sweep", str(path), "--fresh"]) == 0
+    after = [read_offline_run(d)["run"]["id"] for d in offline_run_dirs(folder)]
+    assert sorted(after) == sorted(before) and len(after) == 4  # 2 trials, transfer, results

@@ -9,32 +9,76 @@ from wandb_reader import offline_run_dirs, read_offline_run
 from advlab.track import TrialRun, resolve_mode
 
 
-def test_offline_run_files_hold_config_history_and_summary(tmp_path: Path) -> None:
-    run = TrialRun(
+def open_run(directory: Path, run_id: str = "my-sweep-abc") -> TrialRun:
+    return TrialRun(
         mode="offline",
         project="advlab-tests",
         entity=None,
         group="my-sweep",
-        run_id="my-sweep-abc",
-        name="abc",
+        run_id=run_id,
+        name="fc10 wd=0.001",
+        tags=["model=fc10", "weight_decay=0.001"],
         config={"model": "fc10", "train": {"lr": 0.1}},
-        directory=str(tmp_path),
+        directory=str(directory),
     )
-    for epoch in (1, 2, 3):
-        run.log_epoch({"epoch": epoch, "loss": 1.0 / epoch, "test_error": 0.5 / epoch})
-    run.log_summary({"test_error": 0.125, "lbfgs/mean_dist_rms": 0.0625})
+
+
+def test_offline_run_files_hold_config_history_and_plain_summaries(tmp_path: Path) -> None:
+    run = open_run(tmp_path)
+    for epoch, error in ((1, 0.5), (2, 0.2), (3, 0.3)):  # the best epoch is not the last
+        run.log_epoch({"epoch": epoch, "loss": 1.0 / epoch, "test_error": error})
+    run.log_summary({"test_error": 0.125, "lbfgs/mean_dist_rms": 0.0625, "fgsm/success@0.1": 0.5})
     run.finish()
 
     (run_dir,) = offline_run_dirs(tmp_path)
     logged = read_offline_run(run_dir)
-    assert logged["run"] == {"id": "my-sweep-abc", "group": "my-sweep", "project": "advlab-tests"}
+    assert logged["run"] == {
+        "id": "my-sweep-abc", "group": "my-sweep", "project": "advlab-tests",
+        "name": "fc10 wd=0.001", "tags": ["model=fc10", "weight_decay=0.001"], "job_type": "trial",
+    }  # fmt: skip
     assert logged["config"]["model"] == "fc10"
     assert logged["config"]["train"] == {"lr": 0.1}
     losses = [h["train/loss"] for h in logged["history"] if "train/loss" in h]
     assert losses == [1.0, 0.5, 1.0 / 3]
-    assert logged["summary"]["test_error"] == {"min": 0.125}
-    assert logged["summary"]["lbfgs/mean_dist_rms"] == {"min": 0.0625}
-    assert logged["summary"]["train/test_error"] == {"min": 0.5 / 3}
+    summary = logged["summary"]
+    # Plain numbers under their own names, sortable and filterable in W&B's run table.
+    assert summary["test_error"] == 0.125
+    assert summary["lbfgs/mean_dist_rms"] == 0.0625
+    assert summary["fgsm/success_at_0_1"] == 0.5
+    assert summary["train/test_error"] == 0.3  # the last epoch
+    assert summary["train/test_error_min"] == 0.2  # the best one, beside it
+    assert summary["train/loss_min"] == 1.0 / 3
+
+
+def test_a_rerun_replaces_the_runs_folder(tmp_path: Path) -> None:
+    for attempt in (1, 2, 3):
+        run = open_run(tmp_path)
+        run.log_summary({"attempt": attempt})
+        run.finish()
+    other = open_run(tmp_path, run_id="abc")  # a suffix of the first id: a different run
+    other.finish()
+    folders = offline_run_dirs(tmp_path)
+    assert len(folders) == 2
+    ids = sorted(read_offline_run(f)["run"]["id"] for f in folders)
+    assert ids == ["abc", "my-sweep-abc"]
+    (mine,) = [f for f in folders if read_offline_run(f)["run"]["id"] == "my-sweep-abc"]
+    assert read_offline_run(mine)["summary"]["attempt"] == 3
+
+
+def test_artifacts_point_at_the_stored_files(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "k.pt"
+    model.parent.mkdir()
+    model.write_bytes(b"weights")
+    run = open_run(tmp_path)
+    run.log_artifact("model-k", "model", [("k.pt", str(model))], {"model": "fc10"})
+    run.finish()
+    (artifact,) = read_offline_run(offline_run_dirs(tmp_path)[0])["artifacts"]
+    assert (artifact["name"], artifact["type"], artifact["metadata"]) == (
+        "model-k", "model", {"model": "fc10"},
+    )  # fmt: skip
+    # Referenced where it lies (no copy in W&B's staging folder), so `wandb sync` reads it there.
+    assert artifact["files"]["k.pt"]["local_path"] == str(model)
+    assert artifact["files"]["k.pt"]["size"] == len(b"weights")
 
 
 def test_disabled_tracking_writes_nothing(tmp_path: Path) -> None:
@@ -100,14 +144,20 @@ def test_a_trials_offline_run_holds_its_tables_and_example_images(tmp_path: Path
     assert [r[column] for r in logged_attacks["data"]] == [lbfgs]
     assert metrics["lbfgs/mean_dist_rms"] == lbfgs
 
-    # Final metrics are declared for dashboards: distortions and clean errors by min, success
-    # and robust error by max, under names W&B can sort and filter (no '@' or '.').
+    # Final metrics are plain numbers under names W&B can sort and filter (no '@' or '.').
     summary = logged["summary"]
-    assert summary["lbfgs/mean_dist_rms"] == {"min": metrics["lbfgs/mean_dist_rms"]}
-    assert summary["lbfgs/success_rate"] == {"max": metrics["lbfgs/success_rate"]}
-    assert summary["test_error"] == {"min": row["test_error"]}
-    assert summary["fgsm/robust_error_at_0_1"] == {"max": metrics["fgsm/robust_error@0.1"]}
+    assert summary["lbfgs/mean_dist_rms"] == metrics["lbfgs/mean_dist_rms"]
+    assert summary["lbfgs/success_rate"] == metrics["lbfgs/success_rate"]
+    assert summary["test_error"] == row["test_error"]
+    assert summary["fgsm/robust_error_at_0_1"] == metrics["fgsm/robust_error@0.1"]
     assert not [k for k in summary if "@" in k or "." in k]
+    (model,) = [a for a in logged["artifacts"] if a["type"] == "model"]  # beside run tables
+    key = spec.trials[0].training_key()
+    assert model["name"] == f"model-{key}"
+    assert model["files"][f"{key}.pt"]["local_path"] == str(
+        tmp_path / "tiny" / "models" / f"{key}.pt"
+    )
+    assert model["metadata"]["model"] == spec.trials[0].model
 
     images = [f for f in files if f.startswith("media/images/examples/lbfgs")]
     successes = min(8, round(metrics["lbfgs/success_rate"] * row["n_attacked"]))

@@ -108,8 +108,15 @@ def test_transfer_run_in_wandb_holds_the_table(swept: SweepStore) -> None:
     runs = [read_offline_run(d) for d in offline_run_dirs(swept.path())]
     (transfer,) = [r for r in runs if r["run"]["id"] == "xfer-transfer"]
     assert transfer["run"]["group"] == "xfer"
-    (table_file,) = [f for f in transfer["files"] if f.startswith("media/table/transfer_")]
+    (table_file,) = [f for f in transfer["files"] if f.startswith("media/table/transfer_0")]
     folder = next(d for d in offline_run_dirs(swept.path()) if d.name.endswith("transfer"))
     table = json.loads((folder / "files" / table_file).read_text())
     assert len(table["data"]) == len(swept.read("transfer"))
-    assert any(f.startswith("media/images/transfer_matrix/lbfgs") for f in transfer["files"])
+    labels = {row["source_label"] for row in _records(table)}
+    assert labels == set(swept.read("trials").query("status == 'ok'")["label"])
+    assert any(f.startswith("media/images/transfer_heatmap/lbfgs") for f in transfer["files"])
+    assert any(f.startswith("media/table/transfer_matrix/lbfgs") for f in transfer["files"])
+
+
+def _records(table: dict) -> list[dict]:
+    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]

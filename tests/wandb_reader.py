@@ -24,15 +24,23 @@ def offline_run_dirs(directory: str | Path) -> list[Path]:
 
 
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """Read an offline run's transaction log back: its run info, config, history and summary."""
+    """Read an offline run's transaction log back: its run info (id, group, project, name,
+    tags, job type), config, history, summary, files and artifacts."""
     (log,) = Path(run_dir).glob("run-*.wandb")
-    out: dict[str, Any] = {"run": {}, "config": {}, "history": [], "summary": {}, "files": []}
+    out: dict[str, Any] = {
+        "run": {}, "config": {}, "history": [], "summary": {}, "files": [], "artifacts": [],
+    }  # fmt: skip
     for record in _records(log.read_bytes()):
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
-            out["run"] = {"id": run.run_id, "group": run.run_group, "project": run.project}
+            out["run"] = {
+                "id": run.run_id, "group": run.run_group, "project": run.project,
+                "name": run.display_name, "tags": list(run.tags), "job_type": run.job_type,
+            }  # fmt: skip
             out["config"].update(_items(run.config.update))
+        elif kind == "artifact":
+            out["artifacts"].append(_artifact(record.artifact))
         elif kind == "config":
             out["config"].update(_items(record.config.update))
         elif kind == "history":
@@ -42,6 +50,18 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "files":
             out["files"].extend(f.path for f in record.files.files)
     return out
+
+
+def _artifact(artifact: Any) -> dict[str, Any]:
+    return {
+        "name": artifact.name,
+        "type": artifact.type,
+        "metadata": json.loads(artifact.metadata) if artifact.metadata else {},
+        "files": {
+            entry.path: {"local_path": entry.local_path, "ref": entry.ref, "size": entry.size}
+            for entry in artifact.manifest.contents
+        },
+    }
 
 
 def _items(items: Any) -> dict[str, Any]:

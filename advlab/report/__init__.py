@@ -1,0 +1,54 @@
+"""The HTML report: one or more sweeps compared on one self-contained, interactive page.
+
+    advlab report results/sweep-a results/sweep-b -o report.html
+    advlab.report.build_report(["results/sweep-a", "results/sweep-b"], "report.html")
+
+Modules: load (sweeps read with advlab.results, tagged with configurations and attack
+variants), stats (mean and 95% interval over seeds), differ (what differs between sweeps and
+trials), charts (Vega-Lite through altair), html (the page and its tables), images (example
+PNGs) and one module per section under sections/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from advlab.report.html import page
+from advlab.report.load import Compared, load_all
+from advlab.report.sections import (
+    distortion,
+    examples,
+    failures,
+    overview,
+    properties,
+    robust,
+    table1,
+    training,
+    transfer,
+)
+
+__all__ = ["SECTIONS", "build_report", "render_report"]
+
+# In page order; each renders "" when its data is absent.
+SECTIONS = (
+    overview, table1, failures, robust, distortion, training, examples, transfer, properties,
+)  # fmt: skip
+
+
+def render_report(compared: Compared) -> str:
+    names = ", ".join(compared.sweep_names)
+    configs = [{"key": c.key, "name": c.name, "values": c.values} for c in compared.configs]
+    sections = [s for s in (module.render(compared) for module in SECTIONS) if s]
+    return page(f"advlab: {names}", overview.controls(compared), sections, configs)
+
+
+def build_report(sweep_dirs: list[str], out: str) -> Path:
+    """Write the report for these sweep folders (<storage>/<sweep>) to `out`; returns its path.
+    FileNotFoundError when a folder holds no advlab results."""
+    if not sweep_dirs:
+        raise FileNotFoundError("no sweep folders given; pass one or more <storage>/<sweep>")
+    html = render_report(load_all(list(sweep_dirs)))
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(html, encoding="utf-8")
+    return path

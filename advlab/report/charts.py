@@ -1,0 +1,158 @@
+"""Vega-Lite charts (through altair) that share one colour per configuration.
+
+Every chart takes rows already aggregated over seeds (config, configuration, x, mean, lo, hi, n,
+ci) and draws the mean as points and lines, the 95% interval as a band or bars. Each chart
+carries two parameters the page drives: `visible`, the configuration keys the page's filters let
+through (a filter transform), and `pick`, bound to the chart's own legend (click an entry to
+bring one configuration forward). Hover a point for its values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+from advlab.report.load import Config
+from advlab.report.stats import aggregate
+
+WIDTH, HEIGHT = 430, 250
+POINTS = "points"  # the name of the layer that holds the plotted means (tests read it back)
+FADED = 0.12
+
+
+def colour(configs: Sequence[Config]) -> alt.Color:
+    """One colour per configuration, the same in every chart, whatever the chart shows."""
+    scale = alt.Scale(domain=[c.name for c in configs], range=[c.colour for c in configs])
+    legend = alt.Legend(
+        title=None, orient="bottom", columns=2, labelLimit=320, symbolType="circle", symbolOpacity=1
+    )
+    return alt.Color("configuration:N", scale=scale, legend=legend)
+
+
+def trend(
+    rows: pd.DataFrame,
+    configs: Sequence[Config],
+    *,
+    x: alt.X,
+    y_title: str,
+    title: str,
+    y_format: str = ".0%",
+    band: bool = True,
+    connect: str | None = None,
+    extra_tooltip: Sequence[alt.Tooltip] = (),
+) -> dict[str, Any]:
+    """Means against x, one line per configuration, with its 95% interval (band or bars).
+
+    connect: a field whose equal values one gray line joins across configurations (a model's
+    points at each weight decay) instead of one coloured line per configuration."""
+    pick = alt.selection_point(fields=["configuration"], bind="legend", name="pick")
+    emphasis = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(FADED))
+    base = alt.Chart().encode(x=x, color=colour(configs))
+    y = alt.Y("mean:Q", title=y_title, axis=alt.Axis(format=y_format))
+    low = alt.Y("lo:Q", title=y_title)  # the same title as the means', so it shows once
+    spread = (
+        base.mark_area(opacity=0.13).encode(y=low, y2="hi:Q")
+        if band
+        else base.mark_errorbar(ticks=True).encode(y=low, y2="hi:Q", opacity=emphasis)
+    )
+    line = base.mark_line(strokeWidth=2).encode(y=y, opacity=emphasis, detail="config:N")
+    if connect is not None:
+        line = (
+            alt.Chart()
+            .mark_line(color="#999", strokeWidth=1)
+            .encode(x=x, y=y, detail=f"{connect}:N", order=alt.Order(str(x.shorthand)))
+        )
+    tooltip = [
+        alt.Tooltip("configuration:N"),
+        *extra_tooltip,
+        alt.Tooltip("mean:Q", title="mean", format=".4g"),
+        alt.Tooltip("ci:N", title="95% interval"),
+        alt.Tooltip("n:Q", title="seeds"),
+    ]
+    points = (
+        base.mark_point(filled=True, size=55)
+        .encode(y=y, opacity=emphasis, tooltip=tooltip)
+        .add_params(pick)
+        .properties(name=POINTS)
+    )
+    layers = [spread, line, points] if rows[["lo", "hi"]].notna().any().any() else [line, points]
+    return finish(alt.layer(*layers, data=_records(rows)), configs, title)
+
+
+def finish(chart: alt.LayerChart, configs: Sequence[Config], title: str) -> dict[str, Any]:
+    """The page's `visible` filter, size and title; the Vega-Lite spec as a dict."""
+    visible = alt.param(name="visible", value=[c.key for c in configs])
+    chart = (
+        chart.transform_filter("indexof(visible, datum.config) >= 0")
+        .add_params(visible)
+        .properties(width=WIDTH, height=HEIGHT, title=title)
+        .configure_view(stroke=None)
+        .configure_axis(labelFontSize=11, titleFontSize=12, grid=True, gridOpacity=0.5)
+    )
+    return chart.to_dict()
+
+
+def _records(rows: pd.DataFrame) -> alt.Data:
+    """Rows as inline values, NaN as null (JSON has no NaN)."""
+    clean = rows.astype(object).where(rows.notna(), None)
+    values = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+        for row in clean.to_dict("records")
+    ]
+    return alt.Data(values=values)
+
+
+def summarise(
+    frame: pd.DataFrame, by: Sequence[str], value: str, low: float = 0.0, high: float = math.inf
+) -> pd.DataFrame:
+    """Per configuration and `by` key (in order): mean, interval and seeds of `value`. The
+    interval is drawn clipped to the values the quantity can take (a rate stays in [0, 1])."""
+    rows = aggregate(frame, ["config", "configuration", *by], value)
+    rows["lo"] = rows["lo"].clip(lower=low, upper=high)
+    rows["hi"] = rows["hi"].clip(lower=low, upper=high)
+    return rows.assign(
+        ci=[interval_text(lo, hi) for lo, hi in zip(rows["lo"], rows["hi"], strict=True)]
+    )
+
+
+def interval_text(lo: float, hi: float, digits: int = 3) -> str:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "one seed"
+    return f"{lo:.{digits}g} to {hi:.{digits}g}"
+
+
+def transfer_heatmap(
+    matrix: pd.DataFrame, title: str, row_title: str, column_title: str
+) -> dict[str, Any]:
+    """A labelled heatmap of a transfer matrix (rows x columns of errors in [0, 1])."""
+    long = matrix.reset_index(names="row").melt(id_vars="row", var_name="column", value_name="v")
+    order = {"rows": list(matrix.index), "columns": list(matrix.columns)}
+    base = alt.Chart(long).encode(
+        x=alt.X(
+            "column:N", sort=order["columns"], title=column_title, axis=alt.Axis(labelAngle=-40)
+        ),
+        y=alt.Y("row:N", sort=order["rows"], title=row_title),
+    )
+    cells = base.mark_rect().encode(
+        color=alt.Color(
+            "v:Q", title="error", scale=alt.Scale(domain=[0, 1], scheme="reds"),
+            legend=alt.Legend(format=".0%"),
+        )
+    )  # fmt: skip
+    text = base.mark_text(fontSize=11).encode(
+        text=alt.Text("v:Q", format=".0%"),
+        color=alt.condition("datum.v > 0.6", alt.value("white"), alt.value("black")),
+    )
+    size = {"width": 48 * len(matrix.columns), "height": 26 * len(matrix.index)}
+    return (cells + text).properties(title=title, **size).to_dict()
+
+
+def png(spec: dict[str, Any], scale: float = 2) -> bytes:
+    """A chart as PNG bytes, drawn without a browser (vl-convert)."""
+    import vl_convert
+
+    return vl_convert.vegalite_to_png(spec, scale=scale)

@@ -1,0 +1,1 @@
+"""One module per report section; each has render(compared) -> HTML ("" without data)."""

@@ -1,0 +1,134 @@
+"""Transfer between models in the shape of the paper's Table 2: per sweep, one matrix per attack
+and budget with the models the examples were made on as rows and the models (and non-neural
+controls) they were fed to as columns; each cell is the column model's error on the row's
+examples. The sweep's fixed-stddev Gaussian-noise rows close every matrix, as in the paper;
+the per-example matched noise and the amplified perturbations (Table 4) fold out below it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from advlab.report.html import Cell, Row, esc, percent, section, table, text_cell
+from advlab.report.load import Compared
+from advlab.results import Results
+from advlab.transfer import NOISE_SOURCE
+
+KIND_TITLES = {
+    "adversarial": "adversarial examples",
+    "noise": "Gaussian noise of each example's own rms",
+}
+
+
+def budget_text(budget: float | None) -> str:
+    return (
+        ""
+        if budget is None or (isinstance(budget, float) and math.isnan(budget))
+        else f"{budget:g}"
+    )
+
+
+def heat(value: float) -> str:
+    """White (0) to red (1); the text turns white on the darkest cells."""
+    ink = "color:#fff;" if value > 0.6 else ""
+    return f"background:rgba(200,30,30,{0.08 + 0.8 * value:.3f});{ink}"
+
+
+def orders(run: Results, rows: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Sources and targets in grid order; controls after the trials, in the order they ran."""
+    trial_order = list(run.trials["trial_id"])
+    rank = {t: i for i, t in enumerate(trial_order)}
+    sources = sorted(
+        set(rows["source_trial"]) - {NOISE_SOURCE}, key=lambda t: rank.get(t, len(rank))
+    )
+    trials = rows[rows["target_kind"] == "trial"]["target"]
+    controls = list(dict.fromkeys(rows.loc[rows["target_kind"] != "trial", "target"]))
+    return sources, sorted(set(trials), key=lambda t: rank.get(t, len(rank))) + controls
+
+
+def matrix(
+    run: Results, rows: pd.DataFrame, noise: pd.DataFrame, sweep: str, title: tuple[str, str, str]
+) -> str:
+    """One matrix: rows of one (attack, budget, kind), then the fixed-stddev noise rows."""
+    attack, budget, kind = title
+    sources, targets = orders(run, pd.concat([rows, noise]))
+    labels = run.labels
+    columns = [("source", "examples made on")] + [(t, labels.get(t, t)) for t in targets]
+    columns.append(("rms", "mean rms"))
+    body = [_source_row(rows[rows["source_trial"] == s], s, labels, targets) for s in sources]
+    for stddev, group in noise.groupby("budget", sort=True):
+        body.append(_source_row(group, f"Gaussian noise σ = {stddev:g}", labels, targets))
+    return table(
+        "transfer", columns, body, cls="matrix", header_class={t: "col" for t in targets},
+        sweep=sweep, attack=attack, budget=budget, kind=kind,
+    )  # fmt: skip
+
+
+def _source_row(rows: pd.DataFrame, source: str, labels: dict[str, str], targets: list[str]) -> Row:
+    by_target = rows.set_index("target")
+    cells: dict[str, Cell] = {"source": text_cell(labels.get(source, source))}
+    for target in targets:
+        if target not in by_target.index:
+            continue
+        found = by_target.loc[target]
+        value = float(found["error_adv"])
+        clean = percent(float(found["error_clean"]))
+        who = f"{labels.get(target, target)} on {labels.get(source, source)}'s examples"
+        cells[target] = Cell(
+            percent(value), value=value, cls="cell diag" if target == source else "cell",
+            attrs={"style": heat(value)},
+            title=f"{who}: {percent(value)} wrong (clean {clean}, n = {found['n']})",
+        )  # fmt: skip
+    rms = float(rows["rms"].mean()) if len(rows) else math.nan
+    cells["rms"] = Cell(f"{rms:.3f}" if math.isfinite(rms) else "", value=rms)
+    return Row(cells)
+
+
+def sweep_block(run: Results, sweep: str) -> str:
+    frame = run.transfer
+    ok = frame[frame["status"].fillna("ok") == "ok"]
+    noise = ok[(ok["source_trial"] == NOISE_SOURCE) & (ok["kind"] == "noise")]
+    made = ok[ok["source_trial"] != NOISE_SOURCE]
+    blocks = []
+    for (attack, budget), group in made.groupby(["attack", "budget"], sort=False, dropna=False):
+        shown = budget_text(budget)
+        name = attack if not shown else f"{attack} at ε = {shown}"
+        adversarial = group[group["kind"] == "adversarial"]
+        parts = [f"<h4>{esc(name)}</h4>"]
+        parts.append(matrix(run, adversarial, noise, sweep, (attack, shown, "adversarial")))
+        for kind, rows in group[group["kind"] != "adversarial"].groupby("kind", sort=False):
+            inner = matrix(run, rows, noise.iloc[0:0], sweep, (attack, shown, str(kind)))
+            parts.append(
+                f"<details><summary>{esc(kind_title(str(kind)))}</summary>{inner}</details>"
+            )
+        blocks.append(f'<div class="matrix-block">{"".join(parts)}</div>')
+    failed = frame[frame["status"].fillna("ok") != "ok"]
+    notes = "".join(
+        f'<p class="note flag">Target {esc(row["target"])} failed: {esc(row["reason"])}</p>'
+        for row in failed.drop_duplicates("target").to_dict("records")
+    )
+    return f'<h3>{esc(sweep)}</h3>{notes}<div class="matrices">{"".join(blocks)}</div>'
+
+
+def kind_title(kind: str) -> str:
+    if kind.startswith("amplified@"):
+        return f"perturbation amplified to rms {kind.split('@', 1)[1]}"
+    return KIND_TITLES.get(kind, kind)
+
+
+def render(compared: Compared) -> str:
+    blocks = [
+        sweep_block(run, name)
+        for run, name in zip(compared.runs, compared.sweep_names, strict=True)
+        if not run.transfer.empty
+    ]
+    if not blocks:
+        return ""
+    intro = (
+        "Error of each column's model on the examples made for each row's model (the paper's "
+        "Table 2). The outlined diagonal is the attack's own success rate; the last column the "
+        "perturbation's mean rms. Controls are non-neural models trained on the source's data."
+    )
+    return section("transfer", "Transfer between models", "".join(blocks), intro)
