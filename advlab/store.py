@@ -73,6 +73,19 @@ class SweepStore:
             return self.path()
         return os.path.join(tempfile.gettempdir(), "advlab-wandb", _safe(self.uri))
 
+    def sync_wandb(self) -> None:
+        """Copy the local staging folder's offline runs up to <uri>/wandb (remote storage), so
+        they outlive the node that wrote them; a no-op on local storage, written in place."""
+        local = os.path.join(self.wandb_dir(), "wandb")
+        if not self.is_remote or not os.path.isdir(local):
+            return
+        pafs.copy_files(
+            local,
+            self.path("wandb"),
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.fs,
+        )
+
     def wandb_runs(self) -> str:
         """The offline runs, as a glob for `wandb sync`."""
         return f"{self.uri}/wandb/offline-run-*"

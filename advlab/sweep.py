@@ -159,6 +159,7 @@ def log_results(store: SweepStore, mode: str | None = None) -> None:
         metadata={"sweep": store.sweep, "uri": store.uri, "trials": status,
                   "versions": len(recorded.get("versions", []))},
     )  # fmt: skip
+    store.sync_wandb()
 
 
 @dataclass

@@ -316,6 +316,7 @@ def log_to_wandb(store: SweepStore, frame: pd.DataFrame, mode: str | None) -> No
         group=store.sweep, directory=store.wandb_dir(), rows=named.to_dict("records"),
         matrices=matrices, figures={name: heatmap_png(name, m) for name, m in matrices.items()},
     )  # fmt: skip
+    store.sync_wandb()
 
 
 def heatmap_png(name: str, matrix: pd.DataFrame) -> bytes:

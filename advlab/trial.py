@@ -114,6 +114,7 @@ def run_trial(
             store.write_rows("trials", trial_id, [row])
         tracker.log_summary({"status": "failed", "reason": str(err).splitlines()[0]})
         tracker.finish(failed=True)
+        store.sync_wandb()
         err.add_note(traceback.format_exc(limit=3))
         raise
     if finished is None:
@@ -121,6 +122,7 @@ def run_trial(
     metrics = stored_metrics(store, trial_id)
     tracker.log_summary(_numbers(row) | metrics)
     tracker.finish()
+    store.sync_wandb()
     return TrialResult(row, metrics)
 
 

@@ -1,0 +1,195 @@
+"""Ray Tune as its users know it: searches over YAML spaces, Optuna's Pareto front, schedulers
+that stop trials early (recorded as stopped), and the checks that refuse a bad search up front."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import tiny_sweep
+from wandb_reader import read_offline_run
+
+from advlab import results
+from advlab.cli import main
+from advlab.spec import SpecError
+from advlab.store import SweepStore
+from advlab.sweep import pareto_front
+from advlab.sweepfile import parse_sweep
+from advlab.track import TrialRun
+
+FAST = {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.01}
+
+
+def search_sweep(tmp_path: Path, **changes: Any) -> Path:
+    raw = tiny_sweep(name="search", grid={}, model="fc16-10", train=dict(FAST))
+    raw |= {"storage": str(tmp_path / "results"), "wandb": {"mode": "disabled"}}
+    raw |= {"attacks": [{"name": "fgsm"}], "transfer": {"enabled": False}}
+    raw |= changes
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_optuna_multi_objective_search_records_samples_and_its_pareto_front(
+    ray_local, tmp_path: Path
+) -> None:
+    search = {
+        "algorithm": "optuna",
+        "num_samples": 4,
+        "metric": ["test_error", "fgsm/robust_error@0.1"],
+        "mode": ["min", "min"],
+        "space": {
+            "train.lr": {"loguniform": [1e-3, 0.1]},
+            "weight_decay": {"choice": [0.0, 1e-3]},
+        },
+    }
+    path = search_sweep(tmp_path, search=search)
+    assert main(["sweep", str(path)]) == 0
+    res = results.load(str(tmp_path / "results" / "search"))
+    assert len(res.trials) == 4 and (res.trials["status"] == "ok").all()
+    lrs = res.trials["train.lr"]
+    assert lrs.between(1e-3, 0.1).all() and lrs.nunique() == 4  # sampled, log-uniformly
+    assert set(res.trials["weight_decay"].map(tuple)) <= {(0.0,), (1e-3,)}
+    assert all(label.startswith("lr=") for label in res.trials["label"])
+    pareto = SweepStore(str(tmp_path / "results"), "search").read("pareto")
+    values = pareto.pivot(index="trial_id", columns="metric", values="value")
+    expected = set()
+    for trial, row in values.iterrows():  # brute force: no other trial dominates it
+        others = values.drop(index=trial)
+        beaten = ((others <= row).all(axis=1) & (others < row).any(axis=1)).any()
+        expected |= set() if beaten else {trial}
+    assert set(pareto.loc[pareto["on_front"], "trial_id"]) == expected
+    assert (
+        values.loc[:, "test_error"].to_dict()
+        == res.trials.set_index("trial_id")["test_error"].to_dict()
+    )
+    # Asked again for the same search: nothing to do; for two more samples: two more only.
+    assert main(["sweep", str(path)]) == 0
+    assert len(results.load(str(tmp_path / "results" / "search")).trials) == 4
+    raw = yaml.safe_load(path.read_text())
+    raw["search"]["num_samples"] = 6
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 0
+    grown = results.load(str(tmp_path / "results" / "search"))
+    assert len(grown.trials) == 6 and len(grown.manifest["versions"]) == 1
+
+
+@pytest.mark.slow
+def test_asha_stops_bad_trials_early_and_records_them_as_stopped(
+    ray_local, tmp_path: Path, capsys
+) -> None:
+    path = search_sweep(
+        tmp_path,
+        # Good rates first, one at a time: ASHA compares a trial with those before it at the
+        # same epoch, so the hopeless small rates then fall below the cut.
+        grid={"train.lr": [0.01, 0.03, 1e-4, 1e-5]},
+        train=FAST | {"epochs": 6},
+        scheduler={"name": "asha", "metric": "test_error", "grace_period": 1},
+        max_concurrent=1,
+    )
+    assert main(["sweep", str(path)]) == 0  # stopping early is no failure
+    out = capsys.readouterr().out
+    trials = results.load(str(tmp_path / "results" / "search")).trials.set_index("train.lr")
+    stopped = trials[trials["status"] == "stopped"]
+    assert {1e-4, 1e-5} <= set(stopped.index) and "stopped early" in out
+    assert stopped["reason"].str.startswith("stopped early by asha after epoch").all()
+    assert (trials.loc[[1e-4, 1e-5], "reason"].str.contains("after epoch 1 ")).all()
+    assert (trials.loc[[0.01, 0.03], "status"] == "ok").any()  # the best one ran to the end
+    epochs = results.load(str(tmp_path / "results" / "search")).epochs
+    ran = epochs.groupby("trial_id")["epoch"].max()
+    assert (ran[stopped["trial_id"]] < 6).all()  # they really stopped before the end
+    assert stopped["test_error"].isna().all()  # no clean evaluation for a stopped trial
+
+
+def test_pareto_front_known_answer() -> None:
+    points = {"a": [0.1, 0.9], "b": [0.2, 0.5], "c": [0.3, 0.6], "d": [0.5, 0.1], "e": [0.5, 0.2]}
+    assert pareto_front(points, ["min", "min"]) == {"a", "b", "d"}
+    assert pareto_front(points, ["max", "max"]) == {"a", "c", "e"}
+    assert pareto_front(points, ["min", "max"]) == {"a"}
+    # Brute force over every subset: each front member is dominated by no one.
+    for size in range(1, 6):
+        for keys in itertools.combinations(points, size):
+            front = pareto_front({k: points[k] for k in keys}, ["min", "min"])
+            assert front and all(k in keys for k in front)
+
+
+def _random(space: dict[str, Any], **more: Any) -> dict[str, Any]:
+    return {"search": {"algorithm": "random", "space": space, **more}}
+
+
+def _optuna(metric: str | None, **more: Any) -> dict[str, Any]:
+    search = {"algorithm": "optuna", "space": {"train.lr": {"uniform": [0.1, 1]}}}
+    return {"search": search | ({"metric": metric} if metric else {})} | more
+
+
+BAD_SEARCHES: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "space-without-algorithm",
+        {"search": {"space": {"train.lr": {"uniform": [0, 1]}}}},
+        "grid takes no space",
+    ),
+    ("unknown-distribution", _random({"train.lr": {"normal": [0, 1]}}), "give one of uniform"),
+    ("bounds-reversed", _random({"train.lr": {"uniform": [1, 0]}}), "low < high"),
+    ("log-of-zero", _random({"train.lr": {"loguniform": [0, 1]}}), "low > 0"),
+    ("bound-invalid-trial", _random({"train.lr": {"uniform": [-1, 1]}}), "train.lr"),
+    ("space-key-unknown", _random({"train.lrr": {"uniform": [0.1, 1]}}), "train.lrr"),
+    ("optuna-without-metric", _optuna(None), "needs the metric"),
+    ("metric-not-produced", _optuna("pgd/robust_error@0.1"), "no trial reports 'pgd/robust"),
+    ("optuna-with-grid", _optuna("test_error", grid={"seed": [0, 1]}), "move grid axes"),
+    (
+        "scheduler-metric-final-only",
+        {"scheduler": {"name": "asha", "metric": "fgsm/success@0.1"}},
+        "not reported every epoch",
+    ),
+    (
+        "scheduler-without-every-epoch-eval",
+        {"scheduler": {"name": "asha"}, "train": FAST | {"eval_every": 2}},
+        "eval_every: 1",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"), [c[1:] for c in BAD_SEARCHES], ids=[c[0] for c in BAD_SEARCHES]
+)
+def test_bad_searches_are_refused_before_ray(change: dict, expected: str, tmp_path: Path) -> None:
+    raw = yaml.safe_load(search_sweep(tmp_path, **change).read_text())
+    with pytest.raises(SpecError) as info:
+        parse_sweep(raw)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_address_nobody_answers_is_exit_2_in_seconds(tmp_path: Path, capsys) -> None:
+    path = search_sweep(tmp_path)
+    assert main(["sweep", str(path), "--address", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--address: nothing answers at 127.0.0.1:9" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_offline_runs_reach_remote_storage(tmp_path: Path) -> None:
+    """With remote storage W&B writes to a local staging folder; sync_wandb copies it up.
+    (A SubTreeFileSystem over another folder stands in for an object store.)"""
+    import pyarrow.fs as pafs
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    store = SweepStore(str(tmp_path / "unused"), "s")
+    store.fs = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
+    store.root, store.uri = "s", "mock-bucket://s"
+    assert store.is_remote and not store.wandb_dir().startswith(str(bucket))
+    run = TrialRun(
+        mode="offline", project="p", entity=None, group="s", run_id="s-abc", name="abc",
+        config={"a": 1}, directory=store.wandb_dir(),
+    )  # fmt: skip
+    run.log_summary({"test_error": 0.25})
+    run.finish()
+    store.sync_wandb()
+    uploaded = list((bucket / "s" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(uploaded) == 1
+    logged = read_offline_run(uploaded[0].parent)
+    assert logged["run"]["id"] == "s-abc" and logged["summary"]["test_error"] == 0.25
