@@ -40,7 +40,31 @@ def test_docker_images_and_setup_pin_the_installed_ray_version() -> None:
     for key in ("image", "head_image", "worker_image"):
         assert docker[key].startswith(f"rayproject/ray:{ray.__version__}-"), key
     assert any("--shm-size" in option for option in docker["run_options"])
-    assert any(f"ray[tune]=={ray.__version__}" in cmd for cmd in config["setup_commands"])
+    assert any(f"ray[default,tune]=={ray.__version__}" in cmd for cmd in config["setup_commands"])
+
+
+def test_cluster_yaml_installs_advlab_itself_on_every_node() -> None:
+    config = load()
+    mounted = [dst for dst, src in config["file_mounts"].items() if src == "."]
+    assert mounted, "the repository is not copied to the nodes"
+    assert any(f"pip install -q -e {mounted[0]}" in cmd for cmd in config["setup_commands"])
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[\[<>=;]", r, maxsplit=1)[0].strip().lower() for r in requirements}
+
+
+def test_kuberay_runtime_env_installs_every_dependency_of_advlab() -> None:
+    import tomllib
+
+    project = tomllib.loads((CLUSTER.parent / "pyproject.toml").read_text())["project"]
+    needed = _requirement_names(project["dependencies"]) - {"ray"}  # the image's Ray
+    job = yaml.safe_load((CLUSTER.parent / "k8s" / "rayjob.yaml").read_text())
+    runtime = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert needed <= _requirement_names(runtime["pip"])
+    assert "pip install -q --no-deps -e ." in job["spec"]["entrypoint"]
 
 
 def test_kuberay_rayjob_runs_an_advlab_sweep_on_the_pinned_ray() -> None:
