@@ -106,18 +106,20 @@ def current_ids(manifest: dict[str, Any] | None) -> list[str]:
     return list(manifest["versions"][-1]["trial_ids"])
 
 
-def labels(manifest: dict[str, Any] | None) -> dict[str, str]:
-    """Readable names for every trial, built over all versions' grid values together."""
+def labels(manifest: dict[str, Any] | None, without: tuple[str, ...] = ()) -> dict[str, str]:
+    """Readable names for every trial, built over all versions' grid values together;
+    `without=("seed",)` names configurations, which trials repeated over seeds share."""
     order = trial_order(manifest)
     if not order:
         return {}
     trials = manifest["trials"]  # type: ignore[index]
     # The versions' axis lists keep grid order (a JSON object's keys come back sorted).
-    axes = list(dict.fromkeys(a for v in manifest["versions"] for a in v["axes"]))  # type: ignore[index]
+    versions = manifest["versions"]  # type: ignore[index]
+    axes = [a for a in dict.fromkeys(a for v in versions for a in v["axes"]) if a not in without]
     values = [
         {"model": trials[t]["model"]} | {a: trials[t]["values"].get(a) for a in axes} for t in order
     ]
-    return trial_labels(values, order)
+    return trial_labels(values, order, unique=not without)  # repeats share their name
 
 
 def record_samples(

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from advlab import manifest
+from advlab.stats import aggregate
 from advlab.store import SweepStore, resolve_storage
 from advlab.tables import SCHEMAS
 
@@ -51,6 +52,18 @@ class Results:
         assert self.store is not None
         columns = None if images else [n for n in SCHEMAS["examples"].names if n != "x_adv"]
         return self._join(read_table(self.store, "examples", columns))
+
+    def over_seeds(
+        self, name: str, value: str, by: tuple[str, ...] = ("attack", "budget")
+    ) -> pd.DataFrame:
+        """`value` of table `name` summarised over seeds: trials that differ only in their seed
+        are repeats of one configuration; one row per configuration (and `by` key present)
+        with the mean, its 95% t-interval (lo, hi) and the number of seeds n."""
+        frame = self.trials if name == "trials" else getattr(self, name)
+        keys = ["configuration", *[k for k in by if k in frame and name != "trials"]]
+        if "configuration" not in frame:
+            frame = frame.merge(self.trials[["trial_id", "configuration"]], on="trial_id")
+        return aggregate(frame, keys, value)
 
     def _join(self, frame: pd.DataFrame) -> pd.DataFrame:
         keys = ["trial_id", "label", *[a for a in self.axes if a in self.trials]]
@@ -134,8 +147,10 @@ def _ordered_trials(
     per grid axis that is no trials column of its own (a model_args key)."""
     order = manifest.trial_order(recorded)
     labels = manifest.labels(recorded)
+    configurations = manifest.labels(recorded, without=("seed",))
     rank = {t: i for i, t in enumerate(order)}
     trials = trials.assign(
+        configuration=[configurations.get(t, t) for t in trials["trial_id"]],
         label=[
             labels.get(t, lab) for t, lab in zip(trials["trial_id"], trials["label"], strict=True)
         ],

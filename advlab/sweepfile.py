@@ -79,14 +79,19 @@ class SweepSpec:
         return {axis: _get_dotted(dumped, axis) for axis in self.axes}
 
 
-def trial_labels(values: list[dict[str, Any]], ids: list[str]) -> dict[str, str]:
+def trial_labels(
+    values: list[dict[str, Any]], ids: list[str], unique: bool = True
+) -> dict[str, str]:
     """A readable name per trial from the grid values that vary, e.g. `fc10 wd=0.0001 p1 seed0`.
 
     The id stays the key everywhere; a label is for people (progress lines, W&B run names,
-    report legends). Where labels would repeat, the id's first characters tell them apart.
+    report legends). Where labels would repeat, the id's first characters tell them apart
+    (unless `unique` is off: trials repeated over seeds share their configuration's name).
     """
     varying = [a for a in (values[0] if values else {}) if len({_text(v[a]) for v in values}) > 1]
     labels = [" ".join(axis_text(a, v[a]) for a in varying) or _text(v["model"]) for v in values]
+    if not unique:
+        return dict(zip(ids, labels, strict=True))
     counts = {label: labels.count(label) for label in labels}
     return {
         tid: label if counts[label] == 1 and label else f"{label} [{tid[:6]}]".lstrip()

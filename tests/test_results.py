@@ -192,3 +192,28 @@ def test_ls_lists_sweeps_with_their_trial_counts(mixed, capsys) -> None:
     header, row = capsys.readouterr().out.strip().splitlines()
     assert header.split() == ["sweep", "versions", "trials", "ok", "failed", "missing", "older"]
     assert row.split() == ["mixed", "1", "3", "2", "1", "0", "0"]
+
+
+def test_seeds_are_repeats_summarised_with_a_95_percent_interval(tmp_path: Path) -> None:
+    from scipy import stats
+
+    raw = tiny_sweep(name="seeds", grid={"model": ["fc10", "fc16-10"], "seed": [0, 1, 2]})
+    raw["attacks"] = [{"name": "fgsm"}]
+    spec = parse_sweep(raw)
+    store = SweepStore(str(tmp_path), "seeds")
+    store.write_manifest(record_version(None, spec))
+    for index, trial in enumerate(spec.trials):
+        run_trial(trial, trial_context(spec, index, str(tmp_path), "disabled"))
+    res = results.load(str(tmp_path / "seeds"))
+    assert res.trials["configuration"].tolist() == ["fc10"] * 3 + ["fc16-10"] * 3
+    assert res.trials["label"].tolist()[:2] == ["fc10 seed0", "fc10 seed1"]
+    summary = res.over_seeds("trials", "test_error").set_index("configuration")
+    for model in ("fc10", "fc16-10"):
+        errors = res.trials.loc[res.trials["model"] == model, "test_error"].to_numpy(float)
+        half = stats.t.ppf(0.975, 2) * errors.std(ddof=1) / np.sqrt(3)
+        assert summary.loc[model, "n"] == 3
+        assert summary.loc[model, "mean"] == pytest.approx(errors.mean())
+        assert summary.loc[model, "hi"] - summary.loc[model, "mean"] == pytest.approx(half)
+    curves = res.over_seeds("curves", "robust_error")
+    assert len(curves) == 2 * 2  # two configurations x two budgets, one attack
+    assert set(curves["n"]) == {3}

@@ -17,7 +17,7 @@ import altair as alt
 import pandas as pd
 
 from advlab.report.load import Config
-from advlab.report.stats import aggregate
+from advlab.stats import aggregate
 
 WIDTH, HEIGHT = 430, 250
 POINTS = "points"  # the name of the layer that holds the plotted means (tests read it back)

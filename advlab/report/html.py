@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from advlab.report.stats import Estimate
+from advlab.stats import Estimate
 
 # 'unsafe-eval': Vega compiles its expressions with Function(); nothing else is allowed out.
 CSP = (

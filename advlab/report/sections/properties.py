@@ -7,7 +7,7 @@ import pandas as pd
 
 from advlab.report.html import Cell, Row, estimate_cell, section, swatch_cell, table
 from advlab.report.load import Compared
-from advlab.report.stats import estimate
+from advlab.stats import estimate
 
 TITLES = {
     "lipschitz": "Lipschitz upper bounds per layer (§4.3, Table 5)",

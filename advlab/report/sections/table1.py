@@ -15,7 +15,7 @@ import pandas as pd
 from advlab.report.html import Cell, Row, esc, estimate_cell, section, swatch_cell, table, text_cell
 from advlab.report.load import Compared, Config
 from advlab.report.sections.robust import norm_title
-from advlab.report.stats import estimate
+from advlab.stats import estimate
 
 MASKING = ("gradient_masking", "masking_reason")  # shown only when the trials table has them
 ERRORS = (("train_error", "train error"), ("test_error", "test error"),
