@@ -1,47 +1,77 @@
-"""`advlab validate | sweep | trial | report`. Exit codes: 0 ok, 1 trials failed, 2 bad input."""
+"""`advlab validate | sweep | trial | transfer | report | ls`.
+
+Exit codes: 0 ok, 1 trials failed (each recorded with its reason), 2 bad input (one line naming
+the key and the fix; nothing was run or written), 130 interrupted (rerun to resume).
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import yaml
 
 from advlab.spec import SpecError
 from advlab.sweepfile import SweepSpec, load_sweep
+from advlab.yamlfile import YAMLRefused, load_text
+
+MAX_MESSAGE = 400  # an error line stays a line, whatever value it quotes
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own mistakes as advlab's: one line, exit 2 (not a usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message}; see `{self.prog} --help`")
+
+
+def fail(message: str) -> NoReturn:
+    print(f"advlab: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def one_line(message: str) -> str:
+    text = " ".join(str(message).split())
+    return text if len(text) <= MAX_MESSAGE else f"{text[: MAX_MESSAGE - 3]}..."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advlab", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="advlab", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sets = {"action": "append", "metavar": "KEY=VALUE", "help": "override a sweep key (dotted)"}
+    modes = ["auto", "online", "offline", "disabled"]
+    address = {"help": "Ray cluster address ('auto' joins a running one)"}
 
     validate = commands.add_parser("validate", help="check a sweep file without running anything")
     validate.add_argument("file")
-    sets = {"action": "append", "metavar": "KEY=VALUE", "help": "override a sweep key (dotted)"}
     validate.add_argument("--set", **sets)
+    validate.add_argument("--storage", help="results root; overrides the file")
 
-    sweep = commands.add_parser("sweep", help="run a sweep file's grid with Ray Tune")
+    sweep = commands.add_parser("sweep", help="run a sweep file's trials with Ray Tune")
     sweep.add_argument("file")
     sweep.add_argument("--set", **sets)
     sweep.add_argument("--storage", help="results root (path or s3://...); overrides the file")
-    sweep.add_argument("--address", help="Ray cluster address ('auto' joins a running one)")
+    sweep.add_argument("--address", **address)
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (default: as fit)")
-    sweep.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
-    sweep.add_argument(
-        "--fresh", action="store_true", help="rerun trials that already finished in this folder"
-    )
+    sweep.add_argument("--wandb", choices=modes)
+    sweep.add_argument("--fresh", action="store_true", help="rerun and retrain every trial")
+    sweep.add_argument("--verbose", "-v", action="count", default=0, help="Ray's own output too")
 
     trial = commands.add_parser("trial", help="run one grid point in this process, without Ray")
     trial.add_argument("file")
     trial.add_argument("--set", **sets)
     trial.add_argument("--index", type=int, default=0, help="grid point, in grid order")
     trial.add_argument("--storage", help="results root; overrides the file")
-    trial.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    trial.add_argument("--wandb", choices=modes)
+
     transfer = commands.add_parser("transfer", help="all-pairs transfer over a finished sweep")
     transfer.add_argument("sweep_dir", metavar="SWEEP_DIR", help="<storage>/<sweep>")
-    transfer.add_argument("--address", help="Ray cluster address ('auto' joins a running one)")
+    transfer.add_argument("--address", **address)
+    transfer.add_argument("--verbose", "-v", action="count", default=0)
 
     ls = commands.add_parser("ls", help="the sweeps under a storage root, with trial counts")
     ls.add_argument("storage", nargs="?", default="results", help="results root (default results)")
@@ -53,73 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from advlab.data import DataError
+    from advlab.store import SweepBusy
+
     args = build_parser().parse_args(argv)
-    if args.command == "report":
-        return make_report(args.sweep_dirs, args.output)
-    if args.command == "transfer":
-        return transfer(args.sweep_dir, args.address)
-    if args.command == "ls":
-        return list_sweeps(args.storage)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "validate": validate, "sweep": sweep, "trial": run_one, "transfer": transfer,
+        "ls": list_sweeps, "report": make_report,
+    }  # fmt: skip
     try:
-        spec = load_sweep(args.file, overrides=_overrides(args))
-        if args.command == "validate":
-            return validate(spec)
-        if args.command == "trial":
-            return run_one(spec, args.index, args.wandb)
-        if args.max_concurrent is not None and args.max_concurrent < 1:
-            raise SpecError("--max-concurrent: must be at least 1")
-        return sweep(spec, args.address, args.max_concurrent, args.wandb, args.fresh)
-    except SpecError as err:
+        return commands[args.command](args)
+    except (SpecError, DataError, SweepBusy, FileNotFoundError, NotADirectoryError) as err:
         message = str(err)
-        if not message.startswith(args.file):  # checks past parsing name the file too
-            message = f"{args.file}: {message}"
-        print(f"advlab: error: {message}", file=sys.stderr)
+        file = getattr(args, "file", None)
+        if file and not message.startswith(file):  # checks past parsing name the file too
+            message = f"{file}: {message}"
+        print(f"advlab: error: {one_line(message)}", file=sys.stderr)
         return 2
 
 
-def transfer(sweep_dir: str, address: str | None) -> int:
-    from advlab.store import SweepStore
-    from advlab.sweep import log_results, transfer_lines
-    from advlab.transfer import run_transfer
-    from advlab.tuning import init_ray
-
-    init_ray(address)
-    try:
-        outcome = run_transfer(sweep_dir)
-    except FileNotFoundError as err:
-        print(f"advlab: error: {err}", file=sys.stderr)
-        return 2
-    log_results(SweepStore.from_dir(sweep_dir))
-    for line in transfer_lines(outcome):
-        print(line)
-    return 0
-
-
-def list_sweeps(storage: str) -> int:
-    from advlab.results import sweeps
-
-    found = sweeps(storage)
-    if not found:
-        print(f"advlab: no sweeps under {storage}")
-        return 0
-    columns = {"versions": 8, "trials": 6, "ok": 4, "failed": 6, "missing": 7, "older": 5}
-    print(f"{'sweep':<32}" + "".join(f" {name:>{width}}" for name, width in columns.items()))
-    for row in found:
-        cells = "".join(f" {row[name]:>{width}}" for name, width in columns.items())
-        print(f"{row['sweep']:<32}{cells}")
-    return 0
-
-
-def make_report(sweep_dirs: list[str], output: str) -> int:
-    from advlab.report import build_report
-
-    try:
-        path = build_report(sweep_dirs, output)
-    except FileNotFoundError as err:
-        print(f"advlab: error: {err}", file=sys.stderr)
-        return 2
-    print(f"advlab: report written to {path}")
-    return 0
+def _spec(args: argparse.Namespace) -> SweepSpec:
+    return load_sweep(args.file, overrides=_overrides(args))
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -130,37 +114,43 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise SpecError(f"--set {item}: expected KEY=VALUE, e.g. --set train.epochs=5")
         try:
-            overrides[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise SpecError(f"--set {item}: the value is not valid YAML; quote it") from None
+            overrides[key] = load_text(value)
+        except (yaml.YAMLError, YAMLRefused):
+            raise SpecError(f"--set {key}: the value is not valid YAML; quote it") from None
     if getattr(args, "storage", None):
         overrides["storage"] = args.storage
     return overrides
 
 
-def validate(spec: SweepSpec) -> int:
+def validate(args: argparse.Namespace) -> int:
     from advlab.preflight import preflight
-    from advlab.store import SweepStore, resolve_storage
+    from advlab.sweep import open_store
 
-    preflight(spec, SweepStore(resolve_storage(spec.settings.storage), spec.name), None)
+    spec = _spec(args)
+    preflight(spec, open_store(spec), None)
     axes = ", ".join(f"{k} ({len(v)})" for k, v in spec.settings.grid.items()) or "none"
     cases = f"{len(spec.settings.cases)} cases x " if spec.settings.cases else ""
-    print(f"{spec.name}: valid, {len(spec.trials)} trials; {cases}grid axes: {axes}")
+    search = spec.settings.search
+    if search.algorithm == "grid":
+        count = f"{len(spec.trials)} trials"
+    else:
+        space = ", ".join(search.space)
+        samples = search.num_samples * len(spec.trials)
+        count = f"{search.algorithm} search of {samples} samples over {space}"
+    print(f"{spec.name}: valid, {count}; {cases}grid axes: {axes}")
     return 0
 
 
-def sweep(
-    spec: SweepSpec,
-    address: str | None,
-    max_concurrent: int | None,
-    wandb: str | None,
-    fresh: bool,
-) -> int:
+def sweep(args: argparse.Namespace) -> int:
     from advlab.sweep import run_sweep, summary_lines
 
+    spec = _spec(args)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise SpecError("--max-concurrent: must be at least 1")
     outcome = run_sweep(
-        spec, address=address, max_concurrent=max_concurrent, wandb_mode=wandb, fresh=fresh
-    )
+        spec, address=args.address, max_concurrent=args.max_concurrent, wandb_mode=args.wandb,
+        fresh=args.fresh, verbose=args.verbose,
+    )  # fmt: skip
     for line in summary_lines(outcome):
         print(line)
     if outcome.interrupted:
@@ -168,7 +158,7 @@ def sweep(
     return 0 if outcome.all_ok else 1
 
 
-def run_one(spec: SweepSpec, index: int, wandb: str | None) -> int:
+def run_one(args: argparse.Namespace) -> int:
     import torch
 
     from advlab.store import resolve_storage
@@ -176,15 +166,67 @@ def run_one(spec: SweepSpec, index: int, wandb: str | None) -> int:
     from advlab.track import resolve_mode
     from advlab.trial import run_trial
 
-    if not 0 <= index < len(spec.trials):
-        raise SpecError(f"--index: {index} is outside the grid; use 0..{len(spec.trials) - 1}")
+    spec = _spec(args)
+    if not 0 <= args.index < len(spec.trials):
+        raise SpecError(f"--index: {args.index} is outside the grid; use 0..{len(spec.trials) - 1}")
     torch.set_num_threads(max(1, math.floor(spec.settings.resources.cpu)))  # as under Ray
-    mode = resolve_mode(wandb or spec.settings.wandb.mode)
-    ctx = trial_context(spec, index, resolve_storage(spec.settings.storage), mode)
-    row = run_trial(spec.trials[index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
-    for key, value in row.items():
+    mode = resolve_mode(args.wandb or spec.settings.wandb.mode)
+    ctx = trial_context(spec, args.index, resolve_storage(spec.settings.storage), mode)
+    result = run_trial(spec.trials[args.index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
+    for key, value in (result.row | result.metrics).items():
         print(f"{key}: {value}")
     return 0
+
+
+def transfer(args: argparse.Namespace) -> int:
+    from advlab.store import SweepStore
+    from advlab.sweep import log_results, transfer_lines
+    from advlab.transfer import run_transfer
+    from advlab.tuning import init_ray
+
+    init_ray(args.address, args.verbose)
+    outcome = run_transfer(args.sweep_dir)
+    log_results(SweepStore.from_dir(args.sweep_dir))
+    for line in transfer_lines(outcome):
+        print(line)
+    return 0 if not outcome.failed_targets else 1
+
+
+def list_sweeps(args: argparse.Namespace) -> int:
+    from advlab.results import sweeps
+
+    found = sweeps(args.storage)
+    if not found:
+        print(f"advlab: no sweeps under {args.storage}")
+        return 0
+    columns = {"versions": 8, "trials": 6, "ok": 4, "failed": 6, "missing": 7, "older": 5}
+    print(f"{'sweep':<32}" + "".join(f" {name:>{width}}" for name, width in columns.items()))
+    for row in found:
+        cells = "".join(f" {row[name]:>{width}}" for name, width in columns.items())
+        print(f"{row['sweep']:<32}{cells}")
+    return 0
+
+
+def make_report(args: argparse.Namespace) -> int:
+    check_output(args.output)
+    from advlab.report import build_report
+
+    path = build_report(args.sweep_dirs, args.output)
+    print(f"advlab: report written to {path}")
+    return 0
+
+
+def check_output(output: str) -> None:
+    """The report's file must be writable before minutes go into building it."""
+    if os.path.isdir(output):
+        raise SpecError(f"-o: {output} is a folder; give a file name such as report.html")
+    folder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(folder):
+        raise SpecError(f"-o: no folder {folder}; create it or write the report elsewhere")
+    if not os.access(folder, os.W_OK) or (
+        os.path.exists(output) and not os.access(output, os.W_OK)
+    ):
+        raise SpecError(f"-o: cannot write {output}; choose a path you can write to")
 
 
 if __name__ == "__main__":

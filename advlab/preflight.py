@@ -26,6 +26,7 @@ def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) ->
     if store is not None:
         check_writable(store)
     check_gpu(spec, address)
+    check_cpus(spec, address)
     datasets = check_data(spec)
     check_models(spec, datasets)
 
@@ -74,6 +75,17 @@ def check_gpu(spec: SweepSpec, address: str | None) -> None:
         )
 
 
+def check_cpus(spec: SweepSpec, address: str | None) -> None:
+    """A trial asking for more CPUs than this machine has would wait for them forever."""
+    have = os.cpu_count() or 1
+    wanted = spec.settings.resources.cpu
+    if address is None and wanted > have:
+        raise SpecError(
+            f"resources.cpu: {wanted:g} CPUs per trial but this machine has {have}; ask for at "
+            f"most {have}, or pass --address of a cluster with larger nodes"
+        )
+
+
 def _data_key(trial: TrialSpec) -> str:
     return trial.dataset.model_dump_json()
 
@@ -87,9 +99,15 @@ def check_data(spec: SweepSpec) -> dict[str, Dataset]:
         try:
             if key not in loaded:
                 loaded[key] = load_data_spec(trial.dataset)
-            select_subset(loaded[key], trial.subset, trial.dataset.split_seed)
+            split = select_subset(loaded[key], trial.subset, trial.dataset.split_seed)
         except DataError as err:
             raise SpecError(str(err)) from None
+        settings = trial.properties
+        if settings.density and settings.density_k > len(split.train_idx):
+            raise SpecError(
+                f"properties.density_k: {settings.density_k} neighbours, but {trial.subset} "
+                f"holds {len(split.train_idx)} training examples; lower density_k"
+            )
     return loaded
 
 

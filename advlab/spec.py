@@ -27,12 +27,17 @@ INPUT_SHAPES = {
 }
 
 
+# Seeds are stored as int64 and offset (seed + 1, + a sample count) by the code that uses them.
+MAX_SEED = 2**32 - 1
+
+
 class SpecError(ValueError):
     """A mistake in a sweep file or command line; str() is the one-line message for the user."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no bool or text where a number belongs; every float finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class NormalizeSpec(_Strict):
@@ -58,17 +63,19 @@ class DatasetSpec(_Strict):
     path: str | None = None  # npz: the file; folder: the ImageFolder root
     args: dict[str, Any] = {}  # keyword arguments of a module:function loader
     normalize: NormalizeSpec | None = None
-    split_seed: int = 0  # fixes P1/P2 and fractions across trials, unlike the trial seed
+    split_seed: int = Field(
+        0, ge=0, le=MAX_SEED
+    )  # fixes P1/P2 and fractions across trials, unlike the trial seed
 
 
 class AdversarialTrainingSpec(_Strict):
     """How training mixes in adversarial examples: J = mix*J(x) + (1-mix)*J(x_adv)."""
 
     method: Literal["none", "fgsm", "pgd", "pool"] = "none"
-    eps: float = Field(0.1, ge=0)  # Linf budget of the training perturbations
+    eps: float = Field(0.1, ge=0, le=1)  # Linf budget of the training perturbations
     mix: float = Field(0.5, ge=0, le=1)  # weight of the clean loss
-    pgd_steps: int = Field(10, ge=1)
-    pool_size: int = Field(1000, ge=1)  # the paper's pool (section 4.2)
+    pgd_steps: int = Field(10, ge=1, le=10_000)
+    pool_size: int = Field(1000, ge=1, le=10_000_000)  # the paper's pool (section 4.2)
     pool_refresh: float = Field(0.1, ge=0, le=1)  # fraction replaced after each epoch
     pool_layers: list[int] = [0]  # 0: inputs; k: outputs of hidden layer k (one pool each)
 
@@ -88,13 +95,19 @@ class AdversarialTrainingSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(10, ge=0)  # 0: evaluate the initial (or `init`) weights untrained
-    batch_size: int = Field(64, ge=1)
+    epochs: int = Field(
+        10, ge=0, le=100_000
+    )  # 0: evaluate the initial (or `init`) weights untrained
+    batch_size: int = Field(64, ge=1, le=10_000_000)
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.1, gt=0, le=1e6)
     momentum: float = Field(0.9, ge=0, lt=1)
-    ae_epochs: int = Field(5, ge=0)  # autoencoder pretraining epochs, ae<h>-K models only
-    eval_every: int = Field(1, ge=0)  # epochs between test-error evaluations; 0: the last only
+    ae_epochs: int = Field(
+        5, ge=0, le=100_000
+    )  # autoencoder pretraining epochs, ae<h>-K models only
+    eval_every: int = Field(
+        1, ge=0, le=100_000
+    )  # epochs between test-error evaluations; 0: the last only
     adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
 
 
@@ -107,7 +120,7 @@ class AttackSpec(BaseModel):
     trial id does not change when an attack gains a new setting with a default.
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
 
     name: str
     label: str | None = None  # the name in results; defaults to `name`
@@ -197,11 +210,13 @@ class PropertiesSpec(_Strict):
 
     lipschitz: bool = True  # per-layer upper Lipschitz bounds and their product
     unit_analysis: bool = False  # natural vs random directions, scored by label purity
-    units: int = Field(8, ge=1)
-    top_k: int = Field(9, ge=2)
+    units: int = Field(8, ge=1, le=10_000)
+    top_k: int = Field(9, ge=2, le=10_000)
     density: bool = False  # kNN distance to the training set: clean, adversarial, noise
-    density_k: int = Field(5, ge=1)
-    density_pca: int = Field(0, ge=0)  # > 0: also the residual off the top principal components
+    density_k: int = Field(5, ge=1, le=100_000)
+    density_pca: int = Field(
+        0, ge=0, le=100_000
+    )  # > 0: also the residual off the top principal components
 
 
 class TrialSpec(_Strict):
@@ -214,10 +229,12 @@ class TrialSpec(_Strict):
     activation: Literal["sigmoid", "relu"] = "sigmoid"
     subset: str = "all"
     weight_decay: float | list[float] = 0.0  # one lambda, or one per layer
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     train: TrainSpec = TrainSpec()
     eps: list[float] = [0.1, 0.2]  # default budgets for every attack
-    attack_examples: int = Field(100, ge=1)  # first N correctly classified examples of:
+    attack_examples: int = Field(
+        100, ge=1, le=10_000_000
+    )  # first N correctly classified examples of:
     attack_split: Literal["test", "train"] = "test"  # train: the trial's training subset
     attacks: list[AttackSpec] = [AttackSpec(name="fgsm"), AttackSpec(name="lbfgs")]
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -293,14 +310,23 @@ def _content_hash(content: dict[str, Any]) -> str:
 
 
 class ResourcesSpec(_Strict):
-    cpu: float = Field(1, gt=0)
-    gpu: float = Field(0, ge=0)
+    # Ray schedules fractions to 1e-4; below a hundredth a trial would starve its threads.
+    cpu: float = Field(1, ge=0.01, le=4096)
+    gpu: float = Field(0, ge=0, le=1024)
 
 
 class WandbSpec(_Strict):
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "advlab"
     entity: str | None = None
+
+    @field_validator("project", "entity")
+    @classmethod
+    def _wandb_accepts_it(cls, value: str | None) -> str | None:
+        # W&B refuses these characters and long names, but only once a run starts.
+        if value is not None and (not 0 < len(value) <= 128 or set(value) & set("/\\#?%:")):
+            raise ValueError("use at most 128 characters and none of / \\ # ? % :")
+        return value
 
 
 class TransferSpec(_Strict):
@@ -311,8 +337,10 @@ class TransferSpec(_Strict):
     noise: bool = True  # Gaussian noise with each example's own per-pixel rms distortion
     noise_stddev: list[float] = []  # the paper's fixed-stddev noise rows on clean test images
     amplify_rms: list[float] = [0.1]  # perturbations rescaled to these per-pixel rms values
-    control_max_train: int = Field(10000, ge=10)  # subsample for the slow controls (rbf_svm)
-    seed: int = 0
+    control_max_train: int = Field(
+        10000, ge=10, le=10_000_000
+    )  # subsample for the slow controls (rbf_svm)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("amplify_rms", "noise_stddev")
     @classmethod
@@ -333,11 +361,11 @@ class SearchSpec(_Strict):
     the sweep records its Pareto front)."""
 
     algorithm: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, ge=1)  # samples drawn (per grid point, for random)
+    num_samples: int = Field(1, ge=1, le=10_000)  # samples drawn (per grid point, for random)
     space: dict[str, dict[str, list[Any]]] = {}
     metric: str | list[str] | None = None  # a final metric: test_error, pgd/robust_error@0.1
     mode: Literal["min", "max"] | list[Literal["min", "max"]] = "min"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchSpec:
@@ -396,8 +424,13 @@ class SchedulerSpec(_Strict):
     name: Literal["none", "asha", "median"] = "none"
     metric: str = "test_error"  # an epoch metric: loss, train_error, test_error, ...
     mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(1, ge=1)  # epochs every trial runs before it can be stopped
+    grace_period: int = Field(
+        1, ge=1, le=100_000
+    )  # epochs every trial runs before it can be stopped
     reduction_factor: float = Field(3.0, gt=1, allow_inf_nan=False)  # ASHA's eta
+
+
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")  # pyarrow.fs knows them
 
 
 class SweepSettings(_Strict):
@@ -405,14 +438,29 @@ class SweepSettings(_Strict):
     grid: dict[str, list[Any]] = {}
     cases: list[dict[str, Any]] = []  # each a set of dotted trial keys applied together
     resources: ResourcesSpec = ResourcesSpec()
-    storage: str = "results"
-    max_concurrent: int | None = Field(None, ge=1)
-    max_failures: int = Field(3, ge=0)  # retries of a trial whose worker or node was lost
-    checkpoint_every: int = Field(5, ge=0)  # epochs between training checkpoints; 0: none
+    storage: str = "results"  # a path, or a URI of file://, s3://, gs://, hdfs:// or abfs://
+    max_concurrent: int | None = Field(None, ge=1, le=100_000)
+    max_failures: int = Field(3, ge=0, le=1000)  # retries of a trial whose worker or node was lost
+    checkpoint_every: int = Field(
+        5, ge=0, le=100_000
+    )  # epochs between training checkpoints; 0: none
     wandb: WandbSpec = WandbSpec()
     transfer: TransferSpec = TransferSpec()
     search: SearchSpec = SearchSpec()
     scheduler: SchedulerSpec = SchedulerSpec()
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_scheme_known(cls, value: str) -> str:
+        scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+        if scheme and scheme not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"{scheme}:// is no storage advlab can write; use a path or one of "
+                f"{', '.join(s + '://' for s in STORAGE_SCHEMES)}"
+            )
+        if not value.strip() or "\x00" in value:
+            raise ValueError("give a folder path or a storage URI")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,16 @@ TABLES = tuple(SCHEMAS)
 MANIFEST = "sweep.json"
 
 
+class SweepBusy(RuntimeError):
+    """Another advlab sweep holds this sweep folder."""
+
+    def __init__(self, uri: str, holder: str) -> None:
+        super().__init__(
+            f"{uri} is in use by another advlab sweep ({holder or 'pid unknown'}); wait for it "
+            "to finish, or pass --storage to run this one elsewhere"
+        )
+
+
 def resolve_storage(storage: str) -> str:
     """Make a local storage path absolute (trials run in other working directories)."""
     if "://" in storage:
@@ -44,6 +55,7 @@ class SweepStore:
     def __init__(self, storage: str, sweep: str):
         self.uri = f"{resolve_storage(storage)}/{sweep}"
         self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        self.damaged: list[str] = []  # notes on files found damaged and skipped or moved
 
     @classmethod
     def from_dir(cls, sweep_dir: str) -> SweepStore:
@@ -142,12 +154,31 @@ class SweepStore:
         self._write_atomic("models", f"{key}.pt", buffer.getvalue())
 
     def load_model(self, key: str) -> dict[str, Any] | None:
+        """A cached trained model, or None when there is none or its file is damaged (then it
+        is moved to damaged/ and the model is trained again)."""
         path = self.path("models", f"{key}.pt")
         if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
-        with self.fs.open_input_stream(path) as source:
-            # weights_only: a results folder is data, and must never run code when loaded.
-            return torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
+        try:
+            with self.fs.open_input_stream(path) as source:
+                # weights_only: a results folder is data, and must never run code when loaded.
+                return torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
+        except Exception as err:  # truncated, or not a torch file: damage, whatever the kind
+            self.quarantine(path, err)
+            return None
+
+    def quarantine(self, path: str, err: BaseException | str) -> str:
+        """Move a damaged file out of the way, to damaged/ (kept for a look, never read), and
+        note why; returns the line that says so."""
+        relative = path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
+        stamp = uuid.uuid4().hex[:8]
+        target = self.path("damaged", f"{relative}.{stamp}")
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        self.fs.move(path, target)
+        why = " ".join(str(err).split())[:120]
+        line = f"{relative} is damaged ({why}); moved to damaged/, its work runs again"
+        self.damaged.append(line)
+        return line
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
@@ -160,6 +191,30 @@ class SweepStore:
         os.makedirs(local, exist_ok=True)
         with open(os.path.join(local, f".{name}.lock"), "w") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def sweep_lock(self) -> Iterator[None]:
+        """Hold the sweep folder for one `advlab sweep` at a time: a second one on the same
+        folder would run every unfinished trial again beside the first. Local storage only
+        (object stores have no locks; there, run one sweep per folder)."""
+        if self.is_remote:
+            yield
+            return
+        os.makedirs(self.path(), exist_ok=True)
+        with open(self.path(".sweep.lock"), "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise SweepBusy(self.uri, handle.read().strip()) from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
             try:
                 yield
             finally:
@@ -215,8 +270,14 @@ class SweepStore:
         return sorted(i.path for i in infos if i.path.endswith(".parquet"))
 
     def read(self, table: str) -> pd.DataFrame:
-        """Every trial's rows of one table (empty frame if none)."""
-        frames = [pq.read_table(p, filesystem=self.fs).to_pandas() for p in self.trial_files(table)]
+        """Every trial's rows of one table (empty frame if none); a damaged file is skipped and
+        noted in `damaged` (`check_files` moves such files away before a sweep resumes)."""
+        frames = []
+        for path in self.trial_files(table):
+            try:
+                frames.append(pq.read_table(path, filesystem=self.fs).to_pandas())
+            except (OSError, pa.ArrowException) as err:
+                self.damaged.append(f"{path}: {' '.join(str(err).split())[:120]}")
         if not frames:
             return SCHEMAS[table].empty_table().to_pandas()
         return pd.concat(frames, ignore_index=True)
@@ -232,10 +293,50 @@ class SweepStore:
         self._write_atomic("", name, json.dumps(payload, indent=2, sort_keys=True).encode())
 
     def read_json(self, name: str) -> dict[str, Any] | None:
+        """A JSON record, or None when absent or damaged (then moved to damaged/)."""
         if self.fs.get_file_info(self.path(name)).type == pafs.FileType.NotFound:
             return None
         with self.fs.open_input_stream(self.path(name)) as source:
-            return json.loads(source.read().decode())
+            text = source.read()
+        try:
+            found = json.loads(text.decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            self.quarantine(self.path(name), err)
+            return None
+        if not isinstance(found, dict):
+            self.quarantine(self.path(name), "not a JSON object")
+            return None
+        return found
+
+    def check_files(self) -> list[str]:
+        """Before a sweep resumes: move every damaged results file to damaged/ so its work runs
+        again. A damaged attack-run file takes that run's other files with it (its results must
+        come as a set); a damaged trial file takes the trial's row (the trial reruns)."""
+        lines = []
+        for kind in TABLES:
+            for path in self.trial_files(kind):
+                if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+                    continue  # moved already, with a sibling
+                try:
+                    pq.read_metadata(path, filesystem=self.fs)
+                except (OSError, pa.ArrowException) as err:
+                    lines.append(self.quarantine(path, err))
+                    self._quarantine_siblings(kind, path.rsplit("/", 1)[1])
+        return lines
+
+    def _quarantine_siblings(self, kind: str, name: str) -> None:
+        stem = name.removesuffix(".parquet")
+        trial_id, _, part = stem.partition(".")
+        for other in TABLES:
+            if part:  # an attack run: all its parts
+                siblings = [self.path(other, name)]
+            elif other == "trials" and kind != "trials":  # a trial file: its row
+                siblings = [self.path("trials", f"{trial_id}.parquet")]
+            else:
+                siblings = []
+            for sibling in siblings:
+                if self.fs.get_file_info(sibling).type != pafs.FileType.NotFound:
+                    self.quarantine(sibling, f"goes with the damaged {kind}/{name}")
 
 
 def _safe(text: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from advlab import manifest, tuning
 from advlab.preflight import check_cluster_gpus, preflight
+from advlab.spec import SpecError
 from advlab.store import TABLES, SweepStore, resolve_storage
 from advlab.sweepfile import SweepSpec
 from advlab.track import reachable_mode, resolve_mode
@@ -34,10 +35,12 @@ class SweepOutcome:
     attack_failures: dict[tuple[str, str], str] = field(default_factory=dict)
     stopped: list[str] = field(default_factory=list)  # ended early by the scheduler, on purpose
     interrupted: bool = False  # Ctrl-C: rerunning the same command continues
+    transfer_error: str = ""  # the transfer stage failed as a whole
 
     @property
     def all_ok(self) -> bool:
-        return not (self.failed or self.missing or self.attack_failures or self.interrupted)
+        broken = self.failed or self.missing or self.attack_failures or self.transfer_error
+        return not (broken or self.interrupted)
 
 
 def trial_configs(
@@ -104,43 +107,93 @@ def run_sweep(
 
     Trials already finished in this sweep's folder are skipped (an interrupted sweep resumes
     where it stopped, unfinished trials from their last checkpoint) unless `fresh`, which also
-    retrains; failed ones run again.
+    retrains; failed ones run again. Bad input raises SpecError before anything is written;
+    another sweep on the same folder raises SweepBusy.
     """
-    storage = resolve_storage(spec.settings.storage)
-    store = SweepStore(storage, spec.name)
+    store = open_store(spec)
     preflight(spec, store, address)
     mode, note = reachable_mode(resolve_mode(wandb_mode or spec.settings.wandb.mode))
     if note:
         print(f"advlab: {note}", file=sys.stderr)
+    with store.sweep_lock():
+        for line in store.check_files():
+            print(f"advlab: {line}", file=sys.stderr)
+        run = run_trials(spec, store, mode, address, max_concurrent, fresh, verbose)
+        for line in store.damaged:
+            print(f"advlab: skipped {line}", file=sys.stderr)
+        outcome = collect_outcome(spec, store, mode, run)
+        if not outcome.interrupted:  # after Ctrl-C rerunning continues; no transfer now
+            finish(spec, store, outcome, address, verbose, new_trials=run is not None)
+    return outcome
+
+
+def open_store(spec: SweepSpec) -> SweepStore:
+    """The sweep's folder; storage that cannot be reached is bad input, said in one line."""
+    storage = spec.settings.storage
+    try:
+        return SweepStore(resolve_storage(storage), spec.name)
+    except (OSError, ValueError) as err:  # pyarrow: unreachable bucket, malformed URI
+        why = " ".join(str(err).split())[:160]
+        raise SpecError(
+            f"storage: cannot open {storage} ({why}); check the path or the bucket, its "
+            "credentials and the network"
+        ) from None
+
+
+def run_trials(
+    spec: SweepSpec,
+    store: SweepStore,
+    mode: str,
+    address: str | None,
+    max_concurrent: int | None,
+    fresh: bool,
+    verbose: int,
+) -> tuning.TuneRun | None:
+    """Record this version of the sweep, then hand Tune what is left to run (None: nothing)."""
     recorded = manifest.record_version(store.read_manifest(), spec)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f") if fresh else ""
-    configs = trial_configs(spec, storage, mode, manifest.labels(recorded), stamp)
+    configs = trial_configs(
+        spec, store.uri.rsplit("/", 1)[0], mode, manifest.labels(recorded), stamp
+    )
     store.write_manifest(recorded)
     plan = plan_run(spec, store, configs, fresh)
-    run = None
-    if plan.total:
-        tuning.init_ray(address, verbose)
-        check_cluster_gpus(spec)
-        print(f"advlab: sweep '{spec.name}': {plan.total} trials -> {store.uri}", flush=True)
-        run = tuning.run_tuner(
-            spec, store, plan.configs, num_samples=plan.num_samples, pending=plan.pending,
-            done=plan.done, max_concurrent=max_concurrent, verbose=verbose,
-            callbacks=[tuning.progress_callback(plan.total)],
-        )  # fmt: skip
-        record_run(spec, store, run)
-        write_pareto(spec, store)
-    outcome = collect_outcome(spec, store, mode, run)
-    if outcome.interrupted:
-        return outcome  # no transfer: rerunning the command continues the trials
-    # Transfer after new results, or when a finished sweep has never had its transfer stage.
-    if spec.settings.transfer.enabled and outcome.ok and (run or not store.trial_files("transfer")):
+    if not plan.total:
+        return None
+    tuning.init_ray(address, verbose)
+    check_cluster_gpus(spec)
+    print(f"advlab: sweep '{spec.name}': {plan.total} trials -> {store.uri}", flush=True)
+    run = tuning.run_tuner(
+        spec, store, plan.configs, num_samples=plan.num_samples, pending=plan.pending,
+        done=plan.done, max_concurrent=max_concurrent, verbose=verbose,
+        callbacks=[tuning.progress_callback(plan.total)],
+    )  # fmt: skip
+    record_run(spec, store, run)
+    write_pareto(spec, store)
+    return run
+
+
+def finish(
+    spec: SweepSpec,
+    store: SweepStore,
+    outcome: SweepOutcome,
+    address: str | None,
+    verbose: int,
+    new_trials: bool,
+) -> None:
+    """The transfer stage (after new results, or when a finished sweep never had one) and the
+    results artifact. A transfer stage that fails as a whole is recorded in the outcome; the
+    trials' results stand."""
+    transfer = spec.settings.transfer
+    if transfer.enabled and outcome.ok and (new_trials or not store.trial_files("transfer")):
         from advlab.transfer import run_transfer
 
         tuning.init_ray(address, verbose)
-        outcome.transfer = run_transfer(store.uri, spec.settings.transfer, mode)
-    if run is not None or outcome.transfer is not None:
-        log_results(store, mode)
-    return outcome
+        try:
+            outcome.transfer = run_transfer(store.uri, transfer, outcome.wandb_mode)
+        except Exception as err:  # a whole-stage failure (disk full, Ray lost) costs the stage
+            outcome.transfer_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    if new_trials or outcome.transfer is not None:
+        log_results(store, outcome.wandb_mode)
 
 
 def log_results(store: SweepStore, mode: str | None = None) -> None:
@@ -306,12 +359,13 @@ def failed_attacks(spec: SweepSpec, store: SweepStore) -> dict[tuple[str, str], 
 
 
 def transfer_lines(outcome: TransferOutcome) -> list[str]:
+    targets = outcome.rows["target"].nunique() if len(outcome.rows) else 0
     lines = [
-        f"advlab: transfer: {len(outcome.sources)} source trials x "
-        f"{outcome.rows['target'].nunique()} targets, {len(outcome.rows)} rows in "
-        f"{outcome.seconds:.1f} s"
+        f"advlab: transfer: {len(outcome.sources)} source trials x {targets} targets, "
+        f"{len(outcome.rows)} rows in {outcome.seconds:.1f} s"
     ]
     lines += [f"  not transferred {tid}: {why}" for tid, why in outcome.skipped.items()]
+    lines += [f"  target {t} failed: {why}" for t, why in outcome.failed_targets.items()]
     return lines
 
 
@@ -336,6 +390,11 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     ]
     if outcome.transfer is not None:
         lines += transfer_lines(outcome.transfer)
+    if outcome.transfer_error:
+        lines.append(
+            f"  transfer stage failed: {outcome.transfer_error}; fix it and run "
+            f"`advlab transfer {store.uri}`"
+        )
     lines.append(f"  parquet: {store.uri}/{{{','.join(TABLES)}}}/")
     if outcome.wandb_mode == "offline":
         runs = store.wandb_runs()

@@ -39,6 +39,7 @@ from advlab.spec import (
     TrialSpec,
 )
 from advlab.train import EpochStats
+from advlab.yamlfile import YAMLRefused, load_file
 
 
 class SweepSpec:
@@ -125,7 +126,9 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     if not path.is_file():
         raise SpecError(f"{path}: no such sweep file; pass the path of a YAML sweep file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_file(path)
+    except YAMLRefused as err:
+        raise SpecError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -312,9 +315,14 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise SpecError(_one_line(err, model)) from None
 
 
+# pydantic names the member of a union it tried (weight_decay.float); users never wrote those.
+_UNION_TAG = re.compile(r"^(float|int|str|bool|none|(list|dict|literal|function-\w+)\[.*\])$")
+
+
 def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
     first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    parts = [str(p) for p in first["loc"] if not _UNION_TAG.match(str(p))]
+    key = ".".join(parts) or "(top level)"
     if first["type"] == "extra_forbidden":
         leaf = str(first["loc"][-1])
         known = _fields_at(model, [str(p) for p in first["loc"][:-1]])
@@ -325,7 +333,13 @@ def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
     # Validators name the field they refuse as "field: why"; fold it into the key.
     if (named := re.match(r"([A-Za-z_][\w.]*): (.*)", message)) is not None:
         return f"{key}.{named.group(1)}: {named.group(2)}"
-    return f"{key}: {message} (got {first.get('input')!r})"
+    return f"{key}: {message} (got {short(first.get('input'))})"
+
+
+def short(value: Any, width: int = 60) -> str:
+    """A value for an error message: its repr, cut to `width` (a bad value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= width else f"{text[: width - 5]}...{text[-2:]}"
 
 
 def _fields_at(model: type[BaseModel], path: list[str]) -> set[str]:

@@ -213,7 +213,7 @@ def train_or_load(
     model = model_for(spec, data.input_shape, data.num_classes).to(device)
 
     def on_epoch(stats: EpochStats, state: Callable[[], dict[str, Any]] | None) -> None:
-        check_training(stats)
+        check_training(stats, data.num_classes)
         tracker.log_epoch(asdict(stats))
         if report is not None:
             report(asdict(stats), state)
@@ -252,11 +252,23 @@ def init_digest(spec: TrialSpec) -> str | None:
         return hashlib.sha256(handle.read()).hexdigest()[:16]
 
 
-def check_training(stats: EpochStats) -> None:
-    """A NaN or infinite loss ends the trial as failed, with the fix in the reason."""
+# An untrained net's loss is about log K (chance); a loss this many times higher has diverged
+# even without a NaN (sgd at lr 1e6 settles near 5e6 instead of overflowing), and its logits
+# are too large for its gradients to mean anything to an attack.
+DIVERGED = 100.0
+
+
+def check_training(stats: EpochStats, classes: int) -> None:
+    """A NaN, infinite or diverged loss ends the trial as failed, with the fix in the reason."""
     if not math.isfinite(stats.loss):
         raise FloatingPointError(
             f"training loss is {stats.loss} at epoch {stats.epoch}; lower train.lr or weight_decay"
+        )
+    chance = math.log(max(classes, 2))
+    if stats.epoch > 1 and stats.loss > DIVERGED * chance:
+        raise FloatingPointError(
+            f"training diverged: loss {stats.loss:.4g} at epoch {stats.epoch}, "
+            f"{stats.loss / chance:.3g} times chance's {chance:.3g}; lower train.lr or weight_decay"
         )
 
 

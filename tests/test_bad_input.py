@@ -26,7 +26,7 @@ CASES: list[tuple[str, Any, list[str], str]] = [
     ("empty-grid-axis", {"grid": {"model": []}}, [], "grid.model: empty list"),
     ("grid-axis-unknown", {"grid": {"modl": ["fc10"]}}, [], "did you mean 'model'"),
     ("negative-eps", {"eps": [0.1, -0.1]}, [], "eps: budget -0.1 must be a finite number >= 0"),
-    ("nan-eps", {"eps": [float("nan")]}, [], "eps: budget nan"),
+    ("nan-eps", {"eps": [float("nan")]}, [], "eps.0: Input should be a finite number"),
     ("negative-attack-eps", {"attacks": [{"name": "fgsm", "eps": -1}]}, [], "attacks.0.eps"),
     ("unknown-model", {"grid": {"model": ["fc10", "mlp9"]}}, [], "model: 'mlp9'"),
     ("model-class-count", {"grid": {"model": ["fc100-7"]}}, [], "end the name in 10"),

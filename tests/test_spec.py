@@ -96,7 +96,7 @@ BAD_SWEEPS = [
     ({"grid": {"model": ["fc10", "fc100-x-10"]}}, "model: 'fc100-x-10'"),
     ({"grid": {"model": ["fc100-100-7"]}}, "end the name in 10"),
     ({"eps": [0.1, -0.2]}, "eps: budget -0.2 must be a finite number >= 0"),
-    ({"eps": [float("nan")]}, "eps: budget nan must be a finite number >= 0"),
+    ({"eps": [float("nan")]}, "eps.0: Input should be a finite number"),
     ({"grid": {"model": []}}, "grid.model: empty list"),
     ({"grid": {"modell": ["fc10"]}}, "grid.modell: not a trial key; did you mean 'model'?"),
     ({"dataset": {"name": "imagenet"}}, "dataset.name:"),

@@ -47,7 +47,7 @@ AttackFn = Callable[..., AttackResult]
 class Settings(BaseModel):
     """Base of every attack's settings: unknown keys are refused, values are immutable."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
