@@ -184,6 +184,10 @@ def transfer(args: argparse.Namespace) -> int:
     from advlab.transfer import run_transfer
     from advlab.tuning import init_ray
 
+    if SweepStore.from_dir(args.sweep_dir).read("trials").empty:  # before Ray starts
+        raise FileNotFoundError(
+            f"{args.sweep_dir}: no trials to transfer between; run the sweep first"
+        )
     init_ray(args.address, args.verbose)
     outcome = run_transfer(args.sweep_dir)
     log_results(SweepStore.from_dir(args.sweep_dir))

@@ -84,7 +84,12 @@ def read_table(store: SweepStore, name: str, columns: list[str] | None = None) -
     schema = SCHEMAS[name]
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
-    parts = [_conform(_read_file(store, path), schema) for path in store.trial_files(name)]
+    parts = []
+    for path in store.trial_files(name):
+        try:
+            parts.append(_conform(_read_file(store, path), schema))
+        except (OSError, pa.ArrowException) as err:  # damaged: left out, and noted
+            store.damaged.append(f"{path}: {' '.join(str(err).split())[:120]}")
     table = pa.concat_tables(parts) if parts else schema.empty_table()
     return table.to_pandas(types_mapper=_nullable_types)
 
@@ -194,6 +199,8 @@ def sweeps(storage: str) -> list[dict[str, Any]]:
 
     root = resolve_storage(storage)
     fs, base = pafs.FileSystem.from_uri(root)
+    if fs.get_file_info(base).type == pafs.FileType.File:
+        raise NotADirectoryError(f"{storage} is not a folder; give the storage root of sweeps")
     found = []
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         if info.type != pafs.FileType.Directory:

@@ -256,8 +256,8 @@ class TrialSpec(_Strict):
     @classmethod
     def _decay_valid(cls, value: float | list[float]) -> float | list[float]:
         values = value if isinstance(value, list) else [value]
-        if not values or any(math.isnan(v) or v < 0 for v in values):
-            raise ValueError("weight decay must be >= 0 (one lambda or one per layer)")
+        if not values or any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError("weight decay must be finite and >= 0 (one lambda or one per layer)")
         return value
 
     @field_validator("attacks")

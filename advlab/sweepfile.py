@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import math
 import re
 import sys
 from pathlib import Path
@@ -168,6 +169,12 @@ def parse_sweep(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     for number, case in enumerate(settings.cases):
         for key in case:
             _check_axis(f"cases.{number}.{key}", key)
+    size = max(len(settings.cases), 1) * math.prod(len(v) for v in settings.grid.values())
+    if size > MAX_TRIALS:
+        raise SpecError(
+            f"grid: {size} trials; a sweep holds at most {MAX_TRIALS} (each is validated before "
+            "anything runs); split it, or sample it with search: {algorithm: random}"
+        )
     points = [
         point
         for case_base in _apply_cases(base, settings.cases)
@@ -314,6 +321,8 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
     except ValidationError as err:
         raise SpecError(_one_line(err, model)) from None
 
+
+MAX_TRIALS = 10_000
 
 # pydantic names the member of a union it tried (weight_decay.float); users never wrote those.
 _UNION_TAG = re.compile(r"^(float|int|str|bool|none|(list|dict|literal|function-\w+)\[.*\])$")

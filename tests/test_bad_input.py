@@ -83,9 +83,6 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         if raw["storage"] == "@file/results":
             (tmp_path / "a-file").write_text("not a folder")
             raw["storage"] = str(tmp_path / "a-file" / "results")
-        if raw["name"] == "clash":  # a different sweep already lives at <storage>/clash
-            (storage / "clash").mkdir(parents=True)
-            (storage / "clash" / "sweep.json").write_text(json.dumps({"trial_ids": ["other"]}))
         path.write_text(yaml.safe_dump(raw))
     before = sorted(p for p in tmp_path.rglob("*"))
 
