@@ -265,8 +265,12 @@ class SweepStore:
         return pd.concat(frames, ignore_index=True)
 
     def trial_files(self, table: str) -> list[str]:
+        """The table's parquet files (none when its folder is missing or is no folder)."""
         selector = pafs.FileSelector(self.path(table), allow_not_found=True)
-        infos = self.fs.get_file_info(selector)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except (NotADirectoryError, OSError):  # something else stands where the folder goes
+            return []
         return sorted(i.path for i in infos if i.path.endswith(".parquet"))
 
     def read(self, table: str) -> pd.DataFrame:

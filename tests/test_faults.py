@@ -1,0 +1,143 @@
+"""Faults during work: damaged results files, a broken transfer target or stage, two sweeps on
+one folder, diverged training. Nothing already right is lost or duplicated, every failure is
+recorded with its reason, and rerunning the same command mends what can be mended."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import tiny_sweep
+
+from advlab import results
+from advlab.cli import main
+from advlab.store import SweepStore
+from advlab.sweepfile import parse_sweep
+from advlab.trial import TrialContext, run_trial
+
+
+@pytest.fixture(scope="module")
+def finished(ray_local, tmp_path_factory) -> tuple[Path, Path]:
+    """A finished two-trial sweep (its file and folder), copied afresh by each test."""
+    folder = tmp_path_factory.mktemp("faults")
+    raw = tiny_sweep(name="f", storage=str(folder / "results"), wandb={"mode": "disabled"})
+    raw["transfer"] = {"controls": ["constant"]}
+    path = folder / "f.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 0
+    return path, folder / "results" / "f"
+
+
+def _copy(finished: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    path, folder = finished
+    target = tmp_path / "results" / "f"
+    shutil.copytree(folder, target)
+    return path, target
+
+
+def _truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_damaged_files_are_moved_aside_and_only_their_work_reruns(
+    finished, tmp_path: Path, capsys
+) -> None:
+    path, folder = _copy(finished, tmp_path)
+    before = results.load(str(folder))
+    first, second = before.trials["trial_id"]
+    key = before.trials.set_index("trial_id").loc[first, "training_key"]
+    untouched = folder / "epochs" / f"{second}.parquet"
+    kept = untouched.read_bytes()
+    _truncate(folder / "trials" / f"{first}.parquet")
+    _truncate(folder / "examples" / f"{second}.lbfgs.parquet")
+    _truncate(folder / "models" / f"{key}.pt")
+    (folder / "sweep.json").write_text('{"name": "f", "vers')
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 0
+    err = capsys.readouterr().err
+    for name in (f"trials/{first}.parquet", f"examples/{second}.lbfgs.parquet"):
+        assert f"{name} is damaged" in err
+    assert {p.name.split(".parquet")[0] for p in (folder / "damaged").rglob("*.parquet*")} >= {
+        first,
+        f"{second}.lbfgs",
+    }
+    after = results.load(str(folder))
+    assert sorted(after.trials["trial_id"]) == sorted([first, second])  # no duplicates
+    pd.testing.assert_series_equal(
+        after.trials.set_index("trial_id")["test_error"].sort_index(),
+        before.trials.set_index("trial_id")["test_error"].sort_index(),
+    )  # the damaged model was retrained to the same weights
+    lbfgs = after.examples().query("attack == 'lbfgs'")
+    assert len(lbfgs) == len(before.examples().query("attack == 'lbfgs'"))
+    assert untouched.read_bytes() == kept  # what was not damaged was not redone
+    assert main(["report", str(folder), "-o", str(tmp_path / "r.html")]) == 0
+
+
+@pytest.mark.slow
+def test_a_broken_transfer_target_costs_that_target_only(finished, tmp_path: Path, capsys) -> None:
+    _, folder = _copy(finished, tmp_path)
+    res = results.load(str(folder))
+    lost, kept = res.trials["trial_id"]
+    (
+        folder / "models" / f"{res.trials.set_index('trial_id').loc[lost, 'training_key']}.pt"
+    ).unlink()
+    assert main(["transfer", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert f"target {lost} failed: FileNotFoundError" in out
+    rows = SweepStore.from_dir(str(folder)).read("transfer")
+    failed = rows[rows["status"] == "failed"]
+    assert failed["target"].tolist() == [lost]
+    ok = rows[rows["status"] == "ok"]
+    assert set(ok["target"]) == {kept, "constant"}
+    assert set(ok["source_trial"]) >= {lost, kept}  # its examples still transfer elsewhere
+
+
+@pytest.mark.slow
+def test_a_failed_transfer_stage_is_summarised_and_the_sweep_exits_1(
+    finished, tmp_path: Path, capsys
+) -> None:
+    path, folder = _copy(finished, tmp_path)
+    shutil.rmtree(folder / "transfer")
+    (folder / "transfer").write_text("a file where the transfer folder goes")  # cannot write
+    assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 1
+    out = capsys.readouterr().out
+    assert "2/2 trials ok" in out
+    assert "transfer stage failed:" in out and "advlab transfer" in out
+
+
+@pytest.mark.slow
+def test_a_second_sweep_on_the_same_folder_is_refused(finished, tmp_path: Path, capsys) -> None:
+    path, _ = _copy(finished, tmp_path)
+    store = SweepStore(str(tmp_path / "results"), "f")
+    with store.sweep_lock():
+        assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is in use by another advlab sweep (pid" in err
+
+
+def test_training_that_diverges_without_nan_fails_with_its_reason(tmp_path: Path) -> None:
+    raw = tiny_sweep(name="d", grid={}, model="fc10")
+    raw["train"] = {"epochs": 3, "batch_size": 32, "optimizer": "sgd", "lr": 1.0e6}
+    spec = parse_sweep(raw)
+    with pytest.raises(FloatingPointError, match="training diverged"):
+        run_trial(spec.trials[0], TrialContext(sweep="d", storage=str(tmp_path)))
+    row = SweepStore(str(tmp_path), "d").read("trials").iloc[0]
+    assert row["status"] == "failed"
+    assert row["reason"].startswith("FloatingPointError: training diverged: loss")
+
+
+@pytest.mark.slow
+def test_a_sweep_without_attacks_trains_and_transfers_nothing(ray_local, tmp_path: Path) -> None:
+    raw = tiny_sweep(name="bare", storage=str(tmp_path / "results"), attacks=[])
+    raw["wandb"] = {"mode": "disabled"}
+    path = tmp_path / "bare.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 0
+    res = results.load(str(tmp_path / "results" / "bare"))
+    assert (res.trials["status"] == "ok").all() and res.attacks.empty
+    assert res.transfer.empty
