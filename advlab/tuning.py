@@ -247,39 +247,10 @@ def run_tuner(
 ) -> TuneRun:
     """One Tuner.fit over `configs` (grid points), sampling the search space `num_samples`
     times per point for random and Optuna searches."""
-    import datetime as dt
-
-    from ray import tune
-
-    search = spec.settings.search
-    grid = configs[0] if len(configs) == 1 else tune.grid_search(configs)
-    space: dict[str, Any] = {"trial": grid}
-    if search.algorithm != "grid":
-        space["sample"] = domains(search)
-    resources = spec.settings.resources
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu}),
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            search_alg=search_algorithm(spec, store, pending, done),
-            scheduler=scheduler(spec),
-            num_samples=num_samples,
-            max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
-            trial_dirname_creator=lambda t: resolve(t.config)[0].trial_id(),  # ids are paths
-            trial_name_creator=lambda t: resolve(t.config)[1].label,
-            reuse_actors=True,  # a worker process (torch, data cache) serves many trials
-        ),
-        run_config=tune.RunConfig(
-            name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
-            storage_path=store.ray_dir(),
-            # Retries are for lost workers and nodes; trial failures do not raise (see above).
-            failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            verbose=verbose,
-            callbacks=callbacks,
-        ),
-    )
+    tuner = make_tuner(
+        spec, store, configs, num_samples, search_algorithm(spec, store, pending, done),
+        max_concurrent, verbose, callbacks,
+    )  # fmt: skip
     # Ctrl-C raises here instead of Tune's own handler, which would finish the call, print its
     # Tuner.restore hint and leave the caller guessing whether the run completed.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
@@ -296,6 +267,50 @@ def run_tuner(
         errors=[str(e).splitlines()[0] for e in results.errors],
         interrupted=any(s not in ("TERMINATED", "ERROR") for s in statuses),
         experiment=results.experiment_path,
+    )
+
+
+def make_tuner(
+    spec: SweepSpec,
+    store: SweepStore,
+    configs: list[dict[str, Any]],
+    num_samples: int,
+    search: Any,
+    max_concurrent: int | None,
+    verbose: int,
+    callbacks: list[Any],
+) -> Any:
+    import datetime as dt
+
+    from ray import tune
+
+    grid = configs[0] if len(configs) == 1 else tune.grid_search(configs)
+    space: dict[str, Any] = {"trial": grid}
+    if spec.settings.search.algorithm != "grid":
+        space["sample"] = domains(spec.settings.search)
+    resources = spec.settings.resources
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    return tune.Tuner(
+        tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            search_alg=search,
+            scheduler=scheduler(spec),
+            num_samples=num_samples,
+            max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
+            trial_dirname_creator=lambda t: resolve(t.config)[0].trial_id(),  # ids are paths
+            trial_name_creator=lambda t: resolve(t.config)[1].label,
+            reuse_actors=True,  # a worker process (torch, data cache) serves many trials
+        ),
+        run_config=tune.RunConfig(
+            name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
+            storage_path=store.ray_dir(),
+            # Retries are for lost workers and nodes; trial failures do not raise (see above).
+            failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            verbose=verbose,
+            callbacks=callbacks,
+        ),
     )
 
 

@@ -42,7 +42,7 @@ def test_rows_round_trip_and_rewrite_replaces(tmp_path: Path) -> None:
 def test_examples_keep_their_schema_and_images(tmp_path: Path) -> None:
     store = SweepStore(str(tmp_path), "s")
     row = {name: 0 for name in EXAMPLES.names}
-    row |= {"trial_id": "t", "attack": "lbfgs", "budget": None, "success": True}
+    row |= {"trial_id": "t", "attack": "lbfgs", "budget": None, "success": True, "split": "test"}
     row |= {"dist_rms": 0.1, "dist_l2": 0.8, "dist_linf": 0.3, "x_adv": [0.0, 0.5, 1.0]}
     store.write_rows("examples", "t", [row])
     table = pq.read_table(tmp_path / "s" / "examples" / "t.parquet")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,7 @@ def test_same_sweep_twice_gives_identical_trials_tables(finished, tmp_path: Path
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(ray_local, write_sweep, capsys) -> None:
-    raw = tiny_sweep(name="diverges", grid={"train.lr": [0.1, 1.0e30]})
+    raw = tiny_sweep(name="diverges", grid={"train.lr": [0.1, 1.0e6]})
     raw |= {"train": {"epochs": 3, "optimizer": "sgd"}, "weight_decay": 1.0e-4}  # overflows
     assert main(["sweep", str(write_sweep(raw))]) == 1
     out = capsys.readouterr().out
@@ -166,8 +167,8 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(ray_local, write_swee
     storage = load_sweep(write_sweep(raw)).settings.storage
     trials = SweepStore(storage, "diverges").read("trials").set_index("train.lr")
     assert trials.loc[0.1, "status"] == "ok"
-    assert trials.loc[1.0e30, "status"] == "failed"
-    assert "training loss is nan" in trials.loc[1.0e30, "reason"]
+    assert trials.loc[1.0e6, "status"] == "failed"
+    assert re.search("training (diverged|loss is nan)", trials.loc[1.0e6, "reason"])
     # The failed trial wrote no partial results beside its trials row.
     examples = SweepStore(storage, "diverges").read("examples")
     assert set(examples["trial_id"]) == {trials.loc[0.1, "trial_id"]}
