@@ -53,13 +53,36 @@ class DatasetSpec(_Strict):
     split_seed: int = 0  # fixes P1/P2 and fractions across trials, unlike the trial seed
 
 
-class AdversarialTrainingSpec(_Strict):
-    """How training mixes in adversarial examples: J = mix*J(x) + (1-mix)*J(x_adv)."""
+ADVERSARIAL_METHODS = ("none", "fgsm", "pgd", "pool", "trades", "fast", "free")
+# Which methods read each of the newer settings; giving one to another method is a mistake the
+# sweep file should hear about (the older settings stay lenient so existing files keep working).
+_USED_BY = {
+    "step_scale": ("pgd", "trades", "fast", "free"),
+    "beta": ("trades",),
+    "replays": ("free",),
+    "warmup_epochs": ("fgsm", "pgd", "pool", "trades", "fast", "free"),
+}
 
-    method: Literal["none", "fgsm", "pgd", "pool"] = "none"
-    eps: float = Field(0.1, ge=0)  # Linf budget of the training perturbations
+
+class AdversarialTrainingSpec(_Strict):
+    """How training uses adversarial examples.
+
+    fgsm, pgd, fast and free minimise J = mix*J(x) + (1-mix)*J(x_adv); trades minimises
+    CE(f(x), y) + beta * KL(f(x) || f(x')) instead; pool trains on a pool of examples. The
+    budget warms up linearly over `warmup_epochs`, and iterative steps are `step_scale` times
+    the budget of the epoch, so both follow the warm-up.
+    """
+
+    method: Literal[ADVERSARIAL_METHODS] = "none"  # type: ignore[valid-type]
+    eps: float = Field(0.1, ge=0)  # Linf budget of the training perturbations (the target)
     mix: float = Field(0.5, ge=0, le=1)  # weight of the clean loss
-    pgd_steps: int = Field(10, ge=1)
+    pgd_steps: int = Field(10, ge=1)  # inner steps of pgd and trades
+    # Step size as a multiple of the epoch's budget; None: pgd/trades 2.5/pgd_steps (Madry et
+    # al.), fast 1.25 (Wong et al. 2020), free 1.0 (Shafahi et al. 2019).
+    step_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
+    beta: float = Field(6.0, ge=0, allow_inf_nan=False)  # TRADES' weight of the KL term
+    replays: int = Field(4, ge=1)  # free training: optimizer steps per minibatch (m)
+    warmup_epochs: int = Field(0, ge=0)  # the budget grows linearly, reaching eps at this epoch
     pool_size: int = Field(1000, ge=1)  # the paper's pool (section 4.2)
     pool_refresh: float = Field(0.1, ge=0, le=1)  # fraction replaced after each epoch
     pool_layers: list[int] = [0]  # 0: inputs; k: outputs of hidden layer k (one pool each)
@@ -78,6 +101,41 @@ class AdversarialTrainingSpec(_Strict):
             raise ValueError("give distinct layers >= 0 (0 is the input)")
         return value
 
+    @model_validator(mode="after")
+    def _settings_fit_the_method(self) -> AdversarialTrainingSpec:
+        if self.method == "none":
+            return self  # standard training ignores every adversarial setting, as it always did
+        for key, methods in _USED_BY.items():
+            if key in self.model_fields_set and self.method not in methods:
+                raise ValueError(
+                    f"{key}: method {self.method} does not use it (only {', '.join(methods)}); "
+                    "drop it or set it in the cases that use it"
+                )
+        if self.method == "trades" and "mix" in self.model_fields_set:
+            raise ValueError("mix: trades weighs its terms with beta; drop mix")
+        return self
+
+    def step_size(self, eps: float) -> float:
+        """The step of iterative methods at budget eps: `step_scale` times eps."""
+        if self.step_scale is not None:
+            return self.step_scale * eps
+        if self.method in ("pgd", "trades"):
+            return 2.5 * eps / self.pgd_steps  # PGD training's formula, kept to the last bit
+        return {"fast": 1.25, "free": 1.0}.get(self.method, 1.0) * eps
+
+
+class ValidationSpec(_Strict):
+    """Robust validation (Rice et al. 2020): PGD robust error on a slice held out of the
+    training subset, every `every` epochs; `keep: best` evaluates the weights of the epoch with
+    the lowest robust validation error instead of the last (early stopping against robust
+    overfitting)."""
+
+    fraction: float = Field(0.0, ge=0, lt=1)  # of the training subset; 0: no validation
+    every: int = Field(1, ge=1)  # epochs between validations; the last epoch always validates
+    eps: float | None = Field(None, ge=0, allow_inf_nan=False)  # None: train.adversarial.eps
+    steps: int = Field(10, ge=1)  # PGD steps (step 2.5 * eps / steps, one random start)
+    keep: Literal["best", "last"] = "best"
+
 
 class TrainSpec(_Strict):
     epochs: int = Field(10, ge=1)
@@ -88,6 +146,22 @@ class TrainSpec(_Strict):
     ae_epochs: int = Field(5, ge=0)  # autoencoder pretraining epochs, ae<h>-K models only
     eval_every: int = Field(1, ge=0)  # epochs between test-error evaluations; 0: the last only
     adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
+    validation: ValidationSpec = ValidationSpec()
+
+    @model_validator(mode="after")
+    def _warmup_ends_in_training(self) -> TrainSpec:
+        warmup = self.adversarial.warmup_epochs
+        if warmup > self.epochs:
+            raise ValueError(
+                f"adversarial.warmup_epochs: {warmup} is more than epochs ({self.epochs}), so "
+                "the target eps would never be reached; lower it"
+            )
+        return self
+
+    def validation_eps(self) -> float:
+        """The budget robust validation attacks at."""
+        given = self.validation.eps
+        return self.adversarial.eps if given is None else given
 
 
 class AttackSpec(BaseModel):
@@ -194,6 +268,10 @@ class TrialSpec(_Strict):
     attacks: list[AttackSpec] = [AttackSpec(name="fgsm"), AttackSpec(name="lbfgs")]
     device: Literal["auto", "cpu", "cuda"] = "auto"
     properties: PropertiesSpec = PropertiesSpec()
+    # PGD with restarts, a minimum-norm attack and a whole-box PGD probe, added beside the
+    # sweep's attacks (labelled strong_*) to check for gradient masking; auto: when the model
+    # is adversarially trained.
+    strong_attacks: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("eps", mode="before")
     @classmethod

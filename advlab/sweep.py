@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from advlab import manifest
-from advlab.data import DataError, load_dataset, select_subset
+from advlab.data import load_dataset, select_subset
+from advlab.robust_validation import carve_validation
 from advlab.spec import SpecError, SweepSpec, TrialSpec
 from advlab.store import TABLES, SweepStore, resolve_storage
 from advlab.track import reachable_mode, resolve_mode
@@ -225,14 +226,16 @@ def check_data(spec: SweepSpec) -> None:
     data fail here, not an hour into the sweep."""
     seen = set()
     for trial in spec.trials:
+        fraction = trial.train.validation.fraction
         key = (trial.dataset.name, trial.dataset.root, trial.subset, trial.dataset.split_seed)
-        if key in seen:
+        if (*key, fraction) in seen:
             continue
-        seen.add(key)
+        seen.add((*key, fraction))
         try:
             data = load_dataset(trial.dataset.name, trial.dataset.root)
-            select_subset(data, trial.subset, trial.dataset.split_seed)
-        except DataError as err:
+            split = select_subset(data, trial.subset, trial.dataset.split_seed)
+            carve_validation(len(split.train_idx), fraction, trial.dataset.split_seed)
+        except ValueError as err:  # a DataError, or a validation slice that leaves nothing
             raise SpecError(str(err)) from None
 
 
@@ -371,3 +374,4 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     elif outcome.wandb_mode == "online":
         lines.append(f"  W&B: online, group '{store.sweep}'")
     return lines
+

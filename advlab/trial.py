@@ -27,6 +27,7 @@ from advlab.evaluate import (
     first_correct,
 )
 from advlab.models import build_model
+from advlab.robust_validation import carve_validation, evaluated_epoch
 from advlab.runtime import error_rate, pick_device
 from advlab.spec import TrialSpec
 from advlab.store import SweepStore
@@ -74,6 +75,8 @@ class Trained:
     history: list[EpochStats]
     trained_here: bool
     seconds: float
+    n_validation: int = 0  # training-subset examples held out for robust validation
+    evaluated_epoch: int | None = None  # whose weights the model holds (best or last)
 
 
 def run_trial(
@@ -167,8 +170,13 @@ def train_or_load(
     device = pick_device(spec.device)
     data = load_dataset(spec.dataset.name, spec.dataset.root)
     split = select_subset(data, spec.subset, spec.dataset.split_seed)
-    x_train = data.x_train[split.train_idx].to(device)
-    y_train = data.y_train[split.train_idx].to(device)
+    fit, held = carve_validation(
+        len(split.train_idx), spec.train.validation.fraction, spec.dataset.split_seed
+    )
+    x_train = data.x_train[split.train_idx[fit]].to(device)
+    y_train = data.y_train[split.train_idx[fit]].to(device)
+    val_idx = split.train_idx[held]
+    validation = (data.x_train[val_idx].to(device), data.y_train[val_idx].to(device))
     model = build_model(spec.model, data.input_shape, data.num_classes, spec.activation).to(device)
 
     def on_epoch(stats: EpochStats, state: Callable[[], dict[str, Any]] | None) -> None:
@@ -186,6 +194,7 @@ def train_or_load(
             history = train_model(
                 model, x_train, y_train, data.x_test.to(device), data.y_test.to(device),
                 spec.train, spec.weight_decay, spec.seed, on_epoch, resume,
+                validation if len(val_idx) else None,
             )  # fmt: skip
             history_rows = [asdict(h) for h in history]
             store.save_model(
@@ -199,8 +208,9 @@ def train_or_load(
     model.eval()
     seconds = time.perf_counter() - start
     return Trained(
-        model, data, x_train, y_train, split.heldout_idx, history, cached is None, seconds
-    )
+        model, data, x_train, y_train, split.heldout_idx, history, cached is None, seconds,
+        len(val_idx), evaluated_epoch([asdict(h) for h in history], spec.train),
+    )  # fmt: skip
 
 
 def check_training(stats: EpochStats) -> None:
@@ -244,6 +254,9 @@ def summary_columns(spec: TrialSpec, trained: Trained, attacked: AttackedSet) ->
         "n_scanned": attacked.n_scanned,
         "n_clean_wrong": attacked.n_clean_wrong,
         "train_adv_grad_evals": history[-1].adv_grad_evals if history else 0,
+        "n_validation": trained.n_validation,
+        "evaluated_epoch": trained.evaluated_epoch,
+        "val_robust_error": _value_at(history, trained.evaluated_epoch, "val_robust_error"),
         "train_seconds": trained.seconds,
         "device_used": str(trained.x_train.device),
     }
@@ -262,7 +275,7 @@ def write_results(
     evaluation: Evaluation,
 ) -> None:
     """Every table but trials (written last, by run_trial), then the W&B run's tables."""
-    epochs = [{"trial_id": trial_id, **asdict(s)} for s in trained.history]
+    epochs = [{"trial_id": trial_id, **_nan_to_null(asdict(s))} for s in trained.history]
     store.write_rows("epochs", trial_id, epochs)
     store.write_rows(
         "properties", trial_id, [{"trial_id": trial_id, **r} for r in evaluation.properties]
@@ -298,3 +311,16 @@ def log_example_images(
 
 def _numbers(row: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _nan_to_null(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN marks "not measured this epoch" in EpochStats; the tables store it as null."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def _value_at(history: list[EpochStats], epoch: int | None, name: str) -> float | None:
+    """One epoch's stat, null when absent or not measured."""
+    if epoch is None or not 1 <= epoch <= len(history):
+        return None
+    value = getattr(history[epoch - 1], name)
+    return None if math.isnan(value) else value
