@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from advlab.attacks.registry import MINIMIZATION, BudgetRun, hits_at_budgets, run_budgets
 from advlab.data import Dataset
+from advlab.masking import assess_masking, attack_plan
 from advlab.measure import robust_error
 from advlab.properties import density_rows, lipschitz_rows, unit_analysis
 from advlab.runtime import predict
@@ -44,6 +45,8 @@ class Evaluation:
     attacks: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
     properties: list[dict[str, Any]] = field(default_factory=list)
+    gradient_masking: bool | None = None  # None: the attacks run allowed no check
+    masking_reason: str | None = None
 
     def metrics(self) -> dict[str, float]:
         """Per-attack scalars for Tune and W&B, named from the rows (never parsed back)."""
@@ -60,6 +63,8 @@ class Evaluation:
         for row in self.properties:
             if row["layer"] == "network" or row["analysis"] == "unit_analysis":
                 out[f"{row['analysis']}/{row['metric']}"] = row["value"]
+        if self.gradient_masking is not None:
+            out["gradient_masking"] = float(self.gradient_masking)
         return out
 
 
@@ -80,9 +85,11 @@ def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int) -> AttackedSet
 def evaluate_attacks(
     spec: TrialSpec, model: nn.Module, attacked: AttackedSet, trial_id: str
 ) -> Evaluation:
-    """Every attack of the trial, each over its budgets."""
+    """Every attack of the trial (the strong set included), each over its budgets, then the
+    gradient-masking check on their results."""
     evaluation = Evaluation()
-    for attack in spec.attacks:
+    plan = attack_plan(spec)
+    for attack in plan:
         runs, hits = run_one_attack(spec, attack, model, attacked)
         for run in runs:
             evaluation.attacks.append(attack_row(trial_id, attack, run))
@@ -90,6 +97,9 @@ def evaluate_attacks(
         evaluation.curves += [
             curve_row(trial_id, attack, eps, hit, attacked.n_clean_wrong) for eps, hit in hits
         ]
+    evaluation.gradient_masking, evaluation.masking_reason = assess_masking(
+        plan, evaluation.curves, evaluation.examples, attacked.n_clean_wrong
+    )
     return evaluation
 
 

@@ -365,6 +365,7 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     ]
     labels = manifest.labels(store.read_manifest())
     lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]
+    lines += masking_lines(store, labels, outcome.ok)
     if outcome.transfer is not None:
         lines += transfer_lines(outcome.transfer)
     lines.append(f"  parquet: {store.uri}/{{{','.join(TABLES)}}}/")
@@ -375,3 +376,14 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
         lines.append(f"  W&B: online, group '{store.sweep}'")
     return lines
 
+
+def masking_lines(store: SweepStore, labels: dict[str, str], ok: list[str]) -> list[str]:
+    """One line per finished trial flagged for possible gradient masking."""
+    trials = store.read("trials")
+    if "gradient_masking" not in trials:
+        return []
+    flagged = trials[trials["trial_id"].isin(ok) & (trials["gradient_masking"] == True)]  # noqa: E712
+    return [
+        f"  possible gradient masking in {labels.get(t, t)}: {why}"
+        for t, why in zip(flagged["trial_id"], flagged["masking_reason"], strict=True)
+    ]

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import wandb
 
+MASKING_TAG = "possible-gradient-masking"
+
 
 def resolve_mode(mode: str) -> str:
     """'auto' means online when an API key is available, offline otherwise."""
@@ -80,6 +82,7 @@ class TrialRun:
         self.run.define_metric("train/*", step_metric="epoch")
         self.run.define_metric("train/test_error", step_metric="epoch", summary="min")
         self.run.define_metric("train/loss", step_metric="epoch", summary="min")
+        self.run.define_metric("train/val_robust_error", step_metric="epoch", summary="min")
 
     def log_epoch(self, metrics: dict[str, float]) -> None:
         if self.run is not None:
@@ -100,6 +103,13 @@ class TrialRun:
         if numbers:
             self.run.log(numbers)
         self.run.summary.update({k: v for k, v in summary.items() if summary_goal(k) is None})
+
+    def flag_masking(self, reason: str) -> None:
+        """Possible gradient masking: a tag to filter runs by, and the reasons in the summary."""
+        if self.run is None:
+            return
+        self.run.tags = (*(self.run.tags or ()), MASKING_TAG)
+        self.run.summary.update({"masking_reason": reason})  # the 0/1 flag came with metrics
 
     def log_curves(self, rows: list[dict[str, Any]]) -> None:
         """The robust-error curves as one table, for plotting error against budget per attack."""
@@ -202,6 +212,6 @@ def summary_goal(key: str) -> str | None:
     smallest value, attack success and robust error by their largest (the worst case)."""
     if "mean_dist_" in key or key in {"train_error", "test_error", "heldout_error"}:
         return "min"
-    if "/robust_error_at_" in key or "/success" in key:
+    if "/robust_error_at_" in key or "/success" in key or key == "gradient_masking":
         return "max"
     return None

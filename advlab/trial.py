@@ -26,6 +26,7 @@ from advlab.evaluate import (
     evaluate_properties,
     first_correct,
 )
+from advlab.masking import attack_plan
 from advlab.models import build_model
 from advlab.robust_validation import carve_validation, evaluated_epoch
 from advlab.runtime import error_rate, pick_device
@@ -100,6 +101,10 @@ def run_trial(
         start = time.perf_counter()
         attacked, evaluation = evaluate(spec, trained, store, trial_id)
         row |= summary_columns(spec, trained, attacked)
+        row |= {
+            "gradient_masking": evaluation.gradient_masking,
+            "masking_reason": evaluation.masking_reason,
+        }
         row["attack_seconds"] = time.perf_counter() - start
         write_results(store, tracker, spec, trial_id, trained, attacked, evaluation)
     except Exception as err:
@@ -112,6 +117,8 @@ def run_trial(
     store.write_rows("trials", trial_id, [row])  # last: marks the trial complete
     metrics = evaluation.metrics()
     tracker.log_summary(_numbers(row) | metrics)
+    if evaluation.gradient_masking:
+        tracker.flag_masking(evaluation.masking_reason or "")
     tracker.finish()
     return TrialResult(row, metrics)
 
@@ -297,7 +304,7 @@ def log_example_images(
     count: int = 8,
 ) -> None:
     """The first successful examples of each minimisation attack, for the W&B run."""
-    for attack in spec.attacks:
+    for attack in attack_plan(spec):
         if attack.defn.kind != "minimization":
             continue
         chosen = [r for r in rows if r["attack"] == attack.key and r["success"]][:count]
