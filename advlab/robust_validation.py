@@ -60,7 +60,8 @@ class RobustValidation:
         self.every = settings.validation.every
         self.steps = settings.validation.steps
         self.keep = settings.validation.keep
-        self.eps = settings.validation_eps()
+        given = settings.validation.eps
+        self.eps = settings.adversarial.eps if given is None else given
         self.last_epoch = settings.epochs
         self.x, self.y, self.seed = x, y, seed
         self.best_epoch = 0

@@ -65,13 +65,9 @@ _USED_BY = {
 
 
 class AdversarialTrainingSpec(_Strict):
-    """How training uses adversarial examples.
-
-    fgsm, pgd, fast and free minimise J = mix*J(x) + (1-mix)*J(x_adv); trades minimises
-    CE(f(x), y) + beta * KL(f(x) || f(x')) instead; pool trains on a pool of examples. The
-    budget warms up linearly over `warmup_epochs`, and iterative steps are `step_scale` times
-    the budget of the epoch, so both follow the warm-up.
-    """
+    """How training uses adversarial examples (advlab.adversarial_training): fgsm, pgd, fast and
+    free minimise J = mix*J(x) + (1-mix)*J(x_adv), trades CE(f(x), y) + beta * KL(f(x) || f(x')),
+    pool trains on a pool of examples; eps warms up, and steps follow the epoch's eps."""
 
     method: Literal[ADVERSARIAL_METHODS] = "none"  # type: ignore[valid-type]
     eps: float = Field(0.1, ge=0)  # Linf budget of the training perturbations (the target)
@@ -115,14 +111,6 @@ class AdversarialTrainingSpec(_Strict):
             raise ValueError("mix: trades weighs its terms with beta; drop mix")
         return self
 
-    def step_size(self, eps: float) -> float:
-        """The step of iterative methods at budget eps: `step_scale` times eps."""
-        if self.step_scale is not None:
-            return self.step_scale * eps
-        if self.method in ("pgd", "trades"):
-            return 2.5 * eps / self.pgd_steps  # PGD training's formula, kept to the last bit
-        return {"fast": 1.25, "free": 1.0}.get(self.method, 1.0) * eps
-
 
 class ValidationSpec(_Strict):
     """Robust validation (Rice et al. 2020): PGD robust error on a slice held out of the
@@ -157,11 +145,6 @@ class TrainSpec(_Strict):
                 "the target eps would never be reached; lower it"
             )
         return self
-
-    def validation_eps(self) -> float:
-        """The budget robust validation attacks at."""
-        given = self.validation.eps
-        return self.adversarial.eps if given is None else given
 
 
 class AttackSpec(BaseModel):

@@ -112,12 +112,10 @@ def train_model(
 ) -> list[EpochStats]:
     """Train in place; the data must already be on the model's device.
 
-    After each epoch `on_epoch(stats, state)` is called; `state()` builds a checkpoint (weights,
-    optimizer, shuffle generator, history) only if asked. Passing such a checkpoint as `resume`
-    continues from it and gives the same weights as an uninterrupted run. `validation` (x, y),
-    held out of the training data, turns on robust validation (settings.validation); with
-    `keep: best` the model ends with the weights of its best robust validation epoch.
-    """
+    After each epoch `on_epoch(stats, state)` is called; `state()` builds a checkpoint only if
+    asked, and passing it as `resume` continues to the same weights as an uninterrupted run.
+    `validation` (x, y), held out of the training data, turns robust validation on; under
+    `keep: best` the model ends with its best robust validation epoch's weights."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, settings, weight_decay)
     objective = AdversarialObjective(model, settings.adversarial, seed)

@@ -144,7 +144,7 @@ def test_step_size_is_a_multiple_of_the_epochs_budget(digits, monkeypatch) -> No
         (AdversarialTrainingSpec(method="fast", step_scale=0.5), 0.5),
     ]
     for spec, multiple in rules:
-        assert spec.step_size(0.2) == pytest.approx(multiple * 0.2, rel=1e-12), spec.method
+        assert adv.step_size(spec, 0.2) == pytest.approx(multiple * 0.2, rel=1e-12), spec.method
     seen = set()
 
     def recording(model, x, y, eps, step, generator):
