@@ -54,8 +54,10 @@ class DatasetSpec(_Strict):
 
 
 ADVERSARIAL_METHODS = ("none", "fgsm", "pgd", "pool", "trades", "fast", "free")
-# Which methods read each of the newer settings; giving one to another method is a mistake the
-# sweep file should hear about (the older settings stay lenient so existing files keep working).
+# Which methods read each of the newer settings; moving one off its default for another method
+# is a mistake the sweep file should hear about (the older settings stay lenient so existing
+# files keep working). Defaults, not "was it given", decide: a spec is dumped with every field
+# and validated again on the Ray worker.
 _USED_BY = {
     "step_scale": ("pgd", "trades", "fast", "free"),
     "beta": ("trades",),
@@ -101,13 +103,14 @@ class AdversarialTrainingSpec(_Strict):
     def _settings_fit_the_method(self) -> AdversarialTrainingSpec:
         if self.method == "none":
             return self  # standard training ignores every adversarial setting, as it always did
+        fields = type(self).model_fields
         for key, methods in _USED_BY.items():
-            if key in self.model_fields_set and self.method not in methods:
+            if getattr(self, key) != fields[key].default and self.method not in methods:
                 raise ValueError(
                     f"{key}: method {self.method} does not use it (only {', '.join(methods)}); "
                     "drop it or set it in the cases that use it"
                 )
-        if self.method == "trades" and "mix" in self.model_fields_set:
+        if self.method == "trades" and self.mix != fields["mix"].default:
             raise ValueError("mix: trades weighs its terms with beta; drop mix")
         return self
 

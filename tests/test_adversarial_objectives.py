@@ -12,7 +12,14 @@ from torch import nn
 import advlab.adversarial_training as adv
 from advlab.data import load_dataset, select_subset
 from advlab.models import build_model
-from advlab.spec import AdversarialTrainingSpec, SpecError, TrainSpec, load_sweep, parse_sweep
+from advlab.spec import (
+    AdversarialTrainingSpec,
+    SpecError,
+    TrainSpec,
+    TrialSpec,
+    load_sweep,
+    parse_sweep,
+)
 from advlab.train import batches, make_optimizer, train_model
 from advlab.training_perturbations import fast_batch, kl_to_clean, trades_batch
 
@@ -203,6 +210,14 @@ def test_bad_adversarial_settings_are_one_line_errors(adversarial, message) -> N
     with pytest.raises(SpecError, match=message) as caught:
         parse_sweep(raw)
     assert "\n" not in str(caught.value)
+
+
+def test_every_sweep_files_trials_survive_the_trip_to_a_ray_worker() -> None:
+    """tune_trainable rebuilds each TrialSpec from its full JSON dump, defaults and all."""
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        for trial in load_sweep(path).trials:
+            again = TrialSpec.model_validate(trial.model_dump(mode="json"))
+            assert again.trial_id() == trial.trial_id(), path
 
 
 def test_standard_training_ignores_adversarial_settings_as_before() -> None:
