@@ -162,15 +162,17 @@ class AdversarialObjective:
         self.grad_evals += len(x) * s.pgd_steps
         return pgd_batch(self.model, x, y, eps, s.pgd_steps, step_size(s, eps), self.generator)
 
-    def loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(objective to minimise, clean logits for the running train error)."""
+    def loss(self, x: Tensor, y: Tensor, track: bool = True) -> tuple[Tensor, Tensor | None]:
+        """(objective to minimise, clean logits for the running train error). `track=False`
+        says the caller will not count this step's error (free training's later replays), so
+        logits that would cost a forward pass of their own come back as None."""
         method = self.settings.method
         if method == "trades":
             return self._trades(x, y)
         if method == "free":
             assert self.free is not None
             self.grad_evals += len(x)  # the input gradient rides on the training backward
-            return self._mixed(x, y, self.free.inputs(x, self.eps))
+            return self._mixed(x, y, self.free.inputs(x, self.eps), track)
         if method in ("fgsm", "pgd", "fast"):
             return self._mixed(x, y, self.perturb(x, y))
         logits = self.model(x)
@@ -180,10 +182,14 @@ class AdversarialObjective:
         adversarial = sum(p.loss(len(x), self.generator) for p in self.pools) / len(self.pools)
         return self.settings.mix * clean + (1 - self.settings.mix) * adversarial, logits
 
-    def _mixed(self, x: Tensor, y: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
+    def _mixed(
+        self, x: Tensor, y: Tensor, x_adv: Tensor, track: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         adversarial = nn.functional.cross_entropy(self.model(x_adv), y)
         mix = self.settings.mix
         if mix == 0:
+            if not track:
+                return adversarial, None
             # The clean pass only feeds the train error: no graph, no backward through it.
             with torch.no_grad():
                 return adversarial, self.model(x)

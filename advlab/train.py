@@ -207,13 +207,13 @@ def train_epoch(
     order = batches(len(x), settings.batch_size, generator, x.device)
     for idx in order:
         for replay in range(objective.replays):
-            loss, logits = objective.loss(x[idx], y[idx])
+            loss, logits = objective.loss(x[idx], y[idx], track=replay == 0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             objective.after_backward()
             optimizer.step()
             total += loss.detach()
-            if replay == 0:
+            if replay == 0 and logits is not None:
                 wrong += (logits.detach().argmax(1) != y[idx]).sum()
     return EpochStats(
         epoch=epoch,
