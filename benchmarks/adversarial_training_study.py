@@ -1,7 +1,7 @@
 """Print the adversarial-training study's tables as markdown from a finished sweep folder.
 
 Three tables: one row per trial (clean error, PGD robust error at the training budgets, the
-strong attacks, the evaluated epoch, time per epoch, the masking verdict); robust error against
+strong attacks, the evaluated epoch, the masking verdict); robust error against
 eps (the strongest PGD at each budget, per trial); clean against robust error (one point per
 trial at each budget given).
 
@@ -17,6 +17,8 @@ import pandas as pd
 
 from advlab.results import Results, load
 
+# Time per epoch: benchmarks/adversarial_training_speed.py (the sweep's trials share the machine).
+
 
 def pct(value: object) -> str:
     if value is None or pd.isna(value):  # type: ignore[arg-type]
@@ -25,8 +27,18 @@ def pct(value: object) -> str:
 
 
 def method_of(row: pd.Series) -> str:
+    """`pgd 0.2`, with what sets a case apart from its method's usual settings in the study."""
     method = row["train.adversarial.method"]
-    return "none" if method == "none" else f"{method} {row['train.adversarial.eps']:g}"
+    if method == "none":
+        return "none"
+    extras = []
+    if method == "fgsm" and row["train.adversarial.mix"] != 0.5:
+        extras.append(f"mix {row['train.adversarial.mix']:g}")
+    if row["train.adversarial.warmup_epochs"] == 0:
+        extras.append("no warm-up")
+    return f"{method} {row['train.adversarial.eps']:g}" + (
+        f" ({', '.join(extras)})" if extras else ""
+    )
 
 
 def robust(curves: pd.DataFrame, trial: str, attacks: list[str], eps: float) -> float:
@@ -39,15 +51,11 @@ def robust(curves: pd.DataFrame, trial: str, attacks: list[str], eps: float) -> 
     return float(rows["robust_error"].max()) if len(rows) else math.nan
 
 
-def seconds_per_epoch(epochs: pd.DataFrame, trial: str) -> float:
-    return float(epochs.loc[epochs["trial_id"] == trial, "seconds"].mean())
-
-
 def summary_table(res: Results) -> str:
     lines = [
         "| training | test err | PGD-20 @0.1 | PGD-20 @0.2 | strong PGD @0.1 | strong PGD @0.2 "
-        "| FGSM @0.2 | DeepFool (Linf) @0.2 | epoch kept | s / epoch | masking |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| FGSM @0.2 | DeepFool (Linf) @0.2 | epoch kept | masking |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, row in res.trials.iterrows():
         tid = row["trial_id"]
@@ -61,7 +69,6 @@ def summary_table(res: Results) -> str:
             pct(robust(res.curves, tid, ["fgsm"], 0.2)),
             pct(robust(res.curves, tid, ["strong_deepfool"], 0.2)),
             kept,
-            f"{seconds_per_epoch(res.epochs, tid):.1f}",
             flag,
         ]
         lines.append("| " + " | ".join(cells) + " |")
