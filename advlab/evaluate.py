@@ -45,6 +45,8 @@ class Evaluation:
     attacks: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
     properties: list[dict[str, Any]] = field(default_factory=list)
+    gradient_masking: bool | None = None  # None: the attacks run allowed no check
+    masking_reason: str | None = None
 
     def metrics(self) -> dict[str, float]:
         """Per-attack scalars for Tune and W&B, named from the rows (never parsed back)."""
@@ -61,6 +63,8 @@ class Evaluation:
         for row in self.properties:
             if row["layer"] == "network" or row["analysis"] == "unit_analysis":
                 out[f"{row['analysis']}/{row['metric']}"] = row["value"]
+        if self.gradient_masking is not None:
+            out["gradient_masking"] = float(self.gradient_masking)
         return out
 
 

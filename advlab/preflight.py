@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
-from advlab.data import DataError, Dataset, select_subset
+from advlab.data import Dataset, select_subset
 from advlab.models import ModelNameError, decay_weights, model_for
+from advlab.robust_validation import carve_validation
 from advlab.sources import load_data_spec
 from advlab.spec import SpecError, TrialSpec
 from advlab.store import SweepStore
@@ -100,7 +101,9 @@ def check_data(spec: SweepSpec) -> dict[str, Dataset]:
             if key not in loaded:
                 loaded[key] = load_data_spec(trial.dataset)
             split = select_subset(loaded[key], trial.subset, trial.dataset.split_seed)
-        except DataError as err:
+            fraction = trial.train.validation.fraction
+            carve_validation(len(split.train_idx), fraction, trial.dataset.split_seed)
+        except ValueError as err:  # a DataError, or a validation slice that leaves nothing
             raise SpecError(str(err)) from None
         settings = trial.properties
         if settings.density and settings.density_k > len(split.train_idx):

@@ -63,18 +63,40 @@ class DatasetSpec(_Strict):
     path: str | None = None  # npz: the file; folder: the ImageFolder root
     args: dict[str, Any] = {}  # keyword arguments of a module:function loader
     normalize: NormalizeSpec | None = None
-    split_seed: int = Field(
-        0, ge=0, le=MAX_SEED
-    )  # fixes P1/P2 and fractions across trials, unlike the trial seed
+    # Fixes P1/P2 and fractions across trials, unlike the trial seed.
+    split_seed: int = Field(0, ge=0, le=MAX_SEED)
+
+
+ADVERSARIAL_METHODS = ("none", "fgsm", "pgd", "pool", "trades", "fast", "free")
+# Which methods read each of the newer settings; moving one off its default for another method
+# is a mistake the sweep file should hear about (the older settings stay lenient so existing
+# files keep working). Defaults, not "was it given", decide: a spec is dumped with every field
+# and validated again on the Ray worker.
+_USED_BY = {
+    "step_scale": ("pgd", "trades", "fast", "free"),
+    "beta": ("trades",),
+    "replays": ("free",),
+    "warmup_epochs": ("fgsm", "pgd", "pool", "trades", "fast", "free"),
+}
 
 
 class AdversarialTrainingSpec(_Strict):
-    """How training mixes in adversarial examples: J = mix*J(x) + (1-mix)*J(x_adv)."""
+    """How training uses adversarial examples (advlab.adversarial_training): fgsm, pgd, fast and
+    free minimise J = mix*J(x) + (1-mix)*J(x_adv), trades CE(f(x), y) + beta * KL(f(x) || f(x')),
+    pool trains on a pool of examples; eps warms up, and steps follow the epoch's eps."""
 
-    method: Literal["none", "fgsm", "pgd", "pool"] = "none"
-    eps: float = Field(0.1, ge=0, le=1)  # Linf budget of the training perturbations
+    method: Literal[ADVERSARIAL_METHODS] = "none"  # type: ignore[valid-type]
+    eps: float = Field(0.1, ge=0, le=1)  # Linf budget of the training perturbations (target)
     mix: float = Field(0.5, ge=0, le=1)  # weight of the clean loss
-    pgd_steps: int = Field(10, ge=1, le=10_000)
+    pgd_steps: int = Field(10, ge=1, le=10_000)  # inner steps of pgd and trades
+    # Step size as a multiple of the epoch's budget; None: pgd/trades 2.5/pgd_steps (Madry et
+    # al.), fast 1.25 (Wong et al. 2020), free 1.0 (Shafahi et al. 2019).
+    step_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
+    beta: float = Field(6.0, ge=0, le=1e6)  # TRADES' weight of the KL term
+    replays: int = Field(4, ge=1, le=1000)  # free training: optimizer steps per minibatch (m)
+    warmup_epochs: int = Field(
+        0, ge=0, le=100_000
+    )  # the budget grows linearly, reaching eps at this epoch
     pool_size: int = Field(1000, ge=1, le=10_000_000)  # the paper's pool (section 4.2)
     pool_refresh: float = Field(0.1, ge=0, le=1)  # fraction replaced after each epoch
     pool_layers: list[int] = [0]  # 0: inputs; k: outputs of hidden layer k (one pool each)
@@ -93,22 +115,57 @@ class AdversarialTrainingSpec(_Strict):
             raise ValueError("give distinct layers >= 0 (0 is the input)")
         return value
 
+    @model_validator(mode="after")
+    def _settings_fit_the_method(self) -> AdversarialTrainingSpec:
+        if self.method == "none":
+            return self  # standard training ignores every adversarial setting, as it always did
+        fields = type(self).model_fields
+        for key, methods in _USED_BY.items():
+            if getattr(self, key) != fields[key].default and self.method not in methods:
+                raise ValueError(
+                    f"{key}: method {self.method} does not use it (only {', '.join(methods)}); "
+                    "drop it or set it in the cases that use it"
+                )
+        if self.method == "trades" and self.mix != fields["mix"].default:
+            raise ValueError("mix: trades weighs its terms with beta; drop mix")
+        return self
+
+
+class ValidationSpec(_Strict):
+    """Robust validation (Rice et al. 2020): PGD robust error on a slice held out of the
+    training subset, every `every` epochs; `keep: best` evaluates the weights of the epoch with
+    the lowest robust validation error instead of the last (early stopping against robust
+    overfitting)."""
+
+    fraction: float = Field(0.0, ge=0, lt=1)  # of the training subset; 0: no validation
+    every: int = Field(
+        1, ge=1, le=100_000
+    )  # epochs between validations; the last epoch always validates
+    eps: float | None = Field(None, ge=0, le=1)  # None: train.adversarial.eps
+    steps: int = Field(10, ge=1, le=10_000)  # PGD steps (step 2.5 * eps / steps, one start)
+    keep: Literal["best", "last"] = "best"
+
 
 class TrainSpec(_Strict):
-    epochs: int = Field(
-        10, ge=0, le=100_000
-    )  # 0: evaluate the initial (or `init`) weights untrained
+    epochs: int = Field(10, ge=0, le=100_000)  # 0: evaluate the `init` weights untrained
     batch_size: int = Field(64, ge=1, le=10_000_000)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0, le=1e6)
     momentum: float = Field(0.9, ge=0, lt=1)
-    ae_epochs: int = Field(
-        5, ge=0, le=100_000
-    )  # autoencoder pretraining epochs, ae<h>-K models only
-    eval_every: int = Field(
-        1, ge=0, le=100_000
-    )  # epochs between test-error evaluations; 0: the last only
+    ae_epochs: int = Field(5, ge=0, le=100_000)  # autoencoder pretraining, ae<h>-K models
+    eval_every: int = Field(1, ge=0, le=100_000)  # epochs between test errors; 0: last only
     adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
+    validation: ValidationSpec = ValidationSpec()
+
+    @model_validator(mode="after")
+    def _warmup_ends_in_training(self) -> TrainSpec:
+        warmup = self.adversarial.warmup_epochs
+        if warmup > self.epochs:
+            raise ValueError(
+                f"adversarial.warmup_epochs: {warmup} is more than epochs ({self.epochs}), so "
+                "the target eps would never be reached; lower it"
+            )
+        return self
 
 
 class AttackSpec(BaseModel):
@@ -214,9 +271,8 @@ class PropertiesSpec(_Strict):
     top_k: int = Field(9, ge=2, le=10_000)
     density: bool = False  # kNN distance to the training set: clean, adversarial, noise
     density_k: int = Field(5, ge=1, le=100_000)
-    density_pca: int = Field(
-        0, ge=0, le=100_000
-    )  # > 0: also the residual off the top principal components
+    # > 0: also the residual off the top principal components
+    density_pca: int = Field(0, ge=0, le=100_000)
 
 
 class TrialSpec(_Strict):
@@ -232,13 +288,16 @@ class TrialSpec(_Strict):
     seed: int = Field(0, ge=0, le=MAX_SEED)
     train: TrainSpec = TrainSpec()
     eps: list[float] = [0.1, 0.2]  # default budgets for every attack
-    attack_examples: int = Field(
-        100, ge=1, le=10_000_000
-    )  # first N correctly classified examples of:
+    # First N correctly classified examples of:
+    attack_examples: int = Field(100, ge=1, le=10_000_000)
     attack_split: Literal["test", "train"] = "test"  # train: the trial's training subset
     attacks: list[AttackSpec] = [AttackSpec(name="fgsm"), AttackSpec(name="lbfgs")]
     device: Literal["auto", "cpu", "cuda"] = "auto"
     properties: PropertiesSpec = PropertiesSpec()
+    # PGD with restarts, a minimum-norm attack and a whole-box PGD probe, added beside the
+    # sweep's attacks (labelled strong_*) to check for gradient masking; auto: when the model
+    # is adversarially trained.
+    strong_attacks: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -297,7 +356,7 @@ TRAINING_KEYS = (
     "dataset", "model", "model_args", "init", "activation", "subset", "weight_decay", "seed",
     "train",
 )  # fmt: skip
-ATTACK_KEYS = ("attacks", "eps")  # what attack runs depend on, and trials do not
+ATTACK_KEYS = ("attacks", "eps", "strong_attacks")  # what attack runs depend on; trials do not
 # Part of every id. Ids hash only the values that differ from their defaults, so a new setting
 # with a default leaves existing ids (and finished trials) alone; changing what an existing
 # default means must bump this instead.
@@ -337,9 +396,8 @@ class TransferSpec(_Strict):
     noise: bool = True  # Gaussian noise with each example's own per-pixel rms distortion
     noise_stddev: list[float] = []  # the paper's fixed-stddev noise rows on clean test images
     amplify_rms: list[float] = [0.1]  # perturbations rescaled to these per-pixel rms values
-    control_max_train: int = Field(
-        10000, ge=10, le=10_000_000
-    )  # subsample for the slow controls (rbf_svm)
+    # Subsample for the slow controls (rbf_svm)
+    control_max_train: int = Field(10000, ge=10, le=10_000_000)
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @field_validator("amplify_rms", "noise_stddev")
@@ -424,9 +482,8 @@ class SchedulerSpec(_Strict):
     name: Literal["none", "asha", "median"] = "none"
     metric: str = "test_error"  # an epoch metric: loss, train_error, test_error, ...
     mode: Literal["min", "max"] = "min"
-    grace_period: int = Field(
-        1, ge=1, le=100_000
-    )  # epochs every trial runs before it can be stopped
+    # Epochs every trial runs before it can be stopped
+    grace_period: int = Field(1, ge=1, le=100_000)
     reduction_factor: float = Field(3.0, gt=1, allow_inf_nan=False)  # ASHA's eta
 
 
@@ -441,9 +498,8 @@ class SweepSettings(_Strict):
     storage: str = "results"  # a path, or a URI of file://, s3://, gs://, hdfs:// or abfs://
     max_concurrent: int | None = Field(None, ge=1, le=100_000)
     max_failures: int = Field(3, ge=0, le=1000)  # retries of a trial whose worker or node was lost
-    checkpoint_every: int = Field(
-        5, ge=0, le=100_000
-    )  # epochs between training checkpoints; 0: none
+    # Epochs between training checkpoints; 0: none
+    checkpoint_every: int = Field(5, ge=0, le=100_000)
     wandb: WandbSpec = WandbSpec()
     transfer: TransferSpec = TransferSpec()
     search: SearchSpec = SearchSpec()

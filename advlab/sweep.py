@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advlab import manifest, tuning
+from advlab.masking import attack_plan
 from advlab.preflight import check_cluster_gpus, preflight
 from advlab.spec import SpecError
 from advlab.store import TABLES, SweepStore, resolve_storage
@@ -316,7 +317,8 @@ def finished(store: SweepStore, spec: SweepSpec) -> set[str]:
     return {
         trial_id
         for trial_id, trial in zip(spec.ids, spec.trials, strict=True)
-        if trial_id in ok and all((trial_id, trial.attack_id(a)) in done for a in trial.attacks)
+        if trial_id in ok
+        and all((trial_id, trial.attack_id(a)) in done for a in attack_plan(trial))
     }
 
 
@@ -349,7 +351,7 @@ def failed_attacks(spec: SweepSpec, store: SweepStore) -> dict[tuple[str, str], 
     wanted = {
         (t, trial.attack_id(a)): a.key
         for t, trial in zip(spec.ids, spec.trials, strict=True)
-        for a in trial.attacks
+        for a in attack_plan(trial)
     }
     return {
         (row.trial_id, wanted[(row.trial_id, row.attack_id)]): row.reason
@@ -384,6 +386,7 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     ]
     labels = manifest.labels(store.read_manifest())
     lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]
+    lines += masking_lines(store, labels, outcome.ok)
     lines += [
         f"  attack {attack} failed on {labels.get(t, t)}: {why}"
         for (t, attack), why in outcome.attack_failures.items()
@@ -438,3 +441,13 @@ def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
         for m, mode, v in zip(search.metrics, search.modes, values, strict=True)
     ]
     store.write_rows("pareto", "all", rows)
+
+
+def masking_lines(store: SweepStore, labels: dict[str, str], ok: list[str]) -> list[str]:
+    """One line per finished trial flagged for possible gradient masking."""
+    trials = store.read("trials")
+    flagged = trials[trials["trial_id"].isin(ok) & trials["gradient_masking"].eq(True)]
+    return [
+        f"  possible gradient masking in {labels.get(t, t)}: {why}"
+        for t, why in zip(flagged["trial_id"], flagged["masking_reason"], strict=True)
+    ]

@@ -33,6 +33,8 @@ EPOCHS = pa.schema(
         ("test_error", pa.float64()),  # null on epochs skipped by train.eval_every
         ("seconds", pa.float64()),
         ("adv_grad_evals", pa.int64()),
+        ("train_eps", pa.float64()),  # the training budget that epoch (warm-up); 0: standard
+        ("val_robust_error", pa.float64()),  # PGD on the validation slice; null when not run
     ]
 )
 
@@ -156,6 +158,11 @@ _TRIAL_RESULTS = [
     ("n_clean_wrong", pa.int64()),  # of those, misclassified without any attack
     ("train_adv_grad_evals", pa.int64()),
     ("resumed_from_epoch", pa.int64()),  # epochs restored from a checkpoint (0: trained whole)
+    ("n_validation", pa.int64()),  # training-subset examples held out for robust validation
+    ("evaluated_epoch", pa.int64()),  # whose weights were evaluated: best robust or the last
+    ("val_robust_error", pa.float64()),  # robust validation error of that epoch
+    ("gradient_masking", pa.bool_()),  # possible gradient masking; null: no check possible
+    ("masking_reason", pa.string()),  # the signs that raised the flag ("" when none did)
     ("train_seconds", pa.float64()),
     ("device_used", pa.string()),  # the device it ran on (`device` is what was asked)
     ("worker_node", pa.string()),

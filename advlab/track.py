@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import wandb
 
+MASKING_TAG = "possible-gradient-masking"
+
 
 def resolve_mode(mode: str) -> str:
     """'auto' means online when an API key is available, offline otherwise."""
@@ -99,6 +101,13 @@ class TrialRun:
             value = logged.get(key)
             if isinstance(value, int | float) and value == value:  # not None, not NaN
                 self.best[key] = min(value, self.best.get(key, value))
+
+    def flag_masking(self, reason: str) -> None:
+        """Possible gradient masking: a tag to filter runs by, and the reasons in the summary."""
+        if self.run is None:
+            return
+        self.run.tags = (*(self.run.tags or ()), MASKING_TAG)
+        self.run.summary.update({"masking_reason": reason})  # the 0/1 flag came with metrics
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         """Final metrics as plain summary values (numbers stay numbers, sortable in the run

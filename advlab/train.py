@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from advlab.adversarial_training import AdversarialObjective
 from advlab.models import decay_terms
+from advlab.robust_validation import RobustValidation
 from advlab.runtime import error_rate
 from advlab.spec import TrainSpec
 
@@ -29,6 +30,8 @@ class EpochStats:
     test_error: float  # after the epoch (NaN on epochs skipped by train.eval_every)
     seconds: float
     adv_grad_evals: int = 0  # gradient evaluations spent on adversarial examples, cumulative
+    train_eps: float = math.nan  # the training budget of this epoch (0 for standard training)
+    val_robust_error: float = math.nan  # PGD robust error on the validation slice, when due
 
 
 def penalty_value(model: nn.Module, weight_decay: float | Sequence[float]) -> float:
@@ -105,23 +108,21 @@ def train_model(
     seed: int,
     on_epoch: EpochHook | None = None,
     resume: dict[str, Any] | None = None,
+    validation: tuple[Tensor, Tensor] | None = None,
 ) -> list[EpochStats]:
     """Train in place; the data must already be on the model's device.
 
-    After each epoch `on_epoch(stats, state)` is called; `state()` builds a checkpoint (weights,
-    optimizer, shuffle generator, history) only if asked. Passing such a checkpoint as `resume`
-    continues from it and gives the same weights as an uninterrupted run.
-    """
+    After each epoch `on_epoch(stats, state)` is called; `state()` builds a checkpoint only if
+    asked, and passing it as `resume` continues to the same weights as an uninterrupted run.
+    `validation` (x, y), held out of the training data, turns robust validation on; under
+    `keep: best` the model ends with its best robust validation epoch's weights."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = make_optimizer(model, settings, weight_decay)
     objective = AdversarialObjective(model, settings.adversarial, seed)
+    validator = None if validation is None else RobustValidation(settings, *validation, seed)
     history: list[EpochStats] = []
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        generator.set_state(resume["generator"])
-        objective.load_state(resume["adversarial"])
-        history = [EpochStats(**row) for row in resume["history"]]
+        history = restore(resume, model, optimizer, generator, objective, validator)
     elif hasattr(model, "reconstruct") and settings.ae_epochs > 0:
         pretrain_autoencoder(model, x_train, settings, generator)
 
@@ -131,10 +132,12 @@ def train_model(
             "optimizer": optimizer.state_dict(),
             "generator": generator.get_state(),
             "adversarial": objective.state(),
+            "validation": None if validator is None else validator.state(),
             "history": [asdict(h) for h in history],
         }
 
     for epoch in range(len(history) + 1, settings.epochs + 1):
+        train_eps = objective.start_epoch(epoch)
         stats = train_epoch(
             model, objective, optimizer, x_train, y_train, settings, generator, epoch
         )
@@ -145,12 +148,34 @@ def train_model(
                 loss=stats.loss + penalty_value(model, weight_decay),
                 test_error=test_error_now(model, x_test, y_test, epoch, settings),
                 adv_grad_evals=objective.grad_evals,
+                train_eps=train_eps,
+                val_robust_error=math.nan if validator is None else validator.check(model, epoch),
             )
         )
         if on_epoch is not None:
             on_epoch(history[-1], state)
+    if validator is not None:
+        validator.finish(model)
     model.eval()
     return history
+
+
+def restore(
+    checkpoint: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    objective: AdversarialObjective,
+    validator: RobustValidation | None,
+) -> list[EpochStats]:
+    """Put every piece of training state back from a checkpoint; returns the history so far."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    generator.set_state(checkpoint["generator"])
+    objective.load_state(checkpoint["adversarial"])
+    if validator is not None:
+        validator.load_state(checkpoint["validation"])
+    return [EpochStats(**row) for row in checkpoint["history"]]
 
 
 def test_error_now(
@@ -171,7 +196,9 @@ def train_epoch(
     generator: torch.Generator,
     epoch: int,
 ) -> EpochStats:
-    """One pass over the shuffled data; loss is the mean batch objective (penalty added later)."""
+    """One pass over the shuffled data; loss is the mean objective over the optimizer steps
+    (penalty added later). Free training steps `replays` times per batch; its train error
+    counts each batch once, at its first replay, as the model first met it."""
     start = time.perf_counter()
     model.train()
     # Accumulate on the device: a .item() per step would sync a GPU every batch.
@@ -179,15 +206,18 @@ def train_epoch(
     wrong = torch.zeros((), device=x.device, dtype=torch.long)
     order = batches(len(x), settings.batch_size, generator, x.device)
     for idx in order:
-        loss, logits = objective.loss(x[idx], y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.detach()
-        wrong += (logits.detach().argmax(1) != y[idx]).sum()
+        for replay in range(objective.replays):
+            loss, logits = objective.loss(x[idx], y[idx], track=replay == 0)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            objective.after_backward()
+            optimizer.step()
+            total += loss.detach()
+            if replay == 0 and logits is not None:
+                wrong += (logits.detach().argmax(1) != y[idx]).sum()
     return EpochStats(
         epoch=epoch,
-        loss=total.item() / len(order),
+        loss=total.item() / (len(order) * objective.replays),
         train_error=wrong.item() / len(x),
         test_error=math.nan,
         seconds=time.perf_counter() - start,

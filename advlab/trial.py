@@ -28,7 +28,9 @@ from advlab.evaluate import (
     first_correct,
     trial_properties,
 )
+from advlab.masking import assess_masking, attack_plan
 from advlab.models import model_for
+from advlab.robust_validation import carve_validation, evaluated_epoch
 from advlab.runtime import error_rate, pick_device
 from advlab.sources import load_data_spec
 from advlab.spec import ATTACK_KEYS, TRAINING_KEYS, AttackSpec, TrialSpec
@@ -78,6 +80,8 @@ class Trained:
     trained_here: bool
     seconds: float
     resumed_from_epoch: int = 0
+    n_validation: int = 0  # training-subset examples held out for robust validation
+    evaluated_epoch: int | None = None  # whose weights the model holds (best or last)
 
 
 def run_trial(
@@ -108,6 +112,8 @@ def run_trial(
             log_model(tracker, store, spec, trial_id)
         for attack in pending_attacks(spec, store, trial_id, fresh=bool(ctx.run_stamp)):
             run_and_write_attack(store, tracker, spec, attack, trained, attacked)
+        if finished is None:
+            row |= masking_columns(store, spec, trial_id, attacked)
     except Exception as err:
         if finished is None:  # a finished trial's row stays as it was
             row |= {"status": "failed", "reason": f"{type(err).__name__}: {err}".splitlines()[0]}
@@ -120,7 +126,11 @@ def run_trial(
     if finished is None:
         store.write_rows("trials", trial_id, [row])  # last: marks the trial complete
     metrics = stored_metrics(store, trial_id)
+    if row.get("gradient_masking") is not None:
+        metrics["gradient_masking"] = float(row["gradient_masking"])
     tracker.log_summary(_numbers(row) | metrics)
+    if row.get("gradient_masking"):
+        tracker.flag_masking(row.get("masking_reason") or "")
     tracker.finish()
     store.sync_wandb()
     return TrialResult(row, metrics)
@@ -137,11 +147,22 @@ def pending_attacks(
     spec: TrialSpec, store: SweepStore, trial_id: str, fresh: bool = False
 ) -> list[AttackSpec]:
     """The trial's attacks with no ok result for their current settings."""
+    plan = attack_plan(spec)  # the sweep's attacks and, for adversarial training, a strong set
     if fresh:
-        return list(spec.attacks)
+        return plan
     done = store.read_trial("attacks", trial_id)
     done_ids = set(done.loc[done["status"] == "ok", "attack_id"])
-    return [a for a in spec.attacks if spec.attack_id(a) not in done_ids]
+    return [a for a in plan if spec.attack_id(a) not in done_ids]
+
+
+def masking_columns(
+    store: SweepStore, spec: TrialSpec, trial_id: str, attacked: AttackedSet
+) -> dict[str, Any]:
+    """The gradient-masking check over every attack the trial has results for."""
+    curves = store.read_trial("curves", trial_id).to_dict("records")
+    examples = store.read_trial("examples", trial_id).drop(columns="x_adv").to_dict("records")
+    flag, reason = assess_masking(attack_plan(spec), curves, examples, attacked.n_clean_wrong)
+    return {"gradient_masking": flag, "masking_reason": reason}
 
 
 def stored_metrics(store: SweepStore, trial_id: str) -> dict[str, float]:
@@ -208,8 +229,13 @@ def train_or_load(
     device = pick_device(spec.device)
     data = load_data_spec(spec.dataset)
     split = select_subset(data, spec.subset, spec.dataset.split_seed)
-    x_train = data.x_train[split.train_idx].to(device)
-    y_train = data.y_train[split.train_idx].to(device)
+    fit, held = carve_validation(
+        len(split.train_idx), spec.train.validation.fraction, spec.dataset.split_seed
+    )
+    x_train = data.x_train[split.train_idx[fit]].to(device)
+    y_train = data.y_train[split.train_idx[fit]].to(device)
+    val_idx = split.train_idx[held]
+    validation = (data.x_train[val_idx].to(device), data.y_train[val_idx].to(device))
     model = model_for(spec, data.input_shape, data.num_classes).to(device)
 
     def on_epoch(stats: EpochStats, state: Callable[[], dict[str, Any]] | None) -> None:
@@ -229,6 +255,7 @@ def train_or_load(
             history = train_model(
                 model, x_train, y_train, data.x_test.to(device), data.y_test.to(device),
                 spec.train, spec.weight_decay, spec.seed, on_epoch, resume,
+                validation if len(val_idx) else None,
             ) if spec.train.epochs else []  # fmt: skip
             saved = {"model": model.state_dict(), "history": [asdict(h) for h in history]}
             store.save_model(key, saved | {"run": ctx.run_stamp, "init": init})
@@ -240,7 +267,10 @@ def train_or_load(
     model.eval()
     seconds = time.perf_counter() - start
     resumed = len(resume["history"]) if resume is not None and cached is None else 0
-    return Trained(model, data, split, x_train, y_train, history, cached is None, seconds, resumed)
+    return Trained(
+        model, data, split, x_train, y_train, history, cached is None, seconds, resumed,
+        len(val_idx), evaluated_epoch([asdict(h) for h in history], spec.train),
+    )  # fmt: skip
 
 
 def init_digest(spec: TrialSpec) -> str | None:
@@ -305,6 +335,9 @@ def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
         "n_clean_wrong": attacked.n_clean_wrong,
         "train_adv_grad_evals": history[-1].adv_grad_evals if history else 0,
         "resumed_from_epoch": trained.resumed_from_epoch,
+        "n_validation": trained.n_validation,
+        "evaluated_epoch": trained.evaluated_epoch,
+        "val_robust_error": _value_at(history, trained.evaluated_epoch, "val_robust_error"),
         "train_seconds": trained.seconds,
         "device_used": str(trained.x_train.device),
     }
@@ -317,7 +350,7 @@ def write_trial_tables(
     store: SweepStore, spec: TrialSpec, trial_id: str, trained: Trained, attacked: AttackedSet
 ) -> None:
     """The trial's own files: its training history and its properties."""
-    epochs = [{"trial_id": trial_id, **asdict(s)} for s in trained.history]
+    epochs = [{"trial_id": trial_id, **_nan_to_null(asdict(s))} for s in trained.history]
     store.write_rows("epochs", trial_id, epochs)
     units = store.units_dir(trial_id) if spec.properties.unit_analysis else None
     properties = trial_properties(
@@ -378,3 +411,16 @@ def log_example_images(
 
 def _numbers(row: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _nan_to_null(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN marks "not measured this epoch" in EpochStats; the tables store it as null."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
+def _value_at(history: list[EpochStats], epoch: int | None, name: str) -> float | None:
+    """One epoch's stat, null when absent or not measured."""
+    if epoch is None or not 1 <= epoch <= len(history):
+        return None
+    value = getattr(history[epoch - 1], name)
+    return None if math.isnan(value) else value

@@ -1,0 +1,159 @@
+"""A strong attack set for adversarially trained models, and a check for gradient masking.
+
+A defence can look robust because its gradients stopped pointing anywhere useful (saturated
+softmax, shattered or noisy gradients, a loss surface curved just where FGSM looks) rather than
+because its decision boundary moved. Athalye et al. 2018 and Carlini et al. 2019 list the tell-
+tale signs; the ones checked here need nothing beyond the trial's own attacks:
+
+- single-step FGSM finds far fewer adversarials than iterative PGD at the same budget (the
+  signature of FGSM training's catastrophic overfitting);
+- a minimum-norm attack finds adversarials within a budget where PGD, which maximises the loss
+  over exactly that budget, finds fewer: PGD's gradients mislead it;
+- PGD with the whole box as its budget (any image is reachable) does not fool nearly every
+  example;
+- a fixed-budget attack gets weaker as its budget grows.
+
+The flag means "look closer", not "broken": the reasons name the numbers behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from advlab.attacks.registry import MINIMIZATION
+from advlab.spec import AttackSpec, TrialSpec
+
+STRONG_PGD = AttackSpec(name="pgd", label="strong_pgd", steps=50, restarts=5)
+STRONG_MIN_NORM = AttackSpec(name="deepfool", label="strong_deepfool", norm="linf")
+PROBE_EPS = 1.0  # Linf 1 reaches every image in the box, so PGD should fool every example
+PROBE_PGD = AttackSpec(name="pgd", label="strong_pgd_box", eps=[PROBE_EPS], steps=50)
+
+# Thresholds, in robust-error points on the attacked examples: loose enough that a normal
+# model (FGSM somewhat weaker than PGD, DeepFool's L2 steps scored in Linf) never trips them.
+FGSM_GAP = 0.25  # and FGSM finds under half of what PGD finds
+MIN_NORM_LEAD = 0.05
+PROBE_SUCCESS = 0.99
+NON_MONOTONE = 0.05
+
+
+def strong_attacks(spec: TrialSpec) -> list[AttackSpec]:
+    """The attacks a trial adds to its sweep's list: PGD with restarts, a minimum-norm attack and
+    the whole-box PGD probe, each unless the sweep already asked for one like it."""
+    wanted = spec.strong_attacks
+    if wanted == "never" or (wanted == "auto" and spec.train.adversarial.method == "none"):
+        return []
+    pgd = [a for a in spec.attacks if a.name == "pgd" and a.budget_norm == "linf"]
+    added = []
+    if not any(a.settings.model_dump()["restarts"] > 1 for a in pgd):
+        added.append(STRONG_PGD)
+    if not any(a.defn.kind == MINIMIZATION for a in spec.attacks):
+        added.append(STRONG_MIN_NORM)
+    if not any(max(spec.budgets(a)) >= PROBE_EPS for a in pgd):
+        added.append(PROBE_PGD)
+    taken = {a.key for a in spec.attacks}
+    return [a for a in added if a.key not in taken]
+
+
+def attack_plan(spec: TrialSpec) -> list[AttackSpec]:
+    """Every attack a trial runs: the sweep's, then the strong set."""
+    return [*spec.attacks, *strong_attacks(spec)]
+
+
+def assess_masking(
+    plan: list[AttackSpec],
+    curves: list[dict[str, Any]],
+    examples: list[dict[str, Any]],
+    clean_wrong: int,
+) -> tuple[bool | None, str | None]:
+    """(flag, reasons) from a trial's curves and examples rows; (None, None) when the attacks
+    run allow no check (no PGD in Linf)."""
+    pgd_keys = [a.key for a in plan if a.name == "pgd" and a.budget_norm == "linf"]
+    if not pgd_keys:
+        return None, None
+    # The whole-box probe is judged on its own; comparisons use the budgets below it.
+    pgd = {e: v for e, v in _worst(curves, pgd_keys, "robust_error").items() if e < PROBE_EPS}
+    fgsm = _worst(curves, [a.key for a in plan if a.name == "fgsm"], "robust_error")
+    minimum = {
+        a.key: _linf_robust_error(examples, a.key, sorted(pgd), clean_wrong)
+        for a in plan
+        if a.defn.kind == MINIMIZATION
+    }
+    reasons = [
+        *_fgsm_gap(fgsm, pgd),
+        *_min_norm_lead(minimum, pgd),
+        *_probe_short(_worst(curves, pgd_keys, "success_rate")),
+        *_non_monotone(curves, [a.key for a in plan if a.name in ("fgsm", "pgd")]),
+    ]
+    return bool(reasons), "; ".join(reasons)
+
+
+def _worst(curves: list[dict[str, Any]], keys: Iterable[str], column: str) -> dict[float, float]:
+    """Per budget, the highest value of `column` over the given attacks (the strongest one)."""
+    wanted = set(keys)
+    worst: dict[float, float] = {}
+    for row in curves:
+        if row["attack"] in wanted and row[column] is not None:
+            worst[row["budget"]] = max(worst.get(row["budget"], 0.0), row[column])
+    return worst
+
+
+def _linf_robust_error(
+    examples: list[dict[str, Any]], key: str, budgets: list[float], clean_wrong: int
+) -> dict[float, float]:
+    """A minimisation attack's robust error at Linf budgets, whatever norm it was scored in."""
+    rows = [r for r in examples if r["attack"] == key]
+    scanned = len(rows) + clean_wrong
+    if not scanned:
+        return {}
+    return {
+        eps: (clean_wrong + sum(r["success"] and r["dist_linf"] <= eps for r in rows)) / scanned
+        for eps in budgets
+    }
+
+
+def _fgsm_gap(fgsm: dict[float, float], pgd: dict[float, float]) -> list[str]:
+    return [
+        f"FGSM robust error {fgsm[eps]:.1%} vs PGD {pgd[eps]:.1%} at eps {eps:g}"
+        for eps in sorted(set(fgsm) & set(pgd))
+        if pgd[eps] - fgsm[eps] >= FGSM_GAP and fgsm[eps] <= pgd[eps] / 2
+    ]
+
+
+def _min_norm_lead(minimum: dict[str, dict[float, float]], pgd: dict[float, float]) -> list[str]:
+    return [
+        f"{key} (minimum norm) robust error {errors[eps]:.1%} vs PGD {pgd[eps]:.1%} at eps {eps:g}"
+        for key, errors in minimum.items()
+        for eps in sorted(errors)
+        if errors[eps] - pgd[eps] >= MIN_NORM_LEAD
+    ]
+
+
+def _probe_short(success: dict[float, float]) -> list[str]:
+    return [
+        f"PGD fools only {rate:.1%} at eps {eps:g} (every image is within reach)"
+        for eps, rate in sorted(success.items())
+        if eps >= PROBE_EPS and rate < PROBE_SUCCESS
+    ]
+
+
+def _non_monotone(curves: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    """A gradient attack whose robust error drops as its budget grows (once per attack)."""
+    reasons = []
+    for key in keys:
+        errors = sorted(
+            (r["budget"], r["robust_error"])
+            for r in curves
+            if r["attack"] == key and r["robust_error"] is not None
+        )
+        peak_eps, peak = None, -1.0
+        for eps, error in errors:
+            if peak - error >= NON_MONOTONE:
+                reasons.append(
+                    f"{key} robust error falls from {peak:.1%} at eps {peak_eps:g} "
+                    f"to {error:.1%} at eps {eps:g}"
+                )
+                break
+            if error > peak:
+                peak_eps, peak = eps, error
+    return reasons

@@ -1,0 +1,176 @@
+"""The strong attack set and the gradient-masking flag: a deliberately masked model (logits
+scaled by 1e4, so the softmax saturates and input gradients vanish) is flagged; the same model
+unscaled is not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_sweep
+from torch import Tensor, nn
+from wandb_reader import offline_run_dirs, read_offline_run
+
+from advlab.data import load_dataset
+from advlab.evaluate import evaluate_attacks, first_correct
+from advlab.masking import assess_masking, attack_plan, strong_attacks
+from advlab.models import build_model
+from advlab.spec import AttackSpec, TrainSpec, TrialSpec, parse_sweep
+from advlab.store import SweepStore
+from advlab.sweep import masking_lines, trial_context
+from advlab.track import TrialRun
+from advlab.trial import run_trial
+
+
+class Scaled(nn.Module):
+    """Logits times a constant: the same decisions, a saturated softmax."""
+
+    def __init__(self, model: nn.Module, scale: float):
+        super().__init__()
+        self.model, self.scale = model, scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * self.model(x)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, Tensor, Tensor]:
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = build_model("fc32-10", (1, 8, 8), 10, "relu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):  # full batch: a few seconds, ~4% test error
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
+        optimizer.step()
+    return model.eval(), data.x_test, data.y_test
+
+
+def adversarial_spec(**overrides) -> TrialSpec:
+    settings = {
+        "model": "fc32-10",
+        "eps": [0.05, 0.1, 0.2],
+        "attack_examples": 100,
+        "attacks": [AttackSpec(name="fgsm"), AttackSpec(name="pgd", steps=20)],
+        "train": TrainSpec(adversarial={"method": "fgsm"}),
+    }
+    return TrialSpec(**settings | overrides)
+
+
+def verdict(model: nn.Module, x: Tensor, y: Tensor):
+    evaluation = evaluate_attacks(adversarial_spec(), model, first_correct(model, x, y, 100), "t")
+    return evaluation.gradient_masking, evaluation.masking_reason, evaluation
+
+
+def test_a_saturated_softmax_is_flagged(trained) -> None:
+    model, x, y = trained
+    masked = Scaled(model, 1e4).eval()
+    assert torch.equal(masked(x).argmax(1), model(x).argmax(1))  # same decisions
+    flag, reason, evaluation = verdict(masked, x, y)
+    assert flag is True
+    assert "strong_deepfool (minimum norm)" in reason  # DeepFool works on logits, not softmax
+    assert "PGD fools only" in reason and "at eps 1" in reason
+    assert evaluation.metrics()["gradient_masking"] == 1.0
+
+
+def test_the_same_model_unscaled_is_not_flagged(trained) -> None:
+    model, x, y = trained
+    flag, reason, evaluation = verdict(model, x, y)
+    assert (flag, reason) == (False, "")
+    curves = {(r["attack"], r["budget"]): r for r in evaluation.curves}
+    assert curves[("strong_pgd_box", 1.0)]["success_rate"] == 1.0
+    # The strong PGD is at least as strong as the sweep's own PGD-20.
+    for eps in (0.05, 0.1, 0.2):
+        assert curves[("strong_pgd", eps)]["robust_error"] >= curves[("pgd", eps)]["robust_error"]
+
+
+def test_strong_attacks_are_added_to_adversarially_trained_models_only() -> None:
+    labels = [a.key for a in strong_attacks(adversarial_spec())]
+    assert labels == ["strong_pgd", "strong_deepfool", "strong_pgd_box"]
+    assert strong_attacks(adversarial_spec(train=TrainSpec())) == []  # standard training
+    assert len(strong_attacks(adversarial_spec(train=TrainSpec(), strong_attacks="always"))) == 3
+    assert strong_attacks(adversarial_spec(strong_attacks="never")) == []
+    asked = adversarial_spec(
+        attacks=[
+            AttackSpec(name="pgd", steps=20, restarts=3),
+            AttackSpec(name="lbfgs"),
+            AttackSpec(name="pgd", label="wide", eps=[1.0]),
+        ]
+    )
+    assert strong_attacks(asked) == []  # the sweep asked for each kind already
+    plan = attack_plan(adversarial_spec())
+    assert [a.key for a in plan[:2]] == ["fgsm", "pgd"]  # the sweep's own come first
+
+
+def curve(attack: str, budget: float, robust_error: float, success: float = 0.5) -> dict:
+    return {
+        "attack": attack,
+        "budget": budget,
+        "robust_error": robust_error,
+        "success_rate": success,
+    }
+
+
+PLAN = [AttackSpec(name="fgsm"), AttackSpec(name="pgd", steps=20)]
+
+
+def test_the_fgsm_pgd_gap_of_the_issue_is_flagged_and_a_mild_one_is_not() -> None:
+    # Issue 19: FGSM training at eps 0.2, FGSM robust error 27.1% but PGD-20 92.1%.
+    flag, reason = assess_masking(
+        PLAN, [curve("fgsm", 0.2, 0.271), curve("pgd", 0.2, 0.921)], [], 0
+    )
+    assert flag and reason == "FGSM robust error 27.1% vs PGD 92.1% at eps 0.2"
+    # FGSM-trained digits at 0.2 (36.3% vs 63.2%): FGSM finds more than half of PGD's.
+    mild = [curve("fgsm", 0.2, 0.363), curve("pgd", 0.2, 0.632)]
+    assert assess_masking(PLAN, mild, [], 0) == (False, "")
+
+
+def test_a_robust_error_that_falls_as_the_budget_grows_is_flagged() -> None:
+    rows = [curve("fgsm", 0.1, 0.40), curve("fgsm", 0.2, 0.30), curve("pgd", 0.1, 0.45)]
+    flag, reason = assess_masking(PLAN, rows, [], 0)
+    assert flag and reason == "fgsm robust error falls from 40.0% at eps 0.1 to 30.0% at eps 0.2"
+
+
+def test_no_pgd_means_no_verdict() -> None:
+    assert assess_masking([AttackSpec(name="fgsm")], [curve("fgsm", 0.1, 0.5)], [], 0) == (
+        None,
+        None,
+    )
+
+
+def test_a_trial_writes_the_verdict_and_the_strong_attacks(tmp_path: Path) -> None:
+    train = {"epochs": 3, "batch_size": 32, "optimizer": "adam", "lr": 0.01}
+    train["adversarial"] = {"method": "fast", "eps": 0.1}
+    spec = parse_sweep(tiny_sweep(name="strong", grid={"seed": [0]}, train=train))
+    result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "offline"))
+    trials = SweepStore(str(tmp_path), "strong").read("trials")
+    assert trials["gradient_masking"].tolist() == [False]
+    assert trials["masking_reason"].tolist() == [""]
+    attacks = SweepStore(str(tmp_path), "strong").read("attacks")
+    assert set(attacks["attack"]) == {"fgsm", "lbfgs", "strong_pgd", "strong_pgd_box"}
+    assert result.metrics["gradient_masking"] == 0.0
+    (run_dir,) = offline_run_dirs(tmp_path / "strong")
+    assert read_offline_run(run_dir)["summary"]["gradient_masking"] == {"max": 0.0}
+
+
+def test_a_flag_reaches_wandb_and_the_sweep_summary(tmp_path: Path) -> None:
+    run = TrialRun(
+        mode="offline", project="advlab-tests", entity=None, group="g", run_id="g-r", name="r",
+        config={}, directory=str(tmp_path),
+    )  # fmt: skip
+    run.log_summary({"gradient_masking": 1.0})
+    run.flag_masking("FGSM robust error 27.1% vs PGD 92.1% at eps 0.2")
+    run.finish()
+    (run_dir,) = offline_run_dirs(tmp_path)
+    summary = read_offline_run(run_dir)["summary"]
+    assert summary["masking_reason"] == "FGSM robust error 27.1% vs PGD 92.1% at eps 0.2"
+    store = SweepStore(str(tmp_path), "sweep")
+    rows = [
+        {"trial_id": "a", "status": "ok", "gradient_masking": True, "masking_reason": "why"},
+        {"trial_id": "b", "status": "ok", "gradient_masking": False, "masking_reason": ""},
+    ]
+    for row in rows:
+        store.write_rows("trials", row["trial_id"], [row])
+    lines = masking_lines(store, {"a": "fgsm eps=0.2"}, ["a", "b"])
+    assert lines == ["  possible gradient masking in fgsm eps=0.2: why"]
