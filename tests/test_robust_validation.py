@@ -15,9 +15,10 @@ from torch import nn
 from advlab.data import load_dataset, select_subset
 from advlab.models import build_model
 from advlab.robust_validation import carve_validation, evaluated_epoch, pgd_robust_error
-from advlab.spec import AdversarialTrainingSpec, TrainSpec, ValidationSpec, parse_sweep
+from advlab.spec import AdversarialTrainingSpec, TrainSpec, ValidationSpec
 from advlab.store import SweepStore
 from advlab.sweep import trial_context
+from advlab.sweepfile import parse_sweep
 from advlab.train import train_model
 from advlab.trial import run_trial
 
