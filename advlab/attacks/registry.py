@@ -110,6 +110,7 @@ class CWParams(Settings):
     c_init: float = Field(1e-3, gt=0, allow_inf_nan=False)
     lr: float = Field(1e-2, gt=0, allow_inf_nan=False)
     kappa: float = Field(0.0, ge=0, allow_inf_nan=False)
+    warm_start: bool = True
     candidates: int | None = Field(None, ge=1)
 
 
