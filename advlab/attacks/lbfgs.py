@@ -96,7 +96,8 @@ class LBFGSSettings:
     search_steps: int = 12  # inner solves per example (bracketing + bisection)
     c_rtol: float = 1e-3  # stop an example's search once hi / lo <= 1 + c_rtol
     dist_rtol: float = 1e-3  # ... or once a success shrinks its best L2 by less than this
-    max_iter: int = 100  # L-BFGS iterations per inner solve
+    max_iter: int | None = None  # L-BFGS iterations per inner solve; None: the loss's default
+    # (100 for "ce", 10 for "margin": see `iterations`)
     history: int = 5  # curvature pairs kept (scipy's m; 5 costs the same evaluations as 10
     # on the benchmark nets, and the two-loop product, memory-bound, halves)
     ftol: float = 1e-6  # stop when the relative decrease of the objective is below this
@@ -123,7 +124,7 @@ class LBFGSSettings:
         if int(self.refine_steps) < 0:
             raise AttackError(f"refine_steps: must be an integer >= 0, got {self.refine_steps}")
         for name in ("search_steps", "max_iter", "history"):
-            if int(getattr(self, name)) < 1:
+            if int(getattr(self, name) or 0) < 1:
                 raise AttackError(f"{name}: must be an integer >= 1, got {getattr(self, name)}")
         if self.loss not in LOSSES:
             raise AttackError(f"loss: unknown loss {self.loss!r}; use 'ce' or 'margin'")
@@ -407,8 +408,23 @@ def lbfgs_settings(settings: LBFGSSettings | None, overrides: Mapping[str, Any])
         )
     if overrides:
         settings = replace(settings, **overrides)
+    if settings.max_iter is None:
+        settings = replace(settings, max_iter=iterations(settings.loss))
     settings.validate()
     return settings
+
+
+def iterations(loss: str) -> int:
+    """Default L-BFGS iterations per inner solve: 100 for "ce", 10 for "margin".
+
+    The search is warm-started, so a solve for one c need not converge: the next c's solve
+    goes on from where it stopped. With the margin loss the early, failing solves (large c)
+    converge slowly and cost most of the search when run to 100 iterations; capped at 10,
+    the Fashion-MNIST CNN's 3-nearest search takes 143 gradient evaluations per example
+    instead of 509 for a mean L2 0.6% larger (FC nets: 0.04%). "ce" keeps the paper-table
+    setting.
+    """
+    return 100 if loss == "ce" else 10
 
 
 def run_c_search(
@@ -452,6 +468,27 @@ def _attack(
     if groups is not None:
         objective.groups = torch.arange(len(x), device=x.device).remainder(groups)
     evals = search(objective, settings)
-    x_adv = objective.best_x.view_as(x)
-    x_adv = shrink_toward_input(model, x, x_adv, y, target, settings.refine_steps, settings.margin)
+    x_adv = objective.best_x.view_as(x).clone()
+    rows = _worth_refining(objective)
+    t = None if target is None else target[rows]
+    x_adv[rows] = shrink_toward_input(
+        model, x[rows], x_adv[rows], y[rows], t, settings.refine_steps, settings.margin
+    )
     return finish(model, x_adv, y, target, evals)
+
+
+def _worth_refining(objective: PenaltyObjective) -> Tensor:
+    """Rows whose kept point the final bisection should shorten.
+
+    Every row, except under target="all": there only rows whose closest success is within 2%
+    of their example's closest over all its targets (refinement removes what the search's
+    tolerances leave, a fraction of a percent, so a target farther than that cannot win).
+    """
+    n = len(objective.best_sq)
+    groups = objective.groups
+    if groups is None:
+        return torch.arange(n, device=objective.best_sq.device)
+    sq = objective.best_sq
+    best = torch.full((int(groups.max()) + 1,), math.inf, dtype=sq.dtype, device=sq.device)
+    best = best.scatter_reduce(0, groups, sq, reduce="amin")
+    return (torch.isfinite(sq) & (sq <= best[groups] * 1.02**2)).nonzero().squeeze(1)

@@ -92,7 +92,7 @@ class PGDParams(Settings):
 
 class LBFGSParams(Settings):
     loss: Literal["ce", "margin"] = "ce"  # the paper's cross-entropy, or the exact margin loss
-    max_iter: int = Field(100, ge=1)  # L-BFGS iterations per value of c
+    max_iter: int | None = Field(None, ge=1)  # L-BFGS iterations per c; None: ce 100, margin 10
     search_steps: int = Field(12, ge=1)  # solves in the search over c
     candidates: int | None = Field(None, ge=1)  # target all: only the k nearest classes
 
