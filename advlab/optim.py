@@ -39,6 +39,7 @@ def minimize_box_lbfgs(
     gtol: float = 1e-5,
     max_linesearch: int = 10,
     on_converged: OnConverged | None = None,
+    max_evals: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Minimise n independent problems over [0,1]^D with projected L-BFGS; (x, f, evals).
 
@@ -56,6 +57,9 @@ def minimize_box_lbfgs(
     (for instance a new penalty weight on the distance from x0): the row goes on from where it
     stands and its curvature pairs stay valid after the exact correction y += mu * s, so a
     resumed solve starts with a good Hessian model and no model evaluation.
+
+    max_evals caps each row's evaluations over the whole run (resumes included): a row that
+    has spent them ends its solve and is not resumed.
     """
     n = x0.shape[0]
     out = x0.clone()
@@ -67,9 +71,14 @@ def minimize_box_lbfgs(
     b = _Batch(x0, f, g, history)
     while True:
         b.running &= (_projected_grad_norm(b.x, b.g) > gtol) & (b.iters < max_iter)
+        spent = None if max_evals is None else evals[b.rows] >= max_evals
+        if spent is not None:
+            b.running &= ~spent
         newly = ~b.running & ~b.parked
         if bool(newly.any()):
-            if b.settle(newly.nonzero().squeeze(1), on_converged, out, f_out):
+            done = newly.nonzero().squeeze(1)
+            final = None if spent is None else spent[done]
+            if b.settle(done, on_converged, out, f_out, final):
                 break
             continue  # resumed rows may already satisfy the tests under their new objective
         xt = b.trial_points()
@@ -99,15 +108,23 @@ class _Batch:
         self.pairs = _Pairs(n, dim, history, dev, x0.dtype)
 
     def settle(
-        self, done: Tensor, on_converged: OnConverged | None, out: Tensor, f_out: Tensor
+        self,
+        done: Tensor,
+        on_converged: OnConverged | None,
+        out: Tensor,
+        f_out: Tensor,
+        final: Tensor | None = None,
     ) -> bool:
         """Rows `done` ended a solve: resume those `on_converged` sends on, park the rest.
 
-        A parked row's point and value go to out and f_out. True once every row is parked.
+        Rows marked `final` (their evaluations spent) are never resumed. A parked row's point
+        and value go to out and f_out. True once every row is parked.
         """
         resume = torch.zeros(len(done), dtype=torch.bool, device=self.x0.device)
         if on_converged is not None:
             resume, mu = on_converged(self.rows[done], self.x[done], self.f[done])
+            if final is not None:
+                resume = resume & ~final
             self.resume(done[resume], mu[resume].to(self.x0.dtype))
         stop = done[~resume]
         out[self.rows[stop]], f_out[self.rows[stop]] = self.x[stop], self.f[stop]

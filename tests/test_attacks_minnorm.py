@@ -202,3 +202,19 @@ def test_registered_as_minimisation_attacks(mlp: nn.Module, digits: tuple[Tensor
     assert torch.equal(by_name.x_adv, direct.x_adv)
     with pytest.raises(AttackError, match="stepz"):
         run_attack("ddn", mlp, x, y, stepz=3)
+
+
+def test_lbfgs_max_evals_caps_every_row(mlp: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
+    # The budget AttackBench compares at: no row spends more than max_evals gradients (the
+    # 3-nearest search adds K = 10 for the linearised distances).
+    x, y = digits[0][1000:1010], digits[1][1000:1010]
+    t = random_wrong_targets(y, 10, torch.Generator().manual_seed(2))
+    free = run_attack("lbfgs", mlp, x, y, target=t, loss="margin")
+    capped = run_attack("lbfgs", mlp, x, y, target=t, loss="margin", max_evals=12)
+    assert (capped.grad_evals <= 12).all() and (free.grad_evals > 12).any()
+    d_free, d_cap = distortions(x, free.x_adv)["l2"], distortions(x, capped.x_adv)["l2"]
+    assert (d_cap[capped.success] >= d_free[capped.success] * (1 - 1e-3)).all()
+    nearest = run_attack(
+        "lbfgs", mlp, x, y, target="all", loss="margin", candidates=3, max_evals=20
+    )
+    assert (nearest.grad_evals <= 3 * 20 + 10).all()

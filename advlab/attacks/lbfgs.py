@@ -107,6 +107,7 @@ class LBFGSSettings:
     kappa: float = 1e-3  # the margin loss's hinge offset, in logits
     warm_start: bool = True  # start each c's solve from the previous minimiser
     refine_steps: int = 20  # bisections of the final point back toward x (0: none)
+    max_evals: int | None = None  # cap on each row's gradient evaluations (None: no cap)
 
     def validate(self) -> None:
         """Raise AttackError on a setting no search can run with."""
@@ -123,6 +124,8 @@ class LBFGSSettings:
                 raise AttackError(f"{name}: must be a finite number >= 0, got {value}")
         if int(self.refine_steps) < 0:
             raise AttackError(f"refine_steps: must be an integer >= 0, got {self.refine_steps}")
+        if self.max_evals is not None and int(self.max_evals) < 1:
+            raise AttackError(f"max_evals: must be an integer >= 1, got {self.max_evals}")
         for name in ("search_steps", "max_iter", "history"):
             if int(getattr(self, name) or 0) < 1:
                 raise AttackError(f"{name}: must be an integer >= 1, got {getattr(self, name)}")
@@ -331,6 +334,7 @@ def _torch_search(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
         ftol=p.ftol,
         gtol=p.gtol,
         on_converged=on_converged,
+        max_evals=p.max_evals,
     )
     return evals
 
@@ -351,6 +355,8 @@ def _torch_search_cold(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
         )  # fmt: skip
         evals[rows] += n_evals
         search.solved(rows, z, f)
+        if p.max_evals is not None:  # no new solve once the budget is spent
+            search.active &= evals < p.max_evals
     return evals
 
 

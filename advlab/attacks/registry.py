@@ -95,6 +95,7 @@ class LBFGSParams(Settings):
     max_iter: int | None = Field(None, ge=1)  # L-BFGS iterations per c; None: ce 100, margin 10
     search_steps: int = Field(12, ge=1)  # solves in the search over c
     candidates: int | None = Field(None, ge=1)  # target all: only the k nearest classes
+    max_evals: int | None = Field(None, ge=1)  # cap on gradient evaluations per target
 
 
 class DeepFoolParams(Settings):
