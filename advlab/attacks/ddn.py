@@ -99,8 +99,9 @@ class BestPoints:
 
     def keep(self, z: Tensor, dist: Tensor, adv: Tensor) -> None:
         closer = adv & (dist < self.dist)
-        self.dist = torch.where(closer, dist, self.dist)
-        self.x = torch.where(closer[:, None], z, self.x)
+        if bool(closer.any()):  # most steps improve few rows: copy only those
+            self.dist[closer] = dist[closer]
+            self.x[closer] = z[closer]
 
 
 def _ddn(
