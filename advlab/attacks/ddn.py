@@ -133,9 +133,9 @@ def _ddn(
             g = torch.where(g_norm < 1e-12, example_randn(gens, (flat.shape[1],), flat), g)
             g_norm = g.norm(dim=1, keepdim=True)
         alpha = 0.01 + 0.99 * (1 + math.cos(math.pi * i / s.steps)) / 2
-        delta = delta + alpha * g / g_norm
+        delta.addcdiv_(g, g_norm, value=alpha)  # delta is this step's own tensor (below)
         eps = torch.where(adv, eps * (1 - s.gamma), eps * (1 + s.gamma)).minimum(worst)
         delta = delta * (eps / delta.norm(dim=1).clamp_min(1e-12))[:, None]
-        delta = (flat + delta).clamp_(0.0, 1.0) - flat
+        delta.add_(flat).clamp_(0.0, 1.0).sub_(flat)
     evals = torch.full((n,), s.steps, dtype=torch.int64, device=x.device)
     return finish(model, best.x.view_as(x), y, target, evals)

@@ -114,19 +114,21 @@ def _norm(v: Tensor, norm: str) -> Tensor:
 
 
 def _project(delta: Tensor, eps: Tensor, norm: str) -> Tensor:
-    """delta projected onto the ball of radius eps (per row) in `norm`."""
+    """delta projected onto the ball of radius eps (per row) in `norm` (L2: in place)."""
     if norm == "l2":
         scale = (eps / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
-        return delta * scale[:, None]
-    return torch.maximum(torch.minimum(delta, eps[:, None]), -eps[:, None])
+        return delta.mul_(scale[:, None])
+    return torch.clamp(delta, min=-eps[:, None], max=eps[:, None])
 
 
 def _free(z: Tensor, g: Tensor) -> Tensor:
     """The ascent direction g with the coordinates the box pins (at 0 going down, at 1 going up)
     zeroed: those a step could not move, which would otherwise shrink every real step after
-    normalisation and make the linearised distance to the boundary look shorter than it is."""
-    pinned = ((z <= 0) & (g < 0)) | ((z >= 1) & (g > 0))
-    return g.masked_fill(pinned, 0.0)
+    normalisation and make the linearised distance to the boundary look shorter than it is.
+    Float arithmetic, a bound of 0 on the side that leaves the box (see `free_gradient`, the
+    descent form)."""
+    big = torch.finfo(g.dtype).max
+    return torch.clamp(g, min=z.ceil().mul_(-big), max=z.floor().sub_(1).mul_(-big))
 
 
 def _cosine(i: int, steps: int, start: float, end: float) -> float:
@@ -155,13 +157,14 @@ def _fmn(
         adv = gap > s.margin
         best.keep(z.detach(), size, adv)
         found |= adv
-        dual = g.norm(dim=1) if s.norm == "l2" else g.abs().sum(dim=1)
+        g_l2 = g.norm(dim=1)
+        dual = g_l2 if s.norm == "l2" else g.abs().sum(dim=1)
         # Aim a little past the linearised boundary: aimed exactly at it, a linear model's
         # iterates land on the boundary itself and tie there forever (argmax either way).
         to_boundary = size + (_AIM + s.margin - gap).clamp_min(0) / dual.clamp_min(1e-12)
         grown = torch.where(found, eps * (1 + gamma), to_boundary)
         eps = torch.where(adv, torch.minimum(eps * (1 - gamma), best.dist), grown).minimum(worst)
-        delta = delta + alpha * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        delta = (flat + _project(delta, eps, s.norm)).clamp_(0.0, 1.0) - flat
+        delta.addcmul_(g, (alpha / g_l2.clamp_min(1e-12))[:, None])
+        delta = _project(delta, eps, s.norm).add_(flat).clamp_(0.0, 1.0).sub_(flat)
     evals = torch.full((n,), s.steps, dtype=torch.int64, device=x.device)
     return finish(model, best.x.view_as(x), y, target, evals)
