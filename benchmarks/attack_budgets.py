@@ -4,7 +4,9 @@ Every minimum-norm attack runs at 100, 300 and 1,000 gradient evaluations (forwa
 passes) per example: DDN, FMN and ALMA get that many steps; advlab C&W that many Adam steps
 split over its rounds (5 x 20, 6 x 50, 10 x 100); advlab L-BFGS a hard cap on its evaluations
 (`max_evals`; the 3-nearest search splits it over its three targets after the 10 evaluations of
-the linearised distances). Each attack's result is the closest adversarial point it returns.
+the linearised distances), with 10, 20 and 100 iterations per solve (its default of 10 ends the
+search well under 300 evaluations). Each attack's result is the closest adversarial point it
+returns.
 
 Scores per model, over the same correctly classified examples:
 - success and mean L2 over the attack's own successes;
@@ -31,6 +33,9 @@ from advlab.attacks import carlini_wagner, ddn, fmn, lbfgs_attack
 
 BUDGETS = (100, 300, 1000)
 CW_ROUNDS = {100: (5, 20), 300: (6, 50), 1000: (10, 100)}  # budget -> (rounds, steps)
+# L-BFGS iterations per solve at each budget: its default (10) ends the search well under 300
+# evaluations, so larger budgets let each solve run longer (100: the ce default).
+LBFGS_ITERS = {100: 10, 300: 20, 1000: 100}
 
 Attack = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, float]]
 
@@ -47,11 +52,20 @@ def advlab_attacks() -> dict[str, Attack]:
     return {
         "advlab L-BFGS margin, 3 nearest": _ours(
             lambda m, x, y, b: lbfgs_attack(
-                m, x, y, "all", loss="margin", candidates=3, max_evals=(b - 10) // 3
+                m,
+                x,
+                y,
+                "all",
+                loss="margin",
+                candidates=3,
+                max_evals=(b - 10) // 3,
+                max_iter=LBFGS_ITERS[b],
             )
         ),
         "advlab L-BFGS margin, untargeted": _ours(
-            lambda m, x, y, b: lbfgs_attack(m, x, y, "untargeted", loss="margin", max_evals=b)
+            lambda m, x, y, b: lbfgs_attack(
+                m, x, y, "untargeted", loss="margin", max_evals=b, max_iter=LBFGS_ITERS[b]
+            )
         ),
         "advlab DDN": _ours(lambda m, x, y, b: ddn(m, x, y, steps=b)),
         "advlab FMN-L2": _ours(lambda m, x, y, b: fmn(m, x, y, steps=b)),
