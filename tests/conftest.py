@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from scipy.optimize import minimize
+from scipy.optimize import fmin_l_bfgs_b, minimize
 from sklearn.datasets import load_digits
 from torch import Tensor, nn
 
@@ -172,3 +172,52 @@ def assert_attack_contract(model: nn.Module, x: Tensor, y: Tensor, result: Attac
     assert torch.equal(result.success, expected)
     assert not (result.target == y).any()
     assert (result.grad_evals >= 0).all()
+
+
+def exact_linear_distance(lin: nn.Linear, x0: np.ndarray, target: int) -> float:
+    """min ||r||_2 s.t. the target logit is >= every other at x0 + r, 0 <= x0 + r <= 1.
+
+    Solved through its dual: for multipliers lam >= 0 of the constraints A (x0 + r) + c >= 0,
+    the box minimiser is z(lam) = clip(x0 + A' lam / 2, 0, 1) and q(lam) = ||z - x0||^2 -
+    lam . (A z + c) is concave and differentiable with gradient -(A z + c); strong duality holds
+    (a convex QP), so max q is the squared distance. L-BFGS-B on K-1 variables.
+    """
+    w = lin.weight.detach().double().numpy()
+    b = lin.bias.detach().double().numpy()
+    others = [j for j in range(len(b)) if j != target]
+    a = w[target] - w[others]
+    c = b[target] - b[others]
+
+    def neg_dual(lam: np.ndarray) -> tuple[float, np.ndarray]:
+        z = np.clip(x0 + a.T @ lam / 2, 0.0, 1.0)
+        slack = a @ z + c
+        return -float((z - x0) @ (z - x0) - lam @ slack), slack
+
+    _, value, info = fmin_l_bfgs_b(
+        neg_dual, np.zeros(len(others)), bounds=[(0, None)] * len(others), pgtol=1e-12, factr=10
+    )
+    assert info["warnflag"] == 0, info
+    return float(np.sqrt(max(-value, 0.0)))
+
+
+def exact_untargeted_distance(lin: nn.Linear, x0: np.ndarray, label: int) -> float:
+    """The minimum over wrong classes of `exact_linear_distance`, pruned by a lower bound.
+
+    Each target's distance is at least its farthest single half-space (box ignored); targets are
+    solved in order of that bound and skipped once it exceeds the best found.
+    """
+    w = lin.weight.detach().double().numpy()
+    b = lin.bias.detach().double().numpy()
+    bounds = []
+    for t in range(len(b)):
+        if t == label:
+            continue
+        a = w[t] - np.delete(w, t, axis=0)
+        c = b[t] - np.delete(b, t)
+        bounds.append((max(0.0, float(np.max(-(a @ x0 + c) / np.linalg.norm(a, axis=1)))), t))
+    best = np.inf
+    for bound, t in sorted(bounds):
+        if bound >= best:
+            break
+        best = min(best, exact_linear_distance(lin, x0, t))
+    return best

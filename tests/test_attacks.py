@@ -452,7 +452,9 @@ def test_lbfgs_settings_plus_an_override_equals_all_keywords(
     x, y = digits[0][:6], digits[1][:6]
     knobs: dict[str, Any] = {"loss": "margin", "search_steps": 4, "max_iter": 30, "kappa": 1e-2}
     settings = LBFGSSettings(loss="margin", search_steps=4, max_iter=30, kappa=0.5)
-    assert lbfgs_settings(settings, {"kappa": 1e-2}) == LBFGSSettings(**knobs)
+    # Both resolved: settings left None take the loss's defaults (history 3 for margin).
+    resolved = lbfgs_settings(settings, {"kappa": 1e-2})
+    assert resolved == lbfgs_settings(LBFGSSettings(**knobs), {}) and resolved.history == 3
     a = lbfgs_attack(mlp, x, y, "untargeted", settings=settings, kappa=1e-2)
     b = lbfgs_attack(mlp, x, y, "untargeted", **knobs)
     for field in ("x_adv", "success", "adv_pred", "target", "grad_evals"):

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import pytest
 import torch
 from conftest import assert_attack_contract as _assert_contract
-from conftest import exact_linear_distance_slsqp
+from conftest import exact_linear_distance, exact_linear_distance_slsqp, exact_untargeted_distance
 from conftest import l2_distance as _l2
 from conftest import predict_labels as _predict
-from scipy.optimize import fmin_l_bfgs_b
 from torch import Tensor, nn
 
 from advlab.attacks import (
     AttackError,
     AttackResult,
     carlini_wagner,
+    ddn,
     deepfool,
     fgsm,
+    fmn,
     gaussian_noise,
     lbfgs_attack,
     lbfgs_scipy_reference,
@@ -37,55 +37,6 @@ from advlab.measure import distortions
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _exact_linear_distance(lin: nn.Linear, x0: np.ndarray, target: int) -> float:
-    """min ||r||_2 s.t. the target logit is >= every other at x0 + r, 0 <= x0 + r <= 1.
-
-    Solved through its dual: for multipliers lam >= 0 of the constraints A (x0 + r) + c >= 0,
-    the box minimiser is z(lam) = clip(x0 + A' lam / 2, 0, 1) and q(lam) = ||z - x0||^2 -
-    lam . (A z + c) is concave and differentiable with gradient -(A z + c); strong duality holds
-    (a convex QP), so max q is the squared distance. L-BFGS-B on K-1 variables.
-    """
-    w = lin.weight.detach().double().numpy()
-    b = lin.bias.detach().double().numpy()
-    others = [j for j in range(len(b)) if j != target]
-    a = w[target] - w[others]
-    c = b[target] - b[others]
-
-    def neg_dual(lam: np.ndarray) -> tuple[float, np.ndarray]:
-        z = np.clip(x0 + a.T @ lam / 2, 0.0, 1.0)
-        slack = a @ z + c
-        return -float((z - x0) @ (z - x0) - lam @ slack), slack
-
-    _, value, info = fmin_l_bfgs_b(
-        neg_dual, np.zeros(len(others)), bounds=[(0, None)] * len(others), pgtol=1e-12, factr=10
-    )
-    assert info["warnflag"] == 0, info
-    return float(np.sqrt(max(-value, 0.0)))
-
-
-def _exact_untargeted_distance(lin: nn.Linear, x0: np.ndarray, label: int) -> float:
-    """The minimum over wrong classes of `_exact_linear_distance`, pruned by a lower bound.
-
-    Each target's distance is at least its farthest single half-space (box ignored); targets are
-    solved in order of that bound and skipped once it exceeds the best found.
-    """
-    w = lin.weight.detach().double().numpy()
-    b = lin.bias.detach().double().numpy()
-    bounds = []
-    for t in range(len(b)):
-        if t == label:
-            continue
-        a = w[t] - np.delete(w, t, axis=0)
-        c = b[t] - np.delete(b, t)
-        bounds.append((max(0.0, float(np.max(-(a @ x0 + c) / np.linalg.norm(a, axis=1)))), t))
-    best = np.inf
-    for bound, t in sorted(bounds):
-        if bound >= best:
-            break
-        best = min(best, _exact_linear_distance(lin, x0, t))
-    return best
-
-
 @pytest.fixture(scope="module")
 def known_answer(
     linear10: nn.Sequential, digits: tuple[Tensor, Tensor]
@@ -96,7 +47,7 @@ def known_answer(
     y = _predict(linear10, x)
     exact = torch.tensor(
         [
-            _exact_untargeted_distance(linear10[1], x[i].flatten().double().numpy(), int(y[i]))
+            exact_untargeted_distance(linear10[1], x[i].flatten().double().numpy(), int(y[i]))
             for i in range(len(x))
         ],
         dtype=torch.float64,
@@ -113,7 +64,7 @@ def test_exact_qp_solver_matches_slsqp(
     label = int(_predict(linear10, digits[0][503:504]))
     for t in [(label + 1) % 10, (label + 5) % 10]:
         primal = exact_linear_distance_slsqp(lin, x0, t)
-        assert abs(_exact_linear_distance(lin, x0, t) - primal) <= 1e-6
+        assert abs(exact_linear_distance(lin, x0, t) - primal) <= 1e-6
 
 
 # ----------------------------------------------------------------------------- known answers
@@ -171,6 +122,21 @@ def test_carlini_wagner_within_five_percent_of_the_exact_minimum(
     ratio = _l2(x, result).double() / exact
     assert (ratio >= 1 - 1e-4).all(), ratio
     assert ratio.mean() <= 1.05, ratio
+
+
+def test_carlini_wagner_warm_start_reaches_every_example_at_small_budgets(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    # 9 rounds of 20 Adam steps: restarting every round from the input (the authors' code)
+    # caps each round's reach in tanh space at ~20 * lr and fools 15% of these digits (measured);
+    # going on from where a failed round ended fools all of them, and keeps the contract.
+    x, y = digits[0][1000:1040], digits[1][1000:1040]
+    warm = carlini_wagner(mlp, x, y, steps=20)
+    cold = carlini_wagner(mlp, x, y, steps=20, warm_start=False)
+    _assert_contract(mlp, x, y, warm)
+    assert warm.success.all()
+    assert cold.success.float().mean() < 0.5
+    assert (warm.grad_evals <= 9 * 20).all() and (warm.grad_evals > 0).all()
 
 
 def test_deepfool_two_class_linear_is_one_projection() -> None:
@@ -244,6 +210,12 @@ ATTACKS: list[tuple[str, Attack, tuple[str, float] | None]] = [
         None,
     ),
 ]
+ATTACKS += [
+    ("ddn", lambda m, x, y, t, g: ddn(m, x, y, steps=40, generator=g), None),
+    ("ddn-targeted", lambda m, x, y, t, g: ddn(m, x, y, t, steps=40, generator=g), None),
+    ("fmn", lambda m, x, y, t, g: fmn(m, x, y, steps=40), None),
+    ("fmn-linf-targeted", lambda m, x, y, t, g: fmn(m, x, y, t, norm="linf", steps=40), None),
+]
 IDS = [name for name, _, _ in ATTACKS]
 
 
@@ -267,7 +239,7 @@ def test_every_attack_keeps_the_contract(
         assert (distortions(x, result.x_adv)[norm] <= eps * (1 + 1e-5) + 1e-6).all()
     if name.endswith("targeted") and name != "lbfgs-untargeted":
         assert torch.equal(result.target, _targets(y))
-    if name.startswith(("lbfgs", "deepfool", "cw")):
+    if name.startswith(("lbfgs", "deepfool", "cw", "ddn", "fmn")):
         assert result.success.all(), name  # minimisation attacks reach every goal here
         # ... and an unsuccessful example would return x itself.
 
@@ -285,21 +257,25 @@ def test_every_attack_is_batch_consistent(
     # Every attack but L-BFGS agrees to float round-off. L-BFGS's line-search and c-search
     # decisions are thresholds that a 1e-7 difference between batch sizes' matmuls can flip
     # (in float64 its CE runs agree to 1e-12), after which it stops at another point within its
-    # tolerances: distances agree to ~0.5%, single pixels to a few hundredths.
+    # tolerances: distances agree to ~0.5%, single pixels to a few hundredths (up to 0.055
+    # measured with the margin loss's 10-iteration solves).
     x, y = digits[0][1100:1105], digits[1][1100:1105]
     target = _targets(y)
     batch = attack(mlp, x, y, target, torch.Generator().manual_seed(7))
     d_batch = _l2(x, batch)
+    # FMN's eps shrinks or grows on a threshold test too (adversarial by the margin or not),
+    # so a round-off flip moves its result slightly: pixels by ~1e-4, distances by ~1e-4.
     loose = name.startswith("lbfgs")
+    slack = name.startswith("fmn")
     for i in range(len(x)):
         sl = slice(i, i + 1)
         alone = attack(mlp, x[sl], y[sl], target[sl], torch.Generator().manual_seed(7))
         assert alone.success[0] == batch.success[i], (name, i)
         assert alone.target[0] == batch.target[i]
         assert alone.grad_evals[0] == batch.grad_evals[i] or loose
-        atol = 5e-2 if loose else 1e-5
+        atol = 1e-1 if loose else 1e-3 if slack else 1e-5
         torch.testing.assert_close(alone.x_adv[0], batch.x_adv[i], atol=atol, rtol=0)
-        rtol = 1e-2 if loose else 1e-5
+        rtol = 1e-2 if loose else 1e-3 if slack else 1e-5
         torch.testing.assert_close(_l2(x[sl], alone)[0], d_batch[i], rtol=rtol, atol=1e-6)
 
 

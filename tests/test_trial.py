@@ -92,6 +92,7 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
         "max_iter": 20,
         "search_steps": 6,
         "candidates": None,
+        "max_evals": None,
     }
     fixed = summary.loc[["fgsm", "pgd", "pgd_l2", "noise"], "kind"]
     assert (fixed == "fixed_budget").all()

@@ -1,6 +1,7 @@
 """Adversarial attacks behind one contract (see base.py): model, inputs, labels -> AttackResult.
 
-Minimisation attacks (one run scores every budget): lbfgs_attack, deepfool, carlini_wagner.
+Minimisation attacks (one run scores every budget): lbfgs_attack, deepfool, carlini_wagner,
+ddn, fmn (L2 or Linf).
 Fixed-budget attacks (one run per budget): fgsm, pgd, gaussian_noise.
 """
 
@@ -16,7 +17,9 @@ from advlab.attacks.base import (
     shrink_toward_input,
 )
 from advlab.attacks.cw import carlini_wagner
+from advlab.attacks.ddn import ddn
 from advlab.attacks.deepfool import deepfool
+from advlab.attacks.fmn import fmn
 from advlab.attacks.gradient import fgsm, pgd
 from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
 from advlab.attacks.lbfgs_reference import lbfgs_scipy_reference
@@ -31,8 +34,10 @@ __all__ = [
     "carlini_wagner",
     "check_inputs",
     "closest_over_targets",
+    "ddn",
     "deepfool",
     "fgsm",
+    "fmn",
     "gaussian_noise",
     "lbfgs_attack",
     "lbfgs_scipy_reference",

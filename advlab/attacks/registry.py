@@ -29,7 +29,9 @@ from torch import Tensor, nn
 
 from advlab.attacks.base import AttackError, AttackResult
 from advlab.attacks.cw import carlini_wagner
+from advlab.attacks.ddn import ddn
 from advlab.attacks.deepfool import deepfool
+from advlab.attacks.fmn import fmn
 from advlab.attacks.gradient import fgsm, pgd
 from advlab.attacks.lbfgs import lbfgs_attack
 from advlab.attacks.noise import gaussian_noise
@@ -90,9 +92,10 @@ class PGDParams(Settings):
 
 class LBFGSParams(Settings):
     loss: Literal["ce", "margin"] = "ce"  # the paper's cross-entropy, or the exact margin loss
-    max_iter: int = Field(100, ge=1)  # L-BFGS iterations per value of c
+    max_iter: int | None = Field(None, ge=1)  # L-BFGS iterations per c; None: ce 100, margin 10
     search_steps: int = Field(12, ge=1)  # solves in the search over c
     candidates: int | None = Field(None, ge=1)  # target all: only the k nearest classes
+    max_evals: int | None = Field(None, ge=1)  # cap on gradient evaluations per target
 
 
 class DeepFoolParams(Settings):
@@ -108,6 +111,23 @@ class CWParams(Settings):
     c_init: float = Field(1e-3, gt=0, allow_inf_nan=False)
     lr: float = Field(1e-2, gt=0, allow_inf_nan=False)
     kappa: float = Field(0.0, ge=0, allow_inf_nan=False)
+    warm_start: bool = True
+    candidates: int | None = Field(None, ge=1)
+
+
+class DDNParams(Settings):
+    steps: int = Field(100, ge=1)
+    gamma: float = Field(0.05, gt=0, lt=1, allow_inf_nan=False)
+    init_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
+    candidates: int | None = Field(None, ge=1)
+
+
+class FMNParams(Settings):
+    steps: int = Field(100, ge=1)
+    alpha_init: float = Field(1.0, gt=0, allow_inf_nan=False)
+    alpha_final: float | None = Field(None, gt=0, allow_inf_nan=False)
+    gamma_init: float = Field(0.05, ge=0, lt=1, allow_inf_nan=False)
+    gamma_final: float = Field(0.001, ge=0, lt=1, allow_inf_nan=False)
     candidates: int | None = Field(None, ge=1)
 
 
@@ -127,6 +147,16 @@ def _fixed(fn: Callable[..., AttackResult], takes_norm: bool = False) -> AttackF
     def run(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, **kw: Any):
         return fn(model, x, y, eps, **({"norm": norm} if takes_norm else {}), **kw)
 
+    return run
+
+
+def _fmn_in(norm: str) -> AttackFn:
+    """FMN minimising `norm` (the budget norm only scores it)."""
+
+    def run(model: nn.Module, x: Tensor, y: Tensor, *, eps: Any, norm: str, **kw: Any):
+        return fmn(model, x, y, norm=minimised, **kw)
+
+    minimised = norm
     return run
 
 
@@ -189,6 +219,12 @@ for _defn in (
               _minimization(deepfool), "DeepFool L2 (Moosavi-Dezfooli et al. 2016)"),
     AttackDef("cw", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, CWParams,
               _minimization(carlini_wagner), "Carlini & Wagner L2 (2017)"),
+    AttackDef("ddn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DDNParams, _minimization(ddn),
+              "decoupled direction and norm, L2 (Rony et al. 2019)"),
+    AttackDef("fmn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, FMNParams, _fmn_in("l2"),
+              "fast minimum-norm, L2 (Pintor et al. 2021)"),
+    AttackDef("fmn_linf", MINIMIZATION, ("linf", "rms", "l2"), _ALL_TARGETS, FMNParams,
+              _fmn_in("linf"), "fast minimum-norm, Linf (Pintor et al. 2021)"),
 ):  # fmt: skip
     register(_defn)
 
