@@ -17,7 +17,7 @@ from advlab.report.load import Compared, Config
 from advlab.report.sections.robust import norm_title
 from advlab.stats import estimate
 
-MASKING = ("gradient_masking", "masking_reason")  # shown only when the trials table has them
+MASKING = ("gradient_masking", "masking_reason")  # shown only where a check ran (not null)
 ERRORS = (("train_error", "train error"), ("test_error", "test error"),
           ("heldout_error", "held-out error"))  # fmt: skip
 
@@ -65,7 +65,9 @@ def render(compared: Compared) -> str:
     if compared.ok_trials.empty:
         return ""
     columns, values = measures(compared)
-    masking = all(c in compared.trials for c in MASKING)
+    masking = all(c in compared.trials for c in MASKING) and bool(
+        compared.trials["gradient_masking"].notna().any()
+    )
     head = [("configuration", "configuration")]
     head += [(a, a) for a in compared.axes] + [("seeds", "seeds")]
     head += [(m.key, m.title) for m in columns]
