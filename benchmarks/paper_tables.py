@@ -10,21 +10,17 @@ beside the Gaussian-noise rows, with the controls as extra columns.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import pandas as pd
 
-from advlab.store import SweepStore
+from advlab import results
 from advlab.transfer import NOISE_SOURCE
 
 
 def trial_label(row: pd.Series) -> str:
-    decay = row["weight_decay"]
-    if isinstance(decay, str):
-        decay = ", ".join(f"{v:g}" for v in json.loads(decay))
-    else:
-        decay = f"{decay:g}"
+    """The paper's way of naming a model: fc100-100-10(1e-05, 1e-05, 1e-06)."""
+    decay = ", ".join(f"{v:g}" for v in row["weight_decay"])  # always a list of lambdas
     subset = "" if row["subset"] == "all" else f" {row['subset']}"
     return f"{row['model']}({decay}){subset}"
 
@@ -33,8 +29,13 @@ def pct(value: float) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
 
-def table1(store: SweepStore, attack: str) -> str:
-    trials = store.read("trials")
+def table1(res: results.Results, attack: str) -> str:
+    trials = res.trials.merge(
+        res.attacks.loc[
+            res.attacks["attack"] == attack, ["trial_id", "mean_dist_rms", "success_rate"]
+        ],
+        on="trial_id",
+    )
     lines = [
         "| model | train err | test err | held-out err | av. min. distortion (rms) | success "
         "| train s |",
@@ -43,15 +44,15 @@ def table1(store: SweepStore, attack: str) -> str:
     for _, row in trials.iterrows():
         lines.append(
             f"| {trial_label(row)} | {pct(row['train_error'])} | {pct(row['test_error'])} | "
-            f"{pct(row['heldout_error'])} | {row[f'{attack}/mean_dist_rms']:.3f} | "
-            f"{pct(row[f'{attack}/success_rate'])} | {row['train_seconds']:.0f} |"
+            f"{pct(row['heldout_error'])} | {row['mean_dist_rms']:.3f} | "
+            f"{pct(row['success_rate'])} | {row['train_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def transfer_table(store: SweepStore, attack: str, kind_suffix: str = "") -> str:
-    trials = store.read("trials").set_index("trial_id")
-    rows = store.read("transfer")
+def transfer_table(res: results.Results, attack: str) -> str:
+    trials = res.trials.set_index("trial_id")
+    rows = res.transfer[res.transfer["status"] == "ok"]
     label = {tid: trial_label(trials.loc[tid]) for tid in trials.index}
     trial_targets = [t for t in trials.index if t in set(rows["target"])]
     controls = sorted(set(rows.loc[rows["target_kind"] == "control", "target"]))
@@ -86,10 +87,10 @@ def main() -> None:
     parser.add_argument("sweep_dir")
     parser.add_argument("--attack", default="lbfgs")
     args = parser.parse_args()
-    store = SweepStore.from_dir(args.sweep_dir)
-    print(f"## {store.sweep}: Table 1\n\n{table1(store, args.attack)}\n")
-    if store.trial_files("transfer"):
-        print(f"## {store.sweep}: transfer ({args.attack})\n\n{transfer_table(store, args.attack)}")
+    res = results.load(args.sweep_dir)
+    print(f"## {res.name}: Table 1\n\n{table1(res, args.attack)}\n")
+    if len(res.transfer):
+        print(f"## {res.name}: transfer ({args.attack})\n\n{transfer_table(res, args.attack)}")
 
 
 if __name__ == "__main__":
