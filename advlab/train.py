@@ -6,6 +6,7 @@ shuffling uses a generator seeded by the trial, which keeps CPU runs determinist
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -126,16 +127,9 @@ def train_model(
     elif hasattr(model, "reconstruct") and settings.ae_epochs > 0:
         pretrain_autoencoder(model, x_train, settings, generator)
 
-    def state() -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "generator": generator.get_state(),
-            "adversarial": objective.state(),
-            "validation": None if validator is None else validator.state(),
-            "history": [asdict(h) for h in history],
-        }
-
+    state = functools.partial(
+        checkpoint, model, optimizer, generator, objective, validator, history
+    )
     for epoch in range(len(history) + 1, settings.epochs + 1):
         train_eps = objective.start_epoch(epoch)
         stats = train_epoch(
@@ -160,8 +154,27 @@ def train_model(
     return history
 
 
+def checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    objective: AdversarialObjective,
+    validator: RobustValidation | None,
+    history: list[EpochStats],
+) -> dict[str, Any]:
+    """Everything `restore` needs to continue training exactly where it stopped."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "adversarial": objective.state(),
+        "validation": None if validator is None else validator.state(),
+        "history": [asdict(h) for h in history],
+    }
+
+
 def restore(
-    checkpoint: dict[str, Any],
+    saved: dict[str, Any],
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
@@ -169,13 +182,13 @@ def restore(
     validator: RobustValidation | None,
 ) -> list[EpochStats]:
     """Put every piece of training state back from a checkpoint; returns the history so far."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    generator.set_state(checkpoint["generator"])
-    objective.load_state(checkpoint["adversarial"])
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    generator.set_state(saved["generator"])
+    objective.load_state(saved["adversarial"])
     if validator is not None:
-        validator.load_state(checkpoint["validation"])
-    return [EpochStats(**row) for row in checkpoint["history"]]
+        validator.load_state(saved["validation"])
+    return [EpochStats(**row) for row in saved["history"]]
 
 
 def test_error_now(
