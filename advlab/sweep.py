@@ -41,6 +41,7 @@ class SweepOutcome:
     @property
     def all_ok(self) -> bool:
         broken = self.failed or self.missing or self.attack_failures or self.transfer_error
+        broken = broken or (self.transfer is not None and self.transfer.failed_targets)
         return not (broken or self.interrupted)
 
 

@@ -226,6 +226,12 @@ def _check_scheduler_metric(metric: str, trials: list[TrialSpec]) -> None:
         )
     if metric == "test_error" and any(t.train.eval_every != 1 for t in trials):
         raise SpecError("scheduler.metric: test_error needs train.eval_every: 1 (every epoch)")
+    validated = [t.train.validation for t in trials]
+    if metric == "val_robust_error" and any(v.fraction == 0 or v.every != 1 for v in validated):
+        raise SpecError(
+            "scheduler.metric: val_robust_error needs train.validation with a fraction > 0 and "
+            "every: 1 (robust validation each epoch)"
+        )
 
 
 def _check_axis(where: str, axis: str) -> None:

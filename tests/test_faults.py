@@ -141,3 +141,22 @@ def test_a_sweep_without_attacks_trains_and_transfers_nothing(ray_local, tmp_pat
     res = results.load(str(tmp_path / "results" / "bare"))
     assert (res.trials["status"] == "ok").all() and res.attacks.empty
     assert res.transfer.empty
+
+
+@pytest.mark.slow
+def test_a_control_that_cannot_fit_a_tiny_subset_costs_that_control_only(
+    ray_local, tmp_path: Path, capsys
+) -> None:
+    # Three training images: k-nearest neighbours with k = 5 cannot predict from them.
+    raw = tiny_sweep(name="tiny", storage=str(tmp_path / "results"), subset="fraction:0.002")
+    raw |= {"wandb": {"mode": "disabled"}, "transfer": {"controls": ["constant", "knn"]}}
+    raw["attacks"] = [{"name": "fgsm"}]
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "2/2 trials ok" in out and "target knn failed: ValueError" in out
+    rows = results.load(str(tmp_path / "results" / "tiny")).transfer
+    assert rows.loc[rows["target"] == "knn", "status"].tolist() == ["failed"]
+    ok = rows[rows["status"] == "ok"]
+    assert set(ok["target_kind"]) == {"trial", "control"} and set(ok["target"]) >= {"constant"}

@@ -271,3 +271,50 @@ def test_python_api_example_in_the_docs_runs_as_written(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "report.html").is_file()
+
+
+def test_torchvision_models_by_name_fit_the_data(tmp_path: Path) -> None:
+    from advlab.models import build_model
+
+    model = build_model("torchvision:resnet18", (1, 28, 28), 7).eval()
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 1  # adapted from ImageNet's 3
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_normalisation_lives_inside_the_model(plugin_dir: Path) -> None:
+    """Attacks see [0, 1] pixels; the wrapped model standardises them itself, exactly."""
+    from advlab.models import build_model
+
+    sys.path.insert(0, str(plugin_dir))
+    try:
+        torch.manual_seed(0)
+        plain = build_model("mynets:build", (1, 6, 6), 3, model_args={"width": 8})
+        torch.manual_seed(0)
+        wrapped = build_model(
+            "mynets:build", (1, 6, 6), 3, model_args={"width": 8}, normalize=([0.2], [0.5])
+        )
+    finally:
+        sys.path.remove(str(plugin_dir))
+    x = torch.rand(4, 1, 6, 6)
+    torch.testing.assert_close(wrapped(x), plain((x - 0.2) / 0.5))
+
+
+def test_an_image_folder_is_read_as_a_data_set(tmp_path: Path) -> None:
+    from PIL import Image
+
+    x, y = synthetic(24)
+    for split, (images, labels) in {"train": (x[:18], y[:18]), "test": (x[18:], y[18:])}.items():
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = tmp_path / "imgs" / split / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:03d}.png")
+    data = load_data("folder", path=str(tmp_path / "imgs"))
+    assert data.x_train.shape == (18, 1, 6, 6) and data.x_test.shape == (6, 1, 6, 6)
+    assert data.num_classes == 3
+    # Images come back exactly, scaled to [0, 1], each under its class folder's label.
+    order = sorted(range(18), key=lambda i: (y[i], f"{i:03d}"))
+    expected = torch.tensor(x[order] / 255.0, dtype=torch.float32)[:, None]
+    torch.testing.assert_close(data.x_train, expected)
+    assert data.y_train.tolist() == [int(y[i]) for i in order]

@@ -103,6 +103,8 @@ def test_ctrl_c_stops_without_transfer_and_a_rerun_continues_from_the_checkpoint
         [*ADVLAB, "sweep", str(path)], capture_output=True, text=True, timeout=300
     )
     assert second.returncode == 0, second.stderr[-3000:]
+    # Only advlab's own lines: Ray's banners (token authentication, log paths) stay out.
+    assert "Token authentication" not in second.stderr and "ray." not in second.stderr.lower()
     trials = SweepStore(str(tmp_path / "results"), "ctrlc").read("trials")
     (resumed,) = trials.itertuples()
     assert resumed.resumed_from_epoch >= 2  # continued, not restarted

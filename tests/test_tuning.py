@@ -146,6 +146,11 @@ BAD_SEARCHES: list[tuple[str, dict[str, Any], str]] = [
         "not reported every epoch",
     ),
     (
+        "scheduler-on-validation-without-it",
+        {"scheduler": {"name": "asha", "metric": "val_robust_error"}},
+        "val_robust_error needs train.validation",
+    ),
+    (
         "scheduler-without-every-epoch-eval",
         {"scheduler": {"name": "asha"}, "train": FAST | {"eval_every": 2}},
         "eval_every: 1",
