@@ -120,22 +120,25 @@ def _ddn(
     worst = torch.maximum(flat, 1 - flat).norm(dim=1)
     best = BestPoints(flat)
     gens: list[torch.Generator] | None = None
+    z = flat.clone()  # flat + delta, clamped to the box; z and delta are reused in place
     for i in range(s.steps):
-        z = (flat + delta).requires_grad_(True)
-        logits = model(z.view(-1, *shape))
+        leaf = z.detach().requires_grad_(True)
+        logits = model(leaf.view(-1, *shape))
         loss = sign * F.cross_entropy(logits, cls, reduction="none")
-        (g,) = torch.autograd.grad(loss.sum(), z)
+        (g,) = torch.autograd.grad(loss.sum(), leaf)
         adv = adversarial_margin(logits.detach(), y, target) > s.margin
-        best.keep(z.detach(), delta.norm(dim=1), adv)
+        best.keep(z, delta.norm(dim=1), adv)
         g_norm = g.norm(dim=1, keepdim=True)
         if bool((g_norm < 1e-12).any()):
             gens = gens if gens is not None else example_generators(x, generator, target)
             g = torch.where(g_norm < 1e-12, example_randn(gens, (flat.shape[1],), flat), g)
             g_norm = g.norm(dim=1, keepdim=True)
         alpha = 0.01 + 0.99 * (1 + math.cos(math.pi * i / s.steps)) / 2
-        delta.addcdiv_(g, g_norm, value=alpha)  # delta is this step's own tensor (below)
+        delta.addcdiv_(g, g_norm, value=alpha)
         eps = torch.where(adv, eps * (1 - s.gamma), eps * (1 + s.gamma)).minimum(worst)
-        delta = delta * (eps / delta.norm(dim=1).clamp_min(1e-12))[:, None]
-        delta.add_(flat).clamp_(0.0, 1.0).sub_(flat)
+        delta.mul_((eps / delta.norm(dim=1).clamp_min(1e-12))[:, None])
+        torch.add(delta, flat, out=z).clamp_(0.0, 1.0)
+        torch.sub(z, flat, out=delta)
+        del g  # frees its buffer for the next gradient before that is allocated
     evals = torch.full((n,), s.steps, dtype=torch.int64, device=x.device)
     return finish(model, best.x.view_as(x), y, target, evals)
