@@ -6,11 +6,15 @@ count, round robin (so drift in machine speed hits every method alike), best of 
 
     python benchmarks/adversarial_training_speed.py --dataset fashion_mnist \
         --root /usr/share/datasets/fashion-mnist --subset fraction:0.25
+    PYTHONPATH=sweeps python benchmarks/adversarial_training_speed.py --dataset fashion_mnist \
+        --root /usr/share/datasets/fashion-mnist --subset fraction:0.25 \
+        --model convnets:wong --model-args '{"width": 32, "hidden": 200}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -31,9 +35,12 @@ METHODS: dict[str, dict] = {
 }
 
 
-def epoch_seconds(name: str, model_name: str, x: torch.Tensor, y: torch.Tensor) -> float:
+def epoch_seconds(
+    name: str, model_name: str, model_args: dict, x: torch.Tensor, y: torch.Tensor
+) -> float:
     torch.manual_seed(0)
-    model = build_model(model_name, (x.shape[1], x.shape[2], x.shape[3]), 10, "relu")
+    shape = (x.shape[1], x.shape[2], x.shape[3])
+    model = build_model(model_name, shape, 10, "relu", model_args or None)
     settings = TrainSpec(
         epochs=1, batch_size=128, optimizer="adam", lr=1e-3, eval_every=0,
         adversarial=AdversarialTrainingSpec(**METHODS[name]),
@@ -49,6 +56,7 @@ def main() -> None:
     parser.add_argument("--root", default=None)
     parser.add_argument("--subset", default="all")
     parser.add_argument("--model", default="fc100-100-10")
+    parser.add_argument("--model-args", type=json.loads, default={}, help='e.g. {"width": 32}')
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -59,8 +67,9 @@ def main() -> None:
     best = {name: float("inf") for name in METHODS}
     for _ in range(args.repeats):
         for name in METHODS:
-            best[name] = min(best[name], epoch_seconds(name, args.model, x, y))
-    print(f"{args.model}, {len(x)} training images, batch 128, {args.threads} thread(s)\n")
+            best[name] = min(best[name], epoch_seconds(name, args.model, args.model_args, x, y))
+    model = f"{args.model} {json.dumps(args.model_args)}" if args.model_args else args.model
+    print(f"{model}, {len(x)} training images, batch 128, {args.threads} thread(s)\n")
     print("| method | s / epoch | x standard |")
     print("|---|---|---|")
     for name, seconds in best.items():
