@@ -151,6 +151,10 @@ class TrainSpec(_Strict):
     batch_size: int = Field(64, ge=1, le=10_000_000)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0, le=1e6)
+    # The learning rate per epoch (advlab.train.lr_at): constant; cosine from lr down to near 0
+    # at the last epoch; step: x0.1 after half the epochs and again after three quarters (the
+    # piecewise decay of Madry et al. and Rice et al.).
+    lr_schedule: Literal["constant", "cosine", "step"] = "constant"
     momentum: float = Field(0.9, ge=0, lt=1)
     ae_epochs: int = Field(5, ge=0, le=100_000)  # autoencoder pretraining, ae<h>-K models
     eval_every: int = Field(1, ge=0, le=100_000)  # epochs between test errors; 0: last only

@@ -65,6 +65,18 @@ def optimizer_for(params: list, settings: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
 
 
+def lr_at(settings: TrainSpec, epoch: int) -> float:
+    """The learning rate of epoch `epoch` (1-based) under settings.lr_schedule.
+
+    A function of the epoch alone, so a resumed run needs no scheduler state to continue."""
+    if settings.lr_schedule == "cosine":
+        return settings.lr * (1 + math.cos(math.pi * (epoch - 1) / settings.epochs)) / 2
+    if settings.lr_schedule == "step":
+        done = (epoch - 1) / settings.epochs
+        return settings.lr * (0.1 if done >= 0.5 else 1.0) * (0.1 if done >= 0.75 else 1.0)
+    return settings.lr
+
+
 def batches(
     n: int, batch_size: int, generator: torch.Generator, device: torch.device
 ) -> list[Tensor]:
@@ -132,6 +144,8 @@ def train_model(
     )
     for epoch in range(len(history) + 1, settings.epochs + 1):
         train_eps = objective.start_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(settings, epoch)
         stats = train_epoch(
             model, objective, optimizer, x_train, y_train, settings, generator, epoch
         )

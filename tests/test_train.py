@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import math
+
+import pytest
 import torch
 from torch import nn
 
@@ -9,7 +13,7 @@ from advlab.data import load_dataset, select_subset
 from advlab.models import build_model
 from advlab.runtime import error_rate
 from advlab.spec import TrainSpec
-from advlab.train import pretrain_autoencoder, train_model
+from advlab.train import lr_at, pretrain_autoencoder, train_model
 
 
 def digits_half() -> tuple[torch.Tensor, ...]:
@@ -121,6 +125,62 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights() -> None:
     resumed = fresh()
     history = train_model(resumed, x, y, xt, yt, settings, 1e-3, seed=3, resume=saved)
     assert [h.epoch for h in history] == [1, 2, 3, 4]
+    assert [h.loss for h in history] == [h.loss for h in full]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_learning_rate_schedules_by_hand() -> None:
+    cosine = TrainSpec(epochs=4, lr=0.2, lr_schedule="cosine")
+    expected = [0.2, 0.1 * (1 + math.sqrt(0.5)), 0.1, 0.1 * (1 - math.sqrt(0.5))]
+    for epoch, lr in enumerate(expected, start=1):
+        assert lr_at(cosine, epoch) == pytest.approx(lr, rel=1e-12)
+    step = TrainSpec(epochs=8, lr=0.2, lr_schedule="step")
+    got = [lr_at(step, epoch) for epoch in range(1, 9)]
+    assert got == pytest.approx([0.2] * 4 + [0.02] * 2 + [0.002] * 2, rel=1e-12)
+    assert {lr_at(TrainSpec(epochs=3, lr=0.2), e) for e in (1, 2, 3)} == {0.2}
+
+
+def _fc16() -> nn.Module:
+    torch.manual_seed(3)
+    return build_model("fc16-10", (1, 8, 8), 10)
+
+
+def test_the_schedule_sets_each_epochs_learning_rate() -> None:
+    """Step decay over 2 epochs = epoch 1 at lr, then a resumed run at a tenth of it."""
+    x, y, xt, yt = digits_half()
+    base = TrainSpec(epochs=2, batch_size=64, optimizer="sgd", lr=0.1)
+    scheduled = _fc16()
+    train_model(
+        scheduled, x, y, xt, yt, base.model_copy(update={"lr_schedule": "step"}), 0.0, seed=1
+    )
+    saved: dict = {}
+    one = base.model_copy(update={"epochs": 1})
+    train_model(_fc16(), x, y, xt, yt, one, 0.0, 1, on_epoch=lambda _, s: saved.update(s()))
+    by_hand = _fc16()
+    train_model(
+        by_hand, x, y, xt, yt, base.model_copy(update={"lr": 0.01}), 0.0, seed=1, resume=saved
+    )
+    for key, value in scheduled.state_dict().items():
+        assert torch.equal(value, by_hand.state_dict()[key]), key
+    constant = _fc16()
+    train_model(constant, x, y, xt, yt, base, 0.0, seed=1)
+    assert not torch.equal(constant.state_dict()["1.weight"], scheduled.state_dict()["1.weight"])
+
+
+def test_a_cosine_run_resumes_to_the_uninterrupted_weights() -> None:
+    x, y, xt, yt = digits_half()
+    settings = TrainSpec(epochs=4, batch_size=32, optimizer="adam", lr=0.01, lr_schedule="cosine")
+    saved: dict = {}
+
+    def keep_epoch_2(stats, state) -> None:
+        if stats.epoch == 2:  # a copy: the run goes on training the tensors state() refers to
+            saved.update(copy.deepcopy(state()))
+
+    straight = _fc16()
+    full = train_model(straight, x, y, xt, yt, settings, 0.0, 3, on_epoch=keep_epoch_2)
+    resumed = _fc16()
+    history = train_model(resumed, x, y, xt, yt, settings, 0.0, seed=3, resume=saved)
     assert [h.loss for h in history] == [h.loss for h in full]
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
