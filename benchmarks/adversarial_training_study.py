@@ -36,6 +36,9 @@ def method_of(row: pd.Series) -> str:
         extras.append(f"mix {row['train.adversarial.mix']:g}")
     if row["train.adversarial.warmup_epochs"] == 0:
         extras.append("no warm-up")
+    schedule = row.get("train.lr_schedule")  # absent (null) in sweeps from before the setting
+    if isinstance(schedule, str) and schedule != "constant":
+        extras.append(f"{schedule} lr")
     return f"{method} {row['train.adversarial.eps']:g}" + (
         f" ({', '.join(extras)})" if extras else ""
     )
@@ -99,6 +102,19 @@ def points_table(res: Results, budgets: list[float]) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(res: Results, eps: float) -> str:
+    """Each trial's robust error at eps (the stronger PGD) against standard training's."""
+    strongest = ["pgd", "strong_pgd"]
+    standard = res.trials[res.trials["train.adversarial.method"] == "none"]
+    base = robust(res.curves, standard["trial_id"].iloc[0], strongest, eps) if len(standard) else 0
+    lines = [f"| training | robust err @{eps:g} | standard / this |", "|---|---|---|"]
+    for _, row in res.trials.iterrows():
+        value = robust(res.curves, row["trial_id"], strongest, eps)
+        ratio = f"{base / value:.2f}x" if value and base else "-"
+        lines.append(f"| {method_of(row)} | {pct(value)} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir")
@@ -109,6 +125,8 @@ def main() -> None:
     print(curve_table(res, ["pgd", "strong_pgd"]))
     print("\nClean against robust error (sorted by clean error):\n")
     print(points_table(res, [0.1, 0.2]))
+    print("\nAgainst standard training at eps 0.2:\n")
+    print(ratio_table(res, 0.2))
     flagged = res.trials[res.trials["gradient_masking"] == True]  # noqa: E712
     for _, row in flagged.iterrows():
         print(f"\n{method_of(row)}: {row['masking_reason']}")
