@@ -167,11 +167,13 @@ def _fmn(
         best.keep(z, size, adv)
         found |= adv
         g_l2 = g.norm(dim=1)
-        dual = g_l2 if s.norm == "l2" else g.abs().sum(dim=1)
-        # Aim a little past the linearised boundary: aimed exactly at it, a linear model's
-        # iterates land on the boundary itself and tie there forever (argmax either way).
-        to_boundary = size + (_AIM + s.margin - gap).clamp_min(0) / dual.clamp_min(1e-12)
-        grown = torch.where(found, eps * (1 + gamma), to_boundary)
+        grown = eps * (1 + gamma)
+        if not bool(found.all()):  # most steps have found them all: skip this arithmetic
+            dual = g_l2 if s.norm == "l2" else g.abs().sum(dim=1)
+            # Aim a little past the linearised boundary: aimed exactly at it, a linear model's
+            # iterates land on the boundary itself and tie there forever (argmax either way).
+            to_boundary = size + (_AIM + s.margin - gap).clamp_min(0) / dual.clamp_min(1e-12)
+            grown = torch.where(found, grown, to_boundary)
         eps = torch.where(adv, torch.minimum(eps * (1 - gamma), best.dist), grown).minimum(worst)
         delta.addcmul_(g, (alpha / g_l2.clamp_min(1e-12))[:, None])
         _project_(delta, eps, s.norm)
