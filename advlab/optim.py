@@ -143,7 +143,7 @@ class _Batch:
         fresh = self.fresh
         if bool(fresh.any()):
             d_new = _search_direction(self.x, self.g, self.pairs)
-            if not bool(fresh.all()):  # row copies, not a (n, D) torch.where (free_gradient)
+            if not bool(fresh.all()):  # row copies, not a (n, D) torch.where (box_move_bounds)
                 stale = (~fresh).nonzero().squeeze(1)
                 d_new[stale] = self.d[stale]
             self.d = d_new
@@ -175,7 +175,7 @@ class _Batch:
         back_off = ~ok & ~self.parked
         self.tries += back_off
         self.step = torch.where(back_off, _backtrack(self.step, slope, rise), self.step)
-        moved = s.abs().amax(dim=1) > 0  # (float ops: see free_gradient)
+        moved = s.abs().amax(dim=1) > 0  # (float ops: see box_move_bounds)
         failed = back_off & ((self.tries >= max_linesearch) | ~moved)
         if bool(failed.any()):
             self.running &= ~(failed & self.on_gradient)
@@ -302,16 +302,33 @@ def _projected_grad_norm(x: Tensor, g: Tensor) -> Tensor:
     return torch.clamp(g, min=x - 1, max=x).abs_().amax(dim=1)
 
 
-def free_gradient(x: Tensor, g: Tensor) -> Tensor:
-    """g with the coordinates a descent step cannot move zeroed: at 0 with g > 0, at 1 with g < 0.
+def box_move_bounds(
+    x: Tensor, *, ascent: bool, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """(lo, hi) such that clamp(g, lo, hi) zeroes exactly the coordinates of g that a step from
+    x in [0, 1] cannot move: along +g (ascent) at 0 with g < 0 and at 1 with g > 0; along -g
+    (descent) the other way round. `out`: two buffers shaped like x to write into.
 
-    Float arithmetic only (a bound of 0 on the side that leaves the box): on the CPU builds
-    measured here, boolean masks and torch.where over (n, D) run 5-15x slower than a float op.
+    Float arithmetic only: on the CPU builds measured here, boolean masks and torch.where over
+    (n, D) run 5-15x slower than a float op. The bounds are +-big * x and +-big * (1 - x), 0 on
+    the box's faces and beyond any gradient inside (no pixel sits within |g| / 3e38 of a face
+    without being on it); two passes, exactly 0 at x == 1 and nonzero for every float below.
     """
-    big = torch.finfo(g.dtype).max
-    # Bounds -big * (1 - x) and big * x: 0 on the box's faces, beyond any gradient inside (no
-    # pixel sits within |g| / 3e38 of a face without being on it); one pass each.
-    return torch.clamp(g, min=torch.rsub(x, -big, alpha=-big), max=x.mul(big))
+    big = torch.finfo(x.dtype).max
+    lo, hi = out if out is not None else (torch.empty_like(x), torch.empty_like(x))
+    if ascent:
+        torch.mul(x, -big, out=lo)
+        torch.add(lo, big, out=hi)
+    else:
+        torch.mul(x, big, out=hi)
+        torch.sub(hi, big, out=lo)
+    return lo, hi
+
+
+def free_gradient(x: Tensor, g: Tensor) -> Tensor:
+    """g with the coordinates a descent step cannot move zeroed (at 0, g > 0; at 1, g < 0)."""
+    lo, hi = box_move_bounds(x, ascent=False)
+    return torch.clamp(g, min=lo, max=hi)
 
 
 def _search_direction(x: Tensor, g: Tensor, pairs: _Pairs) -> Tensor:

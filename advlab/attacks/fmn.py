@@ -33,6 +33,7 @@ from advlab.attacks.base import (
     run_targets,
 )
 from advlab.attacks.ddn import BestPoints
+from advlab.optim import box_move_bounds
 
 
 @dataclass(frozen=True)
@@ -121,23 +122,6 @@ def _project_(delta: Tensor, eps: Tensor, norm: str) -> None:
         delta.clamp_(min=-eps[:, None], max=eps[:, None])
 
 
-def _free_(z: Tensor, g: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """The ascent direction g, in place, with the coordinates the box pins (at 0 going down, at
-    1 going up) zeroed: those a step could not move, which would otherwise shrink every real
-    step after normalisation and make the linearised distance to the boundary look shorter than
-    it is. lo and hi are scratch buffers shaped like g.
-
-    Float arithmetic (see `free_gradient`, the descent form): the bounds -big * z and about
-    big * (1 - z) are 0 on the box's faces and beyond any gradient inside, since no pixel sits
-    within |g| / 3e38 of a face without being on it. Three passes, no allocation: the box
-    handling was the largest share of a step's elementwise work.
-    """
-    big = torch.finfo(g.dtype).max
-    torch.mul(z, -big, out=lo)
-    torch.add(lo, big, out=hi)  # exactly 0 where z == 1, > 0 for every float below 1
-    return g.clamp_(min=lo, max=hi)
-
-
 def _cosine(i: int, steps: int, start: float, end: float) -> float:
     return end + (start - end) * (1 + math.cos(math.pi * i / steps)) / 2
 
@@ -161,7 +145,9 @@ def _fmn(
         leaf = z.detach().requires_grad_(True)
         gap = adversarial_margin(model(leaf.view(-1, *shape)), y, target)  # > 0: adversarial
         (g,) = torch.autograd.grad(gap.sum(), leaf)
-        g, gap = _free_(z, g, lo, hi), gap.detach()
+        # Box-pinned coordinates dropped: they would shrink every real step after normalising
+        # and make the linearised distance to the boundary look shorter than it is.
+        g, gap = g.clamp_(*box_move_bounds(z, ascent=True, out=(lo, hi))), gap.detach()
         size = _norm(delta, s.norm)
         adv = gap > s.margin
         best.keep(z, size, adv)
