@@ -114,12 +114,17 @@ def _norm(v: Tensor, norm: str) -> Tensor:
     return v.norm(dim=1) if norm == "l2" else v.abs().amax(dim=1)
 
 
-def _project_(delta: Tensor, eps: Tensor, norm: str) -> None:
-    """delta projected in place onto the ball of radius eps (per row) in `norm`."""
+def _project_into(z: Tensor, flat: Tensor, delta: Tensor, eps: Tensor, norm: str) -> None:
+    """z = flat + delta projected onto the ball of radius eps (per row) in `norm`.
+
+    delta may be overwritten (the caller recomputes it from z after the box clamp); for L2 the
+    scaling and the addition are one pass.
+    """
     if norm == "l2":
-        delta.mul_((eps / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None])
+        scale = (eps / delta.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)
+        torch.addcmul(flat, delta, scale[:, None], out=z)
     else:
-        delta.clamp_(min=-eps[:, None], max=eps[:, None])
+        torch.add(flat, delta.clamp_(min=-eps[:, None], max=eps[:, None]), out=z)
 
 
 def _cosine(i: int, steps: int, start: float, end: float) -> float:
@@ -135,7 +140,7 @@ def _fmn(
     eps = torch.full((n,), math.inf, dtype=flat.dtype, device=flat.device)
     worst = _norm(torch.maximum(flat, 1 - flat), s.norm)
     best = BestPoints(flat)
-    found = torch.zeros(n, dtype=torch.bool, device=flat.device)
+    found, all_found = torch.zeros(n, dtype=torch.bool, device=flat.device), False
     # z = flat + delta, clamped to the box; every (n, D) buffer is reused in place across steps
     # (on small models, fresh (n, D) tensors cost as much as the arithmetic).
     z, lo, hi = flat.clone(), torch.empty_like(flat), torch.empty_like(flat)
@@ -151,10 +156,11 @@ def _fmn(
         size = _norm(delta, s.norm)
         adv = gap > s.margin
         best.keep(z, size, adv)
-        found |= adv
         g_l2 = g.norm(dim=1)
         grown = eps * (1 + gamma)
-        if not bool(found.all()):  # most steps have found them all: skip this arithmetic
+        if not all_found:  # most steps come after every example was fooled: skip this
+            found |= adv
+            all_found = bool(found.all())
             dual = g_l2 if s.norm == "l2" else g.abs().sum(dim=1)
             # Aim a little past the linearised boundary: aimed exactly at it, a linear model's
             # iterates land on the boundary itself and tie there forever (argmax either way).
@@ -162,9 +168,8 @@ def _fmn(
             grown = torch.where(found, grown, to_boundary)
         eps = torch.where(adv, torch.minimum(eps * (1 - gamma), best.dist), grown).minimum(worst)
         delta.addcmul_(g, (alpha / g_l2.clamp_min(1e-12))[:, None])
-        _project_(delta, eps, s.norm)
-        torch.add(delta, flat, out=z).clamp_(0.0, 1.0)
-        torch.sub(z, flat, out=delta)
+        _project_into(z, flat, delta, eps, s.norm)
+        torch.sub(z.clamp_(0.0, 1.0), flat, out=delta)
         del g  # frees its buffer for the next gradient before that is allocated
     evals = torch.full((n,), s.steps, dtype=torch.int64, device=x.device)
     return finish(model, best.x.view_as(x), y, target, evals)
