@@ -201,7 +201,8 @@ def test_resumed_pairs_keep_their_curvature_through_shrinking_c() -> None:
     s64 = 1e-2 * torch.randn(1, 784, generator=gen, dtype=torch.float64)
     pairs = _Pairs(1, 784, 5, torch.device("cpu"), torch.float32)
     c = 100.0
-    pairs.push(s64.float(), (2 * c * s64).float(), torch.tensor([True]))
+    pairs.next_s().copy_(s64.float())  # the step; push stores y = g_new - g_old beside it
+    pairs.push((2 * c * s64).float(), torch.zeros(1, 784), torch.tensor([True]))
     for c_new in (10.0, 1.0, 0.1, 0.01, 0.001):
         pairs.reshape(torch.tensor([0]), torch.tensor([2 * (c_new - c)]))
         c = c_new

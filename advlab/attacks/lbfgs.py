@@ -77,7 +77,7 @@ from advlab.attacks.base import (
     run_targets,
     shrink_toward_input,
 )
-from advlab.optim import minimize_box_lbfgs
+from advlab.optim import minimize_box_lbfgs, sqnorm
 
 Loss = Literal["ce", "margin"]
 LOSSES: tuple[str, ...] = ("ce", "margin")
@@ -174,17 +174,18 @@ class PenaltyObjective:
         self.groups: Tensor | None = None
 
     def __call__(self, z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        z = z.detach().requires_grad_(True)
-        logits = self.model(z.view(-1, *self.shape))
-        diff = z - self.x0[rows]
-        sq = torch.linalg.vecdot(diff, diff)
+        z = z.detach()
+        leaf = z.detach().requires_grad_(True)
+        logits = self.model(leaf.view(-1, *self.shape))
         p = self.settings
         term = penalty_loss(logits, self.cls[rows], self.target is not None, p.loss, p.kappa)
-        (g,) = torch.autograd.grad(term.sum(), z)
+        (g,) = torch.autograd.grad(term.sum(), leaf)
         # The penalty's gradient is closed-form: no need to push it through autograd.
-        g.add_(diff.detach() * (2 * self.c[rows])[:, None])
-        f = self.c[rows] * sq.detach() + term.detach()
-        self._remember(rows, z.detach(), sq.detach(), logits.detach())
+        diff = z - self.x0[rows]
+        sq = sqnorm(diff)
+        g.addcmul_(diff, (2 * self.c[rows])[:, None])
+        f = self.c[rows] * sq + term.detach()
+        self._remember(rows, z, sq, logits.detach())
         return f, g
 
     def _margin(self, logits: Tensor, rows: Tensor) -> Tensor:
@@ -239,7 +240,7 @@ class CSearch:
         # the kept best: a transient iterate can beat every minimiser, and the next c's
         # minimiser may still move well past it.)
         diff = z - obj.x0[rows]
-        sq = torch.linalg.vecdot(diff, diff)
+        sq = sqnorm(diff)
         before = self.before[rows]
         self.before[rows] = torch.where(ok, sq, before)
         # Squared distances: a relative L2 change of dist_rtol is about twice that in squares.
