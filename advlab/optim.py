@@ -160,12 +160,13 @@ class _Batch:
         """Move rows whose trial passes the projected Armijo test; the others back off."""
         s = torch.sub(xt, self.x, out=self.pairs.next_s())  # written into the ring directly
         slope = torch.linalg.vecdot(self.g, s)  # < 0: the projected step's first-order decrease
-        moved = s.abs().amax(dim=1) > 0  # before push zeroes s (float ops: box_move_bounds)
         rise = ft - self.f
         # Rises within float round-off of f count as none, so a converged row does not
         # backtrack forever (the ftol test then ends its solve).
         noise = 8 * torch.finfo(self.x0.dtype).eps * self.f.abs()
         ok = torch.isfinite(ft) & (rise <= 1e-4 * slope + noise) & ~self.parked
+        back_off = ~ok & ~self.parked
+        moved = self._moved(s, back_off)  # before push zeroes the rejected rows' s
         self.pairs.push(gt, self.g, ok)
         scale = torch.maximum(torch.maximum(self.f.abs(), ft.abs()), torch.ones_like(ft))
         self.running &= ~(ok & (-rise <= ftol * scale))
@@ -173,7 +174,6 @@ class _Batch:
         # step too short to move the point in this precision, or too many tries, fails the
         # line search: the row drops its memory and restarts along the gradient, and a row
         # that already was on the gradient cannot make progress, so its solve ends.
-        back_off = ~ok & ~self.parked
         self.tries += back_off
         self.step = torch.where(back_off, _backtrack(self.step, slope, rise), self.step)
         failed = back_off & ((self.tries >= max_linesearch) | ~moved)
@@ -190,6 +190,16 @@ class _Batch:
                 self.g[rejected],
             )
         self.x, self.f, self.g = xt, ft, gt
+
+    @staticmethod
+    def _moved(s: Tensor, rows: Tensor) -> Tensor:
+        """(n,) bool: whether step s moved the point, computed only for `rows` (mask; the
+        others read True): most trials are accepted and need no check."""
+        moved = torch.ones_like(rows)
+        if bool(rows.any()):
+            idx = rows.nonzero().squeeze(1)
+            moved[idx] = s[idx].abs().amax(dim=1) > 0
+        return moved
 
     def resume(self, idx: Tensor, mu: Tensor) -> None:
         """Rows idx go on with mu/2 ||x - x0||^2 added to their objective."""
@@ -284,11 +294,12 @@ class _Pairs:
         self.s, self.y = self.s[:, idx], self.y[:, idx]
         self.sy, self.yy, self.used = self.sy[idx], self.yy[idx], self.used[idx]
 
-    def times(self, q: Tensor, h0: Tensor) -> Tensor:
-        """H q by the two-loop recursion, H0 = h0 I; unused slots contribute nothing."""
+    def times(self, q: Tensor, h0: Tensor, *, negate: bool = False) -> Tensor:
+        """H q (or -H q with `negate`, at no extra pass) by the two-loop recursion, H0 = h0 I;
+        unused slots contribute nothing."""
         rho = torch.where(self.used, 1.0 / self.sy.clamp_min(self.tiny), 0.0)
         order = self.newest_first()
-        r = q.clone()
+        r = q.neg() if negate else q.clone()
         alpha = []
         for i in order:
             a = rho[:, i] * torch.linalg.vecdot(self.s[i], r)
@@ -355,7 +366,7 @@ def _search_direction(x: Tensor, g: Tensor, pairs: _Pairs) -> Tensor:
     # Without pairs the first step has unit length, as in L-BFGS-B.
     gamma = pairs.gamma()
     h0 = torch.where(gamma > 0, gamma, 1.0 / gnorm)
-    d = pairs.times(q, h0).neg_().mul_(free)
+    d = pairs.times(q, h0, negate=True).mul_(free)
     # Masking keeps d a descent direction in exact arithmetic; guard against round-off anyway.
     bad = ~(torch.linalg.vecdot(g, d) < 0)
     if bool(bad.any()):
