@@ -78,6 +78,7 @@ from advlab.attacks.base import (
     shrink_toward_input,
 )
 from advlab.optim import minimize_box_lbfgs, sqnorm
+from advlab.runtime import rows_per_grad_chunk
 
 Loss = Literal["ce", "margin"]
 LOSSES: tuple[str, ...] = ("ce", "margin")
@@ -172,8 +173,17 @@ class PenaltyObjective:
         self.best_x = x0.clone()
         # Rows that attack the same example (target="all"): example index per row, else None.
         self.groups: Tensor | None = None
+        self.chunk = rows_per_grad_chunk(model, x0[:1].view(-1, *shape)) if len(x0) else 1
 
     def __call__(self, z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """(f, g) at the points z of `rows`, evaluated `self.chunk` rows at a time."""
+        if len(z) <= self.chunk:
+            return self._evaluate(z, rows)
+        pairs = zip(z.split(self.chunk), rows.split(self.chunk), strict=True)
+        parts = [self._evaluate(zc, rc) for zc, rc in pairs]
+        return torch.cat([f for f, _ in parts]), torch.cat([g for _, g in parts])
+
+    def _evaluate(self, z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         z = z.detach()
         leaf = z.detach().requires_grad_(True)
         logits = self.model(leaf.view(-1, *self.shape))
@@ -201,7 +211,10 @@ class PenaltyObjective:
     @torch.no_grad()
     def margin_at(self, z: Tensor, rows: Tensor) -> Tensor:
         """(n,) how far each row's point is inside its adversarial region, in logits."""
-        return self._margin(self.model(z.view(-1, *self.shape)), rows)
+        parts = zip(z.split(self.chunk), rows.split(self.chunk), strict=True)
+        return torch.cat(
+            [self._margin(self.model(zc.view(-1, *self.shape)), rc) for zc, rc in parts]
+        )
 
 
 # --------------------------------------------------------------------------- c search
