@@ -185,7 +185,7 @@ class PenaltyObjective:
 
     def _evaluate(self, z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         z = z.detach()
-        leaf = z.detach().requires_grad_(True)
+        leaf = z.detach().requires_grad_(True)  # z's storage; z itself stays off the graph
         logits = self.model(leaf.view(-1, *self.shape))
         p = self.settings
         term = penalty_loss(logits, self.cls[rows], self.target is not None, p.loss, p.kappa)
