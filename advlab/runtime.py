@@ -89,6 +89,7 @@ def _saved_bytes(model: nn.Module, x: Tensor) -> int:
         return t
 
     leaf = x.detach().clone().requires_grad_(True)
-    with eval_mode(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with eval_mode(model), torch.enable_grad(), hooks:  # under no_grad nothing would be saved
         model(leaf)
     return total

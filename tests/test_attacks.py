@@ -517,6 +517,8 @@ def test_rows_per_grad_chunk_counts_the_state_one_row_saves() -> None:
     x = torch.rand(1, 1, 8, 8)
     assert rows_per_grad_chunk(model, x, budget=4 * 64 * 10) == 10
     assert rows_per_grad_chunk(model, x, budget=1) == 1
+    with torch.no_grad():  # the count does not depend on the caller's grad mode
+        assert rows_per_grad_chunk(model, x, budget=4 * 64 * 10) == 10
     # A conv layer's activations grow with the row: 8 channels save far more than 2.
     wide, narrow = (
         nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(c * 64, 10))
