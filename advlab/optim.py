@@ -192,12 +192,12 @@ class _Batch:
         self.x, self.f, self.g = xt, ft, gt
 
     @staticmethod
-    def _moved(s: Tensor, rows: Tensor) -> Tensor:
-        """(n,) bool: whether step s moved the point, computed only for `rows` (mask; the
-        others read True): most trials are accepted and need no check."""
-        moved = torch.ones_like(rows)
-        if bool(rows.any()):
-            idx = rows.nonzero().squeeze(1)
+    def _moved(s: Tensor, mask: Tensor) -> Tensor:
+        """(n,) bool: whether step s moved the point, computed only where `mask` (the others
+        read True): most trials are accepted and need no check."""
+        moved = torch.ones_like(mask)
+        if bool(mask.any()):
+            idx = mask.nonzero().squeeze(1)
             moved[idx] = s[idx].abs().amax(dim=1) > 0
         return moved
 

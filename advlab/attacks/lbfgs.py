@@ -179,9 +179,11 @@ class PenaltyObjective:
         """(f, g) at the points z of `rows`, evaluated `self.chunk` rows at a time."""
         if len(z) <= self.chunk:
             return self._evaluate(z, rows)
-        pairs = zip(z.split(self.chunk), rows.split(self.chunk), strict=True)
-        parts = [self._evaluate(zc, rc) for zc, rc in pairs]
+        parts = [self._evaluate(zc, rc) for zc, rc in self._chunks(z, rows)]
         return torch.cat([f for f, _ in parts]), torch.cat([g for _, g in parts])
+
+    def _chunks(self, z: Tensor, rows: Tensor) -> zip[tuple[Tensor, Tensor]]:
+        return zip(z.split(self.chunk), rows.split(self.chunk), strict=True)
 
     def _evaluate(self, z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         z = z.detach()
@@ -211,9 +213,11 @@ class PenaltyObjective:
     @torch.no_grad()
     def margin_at(self, z: Tensor, rows: Tensor) -> Tensor:
         """(n,) how far each row's point is inside its adversarial region, in logits."""
-        parts = zip(z.split(self.chunk), rows.split(self.chunk), strict=True)
         return torch.cat(
-            [self._margin(self.model(zc.view(-1, *self.shape)), rc) for zc, rc in parts]
+            [
+                self._margin(self.model(zc.view(-1, *self.shape)), rc)
+                for zc, rc in self._chunks(z, rows)
+            ]
         )
 
 
