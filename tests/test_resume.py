@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,6 +15,47 @@ import yaml
 from advlab.store import SweepStore
 
 ADVLAB = [sys.executable, "-m", "advlab.cli"]
+
+
+def _kill_session(sid: int, timeout: float = 30.0) -> None:
+    """SIGKILL every live process of session `sid` until none is left.
+
+    Not just the driver's process group: Ray starts its trial workers in groups of their own
+    (same session), and a worker that outlived the group kill could finish its trial and write
+    its file after the test counted the finished ones.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        live = [pid for pid in _session_pids(sid) if not _zombie(pid)]
+        if not live:
+            return
+        assert time.monotonic() < deadline, f"processes of session {sid} survive: {live}"
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids: list[int] = []
+    if not os.path.isdir("/proc"):  # not Linux: the group kill is all there is
+        return pids
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    pids.append(int(entry))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return pids
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # state follows the (command)
 
 
 def test_killed_driver_resumes_without_recomputing_finished_trials(tmp_path: Path) -> None:
@@ -33,7 +75,7 @@ def test_killed_driver_resumes_without_recomputing_finished_trials(tmp_path: Pat
     path.write_text(yaml.safe_dump(sweep))
     trials_dir = tmp_path / "results" / "killme" / "trials"
 
-    # Its own session, so SIGKILL to the group takes the driver's local Ray down with it.
+    # Its own session, so killing the session takes the driver's local Ray down with it.
     first = subprocess.Popen(
         [*ADVLAB, "sweep", str(path)],
         start_new_session=True,
@@ -46,6 +88,7 @@ def test_killed_driver_resumes_without_recomputing_finished_trials(tmp_path: Pat
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
+    _kill_session(first.pid)
     finished = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in trials_dir.glob("*.parquet")}
     assert 1 <= len(finished) < 3
 
