@@ -7,7 +7,7 @@ batching and device moves behave the same everywhere.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +80,11 @@ def rows_per_grad_chunk(model: nn.Module, example: Tensor, budget: int | None = 
     return max(1, budget // max(per_row[1] - per_row[0], 1))
 
 
+def chunk_rows(model: nn.Module, x: Tensor) -> int:
+    """rows_per_grad_chunk for a batch x (any length, empty included)."""
+    return rows_per_grad_chunk(model, x[:1]) if len(x) else 1
+
+
 def _saved_bytes(model: nn.Module, x: Tensor) -> int:
     total = 0
 
@@ -93,3 +98,33 @@ def _saved_bytes(model: nn.Module, x: Tensor) -> int:
     with eval_mode(model), torch.enable_grad(), hooks:  # under no_grad nothing would be saved
         model(leaf)
     return total
+
+
+# A per-row objective for input_gradient: (leaf rows, their slice of the batch) ->
+# (objective (B,) to differentiate, tensors (B, ...) to return alongside, detached).
+RowObjective = Callable[[Tensor, slice], tuple[Tensor, tuple[Tensor, ...]]]
+
+
+def input_gradient(
+    objective: RowObjective, z: Tensor, chunk: int
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """d sum(objective) / dz per row, and the objective's other outputs, `chunk` rows at a time.
+
+    Rows never interact (each row's objective depends on its own input), so the chunks give the
+    whole batch's gradient up to round-off; `chunk` comes from rows_per_grad_chunk.
+    """
+    if len(z) <= chunk:
+        return _gradient(objective, z, slice(0, len(z)))
+    grad, parts = torch.empty_like(z), []
+    for start in range(0, len(z), chunk):
+        rows = slice(start, start + chunk)
+        grad[rows], extra = _gradient(objective, z[rows], rows)
+        parts.append(extra)
+    return grad, tuple(torch.cat(column) for column in zip(*parts, strict=True))
+
+
+def _gradient(objective: RowObjective, z: Tensor, rows: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+    leaf = z.detach().requires_grad_(True)  # z's storage, off the caller's graph
+    value, extra = objective(leaf, rows)
+    (grad,) = torch.autograd.grad(value.sum(), leaf)
+    return grad, tuple(t.detach() for t in extra)

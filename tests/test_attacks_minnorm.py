@@ -232,3 +232,16 @@ def test_box_pinned_gradient_coordinates_are_zeroed_and_no_others() -> None:
     assert up.tolist() == [[0.0, 3.0, 0.0, -5.0, -6.0, -7.0, 8.0, -9.0]]
     down = free_gradient(z, g)  # descent steps along -g: g > 0 at 0 and g < 0 at 1 blocked
     assert down.tolist() == [[-2.0, 0.0, 4.0, 0.0, -6.0, -7.0, 8.0, -9.0]]
+
+
+def test_fmn_steps_stay_in_the_box_with_no_clamp() -> None:
+    # FMN clips delta to [-flat, 1 - flat] and then scales it by s <= 1; flat + delta is
+    # never clamped, so it must land in [0, 1] exactly, in float32 and float64 alike.
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        flat = torch.cat([torch.rand(50000, generator=gen), torch.arange(256) / 255.0]).to(dtype)
+        noise = (torch.rand(flat.shape, generator=gen, dtype=dtype) * 4 - 2).clamp(-flat, 1 - flat)
+        for delta in (1 - flat, -flat, noise):
+            for s in (1.0, 1 - 1e-7, 0.5, 1e-3):
+                z = flat + delta * torch.tensor(s, dtype=dtype)
+                assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0

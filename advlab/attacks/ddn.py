@@ -33,6 +33,7 @@ from advlab.attacks.base import (
     prepare,
     run_targets,
 )
+from advlab.runtime import RowObjective, chunk_rows, input_gradient
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,21 @@ class BestPoints:
             self.x.index_copy_(0, rows, z.index_select(0, rows))
 
 
+def _ce_objective(
+    model: nn.Module, y: Tensor, target: Tensor | None, shape: tuple[int, ...]
+) -> RowObjective:
+    """Up the label's cross-entropy (untargeted), down the target's; returns the margin too."""
+    cls, sign = (y, 1.0) if target is None else (target, -1.0)
+
+    def ce(leaf: Tensor, rows: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+        logits = model(leaf.view(-1, *shape))
+        loss = sign * F.cross_entropy(logits, cls[rows], reduction="none")
+        gap = adversarial_margin(logits, y[rows], None if target is None else target[rows])
+        return loss, (gap,)
+
+    return ce
+
+
 def _ddn(
     model: nn.Module,
     x: Tensor,
@@ -114,20 +130,17 @@ def _ddn(
     generator: torch.Generator,
 ) -> AttackResult:
     flat, shape = x.flatten(1), tuple(x.shape[1:])
-    n, cls = len(x), (y if target is None else target)
-    sign = 1.0 if target is None else -1.0  # up the label's CE, down the target's
+    n = len(x)
     delta = torch.zeros_like(flat)
     eps = torch.full((n,), s.init_norm, dtype=flat.dtype, device=flat.device)
     worst = torch.maximum(flat, 1 - flat).norm(dim=1)
     best = BestPoints(flat)
     gens: list[torch.Generator] | None = None
     z = flat.clone()  # flat + delta, clamped to the box; z and delta are reused in place
+    objective, chunk = _ce_objective(model, y, target, shape), chunk_rows(model, x)
     for i in range(s.steps):
-        leaf = z.detach().requires_grad_(True)
-        logits = model(leaf.view(-1, *shape))
-        loss = sign * F.cross_entropy(logits, cls, reduction="none")
-        (g,) = torch.autograd.grad(loss.sum(), leaf)
-        adv = adversarial_margin(logits.detach(), y, target) > s.margin
+        g, (gap,) = input_gradient(objective, z, chunk)
+        adv = gap > s.margin
         best.keep(z, delta.norm(dim=1), adv)
         g_norm = g.norm(dim=1, keepdim=True)
         if bool((g_norm < 1e-12).any()):

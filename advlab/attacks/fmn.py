@@ -34,6 +34,7 @@ from advlab.attacks.base import (
 )
 from advlab.attacks.ddn import BestPoints
 from advlab.optim import box_move_bounds
+from advlab.runtime import RowObjective, chunk_rows, input_gradient
 
 
 @dataclass(frozen=True)
@@ -114,25 +115,15 @@ def _norm(v: Tensor, norm: str) -> Tensor:
     return v.norm(dim=1) if norm == "l2" else v.abs().amax(dim=1)
 
 
-def _upper_bounds(flat: Tensor) -> Tensor:
-    """1 - flat, lowered by one ulp wherever flat + (1 - flat) rounds above 1.
-
-    Any delta in [-flat, upper] scaled by a factor <= 1 then keeps flat + delta in [0, 1]
-    exactly (rounding is monotone), so the box needs no clamp after the norm projection.
-    """
-    upper = 1 - flat
-    over = (flat + upper) > 1
-    return torch.where(over, torch.nextafter(upper, torch.zeros_like(upper)), upper)
-
-
 def _step_into(
     z: Tensor, flat: Tensor, delta: Tensor, bounds: tuple[Tensor, Tensor], eps: Tensor, norm: str
 ) -> Tensor:
     """Clip delta to the box, project it onto the eps ball in place, z = flat + delta.
 
     Returns the norm of the new delta. Clipping first drops the push of box-pinned coordinates
-    before the projection scales the rest; scaling toward 0 stays inside the box (it holds 0),
-    so z needs no clamp.
+    before the projection scales the rest. z needs no clamp: with round-to-nearest,
+    flat + fl(1 - flat) never rounds above 1 (fl's error is under half the float spacing above
+    1), scaling by <= 1 only shrinks delta, and rounding is monotone.
     """
     delta.clamp_(*bounds)
     size = _norm(delta, norm)
@@ -160,6 +151,17 @@ def _cosine(i: int, steps: int, start: float, end: float) -> float:
     return end + (start - end) * (1 + math.cos(math.pi * i / steps)) / 2
 
 
+def _gap_objective(
+    model: nn.Module, y: Tensor, target: Tensor | None, shape: tuple[int, ...]
+) -> RowObjective:
+    def gap(leaf: Tensor, rows: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+        logits = model(leaf.view(-1, *shape))
+        value = adversarial_margin(logits, y[rows], None if target is None else target[rows])
+        return value, (value,)
+
+    return gap
+
+
 def _fmn(
     model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, s: FMNSettings
 ) -> AttackResult:
@@ -174,14 +176,12 @@ def _fmn(
     # z = flat + delta, in the box; every (n, D) buffer is reused in place across steps
     # (on small models, fresh (n, D) tensors cost as much as the arithmetic).
     z, lo, hi = flat.clone(), torch.empty_like(flat), torch.empty_like(flat)
-    box = (-flat, _upper_bounds(flat))
+    box = (-flat, 1 - flat)  # delta's bounds
+    objective, chunk = _gap_objective(model, y, target, shape), chunk_rows(model, x)
     for i in range(s.steps):
         alpha = _cosine(i, s.steps, s.alpha_init, s.alpha_final)  # type: ignore[arg-type]
         gamma = _cosine(i, s.steps, s.gamma_init, s.gamma_final)
-        leaf = z.detach().requires_grad_(True)
-        gap = adversarial_margin(model(leaf.view(-1, *shape)), y, target)  # > 0: adversarial
-        (g,) = torch.autograd.grad(gap.sum(), leaf)
-        gap = gap.detach()
+        g, (gap,) = input_gradient(objective, z, chunk)  # gap > 0: adversarial
         adv = gap > s.margin
         best.keep(z, size, adv)
         if not all_found:  # most steps come after every example was fooled: skip this

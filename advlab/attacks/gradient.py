@@ -27,6 +27,7 @@ from advlab.attacks.base import (
     prepare,
     run_targets,
 )
+from advlab.runtime import RowObjective, chunk_rows, input_gradient
 
 
 def loss_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -167,6 +168,17 @@ def _random_start(x: Tensor, eps: float, norm: str, gens: list[torch.Generator])
     return (x + (radius[:, None] * direction).view_as(x)).clamp(0.0, 1.0)
 
 
+def _ce(model: nn.Module, goal: Tensor) -> RowObjective:
+    """Cross-entropy toward `goal` per row; returns the loss and the logits too."""
+
+    def ce(xa: Tensor, rows: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+        logits = model(xa)
+        loss = F.cross_entropy(logits, goal[rows], reduction="none")
+        return loss, (loss, logits)
+
+    return ce
+
+
 def _pgd_run(
     model: nn.Module,
     x: Tensor,
@@ -186,20 +198,23 @@ def _pgd_run(
     fooled = torch.zeros(n, dtype=torch.bool, device=x.device)
     loss_end = torch.zeros(n, dtype=x.dtype, device=x.device)
     view = (-1, *[1] * (x.ndim - 1))
+    chunk = chunk_rows(model, x)
     for i in range(steps + 1):
         active = (~fooled).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        xa = x_adv[active].detach().requires_grad_(True)
-        logits = model(xa)
-        loss = F.cross_entropy(logits, goal[active], reduction="none")
-        hit = logits.detach().argmax(1)
+        xa = x_adv[active]
+        if i == steps:  # the last iterate is only scored: no gradient, no step after it
+            with torch.no_grad():
+                loss, logits = _ce(model, goal[active])(xa, slice(0, len(xa)))[1]
+        else:
+            grad, (loss, logits) = input_gradient(_ce(model, goal[active]), xa, chunk)
+        hit = logits.argmax(1)
         hit = hit != y[active] if target is None else hit == target[active]
-        loss_end[active] = loss.detach() if target is None else -loss.detach()
+        loss_end[active] = loss if target is None else -loss
         fooled[active[hit]] = True
         if i == steps:
-            break  # the last iterate was only scored: no step after it
-        (grad,) = torch.autograd.grad(loss.sum(), xa)
+            break
         evals[active] += 1
         # Freeze examples already fooled at their current point; step the others.
         moving = active[~hit]

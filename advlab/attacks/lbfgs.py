@@ -78,7 +78,7 @@ from advlab.attacks.base import (
     shrink_toward_input,
 )
 from advlab.optim import minimize_box_lbfgs, sqnorm
-from advlab.runtime import rows_per_grad_chunk
+from advlab.runtime import chunk_rows, input_gradient
 
 Loss = Literal["ce", "margin"]
 LOSSES: tuple[str, ...] = ("ce", "margin")
@@ -173,32 +173,28 @@ class PenaltyObjective:
         self.best_x = x0.clone()
         # Rows that attack the same example (target="all"): example index per row, else None.
         self.groups: Tensor | None = None
-        self.chunk = rows_per_grad_chunk(model, x0[:1].view(-1, *shape)) if len(x0) else 1
+        self.chunk = chunk_rows(model, x0[:1].view(-1, *shape))
 
     def __call__(self, z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """(f, g) at the points z of `rows`, evaluated `self.chunk` rows at a time."""
-        if len(z) <= self.chunk:
-            return self._evaluate(z, rows)
-        parts = [self._evaluate(zc, rc) for zc, rc in self._chunks(z, rows)]
-        return torch.cat([f for f, _ in parts]), torch.cat([g for _, g in parts])
+        """(f, g) at the points z of `rows`, the model evaluated `self.chunk` rows at a time."""
+        z, p, cls = z.detach(), self.settings, self.cls[rows]
 
-    def _chunks(self, z: Tensor, rows: Tensor) -> zip[tuple[Tensor, Tensor]]:
-        return zip(z.split(self.chunk), rows.split(self.chunk), strict=True)
+        def penalty_term(leaf: Tensor, part: slice) -> tuple[Tensor, tuple[Tensor, ...]]:
+            logits = self.model(leaf.view(-1, *self.shape))
+            term = penalty_loss(logits, cls[part], self.target is not None, p.loss, p.kappa)
+            return term, (term, logits)
 
-    def _evaluate(self, z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        z = z.detach()
-        leaf = z.detach().requires_grad_(True)  # z's storage; z itself stays off the graph
-        logits = self.model(leaf.view(-1, *self.shape))
-        p = self.settings
-        term = penalty_loss(logits, self.cls[rows], self.target is not None, p.loss, p.kappa)
-        (g,) = torch.autograd.grad(term.sum(), leaf)
+        g, (term, logits) = input_gradient(penalty_term, z, self.chunk)
         # The penalty's gradient is closed-form: no need to push it through autograd.
         diff = z - self.x0[rows]
         sq = sqnorm(diff)
         g.addcmul_(diff, (2 * self.c[rows])[:, None])
-        f = self.c[rows] * sq + term.detach()
-        self._remember(rows, z, sq, logits.detach())
+        f = self.c[rows] * sq + term
+        self._remember(rows, z, sq, logits)
         return f, g
+
+    def _chunks(self, z: Tensor, rows: Tensor) -> zip[tuple[Tensor, Tensor]]:
+        return zip(z.split(self.chunk), rows.split(self.chunk), strict=True)
 
     def _margin(self, logits: Tensor, rows: Tensor) -> Tensor:
         target = None if self.target is None else self.target[rows]
