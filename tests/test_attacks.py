@@ -529,14 +529,20 @@ def test_rows_per_grad_chunk_counts_the_state_one_row_saves() -> None:
     assert rows_per_grad_chunk(wide, x, budget=2**20) < rows_per_grad_chunk(narrow, x, budget=2**20)
 
 
-def test_chunked_evaluation_changes_nothing_but_round_off(
-    digits: tuple[Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture(scope="module")
+def small_conv(digits: tuple[Tensor, Tensor]) -> nn.Module:
+    """A small conv net fitted once for the chunked-evaluation tests."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)
     )
-    model = _fit(model, digits[0][:1000], digits[1][:1000], steps=100, lr=1e-2)
+    return _fit(model, digits[0][:1000], digits[1][:1000], steps=100, lr=1e-2)
+
+
+def test_chunked_evaluation_changes_nothing_but_round_off(
+    digits: tuple[Tensor, Tensor], small_conv: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = small_conv
     x = digits[0][1200:1208]
     y = _predict(model, x)
     target = (y + 1) % 10
@@ -571,15 +577,14 @@ def test_chunked_evaluation_changes_nothing_but_round_off(
     ids=["ddn", "fmn-l2", "fmn-linf", "pgd"],
 )
 def test_gradient_attacks_run_in_chunks_end_where_whole_runs_do(
-    digits: tuple[Tensor, Tensor], monkeypatch: pytest.MonkeyPatch, attack: Callable[..., Any]
+    digits: tuple[Tensor, Tensor],
+    small_conv: nn.Module,
+    monkeypatch: pytest.MonkeyPatch,
+    attack: Callable[..., Any],
 ) -> None:
     # One row per chunk (the smallest budget) against the whole batch at once: the same
     # successes, the same points up to round-off.
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(256, 10)
-    )
-    model = _fit(model, digits[0][:1000], digits[1][:1000], steps=100, lr=1e-2)
+    model = small_conv
     x = digits[0][1200:1210]
     y = _predict(model, x)
     whole = attack(model, x, y, (y + 1) % 10)
