@@ -25,7 +25,7 @@ BatchObjective = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 # Called with the indices of rows whose solve converged, their points and objective values;
 # returns which of them go on (bool) and mu: a resumed row's objective gains
-# mu/2 * ||x - x0||^2.
+# mu/2 * ||x - center||^2.
 OnConverged = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
@@ -40,6 +40,7 @@ def minimize_box_lbfgs(
     max_linesearch: int = 10,
     on_converged: OnConverged | None = None,
     max_evals: int | None = None,
+    center: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Minimise n independent problems over [0,1]^D with projected L-BFGS; (x, f, evals).
 
@@ -53,10 +54,11 @@ def minimize_box_lbfgs(
 
     A row's solve ends after max_iter iterations, a projected gradient below gtol, a relative
     decrease below ftol, or a line search that fails without curvature pairs. Then
-    `on_converged` (if given) may resume it with a reshaped objective f + mu/2 ||x - x0||^2
-    (for instance a new penalty weight on the distance from x0): the row goes on from where it
-    stands and its curvature pairs stay valid after the exact correction y += mu * s, so a
-    resumed solve starts with a good Hessian model and no model evaluation.
+    `on_converged` (if given) may resume it with a reshaped objective f + mu/2 ||x - center||^2
+    (for instance a new penalty weight on the distance from `center`, which defaults to the
+    start x0; the L-BFGS attack may start elsewhere than at its penalty's centre): the row goes
+    on from where it stands and its curvature pairs stay valid after the exact correction
+    y += mu * s, so a resumed solve starts with a good Hessian model and no model evaluation.
 
     max_evals caps each row's evaluations over the whole run (resumes included): a row that
     has spent them ends its solve and is not resumed.
@@ -68,7 +70,7 @@ def minimize_box_lbfgs(
     if n == 0:
         return out, f_out, evals
     f, g = fun(x0, torch.arange(n, device=x0.device))
-    b = _Batch(x0, f, g, history)
+    b = _Batch(x0, f, g, history, x0 if center is None else center)
     while True:
         b.running &= (_projected_grad_norm(b.x, b.g) > gtol) & (b.iters < max_iter)
         spent = None if max_evals is None else evals[b.rows] >= max_evals
@@ -91,11 +93,11 @@ def minimize_box_lbfgs(
 class _Batch:
     """The rows `minimize_box_lbfgs` still holds, and their per-row state."""
 
-    def __init__(self, x0: Tensor, f: Tensor, g: Tensor, history: int) -> None:
+    def __init__(self, x0: Tensor, f: Tensor, g: Tensor, history: int, center: Tensor) -> None:
         n, dim = x0.shape
         dev = x0.device
-        self.x0 = x0
-        self.rows = torch.arange(n, device=dev)  # indices into x0
+        self.x0, self.center = x0, center
+        self.rows = torch.arange(n, device=dev)  # indices into x0 and center
         self.x, self.f, self.g = x0.clone(), f, g
         self.d = torch.zeros_like(x0)  # the current search direction
         self.step = torch.ones_like(f)  # the next trial's step along d
@@ -202,10 +204,10 @@ class _Batch:
         return moved
 
     def resume(self, idx: Tensor, mu: Tensor) -> None:
-        """Rows idx go on with mu/2 ||x - x0||^2 added to their objective."""
+        """Rows idx go on with mu/2 ||x - center||^2 added to their objective."""
         if idx.numel() == 0:
             return
-        shift = self.x[idx] - self.x0[self.rows[idx]]
+        shift = self.x[idx] - self.center[self.rows[idx]]
         self.f[idx] += 0.5 * mu * sqnorm(shift)
         self.g[idx] += mu[:, None] * shift
         self.pairs.reshape(idx, mu)

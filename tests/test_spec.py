@@ -109,6 +109,20 @@ BAD_SWEEPS = [
         "attacks.0.candidtes: not a setting of lbfgs; did you mean 'candidates'?",
     ),
     ({"attacks": [{"name": "pgd", "steps": 0}]}, "attacks.0.steps: Input should be greater"),
+    (
+        {"attacks": [{"name": "lbfgs", "start": "pgd"}]},
+        "attacks.0.start: pgd is not a minimisation attack other than lbfgs",
+    ),
+    ({"attacks": [{"name": "lbfgs", "start": "lbfgs"}]}, "attacks.0.start: lbfgs is not a"),
+    ({"attacks": [{"name": "lbfgs", "start": "ddm"}]}, "attacks.0.start: unknown attack 'ddm'"),
+    (
+        {"attacks": [{"name": "lbfgs", "start": "ddn", "start_settings": {"stepz": 5}}]},
+        "attacks.0.start_settings: stepz: not a setting of ddn; did you mean 'steps'?",
+    ),
+    (
+        {"attacks": [{"name": "lbfgs", "start_settings": {"steps": 5}}]},
+        "attacks.0.start_settings: given without start",
+    ),
     ({"attacks": [{"name": "deepfool", "loss": "margin"}]}, "not a setting of deepfool"),
     ({"attacks": [{"name": "noise", "target": "random"}]}, "attacks.0.target: noise takes"),
     ({"attacks": [{"name": "fgsm"}, {"name": "fgsm"}]}, "give repeated attacks a `label`"),

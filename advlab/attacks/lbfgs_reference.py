@@ -20,6 +20,7 @@ from advlab.attacks.lbfgs import (
     CSearch,
     LBFGSSettings,
     PenaltyObjective,
+    check_start,
     lbfgs_settings,
     run_c_search,
 )
@@ -35,6 +36,7 @@ def lbfgs_scipy_reference(
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
     candidates: int | None = None,
+    start: Tensor | None = None,
     **overrides: Any,
 ) -> AttackResult:
     """The same attack with scipy's fmin_l_bfgs_b run per example: the oracle and a baseline.
@@ -45,14 +47,15 @@ def lbfgs_scipy_reference(
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="random"
     )
-    return run_c_search(model, x, y, resolved, k, s, _scipy_search, candidates)
+    start = check_start(x, start)
+    return run_c_search(model, x, y, resolved, k, s, _scipy_search, candidates, start)
 
 
 def _scipy_search(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """The c search with scipy's L-BFGS-B, one example and one c at a time."""
     search = CSearch(objective, p)
     evals = torch.zeros(len(objective.x0), dtype=torch.int64, device=objective.x0.device)
-    start = objective.x0.clone()
+    start = objective.start.clone()
     while bool(search.active.any()):
         rows = search.active.nonzero().squeeze(1)
         z, f, n_evals = _scipy_inner(objective, rows, start[rows], p)

@@ -20,14 +20,14 @@ import difflib
 import importlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from advlab.attacks.base import AttackError, AttackResult
+from advlab.attacks.base import AttackError, AttackResult, num_classes_of, random_wrong_targets
 from advlab.attacks.cw import carlini_wagner
 from advlab.attacks.ddn import ddn
 from advlab.attacks.deepfool import deepfool
@@ -96,6 +96,29 @@ class LBFGSParams(Settings):
     search_steps: int = Field(12, ge=1)  # solves in the search over c
     candidates: int | None = Field(None, ge=1)  # target all: only the k nearest classes
     max_evals: int | None = Field(None, ge=1)  # cap on gradient evaluations per target
+    start: str | None = None  # a minimisation attack whose points the search starts from
+    start_settings: dict[str, Any] = Field(default_factory=dict)  # that attack's settings
+
+    @model_validator(mode="after")
+    def _start_is_a_minimisation_attack(self) -> LBFGSParams:
+        if self.start is None:
+            if self.start_settings:
+                raise ValueError("start_settings: given without start; name the start attack")
+            return self
+        try:
+            defn = get(self.start)
+        except AttackError as err:
+            raise ValueError(f"start: {err}") from None
+        if defn.kind != MINIMIZATION or defn.run is _LBFGS_RUN:
+            raise ValueError(
+                f"start: {self.start} is not a minimisation attack other than lbfgs; "
+                "use ddn, fmn, deepfool or cw"
+            )
+        try:
+            validate_settings(defn, self.start_settings)
+        except AttackError as err:
+            raise ValueError(f"start_settings: {err}") from None
+        return self
 
 
 class DeepFoolParams(Settings):
@@ -160,6 +183,39 @@ def _fmn_in(norm: str) -> AttackFn:
     return run
 
 
+def _lbfgs(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: Any,
+    norm: str,
+    target: Any,
+    generator: torch.Generator,
+    start: str | None = None,
+    start_settings: dict[str, Any] | None = None,
+    **kw: Any,
+) -> AttackResult:
+    """L-BFGS, from another minimisation attack's points when `start` names one.
+
+    The start attack goes for the same classes (random targets are drawn once for both) or,
+    for "untargeted" and "all", for any wrong class; its gradient evaluations are counted in.
+    """
+    if start is None:
+        return lbfgs_attack(model, x, y, target, generator=generator, **kw)
+    if target == "random":
+        target = random_wrong_targets(y, num_classes_of(model, x, None), generator)
+    first = run_attack(
+        start, model, x, y, target=target if isinstance(target, Tensor) else "untargeted",
+        generator=generator, **(start_settings or {}),
+    )  # fmt: skip
+    result = lbfgs_attack(model, x, y, target, generator=generator, start=first.x_adv, **kw)
+    return replace(result, grad_evals=result.grad_evals + first.grad_evals.to(result.grad_evals))
+
+
+_LBFGS_RUN = _lbfgs
+
+
 def _noise(
     model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, target: Any, generator: Any
 ) -> AttackResult:
@@ -214,7 +270,7 @@ for _defn in (
     AttackDef("noise", FIXED_BUDGET, ("stddev",), ("untargeted",), NoParams, _noise,
               "Gaussian noise of stddev eps, clipped to the box (the paper's control)"),
     AttackDef("lbfgs", MINIMIZATION, _DIST_NORMS, ("random", "untargeted", "all"), LBFGSParams,
-              _minimization(lbfgs_attack), "box-constrained L-BFGS (Szegedy et al. 2014)"),
+              _LBFGS_RUN, "box-constrained L-BFGS (Szegedy et al. 2014)"),
     AttackDef("deepfool", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DeepFoolParams,
               _minimization(deepfool), "DeepFool L2 (Moosavi-Dezfooli et al. 2016)"),
     AttackDef("cw", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, CWParams,
@@ -274,6 +330,8 @@ def validate_settings(defn: AttackDef, settings: dict[str, Any]) -> Settings:
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
+        if not key:  # a check across fields, whose message names them
+            raise AttackError(first["msg"].removeprefix("Value error, ")) from None
         if first["type"] == "extra_forbidden":
             known = sorted(defn.settings.model_fields)
             close = difflib.get_close_matches(key, known, n=1)
