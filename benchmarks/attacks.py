@@ -44,6 +44,7 @@ from advlab.attacks import (
     lbfgs_attack,
     lbfgs_scipy_reference,
 )
+from advlab.attacks.registry import run_attack
 from advlab.data import load_dataset
 from advlab.models import build_model
 from advlab.runtime import error_rate
@@ -54,6 +55,7 @@ FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 # The advlab L-BFGS rows the targets are checked on; the scipy reference reruns the first.
 HEADLINE = "advlab L-BFGS margin, all targets"
 NEAREST = "advlab L-BFGS margin, 3 nearest targets"
+STARTED = "advlab L-BFGS margin, 3 nearest from DDN-50"  # searches begin at DDN's points
 DDN = "Foolbox DDN (100 steps)"
 OURS_VS_ADVLIB = {  # advlab row -> adv-lib row at the same budget
     "advlab DDN (100 steps)": "adv-lib DDN (100 steps)",
@@ -160,11 +162,20 @@ def _advlab(attack: Callable[[], object]) -> Run:
     return go
 
 
+# As a sweep file writes it: {name: lbfgs, target: all, loss: margin, start: ddn, ...}.
+FROM_DDN = {"target": "all", "loss": "margin", "start": "ddn", "start_settings": {"steps": 50}}
+
+
 def advlab_jobs(model: nn.Module, x: Tensor, y: Tensor) -> list[Job]:
     m = model
     return [
         Job(HEADLINE, _advlab(lambda: lbfgs_attack(m, x, y, "all", loss="margin"))),
         Job(NEAREST, _advlab(lambda: lbfgs_attack(m, x, y, "all", loss="margin", candidates=3))),
+        Job(STARTED, _advlab(lambda: run_attack("lbfgs", m, x, y, **FROM_DDN, candidates=3))),
+        Job(
+            "advlab L-BFGS margin, untargeted from DDN-50",
+            _advlab(lambda: run_attack("lbfgs", m, x, y, **{**FROM_DDN, "target": "untargeted"})),
+        ),
         Job("advlab DDN (100 steps)", _advlab(lambda: ddn(m, x, y))),
         Job("advlab FMN-L2 (100 steps)", _advlab(lambda: fmn(m, x, y))),
         Job("advlab DeepFool", _advlab(lambda: deepfool(m, x, y))),
@@ -331,7 +342,7 @@ def _lbfgs_targets(scored: list[dict], by_name: dict[str, dict]) -> list[str]:
     peers = [s for s in scored if not s["row"].name.startswith("advlab") and s["success"] == 1.0]
     best = min(peers, key=lambda s: s["l2_own"]) if peers else None
     lines = []
-    for name, limit in ((NEAREST, 2.0), (HEADLINE, 4.0)):
+    for name, limit in ((NEAREST, 2.0), (STARTED, 2.0), (HEADLINE, 4.0)):
         if name not in by_name:
             continue
         mine = by_name[name]
