@@ -93,6 +93,8 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
         "search_steps": 6,
         "candidates": None,
         "max_evals": None,
+        "start": None,
+        "start_settings": {},
     }
     fixed = summary.loc[["fgsm", "pgd", "pgd_l2", "noise"], "kind"]
     assert (fixed == "fixed_budget").all()
