@@ -90,6 +90,17 @@ def test_attack_budgets_default_to_the_trial_budgets() -> None:
     assert (fgsm.budget_norm, lbfgs.budget_norm) == ("linf", "rms")
 
 
+def test_a_started_lbfgs_parses_and_its_start_is_part_of_its_id() -> None:
+    plain = {"name": "lbfgs", "loss": "margin"}
+    started = plain | {"start": "ddn", "start_settings": {"steps": 50}}
+    longer = plain | {"start": "ddn", "start_settings": {"steps": 100}}
+    trials = [parse_sweep(tiny_sweep(attacks=[a])).trials[0] for a in (plain, started, longer)]
+    attacks = [t.attacks[0] for t in trials]
+    assert attacks[1].settings.start == "ddn"
+    assert attacks[1].settings.start_settings == {"steps": 50}
+    assert len({t.attack_id(a) for t, a in zip(trials, attacks, strict=True)}) == 3
+
+
 BAD_SWEEPS = [
     ({"modle": "fc10"}, "modle: unknown key; did you mean 'model'?"),
     ({"train": {"epochs": 3, "lrr": 0.1}}, "train.lrr: unknown key; did you mean 'lr'?"),

@@ -320,9 +320,12 @@ def initial_c(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:
     """
     n, dev = len(objective.x0), objective.x0.device
     c = p.c_init if p.c_init is not None else (1.0 if p.loss == "ce" else 100.0)
+    first = torch.full((n,), float(c), dtype=torch.float64, device=dev)
     if p.c_init is None and p.loss == "margin" and objective.started:
-        c = 10.0
-    return torch.full((n,), float(c), dtype=torch.float64, device=dev)
+        # Only rows whose start moved: where the start attack failed its point is x itself.
+        moved = (objective.start != objective.x0).any(1)
+        first[moved] = 10.0
+    return first
 
 
 def _next_c(lo: Tensor, hi: Tensor, factor: float) -> Tensor:
@@ -419,7 +422,8 @@ def lbfgs_attack(
     measures the distance from x. On a non-linear net the c search from x follows the path of
     minimisers out of x to the first region it meets; from a minimum-norm attack's point it
     refines the (often closer) region that attack reached, and a start the target already
-    holds is never returned farther away. See docs/attacks.md for what it buys.
+    holds is never returned farther away (under "all" with candidates=k, only when the start's
+    class is among the k searched). See docs/attacks.md for what it buys.
     """
     s = lbfgs_settings(settings, overrides)
     search = _torch_search if s.warm_start else _torch_search_cold
@@ -500,7 +504,8 @@ def run_c_search(
 
     def tiled(xs: Tensor) -> Tensor | None:
         # target="all" repeats the batch target-major; each copy starts where its example does.
-        return None if start is None else start.repeat(len(xs) // len(x), *[1] * (x.ndim - 1))
+        copies = len(xs) // max(len(x), 1)
+        return None if start is None else start.repeat(copies, *[1] * (x.ndim - 1))
 
     return run_targets(
         model,

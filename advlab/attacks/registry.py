@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
-from advlab.attacks.base import AttackError, AttackResult, num_classes_of, random_wrong_targets
+from advlab.attacks.base import AttackError, AttackResult, prepare
 from advlab.attacks.cw import carlini_wagner
 from advlab.attacks.ddn import ddn
 from advlab.attacks.deepfool import deepfool
@@ -203,8 +203,11 @@ def _lbfgs(
     """
     if start is None:
         return lbfgs_attack(model, x, y, target, generator=generator, **kw)
-    if target == "random":
-        target = random_wrong_targets(y, num_classes_of(model, x, None), generator)
+    # Resolve targets first, on the model's device, so both attacks go for the same classes.
+    x, y, target, _ = prepare(
+        model, x, y, target, num_classes=None, generator=generator, default="random"
+    )
+    target = "untargeted" if target is None else target
     first = run_attack(
         start, model, x, y, target=target if isinstance(target, Tensor) else "untargeted",
         generator=generator, **(start_settings or {}),
