@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from advlab.attacks import (
     AttackError,
     AttackResult,
+    alma,
     carlini_wagner,
     check_inputs,
     ddn,
@@ -573,8 +574,9 @@ def test_chunked_evaluation_changes_nothing_but_round_off(
         lambda m, x, y, t: fmn(m, x, y, t, steps=40),
         lambda m, x, y, t: fmn(m, x, y, None, norm="linf", steps=40),
         lambda m, x, y, t: pgd(m, x, y, 1.5, norm="l2", steps=10, restarts=2, target=t),
+        lambda m, x, y, t: alma(m, x, y, t, steps=40),
     ],
-    ids=["ddn", "fmn-l2", "fmn-linf", "pgd"],
+    ids=["ddn", "fmn-l2", "fmn-linf", "pgd", "alma"],
 )
 def test_gradient_attacks_run_in_chunks_end_where_whole_runs_do(
     digits: tuple[Tensor, Tensor],

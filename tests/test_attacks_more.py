@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from advlab.attacks import (
     AttackError,
     AttackResult,
+    alma,
     carlini_wagner,
     ddn,
     deepfool,
@@ -215,6 +216,8 @@ ATTACKS += [
     ("ddn-targeted", lambda m, x, y, t, g: ddn(m, x, y, t, steps=40, generator=g), None),
     ("fmn", lambda m, x, y, t, g: fmn(m, x, y, steps=40), None),
     ("fmn-linf-targeted", lambda m, x, y, t, g: fmn(m, x, y, t, norm="linf", steps=40), None),
+    ("alma", lambda m, x, y, t, g: alma(m, x, y, steps=60), None),
+    ("alma-targeted", lambda m, x, y, t, g: alma(m, x, y, t, steps=60), None),
 ]
 IDS = [name for name, _, _ in ATTACKS]
 
@@ -239,7 +242,7 @@ def test_every_attack_keeps_the_contract(
         assert (distortions(x, result.x_adv)[norm] <= eps * (1 + 1e-5) + 1e-6).all()
     if name.endswith("targeted") and name != "lbfgs-untargeted":
         assert torch.equal(result.target, _targets(y))
-    if name.startswith(("lbfgs", "deepfool", "cw", "ddn", "fmn")):
+    if name.startswith(("lbfgs", "deepfool", "cw", "ddn", "fmn", "alma")):
         assert result.success.all(), name  # minimisation attacks reach every goal here
         # ... and an unsuccessful example would return x itself.
 
@@ -265,8 +268,10 @@ def test_every_attack_is_batch_consistent(
     d_batch = _l2(x, batch)
     # FMN's eps shrinks or grows on a threshold test too (adversarial by the margin or not),
     # so a round-off flip moves its result slightly: pixels by ~1e-4, distances by ~1e-4.
+    # ALMA's momentum and RMSProp scaling carry a round-off difference forward from step to
+    # step (~1e-5 after 60 steps; in float64 rows agree to 1e-9, test_attacks_minnorm.py).
     loose = name.startswith("lbfgs")
-    slack = name.startswith("fmn")
+    slack = name.startswith(("fmn", "alma"))
     for i in range(len(x)):
         sl = slice(i, i + 1)
         alone = attack(mlp, x[sl], y[sl], target[sl], torch.Generator().manual_seed(7))

@@ -1,10 +1,11 @@
 """Adversarial attacks behind one contract (see base.py): model, inputs, labels -> AttackResult.
 
 Minimisation attacks (one run scores every budget): lbfgs_attack, deepfool, carlini_wagner,
-ddn, fmn (L2 or Linf).
+ddn, alma, fmn (L2 or Linf).
 Fixed-budget attacks (one run per budget): fgsm, pgd, gaussian_noise.
 """
 
+from advlab.attacks.alma import alma
 from advlab.attacks.base import (
     TARGET_MODES,
     AttackError,
@@ -31,6 +32,7 @@ __all__ = [
     "AttackResult",
     "LBFGSSettings",
     "Target",
+    "alma",
     "carlini_wagner",
     "check_inputs",
     "closest_over_targets",

@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor, nn
 
+from advlab.attacks.alma import alma
 from advlab.attacks.base import AttackError, AttackResult, prepare
 from advlab.attacks.cw import carlini_wagner
 from advlab.attacks.ddn import ddn
@@ -112,7 +113,7 @@ class LBFGSParams(Settings):
         if defn.kind != MINIMIZATION or defn.run is _LBFGS_RUN:
             raise ValueError(
                 f"start: {self.start} is not a minimisation attack other than lbfgs; "
-                "use ddn, fmn, deepfool or cw"
+                "use ddn, alma, fmn, deepfool or cw"
             )
         try:
             validate_settings(defn, self.start_settings)
@@ -142,6 +143,13 @@ class DDNParams(Settings):
     steps: int = Field(100, ge=1)
     gamma: float = Field(0.05, gt=0, lt=1, allow_inf_nan=False)
     init_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
+    candidates: int | None = Field(None, ge=1)
+
+
+class ALMAParams(Settings):
+    steps: int = Field(1000, ge=1)
+    lr_init: float = Field(0.1, gt=0, allow_inf_nan=False)
+    lr_reduction: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)
     candidates: int | None = Field(None, ge=1)
 
 
@@ -280,6 +288,8 @@ for _defn in (
               _minimization(carlini_wagner), "Carlini & Wagner L2 (2017)"),
     AttackDef("ddn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DDNParams, _minimization(ddn),
               "decoupled direction and norm, L2 (Rony et al. 2019)"),
+    AttackDef("alma", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, ALMAParams, _minimization(alma),
+              "augmented Lagrangian, L2 (Rony et al. 2021)"),
     AttackDef("fmn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, FMNParams, _fmn_in("l2"),
               "fast minimum-norm, L2 (Pintor et al. 2021)"),
     AttackDef("fmn_linf", MINIMIZATION, ("linf", "rms", "l2"), _ALL_TARGETS, FMNParams,
