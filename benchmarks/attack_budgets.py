@@ -5,9 +5,10 @@ passes) per example: DDN, FMN and ALMA get that many steps; advlab C&W that many
 split over its rounds (5 x 20, 6 x 50, 10 x 100); advlab L-BFGS a hard cap on its evaluations
 (`max_evals`; the 3-nearest search splits it over its three targets after the 10 evaluations of
 the linearised distances), with 10, 20 and 100 iterations per solve (its default of 10 ends the
-search well under 300 evaluations); "3 nearest from DDN" spends 25, 50 and 50 of the budget on
-DDN, whose points start the 3-nearest search (`start=`), and caps the search at the rest. Each
-attack's result is the closest adversarial point it returns.
+search well under 300 evaluations); "3 nearest from DDN" ("from ALMA") spends 25, 50 and 50 of
+the budget on DDN (ALMA at step size 1.0), whose points start the 3-nearest search (`start=`),
+and caps the search at the rest. Each attack's result is the closest adversarial point it
+returns.
 
 Scores per model, over the same correctly classified examples:
 - success and mean L2 over the attack's own successes;
@@ -31,15 +32,19 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from advlab.attacks import AttackResult, carlini_wagner, ddn, fmn, lbfgs_attack
+from advlab.attacks import AttackResult, alma, carlini_wagner, ddn, fmn, lbfgs_attack
 
 BUDGETS = (100, 300, 1000)
 CW_ROUNDS = {100: (5, 20), 300: (6, 50), 1000: (10, 100)}  # budget -> (rounds, steps)
 # L-BFGS iterations per solve at each budget: its default (10) ends the search well under 300
 # evaluations, so larger budgets let each solve run longer (100: the ce default).
 LBFGS_ITERS = {100: 10, 300: 20, 1000: 100}
-# DDN steps that start the "from DDN" L-BFGS row (`start=`); the rest of the budget is L-BFGS's.
+# Steps of the attack that starts a "from ..." L-BFGS row (`start=`); the rest is L-BFGS's.
 START_STEPS = {100: 25, 300: 50, 1000: 50}
+STARTS = {  # the start attacks, as the timing table runs them
+    "DDN": lambda m, x, y, steps: ddn(m, x, y, steps=steps),
+    "ALMA": lambda m, x, y, steps: alma(m, x, y, steps=steps, lr_init=1.0),
+}
 
 Attack = Callable[[nn.Module, Tensor, Tensor, int], tuple[Tensor, float]]
 
@@ -66,7 +71,10 @@ def advlab_attacks() -> dict[str, Attack]:
                 max_iter=LBFGS_ITERS[b],
             )
         ),
-        "advlab L-BFGS margin, 3 nearest from DDN": _ours(_lbfgs_from_ddn),
+        **{
+            f"advlab L-BFGS margin, 3 nearest from {name}": _ours(_lbfgs_from(name))
+            for name in STARTS
+        },
         "advlab L-BFGS margin, untargeted": _ours(
             lambda m, x, y, b: lbfgs_attack(
                 m, x, y, "untargeted", loss="margin", max_evals=b, max_iter=LBFGS_ITERS[b]
@@ -74,6 +82,7 @@ def advlab_attacks() -> dict[str, Attack]:
         ),
         "advlab DDN": _ours(lambda m, x, y, b: ddn(m, x, y, steps=b)),
         "advlab FMN-L2": _ours(lambda m, x, y, b: fmn(m, x, y, steps=b)),
+        "advlab ALMA-L2": _ours(lambda m, x, y, b: alma(m, x, y, steps=b)),
         "advlab C&W": _ours(
             lambda m, x, y, b: carlini_wagner(
                 m, x, y, search_steps=CW_ROUNDS[b][0], steps=CW_ROUNDS[b][1]
@@ -82,13 +91,17 @@ def advlab_attacks() -> dict[str, Attack]:
     }
 
 
-def _lbfgs_from_ddn(m: nn.Module, x: Tensor, y: Tensor, b: int) -> AttackResult:
-    """DDN for START_STEPS[b] steps, then the 3-nearest search from its points with the rest."""
-    first = ddn(m, x, y, steps=START_STEPS[b])
-    rest = (b - START_STEPS[b] - 10) // 3
-    result = lbfgs_attack(m, x, y, "all", loss="margin", candidates=3, start=first.x_adv,
-                          max_evals=rest, max_iter=LBFGS_ITERS[b])  # fmt: skip
-    return replace(result, grad_evals=result.grad_evals + first.grad_evals)
+def _lbfgs_from(start: str) -> Callable[[nn.Module, Tensor, Tensor, int], AttackResult]:
+    """The start attack for START_STEPS[b] steps, then the 3-nearest search with the rest."""
+
+    def run(m: nn.Module, x: Tensor, y: Tensor, b: int) -> AttackResult:
+        first = STARTS[start](m, x, y, START_STEPS[b])
+        rest = (b - START_STEPS[b] - 10) // 3
+        result = lbfgs_attack(m, x, y, "all", loss="margin", candidates=3, start=first.x_adv,
+                              max_evals=rest, max_iter=LBFGS_ITERS[b])  # fmt: skip
+        return replace(result, grad_evals=result.grad_evals + first.grad_evals)
+
+    return run
 
 
 def peer_attacks(alma: bool = True) -> dict[str, Attack]:

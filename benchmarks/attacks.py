@@ -6,9 +6,10 @@ correctly), same thread count for everyone. For each model it prints:
 
 1. a markdown table (success rate, mean L2 over the examples every attack fooled and over each
    attack's own successes, wall and cpu time, gradient evaluations per example);
-2. the issue's targets: L-BFGS (3 nearest targets; all targets) wall time / Foolbox DDN's and
-   mean L2 against the best peer at 100% success; advlab DDN and FMN against adv-lib's (mean L2
-   and wall time at the same 100 steps); advlab C&W's success at 9 x 100 steps;
+2. the issue's targets: L-BFGS (3 nearest targets, from x and started from ALMA-50's points;
+   all targets) wall time / Foolbox DDN's and mean L2 against the best peer at 100% success;
+   advlab DDN, FMN and ALMA against adv-lib's (mean L2 and wall time at the same steps); advlab
+   C&W's success at 9 x 100 steps;
 3. with --budgets, AttackBench-style quality at equal budgets of 100, 300 and 1,000 gradient
    evaluations per example (`benchmarks/attack_budgets.py`).
 
@@ -37,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from advlab.attacks import (
+    alma,
     carlini_wagner,
     ddn,
     deepfool,
@@ -55,11 +57,12 @@ FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 # The advlab L-BFGS rows the targets are checked on; the scipy reference reruns the first.
 HEADLINE = "advlab L-BFGS margin, all targets"
 NEAREST = "advlab L-BFGS margin, 3 nearest targets"
-STARTED = "advlab L-BFGS margin, 3 nearest from DDN-50"  # searches begin at DDN's points
+STARTED = "advlab L-BFGS margin, 3 nearest from ALMA-50"  # searches begin at ALMA's points
 DDN = "Foolbox DDN (100 steps)"
-OURS_VS_ADVLIB = {  # advlab row -> adv-lib row at the same budget
+OURS_VS_ADVLIB = {  # advlab row -> adv-lib row at the same budget (ALMA's: --alma-steps)
     "advlab DDN (100 steps)": "adv-lib DDN (100 steps)",
     "advlab FMN-L2 (100 steps)": "adv-lib FMN-L2 (100 steps)",
+    "advlab ALMA-L2": "adv-lib ALMA-L2",
 }
 CW_SMALL = "advlab C&W (9x100)"
 
@@ -162,25 +165,36 @@ def _advlab(attack: Callable[[], object]) -> Run:
     return go
 
 
-# As a sweep file writes it: {name: lbfgs, target: all, loss: margin, start: ddn, ...}.
-FROM_DDN = {"target": "all", "loss": "margin", "start": "ddn", "start_settings": {"steps": 50}}
+# As a sweep file writes it: {name: lbfgs, target: all, loss: margin, start: alma, ...}. ALMA
+# runs 50 steps at 10x its default step size (a short run must travel as far as a long one).
+FROM_ALMA = {"target": "all", "loss": "margin", "candidates": 3, "start": "alma",
+             "start_settings": {"steps": 50, "lr_init": 1.0}}  # fmt: skip
+FROM_DDN = {**FROM_ALMA, "start": "ddn", "start_settings": {"steps": 50}}
 
 
-def advlab_jobs(model: nn.Module, x: Tensor, y: Tensor) -> list[Job]:
-    m = model
-    return [
+def advlab_jobs(model: nn.Module, x: Tensor, y: Tensor, alma_steps: int) -> list[Job]:
+    m, untargeted = model, {"target": "untargeted", "candidates": None}
+    jobs = [
         Job(HEADLINE, _advlab(lambda: lbfgs_attack(m, x, y, "all", loss="margin"))),
         Job(NEAREST, _advlab(lambda: lbfgs_attack(m, x, y, "all", loss="margin", candidates=3))),
-        Job(STARTED, _advlab(lambda: run_attack("lbfgs", m, x, y, **FROM_DDN, candidates=3))),
+        Job(STARTED, _advlab(lambda: run_attack("lbfgs", m, x, y, **FROM_ALMA))),
         Job(
-            "advlab L-BFGS margin, untargeted from DDN-50",
-            _advlab(lambda: run_attack("lbfgs", m, x, y, **{**FROM_DDN, "target": "untargeted"})),
+            "advlab L-BFGS margin, 3 nearest from DDN-50",
+            _advlab(lambda: run_attack("lbfgs", m, x, y, **FROM_DDN)),
+        ),
+        Job(
+            "advlab L-BFGS margin, untargeted from ALMA-50",
+            _advlab(lambda: run_attack("lbfgs", m, x, y, **{**FROM_ALMA, **untargeted})),
         ),
         Job("advlab DDN (100 steps)", _advlab(lambda: ddn(m, x, y))),
         Job("advlab FMN-L2 (100 steps)", _advlab(lambda: fmn(m, x, y))),
         Job("advlab DeepFool", _advlab(lambda: deepfool(m, x, y))),
         Job(CW_SMALL, _advlab(lambda: carlini_wagner(m, x, y, steps=100))),
     ]
+    if alma_steps > 0:
+        name = f"advlab ALMA-L2 ({alma_steps} steps)"
+        jobs.append(Job(name, _advlab(lambda: alma(m, x, y, steps=alma_steps))))
+    return jobs
 
 
 def foolbox_jobs(model: nn.Module, x: Tensor, y: Tensor) -> list[Job]:
@@ -365,10 +379,12 @@ def _lbfgs_targets(scored: list[dict], by_name: dict[str, dict]) -> list[str]:
 
 
 def _advlib_targets(by_name: dict[str, dict]) -> list[str]:
-    """advlab DDN / FMN against adv-lib's at the same 100 steps: mean L2 within 1%, no slower."""
+    """advlab DDN / FMN / ALMA against adv-lib's at the same steps: mean L2 within 1%, no slower."""
     lines = []
-    for ours, theirs in OURS_VS_ADVLIB.items():
-        if ours not in by_name or theirs not in by_name:
+    for ours_prefix, theirs_prefix in OURS_VS_ADVLIB.items():
+        ours = next((name for name in by_name if name.startswith(ours_prefix)), None)
+        theirs = next((name for name in by_name if name.startswith(theirs_prefix)), None)
+        if ours is None or theirs is None:
             continue
         a, b = by_name[ours], by_name[theirs]
         both = a["fooled"] & b["fooled"]
@@ -400,7 +416,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=0, help="0: 20 on digits, 3 otherwise")
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--scipy-examples", type=int, default=5, help="0: skip the scipy row")
-    parser.add_argument("--alma-steps", type=int, default=1000, help="adv-lib ALMA's steps")
+    parser.add_argument("--alma-steps", type=int, default=1000, help="ALMA's steps (both)")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--torchattacks", action="store_true", help="add torchattacks' CW")
     parser.add_argument("--budgets", action="store_true", help="AttackBench-style table too")
@@ -413,7 +429,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def compare(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace, title: str) -> str:
     """The timing and L2 table for one model, with its targets."""
-    jobs = advlab_jobs(model, x, y)
+    jobs = advlab_jobs(model, x, y, args.alma_steps)
     if not args.no_peers:
         jobs += foolbox_jobs(model, x, y) + advlib_jobs(model, x, y, args.alma_steps)
         jobs += torchattacks_jobs(model, x, y) if args.torchattacks else []
