@@ -104,14 +104,14 @@ def _lbfgs_from(start: str) -> Callable[[nn.Module, Tensor, Tensor, int], Attack
     return run
 
 
-def peer_attacks(alma: bool = True) -> dict[str, Attack]:
+def peer_attacks(with_alma: bool = True) -> dict[str, Attack]:
     out: dict[str, Attack] = {}
     try:
         from adv_lib.attacks import alma as advlib_alma
         from adv_lib.attacks import ddn as advlib_ddn
         from adv_lib.attacks import fmn as advlib_fmn
 
-        if alma:
+        if with_alma:
             out["adv-lib ALMA-L2"] = lambda m, x, y, b: (advlib_alma(m, x, y, num_steps=b), b)
         out["adv-lib DDN"] = lambda m, x, y, b: (advlib_ddn(m, x, y, steps=b, levels=None), b)
         out["adv-lib FMN-L2"] = lambda m, x, y, b: (advlib_fmn(m, x, y, norm=2, steps=b), b)
@@ -150,9 +150,9 @@ def optimality(d: Tensor, best: Tensor) -> float:
     return float((eps0 - d.clamp(max=eps0)).mean()) / ideal if ideal > 0 else math.nan
 
 
-def budget_table(model: nn.Module, x: Tensor, y: Tensor, title: str, alma: bool = True) -> str:
+def budget_table(model: nn.Module, x: Tensor, y: Tensor, title: str, with_alma: bool = True) -> str:
     """Run every attack at every budget; markdown table of success, mean L2 and optimality."""
-    attacks = {**advlab_attacks(), **peer_attacks(alma)}
+    attacks = {**advlab_attacks(), **peer_attacks(with_alma)}
     runs: dict[tuple[str, int], tuple[Tensor, float]] = {}
     for budget in BUDGETS:
         for name, attack in attacks.items():

@@ -431,7 +431,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def compare(model: nn.Module, x: Tensor, y: Tensor, args: argparse.Namespace, title: str) -> str:
     """The timing and L2 table for one model, with its targets."""
-    jobs = advlab_jobs(model, x, y, args.alma_steps)
+    jobs = advlab_jobs(model, x, y, 0 if args.no_peers else args.alma_steps)  # ALMA: vs adv-lib
     if not args.no_peers:
         jobs += foolbox_jobs(model, x, y) + advlib_jobs(model, x, y, args.alma_steps)
         jobs += torchattacks_jobs(model, x, y) if args.torchattacks else []

@@ -52,9 +52,11 @@ class ALMASettings:
     margin: float = 1e-5  # logit lead an iterate needs to be kept as adversarial
 
     def validated(self) -> ALMASettings:
-        for name in ("steps", "check_steps"):
-            if int(getattr(self, name)) < 1:
-                raise AttackError(f"{name}: must be an integer >= 1, got {getattr(self, name)}")
+        for name in _COUNTS:
+            value = getattr(self, name)
+            whole = isinstance(value, int | float) and math.isfinite(value) and value == int(value)
+            if not whole or value < 1:
+                raise AttackError(f"{name}: must be an integer >= 1, got {value}")
         positive = ("lr_init", "mu_init", "rho_init")
         unit = ("lr_reduction", "tau", "alpha")
         for name in positive + unit + ("gamma", "margin"):
@@ -70,9 +72,12 @@ class ALMASettings:
                 rule = "in (0, 1]" if name in unit else rule
                 raise AttackError(f"{name}: must be a finite number {rule}, got {value}")
         return ALMASettings(**{
-            f.name: (int if f.type == "int" else float)(getattr(self, f.name))
+            f.name: (int if f.name in _COUNTS else float)(getattr(self, f.name))
             for f in fields(self)
         })  # fmt: skip
+
+
+_COUNTS = ("steps", "check_steps")  # ALMASettings' integer fields
 
 
 def alma(
@@ -113,7 +118,8 @@ def dlr_constraint(logits: Tensor, y: Tensor, target: Tensor | None, margin: flo
     """(B,) g: (margin - adversarial margin) / logit spread; g < 0 exactly where adversarial.
 
     The spread (top logit minus the third, untargeted; minus the mean of the third and fourth,
-    targeted) makes g invariant to scaling the logits. With too few classes for it, 1.
+    targeted) makes g invariant to scaling the logits. With too few classes for it (fewer than
+    3, or 4 targeted) the spread is taken as 1.
     """
     gap = adversarial_margin(logits, y, target)
     need = 3 if target is None else 4
@@ -165,18 +171,18 @@ def _alma(
         if previous is None:
             previous = g
         elif (i + 1) % s.check_steps == 0:
-            rho, previous = torch.where(~found & (g >= s.tau * previous), rho * s.gamma, rho), g
+            rho, previous = grown_penalty_weight(rho, g, previous, found, s), g
         scale, shift = _p2_slope_parts(g, rho)
         if i > 0:
             mu = mu.lerp(mu * scale + shift, 1 - s.alpha).clamp(1e-6, 1e12)
         adv, dist = g < 0, delta.norm(dim=1)
-        first = adv & ~found
-        if bool(first.any()):  # from here the step size decays to lr_reduction at the end
-            decay = torch.where(first, s.lr_reduction ** (1 / (s.steps - i)), decay)
-            found |= adv
+        # From a row's first success its step size decays to lr_reduction at the last step
+        # (no host sync to test for one: on a GPU that would stall every step).
+        decay = torch.where(adv & ~found, s.lr_reduction ** (1 / (s.steps - i)), decay)
+        found |= adv
         best.keep(z, dist, adv)
         step = dg.mul_((mu * scale + shift)[:, None])
-        if i > 0:  # d||delta|| / d delta, 0 at delta = 0
+        if i > 0:  # the norm has no gradient at delta = 0, where the first step starts
             step.addcdiv_(delta, dist.clamp_min(1e-12)[:, None])
         _rmsprop(step, square_avg, momentum, root, s.alpha)
         z.addcmul_(momentum, size[:, None], value=-1).clamp_(0.0, 1.0)
@@ -184,6 +190,13 @@ def _alma(
         size.mul_(decay)
     evals = torch.full((n,), s.steps, dtype=torch.int64, device=x.device)
     return finish(model, best.x.view_as(x), y, target, evals)
+
+
+def grown_penalty_weight(
+    rho: Tensor, g: Tensor, previous: Tensor, found: Tensor, s: ALMASettings
+) -> Tensor:
+    """rho times gamma on rows never adversarial whose g has not fallen below tau * previous."""
+    return torch.where(~found & (g >= s.tau * previous), rho * s.gamma, rho)
 
 
 def _rmsprop(g: Tensor, square_avg: Tensor, momentum: Tensor, root: Tensor, alpha: float) -> None:

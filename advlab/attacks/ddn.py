@@ -92,7 +92,7 @@ def ddn(
 
 
 class BestPoints:
-    """Each row's closest adversarial point so far (squared L2 or Linf, per `norm`)."""
+    """Each row's closest adversarial point so far, by whatever distance `keep` is given."""
 
     def __init__(self, flat: Tensor) -> None:
         self.dist = torch.full((len(flat),), math.inf, dtype=flat.dtype, device=flat.device)
