@@ -54,7 +54,10 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
         {"name": "lbfgs", "max_iter": 20, "search_steps": 6},
         {"name": "deepfool"},
         {"name": "cw", "steps": 100, "search_steps": 6},
-    ]
+        {"name": "alma", "steps": 60},
+        {"name": "lbfgs", "label": "lbfgs_from_alma", "loss": "margin", "max_iter": 8,
+         "start": "alma", "start_settings": {"steps": 20, "lr_init": 1.0}},
+    ]  # fmt: skip
     spec = parse_sweep(tiny_sweep(name="attacks", grid={"seed": [0]}, attacks=attacks))
     result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"))
     curves = SweepStore(str(tmp_path), "attacks").read("curves")
@@ -67,6 +70,8 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
         "lbfgs": "rms",
         "deepfool": "rms",
         "cw": "rms",
+        "alma": "rms",
+        "lbfgs_from_alma": "rms",
     }
     examples = SweepStore(str(tmp_path), "attacks").read("examples")
     l2 = examples[examples["attack"] == "pgd_l2"]
@@ -74,7 +79,7 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
     # PGD is at least as strong as FGSM at the same budget, on the same examples.
     assert result.metrics["pgd/success@0.1"] >= result.metrics["fgsm/success@0.1"]
     summary = SweepStore(str(tmp_path), "attacks").read("attacks").set_index("attack")
-    for name in ("lbfgs", "deepfool", "cw"):
+    for name in ("lbfgs", "deepfool", "cw", "alma", "lbfgs_from_alma"):
         assert summary.loc[name, "success_rate"] > 0.9
         assert summary.loc[name, "kind"] == "minimization"
         assert pd.isna(summary.loc[name, "budget"])
@@ -96,6 +101,12 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
         "start": None,
         "start_settings": {},
     }
+    # The started search's settings reach its row as given, and its evaluations include the
+    # start attack's 20 steps per example.
+    started = json.loads(summary.loc["lbfgs_from_alma", "settings"])
+    assert (started["start"], started["start_settings"]) == ("alma", {"steps": 20, "lr_init": 1.0})
+    from_alma = examples[examples["attack"] == "lbfgs_from_alma"]
+    assert (from_alma["grad_evals"] > 20).all()
     fixed = summary.loc[["fgsm", "pgd", "pgd_l2", "noise"], "kind"]
     assert (fixed == "fixed_budget").all()
     targets = examples.loc[examples["attack"] == "deepfool", "target"]
