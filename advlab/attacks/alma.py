@@ -130,14 +130,12 @@ def dlr_constraint(logits: Tensor, y: Tensor, target: Tensor | None, margin: flo
     return (margin - gap) / (top[:, 0] - low + 1e-8)
 
 
-def p2_slope(g: Tensor, rho: Tensor, mu: Tensor) -> Tensor:
-    """dP2/dg for P2(g) = mu g + mu rho g^2 + rho^2 g^3 / 6 (g >= 0), mu g / (1 - rho g) (g < 0)."""
-    scale, shift = _p2_slope_parts(g, rho)
-    return mu * scale + shift
+def p2_slope_parts(g: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
+    """(scale, shift) with dP2/dg = mu * scale + shift, for the penalty-Lagrangian
+    P2(g) = mu g + mu rho g^2 + rho^2 g^3 / 6 (g >= 0), mu g / (1 - rho g) (g < 0).
 
-
-def _p2_slope_parts(g: Tensor, rho: Tensor) -> tuple[Tensor, Tensor]:
-    """dP2/dg = mu * scale + shift, so the slope at two values of mu costs one evaluation."""
+    Split so that a step's slope at the old and the new mu costs one evaluation.
+    """
     above = g >= 0
     scale = torch.where(above, 1 + 2 * rho * g, (1 - rho * g.clamp(max=0)) ** -2)
     return scale, torch.where(above, 0.5 * (rho * g) ** 2, 0.0)
@@ -172,7 +170,7 @@ def _alma(
             previous = g
         elif (i + 1) % s.check_steps == 0:
             rho, previous = grown_penalty_weight(rho, g, previous, found, s), g
-        scale, shift = _p2_slope_parts(g, rho)
+        scale, shift = p2_slope_parts(g, rho)
         if i > 0:
             mu = mu.lerp(mu * scale + shift, 1 - s.alpha).clamp(1e-6, 1e12)
         adv, dist = g < 0, delta.norm(dim=1)
