@@ -14,6 +14,7 @@ Imports are deferred to each call, so `import advlab` stays cheap.
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from advlab.sweep import SweepOutcome
     from advlab.sweepfile import SweepSpec
 
-__version__ = "0.1.0"
+__version__ = version("advlab")  # pyproject.toml's, as installed
 __all__ = ["attack", "load", "load_sweep", "report", "run", "sweep_from_dict"]
 
 

@@ -203,7 +203,9 @@ def list_sweeps(args: argparse.Namespace) -> int:
     if not found:
         print(f"advlab: no sweeps under {args.storage}")
         return 0
-    columns = {"versions": 8, "trials": 6, "ok": 4, "failed": 6, "missing": 7, "older": 5}
+    columns = {
+        "versions": 8, "trials": 6, "ok": 4, "failed": 6, "stopped": 7, "missing": 7, "older": 5,
+    }  # fmt: skip
     print(f"{'sweep':<32}" + "".join(f" {name:>{width}}" for name, width in columns.items()))
     for row in found:
         cells = "".join(f" {row[name]:>{width}}" for name, width in columns.items())

@@ -1,6 +1,6 @@
-"""Evaluate a trained model: every attack at its budgets, then the paper's other properties.
+"""Evaluate a trained model under attack: every attack at its budgets.
 
-Produces the rows of the examples, attacks, curves and properties tables, and the flat metrics
+Produces the rows of the examples, attacks and curves tables, and the flat metrics
 (`lbfgs/mean_dist_rms`, `pgd/robust_error@0.1`) that Ray Tune and W&B see. Metric names are
 made here from the rows' fields and never parsed back. What a budget means for each kind of
 attack is the registry's business (advlab.attacks.registry).
@@ -18,9 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from advlab.attacks.registry import MINIMIZATION, BudgetRun, hits_at_budgets, run_budgets
-from advlab.data import Dataset
 from advlab.measure import robust_error
-from advlab.properties import density_rows, lipschitz_rows, unit_analysis
 from advlab.runtime import predict
 from advlab.spec import AttackSpec, TrialSpec
 
@@ -39,14 +37,11 @@ class AttackedSet:
 
 @dataclass
 class Evaluation:
-    """Rows for the examples, attacks, curves and properties tables, plus flat metrics."""
+    """Rows for the examples, attacks and curves tables, plus flat metrics."""
 
     examples: list[dict[str, Any]] = field(default_factory=list)
     attacks: list[dict[str, Any]] = field(default_factory=list)
     curves: list[dict[str, Any]] = field(default_factory=list)
-    properties: list[dict[str, Any]] = field(default_factory=list)
-    gradient_masking: bool | None = None  # None: the attacks run allowed no check
-    masking_reason: str | None = None
 
     def metrics(self) -> dict[str, float]:
         """Per-attack scalars for Tune and W&B, named from the rows (never parsed back)."""
@@ -60,11 +55,6 @@ class Evaluation:
             name = f"{row['attack']}/{{}}@{row['budget']:g}"
             out[name.format("success")] = row["success_rate"]
             out[name.format("robust_error")] = row["robust_error"]
-        for row in self.properties:
-            if row["layer"] == "network" or row["analysis"] == "unit_analysis":
-                out[f"{row['analysis']}/{row['metric']}"] = row["value"]
-        if self.gradient_masking is not None:
-            out["gradient_masking"] = float(self.gradient_masking)
         return out
 
 
@@ -207,59 +197,6 @@ def example_rows(
         }
         for i in range(len(attacked.y))
     ]
-
-
-def trial_properties(
-    spec: TrialSpec,
-    model: nn.Module,
-    data: Dataset,
-    x_train: Tensor,
-    attacked: AttackedSet,
-    units_dir: str | None,
-) -> list[dict[str, Any]]:
-    """Lipschitz bounds, unit analysis and the clean inputs' density, as switched on."""
-    settings, device = spec.properties, x_train.device
-    rows: list[dict[str, Any]] = []
-    if settings.lipschitz:
-        rows += lipschitz_rows(model, data.input_shape)
-    if settings.unit_analysis:
-        rows += unit_analysis(
-            model, data.x_test.to(device), data.y_test.to(device), units=settings.units,
-            top_k=settings.top_k, seed=spec.seed, out_dir=units_dir,
-        )  # fmt: skip
-    if settings.density:
-        rows += _density(spec, x_train, attacked, {}, clean=True)
-    return rows
-
-
-def attack_density(
-    spec: TrialSpec, x_train: Tensor, attacked: AttackedSet, evaluation: Evaluation
-) -> list[dict[str, Any]]:
-    """Density of one attack's adversarial examples (and of noise of the same distortion)."""
-    if not spec.properties.density or not evaluation.examples:
-        return []
-    adversarial: dict[str, list[np.ndarray]] = {}
-    for r in evaluation.examples:
-        name = r["attack"] if r["budget"] is None else f"{r['attack']}@{r['budget']:g}"
-        adversarial.setdefault(name, []).append(r["x_adv"])
-    shape = (-1, *attacked.x.shape[1:])
-    tensors = {k: torch.from_numpy(np.stack(v)).view(shape) for k, v in adversarial.items()}
-    return _density(spec, x_train, attacked, tensors, clean=False)
-
-
-def _density(
-    spec: TrialSpec,
-    x_train: Tensor,
-    attacked: AttackedSet,
-    adversarial: dict[str, Tensor],
-    clean: bool,
-) -> list[dict[str, Any]]:
-    settings = spec.properties
-    rows = density_rows(
-        x_train.cpu(), attacked.x.cpu(), adversarial, k=settings.density_k, seed=spec.seed,
-        pca_components=settings.density_pca or None,
-    )  # fmt: skip
-    return [r for r in rows if clean or r["layer"] != "clean"]
 
 
 def _number(value: float | None) -> float:

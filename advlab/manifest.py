@@ -12,8 +12,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
+from advlab.measures import registry as measures
+from advlab.plan import measures_of
 from advlab.spec import SPEC_VERSION
-from advlab.sweepfile import SweepSpec, trial_labels
+from advlab.sweepfile import SweepSpec, add_plugin_dirs, trial_labels
 from advlab.tables import SCHEMA_VERSION
 
 
@@ -65,8 +67,29 @@ def record_version(manifest: dict[str, Any] | None, spec: SweepSpec) -> dict[str
         "transfer": spec.settings.transfer.model_dump(mode="json"),
         "plugin_dirs": spec.plugin_dirs,  # where its models and loaders import from
         "wandb": spec.settings.wandb.model_dump(mode="json"),
+        # table -> the measure (a name or import path) that writes it, over every version
+        "measures": dict(out.get("measures", {})) | measure_tables(spec),
     }
     return out
+
+
+def measure_tables(spec: SweepSpec) -> dict[str, str]:
+    return {m.defn.table: m.name for trial in spec.trials for m in measures_of(trial)}
+
+
+def register_measures(manifest: dict[str, Any] | None) -> list[str]:
+    """Import the sweep's own measures (modules beside its sweep file), so their tables read
+    with their declared schemas; a note for each one that cannot be imported here."""
+    if not manifest:
+        return []
+    add_plugin_dirs(manifest.get("plugin_dirs", []))
+    notes = []
+    for table, name in (manifest.get("measures") or {}).items():
+        try:
+            measures.get(name)
+        except measures.MeasureError as err:
+            notes.append(f"{table}: {err}; read with each file's own columns")
+    return notes
 
 
 def _changed(newest: dict[str, Any], current: dict[str, Any], searched: bool) -> bool:

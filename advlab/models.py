@@ -33,6 +33,7 @@ __all__ = [
     "Normalized",
     "SmallCNN",
     "build_model",
+    "check_decays",
     "count_parameters",
     "decay_weights",
     "parse_architecture",
@@ -184,9 +185,9 @@ def build_model(
 ) -> nn.Module:
     """Build the model ``name`` for inputs of ``input_shape`` (C, H, W): one lookup for all.
 
-    ``name`` is a built-in architecture (below), ``torchvision:<name>`` (torchvision's model,
-    untrained, its first convolution adapted to the data's channels), or ``module:function``,
-    your own factory called as ``function(input_shape, num_classes, **model_args)``.
+    ``name`` is a built-in architecture (below) or ``torchvision:<name>`` (torchvision's model,
+    untrained, its first convolution adapted to the data's channels); your own factories by
+    import path resolve in advlab.families, which wraps what they return with :func:`finish`.
     ``activation`` sets the hidden units of fc nets and the autoencoder's encoder; cnn and
     resnet18 always use ReLU and ignore it. ``normalize`` = (mean, std) per channel wraps the
     model so it takes [0, 1] pixels and standardises them itself (:class:`Normalized`).
@@ -194,8 +195,6 @@ def build_model(
     input_shape = tuple(int(s) for s in input_shape)
     if name.startswith("torchvision:"):
         model = _torchvision_model(name.partition(":")[2], input_shape, num_classes, model_args)
-    elif ":" in name:
-        model = _plugin_model(name, input_shape, num_classes, model_args)
     else:
         if model_args:
             raise ModelNameError(f"model_args: {name} is built in and takes none; drop them")
@@ -258,30 +257,6 @@ def _replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 return
 
 
-def _plugin_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, model_args: dict[str, Any] | None
-) -> nn.Module:
-    from advlab.sources import resolve_import  # one import-path resolver for data and models
-
-    try:
-        factory = resolve_import(name, "model")
-    except ValueError as err:
-        raise ModelNameError(str(err)) from None
-    try:
-        model = factory(input_shape, num_classes, **(model_args or {}))
-    except Exception as err:
-        why = " ".join(str(err).split())[:200]
-        raise ModelNameError(
-            f"model: {name}(input_shape, num_classes, **model_args) raised "
-            f"{type(err).__name__}: {why}"
-        ) from None
-    if not isinstance(model, nn.Module):
-        raise ModelNameError(
-            f"model: {name} returned a {type(model).__name__}; return a torch.nn.Module"
-        )
-    return model
-
-
 class Normalized(nn.Module):
     """A model that takes [0, 1] pixels and standardises them per channel itself, so attacks,
     budgets and distortions stay in pixel space whatever normalisation the model expects."""
@@ -327,20 +302,32 @@ def decay_weights(model: nn.Module) -> list[nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
 
 
+def check_decays(model: nn.Module, weight_decay: float | Sequence[float], name: str = "") -> int:
+    """The number of decayed weight layers; ModelNameError unless `weight_decay` is one number
+    or one lambda per layer (the one check of per-layer decays: at validation and training)."""
+    layers = len(decay_weights(model))
+    if isinstance(weight_decay, Real) and not isinstance(weight_decay, bool):
+        return layers
+    count = len(list(weight_decay))
+    if count != layers:
+        which = f"for {name}, which has" if name else "but the model has"
+        raise ModelNameError(
+            f"weight_decay: {count} values {which} {layers} weight layers; give {layers} "
+            "values or one number"
+        )
+    return layers
+
+
 def decay_terms(
     model: nn.Module, weight_decay: float | Sequence[float]
 ) -> list[tuple[float, nn.Parameter]]:
     """(lambda_k, W_k) for every decayed weight; one number applies to every layer."""
     weights = decay_weights(model)
+    check_decays(model, weight_decay)
     if isinstance(weight_decay, Real) and not isinstance(weight_decay, bool):
         lambdas = [float(weight_decay)] * len(weights)
     else:
         lambdas = [float(v) for v in weight_decay]
-        if len(lambdas) != len(weights):
-            raise ValueError(
-                f"weight_decay: {len(lambdas)} values given but the model has {len(weights)} "
-                f"decayed weight layers; give {len(weights)} values or one number"
-            )
     if any(not lam >= 0 for lam in lambdas):  # also catches nan
         raise ValueError(f"weight_decay: {lambdas} must all be >= 0")
     return list(zip(lambdas, weights, strict=True))
@@ -351,17 +338,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_for(spec: Any, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """A TrialSpec's model for its data: name, factory arguments, activation, normalisation,
-    and the `init` weights when it names some (the one place trials, transfer and checks
-    build a trial's model)."""
-    norm = spec.dataset.normalize
-    normalize = None if norm is None else (norm.mean, norm.std)
-    model = build_model(
-        spec.model, input_shape, num_classes, spec.activation, spec.model_args, normalize
-    )
-    if spec.init is not None:
-        load_init(model, spec.init)
+def finish(
+    model: nn.Module,
+    normalize: tuple[Sequence[float], Sequence[float]] | None,
+    init: str | None,
+) -> nn.Module:
+    """A built model with the trial's normalisation wrapped around it and its `init` weights
+    loaded (built-in, torchvision and your own factories' models alike)."""
+    model = model if normalize is None else Normalized(model, *normalize)
+    if init is not None:
+        load_init(model, init)
     return model
 
 

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 
 from advlab.data import Dataset, select_subset
-from advlab.models import ModelNameError, decay_weights, model_for
+from advlab.families import model_for
+from advlab.models import ModelNameError, check_decays
+from advlab.plan import check_needs, measures_of
 from advlab.robust_validation import carve_validation
 from advlab.sources import load_data_spec
 from advlab.spec import SpecError, TrialSpec
@@ -105,13 +107,17 @@ def check_data(spec: SweepSpec) -> dict[str, Dataset]:
             carve_validation(len(split.train_idx), fraction, trial.dataset.split_seed)
         except ValueError as err:  # a DataError, or a validation slice that leaves nothing
             raise SpecError(str(err)) from None
-        settings = trial.properties
-        if settings.density and settings.density_k > len(split.train_idx):
-            raise SpecError(
-                f"properties.density_k: {settings.density_k} neighbours, but {trial.subset} "
-                f"holds {len(split.train_idx)} training examples; lower density_k"
-            )
+        check_measures(trial, len(split.train_idx))
     return loaded
+
+
+def check_measures(trial: TrialSpec, n_train: int) -> None:
+    """Each measure's own check of its settings against the trial's training subset."""
+    for measure in measures_of(trial):
+        check = measure.defn.check
+        problem = check(measure.settings, n_train) if check is not None else None
+        if problem:
+            raise SpecError(f"measures: {measure.key}: {problem}")
 
 
 def check_models(spec: SweepSpec, datasets: dict[str, Dataset]) -> None:
@@ -137,17 +143,24 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
             f"give {shape[0]}"
         )
     try:
-        model = model_for(trial, shape, classes).eval()
+        model = model_for(trial, shape, classes)
     except (ModelNameError, ValueError) as err:
         raise SpecError(str(err)) from None
+    if not model.gradients:
+        check_needs(trial, trial.model)  # a factory's estimator: known only once built
+        return  # it predicts nothing before it is fitted
+    module = model.module.eval()
     with torch.no_grad():
-        out = _forward(trial.model, model, torch.zeros(2, *shape))
+        out = _forward(trial.model, module, torch.zeros(2, *shape))
     if tuple(out.shape) != (2, classes) or not out.is_floating_point():
         raise SpecError(
             f"model: {trial.model} maps a (2, {', '.join(map(str, shape))}) batch to "
             f"{tuple(out.shape)}; it must return (2, {classes}) logits, one per class"
         )
-    _check_decays(trial, model)
+    try:
+        check_decays(module, trial.weight_decay, trial.model)
+    except ModelNameError as err:
+        raise SpecError(str(err)) from None
 
 
 def _forward(name: str, model: torch.nn.Module, x: torch.Tensor) -> Any:
@@ -161,17 +174,6 @@ def _forward(name: str, model: torch.nn.Module, x: torch.Tensor) -> Any:
     if not isinstance(out, torch.Tensor):
         raise SpecError(f"model: {name} returned a {type(out).__name__}; return a logits tensor")
     return out
-
-
-def _check_decays(trial: TrialSpec, model: torch.nn.Module) -> None:
-    if not isinstance(trial.weight_decay, list):
-        return
-    layers = len(decay_weights(model))
-    if len(trial.weight_decay) != layers:
-        raise SpecError(
-            f"weight_decay: {len(trial.weight_decay)} values for {trial.model}, which has "
-            f"{layers} weight layers; give {layers} values or one number"
-        )
 
 
 def check_cluster_gpus(spec: SweepSpec) -> None:

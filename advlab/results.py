@@ -9,7 +9,9 @@ Every frame has its table's declared schema (advlab.tables), whatever version of
 each file: a column a file lacks reads as null. Trials come in grid order (the newest version
 of the sweep first) with readable labels; the other tables carry the trial's label and the
 grid values of every axis beside their own columns, so nothing needs a join or column parsing.
-Each table folder is also plain parquet that pandas, polars and DuckDB read as it is.
+Measure tables (lipschitz, density, your own measure's) are `res.table(name)`, or `res.<name>`;
+`res.tables` lists what the sweep holds. Each table folder is also plain parquet that pandas,
+polars and DuckDB read as it is.
 """
 
 from __future__ import annotations
@@ -19,15 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from advlab import manifest
 from advlab.stats import aggregate
-from advlab.store import SweepStore, resolve_storage
-from advlab.tables import SCHEMAS
+from advlab.store import SweepStore, list_sweeps
+from advlab.tables import SCHEMAS, Status
 
-__all__ = ["Results", "load", "read_table"]
+__all__ = ["Results", "load"]
 
 
 @dataclass
@@ -40,18 +40,42 @@ class Results:
     epochs: pd.DataFrame
     attacks: pd.DataFrame
     curves: pd.DataFrame
-    properties: pd.DataFrame
+    measures: pd.DataFrame  # one row per measure run (its rows are in the measure's table)
     transfer: pd.DataFrame
+    pareto: pd.DataFrame  # a multi-objective search's objectives per trial, and its front
     manifest: dict[str, Any] | None
     axes: list[str] = field(default_factory=list)
     store: SweepStore | None = None
+    measure_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what could not be read, and why
+
+    @property
+    def tables(self) -> list[str]:
+        """Every table this sweep holds: the core tables, then the measures'."""
+        return [*CORE, *self.measure_tables]
+
+    def table(self, name: str) -> pd.DataFrame:
+        """Any table by name, measure tables included (joined with labels like the rest)."""
+        if name in self.measure_tables:
+            return self.measure_tables[name]
+        if name == "examples":
+            return self.examples()
+        if name in CORE:
+            return getattr(self, name)
+        raise KeyError(f"{self.name} has no table {name!r}; it has {', '.join(self.tables)}")
+
+    def __getattr__(self, name: str) -> pd.DataFrame:
+        tables = self.__dict__.get("measure_tables", {})
+        if name in tables:
+            return tables[name]
+        raise AttributeError(name)
 
     def examples(self, images: bool = False) -> pd.DataFrame:
         """The examples table (one row per attacked example and run), joined with labels; the
         adversarial images (`x_adv`) only when asked for, since they dominate its size."""
         assert self.store is not None
         columns = None if images else [n for n in SCHEMAS["examples"].names if n != "x_adv"]
-        return self._join(read_table(self.store, "examples", columns))
+        return self._join(self.store.read("examples", columns))
 
     def over_seeds(
         self, name: str, value: str, by: tuple[str, ...] = ("attack", "budget")
@@ -79,49 +103,15 @@ class Results:
         return dict(zip(self.trials["trial_id"], self.trials["label"], strict=True))
 
 
-def read_table(store: SweepStore, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-    """Every file of one table, each cast to the declared schema (a missing column is null)."""
-    schema = SCHEMAS[name]
-    if columns is not None:
-        schema = pa.schema([schema.field(c) for c in columns])
-    parts = []
-    for path in store.trial_files(name):
-        try:
-            parts.append(_conform(_read_file(store, path), schema))
-        except (OSError, pa.ArrowException) as err:  # damaged: left out, and noted
-            store.damaged.append(f"{path}: {' '.join(str(err).split())[:120]}")
-    table = pa.concat_tables(parts) if parts else schema.empty_table()
-    return table.to_pandas(types_mapper=_nullable_types)
-
-
-def _read_file(store: SweepStore, path: str) -> pa.Table:
-    return pq.read_table(path, filesystem=store.fs)
-
-
-def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    arrays = [
-        table.column(f.name).cast(f.type)
-        if f.name in table.column_names
-        else pa.nulls(len(table), f.type)
-        for f in schema
-    ]
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def _nullable_types(kind: pa.DataType) -> Any:
-    """Integers and booleans as pandas' nullable types, so a null stays null, not NaN."""
-    if pa.types.is_integer(kind):
-        return pd.Int64Dtype()
-    if pa.types.is_boolean(kind):
-        return pd.BooleanDtype()
-    return None
+CORE = ("trials", "epochs", "examples", "attacks", "curves", "measures", "transfer", "pareto")
 
 
 def load(path: str) -> Results:
     """Read the sweep folder `path` (<storage>/<sweep>, local or a pyarrow URI)."""
     store = SweepStore.from_dir(path)
     recorded = store.read_manifest()
-    trials = read_table(store, "trials")
+    notes = manifest.register_measures(recorded)
+    trials = store.read("trials")
     if trials.empty and recorded is None:
         raise FileNotFoundError(
             f"{path}: no advlab results here (no trials/ nor sweep.json); pass a "
@@ -132,11 +122,15 @@ def load(path: str) -> Results:
     results = Results(
         name=store.sweep, uri=store.uri, trials=trials, manifest=recorded, axes=axes, store=store,
         epochs=pd.DataFrame(), attacks=pd.DataFrame(), curves=pd.DataFrame(),
-        properties=pd.DataFrame(), transfer=pd.DataFrame(),
+        measures=pd.DataFrame(), transfer=pd.DataFrame(), pareto=pd.DataFrame(), notes=notes,
     )  # fmt: skip
-    for name in ("epochs", "attacks", "curves", "properties"):
-        setattr(results, name, results._join(read_table(store, name)))
-    results.transfer = _label_transfer(read_table(store, "transfer"), results.labels)
+    for name in ("epochs", "attacks", "curves", "measures", "pareto"):
+        setattr(results, name, results._join(store.read(name)))
+    for name in store.tables():
+        if name not in CORE:
+            results.measure_tables[name] = results._join(store.read(name))
+    results.transfer = _label_transfer(store.read("transfer"), results.labels)
+    results.notes += store.damaged
     return results
 
 
@@ -194,33 +188,25 @@ def _label_transfer(frame: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame
 
 
 def sweeps(storage: str) -> list[dict[str, Any]]:
-    """Every sweep folder under a storage root: name, trials ok / failed / expected."""
-    import pyarrow.fs as pafs
-
-    root = resolve_storage(storage)
-    fs, base = pafs.FileSystem.from_uri(root)
-    if fs.get_file_info(base).type == pafs.FileType.File:
-        raise NotADirectoryError(f"{storage} is not a folder; give the storage root of sweeps")
+    """Every sweep folder under a storage root: name, trials ok / failed / stopped / expected."""
     found = []
-    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
-        if info.type != pafs.FileType.Directory:
-            continue
-        store = SweepStore(root, info.base_name)
+    for store in list_sweeps(storage):
         recorded = store.read_manifest()
         if recorded is None:
             continue
-        trials = read_table(store, "trials", ["trial_id", "status"])
+        trials = store.read("trials", ["trial_id", "status"])
         status = dict(zip(trials["trial_id"], trials["status"], strict=True))
         current = manifest.current_ids(recorded)
         found.append(
             {
-                "sweep": info.base_name,
+                "sweep": store.sweep,
                 "versions": len(recorded.get("versions", [])),
                 "trials": len(current),
-                "ok": sum(status.get(t) == "ok" for t in current),
-                "failed": sum(status.get(t) == "failed" for t in current),
+                "ok": sum(status.get(t) == Status.OK for t in current),
+                "failed": sum(status.get(t) == Status.FAILED for t in current),
+                "stopped": sum(status.get(t) == Status.STOPPED for t in current),
                 "missing": sum(t not in status for t in current),
                 "older": len(set(status) - set(current)),
             }
         )
-    return sorted(found, key=lambda row: row["sweep"])
+    return found

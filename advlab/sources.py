@@ -16,7 +16,6 @@ so attacks and distortions stay in [0, 1] pixel space.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,13 +26,10 @@ import numpy as np
 from advlab.data import DATASETS, DataError, Dataset, load_dataset, validate_dataset_source
 from advlab.data import _images_to_tensor as images_to_tensor
 from advlab.data import _labels_to_tensor as labels_to_tensor
+from advlab.plugins import PluginError, import_object, is_import_path
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def is_import_path(name: str) -> bool:
-    return ":" in name and not name.startswith("torchvision:")
 
 
 def check_source(name: str, root: str | None, path: str | None) -> None:
@@ -120,19 +116,11 @@ def _call_loader(name: str, args: dict[str, Any]) -> Any:
 
 
 def resolve_import(path: str, key: str) -> Callable[..., Any]:
-    """`module:attribute` imported (modules beside the sweep file are on sys.path)."""
-    module, _, attribute = path.partition(":")
+    """`module:function` imported (modules beside the sweep file are on sys.path)."""
     try:
-        found = getattr(importlib.import_module(module), attribute)
-    except ImportError as err:
-        raise DataError(
-            f"{key}: cannot import module {module!r} ({_line(err)}); "
-            "put it beside the sweep file or install it"
-        ) from None
-    except AttributeError:
-        raise DataError(
-            f"{key}: module {module!r} has no {attribute!r}; check the name after ':'"
-        ) from None
+        found = import_object(path, key)
+    except PluginError as err:
+        raise DataError(str(err)) from None
     if not callable(found):
         raise DataError(f"{key}: {path} is a {type(found).__name__}, not a function")
     return found

@@ -16,7 +16,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from advlab.attacks import registry as attack_registry
-from advlab.controls import CONTROLS
+from advlab.measures import registry as measure_registry
+from advlab.strict import Strict
 
 NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 INPUT_SHAPES = {
@@ -36,8 +37,7 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    # strict: no bool or text where a number belongs; every float finite.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+    model_config = Strict.model_config  # advlab.strict's rules (ruff sees the pydantic base here)
 
 
 class NormalizeSpec(_Strict):
@@ -266,17 +266,46 @@ def _or(items: tuple[str, ...]) -> str:
     return " or ".join(repr(i) for i in items)
 
 
-class PropertiesSpec(_Strict):
-    """The paper's other properties, each switched on per sweep (sections 3 and 4.3)."""
+class MeasureSpec(BaseModel):
+    """One measure of a trial: a registered measure's name and its own settings (beside `name`
+    in the sweep file, validated against the measure's settings model; only the ones given are
+    stored, so the measure's id does not change when it gains a setting with a default)."""
 
-    lipschitz: bool = True  # per-layer upper Lipschitz bounds and their product
-    unit_analysis: bool = False  # natural vs random directions, scored by label purity
-    units: int = Field(8, ge=1, le=10_000)
-    top_k: int = Field(9, ge=2, le=10_000)
-    density: bool = False  # kNN distance to the training set: clean, adversarial, noise
-    density_k: int = Field(5, ge=1, le=100_000)
-    # > 0: also the residual off the top principal components
-    density_pca: int = Field(0, ge=0, le=100_000)
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
+
+    name: str
+    label: str | None = None  # the name in results; defaults to the measure's own name
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_file_name(cls, value: str | None) -> str | None:
+        if value is not None and not _is_file_name(value, 64):
+            raise ValueError("use at most 64 letters, digits, '-', '_' or '.' (it names files)")
+        return value
+
+    @model_validator(mode="after")
+    def _fits_the_measure(self) -> MeasureSpec:
+        try:
+            measure_registry.validate_settings(self.defn, dict(self.__pydantic_extra__ or {}))
+        except measure_registry.MeasureError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def defn(self) -> measure_registry.MeasureDef:
+        try:
+            return measure_registry.get(self.name)
+        except measure_registry.MeasureError as err:
+            raise ValueError(f"name: {err}") from None
+
+    @property
+    def key(self) -> str:
+        return self.label or self.defn.name
+
+    @property
+    def settings(self) -> Any:
+        """The measure's settings, defaults filled in."""
+        return measure_registry.validate_settings(self.defn, dict(self.__pydantic_extra__ or {}))
 
 
 class TrialSpec(_Strict):
@@ -297,11 +326,9 @@ class TrialSpec(_Strict):
     attack_split: Literal["test", "train"] = "test"  # train: the trial's training subset
     attacks: list[AttackSpec] = [AttackSpec(name="fgsm"), AttackSpec(name="lbfgs")]
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    properties: PropertiesSpec = PropertiesSpec()
-    # PGD with restarts, a minimum-norm attack and a whole-box PGD probe, added beside the
-    # sweep's attacks (labelled strong_*) to check for gradient masking; auto: when the model
-    # is adversarially trained.
-    strong_attacks: Literal["auto", "always", "never"] = "auto"
+    # Everything measured besides the attack runs (advlab.measures); None: the model family's
+    # defaults (advlab.plan.DEFAULT_MEASURES).
+    measures: list[MeasureSpec] | None = None
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -331,6 +358,15 @@ class TrialSpec(_Strict):
             raise ValueError(f"attack names repeat ({keys}); give repeated attacks a `label`")
         return value
 
+    @field_validator("measures")
+    @classmethod
+    def _measure_keys_unique(cls, value: list[MeasureSpec] | None) -> list[MeasureSpec] | None:
+        keys = [m.key for m in value or []]
+        tables = [m.defn.table for m in value or []]
+        if len(set(keys)) != len(keys) or len(set(tables)) != len(tables):
+            raise ValueError(f"measures repeat ({keys}); list each measure once")
+        return value
+
     def budgets(self, attack: AttackSpec) -> list[float]:
         return attack.eps if attack.eps is not None else self.eps
 
@@ -342,13 +378,25 @@ class TrialSpec(_Strict):
         that attack on the trials that already exist.
         """
         return _content_hash(
-            self.model_dump(mode="json", exclude=set(ATTACK_KEYS), exclude_defaults=True)
+            self.model_dump(mode="json", exclude=set(EVALUATION_KEYS), exclude_defaults=True)
         )
 
     def attack_id(self, attack: AttackSpec) -> str:
         """Id of one attack run set: the attack's settings and its resolved budgets."""
         content = attack.model_dump(mode="json", exclude_defaults=True)
         return _content_hash({"attack": content, "budgets": self.budgets(attack)})
+
+    def measure_id(self, measure: MeasureSpec, attacks: list[str] | None = None) -> str:
+        """Id of one measure run: its settings and, for a measure that reads attack results,
+        the ids of the attack runs it read (an attack-scope run: the one it looked at)."""
+        content = measure.model_dump(mode="json", exclude_defaults=True)
+        return _content_hash({"measure": content, "attacks": attacks or []})
+
+    @classmethod
+    def from_stored(cls, text: str) -> TrialSpec:
+        """A spec stored as JSON (trials table, Tune configs), by this or an earlier version."""
+        raw = json.loads(text) if isinstance(text, str) else dict(text)
+        return cls.model_validate({k: v for k, v in raw.items() if k not in RETIRED_KEYS})
 
     def training_key(self) -> str:
         """Id of the trained model: trials that differ only in evaluation share it."""
@@ -360,7 +408,11 @@ TRAINING_KEYS = (
     "dataset", "model", "model_args", "init", "activation", "subset", "weight_decay", "seed",
     "train",
 )  # fmt: skip
-ATTACK_KEYS = ("attacks", "eps", "strong_attacks")  # what attack runs depend on; trials do not
+# What attack and measure runs depend on; trials (trained models) do not, so runs are added to
+# finished trials without retraining.
+EVALUATION_KEYS = ("attacks", "eps", "measures")
+# Keys that specs stored by earlier versions may hold; reading them back drops these.
+RETIRED_KEYS = ("properties", "strong_attacks")
 # Part of every id. Ids hash only the values that differ from their defaults, so a new setting
 # with a default leaves existing ids (and finished trials) alone; changing what an existing
 # default means must bump this instead.
@@ -396,13 +448,33 @@ class TransferSpec(_Strict):
     """The all-pairs transfer stage run after the trials (Tables 2 and 4 of the paper)."""
 
     enabled: bool = True
-    controls: list[Literal[CONTROLS]] = ["logistic", "linear_svm", "random_forest", "knn"]  # type: ignore[valid-type]
+    # Prediction-only model families (advlab.families) trained on each source's data.
+    controls: list[str] = ["logistic", "linear_svm", "random_forest", "knn"]
     noise: bool = True  # Gaussian noise with each example's own per-pixel rms distortion
     noise_stddev: list[float] = []  # the paper's fixed-stddev noise rows on clean test images
     amplify_rms: list[float] = [0.1]  # perturbations rescaled to these per-pixel rms values
     # Subsample for the slow controls (rbf_svm)
     control_max_train: int = Field(10000, ge=10, le=10_000_000)
     seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @field_validator("controls")
+    @classmethod
+    def _controls_predict_only(cls, value: list[str]) -> list[str]:
+        from advlab.families import ModelNameError, resolve
+
+        for name in value:
+            try:
+                family = resolve(name)
+            except ModelNameError as err:
+                raise ValueError(str(err).removeprefix("model: ")) from None
+            if family.gradients is not False or not name:
+                raise ValueError(
+                    f"{name!r} is no prediction-only model family; use logistic, linear_svm, "
+                    "rbf_svm, random_forest, knn, constant or module:FAMILY"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("a control is listed twice; list each once")
+        return value
 
     @field_validator("amplify_rms", "noise_stddev")
     @classmethod

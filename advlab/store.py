@@ -26,10 +26,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from advlab.tables import SCHEMAS, table
+from advlab.measures import registry as measures
+from advlab.tables import SCHEMAS, schema, table
 
-TABLES = tuple(SCHEMAS)
+TABLES = tuple(SCHEMAS)  # the core tables; measure tables are folders beside them
 MANIFEST = "sweep.json"
+TRANSFER_RECORD = "transfer.json"  # the transfer stage's sources, targets and failures
+CHECKPOINT = "training.pt"  # a Tune checkpoint's training state, inside its folder
+SEARCH_DB = "optuna.db"  # an Optuna search's study, beside the tables
 
 
 class SweepBusy(RuntimeError):
@@ -66,6 +70,11 @@ class SweepStore:
     @property
     def sweep(self) -> str:
         return self.uri.rsplit("/", 1)[1]
+
+    @property
+    def storage(self) -> str:
+        """The storage root that holds this sweep's folder (a path or URI)."""
+        return self.uri.rsplit("/", 1)[0]
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *(p for p in parts if p)])
@@ -109,7 +118,7 @@ class SweepStore:
         selector = pafs.FileSelector(self.ray_dir_path(), recursive=True, allow_not_found=True)
         for info in self.fs.get_file_info(selector):
             parts = info.path.rsplit("/", 3)
-            if len(parts) < 4 or parts[-1] != "training.pt" or parts[-3] != trial_id:
+            if len(parts) < 4 or parts[-1] != CHECKPOINT or parts[-3] != trial_id:
                 continue
             with self.fs.open_input_stream(info.path) as source:
                 state = torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
@@ -130,9 +139,14 @@ class SweepStore:
     def ray_dir_path(self) -> str:
         return self.path("ray")
 
-    def units_dir(self, trial_id: str) -> str | None:
-        """Unit-analysis images of a trial (local storage only: they are PNG files)."""
-        return None if self.is_remote else self.path("units", trial_id)
+    def files_dir(self, trial_id: str, measure: str) -> str | None:
+        """A folder for the files one measure run writes (unit analysis' PNG images):
+        files/<measure>/<trial>. Local storage only."""
+        return None if self.is_remote else self.path("files", measure, trial_id)
+
+    def search_db(self) -> str:
+        """The SQLite URL of an Optuna search's study (local storage)."""
+        return f"sqlite:///{self.path(SEARCH_DB)}"
 
     def write_table(self, table: str, trial_id: str, data: pa.Table) -> None:
         sink = io.BytesIO()
@@ -232,7 +246,7 @@ class SweepStore:
         local path or URI)."""
         files = [
             (f"{name}/{os.path.basename(path)}", self.locator(name, os.path.basename(path)))
-            for name in TABLES
+            for name in self.tables()
             for path in self.trial_files(name)
         ]
         if self.fs.get_file_info(self.path(MANIFEST)).type != pafs.FileType.NotFound:
@@ -246,23 +260,30 @@ class SweepStore:
         several files of the trial (an attack run: `<trial_id>.<attack>.parquet`)."""
         self.write_table(name, f"{trial_id}.{part}" if part else trial_id, table(name, rows))
 
-    def trial_parts(self, name: str, trial_id: str) -> list[str]:
-        """The files one trial wrote to a table: its own, then one per attack run."""
+    def trial_parts(self, name: str, trial_id: str, part: str | None = None) -> list[str]:
+        """The files one trial wrote to a table: its own, then one per attack or measure run
+        (only the file of run `part` when given)."""
+        if part is not None:
+            path = self.path(name, f"{trial_id}.{part}.parquet")
+            return [path] if self.fs.get_file_info(path).type == pafs.FileType.File else []
         return [
             path
             for path in self.trial_files(name)
             if path.rsplit("/", 1)[1].split(".", 1)[0] == trial_id
         ]
 
+    def write_part(self, name: str, trial_id: str, part: str, data: pa.Table | None) -> None:
+        """One run's file of a table, replaced; None removes it (a rerun that left no rows
+        must not leave the earlier run's rows behind)."""
+        if data is not None:
+            self.write_table(name, f"{trial_id}.{part}", data)
+            return
+        for path in self.trial_parts(name, trial_id, part):
+            self.fs.delete_file(path)
+
     def read_trial(self, name: str, trial_id: str) -> pd.DataFrame:
         """One trial's rows of a table (every part), empty with the table's columns if none."""
-        frames = [
-            pq.read_table(p, filesystem=self.fs).to_pandas()
-            for p in self.trial_parts(name, trial_id)
-        ]
-        if not frames:
-            return SCHEMAS[name].empty_table().to_pandas()
-        return pd.concat(frames, ignore_index=True)
+        return self.read(name, paths=self.trial_parts(name, trial_id))
 
     def trial_files(self, table: str) -> list[str]:
         """The table's parquet files (none when its folder is missing or is no folder)."""
@@ -273,18 +294,36 @@ class SweepStore:
             return []
         return sorted(i.path for i in infos if i.path.endswith(".parquet"))
 
-    def read(self, table: str) -> pd.DataFrame:
-        """Every trial's rows of one table (empty frame if none); a damaged file is skipped and
-        noted in `damaged` (`check_files` moves such files away before a sweep resumes)."""
-        frames = []
-        for path in self.trial_files(table):
+    def read(
+        self, table: str, columns: list[str] | None = None, paths: list[str] | None = None
+    ) -> pd.DataFrame:
+        """Every file of one table (or `paths` of it), each cast to the table's declared schema
+        (a column a file lacks reads as null; integers and booleans as pandas' nullable types,
+        so a null stays null). A damaged file is left out and noted in `damaged`
+        (`check_files` moves such files away before a sweep resumes). A table whose measure is
+        not registered here reads with each file's own schema."""
+        declared = _declared(table, columns)
+        parts = []
+        for path in self.trial_files(table) if paths is None else paths:
             try:
-                frames.append(pq.read_table(path, filesystem=self.fs).to_pandas())
+                found = pq.read_table(path, filesystem=self.fs)
+                parts.append(found if declared is None else _conform(found, declared))
             except (OSError, pa.ArrowException) as err:
                 self.damaged.append(f"{path}: {' '.join(str(err).split())[:120]}")
-        if not frames:
-            return SCHEMAS[table].empty_table().to_pandas()
-        return pd.concat(frames, ignore_index=True)
+        if parts:
+            merged = pa.concat_tables(parts, promote_options="permissive")
+        else:
+            merged = (declared or pa.schema([])).empty_table()
+        return merged.to_pandas(types_mapper=_nullable_types)
+
+    def tables(self) -> list[str]:
+        """The tables this sweep holds: the core ones, then every other folder of parquet
+        files (measure tables), in name order."""
+        selector = pafs.FileSelector(self.root, allow_not_found=True)
+        infos = self.fs.get_file_info(selector)
+        folders = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        extra = [f for f in folders if f not in measures.RESERVED and self.trial_files(f)]
+        return [*TABLES, *extra]
 
     def read_manifest(self) -> dict[str, Any] | None:
         """sweep.json: the sweep's versions and trials (advlab.manifest), None if not yet run."""
@@ -317,7 +356,7 @@ class SweepStore:
         again. A damaged attack-run file takes that run's other files with it (its results must
         come as a set); a damaged trial file takes the trial's row (the trial reruns)."""
         lines = []
-        for kind in TABLES:
+        for kind in self.tables():
             for path in self.trial_files(kind):
                 if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
                     continue  # moved already, with a sibling
@@ -331,7 +370,7 @@ class SweepStore:
     def _quarantine_siblings(self, kind: str, name: str) -> None:
         stem = name.removesuffix(".parquet")
         trial_id, _, part = stem.partition(".")
-        for other in TABLES:
+        for other in self.tables():
             if part:  # an attack run: all its parts
                 siblings = [self.path(other, name)]
             elif other == "trials" and kind != "trials":  # a trial file: its row
@@ -345,3 +384,44 @@ class SweepStore:
 
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _declared(table: str, columns: list[str] | None) -> pa.Schema | None:
+    try:
+        declared = schema(table)
+    except KeyError:
+        return None
+    return declared if columns is None else pa.schema([declared.field(c) for c in columns])
+
+
+def _conform(found: pa.Table, declared: pa.Schema) -> pa.Table:
+    arrays = [
+        found.column(f.name).cast(f.type)
+        if f.name in found.column_names
+        else pa.nulls(len(found), f.type)
+        for f in declared
+    ]
+    return pa.Table.from_arrays(arrays, schema=declared)
+
+
+def _nullable_types(kind: pa.DataType) -> Any:
+    if pa.types.is_integer(kind):
+        return pd.Int64Dtype()
+    if pa.types.is_boolean(kind):
+        return pd.BooleanDtype()
+    return None
+
+
+def list_sweeps(storage: str) -> list[SweepStore]:
+    """Every sweep folder under a storage root (one with a sweep.json), in name order."""
+    root = resolve_storage(storage)
+    fs, base = pafs.FileSystem.from_uri(root)
+    if fs.get_file_info(base).type == pafs.FileType.File:
+        raise NotADirectoryError(f"{storage} is not a folder; give the storage root of sweeps")
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
+        if info.type == pafs.FileType.Directory:
+            store = SweepStore(root, info.base_name)
+            if fs.get_file_info(store.path(MANIFEST)).type == pafs.FileType.File:
+                found.append(store)
+    return sorted(found, key=lambda store: store.sweep)

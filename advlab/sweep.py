@@ -14,14 +14,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advlab import manifest, tuning
-from advlab.masking import attack_plan
+from advlab.plan import attack_plan, measure_runs
 from advlab.preflight import check_cluster_gpus, preflight
 from advlab.spec import SpecError
-from advlab.store import TABLES, SweepStore, resolve_storage
+from advlab.store import SweepStore, resolve_storage
 from advlab.sweepfile import SweepSpec
-from advlab.track import reachable_mode, resolve_mode
+from advlab.tables import Status
+from advlab.track import reachable_mode, recorded_target, resolve_mode
 from advlab.transfer import TransferOutcome
-from advlab.trial import TrialContext
+from advlab.trial import TrialContext, stored_flags
 
 
 @dataclass
@@ -154,9 +155,7 @@ def run_trials(
     """Record this version of the sweep, then hand Tune what is left to run (None: nothing)."""
     recorded = manifest.record_version(store.read_manifest(), spec)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f") if fresh else ""
-    configs = trial_configs(
-        spec, store.uri.rsplit("/", 1)[0], mode, manifest.labels(recorded), stamp
-    )
+    configs = trial_configs(spec, store.storage, mode, manifest.labels(recorded), stamp)
     store.write_manifest(recorded)
     plan = plan_run(spec, store, configs, fresh)
     if not plan.total:
@@ -203,14 +202,11 @@ def log_results(store: SweepStore, mode: str | None = None) -> None:
     from advlab.track import log_results_run
 
     recorded = store.read_manifest() or {}
-    settings = recorded.get("wandb", {})
-    if mode is None:
-        mode, _ = reachable_mode(resolve_mode(settings.get("mode", "auto")))
     trials = store.read("trials")
     status = trials["status"].value_counts().to_dict() if len(trials) else {}
     log_results_run(
-        mode=mode, project=settings.get("project", "advlab"), entity=settings.get("entity"),
-        group=store.sweep, directory=store.wandb_dir(), files=store.result_files(),
+        **recorded_target(recorded, mode), group=store.sweep, directory=store.wandb_dir(),
+        files=store.result_files(),
         metadata={"sweep": store.sweep, "uri": store.uri, "trials": status,
                   "versions": len(recorded.get("versions", []))},
     )  # fmt: skip
@@ -305,22 +301,28 @@ def write_stopped(
     metric = next((k for k in ("test_error", "loss") if k in last), None)
     value = f" ({metric} {last[metric]:.4g})" if metric else ""
     reason = f"stopped early by {by} after epoch {int(last['epoch'])}{value}"
-    row = trial_head(trial, ctx, trial_id) | {"status": "stopped", "reason": reason}
+    row = trial_head(trial, ctx, trial_id) | {"status": Status.STOPPED, "reason": reason}
     store.write_rows("trials", trial_id, [row])
 
 
 def finished(store: SweepStore, spec: SweepSpec) -> set[str]:
-    """Trials with an ok row and an ok result for every attack they now list."""
-    trials, attacks = store.read("trials"), store.read("attacks")
-    ok = set(trials.loc[trials["status"] == "ok", "trial_id"])
-    ok_runs = attacks[attacks["status"] == "ok"]
-    done = set(zip(ok_runs["trial_id"], ok_runs["attack_id"], strict=True))
+    """Trials with an ok row and a current ok result for every attack and measure run."""
+    trials = store.read("trials")
+    ok = set(trials.loc[trials["status"] == Status.OK, "trial_id"])
+    done = _ok_runs(store, "attacks", "attack_id") | _ok_runs(store, "measures", "measure_id")
     return {
         trial_id
         for trial_id, trial in zip(spec.ids, spec.trials, strict=True)
         if trial_id in ok
         and all((trial_id, trial.attack_id(a)) in done for a in attack_plan(trial))
+        and all((trial_id, run.run_id) in done for run in measure_runs(trial))
     }
+
+
+def _ok_runs(store: SweepStore, table: str, column: str) -> set[tuple[str, str]]:
+    runs = store.read(table, ["trial_id", column, "status"])
+    ok = runs[runs["status"] == Status.OK]
+    return set(zip(ok["trial_id"], ok[column], strict=True))
 
 
 def collect_outcome(
@@ -330,9 +332,9 @@ def collect_outcome(
     expected = manifest.current_ids(store.read_manifest()) or spec.ids
     status = dict(zip(trials["trial_id"], trials["status"], strict=True))
     reasons = dict(zip(trials["trial_id"], trials["reason"], strict=True))
-    ok = [t for t in expected if status.get(t) == "ok"]
-    failed = {t: reasons[t] for t in expected if status.get(t) == "failed"}
-    stopped = [t for t in expected if status.get(t) == "stopped"]
+    ok = [t for t in expected if status.get(t) == Status.OK]
+    failed = {t: reasons[t] for t in expected if status.get(t) == Status.FAILED}
+    stopped = [t for t in expected if status.get(t) == Status.STOPPED]
     missing = [t for t in expected if t not in status]
     if missing and run is not None and run.errors and not run.interrupted:
         print(
@@ -348,7 +350,7 @@ def collect_outcome(
 def failed_attacks(spec: SweepSpec, store: SweepStore) -> dict[tuple[str, str], str]:
     """(trial id, attack) -> reason, for the attacks the sweep now lists whose run failed."""
     attacks = store.read("attacks")
-    broken = attacks[attacks["status"] == "failed"]
+    broken = attacks[attacks["status"] == Status.FAILED]
     wanted = {
         (t, trial.attack_id(a)): a.key
         for t, trial in zip(spec.ids, spec.trials, strict=True)
@@ -387,7 +389,7 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     ]
     labels = manifest.labels(store.read_manifest())
     lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]
-    lines += masking_lines(store, labels, outcome.ok)
+    lines += flag_lines(store, labels, outcome.ok)
     lines += [
         f"  attack {attack} failed on {labels.get(t, t)}: {why}"
         for (t, attack), why in outcome.attack_failures.items()
@@ -399,7 +401,7 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
             f"  transfer stage failed: {outcome.transfer_error}; fix it and run "
             f"`advlab transfer {store.uri}`"
         )
-    lines.append(f"  parquet: {store.uri}/{{{','.join(TABLES)}}}/")
+    lines.append(f"  parquet: {store.uri}/{{{','.join(store.tables())}}}/")
     if outcome.wandb_mode == "offline":
         runs = store.wandb_runs()
         lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")
@@ -431,7 +433,7 @@ def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
     ids = [t for t in manifest.current_ids(store.read_manifest()) if t in trials.index]
     points = {}
     for trial_id in ids:
-        if trials.loc[trial_id, "status"] != "ok":
+        if trials.loc[trial_id, "status"] != Status.OK:
             continue
         found = stored_metrics(store, trial_id) | trials.loc[trial_id].to_dict()
         points[trial_id] = [float(found[m]) for m in search.metrics]
@@ -444,11 +446,10 @@ def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
     store.write_rows("pareto", "all", rows)
 
 
-def masking_lines(store: SweepStore, labels: dict[str, str], ok: list[str]) -> list[str]:
-    """One line per finished trial flagged for possible gradient masking."""
-    trials = store.read("trials")
-    flagged = trials[trials["trial_id"].isin(ok) & trials["gradient_masking"].eq(True)]
+def flag_lines(store: SweepStore, labels: dict[str, str], ok: list[str]) -> list[str]:
+    """One line per flag a measure raised on a finished trial (possible gradient masking...)."""
     return [
-        f"  possible gradient masking in {labels.get(t, t)}: {why}"
-        for t, why in zip(flagged["trial_id"], flagged["masking_reason"], strict=True)
+        f"  {measure} flagged {labels.get(t, t)}: {why}"
+        for t, flags in stored_flags(store, ok).items()
+        for measure, why in flags.items()
     ]

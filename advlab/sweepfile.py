@@ -27,10 +27,12 @@ from pydantic import BaseModel, ValidationError
 
 from advlab.data import DataError, parse_subset
 from advlab.evaluate import final_metrics
-from advlab.models import ModelNameError, build_model, decay_weights, parse_architecture
+from advlab.families import TORCH, resolve
+from advlab.models import ModelNameError, build_model, check_decays, parse_architecture
+from advlab.plan import check_needs
 from advlab.sources import check_source
 from advlab.spec import (
-    ATTACK_KEYS,
+    EVALUATION_KEYS,
     INPUT_SHAPES,
     NUM_CLASSES,
     SWEEP_KEYS,
@@ -158,6 +160,8 @@ def parse_sweep(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
     """Validate a sweep given as a mapping (a sweep file's contents, or a dict from Python);
     relative paths inside it are relative to `base_dir` (the sweep file's folder)."""
     for key in raw:
+        if key in RETIRED:
+            raise SpecError(f"{key}: replaced by measures; {RETIRED[key]}")
         if key not in SWEEP_KEYS | TRIAL_KEYS:
             raise SpecError(f"{key}: unknown key{_did_you_mean(key, SWEEP_KEYS | TRIAL_KEYS)}")
     settings = _validate(SweepSettings, {k: v for k, v in raw.items() if k in SWEEP_KEYS})
@@ -238,10 +242,11 @@ def _check_axis(where: str, axis: str) -> None:
     head = axis.split(".")[0]
     if head not in TRIAL_KEYS:
         raise SpecError(f"{where}: not a trial key{_did_you_mean(head, TRIAL_KEYS)}")
-    if head in ATTACK_KEYS:
+    if head in EVALUATION_KEYS:
         raise SpecError(
-            f"{where}: every trial runs every attack at every budget, so {head} is no grid "
-            "axis; list all budgets in `eps` and give an attack listed twice a `label`"
+            f"{where}: every trial runs every attack at every budget and every measure, so "
+            f"{head} is no grid axis; list all budgets in `eps` and give an attack listed "
+            "twice a `label`"
         )
 
 
@@ -273,7 +278,10 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
         parse_subset(trial.subset)
         if trial.init is not None and not Path(trial.init).is_file():
             raise SpecError(f"init: no file {trial.init}; give the path of a saved state_dict")
-        if ":" in trial.model or trial.dataset.name not in NUM_CLASSES:
+        family = resolve(trial.model)
+        if family.gradients is False:
+            check_needs(trial, trial.model)
+        if family is not TORCH or ":" in trial.model or trial.dataset.name not in NUM_CLASSES:
             return trial
         arch = parse_architecture(trial.model)
     except (DataError, ModelNameError) as err:  # their messages already name the key
@@ -313,12 +321,10 @@ def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, An
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = build_model(trial.model, INPUT_SHAPES[trial.dataset.name], classes)
-    layers = len(decay_weights(model))
-    if len(trial.weight_decay) != layers:
-        raise SpecError(
-            f"weight_decay: {len(trial.weight_decay)} values for {trial.model}, which has "
-            f"{layers} weight layers; give {layers} values or one number"
-        )
+    try:
+        check_decays(model, trial.weight_decay, trial.model)
+    except ModelNameError as err:
+        raise SpecError(str(err)) from None
 
 
 def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
@@ -329,6 +335,13 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
 
 
 MAX_TRIALS = 10_000
+# Keys of earlier versions, and what a sweep file says instead now.
+RETIRED = {
+    "properties": "write e.g. measures: [{name: lipschitz}, {name: unit_analysis}, "
+    "{name: density, k: 5}, {name: masking}]",
+    "strong_attacks": "write measures: [{name: lipschitz}, {name: masking, strong_attacks: "
+    "always}]",
+}
 
 # pydantic names the member of a union it tried (weight_decay.float); users never wrote those.
 _UNION_TAG = re.compile(r"^(float|int|str|bool|none|(list|dict|literal|function-\w+)\[.*\])$")

@@ -4,9 +4,11 @@ Every trial writes every table with exactly these schemas (a failed trial's row 
 column, as nulls), so pandas, polars and DuckDB read a table folder as it is. Settings that are
 lists are typed lists (weight decay is always list<double>); free-form mappings (model_args) are
 JSON strings; the trial's whole spec is kept as JSON in `spec`, so downstream code rebuilds it
-instead of parsing columns. Attacks and budgets are not trial settings: each attack run is a row
-of the attacks table (with its settings as JSON), so attacks can be added to finished trials.
-The trial-config columns are derived from `TrialSpec`'s fields: a new setting becomes a column
+instead of parsing columns. Attacks, budgets and measures are not trial settings: each attack
+run is a row of the attacks table and each measure run a row of the measures table (with their
+settings as JSON), so both can be added to finished trials. A measure's own rows go to the table
+it declares (advlab.measures); `schema(name)` finds any table's schema, core or measure. The
+trial-config columns are derived from `TrialSpec`'s fields: a new setting becomes a column
 without an edit here.
 """
 
@@ -15,14 +17,28 @@ from __future__ import annotations
 import json
 import types
 import typing
+from enum import StrEnum
 from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel
 
-from advlab.spec import ATTACK_KEYS, TrialSpec
+from advlab.measures import registry as measures
+from advlab.spec import EVALUATION_KEYS, TrialSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+
+class Status(StrEnum):
+    """The outcome a row records: of a trial, an attack run, a measure run or a transfer target."""
+
+    OK = "ok"
+    FAILED = "failed"
+    STOPPED = "stopped"  # a trial a scheduler ended early, on purpose
+
+
+# The transfer table's source for the paper's fixed-stddev noise rows (no trial made them).
+NOISE_SOURCE = "gaussian-noise"
 
 EPOCHS = pa.schema(
     [
@@ -98,13 +114,22 @@ CURVES = pa.schema(
     ]
 )
 
-PROPERTIES = pa.schema(
+# One row per measure run, written after its own table's rows: its presence marks the run done.
+MEASURES = pa.schema(
     [
         ("trial_id", pa.string()),
-        ("analysis", pa.string()),  # lipschitz, unit_analysis, density
-        ("layer", pa.string()),  # a layer name, "network" for the whole net, or an attack name
-        ("metric", pa.string()),
-        ("value", pa.float64()),
+        ("measure", pa.string()),  # the measure's label in the trial (its name by default)
+        ("measure_id", pa.string()),  # hash of its settings and the attack runs it read
+        ("name", pa.string()),  # the registered measure (or its import path)
+        ("scope", pa.string()),  # trial, attack or example
+        ("attack", pa.string()),  # the attack run an attack-scope run looked at; else null
+        ("table", pa.string()),  # where its rows are
+        ("status", pa.string()),  # ok, or failed with the reason
+        ("reason", pa.string()),
+        ("rows", pa.int64()),
+        ("flag", pa.string()),  # a reason to look closer (the measure's own check); "" if none
+        ("seconds", pa.float64()),
+        ("settings", pa.string()),  # JSON: every setting, defaults filled in
     ]
 )
 
@@ -113,7 +138,8 @@ TRANSFER = pa.schema(
         ("source_trial", pa.string()),
         ("attack", pa.string()),
         ("budget", pa.float64()),  # null for minimisation attacks
-        ("kind", pa.string()),  # adversarial, noise, amplified@<rms>
+        ("kind", pa.string()),  # adversarial, noise (same rms as each example's) or amplified
+        ("amplified_to", pa.float64()),  # amplified rows: the per-pixel rms aimed at; else null
         ("rms", pa.float64()),  # mean per-pixel rms of the perturbation applied
         ("target", pa.string()),  # a trial id, or a control's name (trained on the source's data)
         ("target_kind", pa.string()),  # trial or control
@@ -143,7 +169,7 @@ _TRIAL_HEAD = [
     ("trial_index", pa.int64()),  # position in its sweep version's grid
     ("label", pa.string()),  # readable name from the grid values
     ("sweep", pa.string()),
-    ("status", pa.string()),  # ok or failed
+    ("status", pa.string()),  # ok, failed or stopped
     ("reason", pa.string()),
 ]
 _TRIAL_RESULTS = [
@@ -161,8 +187,6 @@ _TRIAL_RESULTS = [
     ("n_validation", pa.int64()),  # training-subset examples held out for robust validation
     ("evaluated_epoch", pa.int64()),  # whose weights were evaluated: best robust or the last
     ("val_robust_error", pa.float64()),  # robust validation error of that epoch
-    ("gradient_masking", pa.bool_()),  # possible gradient masking; null: no check possible
-    ("masking_reason", pa.string()),  # the signs that raised the flag ("" when none did)
     ("train_seconds", pa.float64()),
     ("device_used", pa.string()),  # the device it ran on (`device` is what was asked)
     ("worker_node", pa.string()),
@@ -198,8 +222,8 @@ def _arrow_type(annotation: Any) -> pa.DataType:
 def _config_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, pa.DataType]]:
     fields: list[tuple[str, pa.DataType]] = []
     for name, info in model.model_fields.items():
-        if model is TrialSpec and name in ATTACK_KEYS:
-            continue  # attack runs are rows of the attacks table, not trial settings
+        if model is TrialSpec and name in EVALUATION_KEYS:
+            continue  # attack and measure runs are rows of their tables, not trial settings
         annotation = info.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             fields += _config_fields(annotation, f"{prefix}{name}.")
@@ -218,7 +242,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "examples": EXAMPLES,
     "attacks": ATTACKS,
     "curves": CURVES,
-    "properties": PROPERTIES,
+    "measures": MEASURES,
     "transfer": TRANSFER,
     "pareto": PARETO,
 }
@@ -226,7 +250,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 
 def config_columns(spec: TrialSpec) -> dict[str, Any]:
     """The trial's settings as trials-table columns (dotted names, typed as in TRIALS)."""
-    dumped = spec.model_dump(mode="json", exclude=set(ATTACK_KEYS))
+    dumped = spec.model_dump(mode="json", exclude=set(EVALUATION_KEYS))
     columns: dict[str, Any] = {}
     for name, kind in CONFIG_FIELDS:
         value: Any = dumped
@@ -240,10 +264,23 @@ def config_columns(spec: TrialSpec) -> dict[str, Any]:
     return columns
 
 
+assert set(SCHEMAS) <= set(measures.RESERVED), "a core table's folder is not reserved"
+
+
+def schema(name: str) -> pa.Schema:
+    """The declared schema of a core table or of a registered measure's table."""
+    if name in SCHEMAS:
+        return SCHEMAS[name]
+    defn = measures.by_table(name)
+    if defn is None:
+        raise KeyError(f"no table {name!r}: neither a core table nor a registered measure's")
+    return defn.schema
+
+
 def table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
     """Rows as a table of `name`'s schema; a missing column is null, an unknown one an error."""
-    schema = SCHEMAS[name]
-    unknown = {key for row in rows for key in row} - set(schema.names)
+    schema_ = schema(name)
+    unknown = {key for row in rows for key in row} - set(schema_.names)
     if unknown:
         raise ValueError(f"{name}: columns {sorted(unknown)} are not in the declared schema")
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=schema_)

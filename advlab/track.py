@@ -20,8 +20,6 @@ from typing import Any
 import numpy as np
 import wandb
 
-MASKING_TAG = "possible-gradient-masking"
-
 
 def resolve_mode(mode: str) -> str:
     """'auto' means online when an API key is available, offline otherwise."""
@@ -49,6 +47,16 @@ def reachable_mode(mode: str) -> tuple[str, str | None]:
     return mode, None
 
 
+def recorded_target(recorded: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
+    """Where a sweep's own runs (transfer, results) go: the W&B settings its manifest recorded,
+    the mode resolved as for its trials unless given."""
+    settings = recorded.get("wandb", {})
+    if mode is None:
+        mode, _ = reachable_mode(resolve_mode(settings.get("mode", "auto")))
+    return {"mode": mode, "project": settings.get("project", "advlab"),
+            "entity": settings.get("entity")}  # fmt: skip
+
+
 class TrialRun:
     """A trial's W&B run; every call is a no-op when tracking is disabled."""
 
@@ -65,13 +73,15 @@ class TrialRun:
         directory: str,
         job_type: str = "trial",
         tags: list[str] | None = None,
+        keep_earlier: bool = False,
     ):
         self.run = None
         self.best: dict[str, float] = {}  # smallest value of each epoch metric so far
         if mode == "disabled":
             return
         Path(directory).mkdir(parents=True, exist_ok=True)
-        drop_earlier_runs(directory, run_id)
+        if not keep_earlier:  # a trial run anew replaces its run; one that only grows keeps it
+            drop_earlier_runs(directory, run_id)
         self.run = wandb.init(
             mode=mode,  # type: ignore[arg-type]
             project=project,
@@ -102,12 +112,13 @@ class TrialRun:
             if isinstance(value, int | float) and value == value:  # not None, not NaN
                 self.best[key] = min(value, self.best.get(key, value))
 
-    def flag_masking(self, reason: str) -> None:
-        """Possible gradient masking: a tag to filter runs by, and the reasons in the summary."""
+    def flag(self, measure: str, reason: str) -> None:
+        """A measure's flag (e.g. possible gradient masking): a tag to filter runs by
+        (`<measure>-flagged`) and the reason in the summary (`<measure>/flag`)."""
         if self.run is None:
             return
-        self.run.tags = (*(self.run.tags or ()), MASKING_TAG)
-        self.run.summary.update({"masking_reason": reason})  # the 0/1 flag came with metrics
+        self.run.tags = (*(self.run.tags or ()), f"{measure}-flagged")
+        self.run.summary.update({f"{measure}/flag": reason})
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         """Final metrics as plain summary values (numbers stay numbers, sortable in the run
@@ -123,15 +134,19 @@ class TrialRun:
     ) -> None:
         """One attack's rows of the attacks table (its runs) and of the curves table (robust
         error against budget), as W&B tables named after the attack."""
+        self.log_tables({f"attacks/{attack}": runs, f"curves/{attack}": curves})
+
+    def log_measure(self, run: str, record: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """One measure run (`measure` or `measure/attack`): its record and its rows, as W&B
+        tables named after the run."""
+        self.log_tables({f"measure_runs/{run}": [record], f"measures/{run}": rows})
+
+    def log_tables(self, tables: dict[str, list[dict[str, Any]]]) -> None:
         if self.run is None:
             return
-        payload = {}
-        for name, rows in (("attacks", runs), ("curves", curves)):
-            if rows:
-                columns = list(rows[0])
-                data = [[row.get(c) for c in columns] for row in rows]
-                payload[f"{name}/{attack}"] = wandb.Table(columns=columns, data=data)
-        self.run.log(payload)
+        payload = {wandb_key(name): _table(rows) for name, rows in tables.items() if rows}
+        if payload:
+            self.run.log(payload)
 
     def log_examples(self, attack: str, clean: Any, adversarial: Any, captions: list[str]) -> None:
         """Original, adversarial and the perturbation magnified x10 around gray, as in the

@@ -26,17 +26,15 @@ import torch
 
 from advlab import manifest
 from advlab.attacks.noise import add_noise, amplify, matched_noise
-from advlab.controls import KERNEL_CONTROLS, make_control
 from advlab.data import select_subset
-from advlab.models import model_for
-from advlab.runtime import predict as predict_classes
+from advlab.families import FitJob, ModelRequest, TrialModel, model_for, resolve
 from advlab.sources import load_data_spec
 from advlab.spec import TransferSpec, TrialSpec
-from advlab.store import SweepStore
+from advlab.store import TRANSFER_RECORD, SweepStore
 from advlab.sweepfile import add_plugin_dirs
+from advlab.tables import NOISE_SOURCE, Status
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (N, D) float32 in [0,1] -> (N,) labels
-NOISE_SOURCE = "gaussian-noise"
 
 
 @dataclass
@@ -46,11 +44,12 @@ class EvalSet:
     source_trial: str
     attack: str
     budget: float | None  # None for minimisation attacks
-    kind: str  # adversarial, noise or amplified@<rms>
+    kind: str  # adversarial, noise or amplified
     rms: float  # mean per-pixel rms of the perturbation actually applied
     x: np.ndarray  # (N, D) float32 in [0, 1]
     clean: np.ndarray  # (N, D) the same examples before any perturbation
     y: np.ndarray  # (N,) true labels
+    amplified_to: float | None = None  # amplified sets: the per-pixel rms aimed at
 
 
 @dataclass
@@ -98,7 +97,9 @@ def source_sets(
             big = amplify(clean_t[moved], x_t[moved], target).numpy()
             common |= {"clean": clean[moved]}
             rms = per_pixel_rms(big, clean[moved])
-            sets.append(EvalSet(**common, kind=f"amplified@{target:g}", rms=rms, x=big, y=y[moved]))
+            sets.append(
+                EvalSet(**common, kind="amplified", rms=rms, x=big, y=y[moved], amplified_to=target)
+            )
     return sets
 
 
@@ -135,13 +136,14 @@ def evaluate(target: str, target_kind: str, predict: Predict, sets: list[EvalSet
                 "attack": s.attack,
                 "budget": s.budget,
                 "kind": s.kind,
+                "amplified_to": s.amplified_to,
                 "rms": s.rms,
                 "target": target,
                 "target_kind": target_kind,
                 "n": n,
                 "error_adv": float((predict(s.x) != s.y).mean()) if n else math.nan,
                 "error_clean": float((predict(s.clean) != s.y).mean()) if n else math.nan,
-                "status": "ok",
+                "status": Status.OK,
                 "reason": "",
             }
         )
@@ -150,7 +152,9 @@ def evaluate(target: str, target_kind: str, predict: Predict, sets: list[EvalSet
 
 def failed_target(target: str, target_kind: str, err: Exception) -> list[dict]:
     reason = f"{type(err).__name__}: {err}".splitlines()[0]
-    return [{"target": target, "target_kind": target_kind, "status": "failed", "reason": reason}]
+    return [
+        {"target": target, "target_kind": target_kind, "status": Status.FAILED, "reason": reason}
+    ]
 
 
 def trial_predictor(store: SweepStore, spec: TrialSpec) -> Predict:
@@ -160,25 +164,32 @@ def trial_predictor(store: SweepStore, spec: TrialSpec) -> Predict:
     saved = store.load_model(spec.training_key())
     if saved is None:
         raise FileNotFoundError(f"no saved model {spec.training_key()}; rerun the sweep")
-    model.load_state_dict(saved["model"])
-    shape = data.input_shape
-
-    def predict(x: np.ndarray) -> np.ndarray:
-        return predict_classes(model, torch.from_numpy(x).float().view(len(x), *shape)).numpy()
-
-    return predict
+    model.load_state(saved)
+    return _predictor(model, data.input_shape)
 
 
 def control_predictor(name: str, spec: TrialSpec, settings: TransferSpec) -> Predict:
-    """A control trained on a trial's training subset (the images its sources trained on)."""
+    """A control (a prediction-only model family) trained on a trial's training subset, the
+    images its sources trained on; families that subsample by default (the RBF SVM) take
+    `control_max_train` examples at most."""
     data = load_data_spec(spec.dataset)
     split = select_subset(data, spec.subset, spec.dataset.split_seed)
-    x = data.x_train[split.train_idx].flatten(1).numpy()
-    y = data.y_train[split.train_idx].numpy()
-    if name in KERNEL_CONTROLS and len(x) > settings.control_max_train:
-        keep = np.random.default_rng(settings.seed).permutation(len(x))
-        x, y = x[keep[: settings.control_max_train]], y[keep[: settings.control_max_train]]
-    return make_control(name, settings.seed).fit(x, y).predict
+    family = resolve(name)
+    fields = family.settings.model_fields if family.settings is not None else {}
+    subsampled = "max_train" in fields and fields["max_train"].default is not None
+    args = {"max_train": settings.control_max_train} if subsampled else {}
+    request = ModelRequest(name, data.input_shape, data.num_classes, args=args, seed=settings.seed)
+    model = family.build(request)
+    x, y = data.x_train[split.train_idx], data.y_train[split.train_idx]
+    model.fit(FitJob(x, y, data.x_test, data.y_test, spec.train, 0.0, settings.seed))
+    return _predictor(model, data.input_shape)
+
+
+def _predictor(model: TrialModel, shape: tuple[int, int, int]) -> Predict:
+    def predict(x: np.ndarray) -> np.ndarray:
+        return model.predict(torch.from_numpy(x).float().view(len(x), *shape)).cpu().numpy()
+
+    return predict
 
 
 def training_set(spec: TrialSpec) -> str:
@@ -201,18 +212,18 @@ def gather_sources(store: SweepStore, settings: TransferSpec) -> Sources:
         raise FileNotFoundError(f"{store.uri}: no trials to transfer between; run the sweep first")
     expected = manifest.trial_order(store.read_manifest()) or list(trials["trial_id"])
     skipped = {
-        row.trial_id: f"failed: {row.reason}"
-        for row in trials[trials["status"] != "ok"].itertuples()
+        row.trial_id: f"{row.status}: {row.reason}"
+        for row in trials[trials["status"] != Status.OK].itertuples()
     }
     skipped |= {t: "no result" for t in expected if t not in set(trials["trial_id"])}
-    ok = trials[trials["status"] == "ok"]
+    ok = trials[trials["status"] == Status.OK]
     examples = store.read("examples")
     generator = torch.Generator().manual_seed(settings.seed)
     specs: dict[str, TrialSpec] = {}
     sets: list[EvalSet] = []
     for row in ok.itertuples():
         try:
-            spec = TrialSpec.model_validate_json(row.spec)
+            spec = TrialSpec.from_stored(row.spec)
             mine = examples[examples["trial_id"] == row.trial_id]
             sets += source_sets(row.trial_id, spec, mine, settings, generator)
             specs[row.trial_id] = spec
@@ -265,11 +276,11 @@ def run_transfer(
         spec = sources.specs[members[0]]
         futures += [control_task.remote(n, spec, mine, sets_ref) for n in settings.controls]
     rows = [row for result in ray.get(futures) for row in result]
-    failed = {r["target"]: r["reason"] for r in rows if r["status"] == "failed"}
+    failed = {r["target"]: r["reason"] for r in rows if r["status"] == Status.FAILED}
     store.write_rows("transfer", "all", rows)
     record = {"sources": list(sources.specs), "skipped": sources.skipped, "failed": failed}
-    store.write_json("transfer.json", record)
-    frame = pd.DataFrame([r for r in rows if r["status"] == "ok"])
+    store.write_json(TRANSFER_RECORD, record)
+    frame = pd.DataFrame([r for r in rows if r["status"] == Status.OK])
     log_to_wandb(store, frame, wandb_mode)
     seconds = time.perf_counter() - start
     return TransferOutcome(frame, list(sources.specs), sources.skipped, failed, seconds)
@@ -297,13 +308,11 @@ def transfer_matrices(
 
 def log_to_wandb(store: SweepStore, frame: pd.DataFrame, mode: str | None) -> None:
     """The transfer table, matrices and labelled heatmaps as one run in the sweep's W&B group."""
-    from advlab.track import log_transfer_run, reachable_mode, resolve_mode
+    from advlab.track import log_transfer_run, recorded_target
 
     recorded = store.read_manifest() or {}
-    settings = recorded.get("wandb", {})
-    if mode is None:
-        mode, _ = reachable_mode(resolve_mode(settings.get("mode", "auto")))
-    if mode == "disabled" or frame.empty:
+    target = recorded_target(recorded, mode)
+    if target["mode"] == "disabled" or frame.empty:
         return
     labels = manifest.labels(recorded)
     named = frame.assign(
@@ -312,8 +321,7 @@ def log_to_wandb(store: SweepStore, frame: pd.DataFrame, mode: str | None) -> No
     )
     matrices = transfer_matrices(frame, labels)
     log_transfer_run(
-        mode=mode, project=settings.get("project", "advlab"), entity=settings.get("entity"),
-        group=store.sweep, directory=store.wandb_dir(), rows=named.to_dict("records"),
+        **target, group=store.sweep, directory=store.wandb_dir(), rows=named.to_dict("records"),
         matrices=matrices, figures={name: heatmap_png(name, m) for name, m in matrices.items()},
     )  # fmt: skip
     store.sync_wandb()

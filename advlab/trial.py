@@ -12,32 +12,28 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-import advlab
 from advlab.data import Dataset, SubsetSplit, select_subset
-from advlab.evaluate import (
-    AttackedSet,
-    Evaluation,
-    attack_density,
-    evaluate_attack,
-    first_correct,
-    trial_properties,
-)
-from advlab.masking import assess_masking, attack_plan
-from advlab.models import model_for
+from advlab.evaluate import AttackedSet, Evaluation, evaluate_attack, first_correct
+from advlab.families import FitJob, TrialModel, model_for
+from advlab.measures import registry as measure_registry
+from advlab.measures.registry import MeasureContext
+from advlab.measures.runner import execute
+from advlab.plan import MeasureRun, attack_plan, measure_runs, run_part
 from advlab.robust_validation import carve_validation, evaluated_epoch
-from advlab.runtime import error_rate, pick_device
+from advlab.runtime import pick_device
 from advlab.sources import load_data_spec
-from advlab.spec import ATTACK_KEYS, TRAINING_KEYS, AttackSpec, TrialSpec
+from advlab.spec import EVALUATION_KEYS, TRAINING_KEYS, AttackSpec, TrialSpec
 from advlab.store import SweepStore
-from advlab.tables import config_columns
+from advlab.tables import Status, config_columns
 from advlab.track import TrialRun
-from advlab.train import EpochStats, train_model
+from advlab.train import EpochStats
 
 # report(metrics, state): state is None for the final report, and after each epoch a function
 # that builds a resumable training checkpoint (called only by reporters that keep checkpoints).
@@ -71,7 +67,7 @@ class TrialResult:
 class Trained:
     """A trained model and the data it was trained and is evaluated on (on its device)."""
 
-    model: nn.Module
+    model: TrialModel
     data: Dataset
     split: SubsetSplit
     x_train: Tensor
@@ -92,33 +88,35 @@ def run_trial(
 ) -> TrialResult:
     """Run one trial and write its results; returns its trials-table row and metrics.
 
-    A trial that finished before (its trials row is ok) is not redone: only its attacks that
-    have no result yet run (a sweep that gained an attack), and its own files stay untouched.
-    `resume` is a training checkpoint from an earlier attempt (see Reporter). A failure is
-    recorded (status failed, with the reason) in the trials table and the W&B run before the
-    exception propagates, so the sweep can carry on and report the gap.
+    A trial that finished before (its trials row is ok) is not redone: only its attack and
+    measure runs that have no current result run (a sweep that gained an attack or a measure),
+    and its own files stay untouched. `resume` is a training checkpoint from an earlier attempt
+    (see Reporter). A failure is recorded (status failed, with the reason) in the trials table
+    and the W&B run before the exception propagates, so the sweep can carry on and report it.
     """
     trial_id = spec.trial_id()
     store = SweepStore(ctx.storage, ctx.sweep)
     finished = None if ctx.run_stamp else finished_row(store, trial_id)
-    tracker = open_tracker(spec, ctx, store, trial_id)
+    tracker = open_tracker(spec, ctx, store, trial_id, grows=finished is not None)
     row = finished or trial_head(spec, ctx, trial_id)
     try:
         trained = train_or_load(spec, ctx, store, tracker, report, resume)
         attacked = attacked_set(spec, trained)
         if finished is None:
             row |= summary_columns(trained, attacked)
-            write_trial_tables(store, spec, trial_id, trained, attacked)
+            write_epochs(store, trial_id, trained)
             log_model(tracker, store, spec, trial_id)
-        for attack in pending_attacks(spec, store, trial_id, fresh=bool(ctx.run_stamp)):
+        fresh = bool(ctx.run_stamp)
+        for attack in pending_attacks(spec, store, trial_id, fresh):
             run_and_write_attack(store, tracker, spec, attack, trained, attacked)
-        if finished is None:
-            row |= masking_columns(store, spec, trial_id, attacked)
+        for run in pending_measures(spec, store, trial_id, fresh):
+            run_and_write_measure(store, tracker, spec, run, trained, attacked)
     except Exception as err:
         if finished is None:  # a finished trial's row stays as it was
-            row |= {"status": "failed", "reason": f"{type(err).__name__}: {err}".splitlines()[0]}
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            row |= {"status": Status.FAILED, "reason": reason}
             store.write_rows("trials", trial_id, [row])
-        tracker.log_summary({"status": "failed", "reason": str(err).splitlines()[0]})
+        tracker.log_summary({"status": Status.FAILED, "reason": str(err).splitlines()[0]})
         tracker.finish(failed=True)
         store.sync_wandb()
         err.add_note(traceback.format_exc(limit=3))
@@ -126,11 +124,9 @@ def run_trial(
     if finished is None:
         store.write_rows("trials", trial_id, [row])  # last: marks the trial complete
     metrics = stored_metrics(store, trial_id)
-    if row.get("gradient_masking") is not None:
-        metrics["gradient_masking"] = float(row["gradient_masking"])
     tracker.log_summary(_numbers(row) | metrics)
-    if row.get("gradient_masking"):
-        tracker.flag_masking(row.get("masking_reason") or "")
+    for measure, reason in stored_flags(store, [trial_id]).get(trial_id, {}).items():
+        tracker.flag(measure, reason)
     tracker.finish()
     store.sync_wandb()
     return TrialResult(row, metrics)
@@ -147,35 +143,68 @@ def pending_attacks(
     spec: TrialSpec, store: SweepStore, trial_id: str, fresh: bool = False
 ) -> list[AttackSpec]:
     """The trial's attacks with no ok result for their current settings."""
-    plan = attack_plan(spec)  # the sweep's attacks and, for adversarial training, a strong set
+    plan = attack_plan(spec)  # the sweep's attacks and those its measures add
     if fresh:
         return plan
-    done = store.read_trial("attacks", trial_id)
-    done_ids = set(done.loc[done["status"] == "ok", "attack_id"])
-    return [a for a in plan if spec.attack_id(a) not in done_ids]
+    done = _done_ids(store, "attacks", trial_id, "attack_id")
+    return [a for a in plan if spec.attack_id(a) not in done]
 
 
-def masking_columns(
-    store: SweepStore, spec: TrialSpec, trial_id: str, attacked: AttackedSet
-) -> dict[str, Any]:
-    """The gradient-masking check over every attack the trial has results for."""
-    curves = store.read_trial("curves", trial_id).to_dict("records")
-    examples = store.read_trial("examples", trial_id).drop(columns="x_adv").to_dict("records")
-    flag, reason = assess_masking(attack_plan(spec), curves, examples, attacked.n_clean_wrong)
-    return {"gradient_masking": flag, "masking_reason": reason}
+def pending_measures(
+    spec: TrialSpec, store: SweepStore, trial_id: str, fresh: bool = False
+) -> list[MeasureRun]:
+    """The trial's measure runs with no ok result for their current id."""
+    runs = measure_runs(spec)
+    if fresh:
+        return runs
+    done = _done_ids(store, "measures", trial_id, "measure_id")
+    return [r for r in runs if r.run_id not in done]
+
+
+def _done_ids(store: SweepStore, table: str, trial_id: str, column: str) -> set[str]:
+    rows = store.read_trial(table, trial_id)
+    return set(rows.loc[rows["status"] == Status.OK, column])
 
 
 def stored_metrics(store: SweepStore, trial_id: str) -> dict[str, float]:
-    """Per-attack scalars over every attack the trial has results for (old and new)."""
+    """Scalars for Tune and W&B over every attack and measure run the trial has results for
+    (old and new), named by the attack runs' rows and by each measure."""
     evaluation = Evaluation(
         attacks=store.read_trial("attacks", trial_id).to_dict("records"),
         curves=store.read_trial("curves", trial_id).to_dict("records"),
-        properties=store.read_trial("properties", trial_id).to_dict("records"),
     )
-    return evaluation.metrics()
+    metrics = evaluation.metrics()
+    records = store.read_trial("measures", trial_id)
+    for record in records[records["status"] == Status.OK].itertuples():
+        defn = measure_defn(record.name)
+        if defn is not None and defn.metrics is not None:
+            attack = record.attack if isinstance(record.attack, str) else None
+            part = store.trial_parts(record.table, trial_id, run_part(record.measure, attack))
+            metrics |= defn.metrics(store.read(record.table, paths=part).to_dict("records"))
+    return metrics
 
 
-def open_tracker(spec: TrialSpec, ctx: TrialContext, store: SweepStore, trial_id: str) -> TrialRun:
+def stored_flags(store: SweepStore, trial_ids: list[str]) -> dict[str, dict[str, str]]:
+    """trial -> {measure: reason} for every flag the trials' measure runs raised."""
+    records = store.read("measures", ["trial_id", "measure", "status", "flag"])
+    mine = records[records["trial_id"].isin(trial_ids) & (records["status"] == Status.OK)]
+    flagged: dict[str, dict[str, str]] = {}
+    for row in mine[mine["flag"].fillna("") != ""].itertuples():
+        flagged.setdefault(row.trial_id, {})[row.measure] = row.flag
+    return flagged
+
+
+def measure_defn(name: str) -> Any:
+    try:
+        return measure_registry.get(name)
+    except measure_registry.MeasureError:
+        return None  # a plug-in this process cannot import: its rows stay, unread here
+
+
+def open_tracker(
+    spec: TrialSpec, ctx: TrialContext, store: SweepStore, trial_id: str, grows: bool = False
+) -> TrialRun:
+    """The trial's W&B run; `grows`: a finished trial gaining runs keeps its earlier run."""
     return TrialRun(
         mode=ctx.wandb_mode,
         project=ctx.wandb_project,
@@ -186,6 +215,7 @@ def open_tracker(spec: TrialSpec, ctx: TrialContext, store: SweepStore, trial_id
         tags=[f"{k}={v}" for k, v in ctx.grid_values.items()],
         config={"trial_id": trial_id, **ctx.grid_values, **spec.model_dump(mode="json")},
         directory=store.wandb_dir(),
+        keep_earlier=grows,
     )
 
 
@@ -196,19 +226,44 @@ def trial_head(spec: TrialSpec, ctx: TrialContext, trial_id: str) -> dict[str, A
         "trial_index": ctx.trial_index,
         "label": ctx.label or trial_id,
         "sweep": ctx.sweep,
-        "status": "ok",
+        "status": Status.OK,
         "reason": "",
         **config_columns(spec),
         "training_key": spec.training_key(),
         "worker_node": ctx.worker_node,
-        "spec": spec.model_dump_json(exclude=set(ATTACK_KEYS)),
-        "advlab_version": advlab.__version__,
+        "spec": spec.model_dump_json(exclude=set(EVALUATION_KEYS)),
+        "advlab_version": version("advlab"),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
     }
 
 
 # --------------------------------------------------------------------------- step 1: train
+
+
+@dataclass
+class FitData:
+    """A trial's data, subset and held-out validation slice, on its device."""
+
+    data: Dataset
+    split: SubsetSplit
+    x_train: Tensor
+    y_train: Tensor
+    validation: tuple[Tensor, Tensor] | None
+
+
+def fit_data(spec: TrialSpec, device: torch.device) -> FitData:
+    data = load_data_spec(spec.dataset)
+    split = select_subset(data, spec.subset, spec.dataset.split_seed)
+    fit, held = carve_validation(
+        len(split.train_idx), spec.train.validation.fraction, spec.dataset.split_seed
+    )
+    val_idx = split.train_idx[held]
+    validation = (data.x_train[val_idx].to(device), data.y_train[val_idx].to(device))
+    return FitData(
+        data, split, data.x_train[split.train_idx[fit]].to(device),
+        data.y_train[split.train_idx[fit]].to(device), validation if len(val_idx) else None,
+    )  # fmt: skip
 
 
 def train_or_load(
@@ -227,50 +282,60 @@ def train_or_load(
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
     device = pick_device(spec.device)
-    data = load_data_spec(spec.dataset)
-    split = select_subset(data, spec.subset, spec.dataset.split_seed)
-    fit, held = carve_validation(
-        len(split.train_idx), spec.train.validation.fraction, spec.dataset.split_seed
-    )
-    x_train = data.x_train[split.train_idx[fit]].to(device)
-    y_train = data.y_train[split.train_idx[fit]].to(device)
-    val_idx = split.train_idx[held]
-    validation = (data.x_train[val_idx].to(device), data.y_train[val_idx].to(device))
-    model = model_for(spec, data.input_shape, data.num_classes).to(device)
+    fd = fit_data(spec, device)
+    model = model_for(spec, fd.data.input_shape, fd.data.num_classes).to(device)
 
     def on_epoch(stats: EpochStats, state: Callable[[], dict[str, Any]] | None) -> None:
-        check_training(stats, data.num_classes)
+        check_training(stats, fd.data.num_classes)
         tracker.log_epoch(asdict(stats))
         if report is not None:
             report(asdict(stats), state)
 
-    key, init = spec.training_key(), init_digest(spec)
+    key = spec.training_key()
     with store.lock(key):
-        cached = store.load_model(key)
-        if cached is not None and ctx.run_stamp and cached.get("run") != ctx.run_stamp:
-            cached = None  # --fresh: trained before this run, so train again
-        if cached is not None and cached.get("init") != init:
-            cached = None  # the init weights file changed since: train again from it
-        if cached is None:
-            history = train_model(
-                model, x_train, y_train, data.x_test.to(device), data.y_test.to(device),
-                spec.train, spec.weight_decay, spec.seed, on_epoch, resume,
-                validation if len(val_idx) else None,
-            ) if spec.train.epochs else []  # fmt: skip
-            saved = {"model": model.state_dict(), "history": [asdict(h) for h in history]}
-            store.save_model(key, saved | {"run": ctx.run_stamp, "init": init})
-        else:
-            model.load_state_dict(cached["model"])
-            history = [EpochStats(**row) for row in cached["history"]]
-            for stats in history:
-                on_epoch(stats, None)
-    model.eval()
-    seconds = time.perf_counter() - start
-    resumed = len(resume["history"]) if resume is not None and cached is None else 0
+        history = load_cached(store, spec, ctx, model, on_epoch)
+        trained_here = history is None
+        if history is None:
+            job = FitJob(
+                fd.x_train, fd.y_train, fd.data.x_test.to(device), fd.data.y_test.to(device),
+                spec.train, spec.weight_decay, spec.seed, on_epoch, resume, fd.validation,
+            )  # fmt: skip
+            history = model.fit(job)
+            saved = {"history": [asdict(h) for h in history], "run": ctx.run_stamp}
+            store.save_model(key, model.state() | saved | {"init": init_digest(spec)})
+    model.module.eval()
+    resumed = len(resume["history"]) if resume is not None and trained_here else 0
+    n_val = 0 if fd.validation is None else len(fd.validation[1])
     return Trained(
-        model, data, split, x_train, y_train, history, cached is None, seconds, resumed,
-        len(val_idx), evaluated_epoch([asdict(h) for h in history], spec.train),
+        model, fd.data, fd.split, fd.x_train, fd.y_train, history, trained_here,
+        time.perf_counter() - start, resumed, n_val,
+        evaluated_epoch([asdict(h) for h in history], spec.train),
     )  # fmt: skip
+
+
+def load_cached(
+    store: SweepStore,
+    spec: TrialSpec,
+    ctx: TrialContext,
+    model: TrialModel,
+    on_epoch: Callable[[EpochStats, None], None],
+) -> list[EpochStats] | None:
+    """The cached model's history, its weights loaded into `model`; None when it must be
+    trained: none cached, trained before a --fresh run, from an older `init` file, or not
+    loadable into this model (then it is never trusted)."""
+    cached = store.load_model(spec.training_key())
+    if cached is None or (ctx.run_stamp and cached.get("run") != ctx.run_stamp):
+        return None  # none, or --fresh: trained before this run, so train again
+    if cached.get("init") != init_digest(spec):
+        return None  # the init weights file changed since: train again from it
+    try:
+        model.load_state(cached)
+        history = [EpochStats(**row) for row in cached["history"]]
+    except Exception:  # a file of another model or version: retrain over it
+        return None
+    for stats in history:
+        on_epoch(stats, None)
+    return history
 
 
 def init_digest(spec: TrialSpec) -> str | None:
@@ -309,27 +374,27 @@ def attacked_set(spec: TrialSpec, trained: Trained) -> AttackedSet:
     """The first `attack_examples` examples the model classifies correctly: of the test set,
     or (attack_split train, as the paper's Tables 1-2) of the trial's own training subset;
     dataset_index always indexes the whole split."""
+    module = trained.model.module
     if spec.attack_split == "train":
-        found = first_correct(trained.model, trained.x_train, trained.y_train, spec.attack_examples)
+        found = first_correct(module, trained.x_train, trained.y_train, spec.attack_examples)
         found.dataset_index = trained.split.train_idx[found.dataset_index]
         found.split = "train"
         return found
     device = trained.x_train.device
     x_test, y_test = trained.data.x_test.to(device), trained.data.y_test.to(device)
-    return first_correct(trained.model, x_test, y_test, spec.attack_examples)
+    return first_correct(module, x_test, y_test, spec.attack_examples)
 
 
 def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
     """The trials row's results: clean errors, the attacked set, training cost, device."""
     model, data, history = trained.model, trained.data, trained.history
+    heldout = trained.split.heldout_idx
     return {
         "trained_here": trained.trained_here,
         "n_train": len(trained.x_train),
-        "train_error": error_rate(model, trained.x_train, trained.y_train),
-        "test_error": error_rate(model, data.x_test, data.y_test),
-        "heldout_error": error_rate(
-            model, data.x_train[trained.split.heldout_idx], data.y_train[trained.split.heldout_idx]
-        ),
+        "train_error": model.error_rate(trained.x_train, trained.y_train),
+        "test_error": model.error_rate(data.x_test, data.y_test),
+        "heldout_error": model.error_rate(data.x_train[heldout], data.y_train[heldout]),
         "n_attacked": len(attacked.y),
         "n_scanned": attacked.n_scanned,
         "n_clean_wrong": attacked.n_clean_wrong,
@@ -346,17 +411,10 @@ def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
 # --------------------------------------------------------------------------- step 3: write
 
 
-def write_trial_tables(
-    store: SweepStore, spec: TrialSpec, trial_id: str, trained: Trained, attacked: AttackedSet
-) -> None:
-    """The trial's own files: its training history and its properties."""
+def write_epochs(store: SweepStore, trial_id: str, trained: Trained) -> None:
+    """The trial's own file of the epochs table: its training history."""
     epochs = [{"trial_id": trial_id, **_nan_to_null(asdict(s))} for s in trained.history]
     store.write_rows("epochs", trial_id, epochs)
-    units = store.units_dir(trial_id) if spec.properties.unit_analysis else None
-    properties = trial_properties(
-        spec, trained.model, trained.data, trained.x_train, attacked, units
-    )
-    store.write_rows("properties", trial_id, [{"trial_id": trial_id, **r} for r in properties])
 
 
 def log_model(tracker: TrialRun, store: SweepStore, spec: TrialSpec, trial_id: str) -> None:
@@ -377,19 +435,45 @@ def run_and_write_attack(
     trained: Trained,
     attacked: AttackedSet,
 ) -> None:
-    """One attack run set, written as its own files (`<trial>.<attack>.parquet`): examples,
-    curves and density first, the attacks rows last, so their presence marks it done."""
+    """One attack run set, written as its own files (`<trial>.<attack>.parquet`): examples and
+    curves first, the attacks rows last, so their presence marks it done."""
     trial_id = spec.trial_id()
-    evaluation = evaluate_attack(spec, attack, trained.model, attacked, trial_id)
-    density = attack_density(spec, trained.x_train, attacked, evaluation)
+    evaluation = evaluate_attack(spec, attack, trained.model.module, attacked, trial_id)
     part = attack.key
     store.write_rows("examples", trial_id, evaluation.examples, part)
     store.write_rows("curves", trial_id, evaluation.curves, part)
-    store.write_rows("properties", trial_id, [{"trial_id": trial_id, **r} for r in density], part)
     store.write_rows("attacks", trial_id, evaluation.attacks, part)
     tracker.log_attack(attack.key, evaluation.attacks, evaluation.curves)
     if attack.defn.kind == "minimization":
         log_example_images(tracker, attack.key, attacked, evaluation.examples)
+
+
+def run_and_write_measure(
+    store: SweepStore,
+    tracker: TrialRun,
+    spec: TrialSpec,
+    run: MeasureRun,
+    trained: Trained,
+    attacked: AttackedSet,
+) -> None:
+    """One measure run, written as its own files (`<trial>.<part>.parquet`): its table's rows
+    first, its measures row last, so its presence marks the run done."""
+    trial_id = spec.trial_id()
+
+    def results(table: str) -> Any:  # the trial's attack results, as stored
+        rows = store.read_trial(table, trial_id)
+        return rows if run.attack is None else rows[rows["attack"] == run.attack.key]
+
+    context = MeasureContext(
+        spec=spec, model=trained.model, data=trained.data, x_train=trained.x_train,
+        y_train=trained.y_train, attacked=attacked, attack=run.attack, results=results,
+        files=store.files_dir(trial_id, run.measure.key),
+    )  # fmt: skip
+    outcome = execute(run, context, trial_id)
+    store.write_part(run.measure.defn.table, trial_id, run.part, outcome.data)
+    store.write_rows("measures", trial_id, [outcome.record], run.part)
+    name = run.measure.key if run.attack is None else f"{run.measure.key}/{run.attack.key}"
+    tracker.log_measure(name, outcome.record, outcome.rows)
 
 
 def log_example_images(

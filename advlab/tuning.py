@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from advlab.spec import SearchSpec, SpecError, TrialSpec
-from advlab.store import SweepStore
+from advlab.store import CHECKPOINT, SweepStore
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
 from advlab.trial import TrialContext
 
@@ -81,7 +81,7 @@ def resolve(config: dict[str, Any]) -> tuple[TrialSpec, TrialContext]:
         parts = [ctx.label] if ctx.label and trial.get("grid_labelled") else []
         label = " ".join([*parts, *(axis_text(k, v) for k, v in sample.items())])
         ctx = replace(ctx, label=label, grid_values=ctx.grid_values | sample)
-    return TrialSpec.model_validate(raw), ctx
+    return TrialSpec.from_stored(raw), ctx
 
 
 def _with_sample(raw: dict[str, Any], sample: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def _reporter(every: int) -> Any:
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as folder:
-            torch.save(state(), os.path.join(folder, "training.pt"))
+            torch.save(state(), os.path.join(folder, CHECKPOINT))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     return report
@@ -149,7 +149,7 @@ def _resume_state(spec: TrialSpec, ctx: TrialContext) -> dict[str, Any] | None:
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            path = os.path.join(folder, "training.pt")
+            path = os.path.join(folder, CHECKPOINT)
             return torch.load(path, map_location="cpu", weights_only=True)
     if ctx.run_stamp:  # --fresh: start over
         return None
@@ -196,7 +196,7 @@ def search_algorithm(
     storage = None
     if not store.is_remote:  # the study survives a rerun: later samples learn from earlier ones
         os.makedirs(store.path(), exist_ok=True)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{store.path('optuna.db')}")
+        storage = optuna.storages.RDBStorage(store.search_db())
     metric = search.metrics[0] if len(search.metrics) == 1 else search.metrics
     mode = search.modes[0] if len(search.modes) == 1 else search.modes
     return OptunaSearch(

@@ -60,10 +60,11 @@ def summary_table(res: Results) -> str:
         "| FGSM @0.2 | DeepFool (Linf) @0.2 | epoch kept | masking |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    verdicts = res.masking.set_index("trial_id")["flagged"].fillna(False).astype(bool)
     for _, row in res.trials.iterrows():
         tid = row["trial_id"]
         kept = f"{row['evaluated_epoch']} / {row['train.epochs']}"
-        flag = "**possible**" if row["gradient_masking"] is True else "no"
+        flag = "**possible**" if verdicts.get(tid, False) else "no"
         cells = [
             method_of(row),
             pct(row["test_error"]),
@@ -127,9 +128,10 @@ def main() -> None:
     print(points_table(res, [0.1, 0.2]))
     print("\nAgainst standard training at eps 0.2:\n")
     print(ratio_table(res, 0.2))
-    flagged = res.trials[res.trials["gradient_masking"] == True]  # noqa: E712
-    for _, row in flagged.iterrows():
-        print(f"\n{method_of(row)}: {row['masking_reason']}")
+    flagged = res.masking[res.masking["flagged"].fillna(False).astype(bool)]
+    trials = res.trials.set_index("trial_id")
+    for _, verdict in flagged.iterrows():
+        print(f"\n{method_of(trials.loc[verdict['trial_id']])}: {verdict['reason']}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def sweep_of(n: int, storage: str) -> dict:
         "attack_examples": 100,
         "attacks": [{"name": "fgsm"}, {"name": "lbfgs", "max_iter": 50}],
         "transfer": {"enabled": False},
-        "properties": {"lipschitz": False},
+        "measures": [],
         "storage": storage,
         "wandb": {"mode": "disabled"},
     }

@@ -245,10 +245,10 @@ VALUES: list[Case] = [
     ),
     (
         "density-k-over-data",
-        {"properties": {"density": True, "density_k": 5000}},
+        {"measures": [{"name": "density", "k": 5000}]},
         [],
         "sweep",
-        "properties.density_k: 5000 neighbours",
+        "measures: density: k: 5000 neighbours",
     ),
     (
         "npz-without-path",
@@ -316,7 +316,7 @@ VALUES: list[Case] = [
         {"transfer": {"controls": ["svm_poly"]}},
         [],
         "sweep",
-        "transfer.controls.0:",
+        "transfer.controls: 'svm_poly' is no prediction-only model family",
     ),
     (
         "amplify-over-box",

@@ -14,11 +14,12 @@ from wandb_reader import offline_run_dirs, read_offline_run
 
 from advlab.data import load_dataset
 from advlab.evaluate import Evaluation, evaluate_attack, first_correct
-from advlab.masking import assess_masking, attack_plan, strong_attacks
+from advlab.measures.masking import MASKING, MaskingSettings, assess_masking, strong_attacks
 from advlab.models import build_model
-from advlab.spec import AttackSpec, TrainSpec, TrialSpec
+from advlab.plan import attack_plan
+from advlab.spec import AttackSpec, MeasureSpec, TrainSpec, TrialSpec
 from advlab.store import SweepStore
-from advlab.sweep import masking_lines, trial_context
+from advlab.sweep import flag_lines, trial_context
 from advlab.sweepfile import parse_sweep
 from advlab.track import TrialRun
 from advlab.trial import run_trial
@@ -71,7 +72,6 @@ def verdict(model: nn.Module, x: Tensor, y: Tensor):
     flag, reason = assess_masking(
         attack_plan(spec), evaluation.curves, evaluation.examples, attacked.n_clean_wrong
     )
-    evaluation.gradient_masking, evaluation.masking_reason = flag, reason
     return flag, reason, evaluation
 
 
@@ -79,11 +79,12 @@ def test_a_saturated_softmax_is_flagged(trained) -> None:
     model, x, y = trained
     masked = Scaled(model, 1e4).eval()
     assert torch.equal(masked(x).argmax(1), model(x).argmax(1))  # same decisions
-    flag, reason, evaluation = verdict(masked, x, y)
+    flag, reason, _ = verdict(masked, x, y)
     assert flag is True
     assert "strong_deepfool (minimum norm)" in reason  # DeepFool works on logits, not softmax
     assert "PGD fools only" in reason and "at eps 1" in reason
-    assert evaluation.metrics()["gradient_masking"] == 1.0
+    row = {"flagged": flag, "reason": reason}
+    assert MASKING.metrics([row]) == {"gradient_masking": 1.0} and MASKING.flag([row]) == reason
 
 
 def test_the_same_model_unscaled_is_not_flagged(trained) -> None:
@@ -98,11 +99,13 @@ def test_the_same_model_unscaled_is_not_flagged(trained) -> None:
 
 
 def test_strong_attacks_are_added_to_adversarially_trained_models_only() -> None:
-    labels = [a.key for a in strong_attacks(adversarial_spec())]
+    auto, always = MaskingSettings(), MaskingSettings(strong_attacks="always")
+    labels = [a.key for a in strong_attacks(adversarial_spec(), auto)]
     assert labels == ["strong_pgd", "strong_deepfool", "strong_pgd_box"]
-    assert strong_attacks(adversarial_spec(train=TrainSpec())) == []  # standard training
-    assert len(strong_attacks(adversarial_spec(train=TrainSpec(), strong_attacks="always"))) == 3
-    assert strong_attacks(adversarial_spec(strong_attacks="never")) == []
+    assert strong_attacks(adversarial_spec(train=TrainSpec()), auto) == []  # standard training
+    assert len(strong_attacks(adversarial_spec(train=TrainSpec()), always)) == 3
+    never = MaskingSettings(strong_attacks="never")
+    assert strong_attacks(adversarial_spec(), never) == []
     asked = adversarial_spec(
         attacks=[
             AttackSpec(name="pgd", steps=20, restarts=3),
@@ -110,9 +113,16 @@ def test_strong_attacks_are_added_to_adversarially_trained_models_only() -> None
             AttackSpec(name="pgd", label="wide", eps=[1.0]),
         ]
     )
-    assert strong_attacks(asked) == []  # the sweep asked for each kind already
+    assert strong_attacks(asked, auto) == []  # the sweep asked for each kind already
     plan = attack_plan(adversarial_spec())
-    assert [a.key for a in plan[:2]] == ["fgsm", "pgd"]  # the sweep's own come first
+    assert [a.key for a in plan] == ["fgsm", "pgd", *labels]  # the sweep's own come first
+    # The strong set comes with the masking measure: a trial measuring something else has none.
+    other = adversarial_spec(measures=[MeasureSpec(name="lipschitz")])
+    assert [a.key for a in attack_plan(other)] == ["fgsm", "pgd"]
+    asked_always = adversarial_spec(
+        train=TrainSpec(), measures=[MeasureSpec(name="masking", strong_attacks="always")]
+    )
+    assert [a.key for a in attack_plan(asked_always)] == ["fgsm", "pgd", *labels]
 
 
 def curve(attack: str, budget: float, robust_error: float, success: float = 0.5) -> dict:
@@ -156,9 +166,9 @@ def test_a_trial_writes_the_verdict_and_the_strong_attacks(tmp_path: Path) -> No
     train["adversarial"] = {"method": "fast", "eps": 0.1}
     spec = parse_sweep(tiny_sweep(name="strong", grid={"seed": [0]}, train=train))
     result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "offline"))
-    trials = SweepStore(str(tmp_path), "strong").read("trials")
-    assert trials["gradient_masking"].tolist() == [False]
-    assert trials["masking_reason"].tolist() == [""]
+    verdicts = SweepStore(str(tmp_path), "strong").read("masking")
+    assert verdicts["flagged"].tolist() == [False]
+    assert verdicts["reason"].tolist() == [""]
     attacks = SweepStore(str(tmp_path), "strong").read("attacks")
     assert set(attacks["attack"]) == {"fgsm", "lbfgs", "strong_pgd", "strong_pgd_box"}
     assert result.metrics["gradient_masking"] == 0.0
@@ -172,17 +182,19 @@ def test_a_flag_reaches_wandb_and_the_sweep_summary(tmp_path: Path) -> None:
         config={}, directory=str(tmp_path),
     )  # fmt: skip
     run.log_summary({"gradient_masking": 1.0})
-    run.flag_masking("FGSM robust error 27.1% vs PGD 92.1% at eps 0.2")
+    run.flag("masking", "FGSM robust error 27.1% vs PGD 92.1% at eps 0.2")
     run.finish()
     (run_dir,) = offline_run_dirs(tmp_path)
-    summary = read_offline_run(run_dir)["summary"]
-    assert summary["masking_reason"] == "FGSM robust error 27.1% vs PGD 92.1% at eps 0.2"
+    found = read_offline_run(run_dir)
+    assert found["summary"]["masking/flag"] == "FGSM robust error 27.1% vs PGD 92.1% at eps 0.2"
+    assert "masking-flagged" in found["run"]["tags"]
     store = SweepStore(str(tmp_path), "sweep")
     rows = [
-        {"trial_id": "a", "status": "ok", "gradient_masking": True, "masking_reason": "why"},
-        {"trial_id": "b", "status": "ok", "gradient_masking": False, "masking_reason": ""},
+        {"trial_id": "a", "measure": "masking", "status": "ok", "flag": "why"},
+        {"trial_id": "b", "measure": "masking", "status": "ok", "flag": ""},
+        {"trial_id": "c", "measure": "masking", "status": "ok", "flag": "not listed"},
     ]
     for row in rows:
-        store.write_rows("trials", row["trial_id"], [row])
-    lines = masking_lines(store, {"a": "fgsm eps=0.2"}, ["a", "b"])
-    assert lines == ["  possible gradient masking in fgsm eps=0.2: why"]
+        store.write_rows("measures", row["trial_id"], [row], "measure.masking")
+    lines = flag_lines(store, {"a": "fgsm eps=0.2"}, ["a", "b"])
+    assert lines == ["  masking flagged fgsm eps=0.2: why"]

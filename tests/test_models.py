@@ -299,7 +299,7 @@ def test_optimizer_step_applies_the_penalty_gradient_two_lambda_w() -> None:
 
 def test_penalty_value_wrong_length() -> None:
     model = build_model("fc100-100-10", MNIST, 10)
-    with pytest.raises(ValueError, match="2 values given but the model has 3 decayed weight"):
+    with pytest.raises(ValueError, match="2 values but the model has 3 weight layers"):
         penalty_value(model, [1e-5, 1e-5])
     with pytest.raises(ValueError, match="give 2 values"):
         penalty_value(build_model("ae400-10", MNIST, 10), [1e-6, 1e-6, 1e-6])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -285,16 +286,16 @@ def test_torchvision_models_by_name_fit_the_data(tmp_path: Path) -> None:
 
 def test_normalisation_lives_inside_the_model(plugin_dir: Path) -> None:
     """Attacks see [0, 1] pixels; the wrapped model standardises them itself, exactly."""
-    from advlab.models import build_model
+    from advlab.families import ModelRequest, resolve
 
     sys.path.insert(0, str(plugin_dir))
     try:
+        family = resolve("mynets:build")
+        request = ModelRequest("mynets:build", (1, 6, 6), 3, args={"width": 8})
         torch.manual_seed(0)
-        plain = build_model("mynets:build", (1, 6, 6), 3, model_args={"width": 8})
+        plain = family.build(request).module
         torch.manual_seed(0)
-        wrapped = build_model(
-            "mynets:build", (1, 6, 6), 3, model_args={"width": 8}, normalize=([0.2], [0.5])
-        )
+        wrapped = family.build(replace(request, normalize=([0.2], [0.5]))).module
     finally:
         sys.path.remove(str(plugin_dir))
     x = torch.rand(4, 1, 6, 6)

@@ -531,23 +531,38 @@ def test_transfer_is_the_papers_table2_with_labels(page: Page, loaded: list[resu
             (value,) = noise.loc[noise["target"] == target, "error_adv"]
             assert float(table.rows[-1][target][0]["data-value"]) == pytest.approx(value)
     assert page.table("transfer", sweep="tiny-b") == []  # B has no transfer stage
-    kinds = {t.attrs["data-kind"] for t in page.table("transfer", sweep="tiny-a")}
-    assert kinds == {"adversarial", "noise", "amplified@0.1"}
+    kinds = {
+        (t.attrs["data-kind"], t.attrs["data-amplified_to"])
+        for t in page.table("transfer", sweep="tiny-a")
+    }
+    assert kinds == {("adversarial", ""), ("noise", ""), ("amplified", "0.1")}
 
 
 def test_lipschitz_bounds_per_configuration_in_layer_order(
     page: Page, loaded: list[results.Results]
 ) -> None:
-    (table,) = page.table("properties-lipschitz")
-    layers = [c for c in table.header if "|" in c]
-    assert layers[-1] == "network|upper_bound"
-    assert layers.index("1 (linear)|upper_bound") < layers.index("3 (linear)|upper_bound")
-    for row, (sweep, group) in zip(table.rows, configs_in_order(loaded), strict=True):
-        props = loaded[sweep].properties
-        mine = props[props["trial_id"].isin(group) & (props["layer"] == "network")]
-        assert float(row["network|upper_bound"][0]["data-value"]) == pytest.approx(
-            mine["value"].mean()
-        )
+    (table,) = page.table("measure-lipschitz", measure="lipschitz")
+    assert table.header == ["configuration", "layer", "kind", "n", "bound"]
+    groups = configs_in_order(loaded)
+    network = [row for row in table.rows if row["layer"][1] == "network"]
+    assert len(network) == len(groups)  # one per configuration, after its layers
+    for row, (sweep, group) in zip(network, groups, strict=True):
+        bounds = loaded[sweep].lipschitz
+        mine = bounds[bounds["trial_id"].isin(group) & (bounds["layer"] == "network")]
+        assert float(row["bound"][0]["data-value"]) == pytest.approx(mine["bound"].mean())
+        assert row["n"][1] == str(len(mine))  # one bound per seed
+    # Each configuration's layers in forward order (module paths 1, 3, ... here), its network
+    # bound last.
+    blocks, block = [], []
+    for layer in table.texts("layer"):
+        block.append(layer)
+        if layer == "network":
+            blocks.append(block)
+            block = []
+    assert max(len(b) for b in blocks) > 2  # some configuration has more than one layer
+    for block in blocks:
+        paths = [int(layer) for layer in block[:-1]]
+        assert paths == sorted(paths) and len(set(paths)) == len(paths)
 
 
 @needs_chromium
@@ -560,7 +575,7 @@ def test_page_runs_offline_without_errors_and_every_section_renders(
     assert drawn.charts == str(len(page.charts))
     assert drawn.sections == page.sections == [
         "sweeps", "table1", "failed", "robust", "distortion", "training", "examples",
-        "transfer", "properties",
+        "transfer", "measures",
     ]  # fmt: skip
     for shot in drawn.screenshots:
         with Image.open(shot) as image:
@@ -612,13 +627,16 @@ def test_masking_flag_column_only_when_a_check_ran(
     copy = tmp_path / "results" / "tiny-b"
     shutil.copytree(sweeps[1], copy)
     flagged = results.load(str(copy)).trials["trial_id"].iloc[0]  # the first seed of row 1
-    # These trials were trained normally, so no check ran (null); give them verdicts.
-    for path in sorted((copy / "trials").glob("*.parquet")):
+    # These trials were trained normally with FGSM and L-BFGS: no PGD, so no verdict (null);
+    # give them verdicts.
+    paths = sorted((copy / "masking").glob("*.parquet"))
+    assert paths and all(v is None for p in paths for v in pq.read_table(p)["flagged"].to_pylist())
+    for path in paths:
         data = pq.read_table(path)
         flag = data.column("trial_id")[0].as_py() == flagged
         for name, value in (
-            ("gradient_masking", flag),
-            ("masking_reason", "gradient norm vanishes" if flag else ""),
+            ("flagged", flag),
+            ("reason", "gradient norm vanishes" if flag else ""),
         ):
             column = data.schema.get_field_index(name)
             data = data.set_column(column, data.schema.field(name), pa.array([value]))

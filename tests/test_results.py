@@ -24,7 +24,7 @@ from advlab.manifest import record_version
 from advlab.store import SweepStore
 from advlab.sweep import trial_context
 from advlab.sweepfile import parse_sweep
-from advlab.tables import SCHEMAS
+from advlab.tables import SCHEMAS, schema
 from advlab.trial import TrialContext, run_trial
 
 SORT_KEYS = {
@@ -33,7 +33,9 @@ SORT_KEYS = {
     "attacks": ["trial_id", "attack", "budget"],
     "curves": ["trial_id", "attack", "budget"],
     "examples": ["trial_id", "attack", "budget", "example"],
-    "properties": ["trial_id", "analysis", "layer", "metric"],
+    "measures": ["trial_id", "measure"],
+    "lipschitz": ["trial_id", "layer"],  # measure tables are parquet folders like the rest
+    "masking": ["trial_id"],
 }
 
 
@@ -77,7 +79,7 @@ def test_each_table_reads_the_same_in_pandas_polars_and_duckdb(mixed, table: str
     with_pandas = pd.read_parquet(path)  # the folder as it is, no options
     with_polars = pl.read_parquet(f"{path}/*.parquet")
     with_duckdb = duckdb.sql(f"SELECT * FROM '{path}/*.parquet'")
-    names = SCHEMAS[table].names
+    names = schema(table).names
     assert list(with_pandas.columns) == list(with_polars.columns) == with_duckdb.columns == names
     keys = SORT_KEYS[table]
     expected = _rows(with_pandas, keys)
@@ -86,7 +88,7 @@ def test_each_table_reads_the_same_in_pandas_polars_and_duckdb(mixed, table: str
     # Each engine types each column as declared.
     polars_types = dict(zip(with_polars.columns, with_polars.dtypes, strict=True))
     duckdb_types = dict(zip(with_duckdb.columns, with_duckdb.types, strict=True))
-    for field in SCHEMAS[table]:
+    for field in schema(table):
         assert str(duckdb_types[field.name]) == _duckdb_type(field.type), field.name
         assert polars_types[field.name] == _polars_type(field.type), field.name
 
@@ -147,7 +149,7 @@ def test_older_files_missing_a_column_read_as_null(mixed, tmp_path: Path) -> Non
     old = SweepStore(str(tmp_path), "old")
     frame = pd.read_parquet(folder / "curves")
     old.write_table("curves", "legacy", pa.Table.from_pandas(frame.drop(columns=["norm"])))
-    got = results.read_table(old, "curves")
+    got = old.read("curves")
     assert list(got.columns) == SCHEMAS["curves"].names
     assert got["norm"].isna().all() and len(got) == len(frame)
 
@@ -193,8 +195,9 @@ def test_ls_lists_sweeps_with_their_trial_counts(mixed, capsys) -> None:
     folder, _ = mixed
     assert main(["ls", str(folder.parent)]) == 0
     header, row = capsys.readouterr().out.strip().splitlines()
-    assert header.split() == ["sweep", "versions", "trials", "ok", "failed", "missing", "older"]
-    assert row.split() == ["mixed", "1", "3", "2", "1", "0", "0"]
+    columns = ["sweep", "versions", "trials", "ok", "failed", "stopped", "missing", "older"]
+    assert header.split() == columns
+    assert row.split() == ["mixed", "1", "3", "2", "1", "0", "0", "0"]
 
 
 def test_seeds_are_repeats_summarised_with_a_95_percent_interval(tmp_path: Path) -> None:

@@ -51,7 +51,10 @@ def test_every_source_meets_every_target(swept: SweepStore) -> None:
     adversarial = rows[rows["kind"] == "adversarial"]
     # 2 sources x (lbfgs + fgsm at 2 budgets) x (2 trial targets + 2 controls)
     assert len(adversarial) == 2 * 3 * 4
-    assert set(rows["kind"]) == {"adversarial", "noise", "amplified@0.1"}
+    assert set(rows["kind"]) == {"adversarial", "noise", "amplified"}
+    amplified = rows[rows["kind"] == "amplified"]
+    assert (amplified["amplified_to"] == 0.1).all()  # the rms aimed at, as a typed column
+    assert rows.loc[rows["kind"] != "amplified", "amplified_to"].isna().all()
 
 
 def test_diagonal_equals_the_source_attacks_success_rate(swept: SweepStore) -> None:
@@ -100,7 +103,8 @@ def test_noise_rows_match_the_examples_distortion(swept: SweepStore) -> None:
             mine = mine[mine["budget"] == row.budget]
         # Each example's clipped noise has exactly its own adversarial rms.
         assert row.rms == pytest.approx(mine["dist_rms"].mean(), rel=1e-3)
-    amplified = rows[rows["kind"] == "amplified@0.1"]
+    amplified = rows[(rows["kind"] == "amplified") & (rows["amplified_to"] == 0.1)]
+    assert len(amplified)
     assert np.allclose(amplified["rms"], 0.1, atol=2e-3)
 
 

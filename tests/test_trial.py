@@ -123,12 +123,20 @@ def test_an_added_attack_runs_alone_and_leaves_the_trials_files_untouched(tmp_pa
     second = parse_sweep(tiny_sweep(name="grow", grid={"seed": [0]}, attacks=attacks))
     assert second.ids == first.ids  # the same trial, with one more attack
     result = run_trial(second.trials[0], trial_context(second, 0, str(tmp_path), "disabled"))
-    assert {p: p.read_bytes() for p in before} == before  # same bytes
-    added = sorted(p.relative_to(folder) for p in folder.rglob("*.parquet") if p not in before)
     trial_id = first.ids[0]
+    # The masking check reads the trial's attack runs, so it alone runs again (its verdict
+    # needs PGD, which the trial now has); every other file keeps its bytes.
+    rerun = {folder / t / f"{trial_id}.measure.masking.parquet" for t in ("masking", "measures")}
+    assert {p: p.read_bytes() for p in before if p not in rerun} == {
+        p: b for p, b in before.items() if p not in rerun
+    }
+    assert all(p.read_bytes() != before[p] for p in rerun)
+    added = sorted(p.relative_to(folder) for p in folder.rglob("*.parquet") if p not in before)
     assert [str(p) for p in added] == [
-        f"{t}/{trial_id}.pgd.parquet" for t in ("attacks", "curves", "examples", "properties")
+        f"{t}/{trial_id}.pgd.parquet" for t in ("attacks", "curves", "examples")
     ]
+    verdict = SweepStore(str(tmp_path), "grow").read("masking")["flagged"]
+    assert verdict.notna().all()  # before: no PGD, no verdict
     assert result.row["trained_here"] is True  # the row of the first run, not rewritten
     assert "pgd/success@0.1" in result.metrics and "fgsm/success@0.1" in result.metrics
 

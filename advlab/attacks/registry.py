@@ -64,6 +64,7 @@ class AttackDef:
     settings: type[Settings]
     run: AttackFn
     summary: str = ""  # one line for `advlab attacks` and the docs
+    needs: Literal["gradients", "predictions"] = "gradients"
 
     @property
     def default_norm(self) -> str:
@@ -279,7 +280,8 @@ for _defn in (
     AttackDef("pgd", FIXED_BUDGET, ("linf", "l2"), _ALL_TARGETS, PGDParams,
               _fixed(pgd, takes_norm=True), "projected gradient descent (Madry et al. 2018)"),
     AttackDef("noise", FIXED_BUDGET, ("stddev",), ("untargeted",), NoParams, _noise,
-              "Gaussian noise of stddev eps, clipped to the box (the paper's control)"),
+              "Gaussian noise of stddev eps, clipped to the box (the paper's control)",
+              "predictions"),
     AttackDef("lbfgs", MINIMIZATION, _DIST_NORMS, ("random", "untargeted", "all"), LBFGSParams,
               _LBFGS_RUN, "box-constrained L-BFGS (Szegedy et al. 2014)"),
     AttackDef("deepfool", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DeepFoolParams,

@@ -19,8 +19,8 @@ from advlab.report.sections import (
     distortion,
     examples,
     failures,
+    measures,
     overview,
-    properties,
     robust,
     table1,
     training,
@@ -31,7 +31,7 @@ __all__ = ["SECTIONS", "build_report", "render_report"]
 
 # In page order; each renders "" when its data is absent.
 SECTIONS = (
-    overview, table1, failures, robust, distortion, training, examples, transfer, properties,
+    overview, table1, failures, robust, distortion, training, examples, transfer, measures,
 )  # fmt: skip
 
 

@@ -55,7 +55,7 @@ class Compared:
     attacks: pd.DataFrame
     curves: pd.DataFrame
     epochs: pd.DataFrame
-    properties: pd.DataFrame
+    measures: dict[str, pd.DataFrame]  # every measure table of any sweep, tagged, by name
 
     @property
     def multi(self) -> bool:
@@ -72,11 +72,11 @@ class Compared:
 def load_all(dirs: list[str]) -> Compared:
     """Read each sweep folder; FileNotFoundError names a folder that holds no results."""
     runs = [results.load(d) for d in dirs]
-    names = _unique_names([r.name for r in runs])
+    sweep_names = _unique_names([r.name for r in runs])
     axes = list(dict.fromkeys(a for r in runs for a in r.axes if not is_seed(a)))
     configs: list[Config] = []
     trials = []
-    for run, name in zip(runs, names, strict=True):
+    for run, name in zip(runs, sweep_names, strict=True):
         tagged, found = _configurations(run, name, len(runs) > 1, len(configs), axes)
         configs += found
         trials.append(tagged)
@@ -84,7 +84,12 @@ def load_all(dirs: list[str]) -> Compared:
     tags = frame[["trial_id", "sweep_name", "config", "configuration"]]
     joined = {
         table: _tagged(pd.concat([getattr(r, table) for r in runs], ignore_index=True), tags)
-        for table in ("attacks", "curves", "epochs", "properties")
+        for table in ("attacks", "curves", "epochs")
+    }
+    names = list(dict.fromkeys(t for r in runs for t in r.measure_tables))
+    measures = {
+        name: _tagged(pd.concat([r.table(name) for r in runs if name in r.measure_tables]), tags)
+        for name in names
     }
     attacks = with_variants(joined["attacks"])
     curves = joined["curves"].merge(
@@ -93,7 +98,7 @@ def load_all(dirs: list[str]) -> Compared:
         how="left",
     )
     return Compared(
-        runs, names, configs, axes, frame, attacks, curves, joined["epochs"], joined["properties"]
+        runs, sweep_names, configs, axes, frame, attacks, curves, joined["epochs"], measures
     )
 
 

@@ -17,7 +17,7 @@ from advlab.report.load import Compared, Config
 from advlab.report.sections.robust import norm_title
 from advlab.stats import estimate
 
-MASKING = ("gradient_masking", "masking_reason")  # shown only where a check ran (not null)
+MASKING = "masking"  # the masking check's table; its column shows where a check ran (not null)
 ERRORS = (("train_error", "train error"), ("test_error", "test error"),
           ("heldout_error", "held-out error"))  # fmt: skip
 
@@ -65,9 +65,8 @@ def render(compared: Compared) -> str:
     if compared.ok_trials.empty:
         return ""
     columns, values = measures(compared)
-    masking = all(c in compared.trials for c in MASKING) and bool(
-        compared.trials["gradient_masking"].notna().any()
-    )
+    verdicts = compared.measures.get(MASKING)
+    masking = verdicts is not None and bool(verdicts["flagged"].notna().any())
     head = [("configuration", "configuration")]
     head += [(a, a) for a in compared.axes] + [("seeds", "seeds")]
     head += [(m.key, m.title) for m in columns]
@@ -103,11 +102,12 @@ def _row(
 
 def _masking_cell(compared: Compared, config: Config) -> Cell:
     """Flagged when any seed's trial was flagged; the reasons on hover."""
-    trials = compared.ok_trials
-    mine = trials[trials["config"] == config.key]
-    flagged = mine[mine["gradient_masking"].fillna(False).astype(bool)]
+    verdicts = compared.measures[MASKING]
+    ok = set(compared.ok_trials["trial_id"])
+    mine = verdicts[(verdicts["config"] == config.key) & verdicts["trial_id"].isin(ok)]
+    flagged = mine[mine["flagged"].fillna(False).astype(bool)]
     if flagged.empty:
         return text_cell("no")
-    reasons = "; ".join(dict.fromkeys(str(r) for r in flagged["masking_reason"] if r))
+    reasons = "; ".join(dict.fromkeys(str(r) for r in flagged["reason"] if r))
     text = f"yes ({len(flagged)} of {len(mine)})" if len(mine) > 1 else "yes"
     return Cell(text, cls="text flag", title=reasons, raw=f"⚠ {esc(text)}: {esc(reasons)}")

@@ -14,7 +14,7 @@ import pandas as pd
 from advlab.report.html import Cell, Row, esc, percent, section, table, text_cell
 from advlab.report.load import Compared
 from advlab.results import Results
-from advlab.transfer import NOISE_SOURCE
+from advlab.tables import NOISE_SOURCE, Status
 
 KIND_TITLES = {
     "adversarial": "adversarial examples",
@@ -49,10 +49,11 @@ def orders(run: Results, rows: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def matrix(
-    run: Results, rows: pd.DataFrame, noise: pd.DataFrame, sweep: str, title: tuple[str, str, str]
+    run: Results, rows: pd.DataFrame, noise: pd.DataFrame, sweep: str, title: tuple[str, ...]
 ) -> str:
-    """One matrix: rows of one (attack, budget, kind), then the fixed-stddev noise rows."""
-    attack, budget, kind = title
+    """One matrix: rows of one (attack, budget, kind, amplified_to), then the fixed-stddev
+    noise rows."""
+    attack, budget, kind, amplified_to = title
     sources, targets = orders(run, pd.concat([rows, noise]))
     labels = run.labels
     columns = [("source", "examples made on")] + [(t, labels.get(t, t)) for t in targets]
@@ -62,7 +63,7 @@ def matrix(
         body.append(_source_row(group, f"Gaussian noise σ = {stddev:g}", labels, targets))
     return table(
         "transfer", columns, body, cls="matrix", header_class={t: "col" for t in targets},
-        sweep=sweep, attack=attack, budget=budget, kind=kind,
+        sweep=sweep, attack=attack, budget=budget, kind=kind, amplified_to=amplified_to,
     )  # fmt: skip
 
 
@@ -88,7 +89,7 @@ def _source_row(rows: pd.DataFrame, source: str, labels: dict[str, str], targets
 
 def sweep_block(run: Results, sweep: str) -> str:
     frame = run.transfer
-    ok = frame[frame["status"].fillna("ok") == "ok"]
+    ok = frame[frame["status"].fillna(Status.OK) == Status.OK]
     noise = ok[(ok["source_trial"] == NOISE_SOURCE) & (ok["kind"] == "noise")]
     made = ok[ok["source_trial"] != NOISE_SOURCE]
     blocks = []
@@ -97,14 +98,15 @@ def sweep_block(run: Results, sweep: str) -> str:
         name = attack if not shown else f"{attack} at ε = {shown}"
         adversarial = group[group["kind"] == "adversarial"]
         parts = [f"<h4>{esc(name)}</h4>"]
-        parts.append(matrix(run, adversarial, noise, sweep, (attack, shown, "adversarial")))
-        for kind, rows in group[group["kind"] != "adversarial"].groupby("kind", sort=False):
-            inner = matrix(run, rows, noise.iloc[0:0], sweep, (attack, shown, str(kind)))
-            parts.append(
-                f"<details><summary>{esc(kind_title(str(kind)))}</summary>{inner}</details>"
-            )
+        parts.append(matrix(run, adversarial, noise, sweep, (attack, shown, "adversarial", "")))
+        others = group[group["kind"] != "adversarial"]
+        for (kind, to), rows in others.groupby(["kind", "amplified_to"], sort=False, dropna=False):
+            title = (attack, shown, str(kind), budget_text(to))
+            inner = matrix(run, rows, noise.iloc[0:0], sweep, title)
+            summary = esc(kind_title(str(kind), to))
+            parts.append(f"<details><summary>{summary}</summary>{inner}</details>")
         blocks.append(f'<div class="matrix-block">{"".join(parts)}</div>')
-    failed = frame[frame["status"].fillna("ok") != "ok"]
+    failed = frame[frame["status"].fillna(Status.OK) != Status.OK]
     notes = "".join(
         f'<p class="note flag">Target {esc(row["target"])} failed: {esc(row["reason"])}</p>'
         for row in failed.drop_duplicates("target").to_dict("records")
@@ -112,9 +114,9 @@ def sweep_block(run: Results, sweep: str) -> str:
     return f'<h3>{esc(sweep)}</h3>{notes}<div class="matrices">{"".join(blocks)}</div>'
 
 
-def kind_title(kind: str) -> str:
-    if kind.startswith("amplified@"):
-        return f"perturbation amplified to rms {kind.split('@', 1)[1]}"
+def kind_title(kind: str, amplified_to: float | None = None) -> str:
+    if kind == "amplified":
+        return f"perturbation amplified to rms {budget_text(amplified_to)}"
     return KIND_TITLES.get(kind, kind)
 
 

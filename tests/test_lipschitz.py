@@ -1,33 +1,26 @@
-"""Lipschitz bounds, unit analysis and density against explicit matrices and brute force."""
+"""Lipschitz bounds (advlab.measures.lipschitz) against explicit matrices and brute force."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from advlab.models import build_model
-from advlab.properties import (
+from advlab.measures.lipschitz import (
+    LIPSCHITZ,
     conv_bound,
-    density_rows,
-    knn_distance,
-    label_purity,
     linear_bound,
     lipschitz_bounds,
     lipschitz_rows,
-    mean_pairwise_cosine,
     network_bound,
-    pca_error,
-    unit_analysis,
 )
+from advlab.models import build_model
 
 # --------------------------------------------------------------------------- helpers
 
@@ -215,12 +208,14 @@ def test_pooling_bounds() -> None:
 def test_lipschitz_rows_shape() -> None:
     torch.manual_seed(0)
     rows = lipschitz_rows(build_model("fc8-3", (1, 4, 4), 3), (1, 4, 4))
-    assert all(set(r) == {"analysis", "layer", "metric", "value"} for r in rows)
-    assert {r["analysis"] for r in rows} == {"lipschitz"}
-    assert {r["metric"] for r in rows} == {"upper_bound"}
-    # Flatten (index 0) has bound 1 and is left out; each label names the layer kind.
-    assert [r["layer"] for r in rows] == ["1 (linear)", "2 (sigmoid)", "3 (linear)", "network"]
-    assert rows[-1]["value"] == pytest.approx(math.prod(r["value"] for r in rows[:-1]))
+    assert all(set(r) == {"layer", "kind", "bound"} for r in rows)
+    # Flatten (index 0) has bound 1 and is left out; each row names its module and kind.
+    assert [(r["layer"], r["kind"]) for r in rows] == [
+        ("1", "linear"), ("2", "sigmoid"), ("3", "linear"), ("network", "network"),
+    ]  # fmt: skip
+    assert rows[-1]["bound"] == pytest.approx(math.prod(r["bound"] for r in rows[:-1]))
+    assert rows[1]["bound"] == 0.25  # the sigmoid's
+    assert LIPSCHITZ.metrics(rows) == {"lipschitz/upper_bound": rows[-1]["bound"]}
 
 
 def test_resnet18_bounds_cover_every_block() -> None:
@@ -230,108 +225,3 @@ def test_resnet18_bounds_cover_every_block() -> None:
         f"layer{i}.{j}" for i in range(1, 5) for j in range(2)
     ]
     assert bounds[-1].name == "fc" and all(b.bound > 0 for b in bounds)
-
-
-# --------------------------------------------------------------------------- unit analysis
-
-
-def test_purity_and_similarity_by_hand() -> None:
-    assert label_purity(torch.tensor([2, 2, 1])) == pytest.approx(2 / 3)
-    assert label_purity(torch.tensor([4, 4, 4])) == 1.0
-    same = torch.ones(3, 1, 2, 2)
-    assert mean_pairwise_cosine(same) == pytest.approx(1.0)
-    orthogonal = torch.eye(4).reshape(4, 1, 2, 2)
-    assert mean_pairwise_cosine(orthogonal) == pytest.approx(0.0)
-    pair = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    assert mean_pairwise_cosine(pair) == pytest.approx(1 / math.sqrt(2))
-
-
-def one_pixel_per_class_data() -> tuple[nn.Module, Tensor, Tensor]:
-    """4 classes; class c lights pixel c. Hidden unit c reads pixel c, so its top images are c."""
-    gen = torch.Generator().manual_seed(0)
-    y = torch.arange(4).repeat(6)
-    x = 0.3 * torch.rand(24, 1, 4, 4, generator=gen)
-    x.view(24, 16)[torch.arange(24), y] = 0.9 + 0.1 * torch.rand(24, generator=gen)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), nn.ReLU(), nn.Linear(4, 4))
-    with torch.no_grad():
-        model[1].weight.copy_(torch.eye(4, 16))
-        model[1].bias.zero_()
-    return model, x, y
-
-
-def test_unit_analysis_unit_with_one_label_has_purity_one(tmp_path: Path) -> None:
-    model, x, y = one_pixel_per_class_data()
-    rows = unit_analysis(model, x, y, units=4, top_k=5, seed=3, out_dir=str(tmp_path))
-    values = {r["metric"]: r["value"] for r in rows}
-    assert set(values) == {
-        "purity_natural", "purity_random", "similarity_natural", "similarity_random"
-    }  # fmt: skip
-    assert {r["layer"] for r in rows} == {"3:input"}  # input of the last Linear
-    assert values["purity_natural"] == 1.0
-    assert 0.0 <= values["purity_random"] <= 1.0
-    assert -1.0 <= values["similarity_random"] <= 1.0
-    for kind in ("natural", "random"):
-        image = Image.open(tmp_path / f"unit_analysis_{kind}.png")
-        assert image.size[0] > image.size[1]  # 4 rows of 5 images each
-
-
-def test_unit_analysis_is_deterministic_and_layer_selectable() -> None:
-    torch.manual_seed(0)
-    model = build_model("fc16-10", (1, 8, 8), 10)
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.rand(60, 1, 8, 8, generator=gen), torch.randint(0, 10, (60,), generator=gen)
-    first = unit_analysis(model, x, y, seed=5)
-    assert first == unit_analysis(model, x, y, seed=5)
-    by_name = unit_analysis(model, x, y, seed=5, layer="2")  # the sigmoid's output: same features
-    assert [r["value"] for r in by_name] == [r["value"] for r in first]
-    assert {r["layer"] for r in first} == {"3:input"} and {r["layer"] for r in by_name} == {"2"}
-    assert all(0.0 <= r["value"] <= 1.0 for r in first if "purity" in str(r["metric"]))
-    logits = unit_analysis(build_model("fc10", (1, 8, 8), 10), x, y, units=3)
-    assert {r["layer"] for r in logits} == {"1"}  # fc10 has no hidden layer: its logits
-
-
-# --------------------------------------------------------------------------- density
-
-
-def test_knn_distance_matches_brute_force() -> None:
-    gen = torch.Generator().manual_seed(0)
-    train, x = torch.rand(40, 1, 3, 3, generator=gen), torch.rand(11, 1, 3, 3, generator=gen)
-    a, b = x.flatten(1).double().numpy(), train.flatten(1).double().numpy()
-    dist = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
-    expected = np.sort(dist, axis=1)[:, :5].mean(axis=1)
-    for chunk in (1024, 7, 3):  # chunks smaller than k too
-        got = knn_distance(train, x, k=5, chunk=chunk).double().numpy()
-        np.testing.assert_allclose(got, expected, rtol=1e-5)
-    assert float(knn_distance(train, train[:3], k=1).abs().max()) < 1e-3  # itself is nearest
-
-
-def test_pca_error_is_distance_to_training_subspace() -> None:
-    gen = torch.Generator().manual_seed(0)
-    plane = torch.randn(50, 2, generator=gen) @ torch.eye(2, 6)  # training data in the x1-x2 plane
-    inside = torch.tensor([[1.0, -2.0, 0, 0, 0, 0]])
-    outside = torch.tensor([[1.0, -2.0, 3.0, 4.0, 0, 0]])
-    errors = pca_error(plane, torch.cat([inside, outside]), components=2)
-    assert errors.tolist() == pytest.approx([0.0, 5.0], abs=1e-6)
-
-
-def test_density_rows_layers_noise_and_determinism() -> None:
-    gen = torch.Generator().manual_seed(0)
-    train = torch.rand(30, 1, 4, 4, generator=gen)
-    clean = 0.25 + 0.5 * torch.rand(8, 1, 4, 4, generator=gen)
-    adversarial = {
-        "fgsm": (clean + 0.1 * torch.randn(8, 1, 4, 4, generator=gen).sign()).clamp(0, 1),
-        "same": clean.clone(),  # a zero perturbation: its matched noise is zero too
-    }
-    rows = density_rows(train, clean, adversarial, k=3, seed=1)
-    assert [r["layer"] for r in rows] == ["clean", "fgsm", "same", "noise_fgsm", "noise_same"]
-    assert {(r["analysis"], r["metric"]) for r in rows} == {("density", "knn_distance")}
-    values = {r["layer"]: r["value"] for r in rows}
-    expected_clean = float(knn_distance(train, clean, k=3).mean())
-    assert values["clean"] == pytest.approx(expected_clean)
-    assert values["same"] == values["noise_same"] == pytest.approx(expected_clean)
-    assert values["noise_fgsm"] != values["clean"]
-    assert rows == density_rows(train, clean, adversarial, k=3, seed=1)
-    with_pca = density_rows(train, clean, adversarial, k=3, seed=1, pca_components=4)
-    assert {r["metric"] for r in with_pca} == {"knn_distance", "pca_error"}
-    with pytest.raises(ValueError, match="one adversarial per clean example"):
-        density_rows(train, clean, {"bad": clean[:3]})

@@ -1,4 +1,5 @@
-"""A strong attack set for adversarially trained models, and a check for gradient masking.
+"""The gradient-masking check, a measure: a strong attack set for adversarially trained
+models, and the signs of masking in a trial's attack results.
 
 A defence can look robust because its gradients stopped pointing anywhere useful (saturated
 softmax, shattered or noisy gradients, a loss surface curved just where FGSM looks) rather than
@@ -19,10 +20,22 @@ The flag means "look closer", not "broken": the reasons name the numbers behind 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
+
+import pyarrow as pa
+import torch
 
 from advlab.attacks.registry import MINIMIZATION
+from advlab.measure import robust_error, success_at_budgets
+from advlab.measures.registry import MeasureContext, MeasureDef, Rows
 from advlab.spec import AttackSpec, TrialSpec
+from advlab.strict import Strict
+
+
+class MaskingSettings(Strict):
+    # auto: the strong set for adversarially trained models; always; never (the sweep's only).
+    strong_attacks: Literal["auto", "always", "never"] = "auto"
+
 
 STRONG_PGD = AttackSpec(name="pgd", label="strong_pgd", steps=50, restarts=5)
 STRONG_MIN_NORM = AttackSpec(name="deepfool", label="strong_deepfool", norm="linf")
@@ -37,10 +50,11 @@ PROBE_SUCCESS = 0.99
 NON_MONOTONE = 0.05
 
 
-def strong_attacks(spec: TrialSpec) -> list[AttackSpec]:
-    """The attacks a trial adds to its sweep's list: PGD with restarts, a minimum-norm attack and
-    the whole-box PGD probe, each unless the sweep already asked for one like it."""
-    wanted = spec.strong_attacks
+def strong_attacks(spec: TrialSpec, settings: MaskingSettings) -> list[AttackSpec]:
+    """The attacks the check adds to a trial's list: PGD with restarts, a minimum-norm attack and
+    the whole-box PGD probe, each unless the sweep already asked for one like it; `auto` adds
+    them to adversarially trained models only."""
+    wanted = settings.strong_attacks
     if wanted == "never" or (wanted == "auto" and spec.train.adversarial.method == "none"):
         return []
     pgd = [a for a in spec.attacks if a.name == "pgd" and a.budget_norm == "linf"]
@@ -53,11 +67,6 @@ def strong_attacks(spec: TrialSpec) -> list[AttackSpec]:
         added.append(PROBE_PGD)
     taken = {a.key for a in spec.attacks}
     return [a for a in added if a.key not in taken]
-
-
-def attack_plan(spec: TrialSpec) -> list[AttackSpec]:
-    """Every attack a trial runs: the sweep's, then the strong set."""
-    return [*spec.attacks, *strong_attacks(spec)]
 
 
 def assess_masking(
@@ -103,13 +112,12 @@ def _linf_robust_error(
 ) -> dict[float, float]:
     """A minimisation attack's robust error at Linf budgets, whatever norm it was scored in."""
     rows = [r for r in examples if r["attack"] == key]
-    scanned = len(rows) + clean_wrong
-    if not scanned:
+    if not rows and not clean_wrong:
         return {}
-    return {
-        eps: (clean_wrong + sum(r["success"] and r["dist_linf"] <= eps for r in rows)) / scanned
-        for eps in budgets
-    }
+    success = torch.tensor([bool(r["success"]) for r in rows], dtype=torch.bool)
+    distance = torch.tensor([float(r["dist_linf"]) for r in rows], dtype=torch.float64)
+    hits = success_at_budgets(success, distance, budgets)
+    return {eps: robust_error(hit, clean_wrong) for eps, hit in zip(budgets, hits, strict=True)}
 
 
 def _fgsm_gap(fgsm: dict[float, float], pgd: dict[float, float]) -> list[str]:
@@ -157,3 +165,43 @@ def _non_monotone(curves: list[dict[str, Any]], keys: list[str]) -> list[str]:
             if error > peak:
                 peak_eps, peak = eps, error
     return reasons
+
+
+def _run(ctx: MeasureContext, settings: MaskingSettings) -> Rows:
+    from advlab.plan import attack_plan  # the plan asks every measure for its attacks
+
+    assert ctx.results is not None
+    curves = ctx.results("curves").to_dict("records")
+    examples = ctx.results("examples").drop(columns="x_adv").to_dict("records")
+    plan, clean_wrong = attack_plan(ctx.spec), ctx.attacked.n_clean_wrong
+    flag, reason = assess_masking(plan, curves, examples, clean_wrong)
+    return [{"flagged": flag, "reason": reason or ""}]
+
+
+def _flag(rows: Rows) -> str | None:
+    return next((r["reason"] for r in rows if r["flagged"]), None)
+
+
+def _metrics(rows: Rows) -> dict[str, float]:
+    verdicts = [r["flagged"] for r in rows if r["flagged"] is not None]
+    return {"gradient_masking": float(verdicts[0])} if verdicts else {}
+
+
+MASKING = MeasureDef(
+    name="masking",
+    scope="trial",
+    schema=pa.schema(
+        [
+            ("trial_id", pa.string()),
+            ("flagged", pa.bool_()),  # possible gradient masking; null: no check possible
+            ("reason", pa.string()),  # the signs that raised the flag ("" when none did)
+        ]
+    ),
+    run=_run,
+    settings=MaskingSettings,
+    reads_attacks=True,
+    summary="Gradient masking: signs that the attacks' gradients mislead them",
+    metrics=_metrics,
+    flag=_flag,
+    attacks=strong_attacks,
+)

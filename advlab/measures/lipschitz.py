@@ -1,9 +1,7 @@
-"""The paper's other properties: Lipschitz upper bounds, unit analysis, adversarial density.
+"""Lipschitz upper bounds per layer and for the whole network (section 4.3 of the paper).
 
-Every analysis returns rows ``{"analysis", "layer", "metric", "value"}`` for the properties table.
-
-Lipschitz bounds (section 4.3). The network bound is the product of per-layer bounds, each an upper
-bound on that layer's Lipschitz constant in the L2 norm (biases never matter):
+The network bound is the product of per-layer bounds, each an upper bound on that layer's
+Lipschitz constant in the L2 norm (biases never matter):
 
 - Linear: the largest singular value of W.
 - Conv2d: the paper's Fourier bound (:func:`conv_bound`). Convention: it is the *exact* operator
@@ -22,56 +20,22 @@ bound on that layer's Lipschitz constant in the L2 norm (biases never matter):
 - A torchvision residual block: bound(branch) + bound(shortcut), where the shortcut is 1 for the
   identity or the bound of its 1x1-conv + BatchNorm downsample; the block's inner layers are
   folded into that one factor (the block's closing ReLU is 1-Lipschitz).
-
-Unit analysis (section 3) scores the paper's by-eye comparison with two numbers: label purity and
-mean pairwise cosine similarity of the top-k images along unit versus random directions.
-
-Density (the review's open question): how far inputs sit from the training data, as the mean L2
-distance to the k nearest training images (and optionally a PCA reconstruction error), for clean,
-adversarial and Gaussian-noise inputs of the same per-example distortion.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-import zlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
-import numpy as np
+import pyarrow as pa
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from advlab.attacks.noise import matched_noise
-from advlab.measure import distortions
+from advlab.measures.registry import MeasureContext, MeasureDef, Rows
 from advlab.runtime import eval_mode, model_device
-
-__all__ = [
-    "LayerBound",
-    "conv_bound",
-    "density_rows",
-    "knn_distance",
-    "label_purity",
-    "linear_bound",
-    "lipschitz_bounds",
-    "lipschitz_rows",
-    "mean_pairwise_cosine",
-    "network_bound",
-    "pca_error",
-    "unit_analysis",
-]
-
-Row = dict[str, str | float]
-
-
-def _row(analysis: str, layer: str, metric: str, value: float) -> Row:
-    return {"analysis": analysis, "layer": layer, "metric": metric, "value": float(value)}
-
-
-# --------------------------------------------------------------------------- Lipschitz bounds
+from advlab.strict import NoSettings
 
 
 @dataclass(frozen=True)
@@ -248,7 +212,7 @@ def _leaf_bound(module: nn.Module, input_shape: torch.Size) -> tuple[str, float]
     if kind is None:
         raise ValueError(
             f"lipschitz_bounds: no bound for {type(module).__name__}; add one to "
-            "advlab/properties.py before bounding this model"
+            "advlab/measures/lipschitz.py before bounding this model"
         )
     if isinstance(module, nn.Linear):
         return kind, linear_bound(module.weight)
@@ -273,7 +237,7 @@ class _Call:
     input_shape: torch.Size
 
 
-def _forward_calls(model: nn.Module, input_shape: tuple[int, int, int]) -> list[_Call]:
+def forward_calls(model: nn.Module, input_shape: tuple[int, int, int]) -> list[_Call]:
     """Every module call, in the order forward makes them, with its input's shape."""
     calls: list[_Call] = []
     handles = []
@@ -323,7 +287,7 @@ def residual_blocks() -> tuple[type, ...]:
 
 def lipschitz_bounds(model: nn.Module, input_shape: tuple[int, int, int]) -> list[LayerBound]:
     """Per-layer upper Lipschitz bounds in forward order (a module called twice counts twice)."""
-    calls = _forward_calls(model, tuple(int(s) for s in input_shape))
+    calls = forward_calls(model, tuple(int(s) for s in input_shape))
     bounds: list[LayerBound] = []
     block: str | None = None
     for call in calls:
@@ -344,245 +308,42 @@ def network_bound(bounds: list[LayerBound]) -> float:
     return math.prod(b.bound for b in bounds)
 
 
-def lipschitz_rows(model: nn.Module, input_shape: tuple[int, int, int]) -> list[Row]:
-    """One "upper_bound" row per layer ("<module> (<kind>)") plus one for layer="network".
+def lipschitz_rows(model: nn.Module, input_shape: tuple[int, int, int]) -> Rows:
+    """One row per layer (its module path and kind) plus one for layer "network", the product.
 
     Layers whose bound is exactly 1 (flatten, relu, identity) change nothing and are left out.
     """
     bounds = lipschitz_bounds(model, input_shape)
-    rows = [
-        _row("lipschitz", f"{b.name} ({b.kind})", "upper_bound", b.bound)
-        for b in bounds
-        if b.bound != 1.0
+    rows: Rows = [
+        {"layer": b.name, "kind": b.kind, "bound": b.bound} for b in bounds if b.bound != 1.0
     ]
-    rows.append(_row("lipschitz", "network", "upper_bound", network_bound(bounds)))
+    rows.append({"layer": "network", "kind": "network", "bound": network_bound(bounds)})
     return rows
 
 
-# --------------------------------------------------------------------------- unit analysis
+def _run(ctx: MeasureContext, settings: Any) -> Rows:
+    return lipschitz_rows(ctx.model.module, ctx.data.input_shape)
 
 
-def label_purity(labels: Tensor) -> float:
-    """Fraction of the labels equal to the most common one."""
-    if labels.numel() == 0:
-        raise ValueError("label_purity: needs at least one label")
-    return float(torch.bincount(labels.flatten().long()).max()) / labels.numel()
+def _metrics(rows: Rows) -> dict[str, float]:
+    network = [r["bound"] for r in rows if r["layer"] == "network"]
+    return {"lipschitz/upper_bound": network[0]} if network else {}
 
 
-def mean_pairwise_cosine(images: Tensor) -> float:
-    """Mean cosine similarity over distinct pairs of the flattened images (1.0 for one image)."""
-    n = images.shape[0]
-    if n < 2:
-        return 1.0
-    flat = F.normalize(images.flatten(1).to(torch.float64), dim=1)
-    gram = flat @ flat.T
-    return float((gram.sum() - gram.diagonal().sum()) / (n * (n - 1)))
-
-
-def _default_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
-    """The input of the last Linear (last hidden layer), or its output if it reads the pixels."""
-    calls = _forward_calls(model, input_shape)
-    weighted = [c for c in calls if isinstance(c.module, nn.Linear | nn.Conv2d)]
-    if not weighted or not isinstance(weighted[-1].module, nn.Linear):
-        raise ValueError("unit_analysis: the model has no final Linear layer; name a layer")
-    last = weighted[-1].name
-    return last if len(weighted) == 1 else f"{last}:input"
-
-
-def _features(model: nn.Module, x: Tensor, layer: str, batch_size: int = 512) -> Tensor:
-    """(N, F) activations at ``layer``: a module's output, or its input with a ":input" suffix."""
-    name, _, where = layer.partition(":")
-    if where not in ("", "input"):
-        raise ValueError(f"layer: {layer!r} must be a module name, optionally with ':input'")
-    modules = dict(model.named_modules())
-    if name not in modules:
-        raise ValueError(
-            f"layer: {name!r} is not a module of the model; use one of {list(modules)}"
-        )
-    captured: list[Tensor] = []
-
-    def keep(value: Tensor) -> None:
-        captured.append(value.detach().flatten(1).to(torch.float64).cpu())
-
-    if where == "input":
-        handle = modules[name].register_forward_pre_hook(lambda _m, args: keep(args[0]))
-    else:
-        handle = modules[name].register_forward_hook(lambda _m, _a, out: keep(out))
-    device = model_device(model)
-    chunks: list[Tensor] = []
-    try:
-        with eval_mode(model), torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                captured.clear()
-                model(x[start : start + batch_size].to(device))
-                chunks.append(captured[0])  # first call: the module's place in the forward
-    finally:
-        handle.remove()
-    return torch.cat(chunks)
-
-
-def _top_k(scores: Tensor, k: int) -> Tensor:
-    # Stable sort: ties (e.g. a ReLU unit at zero) resolve by index, the same on every run.
-    return torch.sort(scores, descending=True, stable=True).indices[:k]
-
-
-def _save_grid(images: Tensor, path: Path, min_side: int = 28) -> None:
-    """Save (rows, k, C, H, W) images in [0, 1] as one PNG, a row per direction."""
-    from PIL import Image
-
-    rows, k, c, h, w = images.shape
-    scale = max(1, math.ceil(min_side / max(h, w)))
-    pad = 2
-    canvas = np.ones((rows * (h * scale + pad) + pad, k * (w * scale + pad) + pad, c))
-    pixels = images.clamp(0, 1).permute(0, 1, 3, 4, 2).cpu().numpy()
-    for i in range(rows):
-        for j in range(k):
-            tile = pixels[i, j].repeat(scale, axis=0).repeat(scale, axis=1)
-            top, left = pad + i * (h * scale + pad), pad + j * (w * scale + pad)
-            canvas[top : top + h * scale, left : left + w * scale] = tile
-    array = (canvas * 255).round().astype(np.uint8)
-    image = Image.fromarray(array[:, :, 0] if c == 1 else array[:, :, :3])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def unit_analysis(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    layer: str | None = None,
-    units: int = 8,
-    top_k: int = 9,
-    seed: int = 0,
-    out_dir: str | None = None,
-) -> list[Row]:
-    """Score the top-k held-out images along unit versus random directions of ``layer``.
-
-    ``layer`` is a module name (its output) or "name:input" (its input); the default is the input
-    of the last Linear (the last hidden layer), or for a one-layer model (fc10) its logits.
-    ``units`` units are drawn at random (seeded) among those that vary over x, and as many random
-    unit-norm directions. Rows: mean purity and mean pairwise cosine similarity of the top-k sets,
-    natural (units) and random. With ``out_dir``, saves unit_analysis_natural.png and
-    unit_analysis_random.png, one row of top-k images per direction.
-    """
-    if units < 1 or top_k < 1:
-        raise ValueError(f"unit_analysis: units and top_k must be >= 1, got {units}, {top_k}")
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"unit_analysis: {x.shape[0]} images and {y.shape[0]} labels")
-    layer = layer or _default_layer(model, tuple(x.shape[1:]))
-    phi = _features(model, x, layer)
-    gen = torch.Generator().manual_seed(seed)
-    # A unit constant over x (a dead ReLU) would rank images by index alone.
-    alive = torch.nonzero(phi.std(dim=0) > 0).flatten() if phi.shape[0] > 1 else None
-    candidates = alive if alive is not None and alive.numel() else torch.arange(phi.shape[1])
-    chosen = candidates[torch.randperm(candidates.numel(), generator=gen)[:units]]
-    directions = torch.randn(units, phi.shape[1], generator=gen, dtype=torch.float64)
-    directions = F.normalize(directions, dim=1)
-    k = min(top_k, x.shape[0])
-    sets = {
-        "natural": [_top_k(phi[:, i], k) for i in chosen.tolist()],
-        "random": [_top_k(phi @ v, k) for v in directions],
-    }
-    rows: list[Row] = []
-    for kind, index_sets in sets.items():
-        purity = [label_purity(y[idx.to(y.device)]) for idx in index_sets]
-        similarity = [mean_pairwise_cosine(x[idx.to(x.device)]) for idx in index_sets]
-        rows.append(_row("unit_analysis", layer, f"purity_{kind}", float(np.mean(purity))))
-        rows.append(_row("unit_analysis", layer, f"similarity_{kind}", float(np.mean(similarity))))
-        if out_dir is not None:
-            grid = torch.stack([x[idx.to(x.device)] for idx in index_sets])
-            _save_grid(grid, Path(out_dir) / f"unit_analysis_{kind}.png")
-    return rows
-
-
-# --------------------------------------------------------------------------- density
-
-
-def _chunks(n: int, size: int) -> Iterator[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(start + size, n))
-
-
-def knn_distance(x_train: Tensor, x: Tensor, k: int = 5, chunk: int = 1024) -> Tensor:
-    """(N,) mean L2 distance from each x to its k nearest training images (pixels flattened).
-
-    Both sides are chunked and a running k-best kept, so memory stays at chunk x chunk distances
-    whatever the training set's size.
-    """
-    train = x_train.flatten(1).to(torch.float32)
-    query = x.flatten(1).to(device=train.device, dtype=torch.float32)
-    if train.shape[1] != query.shape[1]:
-        raise ValueError(f"knn_distance: {query.shape[1]} pixels per image vs {train.shape[1]}")
-    if not 1 <= k <= train.shape[0]:
-        raise ValueError(f"knn_distance: k={k} must lie in [1, {train.shape[0]}] training images")
-    out = []
-    for q in _chunks(query.shape[0], chunk):
-        best = query.new_full((q.stop - q.start, 0), math.inf)
-        for t in _chunks(train.shape[0], chunk):
-            dist = torch.cdist(query[q], train[t])
-            best = torch.cat([best, dist], dim=1)
-            best = best.topk(min(k, best.shape[1]), dim=1, largest=False).values
-        out.append(best.mean(dim=1))
-    return torch.cat(out) if out else query.new_zeros(0)
-
-
-def _pca(x_train: Tensor, components: int) -> tuple[Tensor, Tensor]:
-    """(mean, basis): the training images' mean and top principal directions as rows."""
-    train = x_train.flatten(1).to(torch.float64)
-    mean = train.mean(dim=0)
-    _, _, vh = torch.linalg.svd(train - mean, full_matrices=False)  # strongest first
-    return mean, vh[:components]
-
-
-def _pca_residual(mean: Tensor, basis: Tensor, x: Tensor) -> Tensor:
-    centred = x.flatten(1).to(device=mean.device, dtype=torch.float64) - mean
-    return (centred - (centred @ basis.T) @ basis).norm(dim=1)
-
-
-def pca_error(x_train: Tensor, x: Tensor, components: int) -> Tensor:
-    """(N,) L2 norm of what the training set's top principal components leave of each x."""
-    if components < 1:
-        raise ValueError(f"pca_error: components={components} must be >= 1")
-    return _pca_residual(*_pca(x_train, components), x)
-
-
-def density_rows(
-    x_train: Tensor,
-    clean: Tensor,
-    adversarial: dict[str, Tensor],
-    *,
-    k: int = 5,
-    seed: int = 0,
-    pca_components: int | None = None,
-) -> list[Row]:
-    """Mean kNN distance to the training set for clean inputs, each attack's adversarials and
-    Gaussian noise of the same per-example RMS as that attack's perturbations.
-
-    Rows: layer "clean", the attack name, then f"noise_{attack}"; metric "knn_distance" (and
-    "pca_error" with ``pca_components``). ``adversarial[name]`` must align row for row with
-    ``clean``. Noise is seeded per attack name, so adding an attack changes no other row.
-    """
-    sources: dict[str, Tensor] = {"clean": clean}
-    for name, adv in adversarial.items():
-        if adv.shape != clean.shape:
-            raise ValueError(
-                f"density_rows: {name!r} adversarials have shape {tuple(adv.shape)}, clean "
-                f"{tuple(clean.shape)}; pass one adversarial per clean example"
-            )
-        sources[name] = adv
-    for name, adv in adversarial.items():
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        rms = distortions(clean, adv)["rms"].nan_to_num(0.0).cpu()
-        sources[f"noise_{name}"] = matched_noise(clean.cpu(), rms, gen).to(clean.dtype)
-    metrics: dict[str, Callable[[Tensor], Tensor]] = {
-        "knn_distance": lambda batch: knn_distance(x_train, batch, k=k)
-    }
-    if pca_components:
-        mean, basis = _pca(x_train, pca_components)  # fitted once for every source
-        metrics["pca_error"] = lambda batch: _pca_residual(mean, basis, batch)
-    return [
-        _row("density", layer, metric, float(fn(batch).mean()))
-        for layer, batch in sources.items()
-        for metric, fn in metrics.items()
-    ]
+LIPSCHITZ = MeasureDef(
+    name="lipschitz",
+    scope="trial",
+    schema=pa.schema(
+        [
+            ("trial_id", pa.string()),
+            ("layer", pa.string()),  # the module's path, or "network" for the product
+            ("kind", pa.string()),  # linear, conv2d, sigmoid, maxpool, residual, ...
+            ("bound", pa.float64()),  # upper bound on the L2 Lipschitz constant
+        ]
+    ),
+    run=_run,
+    settings=NoSettings,
+    needs="gradients",
+    summary="Lipschitz upper bounds per layer and for the network (§4.3, Table 5)",
+    metrics=_metrics,
+)

@@ -1,0 +1,198 @@
+"""Prediction-only classifiers as trial models: anything with scikit-learn's fit/predict.
+
+They train on the flattened training images, predict labels, and have no input gradients, so
+only attacks and measures that need predictions alone apply to them (validation refuses the
+others). The paper's critics' controls (logistic regression, SVMs, a random forest, k nearest
+neighbours) are built in; a family of your own is one `estimator_family(...)` named by import
+path in a sweep file. Fitted estimators are saved with skops, which rebuilds only the types it
+is told to trust (scikit-learn's, NumPy's, SciPy's and the estimator's own module), so a
+results folder never runs code of its own when loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from advlab.families.base import FitJob, ModelFamily, ModelNameError, ModelRequest, TrialModel
+from advlab.strict import Strict
+
+TRUSTED_MODULES = ("sklearn", "numpy", "scipy")
+
+
+class EstimatorSettings(Strict):
+    # Train on at most this many examples (a seeded subsample); None: all of them.
+    max_train: int | None = Field(None, ge=1)
+
+
+class EstimatorModule(nn.Module):
+    """A prediction-only classifier seen as torch: one-hot scores of its predicted labels, so
+    `argmax` is its prediction; there is nothing to differentiate."""
+
+    def __init__(self, owner: EstimatorModel, num_classes: int) -> None:
+        super().__init__()
+        self.owner, self.num_classes = owner, num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        labels = self.owner.predict_numpy(x.detach().flatten(1).cpu().numpy())
+        scores = torch.zeros(len(x), self.num_classes, dtype=x.dtype, device=x.device)
+        index = torch.as_tensor(labels, dtype=torch.int64, device=x.device)
+        return scores.scatter_(1, index[:, None], 1.0)
+
+
+class EstimatorModel(TrialModel):
+    gradients = False
+
+    def __init__(self, estimator: Any, request: ModelRequest, settings: Strict) -> None:
+        for method in ("fit", "predict"):
+            if not callable(getattr(estimator, method, None)):
+                raise ModelNameError(
+                    f"model: {request.name} made a {type(estimator).__name__}, which has no "
+                    f"{method}(); return a torch.nn.Module or a scikit-learn-style estimator"
+                )
+        self.estimator, self.request, self.settings = estimator, request, settings
+        self.module = EstimatorModule(self, request.num_classes)
+
+    def fit(self, job: FitJob) -> list[Any]:
+        x = job.x_train.flatten(1).cpu().numpy()
+        y = job.y_train.cpu().numpy()
+        limit = getattr(self.settings, "max_train", None)
+        if limit is not None and len(x) > limit:
+            keep = np.random.default_rng(self.request.seed).permutation(len(x))[:limit]
+            x, y = x[keep], y[keep]
+        self.estimator.fit(x, y)
+        return []  # no epochs: the trial records its clean errors once fitted
+
+    def predict_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.estimator.predict(x)).astype(np.int64)
+
+    def state(self) -> dict[str, Any]:
+        import skops.io
+
+        payload = skops.io.dumps(self.estimator)
+        return {"estimator": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        import skops.io
+
+        payload = state["estimator"].numpy().tobytes()
+        own = type(self.estimator).__module__.split(".")[0]
+        untrusted = skops.io.get_untrusted_types(data=payload)
+        refused = [t for t in untrusted if t.split(".")[0] not in (*TRUSTED_MODULES, own)]
+        if refused:
+            raise ModelNameError(
+                f"model: the saved {self.request.name} holds types advlab does not trust "
+                f"({', '.join(refused[:3])}); retrain it"
+            )
+        self.estimator = skops.io.loads(payload, trusted=untrusted)
+
+
+Make = Callable[[Any, int], Any]  # (validated settings, seed) -> unfitted estimator
+
+
+def estimator_family(
+    name: str, make: Make, settings: type[Strict] = EstimatorSettings, summary: str = ""
+) -> ModelFamily:
+    """A prediction-only model family: `make(settings, seed)` returns an unfitted estimator;
+    the trial's model_args are validated against `settings` (give it a `max_train` field to
+    let sweeps subsample large training sets)."""
+
+    def build(request: ModelRequest) -> TrialModel:
+        checked = validate_args(name, settings, request.args)
+        return EstimatorModel(make(checked, request.seed), request, checked)
+
+    return ModelFamily(name, False, build, summary, settings)
+
+
+def validate_args(name: str, settings: type[Strict], args: dict[str, Any]) -> Strict:
+    from pydantic import ValidationError
+
+    try:
+        return settings.model_validate(args)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        known = ", ".join(settings.model_fields) or "none"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ModelNameError(
+            f"model_args.{key}: {message} for {name} (its settings: {known})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- built in
+
+
+class LogisticSettings(EstimatorSettings):
+    C: float = Field(1.0, gt=0)
+    max_iter: int = Field(200, ge=1)
+
+
+class LinearSVMSettings(EstimatorSettings):
+    C: float = Field(0.1, gt=0)
+
+
+class RBFSettings(EstimatorSettings):
+    C: float = Field(1.0, gt=0)
+    max_train: int | None = Field(10_000, ge=1)  # the fit grows as n^2: subsampled by default
+
+
+class ForestSettings(EstimatorSettings):
+    n_estimators: int = Field(100, ge=1, le=100_000)
+    max_depth: int | None = Field(None, ge=1)
+
+
+class KNNSettings(EstimatorSettings):
+    n_neighbors: int = Field(5, ge=1)
+
+
+def _logistic(s: LogisticSettings, seed: int) -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=s.C, max_iter=s.max_iter)
+
+
+def _linear_svm(s: LinearSVMSettings, seed: int) -> Any:
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC(C=s.C, random_state=seed)
+
+
+def _rbf_svm(s: RBFSettings, seed: int) -> Any:
+    from sklearn.svm import SVC
+
+    return SVC(kernel="rbf", C=s.C, gamma="scale", random_state=seed)
+
+
+def _forest(s: ForestSettings, seed: int) -> Any:
+    from sklearn.ensemble import RandomForestClassifier
+
+    return RandomForestClassifier(
+        n_estimators=s.n_estimators, max_depth=s.max_depth, random_state=seed
+    )
+
+
+def _knn(s: KNNSettings, seed: int) -> Any:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return KNeighborsClassifier(n_neighbors=s.n_neighbors)
+
+
+def _constant(s: EstimatorSettings, seed: int) -> Any:
+    from sklearn.dummy import DummyClassifier
+
+    return DummyClassifier(strategy="most_frequent")
+
+
+BUILTIN = (
+    estimator_family("logistic", _logistic, LogisticSettings, "logistic regression"),
+    estimator_family("linear_svm", _linear_svm, LinearSVMSettings, "linear SVM"),
+    estimator_family("rbf_svm", _rbf_svm, RBFSettings, "RBF-kernel SVM"),
+    estimator_family("random_forest", _forest, ForestSettings, "random forest"),
+    estimator_family("knn", _knn, KNNSettings, "k nearest neighbours"),
+    estimator_family("constant", _constant, EstimatorSettings, "the most frequent class"),
+)
