@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from advlab.attacks.gradient import loss_gradient
 from advlab.spec import AdversarialTrainingSpec
 from advlab.training_perturbations import (
+    AdversarialPool,
     FreePerturbation,
     fast_batch,
     fgsm_batch,
     kl_to_clean,
     pgd_batch,
+    split_at_layer,
     trades_batch,
 )
 
@@ -55,67 +56,6 @@ def budget_at(settings: AdversarialTrainingSpec, epoch: int) -> float:
     if warmup == 0 or epoch >= warmup:
         return settings.eps
     return settings.eps * epoch / warmup
-
-
-def split_at_layer(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module]:
-    """(features, head) around hidden layer `layer` of an fc net (0: the input itself).
-
-    fc nets are Sequential(Flatten, Linear, act, Linear, act, ..., Linear): hidden layer k's
-    output is after the first 1 + 2k modules.
-    """
-    if layer == 0:
-        return nn.Identity(), model
-    if not isinstance(model, nn.Sequential):
-        raise ValueError("adversarial pools on hidden layers need an fc<h1>-...-<K> model")
-    hidden = (len(model) - 2) // 2
-    if not 1 <= layer <= hidden:
-        raise ValueError(f"pool layer {layer}: the model has hidden layers 1..{hidden}")
-    return model[: 1 + 2 * layer], model[1 + 2 * layer :]
-
-
-class AdversarialPool:
-    """A fixed-size pool of adversarial examples on one layer's outputs (the paper, 4.2).
-
-    After each epoch a random `refresh` fraction of the pool (all of it the first time) is
-    replaced by fresh FGSM examples made on the current model from random training examples.
-    The layers above `layer` then train on pool samples as well as on clean batches.
-    """
-
-    def __init__(self, model: nn.Module, layer: int, size: int, eps: float):
-        self.features, self.head = split_at_layer(model, layer)
-        self.layer, self.size, self.eps = layer, size, eps
-        self.inputs: Tensor | None = None
-        self.labels: Tensor | None = None
-        self.generation = torch.zeros(size, dtype=torch.long)  # which refresh made each entry
-
-    def make(self, x: Tensor, y: Tensor) -> Tensor:
-        """FGSM on this layer's outputs, wrt the layers above (inputs stay in the box)."""
-        with torch.no_grad():
-            h = self.features(x)
-        h_adv = h + self.eps * loss_gradient(self.head, h, y).sign()
-        return h_adv.clamp(0, 1) if self.layer == 0 else h_adv.detach()
-
-    def refresh(self, x: Tensor, y: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
-        """Replace a random `fraction` of the pool (all of it while empty); returns the slots."""
-        first = self.inputs is None
-        count = self.size if first else round(fraction * self.size)
-        slots = torch.randperm(self.size, generator=generator)[:count]
-        sources = torch.randint(len(x), (count,), generator=generator).to(x.device)
-        fresh = self.make(x[sources], y[sources])
-        if first:
-            self.inputs = fresh.new_empty((self.size, *fresh.shape[1:]))
-            self.labels = y.new_empty(self.size)
-        slots_dev = slots.to(x.device)
-        self.inputs[slots_dev] = fresh
-        self.labels[slots_dev] = y[sources]
-        self.generation[slots] = int(self.generation.max()) + 1
-        return slots
-
-    def loss(self, count: int, generator: torch.Generator) -> Tensor:
-        """Cross-entropy of the layers above on a random sample of the pool."""
-        assert self.inputs is not None and self.labels is not None
-        pick = torch.randint(self.size, (count,), generator=generator).to(self.inputs.device)
-        return nn.functional.cross_entropy(self.head(self.inputs[pick]), self.labels[pick])
 
 
 class AdversarialObjective:
