@@ -1,5 +1,6 @@
 """The inner maximisations of adversarial training, one batch at a time, and the perturbations
 that live across batches: free training's (Shafahi et al.) and the paper's pool (section 4.2).
+The training methods that use them are declared in advlab.training_methods.
 
 Every perturbation of the inputs is Linf, inside the eps-ball and the box [0, 1], and computed with
 gradients wrt the inputs only, so the model's parameter gradients see nothing but the training
