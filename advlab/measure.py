@@ -61,7 +61,9 @@ def robust_error(fooled: Tensor, clean_wrong: int) -> float | None:
     `fooled` (n,) bool marks which of the n attacked examples the attack fooled within a budget;
     those n were found by scanning the data in order for correctly classified examples, and the
     scan met `clean_wrong` misclassified ones on the way, so n + clean_wrong were scanned. None
-    when nothing was scanned.
+    when nothing was scanned. A caller that attacks every example, clean mistakes included
+    (robust validation), passes clean_wrong=0: a clean mistake then counts where the attack's
+    point is misclassified.
     """
     if fooled.ndim != 1 or clean_wrong < 0:
         raise ValueError("robust_error: need a (n,) fooled mask and clean_wrong >= 0")

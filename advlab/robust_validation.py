@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from advlab.attacks.registry import run_attack
+from advlab.measure import robust_error
 from advlab.runtime import eval_mode
 from advlab.spec import TrainSpec
 
@@ -40,12 +41,23 @@ def carve_validation(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor
 def pgd_robust_error(
     model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, seed: int
 ) -> float:
-    """Fraction of (x, y) that is misclassified clean or fooled by PGD within eps (Linf)."""
+    """measure.robust_error of PGD within eps (Linf) with every example of (x, y) attacked:
+    the fraction misclassified at PGD's point. NaN for an empty set.
+
+    Unlike a trial's attacks, which attack only correctly classified examples and count every
+    clean mistake as wrong, validation attacks its clean mistakes too, so one that PGD's random
+    start puts back on the right class (and that stays there) does not count. That is the
+    number robust validation has always recorded and chosen epochs by, kept as it was."""
     with eval_mode(model):
         result = run_attack(
             "pgd", model, x, y, eps=eps, steps=steps, generator=torch.Generator().manual_seed(seed)
         )
-    return float(result.success.float().mean())
+    error = robust_error(result.success, clean_wrong=0)
+    # Rounded to float32 as this number always was (the mean of a float32 mask), so histories
+    # and the best error a checkpoint keeps compare across versions. A count over a count
+    # rounds the same either way: a correctly rounded float64 quotient rounds correctly to
+    # float32 (53 >= 2 * 24 + 2 bits).
+    return math.nan if error is None else float(torch.tensor(error, dtype=torch.float32))
 
 
 class RobustValidation:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from advlab import training_methods
 from advlab.attacks import registry as attack_registry
 from advlab.measures import registry as measure_registry
 from advlab.strict import Strict
@@ -67,30 +68,25 @@ class DatasetSpec(_Strict):
     split_seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
-ADVERSARIAL_METHODS = ("none", "fgsm", "pgd", "pool", "trades", "fast", "free")
-# Which methods read each of the newer settings; moving one off its default for another method
-# is a mistake the sweep file should hear about (the older settings stay lenient so existing
-# files keep working). Defaults, not "was it given", decide: a spec is dumped with every field
-# and validated again on the Ray worker.
-_USED_BY = {
-    "step_scale": ("pgd", "trades", "fast", "free"),
-    "beta": ("trades",),
-    "replays": ("free",),
-    "warmup_epochs": ("fgsm", "pgd", "pool", "trades", "fast", "free"),
-}
+# The newer settings: moving one off its default for a method that does not read it (each
+# method's `reads` in advlab.training_methods) is a mistake the sweep file should hear about;
+# the older settings stay lenient so existing files keep working. Defaults, not "was it given",
+# decide: a spec is dumped with every field and validated again on the Ray worker.
+_CHECKED_SETTINGS = ("step_scale", "beta", "replays", "warmup_epochs")
 
 
 class AdversarialTrainingSpec(_Strict):
     """How training uses adversarial examples (advlab.adversarial_training): fgsm, pgd, fast and
     free minimise J = mix*J(x) + (1-mix)*J(x_adv), trades CE(f(x), y) + beta * KL(f(x) || f(x')),
-    pool trains on a pool of examples; eps warms up, and steps follow the epoch's eps."""
+    pool trains on a pool of examples; eps warms up, and steps follow the epoch's eps. `method`
+    names a method of advlab.training_methods (or its import path, module:object)."""
 
-    method: Literal[ADVERSARIAL_METHODS] = "none"  # type: ignore[valid-type]
+    method: str = "none"
     eps: float = Field(0.1, ge=0, le=1)  # Linf budget of the training perturbations (target)
     mix: float = Field(0.5, ge=0, le=1)  # weight of the clean loss
     pgd_steps: int = Field(10, ge=1, le=10_000)  # inner steps of pgd and trades
-    # Step size as a multiple of the epoch's budget; None: pgd/trades 2.5/pgd_steps (Madry et
-    # al.), fast 1.25 (Wong et al. 2020), free 1.0 (Shafahi et al. 2019).
+    # Step size as a multiple of the epoch's budget; None: the method's own (training_methods:
+    # pgd/trades 2.5/pgd_steps after Madry et al., fast 1.25 after Wong et al., free 1.0).
     step_scale: float | None = Field(None, gt=0, allow_inf_nan=False)
     beta: float = Field(6.0, ge=0, le=1e6)  # TRADES' weight of the KL term
     replays: int = Field(4, ge=1, le=1000)  # free training: optimizer steps per minibatch (m)
@@ -100,6 +96,12 @@ class AdversarialTrainingSpec(_Strict):
     pool_size: int = Field(1000, ge=1, le=10_000_000)  # the paper's pool (section 4.2)
     pool_refresh: float = Field(0.1, ge=0, le=1)  # fraction replaced after each epoch
     pool_layers: list[int] = [0]  # 0: inputs; k: outputs of hidden layer k (one pool each)
+
+    @field_validator("method")
+    @classmethod
+    def _method_registered(cls, value: str) -> str:
+        training_methods.get(value)  # its TrainingMethodError is a ValueError: one line
+        return value
 
     @field_validator("eps")
     @classmethod
@@ -117,17 +119,19 @@ class AdversarialTrainingSpec(_Strict):
 
     @model_validator(mode="after")
     def _settings_fit_the_method(self) -> AdversarialTrainingSpec:
-        if self.method == "none":
+        method = training_methods.get(self.method)
+        if not method.strict:
             return self  # standard training ignores every adversarial setting, as it always did
         fields = type(self).model_fields
-        for key, methods in _USED_BY.items():
-            if getattr(self, key) != fields[key].default and self.method not in methods:
+        for key in _CHECKED_SETTINGS:
+            if getattr(self, key) != fields[key].default and key not in method.reads:
+                users = ", ".join(training_methods.reading(key))
                 raise ValueError(
-                    f"{key}: method {self.method} does not use it (only {', '.join(methods)}); "
+                    f"{key}: method {self.method} does not use it (only {users}); "
                     "drop it or set it in the cases that use it"
                 )
-        if self.method == "trades" and self.mix != fields["mix"].default:
-            raise ValueError("mix: trades weighs its terms with beta; drop mix")
+        if method.check is not None:
+            method.check(self)
         return self
 
 

@@ -1,7 +1,10 @@
-"""The inner maximisations of adversarial training, one batch at a time.
+"""The inner maximisations of adversarial training, one batch at a time, and the perturbations
+that live across batches: free training's (Shafahi et al.) and the paper's pool (section 4.2).
+The training methods that use them are declared in advlab.training_methods.
 
-Every perturbation is Linf, inside the eps-ball and the box [0, 1], and computed with gradients
-wrt the inputs only, so the model's parameter gradients see nothing but the training objective.
+Every perturbation of the inputs is Linf, inside the eps-ball and the box [0, 1], and computed with
+gradients wrt the inputs only, so the model's parameter gradients see nothing but the training
+objective.
 Step sizes arrive in absolute units: the objective scales them with the epoch's budget.
 Random draws come from the objective's own CPU generator, so they never shift the shuffle order
 and are the same on any device.
@@ -118,3 +121,64 @@ class FreePerturbation:
             return
         moved = (live.detach() + step * live.grad.sign()).clamp(-eps, eps)
         self.delta[: len(moved)] = moved
+
+
+def split_at_layer(model: nn.Module, layer: int) -> tuple[nn.Module, nn.Module]:
+    """(features, head) around hidden layer `layer` of an fc net (0: the input itself).
+
+    fc nets are Sequential(Flatten, Linear, act, Linear, act, ..., Linear): hidden layer k's
+    output is after the first 1 + 2k modules.
+    """
+    if layer == 0:
+        return nn.Identity(), model
+    if not isinstance(model, nn.Sequential):
+        raise ValueError("adversarial pools on hidden layers need an fc<h1>-...-<K> model")
+    hidden = (len(model) - 2) // 2
+    if not 1 <= layer <= hidden:
+        raise ValueError(f"pool layer {layer}: the model has hidden layers 1..{hidden}")
+    return model[: 1 + 2 * layer], model[1 + 2 * layer :]
+
+
+class AdversarialPool:
+    """A fixed-size pool of adversarial examples on one layer's outputs (the paper, 4.2).
+
+    After each epoch a random `refresh` fraction of the pool (all of it the first time) is
+    replaced by fresh FGSM examples made on the current model from random training examples.
+    The layers above `layer` then train on pool samples as well as on clean batches.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, size: int, eps: float):
+        self.features, self.head = split_at_layer(model, layer)
+        self.layer, self.size, self.eps = layer, size, eps
+        self.inputs: Tensor | None = None
+        self.labels: Tensor | None = None
+        self.generation = torch.zeros(size, dtype=torch.long)  # which refresh made each entry
+
+    def make(self, x: Tensor, y: Tensor) -> Tensor:
+        """FGSM on this layer's outputs, wrt the layers above (inputs stay in the box)."""
+        with torch.no_grad():
+            h = self.features(x)
+        h_adv = h + self.eps * loss_gradient(self.head, h, y).sign()
+        return h_adv.clamp(0, 1) if self.layer == 0 else h_adv.detach()
+
+    def refresh(self, x: Tensor, y: Tensor, fraction: float, generator: torch.Generator) -> Tensor:
+        """Replace a random `fraction` of the pool (all of it while empty); returns the slots."""
+        first = self.inputs is None
+        count = self.size if first else round(fraction * self.size)
+        slots = torch.randperm(self.size, generator=generator)[:count]
+        sources = torch.randint(len(x), (count,), generator=generator).to(x.device)
+        fresh = self.make(x[sources], y[sources])
+        if first:
+            self.inputs = fresh.new_empty((self.size, *fresh.shape[1:]))
+            self.labels = y.new_empty(self.size)
+        slots_dev = slots.to(x.device)
+        self.inputs[slots_dev] = fresh
+        self.labels[slots_dev] = y[sources]
+        self.generation[slots] = int(self.generation.max()) + 1
+        return slots
+
+    def loss(self, count: int, generator: torch.Generator) -> Tensor:
+        """Cross-entropy of the layers above on a random sample of the pool."""
+        assert self.inputs is not None and self.labels is not None
+        pick = torch.randint(self.size, (count,), generator=generator).to(self.inputs.device)
+        return nn.functional.cross_entropy(self.head(self.inputs[pick]), self.labels[pick])

@@ -1,7 +1,9 @@
-"""TRADES, fast and free training, the budget warm-up and the step rule: known answers."""
+"""TRADES, fast and free training, the budget warm-up and the step rule: known answers; a method
+added through the registry trains, validates and resumes like the built-in ones."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ from conftest import tiny_sweep
 from torch import nn
 
 import advlab.adversarial_training as adv
+import advlab.training_methods as methods
 from advlab.data import load_dataset, select_subset
 from advlab.models import build_model
 from advlab.spec import (
@@ -18,9 +21,18 @@ from advlab.spec import (
     TrainSpec,
     TrialSpec,
 )
+from advlab.store import SweepStore
+from advlab.sweep import trial_context
 from advlab.sweepfile import load_sweep, parse_sweep
 from advlab.train import batches, make_optimizer, train_model
+from advlab.training_methods import (
+    AdversarialBatches,
+    TrainingMethod,
+    TrainingMethodError,
+    mixed_loss,
+)
 from advlab.training_perturbations import fast_batch, kl_to_clean, trades_batch
+from advlab.trial import run_trial
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +169,7 @@ def test_step_size_is_a_multiple_of_the_epochs_budget(digits, monkeypatch) -> No
         seen.add((round(eps, 9), round(step, 9)))
         return fast_batch(model, x, y, eps, step, generator)
 
-    monkeypatch.setattr(adv, "fast_batch", recording)
+    monkeypatch.setattr(methods, "fast_batch", recording)
     train(digits, settings(epochs=4, method="fast", eps=0.2, warmup_epochs=4))
     assert seen == {(0.05, 0.0625), (0.1, 0.125), (0.15, 0.1875), (0.2, 0.25)}
 
@@ -235,3 +247,110 @@ def test_new_settings_leave_existing_trial_ids_and_training_keys_alone() -> None
         ("1ed6974a26", "4d959609dd"),
         ("6601016007", "4a0a8c3fc8"),
     ]
+
+
+class SignNoiseTraining(AdversarialBatches):
+    """A method no file of advlab knows: x moved eps along the sign of Gaussian noise. It counts
+    the rows it perturbed and keeps the count in checkpoints."""
+
+    def __init__(self, run) -> None:
+        super().__init__(run)
+        self.rows = 0
+        self.budgets: list[float] = []
+
+    def start_epoch(self, eps: float) -> None:
+        self.budgets.append(eps)
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.rows += len(x)
+        noise = torch.randn(x.shape, generator=self.run.generator).sign()
+        return (x + self.run.eps * noise).clamp(0, 1)
+
+    def state(self) -> dict:
+        return {"sign_noise_rows": self.rows, "sign_noise_budgets": list(self.budgets)}
+
+    def load_state(self, state: dict) -> None:
+        self.rows, self.budgets = state["sign_noise_rows"], list(state["sign_noise_budgets"])
+
+
+SIGN_NOISE = methods.register(
+    TrainingMethod(
+        "sign_noise", ("eps", "mix", "warmup_epochs"), SignNoiseTraining,
+        optimizer_steps=lambda settings: 2,
+    )
+)  # fmt: skip
+
+
+def test_a_method_added_through_the_registry_trains_and_resumes(digits, standard) -> None:
+    x = digits[0]
+    steps = 2 * -(-len(x) // 32)  # two optimizer steps per batch, as the method declares
+    train_settings = settings(method="sign_noise", eps=0.2, warmup_epochs=2)
+    seen = {}
+
+    def keep(stats, state) -> None:
+        seen[stats.epoch] = copy.deepcopy(state())  # later epochs train its tensors in place
+
+    model, history = train(digits, train_settings, on_epoch=keep)
+    assert [h.train_eps for h in history] == [0.1, 0.2, 0.2]  # the shared warm-up
+    assert [seen[e]["adversarial"]["sign_noise_rows"] for e in (1, 2, 3)] == [
+        2 * len(x),
+        4 * len(x),
+        6 * len(x),
+    ]
+    assert seen[3]["adversarial"]["sign_noise_budgets"] == [0.1, 0.2, 0.2]
+    assert seen[3]["optimizer"]["state"][0]["step"] == 3 * steps
+    assert history[-1].test_error < 0.5  # it learns
+    assert any(not torch.equal(v, standard.state_dict()[k]) for k, v in model.state_dict().items())
+    # eps 0 leaves x as it is: standard training that steps twice per batch.
+    zero, _ = train(digits, settings(method="sign_noise", eps=0.0, mix=0.0))
+    doubled, _ = train(digits, settings(method="free", eps=0.0, mix=0.0, replays=2))
+    assert_same_weights(doubled, zero)
+    resumed, again = train(digits, train_settings, resume=seen[1])
+    assert_same_weights(model, resumed)
+    assert [(h.loss, h.train_error) for h in again] == [(h.loss, h.train_error) for h in history]
+
+
+def test_a_registered_method_is_checked_like_the_built_in_ones(tmp_path: Path) -> None:
+    assert methods.reading("mix")[-1] == "sign_noise" and "sign_noise" in methods.names()
+    for bad, message in [
+        (
+            {"beta": 1.0},
+            r"train\.adversarial\.beta: method sign_noise does not use it \(only trades\)",
+        ),
+        ({"step_scale": 2.0}, r"step_scale: method sign_noise does not use it \(only pgd, trades,"),
+    ]:
+        raw = tiny_sweep(train={"epochs": 3, "adversarial": {"method": "sign_noise", **bad}})
+        with pytest.raises(SpecError, match=message):
+            parse_sweep(raw)
+    train_cfg = {"epochs": 2, "batch_size": 32, "optimizer": "adam", "lr": 0.01}
+    raw = tiny_sweep(
+        name="noise", grid={"seed": [0]}, attacks=[{"name": "fgsm"}],
+        train=train_cfg | {"adversarial": {"method": "sign_noise", "eps": 0.1}},
+    )  # fmt: skip
+    spec = parse_sweep(raw)
+    row = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled")).row
+    assert row["status"] == "ok"
+    epochs = SweepStore(str(tmp_path), "noise").read("epochs")
+    assert epochs["train_eps"].tolist() == [0.1, 0.1]
+
+
+def test_the_registry_refuses_unknown_and_clashing_methods() -> None:
+    assert methods.get("advlab.training_methods:FAST") is methods.FAST  # by import path
+    with pytest.raises(
+        TrainingMethodError, match=r"'trades-x' is no training method; did you mean 'trades'\?"
+    ):
+        methods.get("trades-x")
+    with pytest.raises(TrainingMethodError, match=r"is a function, not a TrainingMethod"):
+        methods.get("advlab.training_methods:mixed_loss")
+    with pytest.raises(
+        TrainingMethodError, match=r"cannot import training method 'no_such_module:X'"
+    ):
+        methods.get("no_such_module:X")
+    with pytest.raises(TrainingMethodError, match=r"'pgd' is registered already"):
+        methods.register(TrainingMethod("pgd", ("eps",), AdversarialBatches))
+    with pytest.raises(TrainingMethodError, match=r"behaviour must be a Behaviour"):
+        methods.register(TrainingMethod("odd", ("eps",), mixed_loss))  # type: ignore[arg-type]
+    with pytest.raises(TrainingMethodError, match=r"training method none perturbs no batches"):
+        adv.AdversarialObjective(nn.Linear(2, 2), AdversarialTrainingSpec(), 0).perturb(
+            torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+        )

@@ -12,9 +12,12 @@ import torch
 from conftest import tiny_sweep
 from torch import nn
 
+from advlab.attacks.registry import run_attack
 from advlab.data import load_dataset, select_subset
+from advlab.measure import robust_error
 from advlab.models import build_model
 from advlab.robust_validation import carve_validation, evaluated_epoch, pgd_robust_error
+from advlab.runtime import predict
 from advlab.spec import AdversarialTrainingSpec, TrainSpec, ValidationSpec
 from advlab.store import SweepStore
 from advlab.sweep import trial_context
@@ -148,3 +151,49 @@ def test_a_trial_records_the_slice_the_budgets_and_the_evaluated_epoch(tmp_path:
     best = int(epochs["val_robust_error"].idxmin())
     assert row["evaluated_epoch"] == best
     assert row["val_robust_error"] == epochs.loc[best, "val_robust_error"]
+
+
+def test_validation_robust_error_is_measure_robust_error_with_every_example_attacked(digits):
+    x, y, xv, yv, xt, yt = digits
+    model = fresh()
+    train_model(model, x, y, xt, yt, settings(epochs=2), 1e-4, 0)
+    clean_wrong = predict(model, xv) != yv
+    assert 0 < int(clean_wrong.sum()) < len(yv)  # the slice holds clean mistakes and others
+    success = run_attack(
+        "pgd", model.eval(), xv, yv, eps=0.1, steps=5, generator=torch.Generator().manual_seed(0)
+    ).success
+    error = pgd_robust_error(model, xv, yv, eps=0.1, steps=5, seed=0)
+    wrong = int(success.sum())
+    # measure.robust_error with nothing skipped, at the float32 precision histories hold.
+    assert error == float(torch.tensor(robust_error(success, clean_wrong=0), dtype=torch.float32))
+    assert error == float(torch.tensor(wrong / len(yv), dtype=torch.float32)) != wrong / len(yv)
+    # Here PGD leaves every clean mistake misclassified, so a trial's convention (attack the
+    # correct ones, count every clean mistake) gives the same count.
+    assert bool(success[clean_wrong].all())
+    assert robust_error(success[~clean_wrong], int(clean_wrong.sum())) == wrong / len(yv)
+
+
+class _WrongOnlyAtGray(nn.Module):
+    """Class 1 within 1e-3 (Linf) of the gray image, class 0 elsewhere; a zero input gradient,
+    so PGD stays wherever its random start lands."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        near = ((x - 0.5).abs().flatten(1).amax(1) < 1e-3).float()
+        return torch.stack([1 - near, near], 1) * self.scale + 0 * x.flatten(1).sum(1)[:, None]
+
+
+def test_a_clean_mistake_pgd_puts_right_is_not_counted_by_validation() -> None:
+    """Where the two conventions part: validation attacks its clean mistakes, and the gray
+    image (a clean mistake) is classified right at PGD's random start and stays there."""
+    model = _WrongOnlyAtGray()
+    x = torch.stack([torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 0.2)])
+    y = torch.tensor([0, 0])
+    assert predict(model, x).tolist() == [1, 0]
+    assert pgd_robust_error(model, x, y, eps=0.1, steps=5, seed=0) == 0.0
+    # A trial attacks only the correct one and counts the clean mistake: 1 of 2 wrong.
+    success = run_attack("pgd", model, x[1:], y[1:], eps=0.1, steps=5).success
+    assert robust_error(success, clean_wrong=1) == 0.5
