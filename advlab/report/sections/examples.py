@@ -86,8 +86,10 @@ def _card(
     attack, budget = choice
     run = attack if budget is None else f"{attack} at ε = {budget:g}"
     body = "".join(_example(row, test_set) for row in rows.to_dict("records"))
+    shown_budget = "" if budget is None else str(budget)
     return (
-        f'<div class="trial-examples" data-config="{esc(config.key)}" data-trial="{esc(trial)}">'
+        f'<div class="trial-examples" data-config="{esc(config.key)}" data-trial="{esc(trial)}" '
+        f'data-attack="{esc(attack)}" data-budget="{esc(shown_budget)}">'
         f'<h4><span class="swatch" style="background:{esc(config.colour)}"></span>'
         f"{esc(config.name)} · {esc(run)}</h4>{body}</div>"
     )
@@ -112,4 +114,7 @@ def _example(row: dict[str, Any], test_set: np.ndarray | None) -> str:
     )
     fooled = "" if row["success"] else " (not fooled)"
     caption = f"{row['label']} → {row['adv_pred']}{fooled}, rms {row['dist_rms']:.3f}"
-    return f'<div class="example">{figures}<span class="caption">{esc(caption)}</span></div>'
+    return (
+        f'<div class="example" data-example="{int(row["example"])}">{figures}'
+        f'<span class="caption">{esc(caption)}</span></div>'
+    )
