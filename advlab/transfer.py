@@ -103,14 +103,17 @@ def source_sets(
 
 
 def fixed_noise_sets(specs: list[TrialSpec], settings: TransferSpec) -> list[EvalSet]:
-    """The paper's 'Gaussian noise, stddev s' rows: the first test images of the sweep's data
-    set (as many as the trials attack) plus noise of a fixed stddev, clipped to [0,1]."""
+    """The paper's 'Gaussian noise, stddev s' rows: the first images of the split the sweep's
+    trials attack (as many as they attack) plus noise of a fixed stddev, clipped to [0,1].
+    One set serves the whole sweep, so its data set and split are the first trial's."""
+    from advlab.sources import attacked_split
+
     if not settings.noise_stddev or not specs:
         return []
-    data = load_data_spec(specs[0].dataset)
+    images, labels = attacked_split(specs[0].dataset, specs[0].attack_split)
     count = max(s.attack_examples for s in specs)
-    clean = data.x_test[:count].flatten(1)
-    y = data.y_test[:count].numpy()
+    clean = images[:count].flatten(1)
+    y = labels[:count].numpy()
     generator = torch.Generator().manual_seed(settings.seed)
     sets = []
     for stddev in settings.noise_stddev:

@@ -22,8 +22,11 @@ from PIL import Image
 import advlab.sources
 from advlab import manifest, results
 from advlab.report import build_report
+from advlab.sources import load_data
+from advlab.spec import TransferSpec, TrialSpec
 from advlab.store import SweepStore
 from advlab.sweepfile import add_plugin_dirs, parse_sweep
+from advlab.transfer import fixed_noise_sets
 from advlab.trial import TrialContext, run_trial
 
 SPLITS = ["test", "train"]
@@ -221,3 +224,20 @@ def test_data_that_cannot_be_read_leaves_adversarial_images_and_says_why(
     assert all(set(e["images"]) == {"adversarial"} for e in parsed.examples)
     note = " ".join(parsed.notes)
     assert f"No clean images for npz at {npz} (DataError: dataset.path: {npz} is no" in note
+
+
+def test_fixed_noise_rows_of_a_training_split_sweep_are_drawn_on_training_images(
+    sweeps: dict[str, str],
+) -> None:
+    trials = results.load(sweeps["digits"]).trials
+    (spec,) = [
+        TrialSpec.model_validate_json(s)
+        for s, split in zip(trials["spec"], trials["attack_split"], strict=True)
+        if split == "train"
+    ]
+    (noise,) = fixed_noise_sets([spec], TransferSpec(noise_stddev=[0.3]))
+    data = load_data("digits")
+    first, labels = data.x_train[:3].flatten(1).numpy(), data.y_train[:3].numpy()
+    np.testing.assert_array_equal(noise.clean, first)
+    np.testing.assert_array_equal(noise.y, labels)
+    assert noise.x.shape == first.shape and not np.array_equal(noise.x, first)
