@@ -25,14 +25,12 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from advlab.data import DataError, parse_subset
+from advlab.data import FACTS, DataError, parse_subset
 from advlab.evaluate import final_metrics
 from advlab.models import ModelNameError, build_model, decay_weights, parse_architecture
 from advlab.sources import check_source
 from advlab.spec import (
     ATTACK_KEYS,
-    INPUT_SHAPES,
-    NUM_CLASSES,
     SWEEP_KEYS,
     TRIAL_KEYS,
     SpecError,
@@ -273,12 +271,12 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
         parse_subset(trial.subset)
         if trial.init is not None and not Path(trial.init).is_file():
             raise SpecError(f"init: no file {trial.init}; give the path of a saved state_dict")
-        if ":" in trial.model or trial.dataset.name not in NUM_CLASSES:
+        if ":" in trial.model or trial.dataset.name not in FACTS:
             return trial
         arch = parse_architecture(trial.model)
     except (DataError, ModelNameError) as err:  # their messages already name the key
         raise SpecError(str(err)) from None
-    classes = NUM_CLASSES[trial.dataset.name]
+    classes = FACTS[trial.dataset.name].num_classes
     if arch.classes is not None and arch.classes != classes:
         raise SpecError(
             f"model: '{trial.model}' ends in {arch.classes} classes but {trial.dataset.name} "
@@ -312,7 +310,7 @@ def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, An
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = build_model(trial.model, INPUT_SHAPES[trial.dataset.name], classes)
+        model = build_model(trial.model, FACTS[trial.dataset.name].input_shape, classes)
     layers = len(decay_weights(model))
     if len(trial.weight_decay) != layers:
         raise SpecError(
