@@ -22,6 +22,8 @@ from advlab.data import (
     select_subset,
     validate_dataset_source,
 )
+from advlab.sources import attacked_split
+from advlab.spec import DatasetSpec
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -98,6 +100,16 @@ def test_digits_split_is_identical_on_a_fresh_load() -> None:
 
 def test_load_dataset_is_cached_in_process() -> None:
     assert load_dataset("digits") is load_dataset("digits")
+
+
+def test_attacked_split_is_the_split_a_trial_attacked() -> None:
+    spec = DatasetSpec()  # the embedded digits
+    ds = load_dataset("digits")
+    for split, (x, y) in (("train", (ds.x_train, ds.y_train)), ("test", (ds.x_test, ds.y_test))):
+        images, labels = attacked_split(spec, split)
+        assert images is x and labels is y  # the loaded tensors, not copies
+    with pytest.raises(DataError, match=r"^attack_split: 'val' is not a split; use test or train$"):
+        attacked_split(spec, "val")
 
 
 # --------------------------------------------------------------------------- IDX reader

@@ -21,13 +21,14 @@ MIN_PIXELS = 56  # small images are scaled up (nearest neighbour) to at least th
 MAGNIFY = 10.0
 
 
-def image_shape(size: int, channels: int | None = None) -> tuple[int, int, int]:
-    """(C, H, W) of a flattened square image when the data set is not at hand."""
-    for c in [channels] if channels else [1, 3]:
+def image_shape(size: int) -> tuple[int, int, int] | None:
+    """(C, H, W) of a flattened square image (gray, else RGB) when the data set is not at hand;
+    None when no square fits."""
+    for c in (1, 3):
         side = math.isqrt(size // c)
         if c * side * side == size:
             return c, side, side
-    raise ValueError(f"cannot tell the shape of an image of {size} values")
+    return None
 
 
 def png_uri(image: np.ndarray) -> str:

@@ -102,14 +102,16 @@ def _example(row: dict[str, Any], original: np.ndarray | None) -> str:
     """One example: the image it was made from (when at hand), the adversarial image and the
     perturbation magnified; the adversarial image alone when the data is not at hand."""
     adversarial = np.asarray(row["x_adv"], dtype=np.float32)
-    shape = original.shape if original is not None else _guessed_shape(adversarial.size)
-    images = [] if shape is None else [("adversarial", adversarial.reshape(shape))]
     if original is not None:
+        adversarial = adversarial.reshape(original.shape)
         images = [
             ("original", original),
-            *images,
-            ("perturbation ×10", magnified(original, images[0][1])),
+            ("adversarial", adversarial),
+            ("perturbation ×10", magnified(original, adversarial)),
         ]
+    else:
+        shape = image_shape(adversarial.size)  # a caption alone when no square fits
+        images = [] if shape is None else [("adversarial", adversarial.reshape(shape))]
     figures = "".join(
         f'<figure><img src="{png_uri(image)}" data-kind="{esc(kind)}" alt="{esc(kind)}">'
         f"{esc(kind.split(' ')[0])}</figure>"
@@ -121,11 +123,3 @@ def _example(row: dict[str, Any], original: np.ndarray | None) -> str:
         f'<div class="example" data-example="{int(row["example"])}">{figures}'
         f'<span class="caption">{esc(caption)}</span></div>'
     )
-
-
-def _guessed_shape(size: int) -> tuple[int, int, int] | None:
-    """A square image's shape when the data is not at hand; None (caption only) otherwise."""
-    try:
-        return image_shape(size)
-    except ValueError:
-        return None
