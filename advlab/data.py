@@ -28,10 +28,12 @@ from torch import Tensor
 
 __all__ = [
     "DATASETS",
+    "FACTS",
     "IDX_FILES",
     "SUBSETS",
     "DataError",
     "Dataset",
+    "DatasetFacts",
     "Subset",
     "SubsetSplit",
     "default_cache_dir",
@@ -47,7 +49,23 @@ class DataError(ValueError):
     """A data problem the user can fix; the message is one line naming the key and the fix."""
 
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a built-in data set is, known without loading it: sweep files are checked (class
+    counts in model names, per-layer decays) before any data is read."""
+
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+
+
+# The built-in data sets; a loaded one's Dataset.input_shape and num_classes agree with these.
+FACTS = {
+    "digits": DatasetFacts((1, 8, 8), 10),
+    "mnist": DatasetFacts((1, 28, 28), 10),
+    "fashion_mnist": DatasetFacts((1, 28, 28), 10),
+    "cifar10": DatasetFacts((3, 32, 32), 10),
+}
+DATASETS = tuple(FACTS)
 
 SUBSETS = """Subset strings (the ``subset`` key of a trial):
   all            the whole training set

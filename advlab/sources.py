@@ -1,4 +1,5 @@
-"""Where a trial's data comes from, in one lookup: `load_data(DatasetSpec) -> Dataset`.
+"""Where a trial's data comes from, in one lookup: `load_data_spec(DatasetSpec) -> Dataset`, and
+`attacked_split(DatasetSpec, split)` for the images a trial attacked.
 
 - a built-in name (digits, mnist, fashion_mnist, cifar10; see advlab.data),
 - `npz`: one .npz file (`path`) holding x_train, y_train, x_test, y_test,
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
 
 from advlab.data import DATASETS, DataError, Dataset, load_dataset, validate_dataset_source
 from advlab.data import _images_to_tensor as images_to_tensor
@@ -29,6 +31,7 @@ from advlab.data import _labels_to_tensor as labels_to_tensor
 from advlab.plugins import PluginError, import_object, is_import_path
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+SPLITS = ("test", "train")  # what TrialSpec.attack_split may name
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -79,6 +82,17 @@ def load_data(
 def load_data_spec(dataset: Any) -> Dataset:
     """The data a DatasetSpec names (advlab.spec.DatasetSpec)."""
     return load_data(dataset.name, dataset.root, dataset.path, dataset.args)
+
+
+def attacked_split(dataset: Any, split: str) -> tuple[Tensor, Tensor]:
+    """Images and labels of the split a trial attacked (its `attack_split`, an examples row's
+    `split`) of the data a DatasetSpec names; the examples table's dataset_index indexes them
+    whole. Whoever reads attacked images back (report, transfer) comes here, so a split or a
+    source kind cannot be read one way by the trial and another way by its readers."""
+    if split not in SPLITS:
+        raise DataError(f"attack_split: {split!r} is not a split; use {' or '.join(SPLITS)}")
+    data = load_data_spec(dataset)
+    return (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,15 +20,6 @@ from advlab.attacks import registry as attack_registry
 from advlab.measures import registry as measure_registry
 from advlab.strict import Strict
 
-NUM_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10}
-INPUT_SHAPES = {
-    "digits": (1, 8, 8),
-    "mnist": (1, 28, 28),
-    "fashion_mnist": (1, 28, 28),
-    "cifar10": (3, 32, 32),
-}
-
-
 # Seeds are stored as int64 and offset (seed + 1, + a sample count) by the code that uses them.
 MAX_SEED = 2**32 - 1
 

@@ -25,7 +25,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from advlab.data import DataError, parse_subset
+from advlab.data import FACTS, DataError, parse_subset
 from advlab.evaluate import final_metrics
 from advlab.families import TORCH, resolve
 from advlab.models import ModelNameError, build_model, check_decays, parse_architecture
@@ -33,8 +33,6 @@ from advlab.plan import check_needs
 from advlab.sources import check_source
 from advlab.spec import (
     EVALUATION_KEYS,
-    INPUT_SHAPES,
-    NUM_CLASSES,
     SWEEP_KEYS,
     TRIAL_KEYS,
     SpecError,
@@ -281,12 +279,12 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
         family = resolve(trial.model)
         if family.gradients is False:
             check_needs(trial, trial.model)
-        if family is not TORCH or ":" in trial.model or trial.dataset.name not in NUM_CLASSES:
+        if family is not TORCH or ":" in trial.model or trial.dataset.name not in FACTS:
             return trial
         arch = parse_architecture(trial.model)
     except (DataError, ModelNameError) as err:  # their messages already name the key
         raise SpecError(str(err)) from None
-    classes = NUM_CLASSES[trial.dataset.name]
+    classes = FACTS[trial.dataset.name].num_classes
     if arch.classes is not None and arch.classes != classes:
         raise SpecError(
             f"model: '{trial.model}' ends in {arch.classes} classes but {trial.dataset.name} "
@@ -320,7 +318,7 @@ def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, An
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = build_model(trial.model, INPUT_SHAPES[trial.dataset.name], classes)
+        model = build_model(trial.model, FACTS[trial.dataset.name].input_shape, classes)
     try:
         check_decays(model, trial.weight_decay, trial.model)
     except ModelNameError as err:

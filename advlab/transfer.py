@@ -28,7 +28,7 @@ from advlab import manifest
 from advlab.attacks.noise import add_noise, amplify, matched_noise
 from advlab.data import select_subset
 from advlab.families import FitJob, ModelRequest, TrialModel, model_for, resolve
-from advlab.sources import load_data_spec
+from advlab.sources import attacked_split, load_data_spec
 from advlab.spec import TransferSpec, TrialSpec
 from advlab.store import TRANSFER_RECORD, SweepStore
 from advlab.sweepfile import add_plugin_dirs
@@ -69,9 +69,7 @@ def source_sets(
     trial_id: str, spec: TrialSpec, rows: pd.DataFrame, settings: TransferSpec, gen: torch.Generator
 ) -> list[EvalSet]:
     """Adversarial, noise and amplified sets for every (attack, budget) of one source trial."""
-    data = load_data_spec(spec.dataset)
-    attacked = data.x_train if spec.attack_split == "train" else data.x_test
-    images = attacked.flatten(1).numpy()
+    images = attacked_split(spec.dataset, spec.attack_split)[0].flatten(1).numpy()
     sets = []
     for (attack, budget), group in rows.groupby(["attack", "budget"], dropna=False, sort=True):
         group = group.sort_values("example")
@@ -104,14 +102,15 @@ def source_sets(
 
 
 def fixed_noise_sets(specs: list[TrialSpec], settings: TransferSpec) -> list[EvalSet]:
-    """The paper's 'Gaussian noise, stddev s' rows: the first test images of the sweep's data
-    set (as many as the trials attack) plus noise of a fixed stddev, clipped to [0,1]."""
+    """The paper's 'Gaussian noise, stddev s' rows: the first images of the split the sweep's
+    trials attack (as many as they attack) plus noise of a fixed stddev, clipped to [0,1].
+    One set serves the whole sweep, so its data set and split are the first trial's."""
     if not settings.noise_stddev or not specs:
         return []
-    data = load_data_spec(specs[0].dataset)
+    images, labels = attacked_split(specs[0].dataset, specs[0].attack_split)
     count = max(s.attack_examples for s in specs)
-    clean = data.x_test[:count].flatten(1)
-    y = data.y_test[:count].numpy()
+    clean = images[:count].flatten(1)
+    y = labels[:count].numpy()
     generator = torch.Generator().manual_seed(settings.seed)
     sets = []
     for stddev in settings.noise_stddev:

@@ -22,6 +22,8 @@ from advlab.data import (
     select_subset,
     validate_dataset_source,
 )
+from advlab.sources import attacked_split
+from advlab.spec import DatasetSpec
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -76,6 +78,8 @@ def test_digits_shapes_range_and_split_sizes() -> None:
     # The raw pixels are integers 0..16, so every value is a multiple of 1/16.
     assert torch.equal(ds.x_train * 16, (ds.x_train * 16).round())
     assert ds.input_shape == (1, 8, 8) and ds.num_classes == 10
+    # What sweep files are checked against before any data loads is what loading gives.
+    assert data.FACTS["digits"] == data.DatasetFacts(ds.input_shape, ds.num_classes)
     assert sorted(ds.y_test.unique().tolist()) == list(range(10))
     # Stratified: each class's test count is within one of a quarter of its total.
     total = torch.bincount(ds.y_train, minlength=10) + torch.bincount(ds.y_test, minlength=10)
@@ -96,6 +100,16 @@ def test_digits_split_is_identical_on_a_fresh_load() -> None:
 
 def test_load_dataset_is_cached_in_process() -> None:
     assert load_dataset("digits") is load_dataset("digits")
+
+
+def test_attacked_split_is_the_split_a_trial_attacked() -> None:
+    spec = DatasetSpec()  # the embedded digits
+    ds = load_dataset("digits")
+    for split, (x, y) in (("train", (ds.x_train, ds.y_train)), ("test", (ds.x_test, ds.y_test))):
+        images, labels = attacked_split(spec, split)
+        assert images is x and labels is y  # the loaded tensors, not copies
+    with pytest.raises(DataError, match=r"^attack_split: 'val' is not a split; use test or train$"):
+        attacked_split(spec, "val")
 
 
 # --------------------------------------------------------------------------- IDX reader
@@ -177,6 +191,8 @@ def test_real_debian_fashion_mnist() -> None:
     assert torch.bincount(ds.y_train).tolist() == [6000] * 10
     assert torch.bincount(ds.y_test).tolist() == [1000] * 10
     assert ds.num_classes == 10 and ds.input_shape == (1, 28, 28)
+    facts = data.DatasetFacts(ds.input_shape, ds.num_classes)
+    assert data.FACTS["fashion_mnist"] == data.FACTS["mnist"] == facts
     split = select_subset(ds, "p1")
     assert len(split.train_idx) == 30000 and len(split.heldout_idx) == 30000
 

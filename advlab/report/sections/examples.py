@@ -55,7 +55,10 @@ def render(compared: Compared) -> str:
         mine = examples_by_sweep[config.sweep]
         rows = picked_examples(mine[mine["trial_id"] == trial], *choice)
         spec = json.loads(run.trials.set_index("trial_id").loc[trial, "spec"])
-        cards.append(_card(config, trial, choice, rows, clean.test_set(spec.get("dataset", {}))))
+        dirs = (run.manifest or {}).get("plugin_dirs", [])
+        records = rows.to_dict("records")
+        originals = [clean.original(spec, row, dirs) for row in records]
+        cards.append(_card(config, trial, choice, records, originals))
     if not cards:
         return ""
     intro = (
@@ -80,31 +83,35 @@ def render(compared: Compared) -> str:
 
 
 def _card(
-    config: Config, trial: str, choice: tuple[str, float | None], rows: pd.DataFrame,
-    test_set: np.ndarray | None,
+    config: Config, trial: str, choice: tuple[str, float | None], rows: list[dict[str, Any]],
+    originals: list[np.ndarray | None],
 ) -> str:  # fmt: skip
     attack, budget = choice
     run = attack if budget is None else f"{attack} at ε = {budget:g}"
-    body = "".join(_example(row, test_set) for row in rows.to_dict("records"))
+    body = "".join(_example(r, o) for r, o in zip(rows, originals, strict=True))
+    shown_budget = "" if budget is None else str(budget)
     return (
-        f'<div class="trial-examples" data-config="{esc(config.key)}" data-trial="{esc(trial)}">'
+        f'<div class="trial-examples" data-config="{esc(config.key)}" data-trial="{esc(trial)}" '
+        f'data-attack="{esc(attack)}" data-budget="{esc(shown_budget)}">'
         f'<h4><span class="swatch" style="background:{esc(config.colour)}"></span>'
         f"{esc(config.name)} · {esc(run)}</h4>{body}</div>"
     )
 
 
-def _example(row: dict[str, Any], test_set: np.ndarray | None) -> str:
+def _example(row: dict[str, Any], original: np.ndarray | None) -> str:
+    """One example: the image it was made from (when at hand), the adversarial image and the
+    perturbation magnified; the adversarial image alone when the data is not at hand."""
     adversarial = np.asarray(row["x_adv"], dtype=np.float32)
-    shape = image_shape(adversarial.size, test_set.shape[1] if test_set is not None else None)
-    adversarial = adversarial.reshape(shape)
-    images = [("adversarial", adversarial)]
-    if test_set is not None:
-        original = test_set[int(row["dataset_index"])]
+    if original is not None:
+        adversarial = adversarial.reshape(original.shape)
         images = [
             ("original", original),
-            *images,
+            ("adversarial", adversarial),
             ("perturbation ×10", magnified(original, adversarial)),
         ]
+    else:
+        shape = image_shape(adversarial.size)  # a caption alone when no square fits
+        images = [] if shape is None else [("adversarial", adversarial.reshape(shape))]
     figures = "".join(
         f'<figure><img src="{png_uri(image)}" data-kind="{esc(kind)}" alt="{esc(kind)}">'
         f"{esc(kind.split(' ')[0])}</figure>"
@@ -112,4 +119,7 @@ def _example(row: dict[str, Any], test_set: np.ndarray | None) -> str:
     )
     fooled = "" if row["success"] else " (not fooled)"
     caption = f"{row['label']} → {row['adv_pred']}{fooled}, rms {row['dist_rms']:.3f}"
-    return f'<div class="example">{figures}<span class="caption">{esc(caption)}</span></div>'
+    return (
+        f'<div class="example" data-example="{int(row["example"])}">{figures}'
+        f'<span class="caption">{esc(caption)}</span></div>'
+    )
