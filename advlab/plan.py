@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from advlab import training_methods
 from advlab.families import resolve
 from advlab.spec import AttackSpec, MeasureSpec, SpecError, TrialSpec
 
@@ -85,7 +86,7 @@ def check_needs(spec: TrialSpec, model: str) -> None:
     for measure in measures_of(spec):
         if measure.defn.needs == "gradients":
             raise SpecError(f"measures: {measure.key} needs a torch model, but {why}; drop it")
-    if spec.train.adversarial.method != "none":
+    if training_methods.get(spec.train.adversarial.method).adversarial:
         raise SpecError(f"train.adversarial.method: training on adversarial examples, but {why}")
     if spec.init is not None:
         raise SpecError(f"init: weights to start from, but {why}; drop init")

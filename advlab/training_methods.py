@@ -107,6 +107,12 @@ class TrainingMethod:
     strict: bool = True
     summary: str = ""  # one line for the docs
 
+    @property
+    def adversarial(self) -> bool:
+        """Whether it trains on perturbed inputs at all (a method that reads no budget does
+        not)."""
+        return "eps" in self.reads
+
 
 # --------------------------------------------------------------------------- the step and budget
 
@@ -126,7 +132,7 @@ def step_size(settings: AdversarialTrainingSpec, eps: float) -> float:
 def budget_at(settings: AdversarialTrainingSpec, epoch: int) -> float:
     """The training budget of a 1-based epoch: eps * epoch / warmup_epochs during the warm-up,
     exactly eps from epoch warmup_epochs on (0 for a method that does not read eps)."""
-    if "eps" not in get(settings.method).reads:
+    if not get(settings.method).adversarial:
         return 0.0
     warmup = settings.warmup_epochs
     if warmup == 0 or epoch >= warmup:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import torch
 
+from advlab import training_methods
 from advlab.attacks.registry import MINIMIZATION
 from advlab.measure import robust_error, success_at_budgets
 from advlab.measures.registry import MeasureContext, MeasureDef, Rows
@@ -55,7 +56,8 @@ def strong_attacks(spec: TrialSpec, settings: MaskingSettings) -> list[AttackSpe
     the whole-box PGD probe, each unless the sweep already asked for one like it; `auto` adds
     them to adversarially trained models only."""
     wanted = settings.strong_attacks
-    if wanted == "never" or (wanted == "auto" and spec.train.adversarial.method == "none"):
+    trained = training_methods.get(spec.train.adversarial.method).adversarial
+    if wanted == "never" or (wanted == "auto" and not trained):
         return []
     pgd = [a for a in spec.attacks if a.name == "pgd" and a.budget_norm == "linf"]
     added = []
