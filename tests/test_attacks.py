@@ -445,8 +445,12 @@ def test_lbfgs_rejects_bad_search_parameters(
 def test_lbfgs_rejects_an_unknown_setting(mlp: nn.Module, digits: tuple[Tensor, Tensor]) -> None:
     x, y = digits[0][:2], digits[1][:2]
     for attack in (lbfgs_attack, lbfgs_scipy_reference):
-        with pytest.raises(AttackError, match=r"^kapa: not an L-BFGS setting") as info:
+        close = r"^kapa: not a setting of lbfgs; did you mean 'kappa'\?$"
+        with pytest.raises(AttackError, match=close):
             attack(mlp, x, y, kapa=0.1)
+        far = r"^zzz: not a setting of lbfgs; its settings: "
+        with pytest.raises(AttackError, match=far) as info:
+            attack(mlp, x, y, zzz=0.1)
         message = str(info.value)
         assert "\n" not in message
         assert all(name in message for name in ("c_init", "kappa", "loss", "refine_steps"))

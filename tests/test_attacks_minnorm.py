@@ -203,7 +203,7 @@ def test_ddn_zero_gradient_draws_a_per_example_direction() -> None:
         (lambda m, x, y: alma(m, x, y, steps=0), "steps"),
         (lambda m, x, y: alma(m, x, y, lr_reduction=2.0), "lr_reduction"),
         (lambda m, x, y: alma(m, x, y, gamma=0.5), "gamma"),
-        (lambda m, x, y: alma(m, x, y, rho=1.0), "alma: .*rho"),
+        (lambda m, x, y: alma(m, x, y, rho=1.0), "^rho: not a setting of alma"),
         (lambda m, x, y: alma(m, x, y, check_steps=float("inf")), "check_steps"),
         (lambda m, x, y: alma(m, x, y, steps=2.5), "steps"),
     ],

@@ -184,7 +184,7 @@ ATTACKS: list[tuple[str, Attack, tuple[str, float] | None]] = [
         lambda m, x, y, t, g: pgd(m, x, y, 0.5, norm="l2", steps=10, restarts=2, generator=g),
         ("l2", 0.5),
     ),
-    ("noise", lambda m, x, y, t, g: gaussian_noise(m, x, y, 0.3, g), None),
+    ("noise", lambda m, x, y, t, g: gaussian_noise(m, x, y, 0.3, generator=g), None),
     ("lbfgs-ce", lambda m, x, y, t, g: lbfgs_attack(m, x, y, t, search_steps=6), None),
     (
         "lbfgs-margin",
@@ -415,14 +415,14 @@ def test_gaussian_noise_is_a_weak_control_with_the_given_spread(
     mlp: nn.Module, digits: tuple[Tensor, Tensor]
 ) -> None:
     x, y = digits[0][1000:1100], digits[1][1000:1100]
-    result = gaussian_noise(mlp, x, y, 0.1, torch.Generator().manual_seed(0))
+    result = gaussian_noise(mlp, x, y, 0.1, generator=torch.Generator().manual_seed(0))
     _assert_contract(mlp, x, y, result)
     assert (result.target == -1).all() and (result.grad_evals == 0).all()
     rms = distortions(x, result.x_adv)["rms"]
     # Clipping at 0 and 1 only removes noise: rms <= 0.1 on average, and not much less here.
     assert 0.05 < rms.mean() < 0.1
-    again = gaussian_noise(mlp, x, y, 0.1, torch.Generator().manual_seed(0))
-    other = gaussian_noise(mlp, x, y, 0.1, torch.Generator().manual_seed(1))
+    again = gaussian_noise(mlp, x, y, 0.1, generator=torch.Generator().manual_seed(0))
+    other = gaussian_noise(mlp, x, y, 0.1, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again.x_adv, result.x_adv) and not torch.equal(other.x_adv, result.x_adv)
     # The paper's point: at a similar distortion DeepFool fools every example, noise few.
     assert result.success.float().mean() < 0.3

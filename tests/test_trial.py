@@ -46,6 +46,8 @@ def test_a_different_seed_trains_a_different_model(tmp_path: Path) -> None:
 
 
 def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> None:
+    from advlab.attacks import registry
+
     attacks = [
         {"name": "fgsm"},
         {"name": "pgd", "steps": 5},
@@ -92,15 +94,14 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
     assert summary.loc["lbfgs", "median_dist_l2"] == pytest.approx(
         lbfgs.loc[lbfgs["success"], "dist_l2"].median()
     )
-    assert json.loads(summary.loc["lbfgs", "settings"]) == {
-        "loss": "ce",
-        "max_iter": 20,
-        "search_steps": 6,
-        "candidates": None,
-        "max_evals": None,
-        "start": None,
-        "start_settings": {},
-    }
+    # The recorded settings: every knob of the attack, the given ones as given.
+    defaults = registry.get("lbfgs").settings().model_dump(mode="json")
+    recorded = json.loads(summary.loc["lbfgs", "settings"])
+    assert recorded == defaults | {"max_iter": 20, "search_steps": 6}
+    assert {k: recorded[k] for k in ("loss", "candidates", "max_evals", "start")} == {
+        "loss": "ce", "candidates": None, "max_evals": None, "start": None
+    }  # fmt: skip
+    assert recorded["start_settings"] == {} and recorded["history"] is None
     # The started search's settings reach its row as given, and its evaluations include the
     # start attack's 20 steps per example.
     started = json.loads(summary.loc["lbfgs_from_alma", "settings"])
