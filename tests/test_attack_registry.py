@@ -4,6 +4,7 @@ are the same attack."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -34,10 +35,13 @@ from advlab.attacks import (
     lbfgs_attack,
     pgd,
 )
+from advlab.attacks import registry as attack_registry
 from advlab.attacks.registry import (
+    AttackDef,
     Settings,
     get,
     names,
+    register,
     run_attack,
     validate_settings,
 )
@@ -212,6 +216,62 @@ def test_settings_of_another_attack_are_refused(
         carlini_wagner(mlp, x, y, settings={"steps": 3})  # type: ignore[arg-type]
     with pytest.raises(AttackError, match=r"^steps: Input should be greater"):
         ddn(mlp, x, y, settings=DDNSettings(steps=5), steps=0)
+
+
+# ----------------------------------------------------------------------------- declarations
+
+
+def test_every_attack_declares_what_it_needs_of_a_model() -> None:
+    # Only the noise control makes do with predictions; every other attack takes gradients.
+    needs = {name: get(name).needs for name in advlab_attacks()}
+    assert needs == {name: "predictions" if name == "noise" else "gradients" for name in needs}
+
+
+def _toy_run(model: nn.Module, x: Tensor, y: Tensor, **kw: Any) -> Any:
+    raise AssertionError("never run")
+
+
+class _ToySettings(Settings):
+    pass
+
+
+def _toy(name: str = "toy", **changes: Any) -> AttackDef:
+    defn = AttackDef(name, "minimization", ("l2",), ("untargeted",), _ToySettings, _toy_run)
+    return dataclasses.replace(defn, **changes)
+
+
+@pytest.mark.parametrize(
+    ("defn", "match"),
+    [
+        (_toy(""), "attack name '': use 1 to 64 letters"),
+        (_toy("a/b"), "attack name 'a/b': use 1 to 64 letters"),
+        (_toy("my attack"), "attack name 'my attack'"),
+        (_toy(".hidden"), "attack name '.hidden': use 1 to 64"),
+        (_toy("x" * 65), "attack name 'x{65}'"),
+        (_toy("café"), "attack name 'café'"),
+        (_toy(norms=()), "attack 'toy': no norms"),
+        (_toy(targets=()), "attack 'toy': no target modes"),
+        (_toy(kind="budget"), "attack 'toy': kind 'budget'"),
+        (_toy(needs="logits"), "attack 'toy': needs 'logits'"),
+        (_toy("fgsm"), "attack 'fgsm' is registered already"),
+    ],
+)
+def test_register_refuses_a_definition_that_cannot_work(defn: AttackDef, match: str) -> None:
+    before = set(names())
+    with pytest.raises(AttackError, match="^" + match) as info:
+        register(defn)
+    assert "\n" not in str(info.value)
+    assert set(names()) == before
+
+
+def test_register_takes_a_good_definition_once() -> None:
+    defn = _toy("toy-ok_1.v2" + "x" * 53)  # 64 characters, every allowed kind of character
+    assert len(defn.name) == 64 and defn.needs == "gradients"  # the default: the safe side
+    try:
+        assert register(defn) is defn and get(defn.name) is defn
+        assert register(defn) is defn  # the same definition again is no conflict
+    finally:
+        attack_registry._REGISTRY.pop(defn.name, None)  # leave the registry as it was
 
 
 def test_settings_base_is_one_class_shared_by_the_registry() -> None:

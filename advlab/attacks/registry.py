@@ -7,6 +7,7 @@ Each attack declares, once (in the style of Foolbox 3's attack base classes):
 - its budget norms (the first is the default) and target modes (the first is the default);
 - its settings: the pydantic model its own module defines (`DDNSettings`, ...), whose fields are
   the attack function's keyword overrides (validated from sweep files before any work starts);
+- what it needs of a model: input gradients, or predictions only;
 - the function that runs it.
 
 Spec validation, the trial, the store, W&B and the report ask this module; nothing else keeps a
@@ -46,6 +47,11 @@ from advlab.measure import distortions, success_at_budgets
 Kind = Literal["minimization", "fixed_budget"]
 MINIMIZATION: Kind = "minimization"
 FIXED_BUDGET: Kind = "fixed_budget"
+KINDS: tuple[str, ...] = (MINIMIZATION, FIXED_BUDGET)
+# What an attack asks of a model: input gradients, or only its predictions (a decision-based or
+# random attack, which a prediction-only model such as a scikit-learn control can face too).
+Needs = Literal["gradients", "predictions"]
+NEEDS: tuple[str, ...] = ("gradients", "predictions")  # the first is the default
 
 # run(model, x, y, *, eps, norm, target, generator, **settings) -> AttackResult; eps is None for
 # minimisation attacks, norm the budget norm the sweep chose (from the attack's own `norms`).
@@ -56,13 +62,14 @@ AttackFn = Callable[..., AttackResult]
 class AttackDef:
     """Everything advlab needs to know about one attack."""
 
-    name: str
+    name: str  # names its result files: letters, digits, '-', '_', '.'; at most 64
     kind: Kind
     norms: tuple[str, ...]  # budget norms; the first is the default
     targets: tuple[str, ...]  # target modes; the first is the default
     settings: type[Settings]
     run: AttackFn
     summary: str = ""  # one line for `advlab attacks` and the docs
+    needs: Needs = "gradients"  # the safe side: refused on models without input gradients
 
     @property
     def default_norm(self) -> str:
@@ -193,13 +200,40 @@ _REGISTRY: dict[str, AttackDef] = {}
 
 
 def register(defn: AttackDef) -> AttackDef:
-    """Add an attack (a plug-in's, or a test's); its name must be new."""
+    """Add an attack (a plug-in's, or a test's); its name must be new and name a file."""
+    _check_definition(defn)
     if defn.name in _REGISTRY and _REGISTRY[defn.name] is not defn:
         raise AttackError(f"attack {defn.name!r} is registered already; pick another name")
-    if defn.kind not in (MINIMIZATION, FIXED_BUDGET) or not defn.norms or not defn.targets:
-        raise AttackError(f"attack {defn.name!r}: needs a kind, norms and target modes")
     _REGISTRY[defn.name] = defn
     return defn
+
+
+def _check_definition(defn: AttackDef) -> None:
+    """AttackError (one line) unless the definition can run and its name can name files."""
+    name = defn.name
+    if not _is_file_name(name):
+        raise AttackError(
+            f"attack name {name!r}: use 1 to 64 letters, digits, '-', '_' or '.', not starting "
+            "with '.' (it names result files)"
+        )
+    if defn.kind not in (MINIMIZATION, FIXED_BUDGET):
+        raise AttackError(f"attack {name!r}: kind {defn.kind!r}; use {' or '.join(KINDS)}")
+    if not defn.norms:
+        raise AttackError(f"attack {name!r}: no norms; give its budget norms, e.g. ('l2',)")
+    if not defn.targets:
+        raise AttackError(f"attack {name!r}: no target modes; give them, e.g. ('untargeted',)")
+    if defn.needs not in NEEDS:
+        raise AttackError(f"attack {name!r}: needs {defn.needs!r}; use {' or '.join(NEEDS)}")
+
+
+def _is_file_name(name: Any) -> bool:
+    """The rule spec.py applies to attack labels: the name becomes part of file names."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 64
+        and name[0] != "."
+        and all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in name)
+    )
 
 
 def names() -> list[str]:
@@ -224,16 +258,19 @@ def _import_attack(path: str) -> AttackDef:
         raise AttackError(f"cannot import attack {path!r} ({err}); check the module path") from None
     if not isinstance(found, AttackDef):
         raise AttackError(f"{path!r} is a {type(found).__name__}, not an advlab AttackDef")
+    _check_definition(found)
     return _REGISTRY.setdefault(path, found)
 
 
+# Every attack but the noise control takes input gradients (AttackDef's default `needs`).
 for _defn in (
     AttackDef("fgsm", FIXED_BUDGET, ("linf",), _ALL_TARGETS, FGSMSettings, _fixed(fgsm),
               "fast gradient sign, one step (Goodfellow et al. 2015)"),
     AttackDef("pgd", FIXED_BUDGET, ("linf", "l2"), _ALL_TARGETS, PGDSettings,
               _fixed(pgd, takes_norm=True), "projected gradient descent (Madry et al. 2018)"),
     AttackDef("noise", FIXED_BUDGET, ("stddev",), ("untargeted",), NoiseSettings, _noise,
-              "Gaussian noise of stddev eps, clipped to the box (the paper's control)"),
+              "Gaussian noise of stddev eps, clipped to the box (the paper's control)",
+              needs="predictions"),
     AttackDef("lbfgs", MINIMIZATION, _DIST_NORMS, ("random", "untargeted", "all"),
               LBFGSWithStart, _LBFGS_RUN, "box-constrained L-BFGS (Szegedy et al. 2014)"),
     AttackDef("deepfool", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DeepFoolSettings,
