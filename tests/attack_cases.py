@@ -105,6 +105,26 @@ def advlab_attacks() -> set[str]:
     }
 
 
+class RowByRow(nn.Module):
+    """`model` applied to one row at a time.
+
+    A batched matmul may sum in an order that depends on the batch size (PyTorch's AVX2 and
+    AVX-512 kernels do), which moves each row by round-off (~1e-16 relative per evaluation in
+    float64, ~1e-9 after an L-BFGS search). Evaluated row by row, a row's model arithmetic is
+    the same in any batch, so whatever else could differ between batches is the attack's own:
+    with per-example state it must not, and rows compare bit for bit.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(x) == 0:
+            return self.model(x)
+        return torch.cat([self.model(row[None]) for row in x])
+
+
 def wrong_targets(y: Tensor, seed: int = 4) -> Tensor:
     """A random wrong class per example, as the attacks draw them from a seeded generator."""
     return random_wrong_targets(y, 10, torch.Generator().manual_seed(seed))

@@ -130,7 +130,8 @@ def test_every_attack_is_batch_consistent(
     # FMN's eps shrinks or grows on a threshold test too (adversarial by the margin or not),
     # so a round-off flip moves its result slightly: pixels by ~1e-4, distances by ~1e-4.
     # ALMA's momentum and RMSProp scaling carry a round-off difference forward from step to
-    # step (~1e-5 after 60 steps; in float64 rows agree to 1e-9, test_minimum_norm_attacks.py).
+    # step (~1e-5 after 60 steps; with the model evaluated row by row, rows agree exactly:
+    # test_minimum_norm_attacks.py).
     loose = case.attack == "lbfgs"
     slack = case.attack in ("fmn", "fmn_linf", "alma")
     for i in range(len(x)):
