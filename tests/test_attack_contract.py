@@ -10,7 +10,14 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from attack_cases import ALL_CASES, FIXED_BUDGET_CASES, MINIMIZATION_CASES, Case, wrong_targets
+from attack_cases import (
+    ALL_CASES,
+    FIXED_BUDGET_CASES,
+    MINIMIZATION_CASES,
+    Case,
+    RowByRow,
+    wrong_targets,
+)
 from conftest import assert_attack_contract as _assert_contract
 from conftest import l2_distance as _l2
 from conftest import predict_labels as _predict
@@ -144,6 +151,25 @@ def test_every_attack_is_batch_consistent(
         torch.testing.assert_close(alone.x_adv[0], batch.x_adv[i], atol=atol, rtol=0)
         rtol = 1e-2 if loose else 1e-3 if slack else 1e-5
         torch.testing.assert_close(_l2(x[sl], alone)[0], d_batch[i], rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=IDS)
+def test_no_attack_lets_a_row_depend_on_its_batch_mates(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor], case: Case
+) -> None:
+    # The contract's "one example's result never depends on its batch-mates", exactly: with
+    # the model evaluated row by row (RowByRow) the model's round-off is the same in any batch,
+    # so a row alone and in the batch go through the same arithmetic unless the attack mixes
+    # rows; the tolerances of the test above are the batched model's own round-off.
+    model = RowByRow(mlp)
+    x, y = digits[0][1100:1105], digits[1][1100:1105]
+    target = _targets(y)
+    batch = case.run(model, x, y, target, torch.Generator().manual_seed(7))
+    for i in range(len(x)):
+        sl = slice(i, i + 1)
+        alone = case.run(model, x[sl], y[sl], target[sl], torch.Generator().manual_seed(7))
+        for name in RESULT_FIELDS:
+            assert torch.equal(getattr(alone, name)[0], getattr(batch, name)[i]), (name, i)
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=IDS)
