@@ -1,11 +1,31 @@
-"""The paper's noise controls: Gaussian noise, perturbations rescaled to an rms, matched noise."""
+"""The paper's noise controls: the Gaussian noise attack, noise added to a batch, perturbations
+rescaled to an rms, matched noise."""
 
 from __future__ import annotations
 
 import torch
+from conftest import assert_attack_contract as _assert_contract
+from torch import Tensor, nn
 
-from advlab.attacks.noise import add_noise, amplify, matched_noise
+from advlab.attacks.noise import add_noise, amplify, gaussian_noise, matched_noise
 from advlab.measure import distortions
+
+
+def test_gaussian_noise_is_a_weak_control_with_the_given_spread(
+    mlp: nn.Module, digits: tuple[Tensor, Tensor]
+) -> None:
+    x, y = digits[0][1000:1100], digits[1][1000:1100]
+    result = gaussian_noise(mlp, x, y, 0.1, generator=torch.Generator().manual_seed(0))
+    _assert_contract(mlp, x, y, result)
+    assert (result.target == -1).all() and (result.grad_evals == 0).all()
+    rms = distortions(x, result.x_adv)["rms"]
+    # Clipping at 0 and 1 only removes noise: rms <= 0.1 on average, and not much less here.
+    assert 0.05 < rms.mean() < 0.1
+    again = gaussian_noise(mlp, x, y, 0.1, generator=torch.Generator().manual_seed(0))
+    other = gaussian_noise(mlp, x, y, 0.1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(again.x_adv, result.x_adv) and not torch.equal(other.x_adv, result.x_adv)
+    # The paper's point: at a similar distortion DeepFool fools every example, noise few.
+    assert result.success.float().mean() < 0.3
 
 
 def test_amplify_reaches_the_requested_rms_inside_the_box() -> None:

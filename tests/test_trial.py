@@ -46,18 +46,30 @@ def test_a_different_seed_trains_a_different_model(tmp_path: Path) -> None:
 
 
 def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> None:
-    attacks = [
-        {"name": "fgsm"},
-        {"name": "pgd", "steps": 5},
-        {"name": "pgd", "label": "pgd_l2", "norm": "l2", "eps": [0.5, 1.0]},
-        {"name": "noise", "eps": [0.1]},
-        {"name": "lbfgs", "max_iter": 20, "search_steps": 6},
-        {"name": "deepfool"},
-        {"name": "cw", "steps": 100, "search_steps": 6},
-        {"name": "alma", "steps": 60},
-        {"name": "lbfgs", "label": "lbfgs_from_alma", "loss": "margin", "max_iter": 8,
-         "start": "alma", "start_settings": {"steps": 20, "lr_init": 1.0}},
-    ]  # fmt: skip
+    from attack_cases import advlab_attacks
+
+    from advlab.attacks import registry
+
+    # Every attack advlab registers, with small settings; an attack added to the registry
+    # without an entry here fails the first assertion.
+    small: dict[str, list[dict]] = {
+        "fgsm": [{}],
+        "pgd": [{"steps": 5}, {"label": "pgd_l2", "norm": "l2", "eps": [0.5, 1.0]}],
+        "noise": [{"eps": [0.1]}],
+        "lbfgs": [
+            {"max_iter": 20, "search_steps": 6},
+            {"label": "lbfgs_from_alma", "loss": "margin", "max_iter": 8, "start": "alma",
+             "start_settings": {"steps": 20, "lr_init": 1.0}},
+        ],
+        "deepfool": [{}],
+        "cw": [{"steps": 100, "search_steps": 6}],
+        "ddn": [{"steps": 40}],
+        "alma": [{"steps": 60}],
+        "fmn": [{"steps": 40}],
+        "fmn_linf": [{"steps": 40}],
+    }  # fmt: skip
+    assert set(small) == advlab_attacks()
+    attacks = [{"name": name, **settings} for name, runs in small.items() for settings in runs]
     spec = parse_sweep(tiny_sweep(name="attacks", grid={"seed": [0]}, attacks=attacks))
     result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"))
     curves = SweepStore(str(tmp_path), "attacks").read("curves")
@@ -70,7 +82,10 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
         "lbfgs": "rms",
         "deepfool": "rms",
         "cw": "rms",
+        "ddn": "rms",
         "alma": "rms",
+        "fmn": "rms",
+        "fmn_linf": "linf",
         "lbfgs_from_alma": "rms",
     }
     examples = SweepStore(str(tmp_path), "attacks").read("examples")
@@ -79,9 +94,12 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
     # PGD is at least as strong as FGSM at the same budget, on the same examples.
     assert result.metrics["pgd/success@0.1"] >= result.metrics["fgsm/success@0.1"]
     summary = SweepStore(str(tmp_path), "attacks").read("attacks").set_index("attack")
-    for name in ("lbfgs", "deepfool", "cw", "alma", "lbfgs_from_alma"):
-        assert summary.loc[name, "success_rate"] > 0.9
-        assert summary.loc[name, "kind"] == "minimization"
+    minimisation = [k for k, kind in summary["kind"].items() if kind == "minimization"]
+    assert set(minimisation) == {
+        "lbfgs", "deepfool", "cw", "ddn", "alma", "fmn", "fmn_linf", "lbfgs_from_alma"
+    }  # fmt: skip
+    for name in minimisation:
+        assert summary.loc[name, "success_rate"] > 0.9, name
         assert pd.isna(summary.loc[name, "budget"])
         assert (examples.loc[examples["attack"] == name, "budget"].isna()).all()
     # The attacks table's numbers are the examples table's, aggregated.
@@ -92,15 +110,14 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
     assert summary.loc["lbfgs", "median_dist_l2"] == pytest.approx(
         lbfgs.loc[lbfgs["success"], "dist_l2"].median()
     )
-    assert json.loads(summary.loc["lbfgs", "settings"]) == {
-        "loss": "ce",
-        "max_iter": 20,
-        "search_steps": 6,
-        "candidates": None,
-        "max_evals": None,
-        "start": None,
-        "start_settings": {},
-    }
+    # The recorded settings: every knob of the attack, the given ones as given.
+    defaults = registry.get("lbfgs").settings().model_dump(mode="json")
+    recorded = json.loads(summary.loc["lbfgs", "settings"])
+    assert recorded == defaults | {"max_iter": 20, "search_steps": 6}
+    assert {k: recorded[k] for k in ("loss", "candidates", "max_evals", "start")} == {
+        "loss": "ce", "candidates": None, "max_evals": None, "start": None
+    }  # fmt: skip
+    assert recorded["start_settings"] == {} and recorded["history"] is None
     # The started search's settings reach its row as given, and its evaluations include the
     # start attack's 20 steps per example.
     started = json.loads(summary.loc["lbfgs_from_alma", "settings"])

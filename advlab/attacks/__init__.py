@@ -3,13 +3,18 @@
 Minimisation attacks (one run scores every budget): lbfgs_attack, deepfool, carlini_wagner,
 ddn, alma, fmn (L2 or Linf).
 Fixed-budget attacks (one run per budget): fgsm, pgd, gaussian_noise.
+
+Every attack is called as `attack(model, x, y, [budget,] target=None, settings=None, *,
+num_classes=None, generator=None, **overrides)`: its knobs are one settings model defined in
+its module (`DDNSettings`, ...), passed as `settings=` and/or as keyword overrides of its fields.
 """
 
-from advlab.attacks.alma import alma
+from advlab.attacks.alma import ALMASettings, alma
 from advlab.attacks.base import (
     TARGET_MODES,
     AttackError,
     AttackResult,
+    Settings,
     Target,
     check_inputs,
     closest_over_targets,
@@ -17,20 +22,29 @@ from advlab.attacks.base import (
     random_wrong_targets,
     shrink_toward_input,
 )
-from advlab.attacks.cw import carlini_wagner
-from advlab.attacks.ddn import ddn
-from advlab.attacks.deepfool import deepfool
-from advlab.attacks.fmn import fmn
-from advlab.attacks.gradient import fgsm, pgd
+from advlab.attacks.cw import CWSettings, carlini_wagner
+from advlab.attacks.ddn import DDNSettings, ddn
+from advlab.attacks.deepfool import DeepFoolSettings, deepfool
+from advlab.attacks.fmn import FMNSettings, fmn
+from advlab.attacks.gradient import FGSMSettings, PGDSettings, fgsm, pgd
 from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
 from advlab.attacks.lbfgs_reference import lbfgs_scipy_reference
-from advlab.attacks.noise import gaussian_noise
+from advlab.attacks.noise import NoiseSettings, gaussian_noise
 
 __all__ = [
     "TARGET_MODES",
+    "ALMASettings",
     "AttackError",
     "AttackResult",
+    "CWSettings",
+    "DDNSettings",
+    "DeepFoolSettings",
+    "FGSMSettings",
+    "FMNSettings",
     "LBFGSSettings",
+    "NoiseSettings",
+    "PGDSettings",
+    "Settings",
     "Target",
     "alma",
     "carlini_wagner",

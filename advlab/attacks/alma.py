@@ -19,18 +19,19 @@ depends on its batch-mates or on a generator.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
-    AttackError,
     AttackResult,
+    Settings,
     Target,
     adversarial_margin,
     finish,
+    merged_settings,
     prepare,
     run_targets,
 )
@@ -38,46 +39,18 @@ from advlab.attacks.ddn import BestPoints
 from advlab.runtime import RowObjective, chunk_rows, input_gradient
 
 
-@dataclass(frozen=True)
-class ALMASettings:
-    steps: int = 1000  # gradient steps (one evaluation each)
-    lr_init: float = 0.1  # RMSProp step size until the first success
-    lr_reduction: float = 0.01  # the last step's size, as a fraction of lr_init
-    mu_init: float = 1.0  # Lagrange multiplier
-    rho_init: float = 1.0  # penalty weight
-    check_steps: int = 10  # steps between checks of the constraint's progress
-    tau: float = 0.95  # the constraint must shrink by this factor per check...
-    gamma: float = 1.2  # ...or rho grows by this factor (until a success)
-    alpha: float = 0.9  # averaging weight of mu, of RMSProp's squares and of its momentum
-    margin: float = 1e-5  # logit lead an iterate needs to be kept as adversarial
-
-    def validated(self) -> ALMASettings:
-        for name in _COUNTS:
-            value = getattr(self, name)
-            whole = isinstance(value, int | float) and math.isfinite(value) and value == int(value)
-            if not whole or value < 1:
-                raise AttackError(f"{name}: must be an integer >= 1, got {value}")
-        positive = ("lr_init", "mu_init", "rho_init")
-        unit = ("lr_reduction", "tau", "alpha")
-        for name in positive + unit + ("gamma", "margin"):
-            value = float(getattr(self, name))
-            bad = not math.isfinite(value) or (
-                (name in positive and value <= 0)
-                or (name in unit and not 0 < value <= 1)
-                or (name == "gamma" and value < 1)
-                or (name == "margin" and value < 0)
-            )
-            if bad:
-                rule = {"gamma": ">= 1", "margin": ">= 0"}.get(name, "> 0")
-                rule = "in (0, 1]" if name in unit else rule
-                raise AttackError(f"{name}: must be a finite number {rule}, got {value}")
-        return ALMASettings(**{
-            f.name: (int if f.name in _COUNTS else float)(getattr(self, f.name))
-            for f in fields(self)
-        })  # fmt: skip
-
-
-_COUNTS = ("steps", "check_steps")  # ALMASettings' integer fields
+class ALMASettings(Settings):
+    steps: int = Field(1000, ge=1)  # gradient steps (one evaluation each)
+    lr_init: float = Field(0.1, gt=0)  # RMSProp step size until the first success
+    lr_reduction: float = Field(0.01, gt=0, le=1)  # the last step's size, a fraction of lr_init
+    mu_init: float = Field(1.0, gt=0)  # Lagrange multiplier
+    rho_init: float = Field(1.0, gt=0)  # penalty weight
+    check_steps: int = Field(10, ge=1)  # steps between checks of the constraint's progress
+    tau: float = Field(0.95, gt=0, le=1)  # the constraint must shrink by this factor per check...
+    gamma: float = Field(1.2, ge=1)  # ...or rho grows by this factor (until a success)
+    alpha: float = Field(0.9, gt=0, le=1)  # averaging weight of mu, RMSProp's squares, momentum
+    margin: float = Field(1e-5, ge=0)  # logit lead an iterate needs to be kept as adversarial
+    candidates: int | None = Field(None, ge=1)  # target "all": only the k nearest classes
 
 
 def alma(
@@ -85,32 +58,26 @@ def alma(
     x: Tensor,
     y: Tensor,
     target: Target = None,
+    settings: ALMASettings | None = None,
     *,
-    steps: int = 1000,
-    lr_init: float = 0.1,
-    lr_reduction: float = 0.01,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    candidates: int | None = None,
-    **more: float,
+    **overrides: Any,
 ) -> AttackResult:
     """ALMA-L2. target None/"untargeted" (default), a tensor, "random" or "all".
 
-    `more` takes the rarer settings of ALMASettings (mu_init, rho_init, check_steps, tau, gamma,
-    alpha, margin). Returns each example's closest adversarial point seen (x itself where none
+    `settings` (ALMASettings() when None) with any field replaced by keyword (`steps=50`,
+    `mu_init=0.5`). Returns each example's closest adversarial point seen (x itself where none
     was found); grad_evals is `steps` per example (per target under "all"). The generator only
     draws random targets.
     """
-    try:
-        s = ALMASettings(steps, lr_init, lr_reduction, **more).validated()
-    except TypeError as err:
-        raise AttackError(f"alma: {err}; see ALMASettings for its settings") from None
+    s = merged_settings(ALMASettings, settings, overrides, "alma")
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
     return run_targets(
         model, x, y, resolved, k, lambda xs, ys, ts: _alma(model, xs, ys, ts, s),
-        candidates=candidates,
+        candidates=s.candidates,
     )  # fmt: skip
 
 

@@ -3,17 +3,24 @@
 An attack takes a model (float32 inputs in [0,1] of shape (B, C, H, W) -> logits (B, K)), inputs
 and labels, and returns an `AttackResult`. It never changes the model: it runs it in eval mode,
 restores the previous mode afterwards and leaves no gradients on the parameters.
+
+Every attack's knobs live in one place: a `Settings` model in the attack's module, with their
+defaults, bounds and cross-field checks. The attack function takes one (`settings=`) and/or
+keyword overrides of its fields, merged and validated by `merged_settings`; the registry and the
+sweep files validate the same model.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
 from advlab.measure import distortions
@@ -22,6 +29,68 @@ from advlab.runtime import eval_mode, model_device, predict
 
 class AttackError(ValueError):
     """A bad argument to an attack; the message names the argument and the fix in one line."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+class Settings(BaseModel):
+    """Base of every attack's settings: unknown keys are refused, values are immutable.
+
+    Strict: a count must be an int (2.0 is refused, not rounded) and a flag a bool, in sweep
+    files and Python calls alike; a float field takes an int.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+SettingsT = TypeVar("SettingsT", bound=Settings)
+
+
+def validated_settings(cls: type[SettingsT], values: Mapping[str, Any], attack: str) -> SettingsT:
+    """`cls` validated from a plain mapping; AttackError naming the key and the fix otherwise."""
+    try:
+        return cls.model_validate(dict(values))
+    except ValidationError as err:
+        raise _settings_error(err, cls, attack) from None
+
+
+def merged_settings(
+    cls: type[SettingsT], settings: SettingsT | None, overrides: Mapping[str, Any], attack: str
+) -> SettingsT:
+    """`settings` (the defaults when None) with `overrides` replacing its fields, validated.
+
+    How every attack function turns `settings=` and its keyword overrides into the one model it
+    runs on: `ddn(model, x, y, steps=50)` is `ddn(model, x, y, settings=DDNSettings(steps=50))`.
+    """
+    if settings is None:
+        return validated_settings(cls, overrides, attack)
+    if not isinstance(settings, cls):
+        raise AttackError(
+            f"settings: expected a {cls.__name__}, got {type(settings).__name__}; "
+            f"build one with {cls.__name__}(...) or pass its fields as keywords"
+        )
+    if not overrides:
+        return settings
+    given = settings.model_dump(exclude_unset=True)
+    return validated_settings(type(settings), {**given, **overrides}, attack)
+
+
+def _settings_error(err: ValidationError, cls: type[Settings], attack: str) -> AttackError:
+    """The first problem of a validation error as one line that names the key and the fix."""
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if not key:  # a check across fields, whose message names them
+        return AttackError(first["msg"].removeprefix("Value error, "))
+    if first["type"] == "extra_forbidden":
+        known = sorted(cls.model_fields)
+        close = difflib.get_close_matches(key, known, n=1)
+        if close:
+            hint = f"did you mean {close[0]!r}?"
+        else:
+            hint = f"its settings: {', '.join(known)}" if known else "it has no settings"
+        return AttackError(f"{key}: not a setting of {attack}; {hint}")
+    return AttackError(f"{key}: {first['msg']} (got {first.get('input')!r})")
 
 
 @dataclass

@@ -20,17 +20,20 @@ stops for that round. Adam is element-wise, so rows never interact.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
-    AttackError,
     AttackResult,
+    Settings,
     Target,
     adversarial_margin,
     finish,
+    merged_settings,
     prepare,
     run_targets,
 )
@@ -39,32 +42,19 @@ from advlab.attacks.base import (
 _TANH_SHRINK = 1 - 1e-6
 
 
-@dataclass(frozen=True)
-class CWSettings:
-    """The search's knobs, checked and built once by `carlini_wagner`."""
+class CWSettings(Settings):
+    """The search's knobs. Defaults follow the authors' code except steps (1000, not 10000)
+    and warm_start (see `carlini_wagner`)."""
 
-    steps: int  # Adam iterations per round
-    search_steps: int  # rounds of the binary search on c
-    c_init: float  # every example's first c
-    lr: float  # Adam's step size
-    kappa: float  # the loss stops rewarding a lead beyond kappa logits
-    abort_early: bool  # end an example's round once its objective stalls
-    margin: float  # logit lead an iterate needs to be kept as adversarial
+    steps: int = Field(1000, ge=1)  # Adam iterations per round
+    search_steps: int = Field(9, ge=1)  # rounds of the binary search on c
+    c_init: float = Field(1e-3, gt=0)  # every example's first c
+    lr: float = Field(1e-2, gt=0)  # Adam's step size
+    kappa: float = Field(0.0, ge=0)  # the loss stops rewarding a lead beyond kappa logits
+    abort_early: bool = True  # end an example's round once its objective stalls
+    margin: float = Field(1e-5, ge=0)  # logit lead an iterate needs to be kept as adversarial
     warm_start: bool = True  # rounds start where the last ended / at the best (_next_starts)
-
-    def validated(self) -> CWSettings:
-        """These settings with integer step counts; AttackError if no search can run with them."""
-        for name in ("steps", "search_steps"):
-            value = getattr(self, name)
-            if int(value) < 1:
-                raise AttackError(f"{name}: must be an integer >= 1, got {value}")
-        for name, value in (("c_init", self.c_init), ("lr", self.lr)):
-            if not (math.isfinite(value) and value > 0):
-                raise AttackError(f"{name}: must be a finite number > 0, got {value}")
-        for name, value in (("kappa", self.kappa), ("margin", self.margin)):
-            if not (math.isfinite(value) and value >= 0):
-                raise AttackError(f"{name}: must be a finite number >= 0, got {value}")
-        return replace(self, steps=int(self.steps), search_steps=int(self.search_steps))
+    candidates: int | None = Field(None, ge=1)  # target "all": only the k nearest classes
 
 
 @dataclass(frozen=True)
@@ -102,31 +92,22 @@ def carlini_wagner(
     x: Tensor,
     y: Tensor,
     target: Target = None,
+    settings: CWSettings | None = None,
     *,
-    steps: int = 1000,
-    search_steps: int = 9,
-    c_init: float = 1e-3,
-    lr: float = 1e-2,
-    kappa: float = 0.0,
-    abort_early: bool = True,
-    margin: float = 1e-5,
-    warm_start: bool = True,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    candidates: int | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """C&W-L2. target None/"untargeted", a tensor, "random" or "all" (`candidates` applies).
 
-    Defaults follow the authors' code except steps (1000, not 10000) and warm_start (True:
-    a round starts where the example's last round ended while it has never succeeded, and
-    at its closest adversarial point once it has; False: every round restarts from the input,
-    as the authors' code does). An iterate counts as
-    adversarial when it is so by more than `margin` logits, so a kept image cannot flip under
-    another batch size's round-off. grad_evals counts Adam iterations (one gradient each).
+    `settings` (CWSettings() when None) with any field replaced by keyword (`steps=100`).
+    warm_start True: a round starts where the example's last round ended while it has never
+    succeeded, and at its closest adversarial point once it has; False: every round restarts
+    from the input, as the authors' code does. An iterate counts as adversarial when it is so
+    by more than `margin` logits, so a kept image cannot flip under another batch size's
+    round-off. grad_evals counts Adam iterations (one gradient each).
     """
-    settings = CWSettings(
-        steps, search_steps, c_init, lr, kappa, abort_early, margin, bool(warm_start)
-    ).validated()
+    s = merged_settings(CWSettings, settings, overrides, "cw")
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
@@ -136,8 +117,8 @@ def carlini_wagner(
         y,
         resolved,
         k,
-        lambda xs, ys, ts: _cw(model, xs, ys, ts, settings),
-        candidates=candidates,
+        lambda xs, ys, ts: _cw(model, xs, ys, ts, s),
+        candidates=s.candidates,
     )
 
 

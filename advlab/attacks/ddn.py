@@ -16,43 +16,34 @@ gradient evaluation per step and example.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
-    AttackError,
     AttackResult,
+    Settings,
     Target,
     adversarial_margin,
     example_generators,
     example_randn,
     finish,
+    merged_settings,
     prepare,
     run_targets,
 )
 from advlab.runtime import RowObjective, chunk_rows, input_gradient
 
 
-@dataclass(frozen=True)
-class DDNSettings:
-    steps: int = 100  # gradient steps (one evaluation each)
-    gamma: float = 0.05  # eps changes by this factor per step
-    init_norm: float = 1.0  # first radius
-    margin: float = 1e-5  # logit lead an iterate needs to be kept as adversarial
-
-    def validated(self) -> DDNSettings:
-        if int(self.steps) < 1:
-            raise AttackError(f"steps: must be an integer >= 1, got {self.steps}")
-        if not (math.isfinite(self.gamma) and 0 < self.gamma < 1):
-            raise AttackError(f"gamma: must be a number in (0, 1), got {self.gamma}")
-        if not (math.isfinite(self.init_norm) and self.init_norm > 0):
-            raise AttackError(f"init_norm: must be a finite number > 0, got {self.init_norm}")
-        if not (math.isfinite(self.margin) and self.margin >= 0):
-            raise AttackError(f"margin: must be a finite number >= 0, got {self.margin}")
-        return DDNSettings(int(self.steps), float(self.gamma), float(self.init_norm), self.margin)
+class DDNSettings(Settings):
+    steps: int = Field(100, ge=1)  # gradient steps (one evaluation each)
+    gamma: float = Field(0.05, gt=0, lt=1)  # eps changes by this factor per step
+    init_norm: float = Field(1.0, gt=0)  # first radius
+    margin: float = Field(1e-5, ge=0)  # logit lead an iterate needs to be kept as adversarial
+    candidates: int | None = Field(None, ge=1)  # target "all": only the k nearest classes
 
 
 def ddn(
@@ -60,21 +51,19 @@ def ddn(
     x: Tensor,
     y: Tensor,
     target: Target = None,
+    settings: DDNSettings | None = None,
     *,
-    steps: int = 100,
-    gamma: float = 0.05,
-    init_norm: float = 1.0,
-    margin: float = 1e-5,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    candidates: int | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """DDN-L2. target None/"untargeted" (default), a tensor, "random" or "all".
 
+    `settings` (DDNSettings() when None) with any field replaced by keyword (`steps=50`).
     Returns each example's closest adversarial point seen (x itself where none was found);
     grad_evals is `steps` per example (per target under "all").
     """
-    s = DDNSettings(steps, gamma, init_norm, margin).validated()
+    s = merged_settings(DDNSettings, settings, overrides, "ddn")
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
@@ -87,7 +76,7 @@ def ddn(
         resolved,
         k,
         lambda xs, ys, ts: _ddn(model, xs, ys, ts, s, seed.clone_state()),
-        candidates=candidates,
+        candidates=s.candidates,
     )
 
 

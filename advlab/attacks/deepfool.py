@@ -15,20 +15,30 @@ overshoot and any overstep; it is off by default (the paper's algorithm).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
-    AttackError,
     AttackResult,
+    Settings,
     Target,
     finish,
     is_adversarial,
+    merged_settings,
     prepare,
     run_targets,
     shrink_toward_input,
 )
+
+
+class DeepFoolSettings(Settings):
+    steps: int = Field(50, ge=1)  # linearised steps per example (each K class gradients)
+    overshoot: float = Field(0.02, ge=0)  # the total perturbation is scaled by 1 + overshoot
+    refine_steps: int = Field(0, ge=0)  # bisections of the result back toward x (0: the paper's)
+    candidates: int | None = Field(None, ge=1)  # target "all": only the k nearest classes
 
 
 def deepfool(
@@ -36,38 +46,32 @@ def deepfool(
     x: Tensor,
     y: Tensor,
     target: Target = None,
+    settings: DeepFoolSettings | None = None,
     *,
-    steps: int = 50,
-    overshoot: float = 0.02,
-    refine_steps: int = 0,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    candidates: int | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """L2 DeepFool. target None/"untargeted" (the paper's), a tensor, "random" or "all".
 
-    grad_evals counts one per class gradient (one backward pass per class and step, including
-    the pass that finds an example already adversarial).
-    `candidates` applies to target="all" (see `closest_over_targets`).
+    `settings` (DeepFoolSettings() when None) with any field replaced by keyword. grad_evals
+    counts one per class gradient (one backward pass per class and step, including the pass
+    that finds an example already adversarial). `candidates` applies to target="all" (see
+    `closest_over_targets`).
     """
-    if int(steps) < 1:
-        raise AttackError(f"steps: must be >= 1, got {steps}")
-    if not (math.isfinite(overshoot) and overshoot >= 0):
-        raise AttackError(f"overshoot: must be a finite number >= 0, got {overshoot}")
-    if int(refine_steps) < 0:
-        raise AttackError(f"refine_steps: must be >= 0, got {refine_steps}")
+    s = merged_settings(DeepFoolSettings, settings, overrides, "deepfool")
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
-    settings = (k, int(steps), float(overshoot), int(refine_steps))
+    args = (k, s.steps, s.overshoot, s.refine_steps)
     return run_targets(
         model,
         x,
         y,
         resolved,
         k,
-        lambda xs, ys, ts: _deepfool(model, xs, ys, ts, *settings),
-        candidates=candidates,
+        lambda xs, ys, ts: _deepfool(model, xs, ys, ts, *args),
+        candidates=s.candidates,
     )
 
 

@@ -17,18 +17,20 @@ gradient evaluation per step and example.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
-    AttackError,
     AttackResult,
+    Settings,
     Target,
     adversarial_margin,
     check_norm,
     finish,
+    merged_settings,
     prepare,
     run_targets,
 )
@@ -37,34 +39,19 @@ from advlab.optim import box_move_bounds
 from advlab.runtime import RowObjective, chunk_rows, input_gradient
 
 
-@dataclass(frozen=True)
-class FMNSettings:
-    norm: str = "l2"  # the norm minimised: "l2" or "linf"
-    steps: int = 100  # gradient steps (one evaluation each)
-    alpha_init: float = 1.0  # first step size (L2 length of the normalised gradient step)
-    alpha_final: float | None = None  # last step size; None: alpha_init / 100
-    gamma_init: float = 0.05  # first factor by which eps moves
-    gamma_final: float = 0.001  # last factor
-    margin: float = 1e-5  # logit lead an iterate needs to be kept as adversarial
+class FMNSettings(Settings):
+    steps: int = Field(100, ge=1)  # gradient steps (one evaluation each)
+    alpha_init: float = Field(1.0, gt=0)  # first step size (L2 length of the normalised step)
+    alpha_final: float | None = Field(None, gt=0)  # last step size; None: alpha_init / 100
+    gamma_init: float = Field(0.05, ge=0, lt=1)  # first factor by which eps moves
+    gamma_final: float = Field(0.001, ge=0, lt=1)  # last factor
+    margin: float = Field(1e-5, ge=0)  # logit lead an iterate needs to be kept as adversarial
+    candidates: int | None = Field(None, ge=1)  # target "all": only the k nearest classes
 
-    def validated(self) -> FMNSettings:
-        check_norm(self.norm)
-        if int(self.steps) < 1:
-            raise AttackError(f"steps: must be an integer >= 1, got {self.steps}")
-        final = self.alpha_init / 100 if self.alpha_final is None else self.alpha_final
-        for name, value in (("alpha_init", self.alpha_init), ("alpha_final", final)):
-            if not (math.isfinite(value) and value > 0):
-                raise AttackError(f"{name}: must be a finite number > 0, got {value}")
-        for name in ("gamma_init", "gamma_final"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 <= value < 1):
-                raise AttackError(f"{name}: must be a number in [0, 1), got {value}")
-        if not (math.isfinite(self.margin) and self.margin >= 0):
-            raise AttackError(f"margin: must be a finite number >= 0, got {self.margin}")
-        return FMNSettings(
-            self.norm, int(self.steps), float(self.alpha_init), float(final),
-            float(self.gamma_init), float(self.gamma_final), float(self.margin),
-        )  # fmt: skip
+    @property
+    def last_alpha(self) -> float:
+        """alpha_final, or alpha_init / 100 when it is None."""
+        return self.alpha_init / 100 if self.alpha_final is None else self.alpha_final
 
 
 def fmn(
@@ -72,27 +59,22 @@ def fmn(
     x: Tensor,
     y: Tensor,
     target: Target = None,
+    settings: FMNSettings | None = None,
     *,
     norm: str = "l2",
-    steps: int = 100,
-    alpha_init: float = 1.0,
-    alpha_final: float | None = None,
-    gamma_init: float = 0.05,
-    gamma_final: float = 0.001,
-    margin: float = 1e-5,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    candidates: int | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """FMN minimising the L2 or Linf norm (`norm`). target None/"untargeted", a tensor,
     "random" or "all" (closest in `norm`).
 
+    `settings` (FMNSettings() when None) with any field replaced by keyword (`steps=50`).
     Returns each example's closest adversarial point seen (x itself where none was found);
     grad_evals is `steps` per example (per target under "all").
     """
-    s = FMNSettings(
-        norm, steps, alpha_init, alpha_final, gamma_init, gamma_final, margin
-    ).validated()
+    s = merged_settings(FMNSettings, settings, overrides, "fmn")
+    norm = check_norm(norm)
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
@@ -102,9 +84,9 @@ def fmn(
         y,
         resolved,
         k,
-        lambda xs, ys, ts: _fmn(model, xs, ys, ts, s),
-        norm=s.norm,
-        candidates=candidates,
+        lambda xs, ys, ts: _fmn(model, xs, ys, ts, s, norm),
+        norm=norm,
+        candidates=s.candidates,
     )
 
 
@@ -163,13 +145,13 @@ def _gap_objective(
 
 
 def _fmn(
-    model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, s: FMNSettings
+    model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, s: FMNSettings, norm: str
 ) -> AttackResult:
     flat, shape = x.flatten(1), tuple(x.shape[1:])
     n = len(x)
     delta = torch.zeros_like(flat)
     eps = torch.full((n,), math.inf, dtype=flat.dtype, device=flat.device)
-    worst = _norm(torch.maximum(flat, 1 - flat), s.norm)
+    worst = _norm(torch.maximum(flat, 1 - flat), norm)
     best = BestPoints(flat)
     found, all_found = torch.zeros(n, dtype=torch.bool, device=flat.device), False
     size = torch.zeros_like(eps)  # the norm of delta
@@ -179,7 +161,7 @@ def _fmn(
     box = (-flat, 1 - flat)  # delta's bounds
     objective, chunk = _gap_objective(model, y, target, shape), chunk_rows(model, x)
     for i in range(s.steps):
-        alpha = _cosine(i, s.steps, s.alpha_init, s.alpha_final)  # type: ignore[arg-type]
+        alpha = _cosine(i, s.steps, s.alpha_init, s.last_alpha)
         gamma = _cosine(i, s.steps, s.gamma_init, s.gamma_final)
         g, (gap,) = input_gradient(objective, z, chunk)  # gap > 0: adversarial
         adv = gap > s.margin
@@ -196,14 +178,14 @@ def _fmn(
         g_l2 = g.norm(dim=1)
         grown = eps * (1 + gamma)
         if not all_found:
-            dual = g_l2 if s.norm == "l2" else g.abs().sum(dim=1)
+            dual = g_l2 if norm == "l2" else g.abs().sum(dim=1)
             # Aim a little past the linearised boundary: aimed exactly at it, a linear model's
             # iterates land on the boundary itself and tie there forever (argmax either way).
             to_boundary = size + (_AIM + s.margin - gap).clamp_min(0) / dual.clamp_min(1e-12)
             grown = torch.where(found, grown, to_boundary)
         eps = torch.where(adv, torch.minimum(eps * (1 - gamma), best.dist), grown).minimum(worst)
         delta.addcmul_(g, (alpha / g_l2.clamp_min(1e-12))[:, None])
-        size = _step_into(z, flat, delta, box, eps, s.norm)
+        size = _step_into(z, flat, delta, box, eps, norm)
         del g  # frees its buffer for the next gradient before that is allocated
     evals = torch.full((n,), s.steps, dtype=torch.int64, device=x.device)
     return finish(model, best.x.view_as(x), y, target, evals)

@@ -4,19 +4,23 @@ the Linf or L2 norm. Each call runs at one budget; run once per budget for a cur
 Targets (`target=`): None or "untargeted" raises the cross-entropy of the label; a (B,) tensor or
 "random" lowers the cross-entropy of the target class; "all" attacks every wrong class and keeps,
 per example, the successful image closest to x in the attack's norm.
+
+eps and norm are the threat model, arguments of the call; the settings models tune the search.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
-    AttackError,
     AttackResult,
+    Settings,
     Target,
     check_budget,
     check_norm,
@@ -24,10 +28,22 @@ from advlab.attacks.base import (
     example_rand,
     example_randn,
     finish,
+    merged_settings,
     prepare,
     run_targets,
 )
 from advlab.runtime import RowObjective, chunk_rows, input_gradient
+
+
+class FGSMSettings(Settings):
+    """FGSM has no knobs: one signed step of exactly eps."""
+
+
+class PGDSettings(Settings):
+    steps: int = Field(40, ge=1)  # gradient steps per restart
+    restarts: int = Field(1, ge=1)  # runs from fresh random starts, for examples not yet fooled
+    step_size: float | None = Field(None, ge=0)  # None: 2.5 * eps / steps (Madry et al.)
+    random_start: bool = True  # start uniformly in the eps-ball (else at x)
 
 
 def loss_gradient(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
@@ -48,12 +64,18 @@ def fgsm(
     x: Tensor,
     y: Tensor,
     eps: float,
-    *,
     target: Target = None,
+    settings: FGSMSettings | None = None,
+    *,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
+    **overrides: Any,
 ) -> AttackResult:
-    """FGSM: x_adv = clamp(x + eps * sign(grad), 0, 1), up the label's CE or down the target's."""
+    """FGSM: x_adv = clamp(x + eps * sign(grad), 0, 1), up the label's CE or down the target's.
+
+    `settings` and `overrides` exist for the shared calling convention; FGSM has no knobs.
+    """
+    merged_settings(FGSMSettings, settings, overrides, "fgsm")
     eps = check_budget("eps", eps)
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
@@ -79,38 +101,34 @@ def pgd(
     x: Tensor,
     y: Tensor,
     eps: float,
+    target: Target = None,
+    settings: PGDSettings | None = None,
     *,
     norm: str = "linf",
-    steps: int = 40,
-    step_size: float | None = None,
-    random_start: bool = True,
-    restarts: int = 1,
-    target: Target = None,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """PGD: `steps` normalised-gradient steps projected onto the eps-ball (Linf or L2) and the box.
 
-    Linf steps along sign(grad); L2 along grad / ||grad||_2. step_size defaults to
-    2.5 * eps / steps (Madry et al.). Each restart starts uniformly in the eps-ball (when
-    random_start) from a per-example stream seeded by `generator` (seed 0 when None) and the
-    example's own pixels, so an example's result does not depend on its batch. An example keeps
-    its first fooling iterate (success never decreases with more steps) and skips later
-    restarts; an example never fooled returns the restart whose end point had the highest loss.
+    `settings` (PGDSettings() when None) with any field replaced by keyword (`steps=20`).
+    Linf steps along sign(grad); L2 along grad / ||grad||_2. Each restart starts uniformly in
+    the eps-ball (when random_start) from a per-example stream seeded by `generator` (seed 0
+    when None) and the example's own pixels, so an example's result does not depend on its
+    batch. An example keeps its first fooling iterate (success never decreases with more
+    steps) and skips later restarts; an example never fooled returns the restart whose end
+    point had the highest loss.
     """
+    s = merged_settings(PGDSettings, settings, overrides, "pgd")
     eps = check_budget("eps", eps)
     norm = check_norm(norm)
-    if int(steps) < 1:
-        raise AttackError(f"steps: must be >= 1, got {steps}")
-    if int(restarts) < 1:
-        raise AttackError(f"restarts: must be >= 1, got {restarts}")
-    step = 2.5 * eps / steps if step_size is None else check_budget("step_size", step_size)
+    step = 2.5 * eps / s.steps if s.step_size is None else s.step_size
     x, y, resolved, k = prepare(
         model, x, y, target, num_classes=num_classes, generator=generator, default="untargeted"
     )
-    settings = (eps, norm, int(steps), step, random_start, int(restarts), generator)
+    args = (eps, norm, s.steps, step, s.random_start, s.restarts, generator)
     return run_targets(
-        model, x, y, resolved, k, lambda xs, ys, ts: _pgd(model, xs, ys, ts, *settings), norm=norm
+        model, x, y, resolved, k, lambda xs, ys, ts: _pgd(model, xs, ys, ts, *args), norm=norm
     )
 
 

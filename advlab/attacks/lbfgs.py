@@ -53,26 +53,29 @@ Two solvers share the objective (`PenaltyObjective`) and the c search (`CSearch`
   batch-mates.
 - `lbfgs_scipy_reference` (`advlab.attacks.lbfgs_reference`): scipy's fmin_l_bfgs_b, one example
   at a time; the test oracle and the speed baseline (the way Foolbox <= 2.4 ran this attack).
-Both take their knobs as one `LBFGSSettings`, with keyword overrides of its fields.
+Both take their knobs as one `LBFGSSettings`, with keyword overrides of its fields
+(`lbfgs_settings`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
     AttackError,
     AttackResult,
+    Settings,
     Target,
     adversarial_margin,
     finish,
+    merged_settings,
     prepare,
     run_targets,
     shrink_toward_input,
@@ -81,57 +84,38 @@ from advlab.optim import minimize_box_lbfgs, sqnorm
 from advlab.runtime import chunk_rows, input_gradient
 
 Loss = Literal["ce", "margin"]
-LOSSES: tuple[str, ...] = ("ce", "margin")
 
 
-@dataclass(frozen=True)
-class LBFGSSettings:
+class LBFGSSettings(Settings):
     """The c search's knobs, shared by the torch attack and the scipy reference.
 
     Pass one as `settings=`, or name fields as keywords (`loss="margin"`), or both: keywords
-    replace the settings' fields (`lbfgs_settings`).
+    replace the settings' fields (`lbfgs_settings`, which also fills in the loss's defaults).
     """
 
-    c_init: float | None = None  # first penalty weight; None: the loss's default (`initial_c`)
-    c_factor: float = 10.0  # multiply/divide c by this until a bracket exists
-    search_steps: int = 12  # inner solves per example (bracketing + bisection)
-    c_rtol: float = 1e-3  # stop an example's search once hi / lo <= 1 + c_rtol
-    dist_rtol: float = 1e-3  # ... or once a success shrinks its best L2 by less than this
-    max_iter: int | None = None  # L-BFGS iterations per inner solve; None: the loss's default
-    # (100 for "ce", 10 for "margin": see `iterations`)
-    history: int | None = None  # curvature pairs kept (scipy's m); None: 5 for "ce", 3 for
-    # "margin" (the two-loop product, memory-bound, is most of an FC net's time; see `defaults`)
-    ftol: float = 1e-6  # stop when the relative decrease of the objective is below this
-    gtol: float = 1e-5  # stop when the projected gradient's max-norm is below this
-    margin: float = 1e-5  # logit margin that counts as reaching the target
+    c_init: float | None = Field(None, gt=0)  # first penalty weight; None: the loss's (`initial_c`)
+    c_factor: float = Field(10.0, gt=1)  # multiply/divide c by this until a bracket exists
+    search_steps: int = Field(12, ge=1)  # inner solves per example (bracketing + bisection)
+    c_rtol: float = Field(1e-3, ge=0)  # stop an example's search once hi / lo <= 1 + c_rtol
+    dist_rtol: float = Field(1e-3, ge=0)  # ... or once a success shrinks its best L2 by less
+    max_iter: int | None = Field(None, ge=1)  # L-BFGS iterations per inner solve; None: the
+    # loss's default (100 for "ce", 10 for "margin": see `defaults`)
+    history: int | None = Field(None, ge=1)  # curvature pairs kept (scipy's m); None: 5 for
+    # "ce", 3 for "margin" (the two-loop product, memory-bound, is most of an FC net's time)
+    ftol: float = Field(1e-6, gt=0)  # stop when the objective's relative decrease is below this
+    gtol: float = Field(1e-5, gt=0)  # stop when the projected gradient's max-norm is below this
+    margin: float = Field(1e-5, ge=0)  # logit margin that counts as reaching the target
     loss: Loss = "ce"  # "ce" (the paper's) or "margin" (exact on linear models); see module doc
-    kappa: float = 1e-3  # the margin loss's hinge offset, in logits
+    kappa: float = Field(1e-3, ge=0)  # the margin loss's hinge offset, in logits
     warm_start: bool = True  # start each c's solve from the previous minimiser
-    refine_steps: int = 20  # bisections of the final point back toward x (0: none)
-    max_evals: int | None = None  # cap on each row's gradient evaluations (None: no cap)
+    refine_steps: int = Field(20, ge=0)  # bisections of the final point back toward x (0: none)
+    max_evals: int | None = Field(None, ge=1)  # cap on each row's gradient evaluations
+    candidates: int | None = Field(None, ge=1)  # target "all": only the k nearest classes
 
-    def validate(self) -> None:
-        """Raise AttackError on a setting no search can run with."""
-        c_init = 1.0 if self.c_init is None else float(self.c_init)
-        positive = {"c_init": c_init, "ftol": self.ftol, "gtol": self.gtol}
-        for name, value in positive.items():
-            if not (math.isfinite(value) and value > 0):
-                raise AttackError(f"{name}: must be a finite number > 0, got {value}")
-        if not (math.isfinite(self.c_factor) and self.c_factor > 1):
-            raise AttackError(f"c_factor: must be a finite number > 1, got {self.c_factor}")
-        for name in ("c_rtol", "dist_rtol", "margin", "kappa"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise AttackError(f"{name}: must be a finite number >= 0, got {value}")
-        if int(self.refine_steps) < 0:
-            raise AttackError(f"refine_steps: must be an integer >= 0, got {self.refine_steps}")
-        if self.max_evals is not None and int(self.max_evals) < 1:
-            raise AttackError(f"max_evals: must be an integer >= 1, got {self.max_evals}")
-        for name in ("search_steps", "max_iter", "history"):
-            if int(getattr(self, name) or 0) < 1:  # None resolved by lbfgs_settings
-                raise AttackError(f"{name}: must be an integer >= 1, got {getattr(self, name)}")
-        if self.loss not in LOSSES:
-            raise AttackError(f"loss: unknown loss {self.loss!r}; use 'ce' or 'margin'")
+    def resolved(self) -> LBFGSSettings:
+        """These settings with max_iter and history, where None, set to the loss's defaults."""
+        unset = {k: v for k, v in defaults(self.loss).items() if getattr(self, k) is None}
+        return self.model_copy(update=unset) if unset else self
 
 
 # --------------------------------------------------------------------------- objective
@@ -396,11 +380,10 @@ def lbfgs_attack(
     x: Tensor,
     y: Tensor,
     target: Target = None,
-    *,
     settings: LBFGSSettings | None = None,
+    *,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    candidates: int | None = None,
     start: Tensor | None = None,
     **overrides: Any,
 ) -> AttackResult:
@@ -431,7 +414,7 @@ def lbfgs_attack(
         model, x, y, target, num_classes=num_classes, generator=generator, default="random"
     )
     start = check_start(x, start)
-    return run_c_search(model, x, y, resolved, k, s, search, candidates, start)
+    return run_c_search(model, x, y, resolved, k, s, search, start)
 
 
 def check_start(x: Tensor, start: Tensor | None) -> Tensor | None:
@@ -448,28 +431,9 @@ def check_start(x: Tensor, start: Tensor | None) -> Tensor | None:
 
 
 def lbfgs_settings(settings: LBFGSSettings | None, overrides: Mapping[str, Any]) -> LBFGSSettings:
-    """`settings` (LBFGSSettings() when None) with `overrides` replacing fields, validated.
-
-    The one place the public functions turn their keywords into settings, so the list of knobs
-    lives only in the dataclass.
-    """
-    if settings is None:
-        settings = LBFGSSettings()
-    elif not isinstance(settings, LBFGSSettings):
-        raise AttackError(f"settings: expected an LBFGSSettings, got {type(settings).__name__}")
-    names = [f.name for f in fields(LBFGSSettings)]
-    unknown = [name for name in overrides if name not in names]
-    if unknown:
-        raise AttackError(
-            f"{', '.join(unknown)}: not an L-BFGS setting; valid names: {', '.join(names)}"
-        )
-    if overrides:
-        settings = replace(settings, **overrides)
-    unset = {k: v for k, v in defaults(settings.loss).items() if getattr(settings, k) is None}
-    if unset:
-        settings = replace(settings, **unset)
-    settings.validate()
-    return settings
+    """`settings` with `overrides` replacing fields, validated, and the loss's defaults filled
+    in (`LBFGSSettings.resolved`): what the torch attack and the scipy reference run on."""
+    return merged_settings(LBFGSSettings, settings, overrides, "lbfgs").resolved()
 
 
 def defaults(loss: str) -> dict[str, int]:
@@ -497,7 +461,6 @@ def run_c_search(
     num_classes: int,
     settings: LBFGSSettings,
     search: Search,
-    candidates: int | None,
     start: Tensor | None = None,
 ) -> AttackResult:
     """Run the c search for a target `prepare` resolved and package the closest successes."""
@@ -514,7 +477,7 @@ def run_c_search(
         resolved,
         num_classes,
         lambda xs, ys, ts: _attack(model, xs, ys, ts, settings, search, start=start),
-        candidates=candidates,
+        candidates=settings.candidates,
         attack_all=lambda xs, ys, ts: _attack(
             model, xs, ys, ts, settings, search, groups=len(x), start=tiled(xs)
         ),

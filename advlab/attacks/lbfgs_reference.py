@@ -31,11 +31,10 @@ def lbfgs_scipy_reference(
     x: Tensor,
     y: Tensor,
     target: Target = None,
-    *,
     settings: LBFGSSettings | None = None,
+    *,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
-    candidates: int | None = None,
     start: Tensor | None = None,
     **overrides: Any,
 ) -> AttackResult:
@@ -48,7 +47,7 @@ def lbfgs_scipy_reference(
         model, x, y, target, num_classes=num_classes, generator=generator, default="random"
     )
     start = check_start(x, start)
-    return run_c_search(model, x, y, resolved, k, s, _scipy_search, candidates, start)
+    return run_c_search(model, x, y, resolved, k, s, _scipy_search, start)
 
 
 def _scipy_search(objective: PenaltyObjective, p: LBFGSSettings) -> Tensor:

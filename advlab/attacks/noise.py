@@ -7,18 +7,26 @@ A fixed-budget, untargeted "attack": success means the noisy image is misclassif
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from advlab.attacks.base import (
     AttackResult,
+    Settings,
     check_budget,
     eval_mode,
     example_generators,
     example_randn,
     finish,
+    merged_settings,
     prepare,
 )
+
+
+class NoiseSettings(Settings):
+    """The noise control has no knobs: its budget is the stddev."""
 
 
 def gaussian_noise(
@@ -26,13 +34,18 @@ def gaussian_noise(
     x: Tensor,
     y: Tensor,
     stddev: float,
+    settings: NoiseSettings | None = None,
+    *,
     generator: torch.Generator | None = None,
+    **overrides: Any,
 ) -> AttackResult:
     """x_adv = clamp(x + stddev * N(0, I), 0, 1); success = the prediction leaves the label.
 
     The noise for each example comes from a stream seeded by `generator` (seed 0 when None) and
-    the example's own pixels, so it does not depend on the batch. grad_evals is 0.
+    the example's own pixels, so it does not depend on the batch. grad_evals is 0. Untargeted
+    only; `settings` and `overrides` exist for the shared calling convention (no knobs).
     """
+    merged_settings(NoiseSettings, settings, overrides, "noise")
     stddev = check_budget("stddev", stddev)
     x, y, _, _ = prepare(
         model, x, y, "untargeted", num_classes=None, generator=generator, default="untargeted"

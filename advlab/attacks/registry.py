@@ -5,8 +5,9 @@ Each attack declares, once (in the style of Foolbox 3's attack base classes):
   adversarial it found, so success at budget eps is `success & (distance <= eps)` and one run
   scores every budget; a *fixed-budget* attack (FGSM, PGD, noise) runs once per budget;
 - its budget norms (the first is the default) and target modes (the first is the default);
-- its settings, as a pydantic model whose fields are the attack function's keyword arguments
-  (validated from sweep files before any work starts);
+- its settings: the pydantic model its own module defines (`DDNSettings`, ...), whose fields are
+  the attack function's keyword overrides (validated from sweep files before any work starts);
+- what it needs of a model: input gradients, or predictions only;
 - the function that runs it.
 
 Spec validation, the trial, the store, W&B and the report ask this module; nothing else keeps a
@@ -16,7 +17,6 @@ file by import path (`name: "mypkg.attacks:MY_ATTACK"`), which also resolves on 
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import time
 from collections.abc import Callable, Sequence
@@ -24,47 +24,52 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from advlab.attacks.alma import alma
-from advlab.attacks.base import AttackError, AttackResult, prepare
-from advlab.attacks.cw import carlini_wagner
-from advlab.attacks.ddn import ddn
-from advlab.attacks.deepfool import deepfool
-from advlab.attacks.fmn import fmn
-from advlab.attacks.gradient import fgsm, pgd
-from advlab.attacks.lbfgs import lbfgs_attack
-from advlab.attacks.noise import gaussian_noise
+from advlab.attacks.alma import ALMASettings, alma
+from advlab.attacks.base import (
+    AttackError,
+    AttackResult,
+    Settings,
+    prepare,
+    validated_settings,
+)
+from advlab.attacks.cw import CWSettings, carlini_wagner
+from advlab.attacks.ddn import DDNSettings, ddn
+from advlab.attacks.deepfool import DeepFoolSettings, deepfool
+from advlab.attacks.fmn import FMNSettings, fmn
+from advlab.attacks.gradient import FGSMSettings, PGDSettings, fgsm, pgd
+from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
+from advlab.attacks.noise import NoiseSettings, gaussian_noise
 from advlab.measure import distortions, success_at_budgets
 
 Kind = Literal["minimization", "fixed_budget"]
 MINIMIZATION: Kind = "minimization"
 FIXED_BUDGET: Kind = "fixed_budget"
+KINDS: tuple[str, ...] = (MINIMIZATION, FIXED_BUDGET)
+# What an attack asks of a model: input gradients, or only its predictions (a decision-based or
+# random attack, which a prediction-only model such as a scikit-learn control can face too).
+Needs = Literal["gradients", "predictions"]
+NEEDS: tuple[str, ...] = ("gradients", "predictions")  # the first is the default
 
 # run(model, x, y, *, eps, norm, target, generator, **settings) -> AttackResult; eps is None for
 # minimisation attacks, norm the budget norm the sweep chose (from the attack's own `norms`).
 AttackFn = Callable[..., AttackResult]
 
 
-class Settings(BaseModel):
-    """Base of every attack's settings: unknown keys are refused, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
-
-
 @dataclass(frozen=True)
 class AttackDef:
     """Everything advlab needs to know about one attack."""
 
-    name: str
+    name: str  # names its result files: letters, digits, '-', '_', '.'; at most 64
     kind: Kind
     norms: tuple[str, ...]  # budget norms; the first is the default
     targets: tuple[str, ...]  # target modes; the first is the default
     settings: type[Settings]
     run: AttackFn
     summary: str = ""  # one line for `advlab attacks` and the docs
-    needs: Literal["gradients", "predictions"] = "gradients"
+    needs: Needs = "gradients"  # the safe side: refused on models without input gradients
 
     @property
     def default_norm(self) -> str:
@@ -81,28 +86,15 @@ _ALL_TARGETS = ("untargeted", "random", "all")
 _DIST_NORMS = ("rms", "l2", "linf")  # what a minimisation attack's distances are scored in
 
 
-class NoParams(Settings):
-    pass
+class LBFGSWithStart(LBFGSSettings):
+    """L-BFGS's own settings plus a start attack run first (`_lbfgs`): the start is composed
+    here, from the registry, so lbfgs.py needs to know no other attack."""
 
-
-class PGDParams(Settings):
-    steps: int = Field(40, ge=1)
-    restarts: int = Field(1, ge=1)
-    step_size: float | None = Field(None, gt=0, allow_inf_nan=False)
-    random_start: bool = True
-
-
-class LBFGSParams(Settings):
-    loss: Literal["ce", "margin"] = "ce"  # the paper's cross-entropy, or the exact margin loss
-    max_iter: int | None = Field(None, ge=1)  # L-BFGS iterations per c; None: ce 100, margin 10
-    search_steps: int = Field(12, ge=1)  # solves in the search over c
-    candidates: int | None = Field(None, ge=1)  # target all: only the k nearest classes
-    max_evals: int | None = Field(None, ge=1)  # cap on gradient evaluations per target
     start: str | None = None  # a minimisation attack whose points the search starts from
     start_settings: dict[str, Any] = Field(default_factory=dict)  # that attack's settings
 
     @model_validator(mode="after")
-    def _start_is_a_minimisation_attack(self) -> LBFGSParams:
+    def _start_is_a_minimisation_attack(self) -> LBFGSWithStart:
         if self.start is None:
             if self.start_settings:
                 raise ValueError("start_settings: given without start; name the start attack")
@@ -121,46 +113,6 @@ class LBFGSParams(Settings):
         except AttackError as err:
             raise ValueError(f"start_settings: {err}") from None
         return self
-
-
-class DeepFoolParams(Settings):
-    steps: int = Field(50, ge=1)
-    overshoot: float = Field(0.02, ge=0, allow_inf_nan=False)
-    refine_steps: int = Field(0, ge=0)
-    candidates: int | None = Field(None, ge=1)
-
-
-class CWParams(Settings):
-    steps: int = Field(1000, ge=1)
-    search_steps: int = Field(9, ge=1)
-    c_init: float = Field(1e-3, gt=0, allow_inf_nan=False)
-    lr: float = Field(1e-2, gt=0, allow_inf_nan=False)
-    kappa: float = Field(0.0, ge=0, allow_inf_nan=False)
-    warm_start: bool = True
-    candidates: int | None = Field(None, ge=1)
-
-
-class DDNParams(Settings):
-    steps: int = Field(100, ge=1)
-    gamma: float = Field(0.05, gt=0, lt=1, allow_inf_nan=False)
-    init_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
-    candidates: int | None = Field(None, ge=1)
-
-
-class ALMAParams(Settings):
-    steps: int = Field(1000, ge=1)
-    lr_init: float = Field(0.1, gt=0, allow_inf_nan=False)
-    lr_reduction: float = Field(0.01, gt=0, le=1, allow_inf_nan=False)
-    candidates: int | None = Field(None, ge=1)
-
-
-class FMNParams(Settings):
-    steps: int = Field(100, ge=1)
-    alpha_init: float = Field(1.0, gt=0, allow_inf_nan=False)
-    alpha_final: float | None = Field(None, gt=0, allow_inf_nan=False)
-    gamma_init: float = Field(0.05, ge=0, lt=1, allow_inf_nan=False)
-    gamma_final: float = Field(0.001, ge=0, lt=1, allow_inf_nan=False)
-    candidates: int | None = Field(None, ge=1)
 
 
 # --------------------------------------------------------------------------- adapters
@@ -229,9 +181,17 @@ _LBFGS_RUN = _lbfgs
 
 
 def _noise(
-    model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, target: Any, generator: Any
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    norm: str,
+    target: Any,
+    generator: Any,
+    **settings: Any,
 ) -> AttackResult:
-    return gaussian_noise(model, x, y, eps, generator=generator)
+    return gaussian_noise(model, x, y, eps, generator=generator, **settings)
 
 
 # --------------------------------------------------------------------------- the registry
@@ -240,13 +200,40 @@ _REGISTRY: dict[str, AttackDef] = {}
 
 
 def register(defn: AttackDef) -> AttackDef:
-    """Add an attack (a plug-in's, or a test's); its name must be new."""
+    """Add an attack (a plug-in's, or a test's); its name must be new and name a file."""
+    _check_definition(defn)
     if defn.name in _REGISTRY and _REGISTRY[defn.name] is not defn:
         raise AttackError(f"attack {defn.name!r} is registered already; pick another name")
-    if defn.kind not in (MINIMIZATION, FIXED_BUDGET) or not defn.norms or not defn.targets:
-        raise AttackError(f"attack {defn.name!r}: needs a kind, norms and target modes")
     _REGISTRY[defn.name] = defn
     return defn
+
+
+def _check_definition(defn: AttackDef) -> None:
+    """AttackError (one line) unless the definition can run and its name can name files."""
+    name = defn.name
+    if not _is_file_name(name):
+        raise AttackError(
+            f"attack name {name!r}: use 1 to 64 letters, digits, '-', '_' or '.', not starting "
+            "with '.' (it names result files)"
+        )
+    if defn.kind not in (MINIMIZATION, FIXED_BUDGET):
+        raise AttackError(f"attack {name!r}: kind {defn.kind!r}; use {' or '.join(KINDS)}")
+    if not defn.norms:
+        raise AttackError(f"attack {name!r}: no norms; give its budget norms, e.g. ('l2',)")
+    if not defn.targets:
+        raise AttackError(f"attack {name!r}: no target modes; give them, e.g. ('untargeted',)")
+    if defn.needs not in NEEDS:
+        raise AttackError(f"attack {name!r}: needs {defn.needs!r}; use {' or '.join(NEEDS)}")
+
+
+def _is_file_name(name: Any) -> bool:
+    """The rule spec.py applies to attack labels: the name becomes part of file names."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 64
+        and name[0] != "."
+        and all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in name)
+    )
 
 
 def names() -> list[str]:
@@ -271,30 +258,32 @@ def _import_attack(path: str) -> AttackDef:
         raise AttackError(f"cannot import attack {path!r} ({err}); check the module path") from None
     if not isinstance(found, AttackDef):
         raise AttackError(f"{path!r} is a {type(found).__name__}, not an advlab AttackDef")
+    _check_definition(found)
     return _REGISTRY.setdefault(path, found)
 
 
+# Every attack but the noise control takes input gradients (AttackDef's default `needs`).
 for _defn in (
-    AttackDef("fgsm", FIXED_BUDGET, ("linf",), _ALL_TARGETS, NoParams, _fixed(fgsm),
+    AttackDef("fgsm", FIXED_BUDGET, ("linf",), _ALL_TARGETS, FGSMSettings, _fixed(fgsm),
               "fast gradient sign, one step (Goodfellow et al. 2015)"),
-    AttackDef("pgd", FIXED_BUDGET, ("linf", "l2"), _ALL_TARGETS, PGDParams,
+    AttackDef("pgd", FIXED_BUDGET, ("linf", "l2"), _ALL_TARGETS, PGDSettings,
               _fixed(pgd, takes_norm=True), "projected gradient descent (Madry et al. 2018)"),
-    AttackDef("noise", FIXED_BUDGET, ("stddev",), ("untargeted",), NoParams, _noise,
+    AttackDef("noise", FIXED_BUDGET, ("stddev",), ("untargeted",), NoiseSettings, _noise,
               "Gaussian noise of stddev eps, clipped to the box (the paper's control)",
-              "predictions"),
-    AttackDef("lbfgs", MINIMIZATION, _DIST_NORMS, ("random", "untargeted", "all"), LBFGSParams,
-              _LBFGS_RUN, "box-constrained L-BFGS (Szegedy et al. 2014)"),
-    AttackDef("deepfool", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DeepFoolParams,
+              needs="predictions"),
+    AttackDef("lbfgs", MINIMIZATION, _DIST_NORMS, ("random", "untargeted", "all"),
+              LBFGSWithStart, _LBFGS_RUN, "box-constrained L-BFGS (Szegedy et al. 2014)"),
+    AttackDef("deepfool", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DeepFoolSettings,
               _minimization(deepfool), "DeepFool L2 (Moosavi-Dezfooli et al. 2016)"),
-    AttackDef("cw", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, CWParams,
+    AttackDef("cw", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, CWSettings,
               _minimization(carlini_wagner), "Carlini & Wagner L2 (2017)"),
-    AttackDef("ddn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DDNParams, _minimization(ddn),
+    AttackDef("ddn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, DDNSettings, _minimization(ddn),
               "decoupled direction and norm, L2 (Rony et al. 2019)"),
-    AttackDef("alma", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, ALMAParams, _minimization(alma),
-              "augmented Lagrangian, L2 (Rony et al. 2021)"),
-    AttackDef("fmn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, FMNParams, _fmn_in("l2"),
+    AttackDef("alma", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, ALMASettings,
+              _minimization(alma), "augmented Lagrangian, L2 (Rony et al. 2021)"),
+    AttackDef("fmn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, FMNSettings, _fmn_in("l2"),
               "fast minimum-norm, L2 (Pintor et al. 2021)"),
-    AttackDef("fmn_linf", MINIMIZATION, ("linf", "rms", "l2"), _ALL_TARGETS, FMNParams,
+    AttackDef("fmn_linf", MINIMIZATION, ("linf", "rms", "l2"), _ALL_TARGETS, FMNSettings,
               _fmn_in("linf"), "fast minimum-norm, Linf (Pintor et al. 2021)"),
 ):  # fmt: skip
     register(_defn)
@@ -340,19 +329,7 @@ def run_attack(
 
 def validate_settings(defn: AttackDef, settings: dict[str, Any]) -> Settings:
     """The attack's settings model from a plain mapping; AttackError on a bad key or value."""
-    try:
-        return defn.settings.model_validate(settings)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        if not key:  # a check across fields, whose message names them
-            raise AttackError(first["msg"].removeprefix("Value error, ")) from None
-        if first["type"] == "extra_forbidden":
-            known = sorted(defn.settings.model_fields)
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"its settings: {', '.join(known)}"
-            raise AttackError(f"{key}: not a setting of {defn.name}; {hint}") from None
-        raise AttackError(f"{key}: {first['msg']} (got {first.get('input')!r})") from None
+    return validated_settings(defn.settings, settings, defn.name)
 
 
 def run_budgets(
