@@ -20,7 +20,6 @@ on Ray workers. Its settings are AdversarialTrainingSpec's fields.
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from advlab.plugins import PluginError, import_object
 from advlab.training_perturbations import (
     AdversarialPool,
     FreePerturbation,
@@ -318,10 +318,9 @@ def get(name: str) -> TrainingMethod:
 
 
 def _import_method(path: str) -> TrainingMethod:
-    module, _, attribute = path.partition(":")
     try:
-        found = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as err:
+        found = import_object(path, "train.adversarial.method")
+    except PluginError as err:
         raise TrainingMethodError(
             f"cannot import training method {path!r} ({err}); check the module path"
         ) from None

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from advlab.measure import distortions
 from advlab.runtime import eval_mode, model_device, predict
+from advlab.strict import Strict
 
 
 class AttackError(ValueError):
@@ -34,14 +35,10 @@ class AttackError(ValueError):
 # --------------------------------------------------------------------------- settings
 
 
-class Settings(BaseModel):
-    """Base of every attack's settings: unknown keys are refused, values are immutable.
-
-    Strict: a count must be an int (2.0 is refused, not rounded) and a flag a bool, in sweep
-    files and Python calls alike; a float field takes an int.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+class Settings(Strict):
+    """Base of every attack's settings (advlab.strict's rules): unknown keys are refused, values
+    are immutable; a count must be an int (2.0 is refused, not rounded) and a flag a bool, in
+    sweep files and Python calls alike; a float field takes an int."""
 
 
 SettingsT = TypeVar("SettingsT", bound=Settings)

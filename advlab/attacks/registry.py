@@ -17,7 +17,6 @@ file by import path (`name: "mypkg.attacks:MY_ATTACK"`), which also resolves on 
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -43,6 +42,7 @@ from advlab.attacks.gradient import FGSMSettings, PGDSettings, fgsm, pgd
 from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
 from advlab.attacks.noise import NoiseSettings, gaussian_noise
 from advlab.measure import distortions, success_at_budgets
+from advlab.plugins import PluginError, import_object
 
 Kind = Literal["minimization", "fixed_budget"]
 MINIMIZATION: Kind = "minimization"
@@ -251,10 +251,9 @@ def get(name: str) -> AttackDef:
 
 
 def _import_attack(path: str) -> AttackDef:
-    module, _, attribute = path.partition(":")
     try:
-        found = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as err:
+        found = import_object(path, "attack")
+    except PluginError as err:
         raise AttackError(f"cannot import attack {path!r} ({err}); check the module path") from None
     if not isinstance(found, AttackDef):
         raise AttackError(f"{path!r} is a {type(found).__name__}, not an advlab AttackDef")

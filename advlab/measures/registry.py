@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pyarrow as pa
 from pydantic import ValidationError
 
+from advlab.plugins import PluginError, import_object
 from advlab.strict import NoSettings, Strict
 
 if TYPE_CHECKING:
@@ -180,12 +181,10 @@ def by_table(table: str) -> MeasureDef | None:
 
 
 def _import_measure(path: str) -> MeasureDef:
-    module, _, attribute = path.partition(":")
     try:
-        found = getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as err:
-        why = " ".join(str(err).split())[:160]
-        raise MeasureError(f"cannot import measure {path!r} ({why}); check the path") from None
+        found = import_object(path, "measure")
+    except PluginError as err:
+        raise MeasureError(f"cannot import measure {path!r} ({err}); check the path") from None
     if not isinstance(found, MeasureDef):
         raise MeasureError(f"{path!r} is a {type(found).__name__}, not an advlab MeasureDef")
     register(found)
