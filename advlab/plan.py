@@ -77,6 +77,10 @@ def check_needs(spec: TrialSpec, model: str) -> None:
     """Refuse, in one line, what a prediction-only model cannot take: attacks and measures that
     need input gradients, adversarial training and init weights."""
     why = f"model {model} is prediction-only (no input gradients)"
+    if spec.init is not None:
+        raise SpecError(f"init: weights to start from, but {why}; drop init")
+    if training_methods.get(spec.train.adversarial.method).adversarial:
+        raise SpecError(f"train.adversarial.method: training on adversarial examples, but {why}")
     for attack in attack_plan(spec):
         if attack.defn.needs == "gradients":
             raise SpecError(
@@ -86,7 +90,3 @@ def check_needs(spec: TrialSpec, model: str) -> None:
     for measure in measures_of(spec):
         if measure.defn.needs == "gradients":
             raise SpecError(f"measures: {measure.key} needs a torch model, but {why}; drop it")
-    if training_methods.get(spec.train.adversarial.method).adversarial:
-        raise SpecError(f"train.adversarial.method: training on adversarial examples, but {why}")
-    if spec.init is not None:
-        raise SpecError(f"init: weights to start from, but {why}; drop init")

@@ -49,12 +49,13 @@ def reachable_mode(mode: str) -> tuple[str, str | None]:
 
 def recorded_target(recorded: dict[str, Any], mode: str | None = None) -> dict[str, Any]:
     """Where a sweep's own runs (transfer, results) go: the W&B settings its manifest recorded,
-    the mode resolved as for its trials unless given."""
+    the mode resolved as for its trials unless given, and the sweep's version."""
     settings = recorded.get("wandb", {})
     if mode is None:
         mode, _ = reachable_mode(resolve_mode(settings.get("mode", "auto")))
     return {"mode": mode, "project": settings.get("project", "advlab"),
-            "entity": settings.get("entity")}  # fmt: skip
+            "entity": settings.get("entity"),
+            "version": max(1, len(recorded.get("versions", [])))}  # fmt: skip
 
 
 class TrialRun:
@@ -209,13 +210,21 @@ def drop_earlier_runs(directory: str, run_id: str) -> None:
 
 
 def sweep_run(
-    *, mode: str, project: str, entity: str | None, group: str, directory: str, job: str
+    *,
+    mode: str,
+    project: str,
+    entity: str | None,
+    group: str,
+    directory: str,
+    job: str,
+    version: int = 1,
 ) -> TrialRun:
-    """A run of the whole sweep (its transfer stage, its results): id and name from the job."""
+    """A run of the whole sweep (its transfer stage, its results), one per version of the sweep
+    (`<sweep>-<job>-v<n>`): a sweep that grows gets new runs, and its earlier ones stay."""
     return TrialRun(
-        mode=mode, project=project, entity=entity, group=group, run_id=f"{group}-{job}",
-        name=f"{group}: {job}", config={"sweep": group}, directory=directory, job_type=job,
-        tags=[job],
+        mode=mode, project=project, entity=entity, group=group, run_id=f"{group}-{job}-v{version}",
+        name=f"{group}: {job} v{version}", config={"sweep": group, "version": version},
+        directory=directory, job_type=job, tags=[job],
     )  # fmt: skip
 
 

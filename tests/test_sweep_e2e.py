@@ -117,7 +117,7 @@ def test_wandb_offline_runs_compare_well(finished) -> None:
         assert Path(store.model_file(key)).is_file()
 
     (results_run,) = by_job["results"]
-    assert results_run["run"]["name"] == "tiny: results"
+    assert results_run["run"]["name"] == "tiny: results v1"
     (artifact,) = results_run["artifacts"]
     assert (artifact["name"], artifact["type"]) == ("tiny-results", "results")
     assert set(artifact["files"]) == {name for name, _ in store.result_files()}
@@ -128,7 +128,7 @@ def test_wandb_offline_runs_compare_well(finished) -> None:
 
     (transfer_run,) = by_job["transfer"]
     run_dir = next(
-        d for d in offline_run_dirs(Path(storage) / "tiny") if d.name.endswith("tiny-transfer")
+        d for d in offline_run_dirs(Path(storage) / "tiny") if d.name.endswith("tiny-transfer-v1")
     )
     files = transfer_run["files"]
     heatmaps = [f for f in files if f.startswith("media/images/transfer_heatmap/lbfgs")]

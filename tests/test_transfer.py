@@ -110,7 +110,7 @@ def test_noise_rows_match_the_examples_distortion(swept: SweepStore) -> None:
 
 def test_transfer_run_in_wandb_holds_the_table(swept: SweepStore) -> None:
     runs = [read_offline_run(d) for d in offline_run_dirs(swept.path())]
-    (transfer,) = [r for r in runs if r["run"]["id"] == "xfer-transfer"]
+    (transfer,) = [r for r in runs if r["run"]["id"] == "xfer-transfer-v1"]
     assert transfer["run"]["group"] == "xfer"
     (table_file,) = [f for f in transfer["files"] if f.startswith("media/table/transfer_0")]
     folder = next(d for d in offline_run_dirs(swept.path()) if d.name.endswith("transfer"))

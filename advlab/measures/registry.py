@@ -146,7 +146,9 @@ def _check_definition(defn: MeasureDef) -> None:
     for column, kind in required:
         index = defn.schema.get_field_index(column)
         if index < 0 or defn.schema.field(index).type != kind:
-            raise MeasureError(f"{where}: a {defn.scope} measure's schema needs {column}: {kind}")
+            raise MeasureError(
+                f"{where}: its schema needs a {column} column ({kind}) for scope {defn.scope}"
+            )
 
 
 def _is_file_name(value: str) -> bool:
