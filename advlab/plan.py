@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from advlab import training_methods
 from advlab.families import resolve
 from advlab.spec import AttackSpec, MeasureSpec, SpecError, TrialSpec
 
@@ -33,7 +32,8 @@ def attack_plan(spec: TrialSpec) -> list[AttackSpec]:
     plan = list(spec.attacks)
     for measure in measures_of(spec):
         extra = measure.defn.attacks
-        for attack in extra(spec, measure.settings) if extra is not None else []:
+        for entry in extra(spec, measure.settings) if extra is not None else []:
+            attack = AttackSpec.model_validate(entry)
             if all(a.key != attack.key for a in plan):
                 plan.append(attack)
     return plan
@@ -79,7 +79,7 @@ def check_needs(spec: TrialSpec, model: str) -> None:
     why = f"model {model} is prediction-only (no input gradients)"
     if spec.init is not None:
         raise SpecError(f"init: weights to start from, but {why}; drop init")
-    if training_methods.get(spec.train.adversarial.method).adversarial:
+    if spec.adversarially_trained:
         raise SpecError(f"train.adversarial.method: training on adversarial examples, but {why}")
     for attack in attack_plan(spec):
         if attack.defn.needs == "gradients":

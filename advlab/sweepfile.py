@@ -33,12 +33,11 @@ from advlab.plan import check_needs
 from advlab.sources import check_source
 from advlab.spec import (
     EVALUATION_KEYS,
-    SWEEP_KEYS,
     TRIAL_KEYS,
     SpecError,
-    SweepSettings,
     TrialSpec,
 )
+from advlab.sweep_settings import SWEEP_KEYS, SweepSettings
 from advlab.train import EpochStats
 from advlab.yamlfile import YAMLRefused, load_file
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,9 +38,9 @@ from advlab.training_perturbations import (
     trades_batch,
 )
 
-if TYPE_CHECKING:
-    from advlab.adversarial_training import AdversarialObjective
-    from advlab.spec import AdversarialTrainingSpec
+# The spec and the objective ask this module, so it names their types without importing them.
+AdversarialTrainingSpec = Any  # advlab.spec.AdversarialTrainingSpec
+AdversarialObjective = Any  # advlab.adversarial_training.AdversarialObjective
 
 
 class TrainingMethodError(ValueError):

@@ -29,8 +29,9 @@ from advlab.attacks.noise import add_noise, amplify, matched_noise
 from advlab.data import select_subset
 from advlab.families import FitJob, ModelRequest, TrialModel, model_for, resolve
 from advlab.sources import attacked_split, load_data_spec
-from advlab.spec import TransferSpec, TrialSpec
+from advlab.spec import TrialSpec
 from advlab.store import TRANSFER_RECORD, SweepStore
+from advlab.sweep_settings import TransferSpec
 from advlab.sweepfile import add_plugin_dirs
 from advlab.tables import NOISE_SOURCE, Status
 

@@ -24,7 +24,7 @@ from advlab.evaluate import AttackedSet, Evaluation, evaluate_attack, first_corr
 from advlab.families import FitJob, TrialModel, model_for
 from advlab.measures import registry as measure_registry
 from advlab.measures.registry import MeasureContext
-from advlab.measures.runner import execute
+from advlab.measuring import execute
 from advlab.plan import MeasureRun, attack_plan, measure_runs, run_part
 from advlab.robust_validation import carve_validation, evaluated_epoch
 from advlab.runtime import pick_device
@@ -466,8 +466,8 @@ def run_and_write_measure(
 
     context = MeasureContext(
         spec=spec, model=trained.model, data=trained.data, x_train=trained.x_train,
-        y_train=trained.y_train, attacked=attacked, attack=run.attack, results=results,
-        files=store.files_dir(trial_id, run.measure.key),
+        y_train=trained.y_train, attacked=attacked, attacks=attack_plan(spec), attack=run.attack,
+        results=results, files=store.files_dir(trial_id, run.measure.key),
     )  # fmt: skip
     outcome = execute(run, context, trial_id)
     store.write_part(run.measure.defn.table, trial_id, run.part, outcome.data)

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from advlab.spec import SearchSpec, SpecError, TrialSpec
+from advlab.spec import SpecError, TrialSpec
 from advlab.store import CHECKPOINT, SweepStore
+from advlab.sweep_settings import SearchSpec
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
 from advlab.trial import TrialContext
 

@@ -18,7 +18,7 @@ from conftest import tiny_sweep
 from pydantic import Field
 from torch import Tensor, nn
 
-import advlab.train
+import advlab.families.torch_modules
 from advlab import manifest
 from advlab.attacks.base import finish
 from advlab.attacks.registry import AttackDef, Settings, names, register
@@ -108,7 +108,7 @@ def sweep_b_in_process(storage: Path) -> str:
             run_trial(trial, ctx)
             continue
         with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError):
-            patch.setattr(advlab.train, "train_model", _fail)
+            patch.setattr(advlab.families.torch_modules, "train_model", _fail)
             run_trial(trial, ctx)
     return store.uri
 

@@ -100,7 +100,7 @@ def test_the_same_model_unscaled_is_not_flagged(trained) -> None:
 
 def test_strong_attacks_are_added_to_adversarially_trained_models_only() -> None:
     auto, always = MaskingSettings(), MaskingSettings(strong_attacks="always")
-    labels = [a.key for a in strong_attacks(adversarial_spec(), auto)]
+    labels = [a["label"] for a in strong_attacks(adversarial_spec(), auto)]
     assert labels == ["strong_pgd", "strong_deepfool", "strong_pgd_box"]
     assert strong_attacks(adversarial_spec(train=TrainSpec()), auto) == []  # standard training
     assert len(strong_attacks(adversarial_spec(train=TrainSpec()), always)) == 3

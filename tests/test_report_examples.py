@@ -23,8 +23,9 @@ import advlab.sources
 from advlab import manifest, results
 from advlab.report import build_report
 from advlab.sources import load_data
-from advlab.spec import TransferSpec, TrialSpec
+from advlab.spec import TrialSpec
 from advlab.store import SweepStore
+from advlab.sweep_settings import TransferSpec
 from advlab.sweepfile import add_plugin_dirs, parse_sweep
 from advlab.transfer import fixed_noise_sets
 from advlab.trial import TrialContext, run_trial

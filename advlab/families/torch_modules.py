@@ -9,6 +9,7 @@ from torch import nn
 
 from advlab.families.base import FitJob, ModelFamily, ModelRequest, TrialModel
 from advlab.models import build_model, finish
+from advlab.train import train_model
 
 
 class TorchModel(TrialModel):
@@ -18,8 +19,6 @@ class TorchModel(TrialModel):
         self.module = module
 
     def fit(self, job: FitJob) -> list[Any]:
-        from advlab.train import train_model  # training pulls in the adversarial objectives
-
         if not job.train.epochs:
             return []  # evaluate the `init` weights as they are
         return train_model(

@@ -1,6 +1,8 @@
 """Measures: everything a trial produces besides training and attack runs, behind one registry
-(advlab.measures.registry). Built in: lipschitz, unit_analysis, density, masking."""
+(advlab.measures.registry). Built in, registered as this package is imported: lipschitz,
+unit_analysis, density, masking."""
 
+from advlab.measures import builtin  # noqa: F401  (registers the built-ins)
 from advlab.measures.registry import (
     MeasureContext,
     MeasureDef,

@@ -25,11 +25,9 @@ from typing import Any, Literal
 import pyarrow as pa
 import torch
 
-from advlab import training_methods
 from advlab.attacks.registry import MINIMIZATION
 from advlab.measure import robust_error, success_at_budgets
 from advlab.measures.registry import MeasureContext, MeasureDef, Rows
-from advlab.spec import AttackSpec, TrialSpec
 from advlab.strict import Strict
 
 
@@ -38,10 +36,11 @@ class MaskingSettings(Strict):
     strong_attacks: Literal["auto", "always", "never"] = "auto"
 
 
-STRONG_PGD = AttackSpec(name="pgd", label="strong_pgd", steps=50, restarts=5)
-STRONG_MIN_NORM = AttackSpec(name="deepfool", label="strong_deepfool", norm="linf")
+# The strong set, written as a sweep file's attack entries (advlab.plan makes them AttackSpecs).
+STRONG_PGD = {"name": "pgd", "label": "strong_pgd", "steps": 50, "restarts": 5}
+STRONG_MIN_NORM = {"name": "deepfool", "label": "strong_deepfool", "norm": "linf"}
 PROBE_EPS = 1.0  # Linf 1 reaches every image in the box, so PGD should fool every example
-PROBE_PGD = AttackSpec(name="pgd", label="strong_pgd_box", eps=[PROBE_EPS], steps=50)
+PROBE_PGD = {"name": "pgd", "label": "strong_pgd_box", "eps": [PROBE_EPS], "steps": 50}
 
 # Thresholds, in robust-error points on the attacked examples: loose enough that a normal
 # model (FGSM somewhat weaker than PGD, DeepFool's L2 steps scored in Linf) never trips them.
@@ -51,13 +50,13 @@ PROBE_SUCCESS = 0.99
 NON_MONOTONE = 0.05
 
 
-def strong_attacks(spec: TrialSpec, settings: MaskingSettings) -> list[AttackSpec]:
-    """The attacks the check adds to a trial's list: PGD with restarts, a minimum-norm attack and
-    the whole-box PGD probe, each unless the sweep already asked for one like it; `auto` adds
-    them to adversarially trained models only."""
+def strong_attacks(spec: Any, settings: MaskingSettings) -> list[dict[str, Any]]:
+    """The attacks the check adds to a trial's (advlab.spec.TrialSpec) list, as sweep-file
+    entries: PGD with restarts, a minimum-norm attack and the whole-box PGD probe, each unless
+    the sweep already asked for one like it; `auto` adds them to adversarially trained models
+    only."""
     wanted = settings.strong_attacks
-    trained = training_methods.get(spec.train.adversarial.method).adversarial
-    if wanted == "never" or (wanted == "auto" and not trained):
+    if wanted == "never" or (wanted == "auto" and not spec.adversarially_trained):
         return []
     pgd = [a for a in spec.attacks if a.name == "pgd" and a.budget_norm == "linf"]
     added = []
@@ -68,17 +67,17 @@ def strong_attacks(spec: TrialSpec, settings: MaskingSettings) -> list[AttackSpe
     if not any(max(spec.budgets(a)) >= PROBE_EPS for a in pgd):
         added.append(PROBE_PGD)
     taken = {a.key for a in spec.attacks}
-    return [a for a in added if a.key not in taken]
+    return [a for a in added if a["label"] not in taken]
 
 
 def assess_masking(
-    plan: list[AttackSpec],
+    plan: list[Any],
     curves: list[dict[str, Any]],
     examples: list[dict[str, Any]],
     clean_wrong: int,
 ) -> tuple[bool | None, str | None]:
-    """(flag, reasons) from a trial's curves and examples rows; (None, None) when the attacks
-    run allow no check (no PGD in Linf)."""
+    """(flag, reasons) from a trial's attack plan (AttackSpecs), curves and examples rows;
+    (None, None) when the attacks run allow no check (no PGD in Linf)."""
     pgd_keys = [a.key for a in plan if a.name == "pgd" and a.budget_norm == "linf"]
     if not pgd_keys:
         return None, None
@@ -170,13 +169,10 @@ def _non_monotone(curves: list[dict[str, Any]], keys: list[str]) -> list[str]:
 
 
 def _run(ctx: MeasureContext, settings: MaskingSettings) -> Rows:
-    from advlab.plan import attack_plan  # the plan asks every measure for its attacks
-
     assert ctx.results is not None
     curves = ctx.results("curves").to_dict("records")
     examples = ctx.results("examples").drop(columns="x_adv").to_dict("records")
-    plan, clean_wrong = attack_plan(ctx.spec), ctx.attacked.n_clean_wrong
-    flag, reason = assess_masking(plan, curves, examples, clean_wrong)
+    flag, reason = assess_masking(ctx.attacks, curves, examples, ctx.attacked.n_clean_wrong)
     return [{"flagged": flag, "reason": reason or ""}]
 
 

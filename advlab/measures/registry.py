@@ -23,9 +23,8 @@ measure is a `MeasureDef` passed to `register()`, or named in a sweep file by im
 from __future__ import annotations
 
 import difflib
-import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
@@ -64,12 +63,13 @@ class MeasureError(ValueError):
 
 @dataclass
 class MeasureContext:
-    """What one measure run sees. `model` is the trial's advlab.families.TrialModel (`.module`
-    is its torch view, `.predict` its labels); `attacked` the attacked examples
-    (advlab.evaluate.AttackedSet); `attack` the attack run an attack-scope measure looks at;
-    `results(table)` one of the trial's stored tables (examples, curves, attacks) as pandas,
-    for measures that read attack results; `files` a folder for files the measure writes (None
-    on remote storage)."""
+    """What one measure run sees. `spec` is the trial's advlab.spec.TrialSpec and `attacks` its
+    attack plan (AttackSpecs: the sweep's and those measures add); `model` the trial's
+    advlab.families.TrialModel (`.module` is its torch view, `.predict` its labels); `attacked`
+    the attacked examples (advlab.evaluate.AttackedSet); `attack` the attack run an
+    attack-scope measure looks at; `results(table)` one of the trial's stored tables
+    (examples, curves, attacks) as pandas (an attack-scope run sees its attack's rows only);
+    `files` a folder for files the measure writes (None on remote storage)."""
 
     spec: Any
     model: Any
@@ -77,6 +77,7 @@ class MeasureContext:
     x_train: Tensor
     y_train: Tensor
     attacked: Any
+    attacks: list[Any] = field(default_factory=list)
     attack: Any = None
     results: Callable[[str], pd.DataFrame] | None = None
     files: str | None = None
@@ -103,7 +104,8 @@ class MeasureDef:
     summary: str = ""  # one line: the report's section title and the docs'
     metrics: Callable[[Rows], dict[str, float]] | None = None
     flag: Callable[[Rows], str | None] | None = None
-    attacks: Callable[[Any, Any], list[Any]] | None = None  # (TrialSpec, settings) -> AttackSpecs
+    # (TrialSpec, settings) -> attacks it needs run, as a sweep file's entries (mappings)
+    attacks: Callable[[Any, Any], list[dict[str, Any]]] | None = None
     # (settings, training examples) -> what makes them unusable for the trial, in one line
     check: Callable[[Any, int], str | None] | None = None
     # Columns whose values split the report's rows (default: every text column but trial_id).
@@ -160,13 +162,11 @@ def _is_file_name(value: str) -> bool:
 
 
 def names() -> list[str]:
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def get(name: str) -> MeasureDef:
     """The measure called `name`, or the MeasureDef at an import path `module:attribute`."""
-    _load_builtins()
     if name in _REGISTRY:
         return _REGISTRY[name]
     if isinstance(name, str) and ":" in name:
@@ -178,7 +178,6 @@ def get(name: str) -> MeasureDef:
 
 def by_table(table: str) -> MeasureDef | None:
     """The measure that writes `table`, if one is registered."""
-    _load_builtins()
     return _TABLES.get(table)
 
 
@@ -210,15 +209,3 @@ def validate_settings(defn: MeasureDef, settings: dict[str, Any]) -> Strict:
             raise MeasureError(f"{key}: not a setting of {defn.name}; {hint}") from None
         message = first["msg"].removeprefix("Value error, ")
         raise MeasureError(f"{key}: {message} (got {first.get('input')!r})") from None
-
-
-_BUILTINS_LOADED = False
-
-
-def _load_builtins() -> None:
-    """Register the built-in measures on first use (they import torch and the attack plan,
-    which the spec module, importing this one, must not wait for)."""
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        importlib.import_module("advlab.measures.builtin")

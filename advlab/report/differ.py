@@ -20,7 +20,7 @@ from typing import Any
 
 from advlab.report.load import Compared
 from advlab.results import Results
-from advlab.spec import SweepSettings
+from advlab.sweep_settings import SweepSettings
 
 # Sweep-level keys that never change results, or that the trial specs already cover.
 _SWEEP_KEYS_SKIPPED = {"name", "storage", "grid", "cases"}
