@@ -21,6 +21,7 @@ from advlab.attacks.registry import MINIMIZATION, BudgetRun, hits_at_budgets, ru
 from advlab.measure import robust_error
 from advlab.runtime import predict
 from advlab.spec import AttackSpec, TrialSpec
+from advlab.tables import Status
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Evaluation:
         """Per-attack scalars for Tune and W&B, named from the rows (never parsed back)."""
         out: dict[str, float] = {}
         for row in self.attacks:
-            if row["status"] == "ok" and row["kind"] == MINIMIZATION:
+            if row["status"] == Status.OK and row["kind"] == MINIMIZATION:
                 out[f"{row['attack']}/success_rate"] = row["success_rate"]
                 out[f"{row['attack']}/mean_dist_rms"] = _number(row["mean_dist_rms"])
                 out[f"{row['attack']}/grad_evals"] = row["grad_evals"]
@@ -98,7 +99,7 @@ def evaluate_attack(
         runs, hits = run_one_attack(spec, attack, model, attacked)
     except Exception as err:
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        return Evaluation(attacks=[head | {"status": "failed", "reason": reason}])
+        return Evaluation(attacks=[head | {"status": Status.FAILED, "reason": reason}])
     evaluation = Evaluation()
     for run in runs:
         evaluation.attacks.append(head | attack_row(attack, run))
@@ -131,7 +132,7 @@ def attack_row(attack: AttackSpec, run: BudgetRun) -> dict[str, Any]:
     """One attacks-table row: success and distances (over successes) of one run."""
     ok = run.result.success.cpu()
     row: dict[str, Any] = {
-        "status": "ok",
+        "status": Status.OK,
         "reason": "",
         "method": attack.name,
         "kind": attack.defn.kind,

@@ -38,6 +38,7 @@ from advlab.spec import (
     TrialSpec,
 )
 from advlab.sweep_settings import SWEEP_KEYS, SweepSettings
+from advlab.text import value_text
 from advlab.train import EpochStats
 from advlab.yamlfile import YAMLRefused, load_file
 
@@ -111,13 +112,7 @@ def axis_text(axis: str, value: Any) -> str:
 
 
 def _text(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return ",".join(_text(v) for v in value)
-    if isinstance(value, dict):
-        return ",".join(f"{k}:{_text(v)}" for k, v in value.items())
-    return str(value)
+    return value_text(value, sep=",", missing="None")
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:

@@ -135,7 +135,7 @@ def run_trial(
 def finished_row(store: SweepStore, trial_id: str) -> dict[str, Any] | None:
     """The trial's row if it finished ok before, as a plain dict."""
     rows = store.read_trial("trials", trial_id)
-    ok = rows[rows["status"] == "ok"]
+    ok = rows[rows["status"] == Status.OK]
     return None if ok.empty else ok.iloc[0].to_dict()
 
 

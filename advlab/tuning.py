@@ -22,6 +22,7 @@ from advlab.spec import SpecError, TrialSpec
 from advlab.store import CHECKPOINT, SweepStore
 from advlab.sweep_settings import SearchSpec
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
+from advlab.tables import Status
 from advlab.trial import TrialContext
 
 
@@ -328,7 +329,13 @@ def progress_callback(total: int) -> Any:
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
-            status = "stopped" if "failed" not in result else "FAILED" if result["failed"] else "ok"
+            status = (
+                Status.STOPPED
+                if "failed" not in result
+                else "FAILED"
+                if result["failed"]
+                else Status.OK
+            )
             self.line(resolve(trial.config)[1].label, status)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -113,7 +113,7 @@ def test_transfer_run_in_wandb_holds_the_table(swept: SweepStore) -> None:
     (transfer,) = [r for r in runs if r["run"]["id"] == "xfer-transfer-v1"]
     assert transfer["run"]["group"] == "xfer"
     (table_file,) = [f for f in transfer["files"] if f.startswith("media/table/transfer_0")]
-    folder = next(d for d in offline_run_dirs(swept.path()) if d.name.endswith("transfer"))
+    folder = next(d for d in offline_run_dirs(swept.path()) if d.name.endswith("transfer-v1"))
     table = json.loads((folder / "files" / table_file).read_text())
     assert len(table["data"]) == len(swept.read("transfer"))
     labels = {row["source_label"] for row in _records(table)}

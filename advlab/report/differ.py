@@ -21,6 +21,7 @@ from typing import Any
 from advlab.report.load import Compared
 from advlab.results import Results
 from advlab.sweep_settings import SweepSettings
+from advlab.text import value_text
 
 # Sweep-level keys that never change results, or that the trial specs already cover.
 _SWEEP_KEYS_SKIPPED = {"name", "storage", "grid", "cases"}
@@ -91,19 +92,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
         for key, inner in value.items():
             out |= flatten(inner, f"{prefix}{key}.")
         return out
-    return {prefix.rstrip("."): value_text(value)}
-
-
-def value_text(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(value_text(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
+    return {prefix.rstrip("."): value_text(value, missing="null", brackets=True)}
 
 
 def _attack_settings(compared: Compared) -> dict[tuple[str, str], dict[str, str]]:
@@ -119,7 +108,9 @@ def _attack_settings(compared: Compared) -> dict[tuple[str, str], dict[str, str]
         found = {"method": row["method"], "norm": row["norm"], "target": row["target"]}
         found |= settings | {"budgets": sorted(budgets.get((row["trial_id"], row["attack"]), []))}
         mine = out.setdefault((row["sweep_name"], row["trial_id"]), {})
-        mine |= {f"{label}.{k}": value_text(v) for k, v in found.items()}
+        mine |= {
+            f"{label}.{k}": value_text(v, missing="null", brackets=True) for k, v in found.items()
+        }
     return out
 
 

@@ -19,6 +19,8 @@ import pandas as pd
 from advlab import manifest, results
 from advlab.results import Results
 from advlab.sweepfile import trial_labels
+from advlab.tables import Status
+from advlab.text import value_text
 
 # Tableau's 10 colours, then their lighter partners: the first ten configurations get the
 # strongest contrast; beyond twenty colours repeat.
@@ -66,7 +68,7 @@ class Compared:
 
     @property
     def ok_trials(self) -> pd.DataFrame:
-        return self.trials[self.trials["status"] == "ok"]
+        return self.trials[self.trials["status"] == Status.OK]
 
 
 def load_all(dirs: list[str]) -> Compared:
@@ -131,7 +133,7 @@ def _configurations(
     for number, (key, index) in enumerate(zip(order, first, strict=True)):
         name = names[hashes[index]]
         name = f"{sweep} · {name}" if prefixed else name
-        filters = {"sweep": sweep} | {a: _text(every[index][a]) for a in axes}
+        filters = {"sweep": sweep} | {a: value_text(every[index][a]) for a in axes}
         members = [t for t, k in zip(trials["trial_id"], keys, strict=True) if k == key]
         colour = PALETTE[(start + number) % len(PALETTE)]
         configs.append(Config(key, name, sweep, colour, filters, members))
@@ -158,17 +160,6 @@ def _grid_values(run: Results, trials: pd.DataFrame, axes: list[str]) -> list[di
     return out
 
 
-def _text(value: Any) -> str:
-    """A grid value as filters and tables show it."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list | tuple):
-        return ", ".join(_text(v) for v in value)
-    if hasattr(value, "tolist"):
-        return _text(value.tolist())
-    return "—" if value is None else str(value)
-
-
 def _tagged(frame: pd.DataFrame, tags: pd.DataFrame) -> pd.DataFrame:
     """A table's rows with their trial's sweep and configuration (rows of unknown trials go)."""
     if frame.empty:
@@ -192,7 +183,7 @@ def with_variants(attacks: pd.DataFrame) -> pd.DataFrame:
         fields = dict.fromkeys(f for kind in kinds for f in kind)
         differing = [f for f in fields if len({json.dumps(k.get(f)) for k in kinds}) > 1]
         for kind in kinds:
-            parts = ", ".join(f"{f}={_text(kind.get(f))}" for f in differing)
+            parts = ", ".join(f"{f}={value_text(kind.get(f))}" for f in differing)
             names[(label, json.dumps(kind, sort_keys=True))] = (
                 f"{label} ({parts})" if parts else label
             )

@@ -5,15 +5,16 @@ from __future__ import annotations
 from advlab import manifest
 from advlab.report.html import Row, section, table, text_cell
 from advlab.report.load import Compared, sweep_labels
+from advlab.tables import Status
 
 
 def render(compared: Compared) -> str:
     rows = []
     for run, name in zip(compared.runs, compared.sweep_names, strict=True):
-        failed = run.trials[run.trials["status"] != "ok"]
+        failed = run.trials[run.trials["status"] != Status.OK]
         config = dict(zip(compared.trials["trial_id"], compared.trials["config"], strict=True))
         for row in failed.to_dict("records"):
-            rows.append(_row(name, row["trial_id"], row["label"], "failed", row["reason"]))
+            rows.append(_row(name, row["trial_id"], row["label"], row["status"], row["reason"]))
             rows[-1].config = config.get(row["trial_id"])
         labels = sweep_labels(run)
         present = set(run.trials["trial_id"])

@@ -21,6 +21,7 @@ from advlab.report.html import (
 )
 from advlab.report.load import Compared
 from advlab.stats import estimate
+from advlab.text import value_text
 
 SKIP = {"trial_id", "example"}  # keys of the rows, not what was measured
 
@@ -56,7 +57,7 @@ def measure_table(compared: Compared, name: str, frame: pd.DataFrame) -> str:
                 continue
             cells: dict[str, Cell] = {"configuration": swatch_cell(config.name, config.colour)}
             shown = keys if isinstance(keys, tuple) else (keys,)
-            cells |= {k: text_cell(_text(v)) for k, v in zip(by, shown, strict=True)}
+            cells |= {k: text_cell(value_text(v)) for k, v in zip(by, shown, strict=True)}
             cells["n"] = Cell(str(len(rows)), value=float(len(rows)))
             for column in values:
                 series = rows[column].astype("float64") if column in flags else rows[column]
@@ -67,12 +68,6 @@ def measure_table(compared: Compared, name: str, frame: pd.DataFrame) -> str:
     defn = registry.by_table(name)
     title = defn.summary if defn is not None and defn.summary else name
     return f"<h3>{esc(title)}</h3>" + table(f"measure-{name}", head, body, measure=name)
-
-
-def _text(value: object) -> str:
-    if value is None or (isinstance(value, float) and value != value):
-        return "—"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def render(compared: Compared) -> str:

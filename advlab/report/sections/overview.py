@@ -7,6 +7,7 @@ from advlab.report import differ
 from advlab.report.html import Cell, Row, esc, section, table, text_cell
 from advlab.report.load import Compared
 from advlab.results import Results
+from advlab.tables import Status
 
 
 def controls(compared: Compared) -> str:
@@ -73,8 +74,8 @@ def _sweep_row(run: Results, name: str) -> Row:
             "sweep": text_cell(name),
             "folder": text_cell(run.uri),
             "dataset": text_cell(", ".join(datasets)),
-            "ok": Cell(str(int((trials["status"] == "ok").sum()))),
-            "failed": Cell(str(int((trials["status"] == "failed").sum()))),
+            "ok": Cell(str(int((trials["status"] == Status.OK).sum()))),
+            "failed": Cell(str(int((trials["status"] == Status.FAILED).sum()))),
             "missing": Cell(str(len(missing))),
             "versions": Cell(str(len(versions))),
         }

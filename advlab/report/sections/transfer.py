@@ -15,6 +15,7 @@ from advlab.report.html import Cell, Row, esc, percent, section, table, text_cel
 from advlab.report.load import Compared
 from advlab.results import Results
 from advlab.tables import NOISE_SOURCE, Status
+from advlab.text import value_text
 
 KIND_TITLES = {
     "adversarial": "adversarial examples",
@@ -23,11 +24,7 @@ KIND_TITLES = {
 
 
 def budget_text(budget: float | None) -> str:
-    return (
-        ""
-        if budget is None or (isinstance(budget, float) and math.isnan(budget))
-        else f"{budget:g}"
-    )
+    return value_text(budget, missing="")  # a minimisation attack's run has none
 
 
 def heat(value: float) -> str:

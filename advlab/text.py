@@ -1,0 +1,26 @@
+"""Values as people read them, in labels, filters, tables and captions: the one home of it."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def value_text(value: Any, sep: str = ", ", missing: str = "—", brackets: bool = False) -> str:
+    """Floats in %g, sequences joined by `sep` (in [] with `brackets`), mappings as key:value
+    (JSON with `brackets`), None and NaN as `missing`."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    if isinstance(value, float):
+        return f"{value:g}"
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):  # numpy values
+        return value_text(value.tolist(), sep, missing, brackets)
+    if isinstance(value, list | tuple):
+        inner = sep.join(value_text(v, sep, missing, brackets) for v in value)
+        return f"[{inner}]" if brackets else inner
+    if isinstance(value, dict):
+        if brackets:
+            return json.dumps(value, sort_keys=True)
+        return sep.join(f"{k}:{value_text(v, sep, missing)}" for k, v in value.items())
+    return str(value)
