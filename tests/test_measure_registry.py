@@ -23,6 +23,7 @@ from advlab import results
 from advlab.cli import main
 from advlab.families import model_for
 from advlab.measures import registry
+from advlab.measures.builtin import BUILTIN
 from advlab.measures.registry import MeasureDef, MeasureError
 from advlab.report import build_report
 from advlab.sources import load_data_spec
@@ -249,3 +250,34 @@ def test_an_attack_scope_measure_runs_once_per_attack_run_and_grows_with_the_att
     assert set(grown["attack"]) == {"fgsm", "pgd"}
     clean = grown[grown["inputs"] == "clean"]["knn_distance"]
     assert clean.nunique() == 1  # the same clean examples, measured alike in each run
+
+
+# Small settings for every built-in measure: a measure registered later without an entry here
+# fails the test below until it gets one (and so runs in a trial at least once).
+EVERY_MEASURE = {
+    "lipschitz": {},
+    "unit_analysis": {"units": 3, "top_k": 4},
+    "density": {"k": 2, "pca": 3},
+    "masking": {"strong_attacks": "always"},
+}
+
+
+def test_every_registered_measure_runs_in_a_trial(tmp_path: Path) -> None:
+    assert set(EVERY_MEASURE) == {defn.name for defn in BUILTIN} <= set(registry.names())
+    measures = [{"name": name, **settings} for name, settings in EVERY_MEASURE.items()]
+    spec = parse_sweep(tiny_sweep(name="every", grid={"seed": [0]}, measures=measures))
+    result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"))
+    store = SweepStore(str(tmp_path), "every")
+    records = store.read("measures")
+    assert set(records["status"]) == {"ok"}, records["reason"].tolist()
+    assert set(records["measure"]) == set(EVERY_MEASURE)
+    for name in EVERY_MEASURE:
+        rows = store.read(name)
+        assert len(rows) == records.loc[records["measure"] == name, "rows"].sum() > 0, name
+        assert list(rows.columns) == registry.get(name).schema.names
+    # Their scalars reach the trial's metrics under the names each measure gives them.
+    assert result.metrics["lipschitz/upper_bound"] > 0
+    assert 0 <= result.metrics["unit_analysis/purity_natural"] <= 1
+    assert result.metrics["gradient_masking"] in (0.0, 1.0)
+    png = tmp_path / "every" / "files" / "unit_analysis" / spec.ids[0] / "unit_analysis_natural.png"
+    assert png.is_file()

@@ -218,3 +218,21 @@ def test_a_saved_estimator_with_an_untrusted_type_is_refused(tmp_path: Path) -> 
 def test_spec_refuses_a_control_that_is_no_prediction_only_family() -> None:
     with pytest.raises(SpecError, match=r"transfer\.controls: 'fc10' is no prediction-only"):
         parse_sweep(tiny_sweep(transfer={"controls": ["fc10"]}))
+
+
+def test_every_registered_family_trains_and_predicts_in_a_trial(tmp_path: Path) -> None:
+    from advlab.families import names
+
+    _, _, x_test, y_test = digits_half()
+    for name in names():
+        raw = tiny_sweep(name=f"family-{name}", grid={}, model=name,
+                         attacks=[{"name": "noise", "eps": [0.2]}])  # fmt: skip
+        spec = parse_sweep(raw)
+        result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"))
+        assert result.row["status"] == "ok", name
+        model = model_for(spec.trials[0], (1, 8, 8), 10)
+        model.load_state(SweepStore(str(tmp_path), f"family-{name}").load_model(
+            spec.trials[0].training_key()
+        ))  # fmt: skip
+        predicted = model.predict(torch.from_numpy(x_test).view(-1, 1, 8, 8)).numpy()
+        assert result.row["test_error"] == pytest.approx(float((predicted != y_test).mean()))

@@ -1,4 +1,4 @@
-"""The built-in measures, registered when the registry is first asked (advlab.measures.registry)."""
+"""The built-in measures, registered as advlab.measures is imported."""
 
 from advlab.measures.density import DENSITY
 from advlab.measures.lipschitz import LIPSCHITZ
@@ -6,5 +6,7 @@ from advlab.measures.masking import MASKING
 from advlab.measures.registry import register
 from advlab.measures.units import UNIT_ANALYSIS
 
-for _defn in (LIPSCHITZ, UNIT_ANALYSIS, DENSITY, MASKING):
+BUILTIN = (LIPSCHITZ, UNIT_ANALYSIS, DENSITY, MASKING)
+
+for _defn in BUILTIN:
     register(_defn)

@@ -1,6 +1,7 @@
-"""Bad input, the second round: about seventy more files, values and command lines a careless
-or hostile user writes. Each is refused with exit code 2 and one line that names the key (or
-the file, or the option), no traceback, nothing written, Ray never started, within seconds."""
+"""Bad sweep files, setting values and command lines, as a careless or hostile user writes
+them (test_bad_input.py has the everyday mistakes). Each is refused with exit code 2 and one
+line that names the key (or the file, or the option), no traceback, nothing written, Ray never
+started, within seconds."""
 
 from __future__ import annotations
 
@@ -421,7 +422,7 @@ def _argv(command: str, path: Path, args: list[str], tmp_path: Path) -> list[str
 @pytest.mark.parametrize(
     ("change", "args", "command", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
-def test_more_bad_input_is_one_line_exit_2_writes_nothing_and_starts_no_ray(
+def test_bad_file_value_or_command_is_one_line_exit_2_writes_nothing_and_starts_no_ray(
     change: Any, args: list[str], command: str, expected: str, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     import ray
@@ -445,6 +446,6 @@ def test_more_bad_input_is_one_line_exit_2_writes_nothing_and_starts_no_ray(
     assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
-def test_there_are_at_least_60_more_cases() -> None:
+def test_there_are_at_least_60_cases() -> None:
     assert len(CASES) >= 60
     assert len({c[0] for c in CASES}) == len(CASES)
