@@ -15,7 +15,7 @@ import math
 import pandas as pd
 
 from advlab import results
-from advlab.transfer import NOISE_SOURCE
+from advlab.tables import NOISE_SOURCE
 
 
 def trial_label(row: pd.Series) -> str:
@@ -74,8 +74,9 @@ def transfer_table(res: results.Results, attack: str) -> str:
         of_source = mine[mine["source_trial"] == source]
         emit(f"made for {label[source]}", of_source[of_source["kind"] == "adversarial"])
         emit("  Gaussian noise, same rms", of_source[of_source["kind"] == "noise"])
-        for kind in sorted(k for k in set(of_source["kind"]) if k.startswith("amplified")):
-            emit(f"  amplified to rms {kind.split('@')[1]}", of_source[of_source["kind"] == kind])
+        amplified = of_source[of_source["kind"] == "amplified"]
+        for target_rms, group in amplified.groupby("amplified_to", sort=True):
+            emit(f"  amplified to rms {target_rms:g}", group)
     noise = rows[rows["source_trial"] == NOISE_SOURCE]
     for stddev, group in noise.groupby("budget"):
         emit(f"Gaussian noise, stddev {stddev:g}", group)
