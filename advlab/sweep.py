@@ -22,7 +22,7 @@ from advlab.sweepfile import SweepSpec
 from advlab.tables import Status
 from advlab.track import reachable_mode, recorded_target, resolve_mode
 from advlab.transfer import TransferOutcome
-from advlab.trial import TrialContext, stored_flags
+from advlab.trial import TrialContext, flags
 
 
 @dataclass
@@ -448,8 +448,9 @@ def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
 
 def flag_lines(store: SweepStore, labels: dict[str, str], ok: list[str]) -> list[str]:
     """One line per flag a measure raised on a finished trial (possible gradient masking...)."""
+    records = store.read("measures", ["trial_id", "measure", "status", "flag"])
     return [
         f"  {measure} flagged {labels.get(t, t)}: {why}"
-        for t, flags in stored_flags(store, ok).items()
-        for measure, why in flags.items()
+        for t, raised in flags(records[records["trial_id"].isin(ok)]).items()
+        for measure, why in raised.items()
     ]

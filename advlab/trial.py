@@ -125,7 +125,7 @@ def run_trial(
         store.write_rows("trials", trial_id, [row])  # last: marks the trial complete
     metrics = stored_metrics(store, trial_id)
     tracker.log_summary(_numbers(row) | metrics)
-    for measure, reason in stored_flags(store, [trial_id]).get(trial_id, {}).items():
+    for measure, reason in flags(store.read_trial("measures", trial_id)).get(trial_id, {}).items():
         tracker.flag(measure, reason)
     tracker.finish()
     store.sync_wandb()
@@ -184,12 +184,12 @@ def stored_metrics(store: SweepStore, trial_id: str) -> dict[str, float]:
     return metrics
 
 
-def stored_flags(store: SweepStore, trial_ids: list[str]) -> dict[str, dict[str, str]]:
-    """trial -> {measure: reason} for every flag the trials' measure runs raised."""
-    records = store.read("measures", ["trial_id", "measure", "status", "flag"])
-    mine = records[records["trial_id"].isin(trial_ids) & (records["status"] == Status.OK)]
+def flags(records: Any) -> dict[str, dict[str, str]]:
+    """trial -> {measure: reason} for every flag raised by the measure runs (rows of the
+    measures table) that ended ok."""
+    raised = records[(records["status"] == Status.OK) & (records["flag"].fillna("") != "")]
     flagged: dict[str, dict[str, str]] = {}
-    for row in mine[mine["flag"].fillna("") != ""].itertuples():
+    for row in raised.itertuples():
         flagged.setdefault(row.trial_id, {})[row.measure] = row.flag
     return flagged
 
