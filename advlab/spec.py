@@ -20,6 +20,7 @@ from advlab import training_methods
 from advlab.attacks import registry as attack_registry
 from advlab.measures import registry as measure_registry
 from advlab.strict import Strict
+from advlab.text import is_file_name
 
 # Seeds are stored as int64 and offset (seed + 1, + a sample count) by the code that uses them.
 MAX_SEED = 2**32 - 1
@@ -168,7 +169,24 @@ class TrainSpec(_Strict):
         return self
 
 
-class AttackSpec(BaseModel):
+class _RunSpec(BaseModel):
+    """An attack or a measure as a sweep file lists it: a registered name (or import path), a
+    label that names its results, and its own settings beside them (checked by its registry)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
+
+    name: str
+    label: str | None = None  # the name in results; defaults to the registered name
+
+    @field_validator("label")
+    @classmethod
+    def _label_is_a_file_name(cls, value: str | None) -> str | None:
+        if value is not None and not is_file_name(value):
+            raise ValueError("use at most 64 letters, digits, '-', '_' or '.' (it names files)")
+        return value
+
+
+class AttackSpec(_RunSpec):
     """One attack of a trial: a registered attack's name, its budgets, and its own settings.
 
     Budgets are in `norm` (the attack's default when None; see advlab.attacks.registry). The
@@ -177,10 +195,6 @@ class AttackSpec(BaseModel):
     trial id does not change when an attack gains a new setting with a default.
     """
 
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
-
-    name: str
-    label: str | None = None  # the name in results; defaults to `name`
     eps: list[float] | None = None  # budgets; None uses the trial's `eps`
     norm: str | None = None
     target: str | None = None  # a target mode the attack supports; None: its default
@@ -194,13 +208,6 @@ class AttackSpec(BaseModel):
     @classmethod
     def _budgets_valid(cls, value: list[float] | None) -> list[float] | None:
         return None if value is None else _check_budgets(value)
-
-    @field_validator("label")
-    @classmethod
-    def _label_is_a_file_name(cls, value: str | None) -> str | None:
-        if value is not None and not _is_file_name(value, 64):
-            raise ValueError("use at most 64 letters, digits, '-', '_' or '.' (it names files)")
-        return value
 
     @model_validator(mode="after")
     def _fits_the_attack(self) -> AttackSpec:
@@ -246,14 +253,6 @@ def _check_budgets(value: list[float]) -> list[float]:
     return sorted(value)
 
 
-def _is_file_name(value: str, longest: int) -> bool:
-    return (
-        0 < len(value) <= longest
-        and value[0] != "."
-        and all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in value)
-    )
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -262,22 +261,10 @@ def _or(items: tuple[str, ...]) -> str:
     return " or ".join(repr(i) for i in items)
 
 
-class MeasureSpec(BaseModel):
+class MeasureSpec(_RunSpec):
     """One measure of a trial: a registered measure's name and its own settings (beside `name`
     in the sweep file, validated against the measure's settings model; only the ones given are
     stored, so the measure's id does not change when it gains a setting with a default)."""
-
-    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
-
-    name: str
-    label: str | None = None  # the name in results; defaults to the measure's own name
-
-    @field_validator("label")
-    @classmethod
-    def _label_is_a_file_name(cls, value: str | None) -> str | None:
-        if value is not None and not _is_file_name(value, 64):
-            raise ValueError("use at most 64 letters, digits, '-', '_' or '.' (it names files)")
-        return value
 
     @model_validator(mode="after")
     def _fits_the_measure(self) -> MeasureSpec:

@@ -10,8 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from advlab.spec import MAX_SEED, _is_file_name, _is_number
+from advlab.spec import MAX_SEED, _is_number
 from advlab.strict import Strict
+from advlab.text import is_file_name
 
 
 class _Strict(BaseModel):
@@ -191,7 +192,7 @@ class SweepSettings(_Strict):
     @field_validator("name")
     @classmethod
     def _name_is_a_folder_name(cls, value: str) -> str:
-        if not _is_file_name(value, 100):
+        if not is_file_name(value, 100):
             raise ValueError("use at most 100 letters, digits, '-', '_' or '.' (it names a folder)")
         return value
 

@@ -1,4 +1,5 @@
-"""Values as people read them, in labels, filters, tables and captions: the one home of it."""
+"""Text rules: values as people read them (labels, filters, tables, captions), and which names
+may become part of a file name (attack and measure names and labels, sweep names)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ def value_text(value: Any, sep: str = ", ", missing: str = "—", brackets: bool
             return json.dumps(value, sort_keys=True)
         return sep.join(f"{k}:{value_text(v, sep, missing)}" for k, v in value.items())
     return str(value)
+
+
+def is_file_name(value: object, longest: int = 64) -> bool:
+    """At most `longest` ASCII letters, digits, '-', '_' or '.', not starting with '.': a name
+    that is safe as (part of) a file or folder name everywhere."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= longest
+        and value[0] != "."
+        and all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in value)
+    )

@@ -3,22 +3,14 @@ of one attack run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
 
 from advlab.measures.density import density_rows, knn_distance, pca_error
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Everything here is small; on a shared 2-core box, OpenMP threads only spin and wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Everything here is small; on a shared 2-core box, OpenMP threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_knn_distance_matches_brute_force() -> None:

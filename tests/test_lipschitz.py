@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,13 +24,8 @@ from advlab.models import build_model
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Everything here is small; on a shared 2-core box, OpenMP threads only spin and wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Everything here is small; on a shared 2-core box, OpenMP threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sigma_max(matrix: Tensor) -> float:

@@ -156,9 +156,9 @@ def test_deepfool_within_five_percent_of_the_exact_minimum(
     assert (result.grad_evals >= 20).all() and (result.grad_evals % 10 == 0).all()
 
 
-def test_deepfool_two_class_linear_is_one_projection() -> None:
-    # Mid-box inputs, boundary close: DeepFool's first step is the exact projection, then the
-    # 2% overshoot; refine_steps bisects the overshoot away.
+def two_class_linear() -> tuple[nn.Module, Tensor, Tensor, Tensor]:
+    """A two-class linear model and mid-box inputs, whose minimum L2 distortion is the plain
+    projection |w.x + b| / ||w|| (no box constraint is active)."""
     gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(16, 2)
     with torch.no_grad():
@@ -168,7 +168,13 @@ def test_deepfool_two_class_linear_is_one_projection() -> None:
     x = 0.45 + 0.1 * torch.rand(6, 1, 4, 4, generator=gen)
     y = predict_labels(model, x)
     w = (lin.weight[1] - lin.weight[0]).detach()
-    exact = (x.flatten(1) @ w + 0.3).abs() / w.norm()
+    return model, x, y, (x.flatten(1) @ w + 0.3).abs() / w.norm()
+
+
+def test_deepfool_two_class_linear_is_one_projection() -> None:
+    # Mid-box inputs, boundary close: DeepFool's first step is the exact projection, then the
+    # 2% overshoot; refine_steps bisects the overshoot away.
+    model, x, y, exact = two_class_linear()
     plain = deepfool(model, x, y)
     assert plain.success.all() and (plain.grad_evals == 4).all()  # one step + final check
     torch.testing.assert_close(_l2(x, plain), exact * 1.02, rtol=1e-3, atol=1e-5)
@@ -206,17 +212,7 @@ def test_carlini_wagner_warm_start_reaches_every_example_at_small_budgets(
 
 
 def test_two_class_linear_fmn_lands_on_the_projection() -> None:
-    # Mid-box inputs: the minimum L2 is |w.x + b| / ||w|| (no box constraint active).
-    gen = torch.Generator().manual_seed(0)
-    lin = nn.Linear(16, 2)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(2, 16, generator=gen))
-        lin.bias.copy_(torch.tensor([0.0, 0.3]))
-    model = nn.Sequential(nn.Flatten(), lin).eval()
-    x = 0.45 + 0.1 * torch.rand(6, 1, 4, 4, generator=gen)
-    y = predict_labels(model, x)
-    w = (lin.weight[1] - lin.weight[0]).detach()
-    exact = (x.flatten(1) @ w + 0.3).abs() / w.norm()
+    model, x, y, exact = two_class_linear()
     for result in (fmn(model, x, y), ddn(model, x, y), alma(model, x, y, steps=300)):
         assert result.success.all()
         ratio = distortions(x, result.x_adv)["l2"] / exact

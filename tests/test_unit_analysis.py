@@ -4,7 +4,6 @@ units read one pixel each."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,8 @@ from torch import Tensor, nn
 from advlab.measures.units import UNIT_ANALYSIS, label_purity, mean_pairwise_cosine, unit_analysis
 from advlab.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Everything here is small; on a shared 2-core box, OpenMP threads only spin and wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Everything here is small; on a shared 2-core box, OpenMP threads only spin and wait.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_purity_and_similarity_by_hand() -> None:

@@ -43,6 +43,7 @@ from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
 from advlab.attacks.noise import NoiseSettings, gaussian_noise
 from advlab.measure import distortions, success_at_budgets
 from advlab.plugins import PluginError, import_object
+from advlab.text import is_file_name
 
 Kind = Literal["minimization", "fixed_budget"]
 MINIMIZATION: Kind = "minimization"
@@ -211,7 +212,7 @@ def register(defn: AttackDef) -> AttackDef:
 def _check_definition(defn: AttackDef) -> None:
     """AttackError (one line) unless the definition can run and its name can name files."""
     name = defn.name
-    if not _is_file_name(name):
+    if not is_file_name(name):
         raise AttackError(
             f"attack name {name!r}: use 1 to 64 letters, digits, '-', '_' or '.', not starting "
             "with '.' (it names result files)"
@@ -224,16 +225,6 @@ def _check_definition(defn: AttackDef) -> None:
         raise AttackError(f"attack {name!r}: no target modes; give them, e.g. ('untargeted',)")
     if defn.needs not in NEEDS:
         raise AttackError(f"attack {name!r}: needs {defn.needs!r}; use {' or '.join(NEEDS)}")
-
-
-def _is_file_name(name: Any) -> bool:
-    """The rule spec.py applies to attack labels: the name becomes part of file names."""
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= 64
-        and name[0] != "."
-        and all(ch.isascii() and (ch.isalnum() or ch in "-_.") for ch in name)
-    )
 
 
 def names() -> list[str]:

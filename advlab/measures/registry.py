@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from advlab.plugins import PluginError, import_object
 from advlab.strict import NoSettings, Strict
+from advlab.text import is_file_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -135,9 +136,9 @@ def register(defn: MeasureDef) -> MeasureDef:
 
 def _check_definition(defn: MeasureDef) -> None:
     where = f"measure {defn.name!r}"
-    if not _is_file_name(defn.name) or defn.name in RESERVED:
+    if not is_file_name(defn.name) or defn.name in RESERVED:
         raise MeasureError(
-            f"{where}: a name of at most 64 letters, digits, '-' or '_' that no results "
+            f"{where}: a name of at most 64 letters, digits, '-', '_' or '.' that no results "
             f"folder uses ({', '.join(RESERVED)}); rename it"
         )
     if defn.scope not in SCOPES or defn.needs not in ("predictions", "gradients"):
@@ -151,14 +152,6 @@ def _check_definition(defn: MeasureDef) -> None:
             raise MeasureError(
                 f"{where}: its schema needs a {column} column ({kind}) for scope {defn.scope}"
             )
-
-
-def _is_file_name(value: str) -> bool:
-    return (
-        isinstance(value, str)
-        and 0 < len(value) <= 64
-        and all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in value)
-    )
 
 
 def names() -> list[str]:
