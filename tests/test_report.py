@@ -541,28 +541,19 @@ def test_transfer_is_the_papers_table2_with_labels(page: Page, loaded: list[resu
 def test_lipschitz_bounds_per_configuration_in_layer_order(
     page: Page, loaded: list[results.Results]
 ) -> None:
+    # The paper's Table 5: a row per configuration, a column per layer (path and kind) in
+    # forward order, the network's bound last.
     (table,) = page.table("measure-lipschitz", measure="lipschitz")
-    assert table.header == ["configuration", "layer", "kind", "n", "bound"]
-    groups = configs_in_order(loaded)
-    network = [row for row in table.rows if row["layer"][1] == "network"]
-    assert len(network) == len(groups)  # one per configuration, after its layers
-    for row, (sweep, group) in zip(network, groups, strict=True):
+    layers = table.header[2:]
+    assert table.header[:2] == ["configuration", "n"] and layers[-1] == "network|network|bound"
+    assert layers.index("1|linear|bound") < layers.index("3|linear|bound")
+    for row, (sweep, group) in zip(table.rows, configs_in_order(loaded), strict=True):
         bounds = loaded[sweep].lipschitz
         mine = bounds[bounds["trial_id"].isin(group) & (bounds["layer"] == "network")]
-        assert float(row["bound"][0]["data-value"]) == pytest.approx(mine["bound"].mean())
+        assert float(row["network|network|bound"][0]["data-value"]) == pytest.approx(
+            mine["bound"].mean()
+        )
         assert row["n"][1] == str(len(mine))  # one bound per seed
-    # Each configuration's layers in forward order (module paths 1, 3, ... here), its network
-    # bound last.
-    blocks, block = [], []
-    for layer in table.texts("layer"):
-        block.append(layer)
-        if layer == "network":
-            blocks.append(block)
-            block = []
-    assert max(len(b) for b in blocks) > 2  # some configuration has more than one layer
-    for block in blocks:
-        paths = [int(layer) for layer in block[:-1]]
-        assert paths == sorted(paths) and len(set(paths)) == len(paths)
 
 
 @needs_chromium

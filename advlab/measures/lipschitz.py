@@ -345,5 +345,7 @@ LIPSCHITZ = MeasureDef(
     settings=NoSettings,
     needs="gradients",
     summary="Lipschitz upper bounds per layer and for the network (§4.3, Table 5)",
+    report_by=("layer", "kind"),
+    report_across=("layer", "kind"),  # the paper's Table 5: a row per model, a column per layer
     metrics=_metrics,
 )

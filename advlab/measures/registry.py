@@ -109,8 +109,10 @@ class MeasureDef:
     attacks: Callable[[Any, Any], list[dict[str, Any]]] | None = None
     # (settings, training examples) -> what makes them unusable for the trial, in one line
     check: Callable[[Any, int], str | None] | None = None
-    # Columns whose values split the report's rows (default: every text column but trial_id).
+    # Columns whose values split the report's rows (default: every text column but trial_id),
+    # and those of them whose values spread across its columns instead (one column each).
     report_by: tuple[str, ...] | None = None
+    report_across: tuple[str, ...] = ()
 
     @property
     def table(self) -> str:

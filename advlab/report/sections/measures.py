@@ -5,6 +5,8 @@ interval over the rows behind it (its seeds, and for per-example measures its ex
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 import pyarrow as pa
 
@@ -47,27 +49,75 @@ def _guessed(frame: pd.DataFrame) -> list[pa.Field]:
 
 
 def measure_table(compared: Compared, name: str, frame: pd.DataFrame) -> str:
+    defn = registry.by_table(name)
     by, values, flags = columns_of(name, frame)
+    across = [c for c in (defn.report_across if defn is not None else ()) if c in by]
+    down = [c for c in by if c not in across]
+    spread = _spread(frame, across, values)  # (cell key, header, selector) per column
     body = []
     for config in compared.configs:
         mine = frame[frame["config"] == config.key]
-        groups = mine.groupby(by, sort=False, dropna=False) if by else [((), mine)]
+        groups = mine.groupby(down, sort=False, dropna=False) if down else [((), mine)]
         for keys, rows in groups:
             if rows.empty:
                 continue
             cells: dict[str, Cell] = {"configuration": swatch_cell(config.name, config.colour)}
             shown = keys if isinstance(keys, tuple) else (keys,)
-            cells |= {k: text_cell(value_text(v)) for k, v in zip(by, shown, strict=True)}
-            cells["n"] = Cell(str(len(rows)), value=float(len(rows)))
-            for column in values:
-                series = rows[column].astype("float64") if column in flags else rows[column]
-                cells[column] = estimate_cell(estimate(series), column in flags)
+            cells |= {k: text_cell(value_text(v)) for k, v in zip(down, shown, strict=True)}
+            trials = rows["trial_id"].nunique()  # its seeds; a cell's data-n counts its rows
+            cells["n"] = Cell(str(trials), value=float(trials))
+            for key, _, (column, chosen) in spread:
+                series = rows.loc[chosen(rows), column]
+                series = series.astype("float64") if column in flags else series
+                cells[key] = estimate_cell(estimate(series), column in flags)
             body.append(Row(cells, config.key))
-    head = [("configuration", "configuration"), *[(k, k) for k in by], ("n", "rows")]
-    head += [(v, v) for v in values]
-    defn = registry.by_table(name)
+    head = [("configuration", "configuration"), *[(k, k) for k in down], ("n", "trials")]
+    head += [(key, header) for key, header, _ in spread]
     title = defn.summary if defn is not None and defn.summary else name
     return f"<h3>{esc(title)}</h3>" + table(f"measure-{name}", head, body, measure=name)
+
+
+Selector = tuple[str, Callable[[pd.DataFrame], pd.Series]]
+
+
+def _spread(
+    frame: pd.DataFrame, across: list[str], values: list[str]
+) -> list[tuple[str, str, Selector]]:
+    """The value columns, each once per combination of the `across` columns' values (in the
+    order each trial's rows give them), with a header naming it."""
+    if not across:
+        return [(v, v, (v, lambda rows: rows.index == rows.index)) for v in values]
+    combos = _merged_order(frame, across)
+    out = []
+    for combo in combos:
+        label = " ".join(dict.fromkeys(combo))  # "network network" reads "network"
+        for v in values:
+            key = "|".join([*combo, v])
+            header = label if len(values) == 1 else f"{label} {v}"
+            out.append((key, header, (v, _matching(across, combo))))
+    return out
+
+
+def _merged_order(frame: pd.DataFrame, across: list[str]) -> list[tuple[str, ...]]:
+    """The combinations in an order that keeps every trial's own row order (a deeper net's
+    extra layers go between the layers it shares with a shallower one and its network row)."""
+    order: list[tuple[str, ...]] = []
+    for _, rows in frame.groupby("trial_id", sort=False):
+        at = -1
+        for combo in dict.fromkeys(map(tuple, rows[across].astype(str).to_numpy().tolist())):
+            if combo in order:
+                at = order.index(combo)
+            else:
+                at += 1
+                order.insert(at, combo)
+    return order
+
+
+def _matching(across: list[str], combo: tuple[str, ...]) -> Callable[[pd.DataFrame], pd.Series]:
+    def chosen(rows: pd.DataFrame) -> pd.Series:
+        return (rows[across].astype(str) == list(combo)).all(axis=1)
+
+    return chosen
 
 
 def render(compared: Compared) -> str:
