@@ -33,9 +33,10 @@ from advlab.bounds import (
     margin_bounds,
 )
 from advlab.bounds.layers import Activation, LinearOp, MaxPool
-from advlab.bounds.relax import activation_relaxation
+from advlab.bounds.propagation import interval_step
+from advlab.bounds.relax import activation_relaxation, maxpool_relaxation
 from advlab.data import load_dataset
-from advlab.models import AutoencoderClassifier, Normalized, SmallCNN, build_model
+from advlab.models import AutoencoderClassifier, Normalized, SmallCNN, Standardize, build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -229,6 +230,56 @@ def test_relaxation_lines_enclose_the_activation(kind: str) -> None:
     assert torch.allclose(r.upper_slope[pt] * lo[pt] + r.upper_icpt[pt], f(lo[pt]), 0, 1e-15)
 
 
+def test_maxpool_relaxation_encloses_the_max() -> None:
+    """y >= the picked input everywhere, y <= the largest upper bound, y == the picked input
+    where it dominates; on close, overlapping intervals (where dominance is a near thing)."""
+    op = MaxPool("pool", nn.MaxPool2d(3, stride=2, padding=1), (2, 6, 6), dtype=torch.float64)
+    gen = torch.Generator().manual_seed(8)
+    lo = torch.randn(200, 2, 6, 6, generator=gen, dtype=torch.float64) * 0.3
+    hi = lo + torch.rand(lo.shape, generator=gen, dtype=torch.float64) * 0.2
+    hi[:20] = lo[:20]  # points
+    r = maxpool_relaxation(op, lo, hi)
+    assert 0.2 < float(r.dominant.double().mean()) < 0.9  # both cases, often
+    for _ in range(50):
+        x = lo + torch.rand(lo.shape, generator=gen, dtype=torch.float64) * (hi - lo)
+        y = op.forward(x.unsqueeze(1)).squeeze(1).flatten(2)  # (N, C, L)
+        picked = op.windows(x).gather(2, r.index.unsqueeze(2)).squeeze(2)
+        assert bool((y >= picked).all() and (y <= r.upper).all())
+        assert torch.equal(y[r.dominant], picked[r.dominant])
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(12, 5), (12,)),
+    "conv": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2), (4, 7, 7)),
+    "avgpool": (lambda: nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), (2, 7, 7)),
+    "standardize": (lambda: Standardize([0.2, 0.7], [0.5, 2.0]), (2, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_one_affine_layer_gets_its_exact_range(name: str) -> None:
+    """IBP through one affine layer is exact: W c + b -/+ |W| r, with W its explicit matrix;
+    and the chain's transpose of it is W^T."""
+    torch.manual_seed(9)
+    make, shape = LAYERS[name]
+    layer = make().double().eval()
+    chain = compile_model(nn.Sequential(layer, nn.Flatten()), shape)
+    op = chain.ops[0]
+    gen = torch.Generator().manual_seed(9)
+    c = torch.rand(3, *shape, generator=gen, dtype=torch.float64)
+    r = 0.1 * torch.rand(3, *shape, generator=gen, dtype=torch.float64)
+    w = torch.autograd.functional.jacobian(lambda v: layer(v.view(1, *shape)).flatten(), c[0])
+    w = w.reshape(-1, math.prod(shape))
+    center = layer(c).flatten(1)
+    spread = r.flatten(1) @ w.abs().T
+    low, up = interval_step(op, c - r, c + r)
+    tol = slack(chain)
+    assert torch.allclose(low.flatten(1), center - spread, rtol=0, atol=tol)
+    assert torch.allclose(up.flatten(1), center + spread, rtol=0, atol=tol)
+    a = torch.randn(3, 4, *op.out_shape, generator=gen, dtype=torch.float64)
+    assert torch.allclose(op.adjoint(a).flatten(2), a.flatten(2) @ w, rtol=0, atol=tol)
+
+
 # --------------------------------------------------------------------------- soundness
 
 
@@ -270,8 +321,8 @@ def test_bounds_hold_on_a_trained_mlp(trained_mlp: nn.Module, digits_points) -> 
 def _affine_models() -> dict[str, nn.Module]:
     torch.manual_seed(3)
     conv = nn.Sequential(
-        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.AvgPool2d(2, ceil_mode=True, padding=1),
-        nn.Flatten(), nn.Linear(3 * 3 * 3, 10),
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.AvgPool2d(2, ceil_mode=True, padding=1),
+        nn.Conv2d(4, 4, 2, groups=2), nn.Flatten(), nn.Linear(4 * 2 * 2, 10),
     )  # fmt: skip
     return {
         "linear": nn.Sequential(nn.Flatten(), nn.Linear(64, 10)),
