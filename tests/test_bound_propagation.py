@@ -293,10 +293,15 @@ def test_bounds_hold_at_sampled_and_attacked_points(name: str, norm: str) -> Non
     x[0, 0, :2] = 0.0  # on the box's faces: the box must cut the ball
     y = model64(x).argmax(1)
     eps = torch.tensor([0.02, 0.05, 0.1] if norm == "linf" else [0.1, 0.3, 0.6])
+    if name == "smallcnn":  # ~1 s per bound and example: two examples
+        x, y, eps = x[:2], y[:2], eps[:2]
     seen = smallest_margins(model64, x, y, eps.double(), norm)
     tol = slack(chain)
+    # Few alpha-CROWN steps with a long stride: any slopes in [0, 1] must give sound bounds,
+    # and SmallCNN's slopes for every intermediate node cost ~1 s per step and example.
+    alpha = {"steps": 1 if name == "smallcnn" else 5, "lr": 0.5}
     for method in METHODS:
-        lb = margin_bounds(chain, x, y, eps, norm=norm, method=method)
+        lb = margin_bounds(chain, x, y, eps, norm=norm, method=method, **alpha)
         finite = torch.isfinite(seen)
         gap = (seen - lb)[finite]
         assert float(gap.min()) >= -tol, (method, float(gap.min()), tol)
@@ -367,7 +372,7 @@ def test_bounds_at_radius_zero_are_the_margins(name: str) -> None:
     exact, tol = margins(model64, x, y), slack(chain)
     for norm in ("linf", "l2"):
         for method in METHODS:
-            lb = margin_bounds(chain, x, y, 0.0, norm=norm, method=method)
+            lb = margin_bounds(chain, x, y, 0.0, norm=norm, method=method, steps=2)
             assert torch.allclose(lb, exact, rtol=0, atol=tol), (norm, method)
 
 
@@ -416,14 +421,15 @@ def test_linear_two_class_radius_is_the_distance_to_the_hyperplane() -> None:
 
 
 def test_no_attack_beats_a_certified_radius(trained_mlp: nn.Module, digits_points) -> None:
-    x, y = correct_points(trained_mlp, digits_points, 8)
+    x, y = correct_points(trained_mlp, digits_points, 6)
     chain, model64 = compile_model(trained_mlp, SHAPE), twin64(trained_mlp)
-    tol = slack(chain)
+    tol, alpha = slack(chain), {"method": "alpha-crown", "steps": 10}
     for norm in ("linf", "l2"):
-        r = certified_radius(chain, x, y, norm=norm, method="alpha-crown", rtol=1e-2)
+        r = certified_radius(chain, x, y, norm=norm, rtol=1e-2, **alpha)
         assert bool((r.lower > 0).all() and (r.upper > r.lower).all())
-        assert bool(certified(chain, x, y, r.lower, norm=norm, method="alpha-crown").all())
-        assert not bool(certified(chain, x, y, r.upper, norm=norm, method="alpha-crown").any())
+        assert bool((r.upper - r.lower <= 1e-2 * r.upper).all())
+        assert bool(certified(chain, x, y, r.lower, norm=norm, **alpha).all())
+        assert not bool(certified(chain, x, y, r.upper, norm=norm, **alpha).any())
         seen = smallest_margins(model64, x.double(), y, r.lower.double(), norm, steps=50)
         assert float(seen.min()) > -tol, norm
     # A minimum-norm attack (DDN, float32 model): every point adversarial for the float64
@@ -431,7 +437,7 @@ def test_no_attack_beats_a_certified_radius(trained_mlp: nn.Module, digits_point
     found = ddn(trained_mlp, x, y, steps=100)
     adversarial = margins(model64, found.x_adv.double(), y).min(1).values < 0
     dist = (found.x_adv.double() - x.double()).flatten(1).norm(dim=1)
-    assert int(adversarial.sum()) >= 6
+    assert int(adversarial.sum()) >= 5
     assert bool((dist[adversarial] > r.lower[adversarial]).all())
 
 
@@ -518,7 +524,7 @@ def test_an_examples_bounds_do_not_depend_on_its_batch(name: str) -> None:
     order = torch.tensor([3, 0, 4, 2, 1])
     for norm in ("linf", "l2"):
         for method in METHODS:
-            kw = {"norm": norm, "method": method, "steps": 5}
+            kw = {"norm": norm, "method": method, "steps": 3}
             batch = margin_bounds(chain, x, y, eps, **kw)
             shuffled = margin_bounds(chain, x[order], y[order], eps[order], **kw)
             alone = torch.cat(

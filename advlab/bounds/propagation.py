@@ -127,6 +127,9 @@ def interval_step(op: object, low: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     return low.squeeze(1), up.squeeze(1)
 
 
+Alphas = dict[int, Tensor]  # per ReLU op index: lower slopes (N, rows, *its shape)
+
+
 @dataclass
 class Relaxed:
     """Per node k feeding a nonlinear op k: its bounds (l, u) and the op's relaxation."""
@@ -171,7 +174,7 @@ def backward(
     relaxed: Relaxed,
     node: int,
     a: Tensor,
-    alphas: dict[int, Tensor] | None = None,
+    alphas: Alphas | None = None,
     const: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(A, c) with a z_node + const >= A x + c on the set, for a (N, S, *shape of node)."""
@@ -192,9 +195,10 @@ def backward(
 
 
 def _backward_node_bounds(
-    chain: Chain, relaxed: Relaxed, s: InputSet, node: int
+    chain: Chain, relaxed: Relaxed, s: InputSet, node: int, alphas: Alphas | None = None
 ) -> tuple[Tensor, Tensor]:
-    """CROWN bounds of node ``node`` from rows +e_i (lower) and -e_i (-upper), in chunks."""
+    """CROWN bounds of node ``node`` from rows +e_i (lower) and -e_i (-upper), in chunks;
+    ``alphas`` (N, 2 * width, *shape) per ReLU: lower slopes per row, as in alpha-CROWN."""
     shape = chain.node_shape(node)
     width = math.prod(shape)
     widest = max(math.prod(chain.node_shape(k)) for k in range(node + 1))
@@ -211,28 +215,53 @@ def _backward_node_bounds(
         if isinstance(first, LinearOp):  # the same for every example: once, then expanded
             a, const = first.adjoint(a), first.bias_dot(a).expand(n, -1)
         a = a.expand(n, *a.shape[1:])
-        start = node - 1 if const is not None else node
-        parts.append(concretize(*backward(chain, relaxed, start, a, const=const), s))
+        begin = node - 1 if const is not None else node
+        part = None if alphas is None else {k: v[:, idx] for k, v in alphas.items()}
+        parts.append(concretize(*backward(chain, relaxed, begin, a, part, const), s))
     bounds = torch.cat(parts, dim=1)
     return bounds[:, :width].reshape(n, *shape), -bounds[:, width:].reshape(n, *shape)
 
 
-def crown_relaxed(chain: Chain, s: InputSet) -> Relaxed:
-    """Bounds and relaxations of every node that feeds a nonlinear op (module docstring)."""
-    relaxed = Relaxed()
+def backward_nodes(chain: Chain) -> list[int]:
+    """Nodes whose bounds CROWN computes by a backward pass of their own: inputs of nonlinear
+    ops, except the input itself and outputs of activations (see crown_relaxed)."""
+    return [
+        k
+        for k, op in enumerate(chain.ops)
+        if not isinstance(op, LinearOp) and k > 0 and not isinstance(chain.ops[k - 1], Activation)
+    ]
+
+
+def crown_relaxed(
+    chain: Chain, s: InputSet, alphas: dict[int, Alphas] | None = None, floor: Relaxed | None = None
+) -> Relaxed:
+    """Bounds and relaxations of every node that feeds a nonlinear op (module docstring).
+
+    alpha-CROWN passes per-node ReLU slopes (``alphas[node]``) and CROWN's own result as
+    ``floor``: every bound there is valid, so the tighter of the two is taken.
+    """
+    relaxed, backward_at = Relaxed(), set(backward_nodes(chain))
     low, up = s.lower, s.upper
     for k, op in enumerate(chain.ops):
         if not isinstance(op, LinearOp):
             # Behind an elementwise monotone activation, f([l, u]) = [f(l), f(u)] is already
             # the exact range given its input's bounds: a backward pass could not beat it.
-            if k > 0 and not isinstance(chain.ops[k - 1], Activation):
-                c_low, c_up = _backward_node_bounds(chain, relaxed, s, k)
-                low = torch.maximum(low, c_low)
-                # Both enclose the true range; if round-off crosses them, keep an interval.
-                up = torch.maximum(torch.minimum(up, c_up), low)
+            if k in backward_at:
+                node_alphas = None if alphas is None else alphas.get(k)
+                low, up = _intersect(
+                    low, up, *_backward_node_bounds(chain, relaxed, s, k, node_alphas)
+                )
+            if floor is not None:
+                low, up = _intersect(low, up, *floor.bounds[k])
             relaxed.add(op, k, low, up)
         low, up = interval_step(op, low, up)
     return relaxed
+
+
+def _intersect(low: Tensor, up: Tensor, low2: Tensor, up2: Tensor) -> tuple[Tensor, Tensor]:
+    """Both enclose the true range; if round-off crosses the bounds, keep an interval."""
+    low = torch.maximum(low, low2)
+    return low, torch.maximum(torch.minimum(up, up2), low)
 
 
 def _ibp(chain: Chain, s: InputSet, spec: Tensor) -> Tensor:
@@ -250,44 +279,62 @@ def _ibp(chain: Chain, s: InputSet, spec: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def _adam_ascent(alphas: dict[int, Tensor], grads: list[Tensor], state: dict, lr: float) -> None:
+def _adam_ascent(params: list[Tensor], grads: list[Tensor | None], state: dict, lr: float) -> None:
     """One projected Adam step up the bound, elementwise (so rows never mix)."""
     state["t"] = t = state.get("t", 0) + 1
-    for (k, alpha), grad in zip(alphas.items(), grads, strict=True):
-        m, v = state.setdefault(k, (torch.zeros_like(grad), torch.zeros_like(grad)))
+    for i, (alpha, grad) in enumerate(zip(params, grads, strict=True)):
+        if grad is None:  # slopes of neurons the bound does not reach
+            continue
+        m, v = state.get(i, (torch.zeros_like(grad), torch.zeros_like(grad)))
         m = 0.9 * m + 0.1 * grad
         v = 0.999 * v + 0.001 * (grad * grad)
-        state[k] = (m, v)
+        state[i] = (m, v)
         step = (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
         alpha.add_(lr * step).clamp_(0, 1)
 
 
+def _initial_slopes(crown: Relaxed, before: int, rows: int) -> Alphas:
+    """CROWN's lower slopes of the ReLUs before op ``before`` with unstable neurons, one copy
+    per row: (N, rows, *shape), leaves that require grad."""
+    return {
+        k: r.lower_slope.unsqueeze(1).expand(-1, rows, *r.lower_slope.shape[1:]).clone()
+        .requires_grad_(True)
+        for k, r in crown.relax.items()
+        if k < before and isinstance(r, Relaxation) and r.unstable is not None
+        and bool(r.unstable.any())
+    }  # fmt: skip
+
+
 def _alpha_crown(
-    chain: Chain, relaxed: Relaxed, s: InputSet, spec: Tensor, start: Tensor, steps: int,
+    chain: Chain, crown: Relaxed, s: InputSet, spec: Tensor, start: Tensor, steps: int,
     lr: float, stop_when_positive: bool,
 ) -> Tensor:  # fmt: skip
     """The best bound over Adam iterates from CROWN's slopes; never below ``start`` (CROWN's).
-    Rows only add up in the objective, so each row's slopes follow their own gradient."""
-    n, rows = spec.shape[:2]
-    alphas = {
-        k: r.lower_slope.unsqueeze(1).expand(n, rows, *r.lower_slope.shape[1:]).clone()
-        for k, r in relaxed.relax.items()
-        if isinstance(r, Relaxation) and r.unstable is not None and bool(r.unstable.any())
+
+    Slopes are optimised for the final bound and for every intermediate node's bounds (their
+    own slopes per row, Xu et al. 2021), all by the final bound's gradient. Rows only add up in
+    the objective, so each row's slopes follow their own gradient.
+    """
+    final = _initial_slopes(crown, len(chain.ops), spec.shape[1])
+    inner = {
+        j: _initial_slopes(crown, j, 2 * math.prod(chain.node_shape(j)))
+        for j in backward_nodes(chain)
     }
+    inner = {j: a for j, a in inner.items() if a}
+    params = [*final.values(), *(a for node in inner.values() for a in node.values())]
     best, state = start.clone(), {}
-    for alpha in alphas.values():
-        alpha.requires_grad_(True)
-    for i in range(steps + 1 if alphas else 0):
+    for i in range(steps + 1 if params else 0):
         if stop_when_positive and bool((best > 0).all()):
             break
         with torch.enable_grad():
-            bound = concretize(*backward(chain, relaxed, len(chain.ops), spec, alphas), s)
+            relaxed = crown_relaxed(chain, s, inner, crown) if inner else crown
+            bound = concretize(*backward(chain, relaxed, len(chain.ops), spec, final), s)
             total = bound.sum()  # rows add up, so each alpha's gradient is its own row's
         best = torch.maximum(best, bound.detach())
         if i == steps:
             break
-        grads = torch.autograd.grad(total, list(alphas.values()))
-        _adam_ascent(alphas, list(grads), state, lr)
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+        _adam_ascent(params, list(grads), state, lr)
     return best
 
 
