@@ -439,6 +439,11 @@ def test_no_attack_beats_a_certified_radius(trained_mlp: nn.Module, digits_point
     dist = (found.x_adv.double() - x.double()).flatten(1).norm(dim=1)
     assert int(adversarial.sum()) >= 5
     assert bool((dist[adversarial] > r.lower[adversarial]).all())
+    # The attack's distortion as the bracket's upper end (inf where it found nothing).
+    top = torch.where(adversarial, dist, torch.inf)
+    r = certified_radius(chain, x, y, norm="l2", rtol=1e-2, upper=top, **alpha)
+    assert bool((r.upper[adversarial] <= dist[adversarial]).all())
+    assert bool((r.upper - r.lower <= 1e-2 * r.upper).all())
 
 
 def test_misclassified_examples_get_radius_zero(trained_mlp: nn.Module, digits_points) -> None:
@@ -541,3 +546,23 @@ def test_an_examples_bounds_do_not_depend_on_its_batch(name: str) -> None:
     ]
     assert torch.equal(radius.lower, torch.cat([r.lower for r in alone]))
     assert torch.equal(radius.upper, torch.cat([r.upper for r in alone]))
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"eps": -0.1}, "eps: give one finite radius >= 0"),
+        ({"eps": torch.tensor([0.1, 0.2])}, "eps: give one finite radius >= 0"),
+        ({"x": torch.full((3, *SHAPE), 1.5)}, "x: every value must lie in the box"),
+        ({"y": torch.tensor([0, 1, 10])}, "y: give one label in [0, 10)"),
+        ({"norm": "l1"}, "norm: 'l1' is not one of linf, l2"),
+        ({"method": "milp"}, "method: 'milp' is not one of ibp, crown, alpha-crown"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line(change: dict, expected: str) -> None:
+    args = {"x": torch.rand(3, *SHAPE), "y": torch.tensor([0, 1, 2]), "eps": 0.1}
+    args |= {k: v for k, v in change.items() if k in args}
+    options = {k: v for k, v in change.items() if k not in args}
+    with pytest.raises(ValueError, match=r"^[^\n]*$") as err:
+        margin_bounds(random_model("mlp-relu"), args["x"], args["y"], args["eps"], **options)
+    assert expected in str(err.value)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from advlab.bounds.layers import (
+    SUPPORTED,
     Activation,
     AvgPool,
     BoundError,
@@ -81,9 +82,8 @@ def _why_not(module: nn.Module, cls: type | None) -> str:
         return hint
     if isinstance(module, tuple(_CONTAINERS) + _LEAVES):
         return f"its forward ({cls.__name__}.forward) is not the plain one"
-    if list(module.children()):
-        return "a custom container (residual or other non-chain forwards are not bounded)"
-    return "a custom layer (supported: see advlab.bounds.layers.SUPPORTED)"
+    kind = "container (not a plain chain)" if list(module.children()) else "layer"
+    return f"an unsupported {kind}; bounds are propagated through {SUPPORTED} only"
 
 
 def leaves(module: nn.Module, path: str = "") -> list[tuple[str, nn.Module]]:

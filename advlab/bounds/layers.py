@@ -48,9 +48,9 @@ class BoundError(ValueError):
     """A model, or a layer of it, that bound propagation cannot bound soundly (one line)."""
 
 
-def refusal(module: nn.Module, path: str, why: str = "") -> BoundError:
+def refusal(module: nn.Module, path: str, why: str) -> BoundError:
+    """'bounds: cannot bound <type> at <module path>; <why>', one line."""
     where = path or "the top level"
-    why = why or f"bounds are propagated through {SUPPORTED} only"
     return BoundError(f"bounds: cannot bound {type(module).__name__} at {where}; {why}")
 
 
@@ -277,7 +277,8 @@ class MaxPool(Op):
 
     def __init__(self, path: str, module: nn.MaxPool2d, in_shape: tuple[int, ...], **to) -> None:
         if module.ceil_mode or module.return_indices or len(in_shape) != 3:
-            raise refusal(module, path, "ceil_mode, return_indices and unbatched inputs are not")
+            why = "ceil_mode, return_indices and unbatched inputs are not supported"
+            raise refusal(module, path, why)
         kernel = _pair(module.kernel_size)
         self.args = dict(
             kernel_size=kernel,

@@ -11,10 +11,17 @@ set, where z are the logits; for margins C's rows are e_y - e_j, j != y.
   pass of their own (rows +e_i and -e_i), intersected with the interval step from the node
   before, so they are never looser than one IBP step; behind an activation the interval step
   alone (exact per neuron given the activation's input bounds).
-- "alpha-crown" (Xu et al. 2021): CROWN with the lower slopes of unstable ReLUs, one per
-  specification row and neuron, optimised by projected Adam ascent on the final lower bound
-  from CROWN's own slopes; intermediate bounds stay CROWN's. Every iterate is a valid bound, so
-  the best per row is kept, and it is never below CROWN's.
+- "alpha-crown" (Xu et al. 2021): CROWN with the lower slopes of unstable ReLUs free in
+  [0, 1], one per neuron and per row of every bound that uses them (the final specification's
+  rows and each intermediate node's +e_i/-e_i rows), optimised together by projected Adam
+  ascent on the final lower bound, starting from CROWN's slopes. Intermediate bounds are
+  recomputed with their slopes at every step and intersected with CROWN's. Every iterate is a
+  valid bound, so the best per row is kept, and it is never below CROWN's.
+
+Cost per example: IBP one forward pass; CROWN one backward pass per intermediate neuron (two
+rows each) through the layers before it, so about (neurons) x (weights) multiply-adds; alpha-
+CROWN (steps + 1) CROWN passes with gradients, about 3 (steps + 1) CROWN's time, and slopes of
+(rows) x (ReLUs before them) per node in memory.
 
 Concretisation: min of A x + c over the set. Linf: the set is the box [max(0, x - eps),
 min(1, x + eps)], where the minimum is exact per coordinate. L2: the minimum over the ball alone
@@ -330,7 +337,7 @@ def _alpha_crown(
             relaxed = crown_relaxed(chain, s, inner, crown) if inner else crown
             bound = concretize(*backward(chain, relaxed, len(chain.ops), spec, final), s)
             total = bound.sum()  # rows add up, so each alpha's gradient is its own row's
-        best = torch.maximum(best, bound.detach())
+        best = torch.fmax(best, bound.detach())  # fmax: a NaN iterate can never win
         if i == steps:
             break
         grads = torch.autograd.grad(total, params, allow_unused=True)
