@@ -380,14 +380,19 @@ def spec_bounds(
     if spec.shape[0] != len(x) or spec.shape[2] != chain.num_outputs:
         raise ValueError(f"spec: shape {tuple(spec.shape)} does not fit {len(x)} examples")
     args = (method, steps, lr, stop_when_positive)
-    if chain.device.type != "cpu":
+    if not one_at_a_time(chain):
         return _bounds(chain, s, spec, *args)
-    # On CPU one example at a time: BLAS and vectorised kernels pick blockings, summation
-    # orders, and vector or scalar code paths for exp and tanh by tensor size and position, so
-    # an example computed beside others would be rounded differently than alone. One at a
-    # time, each example's bounds are bitwise the same in any batch, at any thread count.
     rows = [_bounds(chain, s.row(i), spec[i : i + 1].clone(), *args) for i in range(len(x))]
     return torch.cat(rows) if rows else spec.new_zeros(spec.shape[:2])
+
+
+def one_at_a_time(chain: Chain) -> bool:
+    """On CPU, bound one example at a time: BLAS and vectorised kernels pick blockings,
+    summation orders, and vector or scalar code paths for exp and tanh by tensor size and
+    position, so an example computed beside others would be rounded differently than alone.
+    One at a time, each example's bounds are bitwise the same in any batch, at any thread
+    count. On a GPU the whole batch goes at once (then only up to round-off)."""
+    return chain.device.type == "cpu"
 
 
 def _bounds(
