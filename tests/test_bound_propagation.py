@@ -369,6 +369,8 @@ def test_bounds_at_radius_zero_are_the_margins(name: str) -> None:
     chain, model64 = compile_model(model, SHAPE), twin64(model)
     x = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     y = torch.tensor([0, 3, 7])  # any labels: margins of either sign
+    if name == "smallcnn":  # ~0.4 s per bound and example: two examples
+        x, y = x[:2], y[:2]
     exact, tol = margins(model64, x, y), slack(chain)
     for norm in ("linf", "l2"):
         for method in METHODS:
@@ -383,9 +385,9 @@ def test_ibp_below_crown_below_alpha_crown(trained_mlp: nn.Module, digits_points
     tol = slack(chain)
     for norm, eps in (("linf", 0.1), ("l2", 0.5)):
         ibp, crown, alpha = (
-            margin_bounds(chain, x, y, eps, norm=norm, method=m)[y[:, None] != torch.arange(10)]
-            for m in METHODS
+            margin_bounds(chain, x, y, eps, norm=norm, method=m, steps=10) for m in METHODS
         )
+        ibp, crown, alpha = (b[torch.isfinite(b)] for b in (ibp, crown, alpha))
         assert float((ibp <= crown + tol).double().mean()) >= 0.9, norm
         assert bool((alpha >= crown).all()), norm  # alpha-CROWN keeps CROWN's bound at worst
         assert float((alpha > crown + tol).double().mean()) >= 0.25, norm
@@ -423,7 +425,7 @@ def test_linear_two_class_radius_is_the_distance_to_the_hyperplane() -> None:
 def test_no_attack_beats_a_certified_radius(trained_mlp: nn.Module, digits_points) -> None:
     x, y = correct_points(trained_mlp, digits_points, 6)
     chain, model64 = compile_model(trained_mlp, SHAPE), twin64(trained_mlp)
-    tol, alpha = slack(chain), {"method": "alpha-crown", "steps": 10}
+    tol, alpha = slack(chain), {"method": "alpha-crown", "steps": 5}
     for norm in ("linf", "l2"):
         r = certified_radius(chain, x, y, norm=norm, rtol=1e-2, **alpha)
         assert bool((r.lower > 0).all() and (r.upper > r.lower).all())
@@ -441,7 +443,7 @@ def test_no_attack_beats_a_certified_radius(trained_mlp: nn.Module, digits_point
     assert bool((dist[adversarial] > r.lower[adversarial]).all())
     # The attack's distortion as the bracket's upper end (inf where it found nothing).
     top = torch.where(adversarial, dist, torch.inf)
-    r = certified_radius(chain, x, y, norm="l2", rtol=1e-2, upper=top, **alpha)
+    r = certified_radius(chain, x, y, norm="l2", rtol=1e-2, upper=top, method="crown")
     assert bool((r.upper[adversarial] <= dist[adversarial]).all())
     assert bool((r.upper - r.lower <= 1e-2 * r.upper).all())
 
@@ -529,7 +531,7 @@ def test_an_examples_bounds_do_not_depend_on_its_batch(name: str) -> None:
     order = torch.tensor([3, 0, 4, 2, 1])
     for norm in ("linf", "l2"):
         for method in METHODS:
-            kw = {"norm": norm, "method": method, "steps": 3}
+            kw = {"norm": norm, "method": method, "steps": 2}
             batch = margin_bounds(chain, x, y, eps, **kw)
             shuffled = margin_bounds(chain, x[order], y[order], eps[order], **kw)
             alone = torch.cat(
