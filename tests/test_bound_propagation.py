@@ -132,17 +132,17 @@ def smallest_margins(
 
 
 def _conv_pool() -> nn.Module:
-    """Strides, padding, dilation, average and (overlapping, padded) max pooling, tanh."""
+    """Strides, padding, dilation, average and (overlapping, padded, dilated) max pooling."""
     return nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1),
         nn.ReLU(),
         nn.AvgPool2d(2),
         nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2),
         nn.Tanh(),
-        nn.MaxPool2d(2, stride=1, padding=1),
+        nn.MaxPool2d(2, stride=1, padding=1, dilation=2),
         nn.Flatten(),
         nn.Dropout(0.5),
-        nn.Linear(6 * 3 * 3, 16),
+        nn.Linear(6 * 2 * 2, 16),
         nn.Sigmoid(),
         nn.Identity(),
         nn.Linear(16, 10),
