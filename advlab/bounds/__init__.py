@@ -1,0 +1,1 @@
+"""Bounds on the minimum adversarial distortion: certified lower bounds and exact minima."""
