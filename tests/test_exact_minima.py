@@ -385,6 +385,9 @@ def test_a_time_limit_gives_a_bracket_that_holds_the_true_minimum(
     ball = interval_bounds(net, _flat(x[0]), radius)
     (inside,) = milp_minimum(model, x, y, bounds=ball, radius=radius, pool=pool)
     assert_exact(inside, truth.upper)
+    # Tighter than SOLVER_ATOL on purpose: CBC's absolute cutoff increment (1e-5 in objective
+    # units) once made this box solve claim an optimum 5.6e-7 above the ball solve's.
+    assert inside.upper == pytest.approx(truth.upper, abs=1e-7)
     (beyond,) = milp_minimum(model, x, y, radius=truth.upper / 2, pool=pool)
     assert beyond.status == "infeasible" and beyond.lower == truth.upper / 2
     assert beyond.upper is None and not beyond.exact
@@ -404,6 +407,12 @@ CRASHERS = """
         if action == "hang":
             time.sleep(600)
         return solve(problem)
+
+    def solve_and_lie(problem):
+        # the solver's answer with its perturbation zeroed: x itself, not adversarial
+        answer = solve(problem)
+        answer["values"][: problem.n_inputs] = 0.0
+        return answer
 """
 
 
@@ -439,3 +448,43 @@ def test_a_crashed_or_hung_worker_costs_its_example_only(
     assert not results[1].exact and results[1].upper is None and results[1].lower == 0
     for i in (0, 2):
         assert results[i].exact and results[i].upper == normal[i].upper
+
+
+def test_a_point_the_torch_model_rejects_is_reported_not_trusted(
+    tmp_path, monkeypatch, tiny: tuple[nn.Sequential, Tensor, Tensor]
+) -> None:
+    (tmp_path / "crashers.py").write_text(textwrap.dedent(CRASHERS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model, x, y = tiny
+    with SolverPool(target="crashers:solve_and_lie") as lying:
+        results = milp_minimum(model, x, y, pool=lying)
+    for r in results:
+        assert r.status == "optimal" and not r.exact and r.upper is None
+        assert r.margin is not None and r.margin < 0
+        assert "violates its rows" in r.reason
+
+
+def test_bounds_that_do_not_hold_are_caught_at_the_point(pool: SolverPool) -> None:
+    """Unsound bounds (unstable ReLUs declared off, though x itself stays inside them) change
+    the MILP's network: where its point crosses them, the check refuses it, naming the bounds
+    or the torch model's margin. (A lower bound or an infeasible verdict is only as sound as
+    the bounds: no check can catch those.)"""
+    model = random_relu_net((4, 4, 3, 3), seed=4, gain=2.0)
+    net = relu_net(model, (1, 2, 2))
+    x = torch.from_numpy(np.random.default_rng(1).uniform(0, 1, (6, 1, 2, 2)).astype(np.float32))
+    x = x[[0, 5]]
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    reasons = []
+    for i in range(2):
+        x0 = _flat(x[i])
+        z0 = net.pre_activations(x0)[:-1]
+        unsound = [
+            (low, np.where((low < 0) & (up > 0) & (z < 0), z / 2, up))
+            for (low, up), z in zip(interval_bounds(net, x0), z0, strict=True)
+        ]
+        (r,) = milp_minimum(model, x[i : i + 1], y[i : i + 1], bounds=unsound, pool=pool)
+        assert r.status == "optimal" and not r.exact and r.upper is None and r.point is not None
+        reasons.append(r.reason)
+    assert "leaves bounds[0]" in reasons[0]
+    assert "torch model's margin" in reasons[1]

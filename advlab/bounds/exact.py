@@ -45,6 +45,9 @@ from advlab.models import Normalized
 NORMS = ("l2", "linf")
 SOLVERS = {"linf": ("cbc", "highs", "scip"), "l2": ("scip",)}
 EPS64 = float(np.finfo(np.float64).eps)
+# A solver's point may miss its rows and integrality by its tolerances (1e-7 for CBC, HiGHS
+# and SCIP's rows here, SCIP_FEASTOL); beyond 100 times that it is no solution at all.
+MAX_VIOLATION = 1e-5
 
 
 @dataclass
@@ -513,8 +516,11 @@ class _Case:
         point = np.clip(self.x0 + values[: problem.n_inputs], lo, hi)
         found.point = point.reshape(checker.shape)
         found.margin, found.reached = checker.margin(point, self.label, self.goal)
-        found.tolerance = margin_tolerance(self.net, layout, *violations(problem, values), point)
+        feas, integral = violations(problem, values)
+        found.tolerance = margin_tolerance(self.net, layout, feas, integral, point)
         found.reason = self._doubts(point, found.margin, found.tolerance)
+        if max(feas, integral) > MAX_VIOLATION:  # the a posteriori tolerance would excuse it
+            found.reason = f"the solver's point violates its rows by {max(feas, integral):.3g}"
         if found.reason:  # an unconfirmed point bounds nothing
             return
         found.upper = _distance(point - self.x0, self.norm)
