@@ -285,6 +285,8 @@ def test_unsupported_models_and_settings_are_refused() -> None:
         milp_minimum(random_relu_net((4, 3, 2), 0), x, y, norm="l2", solver="cbc")
     with pytest.raises(ValueError, match="linear model"):
         linear_minimum(random_relu_net((4, 3, 2), 0), x, y)
+    with pytest.raises(ValueError, match="equals its example's label"):
+        linear_minimum(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), x, y, target=[1, 1])
 
 
 ATTACKS = {"lbfgs": {"target": "untargeted"}, "ddn": {}, "fmn": {}, "deepfool": {}, "alma": {}}

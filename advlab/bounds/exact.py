@@ -139,13 +139,15 @@ def _check_inputs(x: Tensor, y: Tensor, norm: str) -> None:
         raise ValueError("x: pixels must lie in [0, 1]")
 
 
-def _targets(target: Tensor | Sequence[int] | None, n: int) -> list[int | None]:
+def _targets(target: Tensor | Sequence[int] | None, y: Tensor) -> list[int | None]:
     if target is None:
-        return [None] * n
+        return [None] * len(y)
     out = [int(t) for t in torch.as_tensor(target).flatten().tolist()]
-    if len(out) != n:
-        raise ValueError(f"target: give one class per example ({n}), got {len(out)}")
-    return out  # type: ignore[return-value]
+    if len(out) != len(y):
+        raise ValueError(f"target: give one class per example ({len(y)}), got {len(out)}")
+    if any(t == label for t, label in zip(out, y.tolist(), strict=True)):
+        raise ValueError("target: a target equals its example's label; give a wrong class")
+    return list(out)
 
 
 def _distance(d: np.ndarray, norm: str) -> float:
@@ -240,7 +242,7 @@ def linear_minimum(
         raise ValueError("linear_minimum takes a linear model; use milp_minimum")
     checker = _Checker(model, tuple(x.shape[1:]))
     results = []
-    for x0, label, goal in zip(_flat64(x), y.tolist(), _targets(target, len(x)), strict=True):
+    for x0, label, goal in zip(_flat64(x), y.tolist(), _targets(target, y), strict=True):
         start = time.perf_counter()
         if goal is None:
             found = _closest_half_space(net, x0, label, norm), "closed form"
@@ -405,7 +407,7 @@ def milp_minimum(
     cases = [
         _Case(net, x0, label, goal, norm, _example_bounds(net, bounds, i, x0, radii[i]), radii[i])
         for i, (x0, label, goal) in enumerate(
-            zip(_flat64(x), y.tolist(), _targets(target, len(x)), strict=True)
+            zip(_flat64(x), y.tolist(), _targets(target, y), strict=True)
         )
     ]
     problems = [c.problem(solver, time_limit) for c in cases]
