@@ -446,6 +446,11 @@ def test_a_crashed_or_hung_worker_costs_its_example_only(
         xs[1, 0, 0, 0] = 0.5
         results = milp_minimum(model, xs, y, pool=crashing)
     normal = milp_minimum(model, xs, y, pool=pool)
+    with (
+        SolverPool(target="no_such_module:solve") as broken,
+        pytest.raises(RuntimeError, match=r"did not start.*ModuleNotFoundError"),
+    ):
+        broken.solve_all(problems[:1])
     assert results[1].status == "failed" and "SIGSEGV" in results[1].reason
     assert not results[1].exact and results[1].upper is None and results[1].lower == 0
     for i in (0, 2):

@@ -35,6 +35,7 @@ import numpy as np
 from advlab.bounds.milp import MipProblem
 
 SOLVE = "advlab.bounds.solver_worker:solve"
+STARTUP_S = 120.0  # a worker's start (Python, numpy, the solver library) on a loaded machine
 Answer = dict[str, Any]  # status, values, objective, bound, seconds, solver_status, reason
 # CBC prunes nodes within an absolute cutoff increment of 1e-5 (which OR-Tools cannot set) and
 # HiGHS stops at an absolute gap of 1e-6 (which scipy cannot set): in units of a distance of
@@ -197,11 +198,15 @@ def _ranged(expr: Any, lo: float, hi: float) -> Any:
 # --------------------------------------------------------------------------- the pool
 
 
-def _serve(target: str, read_fd: int, write_fd: int) -> None:
-    """A worker's loop: (index, problem) in, (index, answer) out, until None arrives."""
+def _serve(target: str, solver: str, read_fd: int, write_fd: int) -> None:
+    """A worker's loop: imports first (then "ready"), then (index, problem) in and (index,
+    answer) out until None arrives."""
     module, _, name = target.partition(":")
     fn: Callable[[MipProblem], Answer] = getattr(importlib.import_module(module), name)
+    if solver in _MODULES:  # before "ready": start-up does not eat into a problem's deadline
+        importlib.import_module(_MODULES[solver])
     inbox, outbox = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    outbox.send("ready")
     while (message := inbox.recv()) is not None:
         index, problem = message
         try:
@@ -230,7 +235,7 @@ class SolverPool:
     that imports neither torch nor the caller's main module (multiprocessing's spawn would
     re-import both, seconds per worker). `target` is the solve function as `module:function`
     (tests inject crashing ones); `grace` is how long past a problem's time limit a worker may
-    take (start-up, model building) before it is killed as hung."""
+    take (model building, a solver's late check of its limit) before it is killed as hung."""
 
     def __init__(self, workers: int = 1, target: str = SOLVE, grace: float = 60.0) -> None:
         if workers < 1:
@@ -266,7 +271,8 @@ class SolverPool:
         to_child, from_parent = os.pipe()
         to_parent, from_child = os.pipe()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        command = [sys.executable, "-m", __name__, self.target, str(to_child), str(from_child)]
+        command = [sys.executable, "-m", __name__, self.target, solver, str(to_child),
+                   str(from_child)]  # fmt: skip
         log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the worker; _stop closes it)
         process = subprocess.Popen(
             command, pass_fds=(to_child, from_child), env=env, stdout=subprocess.DEVNULL,
@@ -275,7 +281,15 @@ class SolverPool:
         os.close(to_child)
         os.close(from_child)
         outbox = Connection(from_parent, readable=False)
-        return _Worker(solver, process, outbox, Connection(to_parent, writable=False), log)
+        w = _Worker(solver, process, outbox, Connection(to_parent, writable=False), log)
+        try:
+            if w.inbox.poll(STARTUP_S) and w.inbox.recv() == "ready":
+                return w
+            why = f"no word in {STARTUP_S:g} s"
+        except (EOFError, OSError):
+            why = _death(w)
+        _stop(w)
+        raise RuntimeError(f"a {solver} solver worker did not start: {why}")
 
     def _send(
         self, w: _Worker, i: int, problems: Sequence[MipProblem], answers: list[Answer | None]
@@ -349,4 +363,4 @@ def _failed(reason: str) -> Answer:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
