@@ -349,6 +349,25 @@ def test_milp_equals_brute_force_over_activation_patterns(
             assert_point_confirmed(model, x[i], int(y[i]), goal, r)
 
 
+def test_a_normalized_relu_net_is_solved_in_pixel_space(
+    tiny: tuple[nn.Sequential, Tensor, Tensor], pool: SolverPool
+) -> None:
+    """Normalized's standardisation folds into the first layer: the MILP of the folded net
+    equals brute force on it, and the torch model (standardising itself) confirms the points."""
+    inner, x, _ = tiny
+    model = Normalized(copy.deepcopy(inner), mean=[0.4], std=[0.3]).eval()
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    net = relu_net(model, x.shape[1:])
+    for i, r in enumerate(milp_minimum(model, x, y, pool=pool)):
+        truth = brute_force(net, _flat(x[i]), int(y[i]), None, "linf")
+        if math.isinf(truth):
+            assert r.status == "infeasible"
+            continue
+        assert_exact(r, truth)
+        assert_point_confirmed(model, x[i], int(y[i]), None, r)
+
+
 def test_an_example_already_adversarial_is_at_distance_zero(
     tiny: tuple[nn.Sequential, Tensor, Tensor], pool: SolverPool
 ) -> None:
