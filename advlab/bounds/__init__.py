@@ -5,6 +5,9 @@ alpha-CROWN) for chains of Linear, Conv2d, pooling and ReLU/sigmoid/tanh layers.
     lb = margin_bounds(chain, x, y, eps, norm="linf", method="crown")   # (N, K), inf at y
     ok = certified(chain, x, y, eps)                  # (N,) bool
     r = certified_radius(chain, x, y, norm="l2", method="alpha-crown")  # r.lower, r.upper
+
+Exact minima (closed forms for linear models, MILP/MIQP for small ReLU nets, each solve in a
+worker process) live in advlab.bounds.exact, imported on demand: its solvers are heavy.
 """
 
 from advlab.bounds.chain import compile_model
