@@ -27,6 +27,7 @@ import torch
 
 from advlab.attacks.registry import MINIMIZATION
 from advlab.measure import robust_error, success_at_budgets
+from advlab.measures.health import falling_robust_error
 from advlab.measures.registry import MeasureContext, MeasureDef, Rows
 from advlab.strict import Strict
 
@@ -47,7 +48,6 @@ PROBE_PGD = {"name": "pgd", "label": "strong_pgd_box", "eps": [PROBE_EPS], "step
 FGSM_GAP = 0.25  # and FGSM finds under half of what PGD finds
 MIN_NORM_LEAD = 0.05
 PROBE_SUCCESS = 0.99
-NON_MONOTONE = 0.05
 
 
 def strong_attacks(spec: Any, settings: MaskingSettings) -> list[dict[str, Any]]:
@@ -93,7 +93,7 @@ def assess_masking(
         *_fgsm_gap(fgsm, pgd),
         *_min_norm_lead(minimum, pgd),
         *_probe_short(_worst(curves, pgd_keys, "success_rate")),
-        *_non_monotone(curves, [a.key for a in plan if a.name in ("fgsm", "pgd")]),
+        *falling_robust_error(curves, [a.key for a in plan if a.name in ("fgsm", "pgd")]),
     ]
     return bool(reasons), "; ".join(reasons)
 
@@ -144,28 +144,6 @@ def _probe_short(success: dict[float, float]) -> list[str]:
         for eps, rate in sorted(success.items())
         if eps >= PROBE_EPS and rate < PROBE_SUCCESS
     ]
-
-
-def _non_monotone(curves: list[dict[str, Any]], keys: list[str]) -> list[str]:
-    """A gradient attack whose robust error drops as its budget grows (once per attack)."""
-    reasons = []
-    for key in keys:
-        errors = sorted(
-            (r["budget"], r["robust_error"])
-            for r in curves
-            if r["attack"] == key and r["robust_error"] is not None
-        )
-        peak_eps, peak = None, -1.0
-        for eps, error in errors:
-            if peak - error >= NON_MONOTONE:
-                reasons.append(
-                    f"{key} robust error falls from {peak:.1%} at eps {peak_eps:g} "
-                    f"to {error:.1%} at eps {eps:g}"
-                )
-                break
-            if error > peak:
-                peak_eps, peak = eps, error
-    return reasons
 
 
 def _run(ctx: MeasureContext, settings: MaskingSettings) -> Rows:
