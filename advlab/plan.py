@@ -3,8 +3,9 @@ the id that says whether a stored result is still current.
 
 The sweep's attacks come first, then the attacks its measures ask for (the masking check's
 strong set). Measures are the trial's `measures`, or by default the Lipschitz bounds (torch
-models) and the masking check. An attack-scope measure runs once per attack run; a measure
-that reads attack results has the ids of those runs in its own, so adding an attack reruns it.
+models), the masking check and the health checks. An attack-scope measure runs once per attack
+run; a measure that reads attack results has the ids of those runs in its own, so adding an
+attack reruns it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from advlab.families import resolve
 from advlab.spec import AttackSpec, MeasureSpec, SpecError, TrialSpec
 
-DEFAULT_MEASURES = ("lipschitz", "masking")
+DEFAULT_MEASURES = ("lipschitz", "masking", "health")
 
 
 def measures_of(spec: TrialSpec) -> list[MeasureSpec]:

@@ -447,7 +447,8 @@ def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
 
 
 def flag_lines(store: SweepStore, labels: dict[str, str], ok: list[str]) -> list[str]:
-    """One line per flag a measure raised on a finished trial (possible gradient masking...)."""
+    """One line per flag a measure raised on a finished trial (possible gradient masking, a
+    failed evaluation health check, ...), with its reason."""
     records = store.read("measures", ["trial_id", "measure", "status", "flag"])
     return [
         f"  {measure} flagged {labels.get(t, t)}: {why}"

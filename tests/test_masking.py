@@ -142,16 +142,40 @@ def test_the_fgsm_pgd_gap_of_the_issue_is_flagged_and_a_mild_one_is_not() -> Non
     flag, reason = assess_masking(
         PLAN, [curve("fgsm", 0.2, 0.271), curve("pgd", 0.2, 0.921)], [], 0
     )
-    assert flag and reason == "FGSM robust error 27.1% vs PGD 92.1% at eps 0.2"
+    assert flag and reason == (
+        "FGSM robust error 27.1% vs PGD 92.1% at eps 0.2: one step finds under half of what "
+        "PGD finds (65.0 points apart; the check needs 25.0 points and under half)"
+    )
     # FGSM-trained digits at 0.2 (36.3% vs 63.2%): FGSM finds more than half of PGD's.
     mild = [curve("fgsm", 0.2, 0.363), curve("pgd", 0.2, 0.632)]
     assert assess_masking(PLAN, mild, [], 0) == (False, "")
 
 
+def test_the_fgsm_pgd_gap_counts_only_within_the_training_budget() -> None:
+    # Issue 30: PGD- and TRADES-trained conv nets flagged from eps 0.3 alone (trained at 0.2):
+    # past the training ball PGD follows the robustness cliff one FGSM step cannot see.
+    rows = [
+        curve("fgsm", 0.2, 0.30),
+        curve("pgd", 0.2, 0.36),
+        curve("fgsm", 0.3, 0.35),
+        curve("pgd", 0.3, 0.95),
+    ]
+    assert assess_masking(PLAN, rows, [], 0, trained_eps=0.2) == (False, "")
+    # The same gap at the training budget itself is the masking signature (0.1 + 0.2 != 0.3).
+    flag, reason = assess_masking(PLAN, rows, [], 0, trained_eps=0.1 + 0.2)
+    assert flag and reason.startswith("FGSM robust error 35.0% vs PGD 95.0% at eps 0.3, within")
+    # A model trained without perturbations has no such ball: every budget is compared.
+    flag, reason = assess_masking(PLAN, rows, [], 0, trained_eps=None)
+    assert flag and "at eps 0.3:" in reason and "at eps 0.2" not in reason
+
+
 def test_a_robust_error_that_falls_as_the_budget_grows_is_flagged() -> None:
     rows = [curve("fgsm", 0.1, 0.40), curve("fgsm", 0.2, 0.30), curve("pgd", 0.1, 0.45)]
     flag, reason = assess_masking(PLAN, rows, [], 0)
-    assert flag and reason == "fgsm robust error falls from 40.0% at eps 0.1 to 30.0% at eps 0.2"
+    assert flag and reason == (
+        "fgsm robust error falls from 40.0% at eps 0.1 to 30.0% at eps 0.2, though the larger "
+        "ball holds every adversarial of the smaller (a fall of 10.0 points; the check needs 5.0)"
+    )
 
 
 def test_no_pgd_means_no_verdict() -> None:

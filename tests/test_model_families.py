@@ -111,7 +111,8 @@ def test_a_prediction_only_family_trains_in_a_sweep_with_clean_errors_and_transf
     by_hand = centroid_predictions(x_train, y_train, x_test)
     assert centroid["test_error"] == pytest.approx(float((by_hand != y_test).mean()), abs=1e-7)
     assert centroid["status"] == "ok" and res.epochs.query("model == 'toy_family:CENTROID'").empty
-    assert set(res.measures.query("trial_id == @centroid.trial_id")["measure"]) == {"masking"}
+    measured = set(res.measures.query("trial_id == @centroid.trial_id")["measure"])
+    assert measured == {"masking", "health"}  # the defaults that need predictions only
 
     transfer = res.transfer
     # As a target: the centroid classifier's error on the net's noisy examples, by hand.

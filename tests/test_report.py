@@ -610,34 +610,44 @@ def test_command_line_writes_the_report(sweeps: list[str], tmp_path: Path, capsy
     assert parse(out).table("table1")
 
 
-def test_masking_flag_column_only_when_a_check_ran(
+def _set_flags(folder: Path, raised: dict[tuple[str, str], str]) -> None:
+    """Rewrite the `flag` of every measure run's record in a sweep folder: `raised[(trial,
+    measure)]`, or none."""
+    for path in sorted((folder / "measures").glob("*.parquet")):
+        data = pq.read_table(path)
+        keys = zip(data["trial_id"].to_pylist(), data["measure"].to_pylist(), strict=True)
+        column = data.schema.get_field_index("flag")
+        values = pa.array([raised.get(key, "") for key in keys], pa.string())
+        pq.write_table(data.set_column(column, data.schema.field("flag"), values), path)
+
+
+def test_flags_column_only_when_a_measure_can_flag(
     sweeps: list[str], page: Page, tmp_path: Path
 ) -> None:
     (table,) = page.table("table1")
-    assert "masking" not in table.header
+    # The masking and health checks ran on every trial: each could have raised a flag.
+    assert "flags" in table.header and "masking" not in table.header
     copy = tmp_path / "results" / "tiny-b"
     shutil.copytree(sweeps[1], copy)
-    flagged = results.load(str(copy)).trials["trial_id"].iloc[0]  # the first seed of row 1
-    # These trials were trained normally with FGSM and L-BFGS: no PGD, so no verdict (null);
-    # give them verdicts.
-    paths = sorted((copy / "masking").glob("*.parquet"))
-    assert paths and all(v is None for p in paths for v in pq.read_table(p)["flagged"].to_pylist())
-    for path in paths:
-        data = pq.read_table(path)
-        flag = data.column("trial_id")[0].as_py() == flagged
-        for name, value in (
-            ("flagged", flag),
-            ("reason", "gradient norm vanishes" if flag else ""),
-        ):
-            column = data.schema.get_field_index(name)
-            data = data.set_column(column, data.schema.field(name), pa.array([value]))
-        pq.write_table(data, path)
-    masked = parse(build_report([str(copy)], str(tmp_path / "m.html")))
-    (table,) = masked.table("table1")
-    assert "masking" in table.header
-    texts = table.texts("masking")
-    assert texts[0].startswith("⚠ yes (1 of 2)") and "gradient norm vanishes" in texts[0]
-    assert texts[1:] == ["no", "no"]
+    first = results.load(str(copy)).trials["trial_id"].iloc[0]  # the first seed of row 1
+    # Flags come from the measures table (as W&B and the sweep's summary see them): give the
+    # first trial a masking and a health flag, and no other trial any.
+    raised = {(first, "masking"): "gradient norm vanishes", (first, "health"): "model at chance"}
+    _set_flags(copy, raised)
+    flagged = parse(build_report([str(copy)], str(tmp_path / "m.html")))
+    (table,) = flagged.table("table1")
+    texts = table.texts("flags")
+    assert texts == ["⚠ health (1 of 2), masking (1 of 2)", "no", "no"]
+    hover = table.rows[0]["flags"][0]["title"]
+    assert hover == "health: model at chance | masking: gradient norm vanishes"
+    # With no measure there that defines a flag (only Lipschitz bounds), no column at all.
+    for measure in ("masking", "health"):
+        shutil.rmtree(copy / measure)
+        for path in (copy / "measures").glob(f"*.measure.{measure}.parquet"):
+            path.unlink()
+    bare = parse(build_report([str(copy)], str(tmp_path / "b.html")))
+    (table,) = bare.table("table1")
+    assert "flags" not in table.header
 
 
 def test_results_examples_keep_the_true_class_beside_the_trial_label(

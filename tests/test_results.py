@@ -179,10 +179,11 @@ def test_a_sweep_grows_by_its_new_trials_and_attacks_only(ray_local, tmp_path: P
     raw["attacks"] = [*raw["attacks"], {"name": "pgd", "steps": 5}]
     path.write_text(yaml.safe_dump(raw))
     assert main(["sweep", str(path)]) == 0
-    # Every finished file keeps its bytes, but for the masking check's (its verdict reads the
-    # trial's attack runs, so the added attack reruns it).
-    rerun = {p for p in before if p.name.endswith(".measure.masking.parquet")}
-    assert len(rerun) == 2  # its rows and its record
+    # Every finished file keeps its bytes, but for the masking and health checks' (their
+    # verdicts read the trial's attack runs, so the added attack reruns them).
+    rerun = {p for p in before if p.name.endswith((".measure.masking.parquet",
+                                                   ".measure.health.parquet"))}  # fmt: skip
+    assert len(rerun) == 4  # their rows and their records
     assert {p: p.read_bytes() for p in before if p not in rerun} == {
         p: b for p, b in before.items() if p not in rerun
     }

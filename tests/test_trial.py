@@ -141,9 +141,13 @@ def test_an_added_attack_runs_alone_and_leaves_the_trials_files_untouched(tmp_pa
     assert second.ids == first.ids  # the same trial, with one more attack
     result = run_trial(second.trials[0], trial_context(second, 0, str(tmp_path), "disabled"))
     trial_id = first.ids[0]
-    # The masking check reads the trial's attack runs, so it alone runs again (its verdict
-    # needs PGD, which the trial now has); every other file keeps its bytes.
-    rerun = {folder / t / f"{trial_id}.measure.masking.parquet" for t in ("masking", "measures")}
+    # The masking and health checks read the trial's attack runs, so they alone run again (the
+    # masking verdict needs PGD, which the trial now has); every other file keeps its bytes.
+    rerun = {
+        folder / table / f"{trial_id}.measure.{measure}.parquet"
+        for measure in ("masking", "health")
+        for table in (measure, "measures")
+    }
     assert {p: p.read_bytes() for p in before if p not in rerun} == {
         p: b for p, b in before.items() if p not in rerun
     }

@@ -2,8 +2,10 @@
 
 Model, weight decay and the other grid values; train, test and held-out error; for every
 minimisation attack the mean minimum distortion in its own norm and its success rate; for every
-fixed-budget attack the success rate at each budget. Kinds and norms come from the attacks
-table, so an attack added to the registry gets its columns with no change here.
+fixed-budget attack the success rate at each budget; and, when a measure of the sweeps can
+raise a flag, which measures flagged the configuration's trials (their reasons on hover). Kinds
+and norms come from the attacks table, and flags from the measures table, so an attack or a
+measure added to the registry gets its columns with no change here.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from advlab.report.html import Cell, Row, esc, estimate_cell, section, swatch_ce
 from advlab.report.load import Compared, Config
 from advlab.report.sections.robust import norm_title
 from advlab.stats import estimate
+from advlab.tables import Status
+from advlab.trial import flags, measure_defn
 
-MASKING = "masking"  # the masking check's table; its column shows where a check ran (not null)
+FLAGS = "flags"  # the column of the measures' flags (masking, health, any measure with a flag)
 ERRORS = (("train_error", "train error"), ("test_error", "test error"),
           ("heldout_error", "held-out error"))  # fmt: skip
 
@@ -65,17 +69,16 @@ def render(compared: Compared) -> str:
     if compared.ok_trials.empty:
         return ""
     columns, values = measures(compared)
-    verdicts = compared.measures.get(MASKING)
-    masking = verdicts is not None and bool(verdicts["flagged"].notna().any())
+    raised = raised_flags(compared)
     head = [("configuration", "configuration")]
     head += [(a, a) for a in compared.axes] + [("seeds", "seeds")]
     head += [(m.key, m.title) for m in columns]
-    head += [("masking", "gradient masking")] if masking else []
+    head += [(FLAGS, "flags")] if raised is not None else []
     rows = []
     for config in compared.configs:
         ids = [t for t in config.trial_ids if t in values.index]
         if ids:
-            rows.append(_row(compared, config, columns, values.loc[ids], masking))
+            rows.append(_row(compared, config, columns, values.loc[ids], raised))
     groups = {m.key: m.group for m in columns}
     intro = (
         "One row per configuration: trials that differ only in their seed are repeats, shown as "
@@ -83,31 +86,71 @@ def render(compared: Compared) -> str:
         "successful examples, in the attack's own norm (rms is the paper's "
         "sqrt(mean((x'−x)²)) over pixels in [0, 1])."
     )
+    if raised is not None:
+        intro += (
+            " Flags: the measures that found a reason to look closer at a configuration's "
+            "trials (gradient masking, evaluation health, ...); hover for their reasons."
+        )
     body = table("table1", head, rows, groups=groups)
     return section("table1", "Table 1: errors and minimum distortion", body, intro)
 
 
 def _row(
-    compared: Compared, config: Config, columns: list[Measure], values: pd.DataFrame, masking: bool
+    compared: Compared,
+    config: Config,
+    columns: list[Measure],
+    values: pd.DataFrame,
+    raised: pd.DataFrame | None,
 ) -> Row:
     cells: dict[str, Cell] = {"configuration": swatch_cell(config.name, config.colour)}
     cells |= {a: text_cell(config.values.get(a, "—")) for a in compared.axes}
     cells["seeds"] = Cell(str(len(values)), value=float(len(values)))
     for measure in columns:
         cells[measure.key] = estimate_cell(estimate(values[measure.key]), measure.as_percent)
-    if masking:
-        cells["masking"] = _masking_cell(compared, config)
+    if raised is not None:
+        cells[FLAGS] = _flags_cell(raised, list(values.index))
     return Row(cells, config.key)
 
 
-def _masking_cell(compared: Compared, config: Config) -> Cell:
-    """Flagged when any seed's trial was flagged; the reasons on hover."""
-    verdicts = compared.measures[MASKING]
+def raised_flags(compared: Compared) -> pd.DataFrame | None:
+    """(trial_id, measure, flag) of every flag a measure run raised on an ok trial (from the
+    measures table, as W&B and the sweep's summary see them); None when no measure run of the
+    sweeps could raise one (no measure there defines a flag), so the column is left out."""
     ok = set(compared.ok_trials["trial_id"])
-    mine = verdicts[(verdicts["config"] == config.key) & verdicts["trial_id"].isin(ok)]
-    flagged = mine[mine["flagged"].fillna(False).astype(bool)]
-    if flagged.empty:
+    records = [r.measures for r in compared.runs if not r.measures.empty]
+    if not records:
+        return None
+    runs = pd.concat(records, ignore_index=True)
+    runs = runs[(runs["status"] == Status.OK) & runs["trial_id"].isin(ok)]
+    can = [
+        _can_flag(name) or bool(flag)
+        for name, flag in zip(runs["name"], runs["flag"].fillna(""), strict=True)
+    ]
+    if not any(can):
+        return None
+    found = [
+        (trial, measure, reason)
+        for trial, raised in flags(runs).items()
+        for measure, reason in raised.items()
+    ]
+    return pd.DataFrame(found, columns=["trial_id", "measure", "flag"])
+
+
+def _can_flag(name: str) -> bool:
+    defn = measure_defn(name)
+    return defn is not None and defn.flag is not None
+
+
+def _flags_cell(raised: pd.DataFrame, trial_ids: list[str]) -> Cell:
+    """Each measure that flagged some of the configuration's trials (how many, with seeds), its
+    reasons on hover; or "no"."""
+    mine = raised[raised["trial_id"].isin(trial_ids)]
+    if mine.empty:
         return text_cell("no")
-    reasons = "; ".join(dict.fromkeys(str(r) for r in flagged["reason"] if r))
-    text = f"yes ({len(flagged)} of {len(mine)})" if len(mine) > 1 else "yes"
-    return Cell(text, cls="text flag", title=reasons, raw=f"⚠ {esc(text)}: {esc(reasons)}")
+    parts, reasons = [], []
+    for measure, group in mine.groupby("measure", sort=True):  # the same order in every row
+        count = group["trial_id"].nunique()
+        parts.append(f"{measure} ({count} of {len(trial_ids)})" if len(trial_ids) > 1 else measure)
+        reasons.append(f"{measure}: " + "; ".join(dict.fromkeys(group["flag"])))
+    text = ", ".join(parts)
+    return Cell(text, cls="text flag", title=" | ".join(reasons), raw=f"⚠ {esc(text)}")
