@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from advlab import digests
 from advlab.data import DATASETS, DataError, Dataset, load_dataset, validate_dataset_source
 from advlab.data import _images_to_tensor as images_to_tensor
 from advlab.data import _labels_to_tensor as labels_to_tensor
@@ -32,7 +33,7 @@ from advlab.plugins import PluginError, import_object, is_import_path
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 SPLITS = ("test", "train")  # what TrialSpec.attack_split may name
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = digests.IMAGE_SUFFIXES
 
 
 def check_source(name: str, root: str | None, path: str | None) -> None:
@@ -75,8 +76,20 @@ def load_data(
     if name in DATASETS:
         return load_dataset(name, root)
     resolved = None if path is None else str(Path(path).expanduser().resolve())
-    stamp = Path(resolved).stat().st_mtime_ns if resolved else 0  # a rewritten file reloads
-    return _load_cached(name, resolved, stamp, json.dumps(dict(args or {}), sort_keys=True))
+    return _load_cached(
+        name, resolved, _stamp(name, resolved), json.dumps(dict(args or {}), sort_keys=True)
+    )
+
+
+def _stamp(name: str, path: str | None) -> str:
+    """What the cache of loaded data is keyed by besides the name: the content digest of its
+    file, folder or loader module, so a file changed in place (an image rewritten inside its
+    folder leaves the folder's mtime alone) is read again, as its trials' ids are new."""
+    if name == "npz" and path is not None:
+        return digests.file_digest(path)
+    if name == "folder" and path is not None:
+        return digests.folder_digest(path)
+    return digests.module_digest(name)
 
 
 def load_data_spec(dataset: Any) -> Dataset:
@@ -96,7 +109,7 @@ def attacked_split(dataset: Any, split: str) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, path: str | None, stamp: int, args: str) -> Dataset:
+def _load_cached(name: str, path: str | None, stamp: str, args: str) -> Dataset:
     if name == "npz":
         assert path is not None
         return arrays_to_dataset(Path(path).stem, _read_npz(path), f"dataset.path: {path}")
@@ -260,17 +273,10 @@ def read_image_folder(root: Path) -> dict[str, np.ndarray]:
         raise DataError(f"dataset.path: {root}: {why}; give train/ a folder per class")
     arrays: dict[str, np.ndarray] = {}
     for split in ("train", "test"):
-        files = [
-            (f, c) for c, name in enumerate(classes) for f in _image_files(root / split / name)
-        ]
+        folders = [(c, root / split / name) for c, name in enumerate(classes)]
+        files = [(f, c) for c, folder in folders for f in digests.image_files(folder)]
         arrays[f"x_{split}"], arrays[f"y_{split}"] = _read_images(files, root)
     return arrays
-
-
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _read_images(files: list[tuple[Path, int]], root: Path) -> tuple[np.ndarray, np.ndarray]:
