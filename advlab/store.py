@@ -17,6 +17,7 @@ import re
 import tempfile
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -113,18 +114,34 @@ class SweepStore:
 
     def latest_checkpoint(self, trial_id: str) -> dict[str, Any] | None:
         """The furthest training checkpoint any earlier Tune run left for this trial (Tune
-        keeps them under ray/<run>/<trial id>/checkpoint_*/training.pt), or None."""
+        keeps them under ray/<run>/<trial id>/checkpoint_*/training.pt), or None. One that
+        does not load is passed over (`check_files` moves such files aside before a sweep)."""
         best: dict[str, Any] | None = None
-        selector = pafs.FileSelector(self.ray_dir_path(), recursive=True, allow_not_found=True)
-        for info in self.fs.get_file_info(selector):
-            parts = info.path.rsplit("/", 3)
-            if len(parts) < 4 or parts[-1] != CHECKPOINT or parts[-3] != trial_id:
+        for path in self.checkpoint_files(trial_id):
+            try:
+                with self.fs.open_input_stream(path) as source:
+                    state = torch.load(
+                        io.BytesIO(source.read()), map_location="cpu", weights_only=True
+                    )
+                steps = len(state["history"])
+            except Exception as err:  # truncated, empty, not ours: never resume from it
+                self.damaged.append(f"{path}: {' '.join(str(err).split())[:120]}")
                 continue
-            with self.fs.open_input_stream(info.path) as source:
-                state = torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
-            if best is None or len(state["history"]) > len(best["history"]):
+            if best is None or steps > len(best["history"]):
                 best = state
         return best
+
+    def checkpoint_files(self, trial_id: str | None = None) -> list[str]:
+        """The training checkpoints earlier Tune runs left (of one trial, or of all)."""
+        selector = pafs.FileSelector(self.ray_dir_path(), recursive=True, allow_not_found=True)
+        found = []
+        for info in self.fs.get_file_info(selector):
+            parts = info.path.rsplit("/", 3)
+            if len(parts) < 4 or parts[-1] != CHECKPOINT or info.type != pafs.FileType.File:
+                continue
+            if trial_id is None or parts[-3] == trial_id:
+                found.append(info.path)
+        return sorted(found)
 
     def tune_configs(self) -> list[dict[str, Any]]:
         """The config of every Tune trial any run of this sweep started (params.json)."""
@@ -181,16 +198,18 @@ class SweepStore:
             self.quarantine(path, err)
             return None
 
-    def quarantine(self, path: str, err: BaseException | str) -> str:
+    def quarantine(
+        self, path: str, err: BaseException | str, then: str = "its work runs again"
+    ) -> str:
         """Move a damaged file out of the way, to damaged/ (kept for a look, never read), and
-        note why; returns the line that says so."""
+        note why and what follows; returns the line that says so."""
         relative = path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
         stamp = uuid.uuid4().hex[:8]
         target = self.path("damaged", f"{relative}.{stamp}")
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         self.fs.move(path, target)
         why = " ".join(str(err).split())[:120]
-        line = f"{relative} is damaged ({why}); moved to damaged/, its work runs again"
+        line = f"{relative} is damaged ({why}); moved to damaged/, {then}"
         self.damaged.append(line)
         return line
 
@@ -352,9 +371,12 @@ class SweepStore:
         return found
 
     def check_files(self) -> list[str]:
-        """Before a sweep resumes: move every damaged results file to damaged/ so its work runs
-        again. A damaged attack-run file takes that run's other files with it (its results must
-        come as a set); a damaged trial file takes the trial's row (the trial reruns)."""
+        """Before a sweep resumes: move every damaged file aside to damaged/ so its work runs
+        again: results files (a damaged attack-run file takes that run's other files with it,
+        its results must come as a set; a damaged trial file takes the trial's row, so the
+        trial reruns), cached models (the trials trained with one rerun and retrain it: a
+        model that does not load is never trusted) and training checkpoints (the trial
+        restarts from an earlier one, or from scratch)."""
         lines = []
         for kind in self.tables():
             for path in self.trial_files(kind):
@@ -365,7 +387,39 @@ class SweepStore:
                 except (OSError, pa.ArrowException) as err:
                     lines.append(self.quarantine(path, err))
                     self._quarantine_siblings(kind, path.rsplit("/", 1)[1])
+        return lines + self._check_models() + self._check_checkpoints()
+
+    def _check_models(self) -> list[str]:
+        lines = []
+        for path in self._files("models", ".pt"):
+            problem = torch_file_problem(self.fs, path)
+            if problem is None:
+                continue
+            key = path.rsplit("/", 1)[1].removesuffix(".pt")
+            lines.append(self.quarantine(path, problem, "the trials trained with it retrain"))
+            trials = self.read("trials", ["trial_id", "training_key"])
+            for trial_id in trials.loc[trials["training_key"] == key, "trial_id"]:
+                row = self.path("trials", f"{trial_id}.parquet")
+                if self.fs.get_file_info(row).type == pafs.FileType.File:
+                    self.quarantine(row, f"its model {key}.pt is damaged", "the trial reruns")
         return lines
+
+    def _check_checkpoints(self) -> list[str]:
+        return [
+            self.quarantine(path, problem, "its trial restarts without it")
+            for path in self.checkpoint_files()
+            if (problem := torch_file_problem(self.fs, path)) is not None
+        ]
+
+    def _files(self, folder: str, suffix: str) -> list[str]:
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except (NotADirectoryError, OSError):
+            return []
+        return sorted(
+            i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        )
 
     def _quarantine_siblings(self, kind: str, name: str) -> None:
         stem = name.removesuffix(".parquet")
@@ -380,6 +434,20 @@ class SweepStore:
             for sibling in siblings:
                 if self.fs.get_file_info(sibling).type != pafs.FileType.NotFound:
                     self.quarantine(sibling, f"goes with the damaged {kind}/{name}")
+
+
+def torch_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
+    """Why a file torch.save wrote cannot be loaded (empty, truncated, not a zip archive), or
+    None. Reads the archive's directory only (at its end), not the weights."""
+    try:
+        with fs.open_input_file(path) as handle:
+            if handle.size() == 0:
+                return "an empty file"
+            with zipfile.ZipFile(handle) as archive:  # type: ignore[arg-type]
+                archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        return f"not a complete torch file: {err}"
+    return None
 
 
 def _safe(text: str) -> str:

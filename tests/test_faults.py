@@ -160,3 +160,44 @@ def test_a_control_that_cannot_fit_a_tiny_subset_costs_that_control_only(
     assert rows.loc[rows["target"] == "knn", "status"].tolist() == ["failed"]
     ok = rows[rows["status"] == "ok"]
     assert set(ok["target_kind"]) == {"trial", "control"} and set(ok["target"]) >= {"constant"}
+
+
+@pytest.mark.slow
+def test_a_zero_byte_cached_model_is_retrained_never_trusted(
+    finished, tmp_path: Path, capsys
+) -> None:
+    path, folder = _copy(finished, tmp_path)
+    before = results.load(str(folder)).trials.set_index("trial_id")
+    first = before.index[0]
+    key = before.loc[first, "training_key"]
+    (folder / "models" / f"{key}.pt").write_bytes(b"")  # a full disk's leftover
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 0
+    err = capsys.readouterr().err
+    assert f"models/{key}.pt is damaged (an empty file); moved to damaged/" in err
+    after = results.load(str(folder)).trials.set_index("trial_id")
+    assert bool(after.loc[first, "trained_here"])  # trained again, not loaded
+    assert (folder / "models" / f"{key}.pt").stat().st_size > 0
+    columns = ["test_error", "train_error", "status"]
+    pd.testing.assert_frame_equal(after[columns].sort_index(), before[columns].sort_index())
+
+
+@pytest.mark.slow
+def test_a_zero_byte_training_checkpoint_is_moved_aside_and_its_trial_restarts(
+    finished, tmp_path: Path, capsys
+) -> None:
+    path, folder = _copy(finished, tmp_path)
+    before = results.load(str(folder)).trials.set_index("trial_id")
+    first = before.index[0]
+    (folder / "trials" / f"{first}.parquet").unlink()  # it never finished...
+    checkpoint = folder / "ray" / "run-x" / first / "checkpoint_000001" / "training.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")  # ...and its checkpoint was cut off by a full disk
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 0
+    err = capsys.readouterr().err
+    assert "training.pt is damaged (an empty file); moved to damaged/, its trial restarts" in err
+    assert not checkpoint.exists()
+    after = results.load(str(folder)).trials.set_index("trial_id")
+    assert after.loc[first, "resumed_from_epoch"] == 0
+    assert after.loc[first, "test_error"] == before.loc[first, "test_error"]
