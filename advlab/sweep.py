@@ -38,10 +38,12 @@ class SweepOutcome:
     stopped: list[str] = field(default_factory=list)  # ended early by the scheduler, on purpose
     interrupted: bool = False  # Ctrl-C: rerunning the same command continues
     transfer_error: str = ""  # the transfer stage failed as a whole
+    transfer_stale: str = ""  # why the transfer table still does not match the trials
 
     @property
     def all_ok(self) -> bool:
         broken = self.failed or self.missing or self.attack_failures or self.transfer_error
+        broken = broken or self.transfer_stale
         broken = broken or (self.transfer is not None and self.transfer.failed_targets)
         return not (broken or self.interrupted)
 
@@ -181,18 +183,22 @@ def finish(
     verbose: int,
     new_trials: bool,
 ) -> None:
-    """The transfer stage (after new results, or when a finished sweep never had one) and the
-    results artifact. A transfer stage that fails as a whole is recorded in the outcome; the
-    trials' results stand."""
+    """The transfer stage, whenever the transfer table does not match the sweep's trials (new
+    trials or attack runs, none made yet, a stage cut off before its record), and the results
+    artifact. A transfer stage that fails as a whole is recorded in the outcome; the trials'
+    results stand. A transfer left stale is said in the outcome, never reported ok."""
     transfer = spec.settings.transfer
-    if transfer.enabled and outcome.ok and (new_trials or not store.trial_files("transfer")):
-        from advlab.transfer import run_transfer
+    if transfer.enabled and outcome.ok:
+        from advlab.transfer import run_transfer, stale_reason
 
-        tuning.init_ray(address, verbose)
-        try:
-            outcome.transfer = run_transfer(store.uri, transfer, outcome.wandb_mode)
-        except Exception as err:  # a whole-stage failure (disk full, Ray lost) costs the stage
-            outcome.transfer_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        if stale_reason(store, transfer) is not None:
+            tuning.init_ray(address, verbose)
+            try:
+                outcome.transfer = run_transfer(store.uri, transfer, outcome.wandb_mode)
+            except Exception as err:  # a whole-stage failure (disk full, Ray lost)
+                outcome.transfer_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        if not outcome.transfer_error:
+            outcome.transfer_stale = stale_reason(store, transfer) or ""
     if new_trials or outcome.transfer is not None:
         log_results(store, outcome.wandb_mode)
 
@@ -400,6 +406,10 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
         lines.append(
             f"  transfer stage failed: {outcome.transfer_error}; fix it and run "
             f"`advlab transfer {store.uri}`"
+        )
+    if outcome.transfer_stale:
+        lines.append(
+            f"  transfer is stale: {outcome.transfer_stale}; run `advlab transfer {store.uri}`"
         )
     lines.append(f"  parquet: {store.uri}/{{{','.join(store.tables())}}}/")
     if outcome.wandb_mode == "offline":
