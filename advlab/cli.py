@@ -161,7 +161,8 @@ def sweep(args: argparse.Namespace) -> int:
 def run_one(args: argparse.Namespace) -> int:
     import torch
 
-    from advlab.store import resolve_storage
+    from advlab.preflight import check_same_sweep
+    from advlab.store import SweepStore, resolve_storage
     from advlab.sweep import trial_context
     from advlab.track import resolve_mode
     from advlab.trial import run_trial
@@ -172,6 +173,7 @@ def run_one(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, math.floor(spec.settings.resources.cpu)))  # as under Ray
     mode = resolve_mode(args.wandb or spec.settings.wandb.mode)
     ctx = trial_context(spec, args.index, resolve_storage(spec.settings.storage), mode)
+    check_same_sweep(spec, SweepStore(ctx.storage, spec.name))
     result = run_trial(spec.trials[args.index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
     for key, value in (result.row | result.metrics).items():
         print(f"{key}: {value}")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from advlab import manifest
 from advlab.data import Dataset, select_subset
 from advlab.families import model_for
 from advlab.models import ModelNameError, check_decays
@@ -28,6 +29,7 @@ def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) ->
     check_address(address)
     if store is not None:
         check_writable(store)
+        check_same_sweep(spec, store)
     check_gpu(spec, address)
     check_cpus(spec, address)
     datasets = check_data(spec)
@@ -64,6 +66,12 @@ def check_writable(store: SweepStore) -> None:
             f"storage: cannot write under {existing} (for {local}); "
             "pass --storage with a folder you can write to"
         )
+
+
+def check_same_sweep(spec: SweepSpec, store: SweepStore) -> None:
+    """A sweep file unrelated to the sweep already under this storage and name is refused
+    (advlab.manifest.check_same_sweep); read without moving anything."""
+    manifest.check_same_sweep(store.reader().read_manifest(), spec, f"storage {store.storage}")
 
 
 def check_gpu(spec: SweepSpec, address: str | None) -> None:

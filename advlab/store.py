@@ -57,16 +57,23 @@ def resolve_storage(storage: str) -> str:
 class SweepStore:
     """The results of one sweep: <storage>/<sweep>/<table>/<trial_id>.parquet."""
 
-    def __init__(self, storage: str, sweep: str):
+    def __init__(self, storage: str, sweep: str, read_only: bool = False):
         self.uri = f"{resolve_storage(storage)}/{sweep}"
         self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
         self.damaged: list[str] = []  # notes on files found damaged and skipped or moved
+        # Readers (ls, load, report, checks before a run) never move or write a file: a
+        # damaged one is skipped and noted in `damaged`, on read-only storage too.
+        self.read_only = read_only
 
     @classmethod
-    def from_dir(cls, sweep_dir: str) -> SweepStore:
+    def from_dir(cls, sweep_dir: str, read_only: bool = False) -> SweepStore:
         """Open <storage>/<sweep> given as one path or URI (what `advlab report` takes)."""
         storage, _, sweep = resolve_storage(sweep_dir).rstrip("/").rpartition("/")
-        return cls(storage, sweep)
+        return cls(storage, sweep, read_only)
+
+    def reader(self) -> SweepStore:
+        """The same sweep folder, opened read-only (see `read_only`)."""
+        return SweepStore(self.storage, self.sweep, read_only=True)
 
     @property
     def sweep(self) -> str:
@@ -195,7 +202,7 @@ class SweepStore:
                 # weights_only: a results folder is data, and must never run code when loaded.
                 return torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
         except Exception as err:  # truncated, or not a torch file: damage, whatever the kind
-            self.quarantine(path, err)
+            self.set_aside(path, err)
             return None
 
     def quarantine(
@@ -355,20 +362,31 @@ class SweepStore:
         self._write_atomic("", name, json.dumps(payload, indent=2, sort_keys=True).encode())
 
     def read_json(self, name: str) -> dict[str, Any] | None:
-        """A JSON record, or None when absent or damaged (then moved to damaged/)."""
-        if self.fs.get_file_info(self.path(name)).type == pafs.FileType.NotFound:
+        """A JSON record, or None when absent or damaged (then moved to damaged/, unless this
+        store only reads: then noted in `damaged`)."""
+        path = self.path(name)
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
-        with self.fs.open_input_stream(self.path(name)) as source:
-            text = source.read()
         try:
-            found = json.loads(text.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            self.quarantine(self.path(name), err)
+            with self.fs.open_input_stream(path) as source:
+                found = json.loads(source.read().decode())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            self.set_aside(path, err)
             return None
         if not isinstance(found, dict):
-            self.quarantine(self.path(name), "not a JSON object")
+            self.set_aside(path, "not a JSON object")
             return None
         return found
+
+    def set_aside(self, path: str, err: BaseException | str) -> None:
+        """A damaged file found while reading: moved to damaged/ by a store that writes (its
+        work runs again), only noted by one that reads."""
+        if not self.read_only:
+            self.quarantine(path, err)
+            return
+        relative = path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
+        why = " ".join(str(err).split())[:120]
+        self.damaged.append(f"{relative}: {why}; skipped (left in place)")
 
     def check_files(self) -> list[str]:
         """Before a sweep resumes: move every damaged file aside to damaged/ so its work runs

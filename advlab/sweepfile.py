@@ -52,8 +52,10 @@ class SweepSpec:
         trials: list[TrialSpec],
         definition: dict[str, Any],
         plugin_dirs: list[str] | None = None,
+        source: str | None = None,
     ):
         self.settings = settings
+        self.source = source  # the sweep file it was read from (absolute), None from Python
         self.trials = trials
         self.definition = definition  # the sweep file's mapping, overrides applied
         # Folders whose modules (your models, data loaders, attacks) every worker must import.
@@ -136,7 +138,9 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     try:
         for key, value in (overrides or {}).items():
             set_dotted(raw, key, value)
-        return parse_sweep(raw, folder)
+        spec = parse_sweep(raw, folder)
+        spec.source = str(path.resolve())
+        return spec
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
 

@@ -1,7 +1,8 @@
 """All-pairs transfer over a finished sweep: the paper's Tables 2 and 4, plus non-neural controls.
 
 Every ok trial's adversarial examples (from the examples table) are fed to every ok trial's model
-and to scikit-learn controls trained on the source's own training subset. Beside each set of
+of the same data set (a sweep may hold several) and to scikit-learn controls trained on the
+source's own training subset. Beside each set of
 adversarial examples stand the paper's baselines: Gaussian noise with each example's own
 per-pixel rms distortion, and the perturbation amplified to a chosen rms. Each target is one Ray
 task that loads (or trains) its model once and evaluates every set, so the cost grows with the
@@ -52,6 +53,7 @@ class EvalSet:
     clean: np.ndarray  # (N, D) the same examples before any perturbation
     y: np.ndarray  # (N,) true labels
     amplified_to: float | None = None  # amplified sets: the per-pixel rms aimed at
+    data: str = ""  # the data set its images come from (`data_of`): targets of that data only
 
 
 @dataclass
@@ -83,6 +85,7 @@ def source_sets(
             "attack": attack,
             "budget": None if pd.isna(budget) else float(budget),
             "clean": clean,
+            "data": data_of(spec),
         }
         sets.append(EvalSet(**common, kind="adversarial", rms=per_pixel_rms(x, clean), x=x, y=y))
         clean_t, x_t = torch.tensor(clean), torch.tensor(x)
@@ -121,9 +124,17 @@ def fixed_noise_sets(specs: list[TrialSpec], settings: TransferSpec) -> list[Eva
             EvalSet(
                 source_trial=NOISE_SOURCE, attack="gaussian", budget=stddev, kind="noise",
                 rms=per_pixel_rms(noisy, clean.numpy()), x=noisy, clean=clean.numpy(), y=y,
+                data=data_of(specs[0]),
             )
         )  # fmt: skip
     return sets
+
+
+def data_of(spec: TrialSpec) -> str:
+    """The data set a trial reads, as its images and labels are (normalisation lives inside
+    the model): a model is a transfer target only of examples made on its own data set, since
+    other images differ in shape or in what their labels mean."""
+    return json.dumps(spec.dataset.model_dump(mode="json", exclude={"normalize"}), sort_keys=True)
 
 
 def evaluate(target: str, target_kind: str, predict: Predict, sets: list[EvalSet]) -> list[dict]:
@@ -300,7 +311,8 @@ def run_transfer(
         torch.set_num_threads(1)
         add_plugin_dirs(folders)  # a user's model module imports on this worker too
         try:
-            return evaluate(trial_id, "trial", trial_predictor(store, spec, key), sets)
+            mine = [s for s in sets if s.data == data_of(spec)]
+            return evaluate(trial_id, "trial", trial_predictor(store, spec, key), mine)
         except Exception as err:
             return failed_target(trial_id, "trial", err)
 
