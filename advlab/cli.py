@@ -212,6 +212,9 @@ def list_sweeps(args: argparse.Namespace) -> int:
     for row in found:
         cells = "".join(f" {row[name]:>{width}}" for name, width in columns.items())
         print(f"{row['sweep']:<32}{cells}")
+    for row in found:  # what could not be read, left where it is
+        for note in row["notes"]:
+            print(f"advlab: {row['sweep']}: {note}", file=sys.stderr)
     return 0
 
 
@@ -219,7 +222,10 @@ def make_report(args: argparse.Namespace) -> int:
     check_output(args.output)
     from advlab.report import build_report
 
-    path = build_report(args.sweep_dirs, args.output)
+    notes: list[str] = []
+    path = build_report(args.sweep_dirs, args.output, notes)
+    for note in notes:
+        print(f"advlab: left out of the report: {note}", file=sys.stderr)
     print(f"advlab: report written to {path}")
     return 0
 

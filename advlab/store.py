@@ -132,7 +132,7 @@ class SweepStore:
                     )
                 steps = len(state["history"])
             except Exception as err:  # truncated, empty, not ours: never resume from it
-                self.damaged.append(f"{path}: {' '.join(str(err).split())[:120]}")
+                self.damaged.append(f"{self._relative(path)} ({' '.join(str(err).split())[:120]})")
                 continue
             if best is None or steps > len(best["history"]):
                 best = state
@@ -210,7 +210,7 @@ class SweepStore:
     ) -> str:
         """Move a damaged file out of the way, to damaged/ (kept for a look, never read), and
         note why and what follows; returns the line that says so."""
-        relative = path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
+        relative = self._relative(path)
         stamp = uuid.uuid4().hex[:8]
         target = self.path("damaged", f"{relative}.{stamp}")
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
@@ -335,7 +335,7 @@ class SweepStore:
                 found = pq.read_table(path, filesystem=self.fs)
                 parts.append(found if declared is None else _conform(found, declared))
             except (OSError, pa.ArrowException) as err:
-                self.damaged.append(f"{path}: {' '.join(str(err).split())[:120]}")
+                self.damaged.append(f"{self._relative(path)} ({' '.join(str(err).split())[:120]})")
         if parts:
             merged = pa.concat_tables(parts, promote_options="permissive")
         else:
@@ -384,9 +384,12 @@ class SweepStore:
         if not self.read_only:
             self.quarantine(path, err)
             return
-        relative = path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
         why = " ".join(str(err).split())[:120]
-        self.damaged.append(f"{relative}: {why}; skipped (left in place)")
+        self.damaged.append(f"{self._relative(path)} ({why}), left in place")
+
+    def _relative(self, path: str) -> str:
+        """A path inside the sweep folder, as messages name it."""
+        return path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
 
     def check_files(self) -> list[str]:
         """Before a sweep resumes: move every damaged file aside to damaged/ so its work runs
@@ -499,7 +502,8 @@ def _nullable_types(kind: pa.DataType) -> Any:
 
 
 def list_sweeps(storage: str) -> list[SweepStore]:
-    """Every sweep folder under a storage root (one with a sweep.json), in name order."""
+    """Every sweep folder under a storage root (one with a sweep.json), in name order, opened
+    read-only (listing changes nothing)."""
     root = resolve_storage(storage)
     fs, base = pafs.FileSystem.from_uri(root)
     if fs.get_file_info(base).type == pafs.FileType.File:
@@ -507,7 +511,7 @@ def list_sweeps(storage: str) -> list[SweepStore]:
     found = []
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         if info.type == pafs.FileType.Directory:
-            store = SweepStore(root, info.base_name)
+            store = SweepStore(root, info.base_name, read_only=True)
             if fs.get_file_info(store.path(MANIFEST)).type == pafs.FileType.File:
                 found.append(store)
     return sorted(found, key=lambda store: store.sweep)
