@@ -207,6 +207,7 @@ def test_a_trials_run_only_grows_when_attacks_are_added_or_it_is_rerun(
     assert last_artifacts >= again_artifacts and last_files >= again_files
     runs = _trial_runs(tmp_path / "results" / "tiny", run_id)
     assert len(runs) == 3  # the first run and one per time it grew, all under one id
-    assert runs[-1]["summary"]["fgsm/robust_error_at_0_1"] == runs[1]["summary"][
-        "fgsm/robust_error_at_0_1"
-    ]
+    assert (
+        runs[-1]["summary"]["fgsm/robust_error_at_0_1"]
+        == runs[1]["summary"]["fgsm/robust_error_at_0_1"]
+    )
