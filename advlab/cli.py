@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from advlab.data import DataError
-    from advlab.store import SweepBusy
+    from advlab.store import SweepBusy, failure_reason, storage_problem
 
     args = build_parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{file}: {message}"
         print(f"advlab: error: {one_line(message)}", file=sys.stderr)
         return 2
+    except OSError as err:  # storage failed mid-run: what is wrong with it, not a traceback
+        if storage_problem(err) is None:
+            raise
+        print(f"advlab: error: {one_line(failure_reason(err))}", file=sys.stderr)
+        return 1
 
 
 def _spec(args: argparse.Namespace) -> SweepSpec:

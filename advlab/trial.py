@@ -30,7 +30,7 @@ from advlab.robust_validation import carve_validation, evaluated_epoch
 from advlab.runtime import pick_device
 from advlab.sources import load_data_spec
 from advlab.spec import EVALUATION_KEYS, TRAINING_KEYS, AttackSpec, TrialSpec
-from advlab.store import SweepStore
+from advlab.store import SweepStore, failure_reason
 from advlab.tables import Status, config_columns
 from advlab.track import TrialRun
 from advlab.train import EpochStats
@@ -112,13 +112,7 @@ def run_trial(
         for run in pending_measures(spec, store, trial_id, fresh):
             run_and_write_measure(store, tracker, spec, run, trained, attacked)
     except Exception as err:
-        if finished is None:  # a finished trial's row stays as it was
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            row |= {"status": Status.FAILED, "reason": reason}
-            store.write_rows("trials", trial_id, [row])
-        tracker.log_summary({"status": Status.FAILED, "reason": str(err).splitlines()[0]})
-        tracker.finish(failed=True)
-        store.sync_wandb()
+        record_failure(store, tracker, row if finished is None else None, err)
         err.add_note(traceback.format_exc(limit=3))
         raise
     if finished is None:
@@ -130,6 +124,26 @@ def run_trial(
     tracker.finish()
     store.sync_wandb()
     return TrialResult(row, metrics)
+
+
+def record_failure(
+    store: SweepStore, tracker: TrialRun, row: dict[str, Any] | None, err: Exception
+) -> None:
+    """A failed row with the reason (`row`: None keeps a finished trial's row as it was) and
+    the W&B run closed as failed. When storage itself failed (a full disk, storage turned
+    read-only) these writes may fail too: the original error is what the trial raises, with
+    a note, so its reason still reaches the sweep's summary."""
+    reason = failure_reason(err)
+    try:
+        if row is not None:
+            store.write_rows(
+                "trials", row["trial_id"], [row | {"status": Status.FAILED, "reason": reason}]
+            )
+        tracker.log_summary({"status": Status.FAILED, "reason": reason})
+        tracker.finish(failed=True)
+        store.sync_wandb()
+    except Exception as also:  # the storage that failed the trial fails its record too
+        err.add_note(f"its failure could not be recorded either: {failure_reason(also)}")
 
 
 def finished_row(store: SweepStore, trial_id: str) -> dict[str, Any] | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from advlab.spec import SpecError, TrialSpec
-from advlab.store import CHECKPOINT, SEARCH_DB, SweepStore
+from advlab.store import CHECKPOINT, SEARCH_DB, SweepStore, failure_reason
 from advlab.sweep_settings import SearchSpec
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
 from advlab.tables import Status
@@ -120,8 +120,8 @@ def trainable(config: dict[str, Any]) -> None:
     resume = _resume_state(spec, ctx)
     try:
         result = run_trial(spec, ctx, report=report, resume=resume)
-    except Exception:
-        tune.report({"failed": 1, "trial_id": spec.trial_id()})
+    except Exception as err:  # the reason goes to the driver too: the row may not be written
+        tune.report({"failed": 1, "trial_id": spec.trial_id(), "reason": failure_reason(err)})
         return
     row = result.row
     numbers = {
