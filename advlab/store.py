@@ -326,7 +326,8 @@ class SweepStore:
     ) -> pd.DataFrame:
         """Every file of one table (or `paths` of it), each cast to the table's declared schema
         (a column a file lacks reads as null; integers and booleans as pandas' nullable types,
-        so a null stays null). A damaged file is left out and noted in `damaged`
+        so a null stays null). A damaged file, or one of another table or trial (`foreign_file`),
+        is left out and noted in `damaged`
         (`check_files` moves such files away before a sweep resumes). A table whose measure is
         not registered here reads with each file's own schema."""
         declared = _declared(table, columns)
@@ -334,6 +335,8 @@ class SweepStore:
         for path in self.trial_files(table) if paths is None else paths:
             try:
                 found = pq.read_table(path, filesystem=self.fs)
+                if (foreign := foreign_file(table, path, found)) is not None:
+                    raise pa.ArrowInvalid(foreign)
                 parts.append(found if declared is None else _conform(found, declared))
             except (OSError, pa.ArrowException) as err:
                 self.damaged.append(f"{self._relative(path)} ({' '.join(str(err).split())[:120]})")
@@ -405,7 +408,10 @@ class SweepStore:
                 if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
                     continue  # moved already, with a sibling
                 try:
-                    pq.read_metadata(path, filesystem=self.fs)
+                    keys = pq.read_schema(path, filesystem=self.fs).names
+                    found = pq.read_table(path, columns=_keys(kind, keys), filesystem=self.fs)
+                    if (foreign := foreign_file(kind, path, found)) is not None:
+                        raise pa.ArrowInvalid(foreign)
                 except (OSError, pa.ArrowException) as err:
                     lines.append(self.quarantine(path, err))
                     self._quarantine_siblings(kind, path.rsplit("/", 1)[1])
@@ -493,6 +499,38 @@ def failure_reason(err: BaseException) -> str:
     if problem is not None:
         return f"storage: {problem}; free space or make it writable, then run the sweep again"
     return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def _key(table: str) -> str | None:
+    """The column every row of a table's files must hold: its trial's id (the transfer
+    table: its target); None for a measure table not registered here."""
+    try:
+        names = schema(table).names
+    except KeyError:
+        return None
+    return "trial_id" if "trial_id" in names else "target"
+
+
+def _keys(table: str, present: list[str]) -> list[str]:
+    key = _key(table)
+    return [key] if key is not None and key in present else []
+
+
+def foreign_file(table: str, path: str, found: pa.Table) -> str | None:
+    """Why a parquet file in a table's folder is none of that table's files: its key column is
+    missing (another table's file, or someone else's), or a trial's file holds another
+    trial's rows; None when it belongs."""
+    key = _key(table)
+    if key is None:
+        return None
+    if key not in found.column_names:
+        return f"not a {table} file: it has no {key} column"
+    stem = path.rsplit("/", 1)[-1].split(".", 1)[0]
+    if key == "trial_id" and stem != "all":
+        others = {t for t in found.column(key).to_pylist() if t != stem}
+        if others:
+            return f"holds rows of trial {sorted(map(str, others))[0]}, not of {stem}"
+    return None
 
 
 def torch_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
