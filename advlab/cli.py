@@ -120,7 +120,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise SpecError(f"--set {item}: expected KEY=VALUE, e.g. --set train.epochs=5")
         try:
             overrides[key] = load_text(value)
-        except (yaml.YAMLError, YAMLRefused):
+        except YAMLRefused as err:
+            raise SpecError(f"--set {key}: {err}") from None
+        except yaml.YAMLError:
             raise SpecError(f"--set {key}: the value is not valid YAML; quote it") from None
     if getattr(args, "storage", None):
         overrides["storage"] = args.storage

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,8 @@ def file_digest(path: str | os.PathLike[str]) -> str:
         info = os.stat(path)
     except OSError:
         return "missing"
+    if not stat.S_ISREG(info.st_mode):
+        return "not-a-file"  # a FIFO would block the read; the checks refuse it by name
     key = (os.fspath(path), info.st_size, info.st_mtime_ns, info.st_ino)
     if key not in _cache:
         digest = hashlib.sha256()

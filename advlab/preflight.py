@@ -158,12 +158,22 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
         check_needs(trial, trial.model)  # a factory's estimator: known only once built
         return  # it predicts nothing before it is fitted
     module = model.module.eval()
+    if trial.train.epochs > 0 and not any(p.requires_grad for p in module.parameters()):
+        raise SpecError(
+            f"model: {trial.model} has no parameters to train; give it trainable layers, or "
+            "set train.epochs: 0 to evaluate it as it is"
+        )
     with torch.no_grad():
         out = _forward(trial.model, module, torch.zeros(2, *shape))
-    if tuple(out.shape) != (2, classes) or not out.is_floating_point():
+    if tuple(out.shape) != (2, classes):
         raise SpecError(
             f"model: {trial.model} maps a (2, {', '.join(map(str, shape))}) batch to "
             f"{tuple(out.shape)}; it must return (2, {classes}) logits, one per class"
+        )
+    if not out.is_floating_point():
+        raise SpecError(
+            f"model: {trial.model} returns {str(out.dtype).removeprefix('torch.')} logits; "
+            "return floating-point logits (attacks take their gradients)"
         )
     try:
         check_decays(module, trial.weight_decay, trial.model)

@@ -28,6 +28,11 @@ from advlab.text import is_file_name
 MAX_SEED = 2**32 - 1
 
 
+# The smallest std `normalize` takes: pixels in [0, 1] divided by it stay far from float32's
+# overflow (3.4e38) and their gradients far from its underflow.
+MIN_STD = 1e-6
+
+
 class SpecError(ValueError):
     """A mistake in a sweep file or command line; str() is the one-line message for the user."""
 
@@ -48,6 +53,11 @@ class NormalizeSpec(_Strict):
             raise ValueError("give one mean and one std per channel")
         if not all(math.isfinite(v) for v in [*self.mean, *self.std]) or min(self.std) <= 0:
             raise ValueError("means must be finite and stds finite and > 0")
+        if min(self.std) < MIN_STD or max(map(abs, self.mean)) > 1 / MIN_STD:
+            raise ValueError(
+                f"a std below {MIN_STD:g} (or a mean beyond {1 / MIN_STD:g}) overflows float32 "
+                "once pixels are divided by it; give the std of pixels in [0, 1], e.g. 0.3"
+            )
         return self
 
 

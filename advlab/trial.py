@@ -26,6 +26,7 @@ from advlab.measures import registry as measure_registry
 from advlab.measures.registry import MeasureContext
 from advlab.measuring import execute
 from advlab.plan import MeasureRun, attack_plan, measure_runs, run_part
+from advlab.plugins import UserExit, describe
 from advlab.robust_validation import carve_validation, evaluated_epoch
 from advlab.runtime import pick_device
 from advlab.sources import load_data_spec
@@ -111,10 +112,13 @@ def run_trial(
             run_and_write_attack(store, tracker, spec, attack, trained, attacked)
         for run in pending_measures(spec, store, trial_id, fresh):
             run_and_write_measure(store, tracker, spec, run, trained, attacked)
-    except Exception as err:
+    except (Exception, SystemExit) as caught:  # user code (a training method...) may exit
+        err = as_error(caught)
         record_failure(store, tracker, row if finished is None else None, err)
         err.add_note(traceback.format_exc(limit=3))
-        raise
+        if err is caught:
+            raise
+        raise err from None
     if finished is None:
         store.write_rows("trials", trial_id, [row])  # last: marks the trial complete
     metrics = stored_metrics(store, trial_id)
@@ -124,6 +128,15 @@ def run_trial(
     tracker.finish()
     store.sync_wandb()
     return TrialResult(row, metrics)
+
+
+def as_error(caught: BaseException) -> Exception:
+    """An Exception as it is; SystemExit (user code that called sys.exit mid-trial) as a
+    UserExit that fails the trial with its reason, instead of ending the worker or the
+    `advlab trial` process with no word."""
+    if isinstance(caught, Exception):
+        return caught
+    return UserExit(f"user code {describe(caught)}")
 
 
 def record_failure(
