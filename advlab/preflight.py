@@ -22,7 +22,7 @@ from advlab.robust_validation import carve_validation
 from advlab.sources import load_data_spec
 from advlab.spec import SpecError, TrialSpec
 from advlab.store import SweepStore
-from advlab.sweepfile import SweepSpec
+from advlab.sweepfile import SweepSpec, short
 
 
 def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> None:
@@ -34,6 +34,7 @@ def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) ->
     check_cpus(spec, address)
     datasets = check_data(spec)
     check_models(spec, datasets)
+    check_probes(spec, datasets)
 
 
 def check_address(address: str | None, timeout: float = 3.0) -> None:
@@ -106,17 +107,35 @@ def check_data(spec: SweepSpec) -> dict[str, Dataset]:
     larger than the data fail here. Returns the loaded data sets by their spec."""
     loaded: dict[str, Dataset] = {}
     for trial in spec.trials:
-        key = _data_key(trial)
-        try:
-            if key not in loaded:
-                loaded[key] = load_data_spec(trial.dataset)
-            split = select_subset(loaded[key], trial.subset, trial.dataset.split_seed)
-            fraction = trial.train.validation.fraction
-            carve_validation(len(split.train_idx), fraction, trial.dataset.split_seed)
-        except ValueError as err:  # a DataError, or a validation slice that leaves nothing
-            raise SpecError(str(err)) from None
-        check_measures(trial, len(split.train_idx))
+        check_trial_data(trial, loaded)
     return loaded
+
+
+def check_trial_data(trial: TrialSpec, loaded: dict[str, Dataset]) -> Dataset:
+    """One trial's data (loaded once into `loaded`), subset, validation slice and measures."""
+    key = _data_key(trial)
+    try:
+        if key not in loaded:
+            loaded[key] = load_data_spec(trial.dataset)
+        split = select_subset(loaded[key], trial.subset, trial.dataset.split_seed)
+        fraction = trial.train.validation.fraction
+        carve_validation(len(split.train_idx), fraction, trial.dataset.split_seed)
+    except ValueError as err:  # a DataError, or a validation slice that leaves nothing
+        raise SpecError(str(err)) from None
+    check_measures(trial, len(split.train_idx))
+    return loaded[key]
+
+
+def check_probes(spec: SweepSpec, loaded: dict[str, Dataset]) -> None:
+    """Every trial a search may draw (each choice's value, both ends of each range) checked
+    as a grid point is, before Ray starts: its data, subset, model, arguments and weights."""
+    for probe in spec.probes:
+        try:
+            check_model(probe.trial, check_trial_data(probe.trial, loaded))
+        except SpecError as err:
+            raise SpecError(
+                f"{probe.key}: {short(probe.value)} makes a trial that cannot run: {err}"
+            ) from None
 
 
 def check_measures(trial: TrialSpec, n_train: int) -> None:

@@ -162,15 +162,16 @@ def _resume_state(spec: TrialSpec, ctx: TrialContext) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- the search
 
 
-def domains(search: SearchSpec) -> dict[str, Any]:
-    """The sweep's search space as Ray Tune domains."""
+def domains(search: SearchSpec, choices: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+    """The sweep's search space as Ray Tune domains; `choices` replaces a choice's values
+    with their resolved form (a relative path made absolute, as for a grid's)."""
     from ray import tune
 
     out = {}
     for key, dist in search.space.items():
         kind, values = next(iter(dist.items()))
         if kind == "choice":
-            out[key] = tune.choice(values)
+            out[key] = tune.choice((choices or {}).get(key, values))
         elif kind == "int":
             out[key] = tune.randint(int(values[0]), int(values[1]) + 1)  # inclusive high
         else:
@@ -357,7 +358,7 @@ def make_tuner(
     grid = configs[0] if len(configs) == 1 else tune.grid_search(configs)
     space: dict[str, Any] = {"trial": grid}
     if spec.settings.search.algorithm != "grid":
-        space["sample"] = domains(spec.settings.search)
+        space["sample"] = domains(spec.settings.search, spec.choices)
     resources = spec.settings.resources
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
     return tune.Tuner(

@@ -158,6 +158,38 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
          "def make", "class Int(nn.Sequential):\n    def forward(self, x):\n"
                      "        return super().forward(x).int()\n\ndef make")), [],
      "model: mi1:make returns int32 logits; return floating-point logits"),
+    *[  # search spaces: every choice and both ends of every range, checked as a grid point
+        (f"search-{name}", {"search": {"algorithm": "random", "num_samples": 2,
+                                       "space": space}} | extra, files, [], expected)
+        for name, space, extra, files, expected in [
+            ("unimportable-model", {"model": {"choice": ["fc10", "gone:make"]}}, {}, {},
+             "search.space.model: 'gone:make' makes no valid trial: model: cannot import"),
+            ("subset-larger-than-the-data", {"subset": {"choice": ["p1", "per_class:999"]}},
+             {}, {}, "search.space.subset: 'per_class:999' makes a trial that cannot run: "
+                     "subset: 'per_class:999' asks for more examples"),
+            ("args-the-factory-refuses", {"model_args": {"choice": [{}, {"depth": 4}]}},
+             {"model": "mc1:make"}, _modules(mc1=LINEAR.replace("**kw", "width=3")),
+             "search.space.model_args: {'depth': 4} makes a trial that cannot run: model: "
+             "mc1:make(input_shape, num_classes, **model_args) raised TypeError"),
+            ("zero-byte-init", {"init": {"choice": ["empty.pt"]}}, {}, {"empty.pt": ""},
+             "search.space.init: 'empty.pt' makes a trial that cannot run: init: cannot load"),
+            ("normalize-for-two-channels", {"dataset.normalize": {"choice": [
+                {"mean": [0.1, 0.2], "std": [0.3, 0.3]}]}}, {}, {},
+             "2 means for 1-channel images; give 1"),
+            ("uniform-over-the-seed", {"seed": {"uniform": [0, 7]}}, {}, {},
+             "search.space.seed: uniform samples fractions such as 2.59, which seed does not "
+             "take; use {int: [0, 7]}"),
+            ("loguniform-over-batch-size", {"train.batch_size": {"loguniform": [8, 64]}}, {},
+             {}, "search.space.train.batch_size: loguniform samples fractions"),
+        ]
+    ],
+    ("optuna-metric-empty-list", {"search": {"algorithm": "optuna", "metric": [], "mode": [],
+                                             "space": {"train.lr": {"uniform": [0.01, 0.1]}}}},
+     {}, [], "search.metric: optuna needs the metric it optimises"),
+    ("optuna-metric-blank", {"search": {"algorithm": "optuna", "metric": ["test_error", " "],
+                                        "mode": ["min", "min"],
+                                        "space": {"train.lr": {"uniform": [0.01, 0.1]}}}},
+     {}, [], "search.metric: a metric is empty"),
 ]  # fmt: skip
 
 
@@ -275,3 +307,35 @@ def test_a_training_method_that_exits_fails_its_trial_with_the_reason(tmp_path: 
     row = SweepStore(str(tmp_path / "results"), "hostile").read("trials").iloc[0]
     assert row["status"] == "failed"
     assert row["reason"].startswith("UserExit: user code SystemExit (it called sys.exit(5))")
+
+
+def test_channels_last_images_are_detected_and_turned_channels_first() -> None:
+    from advlab.sources import arrays_to_dataset
+
+    x = (RNG.random((24, 6, 5, 3)) * 255).astype(np.uint8)  # (N, H, W, C), as PIL keeps it
+    data = arrays_to_dataset("rgb", {"x_train": x, "y_train": Y, "x_test": x, "y_test": Y}, "t")
+    assert data.input_shape == (3, 6, 5)
+    np.testing.assert_allclose(data.x_train[4, 2].numpy(), x[4, :, :, 2] / 255, rtol=1e-6)
+    gray = arrays_to_dataset("g", {"x_train": X, "y_train": Y, "x_test": X, "y_test": Y}, "t")
+    assert gray.input_shape == (1, 5, 5)  # (N, H, W) as before
+
+
+@pytest.mark.slow
+def test_a_search_over_relative_init_paths_runs_its_samples(ray_local, tmp_path: Path) -> None:
+    import torch
+
+    from advlab import results
+    from advlab.models import build_model
+
+    for seed, name in enumerate(("a.pt", "b.pt")):
+        torch.manual_seed(seed)
+        torch.save(build_model("fc10", (1, 8, 8), 10).state_dict(), tmp_path / name)
+    raw = BASE | {"storage": str(tmp_path / "results"), "train": {"epochs": 0}}
+    raw["search"] = {"algorithm": "random", "num_samples": 3,
+                     "space": {"init": {"choice": ["a.pt", "b.pt"]}}}  # fmt: skip
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 0
+    trials = results.load(str(tmp_path / "results" / "hostile")).trials
+    assert (trials["status"] == "ok").all() and len(trials) >= 1  # the samples may repeat
+    assert set(trials["init"]) <= {str(tmp_path / "a.pt"), str(tmp_path / "b.pt")}
