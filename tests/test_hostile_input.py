@@ -119,6 +119,14 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
      "attacks.0.name: cannot import attack 'as1:A' (attack: importing 'as1' exited"),
     ("attack-module-raises", {"attacks": [{"name": "as2:A"}]},
      _modules(as2="raise KeyError('registry')\n"), [], "importing 'as2' raised KeyError"),
+    ("attack-named-with-a-slash", {"attacks": [{"name": "an1:A"}]},
+     _modules(an1="from advlab.attacks.registry import AttackDef, Settings\n"
+                  "A = AttackDef('up/down', 'minimization', ('l2',), ('untargeted',), Settings, "
+                  "print)\n"), [], "attacks.0.name: attack name 'up/down': use 1 to 64"),
+    ("attack-without-norms", {"attacks": [{"name": "an2:A"}]},
+     _modules(an2="from advlab.attacks.registry import AttackDef, Settings\n"
+                  "A = AttackDef('nonorm', 'fixed_budget', (), ('untargeted',), Settings, "
+                  "print)\n"), [], "attacks.0.name: attack 'nonorm': no norms"),
     ("npz-forged-header", NPZ, {"d.npz": _forged_npz}, [],
      "array 'x_train' claims shape (32768, 1073741824) (281474976710656 bytes)"),
     ("npz-cut-short", NPZ, {"d.npz": _cut_npz}, [], "dataset.path: cannot read"),
