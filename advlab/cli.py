@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from advlab.data import DataError
-    from advlab.store import SweepBusy
+    from advlab.store import SweepBusy, failure_reason, storage_problem
 
     args = build_parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -100,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{file}: {message}"
         print(f"advlab: error: {one_line(message)}", file=sys.stderr)
         return 2
+    except OSError as err:  # storage failed mid-run: what is wrong with it, not a traceback
+        if storage_problem(err) is None:
+            raise
+        print(f"advlab: error: {one_line(failure_reason(err))}", file=sys.stderr)
+        return 1
 
 
 def _spec(args: argparse.Namespace) -> SweepSpec:
@@ -115,7 +120,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise SpecError(f"--set {item}: expected KEY=VALUE, e.g. --set train.epochs=5")
         try:
             overrides[key] = load_text(value)
-        except (yaml.YAMLError, YAMLRefused):
+        except YAMLRefused as err:
+            raise SpecError(f"--set {key}: {err}") from None
+        except yaml.YAMLError:
             raise SpecError(f"--set {key}: the value is not valid YAML; quote it") from None
     if getattr(args, "storage", None):
         overrides["storage"] = args.storage
@@ -161,7 +168,8 @@ def sweep(args: argparse.Namespace) -> int:
 def run_one(args: argparse.Namespace) -> int:
     import torch
 
-    from advlab.store import resolve_storage
+    from advlab.preflight import check_same_sweep
+    from advlab.store import SweepStore, resolve_storage
     from advlab.sweep import trial_context
     from advlab.track import resolve_mode
     from advlab.trial import run_trial
@@ -172,6 +180,7 @@ def run_one(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, math.floor(spec.settings.resources.cpu)))  # as under Ray
     mode = resolve_mode(args.wandb or spec.settings.wandb.mode)
     ctx = trial_context(spec, args.index, resolve_storage(spec.settings.storage), mode)
+    check_same_sweep(spec, SweepStore(ctx.storage, spec.name))
     result = run_trial(spec.trials[args.index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
     for key, value in (result.row | result.metrics).items():
         print(f"{key}: {value}")
@@ -210,6 +219,9 @@ def list_sweeps(args: argparse.Namespace) -> int:
     for row in found:
         cells = "".join(f" {row[name]:>{width}}" for name, width in columns.items())
         print(f"{row['sweep']:<32}{cells}")
+    for row in found:  # what could not be read, left where it is
+        for note in row["notes"]:
+            print(f"advlab: {row['sweep']}: {note}", file=sys.stderr)
     return 0
 
 
@@ -217,7 +229,10 @@ def make_report(args: argparse.Namespace) -> int:
     check_output(args.output)
     from advlab.report import build_report
 
-    path = build_report(args.sweep_dirs, args.output)
+    notes: list[str] = []
+    path = build_report(args.sweep_dirs, args.output, notes)
+    for note in notes:
+        print(f"advlab: left out of the report: {note}", file=sys.stderr)
     print(f"advlab: report written to {path}")
     return 0
 

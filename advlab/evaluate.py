@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from advlab.attacks.registry import MINIMIZATION, BudgetRun, hits_at_budgets, run_budgets
 from advlab.measure import robust_error
+from advlab.plugins import describe
 from advlab.runtime import predict
 from advlab.spec import AttackSpec, TrialSpec
 from advlab.tables import Status
@@ -97,9 +98,8 @@ def evaluate_attack(
     head = {"trial_id": trial_id, "attack": attack.key, "attack_id": spec.attack_id(attack)}
     try:
         runs, hits = run_one_attack(spec, attack, model, attacked)
-    except Exception as err:
-        reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        return Evaluation(attacks=[head | {"status": Status.FAILED, "reason": reason}])
+    except (Exception, SystemExit) as err:  # an attack's own code may call sys.exit too
+        return Evaluation(attacks=[head | {"status": Status.FAILED, "reason": describe(err)}])
     evaluation = Evaluation()
     for run in runs:
         evaluation.attacks.append(head | attack_row(attack, run))

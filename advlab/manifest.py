@@ -14,7 +14,7 @@ from typing import Any
 
 from advlab.measures import registry as measures
 from advlab.plan import measures_of
-from advlab.spec import SPEC_VERSION
+from advlab.spec import SPEC_VERSION, SpecError
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, trial_labels
 from advlab.tables import SCHEMA_VERSION
 
@@ -41,14 +41,16 @@ def record_version(manifest: dict[str, Any] | None, spec: SweepSpec) -> dict[str
     # A search's trials are known once sampled (record_samples adds them); its version is its
     # definition.
     ids = [] if searched else spec.ids
-    current = {"trial_ids": ids, "definition": spec.definition}
+    current = {"trial_ids": ids, "definition": spec.definition, "file": spec.source}
     if not versions or _changed(versions[-1], current, searched):
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         versions.append(
             {"version": len(versions) + 1, "created": stamp, "axes": spec.axes, **current}
         )
     elif searched:  # the same search continued: keep its trials, note the new definition
-        versions[-1] = versions[-1] | {"definition": spec.definition}
+        versions[-1] = versions[-1] | {"definition": spec.definition, "file": spec.source}
+    else:  # the same trials: note where the file is now (it may have moved)
+        versions[-1] = versions[-1] | {"file": spec.source}
     trials = dict(out.get("trials", {}))
     for index, trial_id in enumerate(ids):
         trial = spec.trials[index]
@@ -90,6 +92,28 @@ def register_measures(manifest: dict[str, Any] | None) -> list[str]:
         except measures.MeasureError as err:
             notes.append(f"{table}: {err}; read with each file's own columns")
     return notes
+
+
+def check_same_sweep(manifest: dict[str, Any] | None, spec: SweepSpec, where: str) -> None:
+    """One sweep definition per storage and name: a sweep file other than the one that made
+    the sweep in `where` continues it only when it shares trials with it (the same sweep,
+    moved or grown; a search: the same search); an unrelated one is refused, so two sweeps
+    never mix their trials, transfer or W&B runs under one name."""
+    versions = (manifest or {}).get("versions") or []
+    recorded = versions[-1].get("file") if versions else None
+    if recorded is None or spec.source is None or recorded == spec.source:
+        return
+    if spec.settings.search.algorithm == "grid":
+        known = {t for v in versions for t in v.get("trial_ids", [])}
+        if known & set(spec.ids):
+            return
+    elif _without_samples(versions[-1].get("definition")) == _without_samples(spec.definition):
+        return
+    raise SpecError(
+        f"name: {where} holds sweep '{spec.name}' of {recorded}, which shares no trial with "
+        "this file; give this sweep its own name (name: or --set name=...) or pass another "
+        "--storage"
+    )
 
 
 def _changed(newest: dict[str, Any], current: dict[str, Any], searched: bool) -> bool:

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from advlab.measures.registry import MeasureContext, Rows
 from advlab.plan import MeasureRun
+from advlab.plugins import describe
 from advlab.tables import Status, table
 
 
@@ -41,9 +42,8 @@ def execute(run: MeasureRun, ctx: MeasureContext, trial_id: str) -> MeasureOutco
         rows = [keyed(dict(row), trial_id, run) for row in defn.run(ctx, measure.settings)]
         data = table(defn.table, rows)
         flag = (defn.flag(rows) if defn.flag is not None else None) or ""
-    except Exception as err:
-        reason = f"{type(err).__name__}: {err}".splitlines()[0] if str(err) else type(err).__name__
-        failed = {"status": Status.FAILED, "reason": reason, "rows": 0, "flag": ""}
+    except (Exception, SystemExit) as err:  # a measure's own code may call sys.exit too
+        failed = {"status": Status.FAILED, "reason": describe(err), "rows": 0, "flag": ""}
         return MeasureOutcome(None, [], head | failed | _seconds(start))
     done = {"status": Status.OK, "reason": "", "rows": len(rows), "flag": flag}
     return MeasureOutcome(data, rows, head | done | _seconds(start))

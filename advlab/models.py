@@ -16,6 +16,7 @@ here: the caller seeds torch before :func:`build_model` for reproducible initial
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -357,7 +358,9 @@ def load_init(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a damaged or foreign file
-        why = " ".join(str(err).split())[:160]
+        why = " ".join(str(err).split())[:160] or type(err).__name__
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            why = "an empty file"
         raise ModelNameError(f"init: cannot load {path} ({why}); save it with torch.save") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from advlab import manifest
 from advlab.data import Dataset, select_subset
 from advlab.families import model_for
 from advlab.models import ModelNameError, check_decays
@@ -21,17 +22,19 @@ from advlab.robust_validation import carve_validation
 from advlab.sources import load_data_spec
 from advlab.spec import SpecError, TrialSpec
 from advlab.store import SweepStore
-from advlab.sweepfile import SweepSpec
+from advlab.sweepfile import SweepSpec, short
 
 
 def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> None:
     check_address(address)
     if store is not None:
         check_writable(store)
+        check_same_sweep(spec, store)
     check_gpu(spec, address)
     check_cpus(spec, address)
     datasets = check_data(spec)
     check_models(spec, datasets)
+    check_probes(spec, datasets)
 
 
 def check_address(address: str | None, timeout: float = 3.0) -> None:
@@ -66,6 +69,12 @@ def check_writable(store: SweepStore) -> None:
         )
 
 
+def check_same_sweep(spec: SweepSpec, store: SweepStore) -> None:
+    """A sweep file unrelated to the sweep already under this storage and name is refused
+    (advlab.manifest.check_same_sweep); read without moving anything."""
+    manifest.check_same_sweep(store.reader().read_manifest(), spec, f"storage {store.storage}")
+
+
 def check_gpu(spec: SweepSpec, address: str | None) -> None:
     """A GPU trial on a machine without one would wait for resources forever."""
     wants_cuda = spec.settings.resources.gpu > 0 or any(t.device == "cuda" for t in spec.trials)
@@ -98,17 +107,35 @@ def check_data(spec: SweepSpec) -> dict[str, Dataset]:
     larger than the data fail here. Returns the loaded data sets by their spec."""
     loaded: dict[str, Dataset] = {}
     for trial in spec.trials:
-        key = _data_key(trial)
-        try:
-            if key not in loaded:
-                loaded[key] = load_data_spec(trial.dataset)
-            split = select_subset(loaded[key], trial.subset, trial.dataset.split_seed)
-            fraction = trial.train.validation.fraction
-            carve_validation(len(split.train_idx), fraction, trial.dataset.split_seed)
-        except ValueError as err:  # a DataError, or a validation slice that leaves nothing
-            raise SpecError(str(err)) from None
-        check_measures(trial, len(split.train_idx))
+        check_trial_data(trial, loaded)
     return loaded
+
+
+def check_trial_data(trial: TrialSpec, loaded: dict[str, Dataset]) -> Dataset:
+    """One trial's data (loaded once into `loaded`), subset, validation slice and measures."""
+    key = _data_key(trial)
+    try:
+        if key not in loaded:
+            loaded[key] = load_data_spec(trial.dataset)
+        split = select_subset(loaded[key], trial.subset, trial.dataset.split_seed)
+        fraction = trial.train.validation.fraction
+        carve_validation(len(split.train_idx), fraction, trial.dataset.split_seed)
+    except ValueError as err:  # a DataError, or a validation slice that leaves nothing
+        raise SpecError(str(err)) from None
+    check_measures(trial, len(split.train_idx))
+    return loaded[key]
+
+
+def check_probes(spec: SweepSpec, loaded: dict[str, Dataset]) -> None:
+    """Every trial a search may draw (each choice's value, both ends of each range) checked
+    as a grid point is, before Ray starts: its data, subset, model, arguments and weights."""
+    for probe in spec.probes:
+        try:
+            check_model(probe.trial, check_trial_data(probe.trial, loaded))
+        except SpecError as err:
+            raise SpecError(
+                f"{probe.key}: {short(probe.value)} makes a trial that cannot run: {err}"
+            ) from None
 
 
 def check_measures(trial: TrialSpec, n_train: int) -> None:
@@ -150,12 +177,22 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
         check_needs(trial, trial.model)  # a factory's estimator: known only once built
         return  # it predicts nothing before it is fitted
     module = model.module.eval()
+    if trial.train.epochs > 0 and not any(p.requires_grad for p in module.parameters()):
+        raise SpecError(
+            f"model: {trial.model} has no parameters to train; give it trainable layers, or "
+            "set train.epochs: 0 to evaluate it as it is"
+        )
     with torch.no_grad():
         out = _forward(trial.model, module, torch.zeros(2, *shape))
-    if tuple(out.shape) != (2, classes) or not out.is_floating_point():
+    if tuple(out.shape) != (2, classes):
         raise SpecError(
             f"model: {trial.model} maps a (2, {', '.join(map(str, shape))}) batch to "
             f"{tuple(out.shape)}; it must return (2, {classes}) logits, one per class"
+        )
+    if not out.is_floating_point():
+        raise SpecError(
+            f"model: {trial.model} returns {str(out.dtype).removeprefix('torch.')} logits; "
+            "return floating-point logits (attacks take their gradients)"
         )
     try:
         check_decays(module, trial.weight_decay, trial.model)

@@ -48,6 +48,7 @@ class Results:
     store: SweepStore | None = None
     measure_tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what could not be read, and why
+    trial_suffix: str = ""  # appended to every trial id (`rename_trials`)
 
     @property
     def tables(self) -> list[str]:
@@ -75,7 +76,28 @@ class Results:
         adversarial images (`x_adv`) only when asked for, since they dominate its size."""
         assert self.store is not None
         columns = None if images else [n for n in SCHEMAS["examples"].names if n != "x_adv"]
-        return self._join(self.store.read("examples", columns))
+        return self._join(self._suffixed(self.store.read("examples", columns)))
+
+    def rename_trials(self, suffix: str) -> None:
+        """Append `suffix` to every trial id in every table (and in the examples read later),
+        so two sweeps that share trials (a copy of one, or a grid point in both) stay apart
+        when read side by side."""
+        self.trial_suffix += suffix
+        for name in ("trials", "epochs", "attacks", "curves", "measures", "pareto"):
+            setattr(self, name, _with_suffix(getattr(self, name), suffix))
+        self.measure_tables = {n: _with_suffix(f, suffix) for n, f in self.measure_tables.items()}
+        ids = set(self.trials["trial_id"])
+        self.transfer = self.transfer.assign(
+            source_trial=[
+                t + suffix if t + suffix in ids else t for t in self.transfer["source_trial"]
+            ],
+            target=[t + suffix if t + suffix in ids else t for t in self.transfer["target"]],
+        )
+        if self.manifest:
+            self.manifest = _manifest_with_suffix(self.manifest, suffix)
+
+    def _suffixed(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return _with_suffix(frame, self.trial_suffix) if self.trial_suffix else frame
 
     def over_seeds(
         self, name: str, value: str, by: tuple[str, ...] = ("attack", "budget")
@@ -108,7 +130,7 @@ CORE = ("trials", "epochs", "examples", "attacks", "curves", "measures", "transf
 
 def load(path: str) -> Results:
     """Read the sweep folder `path` (<storage>/<sweep>, local or a pyarrow URI)."""
-    store = SweepStore.from_dir(path)
+    store = SweepStore.from_dir(path, read_only=True)  # a reader moves and writes nothing
     recorded = store.read_manifest()
     notes = manifest.register_measures(recorded)
     trials = store.read("trials")
@@ -132,6 +154,21 @@ def load(path: str) -> Results:
     results.transfer = _label_transfer(store.read("transfer"), results.labels)
     results.notes += store.damaged
     return results
+
+
+def _with_suffix(frame: pd.DataFrame, suffix: str) -> pd.DataFrame:
+    if "trial_id" not in frame:
+        return frame
+    return frame.assign(trial_id=frame["trial_id"].astype("string") + suffix)
+
+
+def _manifest_with_suffix(recorded: dict[str, Any], suffix: str) -> dict[str, Any]:
+    versions = [
+        v | {"trial_ids": [t + suffix for t in v.get("trial_ids", [])]}
+        for v in recorded.get("versions", [])
+    ]
+    trials = {t + suffix: v for t, v in (recorded.get("trials") or {}).items()}
+    return recorded | {"versions": versions, "trials": trials}
 
 
 def _axes(recorded: dict[str, Any] | None) -> list[str]:
@@ -188,25 +225,26 @@ def _label_transfer(frame: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame
 
 
 def sweeps(storage: str) -> list[dict[str, Any]]:
-    """Every sweep folder under a storage root: name, trials ok / failed / stopped / expected."""
-    found = []
-    for store in list_sweeps(storage):
-        recorded = store.read_manifest()
-        if recorded is None:
-            continue
-        trials = store.read("trials", ["trial_id", "status"])
-        status = dict(zip(trials["trial_id"], trials["status"], strict=True))
-        current = manifest.current_ids(recorded)
-        found.append(
-            {
-                "sweep": store.sweep,
-                "versions": len(recorded.get("versions", [])),
-                "trials": len(current),
-                "ok": sum(status.get(t) == Status.OK for t in current),
-                "failed": sum(status.get(t) == Status.FAILED for t in current),
-                "stopped": sum(status.get(t) == Status.STOPPED for t in current),
-                "missing": sum(t not in status for t in current),
-                "older": len(set(status) - set(current)),
-            }
-        )
-    return found
+    """Every sweep folder under a storage root: name, trials ok / failed / stopped / expected,
+    and notes on what could not be read. Reads only: nothing is moved or written."""
+    return [_sweep_counts(store) for store in list_sweeps(storage)]
+
+
+def _sweep_counts(store: SweepStore) -> dict[str, Any]:
+    """One row of `sweeps`; `notes` says what could not be read (a damaged sweep.json: its
+    trials are counted from the trials table, as the sweep's current ones)."""
+    recorded = store.read_manifest()
+    trials = store.read("trials", ["trial_id", "status"])
+    status = dict(zip(trials["trial_id"], trials["status"], strict=True))
+    current = manifest.current_ids(recorded) if recorded is not None else list(status)
+    return {
+        "sweep": store.sweep,
+        "versions": len((recorded or {}).get("versions", [])),
+        "trials": len(current),
+        "ok": sum(status.get(t) == Status.OK for t in current),
+        "failed": sum(status.get(t) == Status.FAILED for t in current),
+        "stopped": sum(status.get(t) == Status.STOPPED for t in current),
+        "missing": sum(t not in status for t in current),
+        "older": len(set(status) - set(current)),
+        "notes": list(store.damaged),
+    }

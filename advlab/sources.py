@@ -25,14 +25,16 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from advlab import digests
 from advlab.data import DATASETS, DataError, Dataset, load_dataset, validate_dataset_source
 from advlab.data import _images_to_tensor as images_to_tensor
 from advlab.data import _labels_to_tensor as labels_to_tensor
-from advlab.plugins import PluginError, import_object, is_import_path
+from advlab.datafiles import read_image_folder, read_npz
+from advlab.plugins import PluginError, call_user, import_object, is_import_path
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 SPLITS = ("test", "train")  # what TrialSpec.attack_split may name
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = digests.IMAGE_SUFFIXES
 
 
 def check_source(name: str, root: str | None, path: str | None) -> None:
@@ -75,8 +77,20 @@ def load_data(
     if name in DATASETS:
         return load_dataset(name, root)
     resolved = None if path is None else str(Path(path).expanduser().resolve())
-    stamp = Path(resolved).stat().st_mtime_ns if resolved else 0  # a rewritten file reloads
-    return _load_cached(name, resolved, stamp, json.dumps(dict(args or {}), sort_keys=True))
+    return _load_cached(
+        name, resolved, _stamp(name, resolved), json.dumps(dict(args or {}), sort_keys=True)
+    )
+
+
+def _stamp(name: str, path: str | None) -> str:
+    """What the cache of loaded data is keyed by besides the name: the content digest of its
+    file, folder or loader module, so a file changed in place (an image rewritten inside its
+    folder leaves the folder's mtime alone) is read again, as its trials' ids are new."""
+    if name == "npz" and path is not None:
+        return digests.file_digest(path)
+    if name == "folder" and path is not None:
+        return digests.folder_digest(path)
+    return digests.module_digest(name)
 
 
 def load_data_spec(dataset: Any) -> Dataset:
@@ -96,10 +110,10 @@ def attacked_split(dataset: Any, split: str) -> tuple[Tensor, Tensor]:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, path: str | None, stamp: int, args: str) -> Dataset:
+def _load_cached(name: str, path: str | None, stamp: str, args: str) -> Dataset:
     if name == "npz":
         assert path is not None
-        return arrays_to_dataset(Path(path).stem, _read_npz(path), f"dataset.path: {path}")
+        return arrays_to_dataset(Path(path).stem, read_npz(path), f"dataset.path: {path}")
     if name == "folder":
         assert path is not None
         return arrays_to_dataset(
@@ -109,24 +123,9 @@ def _load_cached(name: str, path: str | None, stamp: int, args: str) -> Dataset:
     return arrays_to_dataset(name, arrays, f"dataset.name: {name}")
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as archive:  # data, never code
-            return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as err:
-        raise DataError(
-            f"dataset.path: cannot read {path} as .npz ({_line(err)}); rewrite it with numpy.savez"
-        ) from None
-
-
 def _call_loader(name: str, args: dict[str, Any]) -> Any:
     loader = resolve_import(name, "dataset.name")
-    try:
-        return loader(**args)
-    except Exception as err:
-        raise DataError(
-            f"dataset.name: {name}(**dataset.args) raised {type(err).__name__}: {_line(err)}"
-        ) from None
+    return call_user(loader, "dataset.name", f"{name}(**dataset.args)", **args, error=DataError)
 
 
 def resolve_import(path: str, key: str) -> Callable[..., Any]:
@@ -165,13 +164,7 @@ def arrays_to_dataset(name: str, arrays: Any, where: str) -> Dataset:
             f"{where}: x_train images are {x_train.shape[1:]} but x_test {x_test.shape[1:]}; "
             "give both the same shape"
         )
-    classes = int(max(y_train.max(), y_test.max())) + 1
-    absent = sorted(set(range(classes)) - set(np.unique(y_train).tolist()))
-    if absent:
-        raise DataError(
-            f"{where}: labels run to {classes - 1} but class {absent[0]} has no training example; "
-            "relabel as 0..K-1"
-        )
+    _check_classes(y_train, y_test, where)
     return Dataset(
         name=name,
         x_train=images_to_tensor(x_train, 1.0),
@@ -179,6 +172,25 @@ def arrays_to_dataset(name: str, arrays: Any, where: str) -> Dataset:
         x_test=images_to_tensor(x_test, 1.0),
         y_test=labels_to_tensor(y_test),
     )
+
+
+def _check_classes(y_train: np.ndarray, y_test: np.ndarray, where: str) -> None:
+    """Labels 0..K-1, K >= 2, every class with training examples (found from the labels
+    present, so a label of 10**12 costs no 10**12-entry set)."""
+    present = np.unique(y_train)
+    if present.size < 2:
+        raise DataError(
+            f"{where}: y_train holds one class ({int(present[0])}); a classifier needs at "
+            "least two classes with training examples"
+        )
+    highest = int(max(present[-1], y_test.max()))
+    if highest >= present.size:  # some label below the highest has no training example
+        gaps = np.flatnonzero(present != np.arange(present.size))
+        absent = int(gaps[0]) if gaps.size else int(present.size)
+        raise DataError(
+            f"{where}: labels run to {highest} but class {absent} has no training example; "
+            "relabel as 0..K-1"
+        )
 
 
 def _as_mapping(arrays: Any, where: str) -> dict[str, np.ndarray]:
@@ -203,21 +215,35 @@ def _numpy(value: Any) -> np.ndarray:
 
 
 def _images(x: np.ndarray, key: str, where: str) -> np.ndarray:
-    """(N, C, H, W) float32 in [0, 1] from uint8 or float images, (N, H, W) or (N, C, H, W)."""
+    """(N, C, H, W) float32 in [0, 1] from uint8 or float images given as (N, H, W),
+    (N, C, H, W) or channels last, (N, H, W, C) with 1, 3 or 4 channels (told apart by the
+    sizes: a channel count above 4 is a width)."""
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
         raise DataError(
             f"{where}: {key} has shape {x.shape}; give images as (N, H, W) or (N, C, H, W)"
         )
+    if x.shape[3] in (1, 3, 4) and x.shape[1] > 4:  # channels last, as PIL and TF keep them
+        x = x.transpose(0, 3, 1, 2)
+    if 0 in x.shape[1:]:
+        raise DataError(
+            f"{where}: {key} images are {x.shape[1:]} (C, H, W): no pixels; give images of at "
+            "least one pixel"
+        )
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     if x.dtype.kind != "f":
         raise DataError(f"{where}: {key} holds {x.dtype}; give uint8 (0..255) or floats in [0, 1]")
-    if x.size and (not np.isfinite(x).all() or x.min() < 0 or x.max() > 1):
-        low, high = float(np.nanmin(x)), float(np.nanmax(x))
+    finite = np.isfinite(x)
+    if not finite.all():
         raise DataError(
-            f"{where}: {key} pixels span [{low:.4g}, {high:.4g}]; "
+            f"{where}: {key} has {int(x.size - finite.sum())} pixels that are NaN or infinite; "
+            "give finite pixels in [0, 1]"
+        )
+    if x.size and (x.min() < 0 or x.max() > 1):
+        raise DataError(
+            f"{where}: {key} pixels span [{float(x.min()):.4g}, {float(x.max()):.4g}]; "
             "scale them to [0, 1] (attacks work in that box)"
         )
     return x.astype(np.float32)
@@ -232,69 +258,6 @@ def _labels(y: np.ndarray, key: str, where: str) -> np.ndarray:
         raise DataError(f"{where}: {key} holds {y.dtype}; give integer class labels 0..K-1")
     if y.size and y.min() < 0:
         raise DataError(f"{where}: {key} has label {int(y.min())}; labels run 0..K-1")
+    if y.size and y.max() > np.iinfo(np.int64).max:  # uint64 beyond int64 would wrap around
+        raise DataError(f"{where}: {key} has label {int(y.max())}; labels run 0..K-1")
     return y.astype(np.int64)
-
-
-# --------------------------------------------------------------------------- image folders
-
-
-def read_image_folder(root: Path) -> dict[str, np.ndarray]:
-    """ImageFolder layout: root/{train,test}/<class name>/<image>; classes sorted by name."""
-    splits = {}
-    for split in ("train", "test"):
-        folder = root / split
-        if not folder.is_dir():
-            raise DataError(
-                f"dataset.path: {root} has no {split}/ folder; "
-                f"lay it out as {split}/<class>/<image>"
-            )
-        splits[split] = sorted(d.name for d in folder.iterdir() if d.is_dir())
-    classes = splits["train"]
-    extra = sorted(set(splits["test"]) - set(classes))
-    if not classes or extra:
-        why = (
-            f"test/ has class {extra[0]!r} that train/ lacks"
-            if extra
-            else "train/ has no class folders"
-        )
-        raise DataError(f"dataset.path: {root}: {why}; give train/ a folder per class")
-    arrays: dict[str, np.ndarray] = {}
-    for split in ("train", "test"):
-        files = [
-            (f, c) for c, name in enumerate(classes) for f in _image_files(root / split / name)
-        ]
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = _read_images(files, root)
-    return arrays
-
-
-def _image_files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def _read_images(files: list[tuple[Path, int]], root: Path) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path, _ in files:
-        try:
-            with Image.open(path) as image:
-                images.append(
-                    image.convert("RGB") if image.mode not in ("L", "1") else image.convert("L")
-                )
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(
-                f"dataset.path: cannot read image {path} ({_line(err)}); remove or fix it"
-            ) from None
-    sizes = {im.size for im in images}
-    if len(sizes) > 1:
-        raise DataError(
-            f"dataset.path: {root} holds images of sizes {sorted(sizes)[:2]}; "
-            "resize them to one size"
-        )
-    rgb = any(im.mode == "RGB" for im in images)
-    arrays = [np.asarray(im.convert("RGB") if rgb else im) for im in images]
-    x = np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.uint8)
-    x = x.transpose(0, 3, 1, 2) if rgb else x
-    return x, np.array([label for _, label in files], dtype=np.int64)

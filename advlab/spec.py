@@ -3,8 +3,9 @@ that refuse unknown keys and bad values; how a sweep runs is advlab.sweep_settin
 advlab.sweepfile reads YAML into them.
 
 A TrialSpec decides a trial's numbers; its id hashes the values that differ from the defaults
-(plus SPEC_VERSION), its training key the subset that decides the trained weights, and each
-attack's id that attack's settings and budgets.
+(plus SPEC_VERSION) and the digests of the files it reads (advlab.digests), its training key the
+subset that decides the trained weights, and each attack's id that attack's settings and
+budgets.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import weakref
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from advlab import training_methods
+from advlab import digests, training_methods
 from advlab.attacks import registry as attack_registry
 from advlab.measures import registry as measure_registry
 from advlab.strict import Strict
@@ -24,6 +26,11 @@ from advlab.text import is_file_name
 
 # Seeds are stored as int64 and offset (seed + 1, + a sample count) by the code that uses them.
 MAX_SEED = 2**32 - 1
+
+
+# The smallest std `normalize` takes: pixels in [0, 1] divided by it stay far from float32's
+# overflow (3.4e38) and their gradients far from its underflow.
+MIN_STD = 1e-6
 
 
 class SpecError(ValueError):
@@ -46,6 +53,11 @@ class NormalizeSpec(_Strict):
             raise ValueError("give one mean and one std per channel")
         if not all(math.isfinite(v) for v in [*self.mean, *self.std]) or min(self.std) <= 0:
             raise ValueError("means must be finite and stds finite and > 0")
+        if min(self.std) < MIN_STD or max(map(abs, self.mean)) > 1 / MIN_STD:
+            raise ValueError(
+                f"a std below {MIN_STD:g} (or a mean beyond {1 / MIN_STD:g}) overflows float32 "
+                "once pixels are divided by it; give the std of pixels in [0, 1], e.g. 0.3"
+            )
         return self
 
 
@@ -363,22 +375,45 @@ class TrialSpec(_Strict):
 
         The attacks are not part of it: a trial is a trained model and its clean evaluation,
         and attack runs are added to it (`attack_id`), so adding an attack to a sweep runs only
-        that attack on the trials that already exist.
+        that attack on the trials that already exist. The digests of its input files are
+        (`input_digests`): a changed weights file, data file or model module is a new trial.
         """
-        return _content_hash(
-            self.model_dump(mode="json", exclude=set(EVALUATION_KEYS), exclude_defaults=True)
-        )
+        content = self.model_dump(mode="json", exclude=set(EVALUATION_KEYS), exclude_defaults=True)
+        return _content_hash(content | self._inputs())
 
     def attack_id(self, attack: AttackSpec) -> str:
-        """Id of one attack run set: the attack's settings and its resolved budgets."""
+        """Id of one attack run set: the attack's settings and its resolved budgets (and the
+        source of its module, for an attack named by import path)."""
         content = attack.model_dump(mode="json", exclude_defaults=True)
-        return _content_hash({"attack": content, "budgets": self.budgets(attack)})
+        return _content_hash(
+            {"attack": content, "budgets": self.budgets(attack)} | _module_input(attack.name)
+        )
 
     def measure_id(self, measure: MeasureSpec, attacks: list[str] | None = None) -> str:
         """Id of one measure run: its settings and, for a measure that reads attack results,
-        the ids of the attack runs it read (an attack-scope run: the one it looked at)."""
+        the ids of the attack runs it read (an attack-scope run: the one it looked at); and the
+        source of its module, for a measure named by import path."""
         content = measure.model_dump(mode="json", exclude_defaults=True)
-        return _content_hash({"measure": content, "attacks": attacks or []})
+        return _content_hash(
+            {"measure": content, "attacks": attacks or []} | _module_input(measure.name)
+        )
+
+    def input_digests(self) -> dict[str, str]:
+        """Digests of the files this trial's training reads (advlab.digests): `init`, an npz
+        or image folder, user modules. Taken once per spec object: a sweep run is one moment."""
+        held = _INPUTS.get(id(self))
+        if held is not None and held[0]() is self:
+            return held[1]
+        found = digests.trial_inputs(self)
+        key = id(self)
+        _INPUTS[key] = (weakref.ref(self, lambda _: _INPUTS.pop(key, None)), found)
+        return found
+
+    def _inputs(self) -> dict[str, Any]:
+        """The input digests as part of an id; nothing when there are none, so trials on
+        built-in data and models keep the ids they had before digests were hashed."""
+        found = self.input_digests()
+        return {"inputs": found} if found else {}
 
     @classmethod
     def from_stored(cls, text: str) -> TrialSpec:
@@ -389,7 +424,7 @@ class TrialSpec(_Strict):
     def training_key(self) -> str:
         """Id of the trained model: trials that differ only in evaluation share it."""
         content = self.model_dump(mode="json", include=set(TRAINING_KEYS), exclude_defaults=True)
-        return _content_hash(content)
+        return _content_hash(content | self._inputs())
 
 
 TRAINING_KEYS = (
@@ -405,6 +440,16 @@ RETIRED_KEYS = ("properties", "strong_attacks")
 # with a default leaves existing ids (and finished trials) alone; changing what an existing
 # default means must bump this instead.
 SPEC_VERSION = 2
+
+
+# id(spec) -> (a weak reference to it, its input digests); equal specs do not share an entry,
+# since a file may change between two parses of one sweep file.
+_INPUTS: dict[int, tuple[weakref.ref[Any], dict[str, str]]] = {}
+
+
+def _module_input(name: str) -> dict[str, Any]:
+    found = digests.run_inputs(name)
+    return {"inputs": found} if found else {}
 
 
 def _content_hash(content: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ complete. Storage may be a local path or a URI that pyarrow.fs understands (s3:/
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import json
@@ -17,6 +18,7 @@ import re
 import tempfile
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,16 +58,23 @@ def resolve_storage(storage: str) -> str:
 class SweepStore:
     """The results of one sweep: <storage>/<sweep>/<table>/<trial_id>.parquet."""
 
-    def __init__(self, storage: str, sweep: str):
+    def __init__(self, storage: str, sweep: str, read_only: bool = False):
         self.uri = f"{resolve_storage(storage)}/{sweep}"
         self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
         self.damaged: list[str] = []  # notes on files found damaged and skipped or moved
+        # Readers (ls, load, report, checks before a run) never move or write a file: a
+        # damaged one is skipped and noted in `damaged`, on read-only storage too.
+        self.read_only = read_only
 
     @classmethod
-    def from_dir(cls, sweep_dir: str) -> SweepStore:
+    def from_dir(cls, sweep_dir: str, read_only: bool = False) -> SweepStore:
         """Open <storage>/<sweep> given as one path or URI (what `advlab report` takes)."""
         storage, _, sweep = resolve_storage(sweep_dir).rstrip("/").rpartition("/")
-        return cls(storage, sweep)
+        return cls(storage, sweep, read_only)
+
+    def reader(self) -> SweepStore:
+        """The same sweep folder, opened read-only (see `read_only`)."""
+        return SweepStore(self.storage, self.sweep, read_only=True)
 
     @property
     def sweep(self) -> str:
@@ -113,18 +122,34 @@ class SweepStore:
 
     def latest_checkpoint(self, trial_id: str) -> dict[str, Any] | None:
         """The furthest training checkpoint any earlier Tune run left for this trial (Tune
-        keeps them under ray/<run>/<trial id>/checkpoint_*/training.pt), or None."""
+        keeps them under ray/<run>/<trial id>/checkpoint_*/training.pt), or None. One that
+        does not load is passed over (`check_files` moves such files aside before a sweep)."""
         best: dict[str, Any] | None = None
-        selector = pafs.FileSelector(self.ray_dir_path(), recursive=True, allow_not_found=True)
-        for info in self.fs.get_file_info(selector):
-            parts = info.path.rsplit("/", 3)
-            if len(parts) < 4 or parts[-1] != CHECKPOINT or parts[-3] != trial_id:
+        for path in self.checkpoint_files(trial_id):
+            try:
+                with self.fs.open_input_stream(path) as source:
+                    state = torch.load(
+                        io.BytesIO(source.read()), map_location="cpu", weights_only=True
+                    )
+                steps = len(state["history"])
+            except Exception as err:  # truncated, empty, not ours: never resume from it
+                self.damaged.append(f"{self._relative(path)} ({' '.join(str(err).split())[:120]})")
                 continue
-            with self.fs.open_input_stream(info.path) as source:
-                state = torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
-            if best is None or len(state["history"]) > len(best["history"]):
+            if best is None or steps > len(best["history"]):
                 best = state
         return best
+
+    def checkpoint_files(self, trial_id: str | None = None) -> list[str]:
+        """The training checkpoints earlier Tune runs left (of one trial, or of all)."""
+        selector = pafs.FileSelector(self.ray_dir_path(), recursive=True, allow_not_found=True)
+        found = []
+        for info in self.fs.get_file_info(selector):
+            parts = info.path.rsplit("/", 3)
+            if len(parts) < 4 or parts[-1] != CHECKPOINT or info.type != pafs.FileType.File:
+                continue
+            if trial_id is None or parts[-3] == trial_id:
+                found.append(info.path)
+        return sorted(found)
 
     def tune_configs(self) -> list[dict[str, Any]]:
         """The config of every Tune trial any run of this sweep started (params.json)."""
@@ -178,19 +203,21 @@ class SweepStore:
                 # weights_only: a results folder is data, and must never run code when loaded.
                 return torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
         except Exception as err:  # truncated, or not a torch file: damage, whatever the kind
-            self.quarantine(path, err)
+            self.set_aside(path, err)
             return None
 
-    def quarantine(self, path: str, err: BaseException | str) -> str:
+    def quarantine(
+        self, path: str, err: BaseException | str, then: str = "its work runs again"
+    ) -> str:
         """Move a damaged file out of the way, to damaged/ (kept for a look, never read), and
-        note why; returns the line that says so."""
-        relative = path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
+        note why and what follows; returns the line that says so."""
+        relative = self._relative(path)
         stamp = uuid.uuid4().hex[:8]
         target = self.path("damaged", f"{relative}.{stamp}")
         self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         self.fs.move(path, target)
         why = " ".join(str(err).split())[:120]
-        line = f"{relative} is damaged ({why}); moved to damaged/, its work runs again"
+        line = f"{relative} is damaged ({why}); moved to damaged/, {then}"
         self.damaged.append(line)
         return line
 
@@ -299,7 +326,8 @@ class SweepStore:
     ) -> pd.DataFrame:
         """Every file of one table (or `paths` of it), each cast to the table's declared schema
         (a column a file lacks reads as null; integers and booleans as pandas' nullable types,
-        so a null stays null). A damaged file is left out and noted in `damaged`
+        so a null stays null). A damaged file, or one of another table or trial (`foreign_file`),
+        is left out and noted in `damaged`
         (`check_files` moves such files away before a sweep resumes). A table whose measure is
         not registered here reads with each file's own schema."""
         declared = _declared(table, columns)
@@ -307,9 +335,11 @@ class SweepStore:
         for path in self.trial_files(table) if paths is None else paths:
             try:
                 found = pq.read_table(path, filesystem=self.fs)
+                if (foreign := foreign_file(table, path, found)) is not None:
+                    raise pa.ArrowInvalid(foreign)
                 parts.append(found if declared is None else _conform(found, declared))
             except (OSError, pa.ArrowException) as err:
-                self.damaged.append(f"{path}: {' '.join(str(err).split())[:120]}")
+                self.damaged.append(f"{self._relative(path)} ({' '.join(str(err).split())[:120]})")
         if parts:
             merged = pa.concat_tables(parts, promote_options="permissive")
         else:
@@ -336,36 +366,88 @@ class SweepStore:
         self._write_atomic("", name, json.dumps(payload, indent=2, sort_keys=True).encode())
 
     def read_json(self, name: str) -> dict[str, Any] | None:
-        """A JSON record, or None when absent or damaged (then moved to damaged/)."""
-        if self.fs.get_file_info(self.path(name)).type == pafs.FileType.NotFound:
+        """A JSON record, or None when absent or damaged (then moved to damaged/, unless this
+        store only reads: then noted in `damaged`)."""
+        path = self.path(name)
+        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
-        with self.fs.open_input_stream(self.path(name)) as source:
-            text = source.read()
         try:
-            found = json.loads(text.decode())
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            self.quarantine(self.path(name), err)
+            with self.fs.open_input_stream(path) as source:
+                found = json.loads(source.read().decode())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            self.set_aside(path, err)
             return None
         if not isinstance(found, dict):
-            self.quarantine(self.path(name), "not a JSON object")
+            self.set_aside(path, "not a JSON object")
             return None
         return found
 
+    def set_aside(self, path: str, err: BaseException | str) -> None:
+        """A damaged file found while reading: moved to damaged/ by a store that writes (its
+        work runs again), only noted by one that reads."""
+        if not self.read_only:
+            self.quarantine(path, err)
+            return
+        why = " ".join(str(err).split())[:120]
+        self.damaged.append(f"{self._relative(path)} ({why}), left in place")
+
+    def _relative(self, path: str) -> str:
+        """A path inside the sweep folder, as messages name it."""
+        return path[len(self.root) + 1 :] if path.startswith(self.root + "/") else path
+
     def check_files(self) -> list[str]:
-        """Before a sweep resumes: move every damaged results file to damaged/ so its work runs
-        again. A damaged attack-run file takes that run's other files with it (its results must
-        come as a set); a damaged trial file takes the trial's row (the trial reruns)."""
+        """Before a sweep resumes: move every damaged file aside to damaged/ so its work runs
+        again: results files (a damaged attack-run file takes that run's other files with it,
+        its results must come as a set; a damaged trial file takes the trial's row, so the
+        trial reruns), cached models (the trials trained with one rerun and retrain it: a
+        model that does not load is never trusted) and training checkpoints (the trial
+        restarts from an earlier one, or from scratch)."""
         lines = []
         for kind in self.tables():
             for path in self.trial_files(kind):
                 if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
                     continue  # moved already, with a sibling
                 try:
-                    pq.read_metadata(path, filesystem=self.fs)
+                    keys = pq.read_schema(path, filesystem=self.fs).names
+                    found = pq.read_table(path, columns=_keys(kind, keys), filesystem=self.fs)
+                    if (foreign := foreign_file(kind, path, found)) is not None:
+                        raise pa.ArrowInvalid(foreign)
                 except (OSError, pa.ArrowException) as err:
                     lines.append(self.quarantine(path, err))
                     self._quarantine_siblings(kind, path.rsplit("/", 1)[1])
+        return lines + self._check_models() + self._check_checkpoints()
+
+    def _check_models(self) -> list[str]:
+        lines = []
+        for path in self._files("models", ".pt"):
+            problem = torch_file_problem(self.fs, path)
+            if problem is None:
+                continue
+            key = path.rsplit("/", 1)[1].removesuffix(".pt")
+            lines.append(self.quarantine(path, problem, "the trials trained with it retrain"))
+            trials = self.read("trials", ["trial_id", "training_key"])
+            for trial_id in trials.loc[trials["training_key"] == key, "trial_id"]:
+                row = self.path("trials", f"{trial_id}.parquet")
+                if self.fs.get_file_info(row).type == pafs.FileType.File:
+                    self.quarantine(row, f"its model {key}.pt is damaged", "the trial reruns")
         return lines
+
+    def _check_checkpoints(self) -> list[str]:
+        return [
+            self.quarantine(path, problem, "its trial restarts without it")
+            for path in self.checkpoint_files()
+            if (problem := torch_file_problem(self.fs, path)) is not None
+        ]
+
+    def _files(self, folder: str, suffix: str) -> list[str]:
+        selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except (NotADirectoryError, OSError):
+            return []
+        return sorted(
+            i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        )
 
     def _quarantine_siblings(self, kind: str, name: str) -> None:
         stem = name.removesuffix(".parquet")
@@ -380,6 +462,89 @@ class SweepStore:
             for sibling in siblings:
                 if self.fs.get_file_info(sibling).type != pafs.FileType.NotFound:
                     self.quarantine(sibling, f"goes with the damaged {kind}/{name}")
+
+
+# Errors of storage itself, not of the work: said as what is wrong with the storage.
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "the disk holding the storage is full",
+    errno.EDQUOT: "the disk quota of the storage is used up",
+    errno.EROFS: "the storage is read-only",
+    errno.EACCES: "the storage is not writable (permission denied)",
+    errno.EPERM: "the storage is not writable (operation not permitted)",
+}
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """What is wrong with the storage when `err` (or an error it came from) is a full disk,
+    read-only or unwritable storage, naming the file; None for any other error."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _STORAGE_ERRNOS:
+            where = f" (writing {current.filename})" if current.filename else ""
+            return f"{_STORAGE_ERRNOS[current.errno]}{where}"
+        current = current.__cause__ or current.__context__
+    text = str(err)  # pyarrow's filesystem errors carry the errno in their text only
+    for number, what in _STORAGE_ERRNOS.items():
+        if f"errno {number}" in text.lower() or os.strerror(number) in text:
+            return what
+    return None
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for a trial's `reason`: the storage's problem and its fix when storage failed,
+    else the error's type and first line."""
+    problem = storage_problem(err)
+    if problem is not None:
+        return f"storage: {problem}; free space or make it writable, then run the sweep again"
+    return f"{type(err).__name__}: {err}".splitlines()[0]
+
+
+def _key(table: str) -> str | None:
+    """The column every row of a table's files must hold: its trial's id (the transfer
+    table: its target); None for a measure table not registered here."""
+    try:
+        names = schema(table).names
+    except KeyError:
+        return None
+    return "trial_id" if "trial_id" in names else "target"
+
+
+def _keys(table: str, present: list[str]) -> list[str]:
+    key = _key(table)
+    return [key] if key is not None and key in present else []
+
+
+def foreign_file(table: str, path: str, found: pa.Table) -> str | None:
+    """Why a parquet file in a table's folder is none of that table's files: its key column is
+    missing (another table's file, or someone else's), or a trial's file holds another
+    trial's rows; None when it belongs."""
+    key = _key(table)
+    if key is None:
+        return None
+    if key not in found.column_names:
+        return f"not a {table} file: it has no {key} column"
+    stem = path.rsplit("/", 1)[-1].split(".", 1)[0]
+    if key == "trial_id" and stem != "all":
+        others = {t for t in found.column(key).to_pylist() if t != stem}
+        if others:
+            return f"holds rows of trial {sorted(map(str, others))[0]}, not of {stem}"
+    return None
+
+
+def torch_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
+    """Why a file torch.save wrote cannot be loaded (empty, truncated, not a zip archive), or
+    None. Reads the archive's directory only (at its end), not the weights."""
+    try:
+        with fs.open_input_file(path) as handle:
+            if handle.size() == 0:
+                return "an empty file"
+            with zipfile.ZipFile(handle) as archive:  # type: ignore[arg-type]
+                archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        return f"not a complete torch file: {err}"
+    return None
 
 
 def _safe(text: str) -> str:
@@ -413,7 +578,8 @@ def _nullable_types(kind: pa.DataType) -> Any:
 
 
 def list_sweeps(storage: str) -> list[SweepStore]:
-    """Every sweep folder under a storage root (one with a sweep.json), in name order."""
+    """Every sweep folder under a storage root (one with a sweep.json), in name order, opened
+    read-only (listing changes nothing)."""
     root = resolve_storage(storage)
     fs, base = pafs.FileSystem.from_uri(root)
     if fs.get_file_info(base).type == pafs.FileType.File:
@@ -421,7 +587,7 @@ def list_sweeps(storage: str) -> list[SweepStore]:
     found = []
     for info in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True)):
         if info.type == pafs.FileType.Directory:
-            store = SweepStore(root, info.base_name)
+            store = SweepStore(root, info.base_name, read_only=True)
             if fs.get_file_info(store.path(MANIFEST)).type == pafs.FileType.File:
                 found.append(store)
     return sorted(found, key=lambda store: store.sweep)

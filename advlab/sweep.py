@@ -17,7 +17,7 @@ from advlab import manifest, tuning
 from advlab.plan import attack_plan, measure_runs
 from advlab.preflight import check_cluster_gpus, preflight
 from advlab.spec import SpecError
-from advlab.store import SweepStore, resolve_storage
+from advlab.store import SweepStore, failure_reason, resolve_storage
 from advlab.sweepfile import SweepSpec
 from advlab.tables import Status
 from advlab.track import reachable_mode, recorded_target, resolve_mode
@@ -34,14 +34,17 @@ class SweepOutcome:
     failed: dict[str, str]  # trial id -> reason
     missing: list[str]  # trial ids that left no trials row at all
     transfer: TransferOutcome | None = None
+    missing_reasons: dict[str, str] = field(default_factory=dict)  # as their workers said
     attack_failures: dict[tuple[str, str], str] = field(default_factory=dict)
     stopped: list[str] = field(default_factory=list)  # ended early by the scheduler, on purpose
     interrupted: bool = False  # Ctrl-C: rerunning the same command continues
     transfer_error: str = ""  # the transfer stage failed as a whole
+    transfer_stale: str = ""  # why the transfer table still does not match the trials
 
     @property
     def all_ok(self) -> bool:
         broken = self.failed or self.missing or self.attack_failures or self.transfer_error
+        broken = broken or self.transfer_stale
         broken = broken or (self.transfer is not None and self.transfer.failed_targets)
         return not (broken or self.interrupted)
 
@@ -181,18 +184,22 @@ def finish(
     verbose: int,
     new_trials: bool,
 ) -> None:
-    """The transfer stage (after new results, or when a finished sweep never had one) and the
-    results artifact. A transfer stage that fails as a whole is recorded in the outcome; the
-    trials' results stand."""
+    """The transfer stage, whenever the transfer table does not match the sweep's trials (new
+    trials or attack runs, none made yet, a stage cut off before its record), and the results
+    artifact. A transfer stage that fails as a whole is recorded in the outcome; the trials'
+    results stand. A transfer left stale is said in the outcome, never reported ok."""
     transfer = spec.settings.transfer
-    if transfer.enabled and outcome.ok and (new_trials or not store.trial_files("transfer")):
-        from advlab.transfer import run_transfer
+    if transfer.enabled and outcome.ok:
+        from advlab.transfer import run_transfer, stale_reason
 
-        tuning.init_ray(address, verbose)
-        try:
-            outcome.transfer = run_transfer(store.uri, transfer, outcome.wandb_mode)
-        except Exception as err:  # a whole-stage failure (disk full, Ray lost) costs the stage
-            outcome.transfer_error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        if stale_reason(store, transfer) is not None:
+            tuning.init_ray(address, verbose)
+            try:
+                outcome.transfer = run_transfer(store.uri, transfer, outcome.wandb_mode)
+            except Exception as err:  # a whole-stage failure (disk full, Ray lost)
+                outcome.transfer_error = failure_reason(err)[:300]
+        if not outcome.transfer_error:
+            outcome.transfer_stale = stale_reason(store, transfer) or ""
     if new_trials or outcome.transfer is not None:
         log_results(store, outcome.wandb_mode)
 
@@ -342,9 +349,21 @@ def collect_outcome(
             file=sys.stderr,
         )
     outcome = SweepOutcome(store, wandb_mode, len(expected), ok, failed, missing, stopped=stopped)
+    outcome.missing_reasons = missing_reasons(run, missing)
     outcome.attack_failures = failed_attacks(spec, store)
     outcome.interrupted = run is not None and run.interrupted
     return outcome
+
+
+def missing_reasons(run: tuning.TuneRun | None, missing: list[str]) -> dict[str, str]:
+    """Why trials left no row, as their workers reported it (a full disk or read-only
+    storage fails the write of the failed row too, so only Tune carries the reason)."""
+    reasons: dict[str, str] = {}
+    for config, last, _ in run.trials if run is not None else []:
+        trial_id, reason = tuning.resolve(config)[0].trial_id(), last.get("reason")
+        if trial_id in missing and isinstance(reason, str) and reason:
+            reasons[trial_id] = reason
+    return reasons
 
 
 def failed_attacks(spec: SweepSpec, store: SweepStore) -> dict[tuple[str, str], str]:
@@ -389,6 +408,7 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     ]
     labels = manifest.labels(store.read_manifest())
     lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]
+    lines += [f"  missing {labels.get(t, t)}: {why}" for t, why in outcome.missing_reasons.items()]
     lines += flag_lines(store, labels, outcome.ok)
     lines += [
         f"  attack {attack} failed on {labels.get(t, t)}: {why}"
@@ -400,6 +420,10 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
         lines.append(
             f"  transfer stage failed: {outcome.transfer_error}; fix it and run "
             f"`advlab transfer {store.uri}`"
+        )
+    if outcome.transfer_stale:
+        lines.append(
+            f"  transfer is stale: {outcome.transfer_stale}; run `advlab transfer {store.uri}`"
         )
     lines.append(f"  parquet: {store.uri}/{{{','.join(store.tables())}}}/")
     if outcome.wandb_mode == "offline":

@@ -105,8 +105,10 @@ class SearchSpec(_Strict):
                 f"space: {self.algorithm} needs a space to sample, e.g. "
                 "{train.lr: {loguniform: [1e-4, 1e-1]}}"
             )
-        if self.algorithm == "optuna" and self.metric is None:
+        if self.algorithm == "optuna" and not self.metrics:
             raise ValueError("metric: optuna needs the metric it optimises, e.g. test_error")
+        if any(not m.strip() for m in self.metrics):
+            raise ValueError("metric: a metric is empty; name one, e.g. test_error")
         if len(self.metrics) != len(self.modes):
             raise ValueError("mode: give one mode (min or max) per metric")
         for key, dist in self.space.items():

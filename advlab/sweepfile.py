@@ -52,14 +52,30 @@ class SweepSpec:
         trials: list[TrialSpec],
         definition: dict[str, Any],
         plugin_dirs: list[str] | None = None,
+        source: str | None = None,
     ):
         self.settings = settings
+        self.source = source  # the sweep file it was read from (absolute), None from Python
+        self.probes: list[Probe] = []  # trials its search may draw, checked like grid points
         self.trials = trials
         self.definition = definition  # the sweep file's mapping, overrides applied
         # Folders whose modules (your models, data loaders, attacks) every worker must import.
         self.plugin_dirs = plugin_dirs or []
         values = [{"model": t.model, **self.grid_values(t)} for t in trials]
         self.labels = trial_labels(values, self.ids)
+
+    @property
+    def choices(self) -> dict[str, list[Any]]:
+        """Each path-valued choice of the search space as its trials read it: relative to the
+        sweep file's folder, made absolute (a worker runs elsewhere)."""
+        resolved: dict[str, list[Any]] = {}
+        for probe in self.probes:
+            key = probe.key.removeprefix("search.space.")
+            kind = next(iter(self.settings.search.space[key]))
+            if kind == "choice" and key in PATH_KEYS:
+                value = _get_dotted(probe.trial.model_dump(mode="json"), key)
+                resolved.setdefault(key, []).append(value)
+        return resolved
 
     @property
     def name(self) -> str:
@@ -136,7 +152,9 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     try:
         for key, value in (overrides or {}).items():
             set_dotted(raw, key, value)
-        return parse_sweep(raw, folder)
+        spec = parse_sweep(raw, folder)
+        spec.source = str(path.resolve())
+        return spec
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
 
@@ -177,12 +195,14 @@ def parse_sweep(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
         for point in expand_grid(case_base, settings.grid)
     ]
     trials = [_validate_trial(point, base_dir) for point in points]
-    _check_search(settings, points, trials, base_dir)
+    probes = _check_search(settings, points, trials, base_dir)
     ids = [t.trial_id() for t in trials]
     if len(set(ids)) != len(ids):
         raise SpecError("grid: two grid points give the same trial; remove repeated values")
     plugin_dirs = [str(base_dir)] if base_dir is not None else []
-    return SweepSpec(settings, trials, copy.deepcopy(raw), plugin_dirs)
+    spec = SweepSpec(settings, trials, copy.deepcopy(raw), plugin_dirs)
+    spec.probes = probes
+    return spec
 
 
 def _check_search(
@@ -190,18 +210,22 @@ def _check_search(
     points: list[dict[str, Any]],
     trials: list[TrialSpec],
     base_dir: Path | None,
-) -> None:
+) -> list[Probe]:
     """A search space's every bound and choice makes a valid trial, its metrics exist, and the
     scheduler's metric is reported every epoch: found now, not when a sample draws it."""
     search, scheduler = settings.search, settings.scheduler
     if search.algorithm == "optuna" and (settings.grid or settings.cases):
         raise SpecError("grid: optuna samples search.space alone; move grid axes into it as choice")
+    probes = []
     for key, dist in search.space.items():
         _check_axis(f"search.space.{key}", key)
         kind, values = next(iter(dist.items()))
         for value in values if kind == "choice" else values[:2]:
             sample = value if kind != "int" else int(value)
-            _validate_trial(expand_grid(points[0], {key: [sample]})[0], base_dir)
+            trial = _validate_probe(key, sample, points[0], base_dir)
+            probes.append(Probe(f"search.space.{key}", sample, trial))
+        if kind in ("uniform", "loguniform"):
+            _check_fractions(key, kind, values, points[0], base_dir)
     produced = final_metrics(trials[0])
     for metric in search.metrics:
         if metric not in produced:
@@ -211,6 +235,44 @@ def _check_search(
             )
     if scheduler.name != "none":
         _check_scheduler_metric(scheduler.metric, trials)
+    return probes
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """A trial a search may draw (a choice's value, a range's end), checked before Ray starts
+    as a grid point is: its data, subset, model and weights (advlab.preflight)."""
+
+    key: str  # search.space.<setting>
+    value: Any
+    trial: TrialSpec
+
+
+def _validate_probe(
+    key: str, value: Any, point: dict[str, Any], base_dir: Path | None
+) -> TrialSpec:
+    try:
+        return _validate_trial(expand_grid(point, {key: [value]})[0], base_dir)
+    except SpecError as err:
+        raise SpecError(f"search.space.{key}: {short(value)} makes no valid trial: {err}") from None
+
+
+def _check_fractions(
+    key: str, kind: str, values: list[Any], point: dict[str, Any], base_dir: Path | None
+) -> None:
+    """A uniform or loguniform range samples fractions: the setting must take them (a whole
+    number setting wants {int: [low, high]})."""
+    low, high = float(values[0]), float(values[1])
+    inside = low + (high - low) * 0.37  # no whole number for any range of whole-number ends
+    if inside.is_integer():
+        inside = math.nextafter(inside, high)
+    try:
+        _validate_trial(expand_grid(point, {key: [inside]})[0], base_dir)
+    except SpecError:
+        raise SpecError(
+            f"search.space.{key}: {kind} samples fractions such as {inside:.4g}, which {key} "
+            f"does not take; use {{int: [{values[0]}, {values[1]}]}} for whole numbers"
+        ) from None
 
 
 def _check_scheduler_metric(metric: str, trials: list[TrialSpec]) -> None:
@@ -287,6 +349,9 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
     if isinstance(trial.weight_decay, list):
         _check_decay_per_layer(trial, classes)
     return trial
+
+
+PATH_KEYS = ("init", "dataset.path", "dataset.root")  # relative to the sweep file's folder
 
 
 def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """All-pairs transfer over a finished sweep: the paper's Tables 2 and 4, plus non-neural controls.
 
 Every ok trial's adversarial examples (from the examples table) are fed to every ok trial's model
-and to scikit-learn controls trained on the source's own training subset. Beside each set of
+of the same data set (a sweep may hold several) and to scikit-learn controls trained on the
+source's own training subset. Beside each set of
 adversarial examples stand the paper's baselines: Gaussian noise with each example's own
 per-pixel rms distortion, and the perturbation amplified to a chosen rms. Each target is one Ray
 task that loads (or trains) its model once and evaluates every set, so the cost grows with the
@@ -19,6 +20,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -51,6 +53,7 @@ class EvalSet:
     clean: np.ndarray  # (N, D) the same examples before any perturbation
     y: np.ndarray  # (N,) true labels
     amplified_to: float | None = None  # amplified sets: the per-pixel rms aimed at
+    data: str = ""  # the data set its images come from (`data_of`): targets of that data only
 
 
 @dataclass
@@ -82,6 +85,7 @@ def source_sets(
             "attack": attack,
             "budget": None if pd.isna(budget) else float(budget),
             "clean": clean,
+            "data": data_of(spec),
         }
         sets.append(EvalSet(**common, kind="adversarial", rms=per_pixel_rms(x, clean), x=x, y=y))
         clean_t, x_t = torch.tensor(clean), torch.tensor(x)
@@ -120,9 +124,17 @@ def fixed_noise_sets(specs: list[TrialSpec], settings: TransferSpec) -> list[Eva
             EvalSet(
                 source_trial=NOISE_SOURCE, attack="gaussian", budget=stddev, kind="noise",
                 rms=per_pixel_rms(noisy, clean.numpy()), x=noisy, clean=clean.numpy(), y=y,
+                data=data_of(specs[0]),
             )
         )  # fmt: skip
     return sets
+
+
+def data_of(spec: TrialSpec) -> str:
+    """The data set a trial reads, as its images and labels are (normalisation lives inside
+    the model): a model is a transfer target only of examples made on its own data set, since
+    other images differ in shape or in what their labels mean."""
+    return json.dumps(spec.dataset.model_dump(mode="json", exclude={"normalize"}), sort_keys=True)
 
 
 def evaluate(target: str, target_kind: str, predict: Predict, sets: list[EvalSet]) -> list[dict]:
@@ -157,13 +169,15 @@ def failed_target(target: str, target_kind: str, err: Exception) -> list[dict]:
     ]
 
 
-def trial_predictor(store: SweepStore, spec: TrialSpec) -> Predict:
-    """A trial's trained model, loaded once from the sweep's models/ folder."""
+def trial_predictor(store: SweepStore, spec: TrialSpec, key: str | None = None) -> Predict:
+    """A trial's trained model, loaded once from the sweep's models/ folder: the one its row
+    names (`key`, the training key it trained or loaded), else its spec's key now."""
     data = load_data_spec(spec.dataset)
     model = model_for(spec, data.input_shape, data.num_classes)
-    saved = store.load_model(spec.training_key())
+    key = key or spec.training_key()
+    saved = store.load_model(key)
     if saved is None:
-        raise FileNotFoundError(f"no saved model {spec.training_key()}; rerun the sweep")
+        raise FileNotFoundError(f"no saved model {key}; rerun the sweep")
     model.load_state(saved)
     return _predictor(model, data.input_shape)
 
@@ -204,6 +218,7 @@ class Sources:
     specs: dict[str, TrialSpec]
     sets: list[EvalSet]
     skipped: dict[str, str]
+    keys: dict[str, str] = field(default_factory=dict)  # trial id -> its model's training key
 
 
 def gather_sources(store: SweepStore, settings: TransferSpec) -> Sources:
@@ -221,15 +236,57 @@ def gather_sources(store: SweepStore, settings: TransferSpec) -> Sources:
     generator = torch.Generator().manual_seed(settings.seed)
     specs: dict[str, TrialSpec] = {}
     sets: list[EvalSet] = []
+    keys: dict[str, str] = {}
     for row in ok.itertuples():
         try:
             spec = TrialSpec.from_stored(row.spec)
             mine = examples[examples["trial_id"] == row.trial_id]
             sets += source_sets(row.trial_id, spec, mine, settings, generator)
             specs[row.trial_id] = spec
+            keys[row.trial_id] = row.training_key if isinstance(row.training_key, str) else ""
         except Exception as err:  # one unreadable source must not stop the others
             skipped[row.trial_id] = f"{type(err).__name__}: {err}".splitlines()[0]
-    return Sources(specs, sets + fixed_noise_sets(list(specs.values()), settings), skipped)
+    sets += fixed_noise_sets(list(specs.values()), settings)
+    return Sources(specs, sets, skipped, keys)
+
+
+def transfer_inputs(store: SweepStore, settings: TransferSpec) -> dict[str, Any]:
+    """What a transfer table is made of: the ok trials (sources and targets), their ok attack
+    runs (the examples that transfer) and the stage's settings. The record keeps them, so a
+    table made of other inputs is known to be stale."""
+    trials = store.read("trials", ["trial_id", "status"])
+    ok = sorted(set(trials.loc[trials["status"] == Status.OK, "trial_id"]))
+    runs = store.read("attacks", ["trial_id", "attack_id", "status"])
+    done = runs[(runs["status"] == Status.OK) & runs["trial_id"].isin(ok)]
+    attack_runs = sorted(
+        {f"{t}/{a}" for t, a in zip(done["trial_id"], done["attack_id"], strict=True)}
+    )
+    return {"trials": ok, "attack_runs": attack_runs, "settings": settings.model_dump(mode="json")}
+
+
+def stale_reason(store: SweepStore, settings: TransferSpec) -> str | None:
+    """Why the sweep's transfer table does not match its trials now (None: it does, or there
+    is nothing to transfer): none made yet, its table gone, trials or attack runs added or
+    gone since, other settings, or a stage cut off before its record."""
+    now = transfer_inputs(store, settings)
+    recorded = store.read_json(TRANSFER_RECORD)
+    if recorded is None:
+        return "no transfer table yet" if now["trials"] else None
+    made = recorded.get("inputs")
+    if not store.trial_files("transfer"):
+        return "its table is missing"
+    if not isinstance(made, dict):
+        return "its record predates the record of its inputs"
+    if made.get("trials") != now["trials"]:
+        return (
+            f"it covers {len(made.get('trials') or [])} trials, the sweep has "
+            f"{len(now['trials'])} ok trials"
+        )
+    if made.get("attack_runs") != now["attack_runs"]:
+        return "attack runs were added or rerun since"
+    if made.get("settings") != now["settings"]:
+        return "the transfer settings changed"
+    return None
 
 
 def run_transfer(
@@ -245,15 +302,17 @@ def run_transfer(
         settings = TransferSpec.model_validate(recorded)
     folders = (store.read_manifest() or {}).get("plugin_dirs", [])
     add_plugin_dirs(folders)
+    inputs = transfer_inputs(store, settings)
     sources = gather_sources(store, settings)
     sets_ref = ray.put(sources.sets)
 
     @ray.remote(num_cpus=1)
-    def trial_task(trial_id: str, spec: TrialSpec, sets: list[EvalSet]) -> list[dict]:
+    def trial_task(trial_id: str, spec: TrialSpec, key: str, sets: list[EvalSet]) -> list[dict]:
         torch.set_num_threads(1)
         add_plugin_dirs(folders)  # a user's model module imports on this worker too
         try:
-            return evaluate(trial_id, "trial", trial_predictor(store, spec), sets)
+            mine = [s for s in sets if s.data == data_of(spec)]
+            return evaluate(trial_id, "trial", trial_predictor(store, spec, key), mine)
         except Exception as err:
             return failed_target(trial_id, "trial", err)
 
@@ -267,7 +326,9 @@ def run_transfer(
         except Exception as err:
             return failed_target(name, "control", err)
 
-    futures = [trial_task.remote(t, s, sets_ref) for t, s in sources.specs.items()]
+    futures = [
+        trial_task.remote(t, s, sources.keys.get(t, ""), sets_ref) for t, s in sources.specs.items()
+    ]
     groups: dict[str, list[str]] = {}
     for trial_id, spec in sources.specs.items():
         groups.setdefault(training_set(spec), []).append(trial_id)
@@ -278,8 +339,11 @@ def run_transfer(
     rows = [row for result in ray.get(futures) for row in result]
     failed = {r["target"]: r["reason"] for r in rows if r["status"] == Status.FAILED}
     store.write_rows("transfer", "all", rows)
-    record = {"sources": list(sources.specs), "skipped": sources.skipped, "failed": failed}
-    store.write_json(TRANSFER_RECORD, record)
+    record = {
+        "sources": list(sources.specs), "targets": sorted({r["target"] for r in rows}),
+        "skipped": sources.skipped, "failed": failed, "inputs": inputs,
+    }  # fmt: skip
+    store.write_json(TRANSFER_RECORD, record)  # last: the table is whole, and of these inputs
     frame = pd.DataFrame([r for r in rows if r["status"] == Status.OK])
     log_to_wandb(store, frame, wandb_mode)
     seconds = time.perf_counter() - start

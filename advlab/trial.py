@@ -26,11 +26,12 @@ from advlab.measures import registry as measure_registry
 from advlab.measures.registry import MeasureContext
 from advlab.measuring import execute
 from advlab.plan import MeasureRun, attack_plan, measure_runs, run_part
+from advlab.plugins import UserExit, describe
 from advlab.robust_validation import carve_validation, evaluated_epoch
 from advlab.runtime import pick_device
 from advlab.sources import load_data_spec
 from advlab.spec import EVALUATION_KEYS, TRAINING_KEYS, AttackSpec, TrialSpec
-from advlab.store import SweepStore
+from advlab.store import SweepStore, failure_reason
 from advlab.tables import Status, config_columns
 from advlab.track import TrialRun
 from advlab.train import EpochStats
@@ -111,16 +112,13 @@ def run_trial(
             run_and_write_attack(store, tracker, spec, attack, trained, attacked)
         for run in pending_measures(spec, store, trial_id, fresh):
             run_and_write_measure(store, tracker, spec, run, trained, attacked)
-    except Exception as err:
-        if finished is None:  # a finished trial's row stays as it was
-            reason = f"{type(err).__name__}: {err}".splitlines()[0]
-            row |= {"status": Status.FAILED, "reason": reason}
-            store.write_rows("trials", trial_id, [row])
-        tracker.log_summary({"status": Status.FAILED, "reason": str(err).splitlines()[0]})
-        tracker.finish(failed=True)
-        store.sync_wandb()
+    except (Exception, SystemExit) as caught:  # user code (a training method...) may exit
+        err = as_error(caught)
+        record_failure(store, tracker, row if finished is None else None, err)
         err.add_note(traceback.format_exc(limit=3))
-        raise
+        if err is caught:
+            raise
+        raise err from None
     if finished is None:
         store.write_rows("trials", trial_id, [row])  # last: marks the trial complete
     metrics = stored_metrics(store, trial_id)
@@ -130,6 +128,35 @@ def run_trial(
     tracker.finish()
     store.sync_wandb()
     return TrialResult(row, metrics)
+
+
+def as_error(caught: BaseException) -> Exception:
+    """An Exception as it is; SystemExit (user code that called sys.exit mid-trial) as a
+    UserExit that fails the trial with its reason, instead of ending the worker or the
+    `advlab trial` process with no word."""
+    if isinstance(caught, Exception):
+        return caught
+    return UserExit(f"user code {describe(caught)}")
+
+
+def record_failure(
+    store: SweepStore, tracker: TrialRun, row: dict[str, Any] | None, err: Exception
+) -> None:
+    """A failed row with the reason (`row`: None keeps a finished trial's row as it was) and
+    the W&B run closed as failed. When storage itself failed (a full disk, storage turned
+    read-only) these writes may fail too: the original error is what the trial raises, with
+    a note, so its reason still reaches the sweep's summary."""
+    reason = failure_reason(err)
+    try:
+        if row is not None:
+            store.write_rows(
+                "trials", row["trial_id"], [row | {"status": Status.FAILED, "reason": reason}]
+            )
+        tracker.log_summary({"status": Status.FAILED, "reason": reason})
+        tracker.finish(failed=True)
+        store.sync_wandb()
+    except Exception as also:  # the storage that failed the trial fails its record too
+        err.add_note(f"its failure could not be recorded either: {failure_reason(also)}")
 
 
 def finished_row(store: SweepStore, trial_id: str) -> dict[str, Any] | None:

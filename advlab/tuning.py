@@ -13,13 +13,14 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 from advlab.spec import SpecError, TrialSpec
-from advlab.store import CHECKPOINT, SweepStore
+from advlab.store import CHECKPOINT, SEARCH_DB, SweepStore, failure_reason
 from advlab.sweep_settings import SearchSpec
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
 from advlab.tables import Status
@@ -119,8 +120,8 @@ def trainable(config: dict[str, Any]) -> None:
     resume = _resume_state(spec, ctx)
     try:
         result = run_trial(spec, ctx, report=report, resume=resume)
-    except Exception:
-        tune.report({"failed": 1, "trial_id": spec.trial_id()})
+    except Exception as err:  # the reason goes to the driver too: the row may not be written
+        tune.report({"failed": 1, "trial_id": spec.trial_id(), "reason": failure_reason(err)})
         return
     row = result.row
     numbers = {
@@ -161,15 +162,16 @@ def _resume_state(spec: TrialSpec, ctx: TrialContext) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- the search
 
 
-def domains(search: SearchSpec) -> dict[str, Any]:
-    """The sweep's search space as Ray Tune domains."""
+def domains(search: SearchSpec, choices: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+    """The sweep's search space as Ray Tune domains; `choices` replaces a choice's values
+    with their resolved form (a relative path made absolute, as for a grid's)."""
     from ray import tune
 
     out = {}
     for key, dist in search.space.items():
         kind, values = next(iter(dist.items()))
         if kind == "choice":
-            out[key] = tune.choice(values)
+            out[key] = tune.choice((choices or {}).get(key, values))
         elif kind == "int":
             out[key] = tune.randint(int(values[0]), int(values[1]) + 1)  # inclusive high
         else:
@@ -198,13 +200,80 @@ def search_algorithm(
     storage = None
     if not store.is_remote:  # the study survives a rerun: later samples learn from earlier ones
         os.makedirs(store.path(), exist_ok=True)
-        storage = optuna.storages.RDBStorage(store.search_db())
+        storage = open_study_storage(spec, store)
     metric = search.metrics[0] if len(search.metrics) == 1 else search.metrics
     mode = search.modes[0] if len(search.modes) == 1 else search.modes
     return OptunaSearch(
         metric=metric, mode=mode, seed=search.seed + done, points_to_evaluate=pending or None,
         study_name=f"{spec.name}", storage=storage,
     )  # fmt: skip
+
+
+def open_study_storage(spec: SweepSpec, store: SweepStore) -> Any:
+    """The sweep's Optuna study database; one that does not open (garbage, truncated) is
+    moved aside to damaged/ and the study rebuilt from the sweep's finished samples, so a
+    damaged file costs what the study learnt, never the search."""
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(store.search_db())
+        storage.get_all_studies()  # reads the tables: a damaged file fails here at the latest
+        return storage
+    except Exception as err:  # sqlalchemy's and optuna's errors alike: the file is unusable
+        line = store.quarantine(store.path(SEARCH_DB), err, "the study is rebuilt")
+    storage = optuna.storages.RDBStorage(store.search_db())
+    count = rebuild_study(spec, store, storage)
+    print(f"advlab: {line} from {count} finished samples", file=sys.stderr, flush=True)
+    return storage
+
+
+def rebuild_study(spec: SweepSpec, store: SweepStore, storage: Any) -> int:
+    """A new study holding the sweep's ok samples (their values from sweep.json, their
+    metrics from the tables) as finished trials, named as OptunaSearch names them."""
+    import optuna
+
+    from advlab import manifest
+    from advlab.trial import stored_metrics
+
+    search = spec.settings.search
+    directions = ["minimize" if m == "min" else "maximize" for m in search.modes]
+    study = optuna.create_study(
+        storage=storage, study_name=spec.name, directions=directions, load_if_exists=True
+    )
+    distributions = {f"sample/{k}": _distribution(d) for k, d in search.space.items()}
+    recorded = store.read_manifest() or {}
+    trials = store.read("trials").set_index("trial_id")
+    count = 0
+    for trial_id in manifest.current_ids(recorded):
+        if trial_id not in trials.index or trials.loc[trial_id, "status"] != Status.OK:
+            continue
+        values = recorded["trials"][trial_id]["values"]
+        found = stored_metrics(store, trial_id) | trials.loc[trial_id].to_dict()
+        try:
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={f"sample/{k}": values[k] for k in search.space},
+                    distributions=distributions,
+                    values=[float(found[m]) for m in search.metrics],
+                )
+            )
+            count += 1
+        except (KeyError, ValueError, TypeError):  # a sample outside today's space
+            continue
+    return count
+
+
+def _distribution(dist: dict[str, list[Any]]) -> Any:
+    """One `search.space` entry as the Optuna distribution OptunaSearch makes of its domain."""
+    import optuna
+
+    kind, values = next(iter(dist.items()))
+    if kind == "choice":
+        return optuna.distributions.CategoricalDistribution(values)
+    if kind == "int":
+        return optuna.distributions.IntDistribution(int(values[0]), int(values[1]))
+    low, high = float(values[0]), float(values[1])
+    return optuna.distributions.FloatDistribution(low, high, log=kind == "loguniform")
 
 
 def scheduler(spec: SweepSpec) -> Any:
@@ -289,7 +358,7 @@ def make_tuner(
     grid = configs[0] if len(configs) == 1 else tune.grid_search(configs)
     space: dict[str, Any] = {"trial": grid}
     if spec.settings.search.algorithm != "grid":
-        space["sample"] = domains(spec.settings.search)
+        space["sample"] = domains(spec.settings.search, spec.choices)
     resources = spec.settings.resources
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
     return tune.Tuner(

@@ -17,6 +17,7 @@ import yaml
 MAX_BYTES = 1 << 20  # a sweep file is settings, not data
 MAX_ALIASES = 100
 MAX_VALUES = 200_000  # scalars after aliases are expanded
+MAX_DEPTH = 50  # levels of lists and mappings; a sweep file needs a handful
 
 
 class YAMLRefused(ValueError):
@@ -55,10 +56,37 @@ class _StrictLoader(yaml.SafeLoader):
 
 def load_text(text: str) -> Any:
     """Parse YAML text strictly (see module doc); YAMLRefused or yaml.YAMLError on failure."""
-    loaded = yaml.load(text, Loader=_StrictLoader)
+    try:
+        loaded = yaml.load(text, Loader=_StrictLoader)
+    except YAMLRefused:
+        raise
+    except RecursionError:  # the parser recurses once per level of nesting
+        raise YAMLRefused(f"nested more than {MAX_DEPTH} levels deep; flatten it") from None
+    except ValueError as err:  # a value Python will not convert: an integer of 4300+ digits
+        why = "a number has more than 4300 digits" if "digits" in str(err) else _short(err, 80)
+        raise YAMLRefused(f"{why}; write a smaller value") from None
     if _count(loaded) > MAX_VALUES:
         raise YAMLRefused(f"the file expands to more than {MAX_VALUES} values; write less")
+    if _depth(loaded) > MAX_DEPTH:
+        raise YAMLRefused(f"nested more than {MAX_DEPTH} levels deep; flatten it")
     return loaded
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and mappings nest in `value` (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def load_file(path: Path) -> Any:

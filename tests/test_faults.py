@@ -160,3 +160,96 @@ def test_a_control_that_cannot_fit_a_tiny_subset_costs_that_control_only(
     assert rows.loc[rows["target"] == "knn", "status"].tolist() == ["failed"]
     ok = rows[rows["status"] == "ok"]
     assert set(ok["target_kind"]) == {"trial", "control"} and set(ok["target"]) >= {"constant"}
+
+
+@pytest.mark.slow
+def test_a_zero_byte_cached_model_is_retrained_never_trusted(
+    finished, tmp_path: Path, capsys
+) -> None:
+    path, folder = _copy(finished, tmp_path)
+    before = results.load(str(folder)).trials.set_index("trial_id")
+    first = before.index[0]
+    key = before.loc[first, "training_key"]
+    (folder / "models" / f"{key}.pt").write_bytes(b"")  # a full disk's leftover
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 0
+    err = capsys.readouterr().err
+    assert f"models/{key}.pt is damaged (an empty file); moved to damaged/" in err
+    after = results.load(str(folder)).trials.set_index("trial_id")
+    assert bool(after.loc[first, "trained_here"])  # trained again, not loaded
+    assert (folder / "models" / f"{key}.pt").stat().st_size > 0
+    columns = ["test_error", "train_error", "status"]
+    pd.testing.assert_frame_equal(after[columns].sort_index(), before[columns].sort_index())
+
+
+@pytest.mark.slow
+def test_a_zero_byte_training_checkpoint_is_moved_aside_and_its_trial_restarts(
+    finished, tmp_path: Path, capsys
+) -> None:
+    path, folder = _copy(finished, tmp_path)
+    before = results.load(str(folder)).trials.set_index("trial_id")
+    first = before.index[0]
+    (folder / "trials" / f"{first}.parquet").unlink()  # it never finished...
+    checkpoint = folder / "ray" / "run-x" / first / "checkpoint_000001" / "training.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")  # ...and its checkpoint was cut off by a full disk
+    capsys.readouterr()
+    assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 0
+    err = capsys.readouterr().err
+    assert "training.pt is damaged (an empty file); moved to damaged/, its trial restarts" in err
+    assert not checkpoint.exists()
+    after = results.load(str(folder)).trials.set_index("trial_id")
+    assert after.loc[first, "resumed_from_epoch"] == 0
+    assert after.loc[first, "test_error"] == before.loc[first, "test_error"]
+
+
+@pytest.mark.slow
+def test_a_transfer_cut_off_after_the_sweep_grew_reruns_and_matches_a_clean_one(
+    finished, tmp_path: Path, capsys
+) -> None:
+    path, folder = _copy(finished, tmp_path)
+    old_rows = (folder / "transfer" / "all.parquet").read_bytes()
+    old_record = (folder / "transfer.json").read_bytes()
+    raw = yaml.safe_load(path.read_text())
+    raw["grid"]["weight_decay"] = [1.0e-4, 1.0e-3]  # the sweep grows to four trials
+    grown = tmp_path / "f.yaml"
+    grown.write_text(yaml.safe_dump(raw))
+    storage = ["--storage", str(tmp_path / "results")]
+    assert main(["sweep", str(grown), *storage]) == 0
+    clean = results.load(str(folder)).transfer
+    # kill -9 during that transfer stage: the trials are done, the table is the old one
+    (folder / "transfer" / "all.parquet").write_bytes(old_rows)
+    (folder / "transfer.json").write_bytes(old_record)
+    capsys.readouterr()
+    assert main(["sweep", str(grown), *storage]) == 0
+    out = capsys.readouterr().out
+    assert "4/4 trials ok" in out and "transfer: 4 source trials" in out
+    again = results.load(str(folder))
+    trials = set(again.trials["trial_id"])
+    ok = again.transfer[again.transfer["status"] == "ok"]
+    assert set(ok["source_trial"]) - {"noise"} == trials
+    assert set(ok.loc[ok["target_kind"] == "trial", "target"]) == trials
+    order = ["source_trial", "attack", "budget", "kind", "target", "amplified_to"]
+    pd.testing.assert_frame_equal(
+        again.transfer.sort_values(order).reset_index(drop=True),
+        clean.sort_values(order).reset_index(drop=True),
+    )
+    capsys.readouterr()
+    assert main(["sweep", str(grown), *storage]) == 0  # fresh now: no transfer stage
+    assert "transfer:" not in capsys.readouterr().out
+
+
+def test_a_transfer_record_without_its_inputs_is_stale(tmp_path: Path) -> None:
+    from advlab.sweep_settings import TransferSpec
+    from advlab.transfer import stale_reason
+
+    store = SweepStore(str(tmp_path), "s")
+    settings = TransferSpec()
+    assert stale_reason(store, settings) is None  # no trials: nothing to transfer
+    row = {"trial_id": "t1", "status": "ok", "reason": "", "sweep": "s", "label": "t1"}
+    store.write_rows("trials", "t1", [row])
+    assert stale_reason(store, settings) == "no transfer table yet"
+    store.write_json("transfer.json", {"sources": ["t1"], "skipped": {}, "failed": {}})
+    assert stale_reason(store, settings) == "its table is missing"
+    store.write_rows("transfer", "all", [{"target": "t1", "status": "ok", "reason": ""}])
+    assert stale_reason(store, settings) == "its record predates the record of its inputs"

@@ -148,7 +148,8 @@ def test_older_files_missing_a_column_read_as_null(mixed, tmp_path: Path) -> Non
     folder, _ = mixed
     old = SweepStore(str(tmp_path), "old")
     frame = pd.read_parquet(folder / "curves")
-    old.write_table("curves", "legacy", pa.Table.from_pandas(frame.drop(columns=["norm"])))
+    for trial_id, rows in frame.drop(columns=["norm"]).groupby("trial_id"):  # a file each
+        old.write_table("curves", trial_id, pa.Table.from_pandas(rows, preserve_index=False))
     got = old.read("curves")
     assert list(got.columns) == SCHEMAS["curves"].names
     assert got["norm"].isna().all() and len(got) == len(frame)

@@ -97,3 +97,21 @@ def test_rows_outside_the_declared_schema_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not in the declared schema"):
         store.write_rows("curves", "a", [curve("a", 0.5) | {"fgsm/success@0.1": 0.5}])
     assert not (tmp_path / "s" / "curves").exists()
+
+
+def test_a_file_of_a_foreign_schema_or_trial_is_never_read_as_rows(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    store = SweepStore(str(tmp_path), "s")
+    store.write_rows("curves", "a", [curve("a", 0.5)])
+    folder = tmp_path / "s" / "curves"
+    pq.write_table(pa.table({"x": [1, 2], "y": ["p", "q"]}), folder / "b.fgsm.parquet")
+    pq.write_table(pq.read_table(folder / "a.parquet"), folder / "c.parquet")  # a's rows
+    frame = store.read("curves")
+    assert frame["trial_id"].tolist() == ["a"]  # no row without a trial, none of a twice
+    assert any("b.fgsm.parquet (not a curves file: it has no trial_id column)" in n
+               for n in store.damaged)  # fmt: skip
+    assert any("c.parquet (holds rows of trial a, not of c)" in n for n in store.damaged)
+    lines = store.check_files()
+    assert len(lines) == 2 and all("moved to damaged/" in line for line in lines)
+    assert sorted(p.name for p in folder.iterdir()) == ["a.parquet"]

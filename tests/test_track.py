@@ -164,3 +164,50 @@ def test_a_trials_offline_run_holds_its_tables_and_example_images(tmp_path: Path
     assert len(images) == 3 * successes  # original, adversarial, perturbation x10
     with Image.open(run_dir / "files" / images[0]) as image:
         assert image.size == (8, 8)
+
+
+def _trial_runs(directory: Path, run_id: str) -> list[dict]:
+    """Every offline run folder of one run id, read back, oldest first."""
+    runs = [read_offline_run(f) for f in offline_run_dirs(directory)]
+    return [r for r in runs if r["run"]["id"] == run_id]
+
+
+def test_a_trials_run_only_grows_when_attacks_are_added_or_it_is_rerun(
+    tmp_path: Path, write_sweep, capsys
+) -> None:
+    from conftest import tiny_sweep
+
+    from advlab.cli import main
+    from advlab.sweep import trial_context
+    from advlab.sweepfile import load_sweep
+    from advlab.trial import run_trial
+
+    raw = tiny_sweep(grid={"seed": [0]}, measures=[], storage=str(tmp_path / "results"))
+    raw["attacks"] = [{"name": "lbfgs", "max_iter": 10, "search_steps": 3}]
+    spec = load_sweep(write_sweep(raw))
+    storage = str(tmp_path / "results")
+    run_trial(spec.trials[0], trial_context(spec, 0, storage, "offline"))
+    run_id = f"tiny-{spec.ids[0]}"
+
+    def held() -> tuple[set[str], set[str]]:
+        runs = _trial_runs(tmp_path / "results" / "tiny", run_id)
+        files = {f.split("_")[0] for r in runs for f in r["files"] if f.startswith("media/")}
+        return {a["type"] for r in runs for a in r["artifacts"]}, files
+
+    artifacts, files = held()
+    assert "model" in artifacts
+    assert {"media/images/examples/lbfgs", "media/table/attacks/lbfgs"} <= files
+    raw["attacks"].append({"name": "fgsm"})  # the sweep gains an attack
+    grown = load_sweep(write_sweep(raw))
+    run_trial(grown.trials[0], trial_context(grown, 0, storage, "offline"))
+    again_artifacts, again_files = held()
+    assert again_artifacts >= artifacts and again_files >= files | {"media/table/attacks/fgsm"}
+    assert main(["trial", str(write_sweep(raw)), "--index", "0", "--wandb", "offline"]) == 0
+    last_artifacts, last_files = held()
+    assert last_artifacts >= again_artifacts and last_files >= again_files
+    runs = _trial_runs(tmp_path / "results" / "tiny", run_id)
+    assert len(runs) == 3  # the first run and one per time it grew, all under one id
+    assert (
+        runs[-1]["summary"]["fgsm/robust_error_at_0_1"]
+        == runs[1]["summary"]["fgsm/robust_error_at_0_1"]
+    )

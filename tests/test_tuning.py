@@ -198,3 +198,35 @@ def test_offline_runs_reach_remote_storage(tmp_path: Path) -> None:
     assert len(uploaded) == 1
     logged = read_offline_run(uploaded[0].parent)
     assert logged["run"]["id"] == "s-abc" and logged["summary"]["test_error"] == 0.25
+
+
+@pytest.mark.slow
+def test_a_garbage_optuna_db_is_moved_aside_and_the_study_rebuilt(
+    ray_local, tmp_path: Path, capsys
+) -> None:
+    import optuna
+
+    search = {
+        "algorithm": "optuna", "num_samples": 2, "metric": "test_error",
+        "space": {"train.lr": {"loguniform": [1e-3, 0.1]}, "seed": {"int": [0, 9]}},
+    }  # fmt: skip
+    path = search_sweep(tmp_path, search=search)
+    assert main(["sweep", str(path)]) == 0
+    db = tmp_path / "results" / "search" / "optuna.db"
+    db.write_bytes(b"not a database, " * 64)
+    raw = yaml.safe_load(path.read_text())
+    raw["search"]["num_samples"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["sweep", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "optuna.db is damaged (" in err
+    assert "moved to damaged/, the study is rebuilt from 2 finished samples" in err
+    res = results.load(str(tmp_path / "results" / "search"))
+    assert len(res.trials) == 3 and (res.trials["status"] == "ok").all()
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{db}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 3  # the two rebuilt and the new one
+    errors = sorted(res.trials["test_error"])
+    assert sorted(t.value for t in done) == pytest.approx(errors)
+    assert list((tmp_path / "results" / "search" / "damaged").glob("optuna.db.*"))

@@ -29,7 +29,7 @@ from advlab.families.estimators import (
     estimator_family,
 )
 from advlab.families.torch_modules import TORCH, TorchModel, wrap_module
-from advlab.plugins import PluginError, import_object, is_import_path
+from advlab.plugins import PluginError, call_user, import_object, is_import_path
 
 __all__ = [
     "TORCH",
@@ -88,14 +88,10 @@ def resolve(name: str) -> ModelFamily:
 
 
 def _from_factory(factory: Callable[..., Any], request: ModelRequest) -> TrialModel:
-    try:
-        made = factory(request.input_shape, request.num_classes, **request.args)
-    except Exception as err:
-        why = " ".join(str(err).split())[:200]
-        raise ModelNameError(
-            f"model: {request.name}(input_shape, num_classes, **model_args) raised "
-            f"{type(err).__name__}: {why}"
-        ) from None
+    made = call_user(
+        factory, "model", f"{request.name}(input_shape, num_classes, **model_args)",
+        request.input_shape, request.num_classes, **request.args, error=ModelNameError,
+    )  # fmt: skip
     if isinstance(made, nn.Module):
         return wrap_module(made, request)
     return EstimatorModel(made, request, EstimatorSettings())
@@ -115,4 +111,8 @@ def model_for(spec: Any, input_shape: tuple[int, int, int], num_classes: int) ->
         init=spec.init,
         seed=spec.seed,
     )
-    return resolve(spec.model).build(request)
+    family = resolve(spec.model)
+    if any(family is builtin for builtin in (TORCH, *BUILTIN)):
+        return family.build(request)
+    # A family of yours (its build is your code) or a factory: every failure in one line.
+    return call_user(family.build, "model", f"building {spec.model}", request, error=ModelNameError)

@@ -42,12 +42,17 @@ def render_report(compared: Compared) -> str:
     return page(f"advlab: {names}", overview.controls(compared), sections, configs)
 
 
-def build_report(sweep_dirs: list[str], out: str) -> Path:
+def build_report(sweep_dirs: list[str], out: str, notes: list[str] | None = None) -> Path:
     """Write the report for these sweep folders (<storage>/<sweep>) to `out`; returns its path.
-    FileNotFoundError when a folder holds no advlab results."""
+    FileNotFoundError when a folder holds no advlab results. What could not be read is left
+    out, said on the page and added to `notes` ("<sweep>: <what and why>")."""
     if not sweep_dirs:
         raise FileNotFoundError("no sweep folders given; pass one or more <storage>/<sweep>")
-    html = render_report(load_all(list(sweep_dirs)))
+    compared = load_all(list(sweep_dirs))
+    if notes is not None:
+        for run, name in zip(compared.runs, compared.sweep_names, strict=True):
+            notes += [f"{name}: {note}" for note in run.notes]
+    html = render_report(compared)
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")

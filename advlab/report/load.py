@@ -72,8 +72,15 @@ class Compared:
 
 
 def load_all(dirs: list[str]) -> Compared:
-    """Read each sweep folder; FileNotFoundError names a folder that holds no results."""
+    """Read each sweep folder; FileNotFoundError names a folder that holds no results. A sweep
+    sharing trials with one read before it gets its trial ids suffixed (`~<n>`), so the two
+    stay apart on the page."""
     runs = [results.load(d) for d in dirs]
+    seen: set[str] = set()
+    for number, run in enumerate(runs):
+        if seen & set(run.trials["trial_id"]):  # a copy of a sweep, or a grid point in two
+            run.rename_trials(f"~{number + 1}")
+        seen |= set(run.trials["trial_id"])
     sweep_names = _unique_names([r.name for r in runs])
     axes = list(dict.fromkeys(a for r in runs for a in r.axes if not is_seed(a)))
     configs: list[Config] = []

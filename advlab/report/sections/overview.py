@@ -59,6 +59,13 @@ def render(compared: Compared) -> str:
         body += (
             f'<p class="note">Sweeps run again with an edited file:</p><ul>{"".join(changes)}</ul>'
         )
+    skipped = [
+        f"<li>{esc(name)}: {esc(note)}</li>"
+        for run, name in zip(compared.runs, compared.sweep_names, strict=True)
+        for note in run.notes
+    ]
+    if skipped:
+        body += f'<p class="note">Left out, could not be read:</p><ul>{"".join(skipped)}</ul>'
     body += _differences(compared)
     return section("sweeps", "Sweeps compared", body)
 
