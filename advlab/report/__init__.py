@@ -16,6 +16,7 @@ from pathlib import Path
 from advlab.report.html import page
 from advlab.report.load import Compared, load_all
 from advlab.report.sections import (
+    bracket,
     distortion,
     examples,
     failures,
@@ -31,7 +32,7 @@ __all__ = ["SECTIONS", "build_report", "render_report"]
 
 # In page order; each renders "" when its data is absent.
 SECTIONS = (
-    overview, table1, failures, robust, distortion, training, examples, transfer, measures,
+    overview, table1, failures, robust, distortion, bracket, training, examples, transfer, measures,
 )  # fmt: skip
 
 

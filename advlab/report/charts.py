@@ -156,3 +156,36 @@ def png(spec: dict[str, Any], scale: float = 2) -> bytes:
     import vl_convert
 
     return vl_convert.vegalite_to_png(spec, scale=scale)
+
+
+def dashed_pairs(
+    rows: pd.DataFrame,
+    configs: Sequence[Config],
+    *,
+    x: alt.X,
+    y: alt.Y,
+    kind: str,
+    title: str,
+) -> dict[str, Any]:
+    """Means against x, one colour per configuration and one dash per value of `kind` (a
+    certified bound beside the best attack, certified beside empirical accuracy)."""
+    pick = alt.selection_point(fields=["configuration"], bind="legend", name="pick")
+    emphasis = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(FADED))
+    base = alt.Chart().encode(
+        x=x, y=y, color=colour(configs), strokeDash=alt.StrokeDash(f"{kind}:N", title=None)
+    )
+    line = base.mark_line(strokeWidth=2).encode(opacity=emphasis, detail="config:N")
+    tooltip = [
+        alt.Tooltip("configuration:N"),
+        alt.Tooltip(f"{kind}:N"),
+        alt.Tooltip(str(x.shorthand)),
+        alt.Tooltip("mean:Q", title="mean", format=".4g"),
+        alt.Tooltip("n:Q", title="seeds"),
+    ]
+    points = (
+        base.mark_point(filled=True, size=30)
+        .encode(opacity=emphasis, tooltip=tooltip)
+        .add_params(pick)
+        .properties(name=POINTS)
+    )
+    return finish(alt.layer(line, points, data=_records(rows)), configs, title)
