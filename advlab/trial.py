@@ -41,6 +41,11 @@ from advlab.train import EpochStats
 Reporter = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
 
 
+class TrialStopped(BaseException):
+    """A Reporter's word that the scheduler (ASHA, median stopping) ended the trial early: no
+    failure, so it passes run_trial's handler for user code that calls sys.exit."""
+
+
 @dataclass(frozen=True)
 class TrialContext:
     """Where a trial's results go; nothing here changes its numbers."""

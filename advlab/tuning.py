@@ -109,7 +109,7 @@ def trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from advlab.trial import run_trial
+    from advlab.trial import TrialStopped, run_trial
 
     trial = config["trial"]
     torch.set_num_threads(trial["threads"])  # else 2 trials each use every core and thrash
@@ -120,6 +120,8 @@ def trainable(config: dict[str, Any]) -> None:
     resume = _resume_state(spec, ctx)
     try:
         result = run_trial(spec, ctx, report=report, resume=resume)
+    except TrialStopped:
+        sys.exit(0)  # how Tune's runner thread ends a stopped trial without error
     except Exception as err:  # the reason goes to the driver too: the row may not be written
         tune.report({"failed": 1, "trial_id": spec.trial_id(), "reason": failure_reason(err)})
         return
@@ -136,13 +138,28 @@ def _reporter(every: int) -> Any:
 
     def report(metrics: dict[str, Any], state: Any) -> None:
         if state is None or not every or metrics["epoch"] % every:
-            tune.report(metrics)
+            with _stop_signal():
+                tune.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as folder:
+        with tempfile.TemporaryDirectory() as folder, _stop_signal():
             torch.save(state(), os.path.join(folder, CHECKPOINT))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
     return report
+
+
+@contextlib.contextmanager
+def _stop_signal() -> Iterator[None]:
+    """Tune stops a function trial by raising SystemExit(0) from `tune.report`; carried through
+    run_trial as TrialStopped (user code's sys.exit fails a trial, a scheduler's stop does not)."""
+    from advlab.trial import TrialStopped
+
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code not in (0, None):
+            raise
+        raise TrialStopped from None
 
 
 def _resume_state(spec: TrialSpec, ctx: TrialContext) -> dict[str, Any] | None:

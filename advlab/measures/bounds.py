@@ -182,6 +182,8 @@ def _run(ctx: MeasureContext, settings: BoundsSettings) -> Rows:
     n = len(ctx.attacked.x) if settings.examples is None else settings.examples
     x, y = ctx.attacked.x[:n], ctx.attacked.y[:n]
     n = len(x)
+    if n == 0:
+        return []
     planned = {a.key for a in ctx.attacks}
     examples = ctx.results("examples").drop(columns="x_adv")
     examples = examples[examples["attack"].isin(planned)]
