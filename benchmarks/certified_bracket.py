@@ -34,7 +34,9 @@ def _attack_seconds(attacks: pd.DataFrame, trial: str) -> float:
 
 def gap_table(res: Results) -> list[str]:
     bounds = res.bounds
-    methods = [m for m in ("ibp", "crown", "alpha-crown") if m in set(bounds["method"])]
+    methods = [
+        m for m in ("ibp", "crown-ibp", "crown", "alpha-crown") if m in set(bounds["method"])
+    ]
     head = ["model", "norm", "examples", "best attack / bound"]
     head += [f"{m} / exact" for m in methods] + ["closed by solver"]
     head += [f"{m} s/example" for m in [*methods, EXACT]] + ["attacks s/example"]

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPE = (1, 8, 8)
 U = 2.0**-53
-METHODS = ("ibp", "crown", "alpha-crown")
+METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -378,16 +378,22 @@ def test_bounds_at_radius_zero_are_the_margins(name: str) -> None:
             assert torch.allclose(lb, exact, rtol=0, atol=tol), (norm, method)
 
 
-def test_ibp_below_crown_below_alpha_crown(trained_mlp: nn.Module, digits_points) -> None:
+def test_ibp_below_crown_ibp_below_crown_below_alpha_crown(
+    trained_mlp: nn.Module, digits_points
+) -> None:
     """At radii where CROWN's bounds are near zero (so many ReLUs are unstable)."""
     x, y = correct_points(trained_mlp, digits_points, 20)
     chain = compile_model(trained_mlp, SHAPE)
     tol = slack(chain)
     for norm, eps in (("linf", 0.1), ("l2", 0.5)):
-        ibp, crown, alpha = (
+        ibp, crown_ibp, crown, alpha = (
             margin_bounds(chain, x, y, eps, norm=norm, method=m, steps=10) for m in METHODS
         )
-        ibp, crown, alpha = (b[torch.isfinite(b)] for b in (ibp, crown, alpha))
+        ibp, crown_ibp, crown, alpha = (
+            b[torch.isfinite(b)] for b in (ibp, crown_ibp, crown, alpha)
+        )
+        assert bool((crown_ibp >= ibp).all()), norm  # the larger of its bound and IBP's
+        assert float((crown_ibp <= crown + tol).double().mean()) >= 0.9, norm
         assert float((ibp <= crown + tol).double().mean()) >= 0.9, norm
         assert bool((alpha >= crown).all()), norm  # alpha-CROWN keeps CROWN's bound at worst
         assert float((alpha > crown + tol).double().mean()) >= 0.25, norm
@@ -558,7 +564,7 @@ def test_an_examples_bounds_do_not_depend_on_its_batch(name: str) -> None:
         ({"x": torch.full((3, *SHAPE), 1.5)}, "x: every value must lie in the box"),
         ({"y": torch.tensor([0, 1, 10])}, "y: give one label in [0, 10)"),
         ({"norm": "l1"}, "norm: 'l1' is not one of linf, l2"),
-        ({"method": "milp"}, "method: 'milp' is not one of ibp, crown, alpha-crown"),
+        ({"method": "milp"}, "method: 'milp' is not one of ibp, crown-ibp, crown, alpha-crown"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line(change: dict, expected: str) -> None:

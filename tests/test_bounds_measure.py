@@ -248,7 +248,8 @@ def test_a_trial_brackets_every_attacked_example(tmp_path: Path) -> None:
     raw = tiny_sweep(
         name="bracket", grid={"model": ["fc10", "fc12-10"]}, activation="relu",
         attacks=attacks, attack_examples=6,
-        measures=[{"name": "bounds", "methods": ["ibp", "crown"], "time_limit": 20}],
+        measures=[{"name": "bounds", "methods": ["ibp", "crown-ibp", "crown"], "time_limit": 20,
+                   "max_neurons": 10}],
     )  # fmt: skip
     spec = parse_sweep(raw)
     for i, trial in enumerate(spec.trials):
@@ -256,7 +257,16 @@ def test_a_trial_brackets_every_attacked_example(tmp_path: Path) -> None:
     store = SweepStore(str(tmp_path), "bracket")
     bounds = store.read("bounds")
     assert set(bounds.groupby(["trial_id", "norm", "method"]).size()) == {6}
-    assert set(bounds["method"]) == {"ibp", "crown", "exact"}
+    assert set(bounds["method"]) == {"ibp", "crown-ibp", "crown", "exact"}
+    # fc12-10's 12 hidden neurons are over max_neurons: its CROWN rows say so, with no bound.
+    crown = bounds[bounds["method"] == "crown"].groupby("trial_id")
+    statuses = {frozenset(group["status"]) for _, group in crown}
+    assert statuses == {
+        frozenset({"certified"}),
+        frozenset({"skipped: 12 neurons to bound by backward passes, over max_neurons 10"}),
+    }
+    skipped = bounds[bounds["status"].str.startswith("skipped")]
+    assert skipped["lower"].isna().all() and set(skipped["method"]) == {"crown"}
     exact = bounds[bounds["method"] == "exact"]
     assert set(exact["solver"]) == {"closed form", "cbc", "scip"}
     # Closed forms and CBC's Linf MILPs close; SCIP's L2 MIQP may stop at its time limit on a
