@@ -18,6 +18,7 @@ from advlab.data import Dataset, select_subset
 from advlab.families import model_for
 from advlab.models import ModelNameError, check_decays
 from advlab.plan import check_needs, measures_of
+from advlab.plugins import call_user
 from advlab.robust_validation import carve_validation
 from advlab.sources import load_data_spec
 from advlab.spec import SpecError, TrialSpec
@@ -201,13 +202,9 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
 
 
 def _forward(name: str, model: torch.nn.Module, x: torch.Tensor) -> Any:
-    try:
-        out = model(x)
-    except Exception as err:
-        why = " ".join(str(err).split())[:200]
-        raise SpecError(
-            f"model: {name} fails on a batch of data's shape: {type(err).__name__}: {why}"
-        ) from None
+    # Guarded as user code: a forward that calls sys.exit must not end `validate` with 0.
+    what = f"{name}'s forward on a batch of data's shape"
+    out = call_user(model, "model", what, x, error=SpecError)
     if not isinstance(out, torch.Tensor):
         raise SpecError(f"model: {name} returned a {type(out).__name__}; return a logits tensor")
     return out

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import itertools
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -371,8 +372,17 @@ def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, An
             and "://" not in value
             and not Path(value).expanduser().is_absolute()
         ):
-            holder[key] = str((base_dir / value).resolve())
+            holder[key] = _absolute(base_dir / value)
     return point
+
+
+def _absolute(path: Path) -> str:
+    """`path` with its symlinks resolved; a symlink loop stays as written (the checks of the
+    file then say it is no file, in one line, instead of a RuntimeError)."""
+    try:
+        return str(path.resolve())
+    except (RuntimeError, OSError):
+        return os.path.abspath(path)
 
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:

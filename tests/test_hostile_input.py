@@ -67,9 +67,16 @@ def _cut_npz(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
-def _folder(empty: str = "", big: str = "", fifo: str = "") -> Callable[[Path], None]:
+def _symlink_loop(path: Path) -> None:
+    path.symlink_to(path.with_name("other.npz"))
+    path.with_name("other.npz").symlink_to(path)
+
+
+def _folder(
+    empty: str = "", big: str = "", fifo: str = "", wide: str = ""
+) -> Callable[[Path], None]:
     """An image folder of classes a, b, c: `empty` has no training image, `big` holds one
-    image of 6,000 x 6,000 pixels, `fifo` a FIFO named like an image."""
+    image of 6,000 x 6,000 pixels, `fifo` a FIFO named like an image, `wide` a 16-bit one."""
 
     def write(path: Path) -> None:
         for split in ("train", "test"):
@@ -84,6 +91,9 @@ def _folder(empty: str = "", big: str = "", fifo: str = "") -> Callable[[Path], 
             Image.new("L", (6000, 6000)).save(path.parent / "imgs" / "train" / big / "huge.png")
         if fifo:
             os.mkfifo(path.parent / "imgs" / "train" / fifo / "pipe.png")
+        if wide:
+            deep = X[0].astype(np.uint16) * 257  # 16-bit gray: 8-bit reading would clip it
+            Image.fromarray(deep).save(path.parent / "imgs" / "test" / wide / "deep.png")
 
     return write
 
@@ -127,6 +137,16 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
      _modules(an2="from advlab.attacks.registry import AttackDef, Settings\n"
                   "A = AttackDef('nonorm', 'fixed_budget', (), ('untargeted',), Settings, "
                   "print)\n"), [], "attacks.0.name: attack 'nonorm': no norms"),
+    ("model-forward-exits", {"model": "mf1:make"},
+     _modules(mf1=LINEAR.replace("return nn.Sequential(", "return Quits(").replace(
+         "def make", "class Quits(nn.Sequential):\n    def forward(self, x):\n"
+                     "        raise SystemExit(0)\n\ndef make")), [],
+     "model: mf1:make's forward on a batch of data's shape raised SystemExit (it called "
+     "sys.exit(0))"),
+    ("npz-symlink-loop", {"dataset": {"name": "npz", "path": "loop.npz"}, "model": "fc3"},
+     {"loop.npz": _symlink_loop}, [], "loop.npz is no .npz file"),
+    ("image-of-16-bit-pixels", FOLDER, {"imgs": _folder(wide="c")}, [],
+     "deep.png has 16-bit pixels (mode I;16); advlab reads 8-bit images"),
     ("npz-forged-header", NPZ, {"d.npz": _forged_npz}, [],
      "array 'x_train' claims shape (32768, 1073741824) (281474976710656 bytes)"),
     ("npz-cut-short", NPZ, {"d.npz": _cut_npz}, [], "dataset.path: cannot read"),
@@ -347,3 +367,14 @@ def test_a_search_over_relative_init_paths_runs_its_samples(ray_local, tmp_path:
     trials = results.load(str(tmp_path / "results" / "hostile")).trials
     assert (trials["status"] == "ok").all() and len(trials) >= 1  # the samples may repeat
     assert set(trials["init"]) <= {str(tmp_path / "a.pt"), str(tmp_path / "b.pt")}
+
+
+def test_one_colour_image_makes_both_splits_colour(tmp_path: Path) -> None:
+    from advlab.datafiles import read_image_folder
+
+    _folder()(tmp_path / "s.yaml")  # gray images in imgs/
+    Image.new("RGBA", (5, 5), (255, 0, 0, 128)).save(tmp_path / "imgs" / "train" / "a" / "r.png")
+    arrays = read_image_folder(tmp_path / "imgs")
+    assert arrays["x_train"].shape == (7, 3, 5, 5) and arrays["x_test"].shape == (6, 3, 5, 5)
+    np.testing.assert_array_equal(arrays["x_test"][0, 1], X[0])  # gray, repeated per channel
+    assert arrays["x_train"][2, :, 0, 0].tolist() == [255, 0, 0]  # the red one, sorted a: 0 1 r
