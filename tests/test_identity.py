@@ -92,7 +92,9 @@ def _digits(n: int = 300) -> tuple[np.ndarray, np.ndarray]:
 def _write_inputs(folder: Path) -> None:
     (folder / "nets.py").write_text(NETS.replace("WIDTH", "8"))
     (folder / "helped.py").write_text(HELPED)
-    (folder / "netparts.py").write_text(NETS.replace("WIDTH", "6").replace("def make", "def make_net"))
+    (folder / "netparts.py").write_text(
+        NETS.replace("WIDTH", "6").replace("def make", "def make_net")
+    )
     (folder / "loaders.py").write_text(LOADER.replace("SHADE", "0.0"))
     (folder / "attacks_mod.py").write_text(ATTACK.replace("FRACTION", "0.5"))
     x, y = _digits()
