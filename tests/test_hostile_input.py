@@ -67,6 +67,25 @@ def _cut_npz(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
+def _weights(fill: float | None = None, pickled: object = None) -> Callable[[Path], None]:
+    """fc10's weights for 8 x 8 digits, every value `fill`; or a pickle of `pickled`."""
+
+    def write(path: Path) -> None:
+        import pickle
+
+        import torch
+
+        from advlab.models import build_model
+
+        if pickled is not None:
+            path.write_bytes(pickle.dumps(pickled, protocol=4))
+            return
+        state = build_model("fc10", (1, 8, 8), 10).state_dict()
+        torch.save({k: torch.full_like(v, fill) for k, v in state.items()}, path)
+
+    return write
+
+
 def _symlink_loop(path: Path) -> None:
     path.symlink_to(path.with_name("other.npz"))
     path.with_name("other.npz").symlink_to(path)
@@ -147,6 +166,10 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
      {"loop.npz": _symlink_loop}, [], "loop.npz is no .npz file"),
     ("image-of-16-bit-pixels", FOLDER, {"imgs": _folder(wide="c")}, [],
      "deep.png has 16-bit pixels (mode I;16); advlab reads 8-bit images"),
+    ("init-nan-weights", {"init": "w.pt"}, {"w.pt": _weights(float("nan"))}, [],
+     "w.pt holds NaN or infinite values in 1.weight; save finite weights"),
+    ("init-pickled-function", {"init": "w.pt"}, {"w.pt": _weights(pickled=os.getcwd)}, [],
+     "w.pt (it holds Python objects besides tensors, and advlab never runs a pickle's code)"),
     ("npz-forged-header", NPZ, {"d.npz": _forged_npz}, [],
      "array 'x_train' claims shape (32768, 1073741824) (281474976710656 bytes)"),
     ("npz-cut-short", NPZ, {"d.npz": _cut_npz}, [], "dataset.path: cannot read"),
