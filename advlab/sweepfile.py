@@ -136,7 +136,8 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     """Read and validate a sweep file; `overrides` (dotted keys from the command line) win."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: no such sweep file; pass the path of a YAML sweep file")
+        what = "is no regular file" if path.exists() else "no such sweep file"  # a FIFO blocks
+        raise SpecError(f"{path}: {what}; pass the path of a YAML sweep file")
     try:
         raw = load_file(path)
     except YAMLRefused as err:

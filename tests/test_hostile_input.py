@@ -401,3 +401,22 @@ def test_one_colour_image_makes_both_splits_colour(tmp_path: Path) -> None:
     assert arrays["x_train"].shape == (7, 3, 5, 5) and arrays["x_test"].shape == (6, 3, 5, 5)
     np.testing.assert_array_equal(arrays["x_test"][0, 1], X[0])  # gray, repeated per channel
     assert arrays["x_train"][2, :, 0, 0].tolist() == [255, 0, 0]  # the red one, sorted a: 0 1 r
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dangling-symlink"])
+def test_a_sweep_file_that_is_no_regular_file_is_refused_without_blocking(
+    kind: str, tmp_path: Path, capsys
+) -> None:
+    path = tmp_path / "s.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it to read would wait for a writer forever
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "gone.yaml")
+    start = time.monotonic()
+    assert main(["validate", str(path)]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip()
+    what = "no such sweep file" if kind == "dangling-symlink" else "is no regular file"
+    assert err == f"advlab: error: {path}: {what}; pass the path of a YAML sweep file"
