@@ -429,3 +429,74 @@ def test_a_sweep_file_that_is_no_regular_file_is_refused_without_blocking(
     err = capsys.readouterr().err.strip()
     what = "no such sweep file" if kind == "dangling-symlink" else "is no regular file"
     assert err == f"advlab: error: {path}: {what}; pass the path of a YAML sweep file"
+
+
+BROKEN_ATTACKS = """
+import torch
+from advlab.attacks.base import AttackResult, finish
+from advlab.attacks.registry import AttackDef, Settings
+
+
+def _raw(x, y, points):  # a result built by hand, as a plug-in may, without finish()
+    n = len(x)
+    zeros = torch.zeros(n, dtype=torch.int64)
+    return AttackResult(points, torch.ones(n, dtype=torch.bool), zeros, zeros - 1, zeros)
+
+
+def nan_points(model, x, y, *, eps, norm, target, generator):
+    return finish(model, x * float("inf"), y, None, torch.zeros(len(x), dtype=torch.int64))
+
+
+def nothing(model, x, y, *, eps, norm, target, generator):
+    return None
+
+
+def outside(model, x, y, *, eps, norm, target, generator):
+    return _raw(x, y, x + 0.5)
+
+
+def cropped(model, x, y, *, eps, norm, target, generator):
+    return _raw(x, y, x[..., :4])
+
+
+def _attack(name, run):
+    return AttackDef(name, "minimization", ("l2",), ("untargeted",), Settings, run)
+
+
+NAN, NOTHING, OUTSIDE, CROPPED = (_attack(n, f) for n, f in (
+    ("nan", nan_points), ("nothing", nothing), ("outside", outside), ("cropped", cropped)))
+"""
+
+
+def test_a_plug_in_attack_that_breaks_its_contract_fails_that_attack_only(
+    tmp_path: Path,
+) -> None:
+    from advlab.store import SweepStore
+    from advlab.sweep import trial_context
+    from advlab.sweepfile import load_sweep
+    from advlab.trial import run_trial
+
+    (tmp_path / "broken.py").write_text(BROKEN_ATTACKS)
+    names = ["NAN", "NOTHING", "OUTSIDE", "CROPPED"]
+    raw = BASE | {"storage": str(tmp_path / "results"), "attack_examples": 3}
+    raw["attacks"] = [{"name": f"broken:{n}"} for n in names] + [{"name": "fgsm"}]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_sweep(path)
+    result = run_trial(
+        spec.trials[0], trial_context(spec, 0, str(tmp_path / "results"), "disabled")
+    )
+    assert result.row["status"] == "ok"
+    store = SweepStore(str(tmp_path / "results"), "hostile")
+    reasons = store.read("attacks").groupby("attack")["reason"].first().to_dict()
+    assert reasons == {
+        "nan": "AttackError: returned NaN or infinite points",
+        "nothing": "AttackError: returned a NoneType, not an AttackResult",
+        "outside": "AttackError: returned points outside the [0, 1] box; clamp them (see finish)",
+        "cropped": "AttackError: returned points of shape (3, 1, 8, 4) for a batch of (3, 1, 8, 8)",
+        "fgsm": "",
+    }
+    examples = store.read("examples")
+    assert set(examples["attack"]) == {"fgsm"}  # no broken attack's points were stored
+    for module in ("broken",):
+        sys.modules.pop(module, None)
