@@ -221,6 +221,7 @@ def _check_search(
     probes = []
     for key, dist in search.space.items():
         _check_axis(f"search.space.{key}", key)
+        _check_not_gridded(key, settings)
         kind, values = next(iter(dist.items()))
         for value in values if kind == "choice" else values[:2]:
             sample = value if kind != "int" else int(value)
@@ -238,6 +239,18 @@ def _check_search(
     if scheduler.name != "none":
         _check_scheduler_metric(scheduler.metric, trials)
     return probes
+
+
+def _check_not_gridded(key: str, settings: SweepSettings) -> None:
+    """A setting is sampled or gridded, not both: one would silently override the other (and
+    grid points would repeat the same samples)."""
+    axes = [*settings.grid, *(k for case in settings.cases for k in case)]
+    for axis in axes:
+        if axis == key or key.startswith(f"{axis}.") or axis.startswith(f"{key}."):
+            where = "a grid axis" if axis in settings.grid else "set by cases"
+            raise SpecError(
+                f"search.space.{key}: {axis} is also {where}; sample it or grid it, not both"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

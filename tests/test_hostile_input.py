@@ -234,6 +234,12 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
              "take; use {int: [0, 7]}"),
             ("loguniform-over-batch-size", {"train.batch_size": {"loguniform": [8, 64]}}, {},
              {}, "search.space.train.batch_size: loguniform samples fractions"),
+            ("a-gridded-setting", {"train.lr": {"uniform": [0.01, 0.1]}},
+             {"grid": {"train": [{"epochs": 1}, {"epochs": 2}]}}, {},
+             "search.space.train.lr: train is also a grid axis; sample it or grid it, not both"),
+            ("a-setting-of-the-cases", {"seed": {"int": [0, 9]}},
+             {"cases": [{"seed": 1}, {"seed": 2, "model": "fc16-10"}]}, {},
+             "search.space.seed: seed is also set by cases; sample it or grid it, not both"),
         ]
     ],
     ("optuna-metric-empty-list", {"search": {"algorithm": "optuna", "metric": [], "mode": [],
