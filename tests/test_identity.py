@@ -313,3 +313,23 @@ def test_a_modules_digest_covers_the_user_modules_it_imports(tmp_path: Path, mon
     from advlab.digests import file_digest
 
     assert module_digest("alone:f") == file_digest(alone)
+
+
+def test_training_method_and_measure_modules_are_inputs_too(tmp_path: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from advlab.digests import run_inputs, trial_inputs
+
+    (tmp_path / "tm.py").write_text("METHOD = None\n")
+    (tmp_path / "ms.py").write_text("from msparts import M\n")
+    (tmp_path / "msparts.py").write_text("M = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    method = SimpleNamespace(adversarial=SimpleNamespace(method="tm:METHOD"))
+    spec = SimpleNamespace(init=None, dataset=SimpleNamespace(name="digits"), model="fc10",
+                           train=method)  # fmt: skip
+    first, measure = trial_inputs(spec), run_inputs("ms:M")
+    assert set(first) == {"train.adversarial.method"} and set(measure) == {"module"}
+    (tmp_path / "tm.py").write_text("METHOD = 'changed'\n")
+    (tmp_path / "msparts.py").write_text("M = 'changed'\n")  # the measure's helper
+    assert trial_inputs(spec) != first and run_inputs("ms:M") != measure
+    assert run_inputs("fgsm") == {}  # built in: no file
