@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{file}: {message}"
         print(f"advlab: error: {one_line(message)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a sweep's own handling (validate, trial, ...)
+        print("advlab: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     except OSError as err:  # storage failed mid-run: what is wrong with it, not a traceback
         if storage_problem(err) is None:
             raise

@@ -506,3 +506,13 @@ def test_a_plug_in_attack_that_breaks_its_contract_fails_that_attack_only(
     assert set(examples["attack"]) == {"fgsm"}  # no broken attack's points were stored
     for module in ("broken",):
         sys.modules.pop(module, None)
+
+
+def test_an_interrupt_outside_a_sweep_is_one_line_and_exit_130(tmp_path: Path, capsys) -> None:
+    (tmp_path / "ki1.py").write_text("def make(shape, k):\n    raise KeyboardInterrupt\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE | {"storage": str(tmp_path / "r"), "model": "ki1:make"}))
+    assert main(["validate", str(path)]) == 130  # as Ctrl-C while the factory ran
+    err = capsys.readouterr().err.strip()
+    assert err == "advlab: interrupted; run the same command again to resume"
+    sys.modules.pop("ki1", None)
