@@ -69,7 +69,7 @@ def folder_digest(root: str | os.PathLike[str]) -> str:
         for class_dir in classes:
             for image in image_files(class_dir):
                 name = f"{split}/{class_dir.name}/{image.name}"
-                digest.update(f"{name}\0{file_digest(image)}\0".encode())
+                digest.update(f"{name}\0{file_digest(image)}\0".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
 
 
@@ -87,7 +87,7 @@ def module_digest(path: str) -> str:
         return file_digest(origin)
     digest = hashlib.sha256()
     for name in sorted(files):
-        digest.update(f"{name}\0{file_digest(name)}\0".encode())
+        digest.update(f"{name}\0{file_digest(name)}\0".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()[:16]
 
 

@@ -516,3 +516,16 @@ def test_an_interrupt_outside_a_sweep_is_one_line_and_exit_130(tmp_path: Path, c
     err = capsys.readouterr().err.strip()
     assert err == "advlab: interrupted; run the same command again to resume"
     sys.modules.pop("ki1", None)
+
+
+def test_an_image_named_in_bytes_that_are_not_utf8_is_read_and_digested(tmp_path: Path) -> None:
+    from advlab.datafiles import read_image_folder
+    from advlab.digests import folder_digest
+
+    _folder()(tmp_path / "s.yaml")
+    odd = os.fsdecode(bytes(tmp_path / "imgs" / "train" / "b") + b"/\xff\xfe.png")
+    Image.fromarray(X[5]).save(odd, format="PNG")  # a name no UTF-8 decoder reads
+    first = folder_digest(tmp_path / "imgs")
+    assert len(read_image_folder(tmp_path / "imgs")["x_train"]) == 7
+    Image.fromarray(X[6]).save(odd, format="PNG")
+    assert folder_digest(tmp_path / "imgs") != first
