@@ -195,8 +195,15 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
             f"model: {trial.model} has no parameters to train; give it trainable layers, or "
             "set train.epochs: 0 to evaluate it as it is"
         )
+    wide = {p.dtype for p in module.parameters()} - {torch.float32}
+    if wide:
+        kind = str(sorted(wide, key=str)[0]).removeprefix("torch.")
+        raise SpecError(
+            f"model: {trial.model} has {kind} parameters; advlab trains and attacks float32 "
+            "images, return a float32 model (e.g. `return net.float()`)"
+        )
     with torch.no_grad():
-        out = _forward(trial.model, module, torch.zeros(2, *shape))
+        out = _forward(trial.model, module, torch.zeros(2, *shape, dtype=torch.float32))
     if tuple(out.shape) != (2, classes):
         raise SpecError(
             f"model: {trial.model} maps a (2, {', '.join(map(str, shape))}) batch to "

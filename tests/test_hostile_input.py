@@ -162,6 +162,9 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
                      "        raise SystemExit(0)\n\ndef make")), [],
      "model: mf1:make's forward on a batch of data's shape raised SystemExit (it called "
      "sys.exit(0))"),
+    ("float64-model", {"model": "md1:make"},
+     _modules(md1=LINEAR.replace("math.prod(shape), k))", "math.prod(shape), k)).double()")),
+     [], "model: md1:make has float64 parameters; advlab trains and attacks float32 images"),
     ("npz-symlink-loop", {"dataset": {"name": "npz", "path": "loop.npz"}, "model": "fc3"},
      {"loop.npz": _symlink_loop}, [], "loop.npz is no .npz file"),
     ("image-of-16-bit-pixels", FOLDER, {"imgs": _folder(wide="c")}, [],
@@ -529,3 +532,18 @@ def test_an_image_named_in_bytes_that_are_not_utf8_is_read_and_digested(tmp_path
     assert len(read_image_folder(tmp_path / "imgs")["x_train"]) == 7
     Image.fromarray(X[6]).save(odd, format="PNG")
     assert folder_digest(tmp_path / "imgs") != first
+
+
+def test_a_module_that_sets_torchs_default_dtype_as_it_is_imported_changes_nothing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import torch
+
+    from advlab.plugins import import_object
+
+    source = "import torch\ntorch.set_default_dtype(torch.float64)\nX = 1\n"
+    (tmp_path / "dd1.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_object("dd1:X", "model") == 1
+    assert torch.get_default_dtype() == torch.float32  # advlab's float32 images still fit
+    sys.modules.pop("dd1", None)
