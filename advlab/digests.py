@@ -134,7 +134,7 @@ def _user_sources(origin: str, module: str, limit: int = 500) -> set[str]:
 def _imports(source: str, package: str) -> set[str]:
     """The module names a source file imports (`import a.b`, `from a import b` as a and
     a.b, relative imports resolved against its package); none when it does not parse."""
-    key = ("imports", source, package)
+    key = (source, package, file_digest(source))  # an edited file is parsed again
     if key not in _imports_cache:
         tree = ast.Module(body=[], type_ignores=[])
         if source.endswith(".py"):  # compiled modules import nothing we can see

@@ -308,6 +308,10 @@ def test_a_modules_digest_covers_the_user_modules_it_imports(tmp_path: Path, mon
         (tmp_path / name).write_text(files[name] + "# changed\n")
         assert module_digest("main:make") != before, name
     assert "pkg" not in sys.modules and "main" not in sys.modules  # found, never imported
+    (tmp_path / "main.py").write_text(files["main.py"] + "import other\n")  # a new import
+    before = module_digest("main:make")
+    (tmp_path / "other.py").write_text("z = 333\n")
+    assert module_digest("main:make") != before  # followed from the edited file at once
     alone = tmp_path / "alone.py"
     alone.write_text("import os\n")  # one file: its own digest, as before helpers counted
     from advlab.digests import file_digest
