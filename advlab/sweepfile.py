@@ -442,7 +442,18 @@ def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
     # Validators name the field they refuse as "field: why"; fold it into the key.
     if (named := re.match(r"([A-Za-z_][\w.]*): (.*)", message)) is not None:
         return f"{key}.{named.group(1)}: {named.group(2)}"
-    return f"{key}: {message} (got {short(first.get('input'))})"
+    return f"{key}: {message} (got {short(first.get('input'))}){_number_hint(first.get('input'))}"
+
+
+def _number_hint(value: Any) -> str:
+    """YAML 1.1 reads 1e-4 (no dot, no exponent sign) as text: say so, with the spelling it
+    reads as a number."""
+    match = isinstance(value, str) and re.fullmatch(r"([-+]?[0-9.]+)[eE]([-+]?)([0-9]+)", value)
+    if not match:
+        return ""
+    mantissa, sign, power = match.groups()
+    mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+    return f"; YAML reads {value} as text, write {mantissa}e{sign or '+'}{power}"
 
 
 def short(value: Any, width: int = 60) -> str:

@@ -186,6 +186,11 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
      "pipe.png is no regular file; remove it"),
     ("yaml-4400-digit-integer", "name: hostile\ntrain: {epochs: " + "7" * 4400 + "}\n", {}, [],
      "a number has more than 4300 digits"),
+    ("yaml-1e-4-reads-as-text", "name: hostile\nweight_decay: 1e-4\n", {}, [],
+     "weight_decay: Input should be a valid number (got '1e-4'); YAML reads 1e-4 as text, "
+     "write 1.0e-4"),
+    ("set-1E3-reads-as-text", {}, {}, ["--set", "train.lr=1E3"],
+     "YAML reads 1E3 as text, write 1.0e+3"),
     ("set-6000-digit-integer", {}, {}, ["--set", "train.lr=" + "3" * 6000],
      "--set train.lr: a number has more than 4300 digits"),
     ("set-a-7e11-parameter-model", {}, {}, ["--set", "model=fc10000000000-10"],
