@@ -359,7 +359,9 @@ def test_an_attack_or_measure_that_exits_mid_trial_fails_that_run_only(
     assert (measure["status"], measure["reason"][:10]) == ("failed", "SystemExit")
 
 
-def test_a_training_method_that_exits_fails_its_trial_with_the_reason(tmp_path: Path) -> None:
+def test_a_training_method_that_exits_fails_its_trial_with_the_reason(
+    tmp_path: Path, capsys
+) -> None:
     from advlab.plugins import UserExit
     from advlab.store import SweepStore
     from advlab.sweep import trial_context
@@ -381,6 +383,12 @@ def test_a_training_method_that_exits_fails_its_trial_with_the_reason(tmp_path: 
     row = SweepStore(str(tmp_path / "results"), "hostile").read("trials").iloc[0]
     assert row["status"] == "failed"
     assert row["reason"].startswith("UserExit: user code SystemExit (it called sys.exit(5))")
+    capsys.readouterr()
+    assert main(["trial", str(path)]) == 1  # the same through `advlab trial`: one line
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("advlab: error: the trial failed: user code SystemExit (it called ")
+    assert len(err.splitlines()) == 1
+    sys.modules.pop("quits", None)
 
 
 def test_channels_last_images_are_detected_and_turned_channels_first() -> None:
