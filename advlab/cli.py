@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{file}: {message}"
         print(f"advlab: error: {one_line(message)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a sweep's own handling (validate, trial, ...)
+        print("advlab: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     except OSError as err:  # storage failed mid-run: what is wrong with it, not a traceback
         if storage_problem(err) is None:
             raise
@@ -168,7 +171,8 @@ def sweep(args: argparse.Namespace) -> int:
 def run_one(args: argparse.Namespace) -> int:
     import torch
 
-    from advlab.preflight import check_same_sweep
+    from advlab.plugins import UserExit
+    from advlab.preflight import preflight_trial
     from advlab.store import SweepStore, resolve_storage
     from advlab.sweep import trial_context
     from advlab.track import resolve_mode
@@ -180,8 +184,12 @@ def run_one(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, math.floor(spec.settings.resources.cpu)))  # as under Ray
     mode = resolve_mode(args.wandb or spec.settings.wandb.mode)
     ctx = trial_context(spec, args.index, resolve_storage(spec.settings.storage), mode)
-    check_same_sweep(spec, SweepStore(ctx.storage, spec.name))
-    result = run_trial(spec.trials[args.index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
+    preflight_trial(spec, args.index, SweepStore(ctx.storage, spec.name))
+    try:
+        result = run_trial(spec.trials[args.index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
+    except UserExit as err:  # its failed row holds the reason; a traceback would add nothing
+        print(f"advlab: error: the trial failed: {one_line(str(err))}", file=sys.stderr)
+        return 1
     for key, value in (result.row | result.metrics).items():
         print(f"{key}: {value}")
     return 0

@@ -27,6 +27,9 @@ from advlab.digests import image_files
 # Per image: 32 M pixels (about 5,700 x 5,700), far beyond any image a classifier here trains
 # on, far below what a decompression bomb expands to.
 MAX_PIXELS = 1 << 25
+# Image modes with more than 8 bits a pixel (PIL's names), which 8-bit conversion would clip.
+WIDE_MODES = {"I": "32-bit integer", "F": "32-bit float", "I;16": "16-bit", "I;16B": "16-bit",
+              "I;16L": "16-bit", "I;16N": "16-bit"}  # fmt: skip
 
 
 def memory_limit() -> int:
@@ -126,9 +129,8 @@ def read_image_folder(root: Path) -> dict[str, np.ndarray]:
             else "train/ has no class folders"
         )
         raise DataError(f"dataset.path: {root}: {why}; give train/ a folder per class")
-    arrays: dict[str, np.ndarray] = {}
+    files: dict[str, list[tuple[Path, int]]] = {"train": [], "test": []}
     for split in ("train", "test"):
-        files = []
         for label, name in enumerate(classes):
             found = image_files(root / split / name)
             if split == "train" and not found:  # its label would silently vanish
@@ -136,35 +138,39 @@ def read_image_folder(root: Path) -> dict[str, np.ndarray]:
                     f"dataset.path: {root}/train/{name} holds no images; give every class "
                     "training images, or remove its folder"
                 )
-            files += [(f, label) for f in found]
-        arrays[f"x_{split}"], arrays[f"y_{split}"] = _read_images(files, root)
+            files[split] += [(f, label) for f in found]
+    _within_memory(files["train"] + files["test"])
+    images = {split: [_read_image(path) for path, _ in found] for split, found in files.items()}
+    # One colour layout for both splits: one colour image makes every image RGB, so a
+    # gray test split never meets an RGB training split.
+    rgb = any(im.mode == "RGB" for found in images.values() for im in found)
+    arrays: dict[str, np.ndarray] = {}
+    for split, found in files.items():
+        arrays[f"x_{split}"] = _stack(images[split], rgb, root)
+        arrays[f"y_{split}"] = np.array([label for _, label in found], dtype=np.int64)
     return arrays
 
 
-def _read_images(files: list[tuple[Path, int]], root: Path) -> tuple[np.ndarray, np.ndarray]:
-    images = [_read_image(path) for path, _ in _within_memory(files)]
+def _stack(images: list[Any], rgb: bool, root: Path) -> np.ndarray:
     sizes = {im.size for im in images}
     if len(sizes) > 1:
         raise DataError(
             f"dataset.path: {root} holds images of sizes {sorted(sizes)[:2]}; "
             "resize them to one size"
         )
-    rgb = any(im.mode == "RGB" for im in images)
     arrays = [np.asarray(im.convert("RGB") if rgb else im) for im in images]
     x = np.stack(arrays) if arrays else np.zeros((0, 1, 1), np.uint8)
-    x = x.transpose(0, 3, 1, 2) if rgb else x
-    return x, np.array([label for _, label in files], dtype=np.int64)
+    return x.transpose(0, 3, 1, 2) if rgb else x
 
 
-def _within_memory(files: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
-    """The files, once their headers show they fit in memory (3 bytes a pixel at most)."""
+def _within_memory(files: list[tuple[Path, int]]) -> None:
+    """Refuse files whose headers show they do not fit in memory (3 bytes a pixel at most)."""
     total = sum(_pixels(path) * 3 for path, _ in files)
     if total > memory_limit():
         raise DataError(
             f"dataset.path: its {len(files)} images hold {_gib(total)} of pixels, more than "
             f"half this machine's memory; use fewer or smaller images"
         )
-    return files
 
 
 def _pixels(path: Path) -> int:
@@ -200,9 +206,16 @@ def _read_image(path: Path) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return image.convert("RGB") if image.mode not in ("L", "1") else image.convert("L")
+                mode = image.mode
+                if mode not in WIDE_MODES:
+                    return image.convert("L" if mode in ("L", "1", "LA") else "RGB")
     except Exception as err:
         raise _bad_image(path, err) from None
+    # 16-bit or float pixels would be clipped to 8 bits without a word
+    raise DataError(
+        f"dataset.path: {path} has {WIDE_MODES[mode]} pixels (mode {mode}); advlab reads "
+        "8-bit images, save it as 8-bit PNG"
+    )
 
 
 def _bad_image(path: Path, err: BaseException) -> DataError:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from advlab.attacks.base import check_result
 from advlab.attacks.registry import MINIMIZATION, BudgetRun, hits_at_budgets, run_budgets
 from advlab.measure import robust_error
 from advlab.plugins import describe
@@ -118,11 +119,13 @@ def run_one_attack(
     settings = attack.settings.model_dump()
 
     def attack_at(eps: float | None):  # a fresh seeded generator per run, as the budgets vary
-        return defn.run(
+        result = defn.run(
             model, attacked.x, attacked.y, eps=eps, norm=attack.budget_norm,
             target=attack.target_mode, generator=torch.Generator().manual_seed(spec.seed),
             **settings,
         )  # fmt: skip
+        check_result(result, attacked.x)
+        return result
 
     runs = run_budgets(defn, budgets, attack_at, attacked.x)
     return runs, hits_at_budgets(defn, runs, budgets, attack.budget_norm)

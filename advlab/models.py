@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
@@ -356,12 +357,13 @@ def load_init(model: nn.Module, path: str) -> None:
     """Load starting weights (a state_dict, or advlab's {"model": state_dict}) into the model;
     a Normalized model takes them into its inner model. weights_only: a file never runs code."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error says
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a damaged or foreign file
-        why = " ".join(str(err).split())[:160] or type(err).__name__
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
-            why = "an empty file"
-        raise ModelNameError(f"init: cannot load {path} ({why}); save it with torch.save") from None
+        raise ModelNameError(
+            f"init: cannot load {path} ({_unloadable(path, err)}); save it with torch.save"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     target = model.inner if isinstance(model, Normalized) else model
@@ -370,3 +372,17 @@ def load_init(model: nn.Module, path: str) -> None:
     except (RuntimeError, TypeError, AttributeError) as err:
         why = " ".join(str(err).split())[:200]
         raise ModelNameError(f"init: {path} does not fit the model ({why})") from None
+    for name, value in target.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ModelNameError(
+                f"init: {path} holds NaN or infinite values in {name}; save finite weights"
+            )
+
+
+def _unloadable(path: str, err: BaseException) -> str:
+    """Why torch.load refused an `init` file, in a few words."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return "an empty file"
+    if "Weights only load failed" in str(err):  # torch's paragraph about weights_only
+        return "it holds Python objects besides tensors, and advlab never runs a pickle's code"
+    return " ".join(str(err).split())[:160] or type(err).__name__

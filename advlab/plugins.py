@@ -32,7 +32,7 @@ def import_object(path: str, key: str) -> Any:
     if not module or not attribute:
         raise PluginError(f"{key}: {path!r} is not module:attribute; e.g. mymodels:make_net")
     try:
-        with held_output():
+        with held_output(), kept_defaults():
             loaded = importlib.import_module(module)
     except ImportError as err:
         raise PluginError(
@@ -93,6 +93,19 @@ def held_output() -> Iterator[None]:
         yield
     sys.stdout.write(out.getvalue())
     sys.stderr.write(err.getvalue())
+
+
+@contextlib.contextmanager
+def kept_defaults() -> Iterator[None]:
+    """Keep torch's default dtype across user code that sets it as it is imported (advlab
+    feeds float32 images everywhere; float64 layers would meet them only mid-training)."""
+    torch = sys.modules.get("torch")
+    dtype = torch.get_default_dtype() if torch is not None else None
+    try:
+        yield
+    finally:
+        if dtype is not None and torch is not None:
+            torch.set_default_dtype(dtype)
 
 
 def _line(err: BaseException) -> str:

@@ -1,8 +1,9 @@
 """Every check that needs more than the sweep file, run before anything is run or written.
 
-`advlab validate` and `advlab sweep` share it, so what a trial would find out an hour in
-(unwritable storage, no GPU, unreadable data, a model factory that fails or returns the wrong
-shape, weights that do not fit) is one line and exit 2 up front instead.
+`advlab validate` and `advlab sweep` share it, and `advlab trial` runs its grid point's part,
+so what a trial would find out an hour in (unwritable storage, no GPU, unreadable data, a model
+factory that fails or returns the wrong shape, weights that do not fit) is one line and exit 2
+up front instead.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import torch
 
 from advlab import manifest
 from advlab.data import Dataset, select_subset
+from advlab.datafiles import memory_limit
 from advlab.families import model_for
-from advlab.models import ModelNameError, check_decays
+from advlab.models import ModelNameError, build_model, check_decays
 from advlab.plan import check_needs, measures_of
+from advlab.plugins import call_user, is_import_path
 from advlab.robust_validation import carve_validation
 from advlab.sources import load_data_spec
 from advlab.spec import SpecError, TrialSpec
@@ -35,6 +38,15 @@ def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) ->
     datasets = check_data(spec)
     check_models(spec, datasets)
     check_probes(spec, datasets)
+
+
+def preflight_trial(spec: SweepSpec, index: int, store: SweepStore) -> None:
+    """`advlab trial --index N`: the checks of that one grid point (storage, same sweep, data,
+    subset, model, weights), so bad input is one line and exit 2 there too, nothing written."""
+    check_writable(store)
+    check_same_sweep(spec, store)
+    trial = spec.trials[index]
+    check_model(trial, check_trial_data(trial, {}))
 
 
 def check_address(address: str | None, timeout: float = 3.0) -> None:
@@ -169,6 +181,7 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
             f"dataset.normalize: {len(norm.mean)} means for {shape[0]}-channel images; "
             f"give {shape[0]}"
         )
+    check_model_size(trial, shape, classes)
     try:
         model = model_for(trial, shape, classes)
     except (ModelNameError, ValueError) as err:
@@ -182,8 +195,15 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
             f"model: {trial.model} has no parameters to train; give it trainable layers, or "
             "set train.epochs: 0 to evaluate it as it is"
         )
+    wide = {p.dtype for p in module.parameters()} - {torch.float32}
+    if wide:
+        kind = str(sorted(wide, key=str)[0]).removeprefix("torch.")
+        raise SpecError(
+            f"model: {trial.model} has {kind} parameters; advlab trains and attacks float32 "
+            "images, return a float32 model (e.g. `return net.float()`)"
+        )
     with torch.no_grad():
-        out = _forward(trial.model, module, torch.zeros(2, *shape))
+        out = _forward(trial.model, module, torch.zeros(2, *shape, dtype=torch.float32))
     if tuple(out.shape) != (2, classes):
         raise SpecError(
             f"model: {trial.model} maps a (2, {', '.join(map(str, shape))}) batch to "
@@ -200,14 +220,31 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
         raise SpecError(str(err)) from None
 
 
-def _forward(name: str, model: torch.nn.Module, x: torch.Tensor) -> Any:
+def check_model_size(trial: TrialSpec, shape: tuple[int, ...], classes: int) -> None:
+    """A built-in or torchvision model counted on the meta device (nothing allocated): one
+    too large to train here is refused before it is built, not by the allocator mid-build
+    (or by the kernel, once overcommitted memory is touched). Your own factories are your
+    code, and are not run twice."""
+    if is_import_path(trial.model):
+        return
     try:
-        out = model(x)
-    except Exception as err:
-        why = " ".join(str(err).split())[:200]
+        with torch.device("meta"):
+            module = build_model(trial.model, shape, classes, trial.activation, trial.model_args)
+    except Exception:  # the real build says what is wrong, in its own line
+        return
+    count = sum(p.numel() for p in module.parameters())
+    need = 4 * 4 * count  # float32 weights, gradients and two optimizer moments
+    if need > memory_limit():
         raise SpecError(
-            f"model: {name} fails on a batch of data's shape: {type(err).__name__}: {why}"
-        ) from None
+            f"model: {trial.model} has {count:,} parameters; training it needs about "
+            f"{need / 2**30:.1f} GiB, more than half this machine's memory; use smaller layers"
+        )
+
+
+def _forward(name: str, model: torch.nn.Module, x: torch.Tensor) -> Any:
+    # Guarded as user code: a forward that calls sys.exit must not end `validate` with 0.
+    what = f"{name}'s forward on a batch of data's shape"
+    out = call_user(model, "model", what, x, error=SpecError)
     if not isinstance(out, torch.Tensor):
         raise SpecError(f"model: {name} returned a {type(out).__name__}; return a logits tensor")
     return out

@@ -319,7 +319,12 @@ class SweepStore:
             infos = self.fs.get_file_info(selector)
         except (NotADirectoryError, OSError):  # something else stands where the folder goes
             return []
-        return sorted(i.path for i in infos if i.path.endswith(".parquet"))
+        found = [i for i in infos if i.path.endswith(".parquet")]
+        for info in found:  # a FIFO or folder named like a file: reading it would block
+            note = f"{self._relative(info.path)} (not a regular file), left in place"
+            if info.type != pafs.FileType.File and note not in self.damaged:
+                self.damaged.append(note)
+        return sorted(i.path for i in found if i.type == pafs.FileType.File)
 
     def read(
         self, table: str, columns: list[str] | None = None, paths: list[str] | None = None
@@ -369,7 +374,11 @@ class SweepStore:
         """A JSON record, or None when absent or damaged (then moved to damaged/, unless this
         store only reads: then noted in `damaged`)."""
         path = self.path(name)
-        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
+        kind = self.fs.get_file_info(path).type
+        if kind == pafs.FileType.NotFound:
+            return None
+        if kind != pafs.FileType.File:  # a FIFO would block the read
+            self.set_aside(path, "not a regular file")
             return None
         try:
             with self.fs.open_input_stream(path) as source:

@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import itertools
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -135,7 +136,8 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     """Read and validate a sweep file; `overrides` (dotted keys from the command line) win."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: no such sweep file; pass the path of a YAML sweep file")
+        what = "is no regular file" if path.exists() else "no such sweep file"  # a FIFO blocks
+        raise SpecError(f"{path}: {what}; pass the path of a YAML sweep file")
     try:
         raw = load_file(path)
     except YAMLRefused as err:
@@ -219,6 +221,7 @@ def _check_search(
     probes = []
     for key, dist in search.space.items():
         _check_axis(f"search.space.{key}", key)
+        _check_not_gridded(key, settings)
         kind, values = next(iter(dist.items()))
         for value in values if kind == "choice" else values[:2]:
             sample = value if kind != "int" else int(value)
@@ -236,6 +239,18 @@ def _check_search(
     if scheduler.name != "none":
         _check_scheduler_metric(scheduler.metric, trials)
     return probes
+
+
+def _check_not_gridded(key: str, settings: SweepSettings) -> None:
+    """A setting is sampled or gridded, not both: one would silently override the other (and
+    grid points would repeat the same samples)."""
+    axes = [*settings.grid, *(k for case in settings.cases for k in case)]
+    for axis in axes:
+        if axis == key or key.startswith(f"{axis}.") or axis.startswith(f"{key}."):
+            where = "a grid axis" if axis in settings.grid else "set by cases"
+            raise SpecError(
+                f"search.space.{key}: {axis} is also {where}; sample it or grid it, not both"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -371,8 +386,17 @@ def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, An
             and "://" not in value
             and not Path(value).expanduser().is_absolute()
         ):
-            holder[key] = str((base_dir / value).resolve())
+            holder[key] = _absolute(base_dir / value)
     return point
+
+
+def _absolute(path: Path) -> str:
+    """`path` with its symlinks resolved; a symlink loop stays as written (the checks of the
+    file then say it is no file, in one line, instead of a RuntimeError)."""
+    try:
+        return str(path.resolve())
+    except (RuntimeError, OSError):
+        return os.path.abspath(path)
 
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
@@ -418,7 +442,18 @@ def _one_line(err: ValidationError, model: type[BaseModel]) -> str:
     # Validators name the field they refuse as "field: why"; fold it into the key.
     if (named := re.match(r"([A-Za-z_][\w.]*): (.*)", message)) is not None:
         return f"{key}.{named.group(1)}: {named.group(2)}"
-    return f"{key}: {message} (got {short(first.get('input'))})"
+    return f"{key}: {message} (got {short(first.get('input'))}){_number_hint(first.get('input'))}"
+
+
+def _number_hint(value: Any) -> str:
+    """YAML 1.1 reads 1e-4 (no dot, no exponent sign) as text: say so, with the spelling it
+    reads as a number."""
+    match = isinstance(value, str) and re.fullmatch(r"([-+]?[0-9.]+)[eE]([-+]?)([0-9]+)", value)
+    if not match:
+        return ""
+    mantissa, sign, power = match.groups()
+    mantissa = mantissa if "." in mantissa else f"{mantissa}.0"
+    return f"; YAML reads {value} as text, write {mantissa}e{sign or '+'}{power}"
 
 
 def short(value: Any, width: int = 60) -> str:

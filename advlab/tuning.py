@@ -229,18 +229,30 @@ def search_algorithm(
 def open_study_storage(spec: SweepSpec, store: SweepStore) -> Any:
     """The sweep's Optuna study database; one that does not open (garbage, truncated) is
     moved aside to damaged/ and the study rebuilt from the sweep's finished samples, so a
-    damaged file costs what the study learnt, never the search."""
+    damaged file costs what the study learnt, never the search; a study missing from it (the
+    file emptied or deleted) is rebuilt the same way."""
     import optuna
 
     try:
         storage = optuna.storages.RDBStorage(store.search_db())
-        storage.get_all_studies()  # reads the tables: a damaged file fails here at the latest
-        return storage
+        # reads the tables: a damaged file fails here at the latest
+        studies = {study.study_name for study in storage.get_all_studies()}
     except Exception as err:  # sqlalchemy's and optuna's errors alike: the file is unusable
         line = store.quarantine(store.path(SEARCH_DB), err, "the study is rebuilt")
-    storage = optuna.storages.RDBStorage(store.search_db())
-    count = rebuild_study(spec, store, storage)
-    print(f"advlab: {line} from {count} finished samples", file=sys.stderr, flush=True)
+        storage = optuna.storages.RDBStorage(store.search_db())
+        count = rebuild_study(spec, store, storage)
+        print(f"advlab: {line} from {count} finished samples", file=sys.stderr, flush=True)
+        return storage
+    # A file emptied by a full disk (SQLite opens it as a new database) or deleted: the study
+    # is gone though the sweep has samples; rebuilt, so the search goes on from them.
+    if spec.name not in studies and (store.read("trials")["status"] == Status.OK).any():
+        count = rebuild_study(spec, store, storage)
+        print(
+            f"advlab: {SEARCH_DB} holds no study {spec.name!r}; rebuilt it from {count} "
+            "finished samples",
+            file=sys.stderr,
+            flush=True,
+        )
     return storage
 
 

@@ -67,9 +67,35 @@ def _cut_npz(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
-def _folder(empty: str = "", big: str = "", fifo: str = "") -> Callable[[Path], None]:
+def _weights(fill: float | None = None, pickled: object = None) -> Callable[[Path], None]:
+    """fc10's weights for 8 x 8 digits, every value `fill`; or a pickle of `pickled`."""
+
+    def write(path: Path) -> None:
+        import pickle
+
+        import torch
+
+        from advlab.models import build_model
+
+        if pickled is not None:
+            path.write_bytes(pickle.dumps(pickled, protocol=4))
+            return
+        state = build_model("fc10", (1, 8, 8), 10).state_dict()
+        torch.save({k: torch.full_like(v, fill) for k, v in state.items()}, path)
+
+    return write
+
+
+def _symlink_loop(path: Path) -> None:
+    path.symlink_to(path.with_name("other.npz"))
+    path.with_name("other.npz").symlink_to(path)
+
+
+def _folder(
+    empty: str = "", big: str = "", fifo: str = "", wide: str = ""
+) -> Callable[[Path], None]:
     """An image folder of classes a, b, c: `empty` has no training image, `big` holds one
-    image of 6,000 x 6,000 pixels, `fifo` a FIFO named like an image."""
+    image of 6,000 x 6,000 pixels, `fifo` a FIFO named like an image, `wide` a 16-bit one."""
 
     def write(path: Path) -> None:
         for split in ("train", "test"):
@@ -84,6 +110,9 @@ def _folder(empty: str = "", big: str = "", fifo: str = "") -> Callable[[Path], 
             Image.new("L", (6000, 6000)).save(path.parent / "imgs" / "train" / big / "huge.png")
         if fifo:
             os.mkfifo(path.parent / "imgs" / "train" / fifo / "pipe.png")
+        if wide:
+            deep = X[0].astype(np.uint16) * 257  # 16-bit gray: 8-bit reading would clip it
+            Image.fromarray(deep).save(path.parent / "imgs" / "test" / wide / "deep.png")
 
     return write
 
@@ -127,6 +156,23 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
      _modules(an2="from advlab.attacks.registry import AttackDef, Settings\n"
                   "A = AttackDef('nonorm', 'fixed_budget', (), ('untargeted',), Settings, "
                   "print)\n"), [], "attacks.0.name: attack 'nonorm': no norms"),
+    ("model-forward-exits", {"model": "mf1:make"},
+     _modules(mf1=LINEAR.replace("return nn.Sequential(", "return Quits(").replace(
+         "def make", "class Quits(nn.Sequential):\n    def forward(self, x):\n"
+                     "        raise SystemExit(0)\n\ndef make")), [],
+     "model: mf1:make's forward on a batch of data's shape raised SystemExit (it called "
+     "sys.exit(0))"),
+    ("float64-model", {"model": "md1:make"},
+     _modules(md1=LINEAR.replace("math.prod(shape), k))", "math.prod(shape), k)).double()")),
+     [], "model: md1:make has float64 parameters; advlab trains and attacks float32 images"),
+    ("npz-symlink-loop", {"dataset": {"name": "npz", "path": "loop.npz"}, "model": "fc3"},
+     {"loop.npz": _symlink_loop}, [], "loop.npz is no .npz file"),
+    ("image-of-16-bit-pixels", FOLDER, {"imgs": _folder(wide="c")}, [],
+     "deep.png has 16-bit pixels (mode I;16); advlab reads 8-bit images"),
+    ("init-nan-weights", {"init": "w.pt"}, {"w.pt": _weights(float("nan"))}, [],
+     "w.pt holds NaN or infinite values in 1.weight; save finite weights"),
+    ("init-pickled-function", {"init": "w.pt"}, {"w.pt": _weights(pickled=os.getcwd)}, [],
+     "w.pt (it holds Python objects besides tensors, and advlab never runs a pickle's code)"),
     ("npz-forged-header", NPZ, {"d.npz": _forged_npz}, [],
      "array 'x_train' claims shape (32768, 1073741824) (281474976710656 bytes)"),
     ("npz-cut-short", NPZ, {"d.npz": _cut_npz}, [], "dataset.path: cannot read"),
@@ -140,8 +186,15 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
      "pipe.png is no regular file; remove it"),
     ("yaml-4400-digit-integer", "name: hostile\ntrain: {epochs: " + "7" * 4400 + "}\n", {}, [],
      "a number has more than 4300 digits"),
+    ("yaml-1e-4-reads-as-text", "name: hostile\nweight_decay: 1e-4\n", {}, [],
+     "weight_decay: Input should be a valid number (got '1e-4'); YAML reads 1e-4 as text, "
+     "write 1.0e-4"),
+    ("set-1E3-reads-as-text", {}, {}, ["--set", "train.lr=1E3"],
+     "YAML reads 1E3 as text, write 1.0e+3"),
     ("set-6000-digit-integer", {}, {}, ["--set", "train.lr=" + "3" * 6000],
      "--set train.lr: a number has more than 4300 digits"),
+    ("set-a-7e11-parameter-model", {}, {}, ["--set", "model=fc10000000000-10"],
+     "model: fc10000000000-10 has 750,000,000,010 parameters; training it needs about"),
     ("yaml-mappings-1000-deep", "name: hostile\nmodel_args: " + "{a: " * 1000 + "1" +
      "}" * 1000 + "\n", {}, [], "nested more than 50 levels deep"),
     ("one-class", NPZ, {"d.npz": _npz(y_train=np.full(24, 2), y_test=np.full(24, 2))}, [],
@@ -189,6 +242,12 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
              "take; use {int: [0, 7]}"),
             ("loguniform-over-batch-size", {"train.batch_size": {"loguniform": [8, 64]}}, {},
              {}, "search.space.train.batch_size: loguniform samples fractions"),
+            ("a-gridded-setting", {"train.lr": {"uniform": [0.01, 0.1]}},
+             {"grid": {"train": [{"epochs": 1}, {"epochs": 2}]}}, {},
+             "search.space.train.lr: train is also a grid axis; sample it or grid it, not both"),
+            ("a-setting-of-the-cases", {"seed": {"int": [0, 9]}},
+             {"cases": [{"seed": 1}, {"seed": 2, "model": "fc16-10"}]}, {},
+             "search.space.seed: seed is also set by cases; sample it or grid it, not both"),
         ]
     ],
     ("optuna-metric-empty-list", {"search": {"algorithm": "optuna", "metric": [], "mode": [],
@@ -201,10 +260,17 @@ CASES: list[tuple[str, Any, dict[str, Any], list[str], str]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    ("change", "files", "args", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
-)
-@pytest.mark.parametrize("command", ["validate", "sweep"])
+# `advlab trial --index 0` runs one grid point: every case but a search's (which it does not
+# sample) is refused there the same way.
+PARAMS = [
+    pytest.param(command, *case[1:], id=f"{command}-{case[0]}")
+    for command in ("validate", "sweep", "trial")
+    for case in CASES
+    if command != "trial" or not case[0].startswith(("search-", "optuna-"))
+]
+
+
+@pytest.mark.parametrize(("command", "change", "files", "args", "expected"), PARAMS)
 def test_hostile_input_is_one_line_exit_2_within_10_s_and_writes_nothing(
     command: str, change: Any, files: dict[str, Any], args: list[str], expected: str,
     tmp_path: Path, capsys, monkeypatch,
@@ -293,7 +359,9 @@ def test_an_attack_or_measure_that_exits_mid_trial_fails_that_run_only(
     assert (measure["status"], measure["reason"][:10]) == ("failed", "SystemExit")
 
 
-def test_a_training_method_that_exits_fails_its_trial_with_the_reason(tmp_path: Path) -> None:
+def test_a_training_method_that_exits_fails_its_trial_with_the_reason(
+    tmp_path: Path, capsys
+) -> None:
     from advlab.plugins import UserExit
     from advlab.store import SweepStore
     from advlab.sweep import trial_context
@@ -315,6 +383,12 @@ def test_a_training_method_that_exits_fails_its_trial_with_the_reason(tmp_path: 
     row = SweepStore(str(tmp_path / "results"), "hostile").read("trials").iloc[0]
     assert row["status"] == "failed"
     assert row["reason"].startswith("UserExit: user code SystemExit (it called sys.exit(5))")
+    capsys.readouterr()
+    assert main(["trial", str(path)]) == 1  # the same through `advlab trial`: one line
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("advlab: error: the trial failed: user code SystemExit (it called ")
+    assert len(err.splitlines()) == 1
+    sys.modules.pop("quits", None)
 
 
 def test_channels_last_images_are_detected_and_turned_channels_first() -> None:
@@ -347,3 +421,142 @@ def test_a_search_over_relative_init_paths_runs_its_samples(ray_local, tmp_path:
     trials = results.load(str(tmp_path / "results" / "hostile")).trials
     assert (trials["status"] == "ok").all() and len(trials) >= 1  # the samples may repeat
     assert set(trials["init"]) <= {str(tmp_path / "a.pt"), str(tmp_path / "b.pt")}
+
+
+def test_one_colour_image_makes_both_splits_colour(tmp_path: Path) -> None:
+    from advlab.datafiles import read_image_folder
+
+    _folder()(tmp_path / "s.yaml")  # gray images in imgs/
+    Image.new("RGBA", (5, 5), (255, 0, 0, 128)).save(tmp_path / "imgs" / "train" / "a" / "r.png")
+    arrays = read_image_folder(tmp_path / "imgs")
+    assert arrays["x_train"].shape == (7, 3, 5, 5) and arrays["x_test"].shape == (6, 3, 5, 5)
+    np.testing.assert_array_equal(arrays["x_test"][0, 1], X[0])  # gray, repeated per channel
+    assert arrays["x_train"][2, :, 0, 0].tolist() == [255, 0, 0]  # the red one, sorted a: 0 1 r
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "dangling-symlink"])
+def test_a_sweep_file_that_is_no_regular_file_is_refused_without_blocking(
+    kind: str, tmp_path: Path, capsys
+) -> None:
+    path = tmp_path / "s.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it to read would wait for a writer forever
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "gone.yaml")
+    start = time.monotonic()
+    assert main(["validate", str(path)]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip()
+    what = "no such sweep file" if kind == "dangling-symlink" else "is no regular file"
+    assert err == f"advlab: error: {path}: {what}; pass the path of a YAML sweep file"
+
+
+BROKEN_ATTACKS = """
+import torch
+from advlab.attacks.base import AttackResult, finish
+from advlab.attacks.registry import AttackDef, Settings
+
+
+def _raw(x, y, points):  # a result built by hand, as a plug-in may, without finish()
+    n = len(x)
+    zeros = torch.zeros(n, dtype=torch.int64)
+    return AttackResult(points, torch.ones(n, dtype=torch.bool), zeros, zeros - 1, zeros)
+
+
+def nan_points(model, x, y, *, eps, norm, target, generator):
+    return finish(model, x * float("inf"), y, None, torch.zeros(len(x), dtype=torch.int64))
+
+
+def nothing(model, x, y, *, eps, norm, target, generator):
+    return None
+
+
+def outside(model, x, y, *, eps, norm, target, generator):
+    return _raw(x, y, x + 0.5)
+
+
+def cropped(model, x, y, *, eps, norm, target, generator):
+    return _raw(x, y, x[..., :4])
+
+
+def _attack(name, run):
+    return AttackDef(name, "minimization", ("l2",), ("untargeted",), Settings, run)
+
+
+NAN, NOTHING, OUTSIDE, CROPPED = (_attack(n, f) for n, f in (
+    ("nan", nan_points), ("nothing", nothing), ("outside", outside), ("cropped", cropped)))
+"""
+
+
+def test_a_plug_in_attack_that_breaks_its_contract_fails_that_attack_only(
+    tmp_path: Path,
+) -> None:
+    from advlab.store import SweepStore
+    from advlab.sweep import trial_context
+    from advlab.sweepfile import load_sweep
+    from advlab.trial import run_trial
+
+    (tmp_path / "broken.py").write_text(BROKEN_ATTACKS)
+    names = ["NAN", "NOTHING", "OUTSIDE", "CROPPED"]
+    raw = BASE | {"storage": str(tmp_path / "results"), "attack_examples": 3}
+    raw["attacks"] = [{"name": f"broken:{n}"} for n in names] + [{"name": "fgsm"}]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_sweep(path)
+    result = run_trial(
+        spec.trials[0], trial_context(spec, 0, str(tmp_path / "results"), "disabled")
+    )
+    assert result.row["status"] == "ok"
+    store = SweepStore(str(tmp_path / "results"), "hostile")
+    reasons = store.read("attacks").groupby("attack")["reason"].first().to_dict()
+    assert reasons == {
+        "nan": "AttackError: returned NaN or infinite points",
+        "nothing": "AttackError: returned a NoneType, not an AttackResult",
+        "outside": "AttackError: returned points outside the [0, 1] box; clamp them (see finish)",
+        "cropped": "AttackError: returned points of shape (3, 1, 8, 4) for a batch of (3, 1, 8, 8)",
+        "fgsm": "",
+    }
+    examples = store.read("examples")
+    assert set(examples["attack"]) == {"fgsm"}  # no broken attack's points were stored
+    for module in ("broken",):
+        sys.modules.pop(module, None)
+
+
+def test_an_interrupt_outside_a_sweep_is_one_line_and_exit_130(tmp_path: Path, capsys) -> None:
+    (tmp_path / "ki1.py").write_text("def make(shape, k):\n    raise KeyboardInterrupt\n")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE | {"storage": str(tmp_path / "r"), "model": "ki1:make"}))
+    assert main(["validate", str(path)]) == 130  # as Ctrl-C while the factory ran
+    err = capsys.readouterr().err.strip()
+    assert err == "advlab: interrupted; run the same command again to resume"
+    sys.modules.pop("ki1", None)
+
+
+def test_an_image_named_in_bytes_that_are_not_utf8_is_read_and_digested(tmp_path: Path) -> None:
+    from advlab.datafiles import read_image_folder
+    from advlab.digests import folder_digest
+
+    _folder()(tmp_path / "s.yaml")
+    odd = os.fsdecode(bytes(tmp_path / "imgs" / "train" / "b") + b"/\xff\xfe.png")
+    Image.fromarray(X[5]).save(odd, format="PNG")  # a name no UTF-8 decoder reads
+    first = folder_digest(tmp_path / "imgs")
+    assert len(read_image_folder(tmp_path / "imgs")["x_train"]) == 7
+    Image.fromarray(X[6]).save(odd, format="PNG")
+    assert folder_digest(tmp_path / "imgs") != first
+
+
+def test_a_module_that_sets_torchs_default_dtype_as_it_is_imported_changes_nothing(
+    tmp_path: Path, monkeypatch
+) -> None:
+    import torch
+
+    from advlab.plugins import import_object
+
+    source = "import torch\ntorch.set_default_dtype(torch.float64)\nX = 1\n"
+    (tmp_path / "dd1.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_object("dd1:X", "model") == 1
+    assert torch.get_default_dtype() == torch.float32  # advlab's float32 images still fit
+    sys.modules.pop("dd1", None)

@@ -38,6 +38,15 @@ def make(input_shape, num_classes, width=WIDTH):
     )
 """
 
+# A model module whose width lives in a helper module beside it: the helper is an input too.
+HELPED = """
+from netparts import make_net
+
+
+def make(input_shape, num_classes):
+    return make_net(input_shape, num_classes)
+"""
+
 LOADER = """
 import numpy as np
 from sklearn.datasets import load_digits
@@ -70,6 +79,7 @@ CASES = [
     ({"model": "fc10", "init": "w.pt"}, "w.pt"),
     ({"model": "fc3", "dataset": {"name": "folder", "path": "imgs"}}, "imgs"),
     ({"model": "fc10", "dataset": {"name": "loaders:load"}}, "loaders.py"),
+    ({"model": "helped:make"}, "helped.py netparts.py"),
     ({"model": "fc10"}, ""),
 ]
 
@@ -81,6 +91,10 @@ def _digits(n: int = 300) -> tuple[np.ndarray, np.ndarray]:
 
 def _write_inputs(folder: Path) -> None:
     (folder / "nets.py").write_text(NETS.replace("WIDTH", "8"))
+    (folder / "helped.py").write_text(HELPED)
+    (folder / "netparts.py").write_text(
+        NETS.replace("WIDTH", "6").replace("def make", "def make_net")
+    )
     (folder / "loaders.py").write_text(LOADER.replace("SHADE", "0.0"))
     (folder / "attacks_mod.py").write_text(ATTACK.replace("FRACTION", "0.5"))
     x, y = _digits()
@@ -103,6 +117,8 @@ def _change(folder: Path, name: str) -> None:
     """A real change to one input file (new bytes that change what the trial computes)."""
     if name == "nets.py":
         (folder / name).write_text(NETS.replace("WIDTH", "24"))
+    elif name == "netparts.py":
+        (folder / name).write_text(NETS.replace("WIDTH", "12").replace("def make", "def make_net"))
     elif name == "loaders.py":
         (folder / name).write_text(LOADER.replace("SHADE", "1.0"))
     elif name == "attacks_mod.py":
@@ -123,7 +139,7 @@ def _change(folder: Path, name: str) -> None:
 def _forget_modules() -> None:
     """A process imports a module once (a sweep's processes are new ones); this test's one
     process must forget the old modules by hand."""
-    for module in ("nets", "loaders", "attacks_mod"):
+    for module in ("nets", "helped", "netparts", "loaders", "attacks_mod"):
         sys.modules.pop(module, None)
     attack_registry._REGISTRY.pop("attacks_mod:GRAY", None)
     importlib.invalidate_caches()
@@ -194,7 +210,9 @@ def folder(tmp_path: Path, one_torch_thread) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("changed", ["w.pt", "d.npz", "imgs", "nets.py", "loaders.py"])
+@pytest.mark.parametrize(
+    "changed", ["w.pt", "d.npz", "imgs", "nets.py", "netparts.py", "loaders.py"]
+)
 def test_changing_one_input_file_reruns_exactly_the_trials_that_read_it(
     folder: Path, changed: str
 ) -> None:
@@ -265,3 +283,57 @@ def test_replaced_init_weights_retrain_in_a_real_sweep(ray_local, tmp_path: Path
     rows = SweepStore(str(tmp_path / "results"), "w").read("trials").set_index("trial_id")
     assert spec.trial_id() != first["trial_id"].iloc[0]
     assert rows.loc[spec.trial_id(), "test_error"] != first["test_error"].iloc[0]
+
+
+def test_a_modules_digest_covers_the_user_modules_it_imports(tmp_path: Path, monkeypatch) -> None:
+    from advlab.digests import module_digest
+
+    files = {
+        "main.py": "import numpy\nimport pkg.sub\nfrom advlab.models import build_model\n",
+        "pkg/__init__.py": "",
+        "pkg/sub.py": "from .deep import y\nfrom . import sibling\n",
+        "pkg/deep.py": "y = 1\n",
+        "pkg/sibling.py": "raise SystemExit('never imported to be digested')\n",
+        "other.py": "z = 1\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    first = module_digest("main:make")
+    (tmp_path / "other.py").write_text("z = 22\n")  # imported by nothing: no change
+    assert module_digest("main:make") == first
+    for name in ("pkg/deep.py", "pkg/__init__.py", "pkg/sibling.py"):
+        before = module_digest("main:make")
+        (tmp_path / name).write_text(files[name] + "# changed\n")
+        assert module_digest("main:make") != before, name
+    assert "pkg" not in sys.modules and "main" not in sys.modules  # found, never imported
+    (tmp_path / "main.py").write_text(files["main.py"] + "import other\n")  # a new import
+    before = module_digest("main:make")
+    (tmp_path / "other.py").write_text("z = 333\n")
+    assert module_digest("main:make") != before  # followed from the edited file at once
+    alone = tmp_path / "alone.py"
+    alone.write_text("import os\n")  # one file: its own digest, as before helpers counted
+    from advlab.digests import file_digest
+
+    assert module_digest("alone:f") == file_digest(alone)
+
+
+def test_training_method_and_measure_modules_are_inputs_too(tmp_path: Path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from advlab.digests import run_inputs, trial_inputs
+
+    (tmp_path / "tm.py").write_text("METHOD = None\n")
+    (tmp_path / "ms.py").write_text("from msparts import M\n")
+    (tmp_path / "msparts.py").write_text("M = None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    method = SimpleNamespace(adversarial=SimpleNamespace(method="tm:METHOD"))
+    spec = SimpleNamespace(init=None, dataset=SimpleNamespace(name="digits"), model="fc10",
+                           train=method)  # fmt: skip
+    first, measure = trial_inputs(spec), run_inputs("ms:M")
+    assert set(first) == {"train.adversarial.method"} and set(measure) == {"module"}
+    (tmp_path / "tm.py").write_text("METHOD = 'changed'\n")
+    (tmp_path / "msparts.py").write_text("M = 'changed'\n")  # the measure's helper
+    assert trial_inputs(spec) != first and run_inputs("ms:M") != measure
+    assert run_inputs("fgsm") == {}  # built in: no file

@@ -5,6 +5,7 @@ holds trials of two data sets transfers within each, with no failed target."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,9 @@ def test_an_unrelated_sweep_file_under_the_same_name_is_refused(
     second.write_text(yaml.safe_dump(other))
     _no_ray(monkeypatch)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    start = time.monotonic()
     assert main([command, str(second)]) == 2
+    assert time.monotonic() - start < 10
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("advlab: error: ")
     assert f"holds sweep 'same' of {first}, which shares no trial" in err

@@ -143,3 +143,26 @@ def test_readers_work_on_read_only_storage(finished: Path, tmp_path: Path, capsy
         assert main(["report", str(folder), "-o", str(tmp_path / "page.html")]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"trials/{first}.parquet (" in err
+
+
+def test_readers_pass_over_fifos_named_like_results_files(
+    finished: Path, tmp_path: Path, capsys
+) -> None:
+    import os
+    import time
+
+    folder = _copy(finished, tmp_path)
+    first = results.load(str(folder)).trials["trial_id"].iloc[0]
+    for name in ("sweep.json", f"trials/{first}.parquet"):
+        (folder / name).unlink()
+        os.mkfifo(folder / name)  # opening one to read would wait for a writer forever
+    start = time.monotonic()
+    res = results.load(str(folder))
+    assert first not in set(res.trials["trial_id"]) and len(res.trials) == 1
+    assert f"trials/{first}.parquet (not a regular file), left in place" in res.notes
+    assert "sweep.json (not a regular file), left in place" in res.notes
+    assert main(["report", str(folder), "-o", str(tmp_path / "page.html")]) == 0
+    assert main(["ls", str(tmp_path / "results")]) == 0
+    assert time.monotonic() - start < 30
+    assert "(not a regular file), left in place" in capsys.readouterr().err
+    assert (folder / "sweep.json").is_fifo()  # left where it was

@@ -115,3 +115,25 @@ def test_a_file_of_a_foreign_schema_or_trial_is_never_read_as_rows(tmp_path: Pat
     lines = store.check_files()
     assert len(lines) == 2 and all("moved to damaged/" in line for line in lines)
     assert sorted(p.name for p in folder.iterdir()) == ["a.parquet"]
+
+
+def test_a_truncated_training_checkpoint_is_passed_over_and_moved_aside(tmp_path: Path) -> None:
+    import io
+
+    import torch
+
+    store = SweepStore(str(tmp_path), "s")
+    trial = tmp_path / "s" / "ray" / "run-a" / "t1"
+    for steps in (2, 3):
+        buffer = io.BytesIO()
+        torch.save({"history": list(range(steps)), "weights": torch.ones(64, 64)}, buffer)
+        path = trial / f"checkpoint_00000{steps}" / "training.pt"
+        path.parent.mkdir(parents=True)
+        path.write_bytes(buffer.getvalue())
+    newest = trial / "checkpoint_000003" / "training.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a full disk's cut
+    assert store.latest_checkpoint("t1")["history"] == [0, 1]  # the older, whole one
+    (line,) = store.check_files()
+    assert line.startswith("ray/run-a/t1/checkpoint_000003/training.pt is damaged (not a complete")
+    assert line.endswith("moved to damaged/, its trial restarts without it")
+    assert not newest.exists() and (trial / "checkpoint_000002" / "training.pt").exists()

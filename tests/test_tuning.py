@@ -201,8 +201,9 @@ def test_offline_runs_reach_remote_storage(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("damage", ["garbage", "emptied"])
 def test_a_garbage_optuna_db_is_moved_aside_and_the_study_rebuilt(
-    ray_local, tmp_path: Path, capsys
+    damage: str, ray_local, tmp_path: Path, capsys
 ) -> None:
     import optuna
 
@@ -213,15 +214,20 @@ def test_a_garbage_optuna_db_is_moved_aside_and_the_study_rebuilt(
     path = search_sweep(tmp_path, search=search)
     assert main(["sweep", str(path)]) == 0
     db = tmp_path / "results" / "search" / "optuna.db"
-    db.write_bytes(b"not a database, " * 64)
+    # garbage, or emptied by a full disk (SQLite opens an empty file as a new database)
+    db.write_bytes(b"not a database, " * 64 if damage == "garbage" else b"")
     raw = yaml.safe_load(path.read_text())
     raw["search"]["num_samples"] = 3
     path.write_text(yaml.safe_dump(raw))
     capsys.readouterr()
     assert main(["sweep", str(path)]) == 0
     err = capsys.readouterr().err
-    assert "optuna.db is damaged (" in err
-    assert "moved to damaged/, the study is rebuilt from 2 finished samples" in err
+    if damage == "garbage":
+        assert "optuna.db is damaged (" in err
+        assert "moved to damaged/, the study is rebuilt from 2 finished samples" in err
+        assert list((tmp_path / "results" / "search" / "damaged").glob("optuna.db.*"))
+    else:
+        assert "optuna.db holds no study 'search'; rebuilt it from 2 finished samples" in err
     res = results.load(str(tmp_path / "results" / "search"))
     assert len(res.trials) == 3 and (res.trials["status"] == "ok").all()
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{db}")
@@ -229,4 +235,3 @@ def test_a_garbage_optuna_db_is_moved_aside_and_the_study_rebuilt(
     assert len(done) == 3  # the two rebuilt and the new one
     errors = sorted(res.trials["test_error"])
     assert sorted(t.value for t in done) == pytest.approx(errors)
-    assert list((tmp_path / "results" / "search" / "damaged").glob("optuna.db.*"))

@@ -27,6 +27,11 @@ from advlab.measure import distortions
 from advlab.runtime import eval_mode, model_device, predict
 from advlab.strict import Strict
 
+# How far outside [0, 1] a pixel may sit and still count as inside: a few float32 roundings of
+# values in [0, 1] (one step of float32 at 1.0 is 2**-23, about 1.2e-7) stay under it, while
+# any perturbation an image can show (1/255, about 3.9e-3) is thousands of times more.
+BOX_TOLERANCE = 1e-6
+
 
 class AttackError(ValueError):
     """A bad argument to an attack; the message names the argument and the fix in one line."""
@@ -99,6 +104,27 @@ class AttackResult:
     adv_pred: Tensor  # (B,) int64 model prediction on x_adv
     target: Tensor  # (B,) int64 target class, -1 when untargeted
     grad_evals: Tensor  # (B,) int64 gradient evaluations spent on each example
+
+
+def check_result(result: Any, x: Tensor) -> None:
+    """Raise AttackError unless `result` keeps the contract for the batch `x`: an AttackResult,
+    finite points of x's shape inside [0, 1], one success, prediction, target and count per
+    example. A plug-in attack's NaN or out-of-box points would otherwise be scored (a NaN
+    point as a failed attack) and written as if they were adversarial examples."""
+    if not isinstance(result, AttackResult):
+        raise AttackError(f"returned a {type(result).__name__}, not an AttackResult")
+    points = result.x_adv
+    if not isinstance(points, Tensor) or points.shape != x.shape:
+        shape = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
+        raise AttackError(f"returned points of shape {shape} for a batch of {tuple(x.shape)}")
+    if not torch.isfinite(points).all():
+        raise AttackError("returned NaN or infinite points")
+    if len(points) and (points.min() < -BOX_TOLERANCE or points.max() > 1 + BOX_TOLERANCE):
+        raise AttackError("returned points outside the [0, 1] box; clamp them (see finish)")
+    for name in ("success", "adv_pred", "target", "grad_evals"):
+        value = getattr(result, name)
+        if not isinstance(value, Tensor) or tuple(value.shape) != (len(x),):
+            raise AttackError(f"returned {name} not of shape ({len(x)},)")
 
 
 def check_inputs(x: Tensor, y: Tensor, target: Tensor | None = None) -> None:

@@ -31,16 +31,13 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from advlab.attacks.base import BOX_TOLERANCE
 from advlab.attacks.registry import FIXED_BUDGET, MINIMIZATION
 from advlab.measures.registry import MeasureContext, MeasureDef, Rows
 
 # A drop this large (in robust-error points) counts as robust error falling: a few examples'
 # worth on the usual few hundred attacked, so PGD's random start alone does not trip it.
 NON_MONOTONE = 0.05
-# How far outside [0, 1] a stored pixel may sit and still count as inside: a few float32
-# roundings of values in [0, 1] (one step of float32 at 1.0 is 2**-23, about 1.2e-7) stay under
-# it, while any perturbation an image can show (1/255, about 3.9e-3) is thousands of times more.
-BOX_TOLERANCE = 1e-6
 # A model whose test accuracy beats the best constant predictor's (1/K on a balanced test set)
 # by less than this is at chance: 5 points is over 3 standard errors of an accuracy near 1/10
 # measured on 450 test images (the digits' test split), so a model that learnt passes.
