@@ -104,7 +104,8 @@ class Results:
     ) -> pd.DataFrame:
         """`value` of table `name` summarised over seeds: trials that differ only in their seed
         are repeats of one configuration; one row per configuration (and `by` key present)
-        with the mean, its 95% t-interval (lo, hi) and the number of seeds n."""
+        with the mean, its 95% interval (lo, hi: advlab.stats.METHOD, so a rate's stays in
+        [0, 1]), the number of seeds n and the seeds' own `values` (a list, in grid order)."""
         frame = self.trials if name == "trials" else getattr(self, name)
         keys = ["configuration", *[k for k in by if k in frame and name != "trials"]]
         if "configuration" not in frame:

@@ -4,9 +4,10 @@
     advlab.report.build_report(["results/sweep-a", "results/sweep-b"], "report.html")
 
 Modules: load (sweeps read with advlab.results, tagged with configurations and attack
-variants), stats (mean and 95% interval over seeds), differ (what differs between sweeps and
+variants), differ (what differs between sweeps and
 trials), charts (Vega-Lite through altair), html (the page and its tables), images (example
-PNGs) and one module per section under sections/.
+PNGs) and one module per section under sections/. Every mean and interval comes from
+advlab.stats.
 """
 
 from __future__ import annotations
