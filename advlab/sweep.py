@@ -425,7 +425,8 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
         lines.append(
             f"  transfer is stale: {outcome.transfer_stale}; run `advlab transfer {store.uri}`"
         )
-    lines.append(f"  parquet: {store.uri}/{{{','.join(store.tables())}}}/")
+    written = [t for t in store.tables() if store.trial_files(t)]  # no folder that is not there
+    lines.append(f"  parquet: {store.uri}/{{{','.join(written)}}}/")
     if outcome.wandb_mode == "offline":
         runs = store.wandb_runs()
         lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")
@@ -447,7 +448,8 @@ def pareto_front(points: dict[str, list[float]], modes: list[str]) -> set[str]:
 
 
 def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
-    """A multi-objective search's Pareto front over its ok trials, as the pareto table."""
+    """A multi-objective search's Pareto front over its ok trials, as the pareto table: each
+    trial's label and objective values, and whether it is on the front."""
     from advlab.trial import stored_metrics
 
     search = spec.settings.search
@@ -462,8 +464,16 @@ def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
         found = stored_metrics(store, trial_id) | trials.loc[trial_id].to_dict()
         points[trial_id] = [float(found[m]) for m in search.metrics]
     front = pareto_front(points, search.modes)
+    labels = manifest.labels(store.read_manifest())
     rows = [
-        {"trial_id": t, "metric": m, "mode": mode, "value": v, "on_front": t in front}
+        {
+            "trial_id": t,
+            "label": labels.get(t, trials.loc[t, "label"]),
+            "metric": m,
+            "mode": mode,
+            "value": v,
+            "on_front": t in front,
+        }
         for t, values in points.items()
         for m, mode, v in zip(search.metrics, search.modes, values, strict=True)
     ]

@@ -4,9 +4,12 @@ that stop trials early (recorded as stopped), and the checks that refuse a bad s
 from __future__ import annotations
 
 import itertools
+import json
+import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_sweep
@@ -14,6 +17,7 @@ from wandb_reader import read_offline_run
 
 from advlab import results
 from advlab.cli import main
+from advlab.report import build_report
 from advlab.spec import SpecError
 from advlab.store import SweepStore
 from advlab.sweep import pareto_front
@@ -35,7 +39,7 @@ def search_sweep(tmp_path: Path, **changes: Any) -> Path:
 
 @pytest.mark.slow
 def test_optuna_multi_objective_search_records_samples_and_its_pareto_front(
-    ray_local, tmp_path: Path
+    ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     search = {
         "algorithm": "optuna",
@@ -67,6 +71,7 @@ def test_optuna_multi_objective_search_records_samples_and_its_pareto_front(
         values.loc[:, "test_error"].to_dict()
         == res.trials.set_index("trial_id")["test_error"].to_dict()
     )
+    check_pareto_reading_and_report(res, pareto, expected, tmp_path, capsys.readouterr().out)
     # Asked again for the same search: nothing to do; for two more samples: two more only.
     assert main(["sweep", str(path)]) == 0
     assert len(results.load(str(tmp_path / "results" / "search")).trials) == 4
@@ -76,6 +81,41 @@ def test_optuna_multi_objective_search_records_samples_and_its_pareto_front(
     assert main(["sweep", str(path)]) == 0
     grown = results.load(str(tmp_path / "results" / "search"))
     assert len(grown.trials) == 6 and len(grown.manifest["versions"]) == 1
+
+
+def check_pareto_reading_and_report(
+    res: results.Results, pareto: pd.DataFrame, front: set[str], tmp_path: Path, out: str
+) -> None:
+    """The table carries labels, advlab.load reads it (long and wide), the summary lists only
+    folders that exist, and the report plots every trial, labelled, with the front in red."""
+    labels = res.trials.set_index("trial_id")["label"]
+    assert pareto["label"].tolist() == labels.loc[pareto["trial_id"]].tolist()
+    wide = res.objectives().set_index("trial_id")
+    assert list(wide.columns) == ["label", "test_error", "fgsm/robust_error@0.1", "on_front"]
+    assert set(wide.index[wide["on_front"]]) == front and len(wide) == 4
+    assert (wide["label"] == labels.loc[wide.index]).all()
+    robust = res.curves.query("attack == 'fgsm' and budget == 0.1").set_index("trial_id")
+    assert wide["fgsm/robust_error@0.1"].to_dict() == robust["robust_error"].to_dict()
+    assert set(res.pareto.columns) >= {"trial_id", "label", "metric", "mode", "value", "on_front"}
+    (listed,) = [line for line in out.splitlines() if "parquet:" in line]
+    folders = listed.split("{")[1].split("}")[0].split(",")
+    assert "pareto" in folders and "transfer" not in folders  # transfer is off in this sweep
+    assert all((tmp_path / "results" / "search" / f).is_dir() for f in folders)
+    html = build_report([str(tmp_path / "results" / "search")], str(tmp_path / "r.html"))
+    page = html.read_text(encoding="utf-8")
+    assert '<section id="pareto">' in page
+    found = re.findall(r'class="vl-spec" data-target="pareto-[^"]*">(.*?)</script>', page)
+    (spec,) = [json.loads(s) for s in found]  # two objectives: one chart
+    drawn = {d["trial_id"]: d for d in spec["data"]["values"]}
+    assert set(drawn) == set(wide.index)
+    for trial, row in wide.iterrows():  # each point: the trial's label and objective values
+        assert drawn[trial]["label"] == row["label"]
+        assert (drawn[trial]["x"], drawn[trial]["y"]) == (
+            row["test_error"],
+            row["fgsm/robust_error@0.1"],
+        )
+        assert drawn[trial]["front"] == ("on the front" if row["on_front"] else "dominated")
+    assert f"{len(front)} of 4 trials on the front" in page
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from advlab.report.sections import (
     failures,
     measures,
     overview,
+    pareto,
     robust,
     table1,
     training,
@@ -32,7 +33,7 @@ __all__ = ["SECTIONS", "build_report", "render_report"]
 
 # In page order; each renders "" when its data is absent.
 SECTIONS = (
-    overview, table1, failures, robust, distortion, training, examples, transfer, measures,
+    overview, table1, failures, pareto, robust, distortion, training, examples, transfer, measures,
 )  # fmt: skip
 
 
