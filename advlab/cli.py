@@ -15,8 +15,9 @@ from typing import Any, NoReturn
 
 import yaml
 
+from advlab import text
 from advlab.spec import SpecError
-from advlab.sweepfile import SweepSpec, load_sweep
+from advlab.sweepfile import SweepSpec, is_relative_path, load_sweep, submitted_job
 from advlab.yamlfile import YAMLRefused, load_text
 
 MAX_MESSAGE = 400  # an error line stays a line, whatever value it quotes
@@ -125,8 +126,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         except yaml.YAMLError:
             raise SpecError(f"--set {key}: the value is not valid YAML; quote it") from None
     if getattr(args, "storage", None):
-        overrides["storage"] = args.storage
+        overrides["storage"] = _command_line_storage(args.storage)
     return overrides
+
+
+def _command_line_storage(storage: str) -> str:
+    """--storage is a command-line path: relative to where the command runs (made absolute
+    here, so the sweep file's folder does not apply); under `ray job submit` that is Ray's
+    temporary copy of the working dir, so a relative one is refused there."""
+    if not is_relative_path(storage):
+        return storage
+    if submitted_job():
+        raise SpecError(
+            f"--storage {storage}: relative, and under `ray job submit` the working directory "
+            "is Ray's temporary copy (removed with the job); give an absolute path every node "
+            "sees or a URI (s3://BUCKET/advlab)"
+        )
+    return os.path.abspath(os.path.expanduser(storage))
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -139,11 +155,11 @@ def validate(args: argparse.Namespace) -> int:
     cases = f"{len(spec.settings.cases)} cases x " if spec.settings.cases else ""
     search = spec.settings.search
     if search.algorithm == "grid":
-        count = f"{len(spec.trials)} trials"
+        count = text.count(len(spec.trials), "trial")
     else:
         space = ", ".join(search.space)
         samples = search.num_samples * len(spec.trials)
-        count = f"{search.algorithm} search of {samples} samples over {space}"
+        count = f"{search.algorithm} search of {text.count(samples, 'sample')} over {space}"
     print(f"{spec.name}: valid, {count}; {cases}grid axes: {axes}")
     return 0
 

@@ -20,6 +20,7 @@ from advlab.spec import SpecError
 from advlab.store import SweepStore, failure_reason, resolve_storage
 from advlab.sweepfile import SweepSpec
 from advlab.tables import Status
+from advlab.text import count
 from advlab.track import reachable_mode, recorded_target, resolve_mode
 from advlab.transfer import TransferOutcome
 from advlab.trial import TrialContext, flags
@@ -165,7 +166,7 @@ def run_trials(
         return None
     tuning.init_ray(address, verbose)
     check_cluster_gpus(spec)
-    print(f"advlab: sweep '{spec.name}': {plan.total} trials -> {store.uri}", flush=True)
+    print(f"advlab: sweep '{spec.name}': {count(plan.total, 'trial')} -> {store.uri}", flush=True)
     run = tuning.run_tuner(
         spec, store, plan.configs, num_samples=plan.num_samples, pending=plan.pending,
         done=plan.done, max_concurrent=max_concurrent, verbose=verbose,
@@ -246,7 +247,7 @@ def plan_run(
         todo = [c for c in configs if c["id"] not in done]
         if done & {c["id"] for c in configs}:
             print(
-                f"advlab: resuming: {len(configs) - len(todo)} trials already finished, "
+                f"advlab: resuming: {count(len(configs) - len(todo), 'trial')} already finished, "
                 f"{len(todo)} to run (--fresh reruns them all)"
             )
         return Plan(todo)
@@ -255,11 +256,15 @@ def plan_run(
     have = 0 if fresh else len(_rows_of(store, version["trial_ids"]))
     owed = search.num_samples * len(configs) - have
     if owed <= 0:
-        print(f"advlab: all {have} samples of this search already ran (--fresh samples anew)")
+        print(
+            f"advlab: all {count(have, 'sample')} of this search already ran (--fresh samples anew)"
+        )
         return Plan([])
     pending = [] if fresh else unfinished_samples(store)
     if have:
-        print(f"advlab: resuming: {have} samples done, {owed} to run (--fresh samples anew)")
+        print(
+            f"advlab: resuming: {count(have, 'sample')} done, {owed} to run (--fresh samples anew)"
+        )
     return Plan(configs, num_samples=-(-owed // len(configs)), pending=pending[:owed], done=have)
 
 
@@ -385,8 +390,8 @@ def failed_attacks(spec: SweepSpec, store: SweepStore) -> dict[tuple[str, str], 
 def transfer_lines(outcome: TransferOutcome) -> list[str]:
     targets = outcome.rows["target"].nunique() if len(outcome.rows) else 0
     lines = [
-        f"advlab: transfer: {len(outcome.sources)} source trials x {targets} targets, "
-        f"{len(outcome.rows)} rows in {outcome.seconds:.1f} s"
+        f"advlab: transfer: {count(len(outcome.sources), 'source trial')} x "
+        f"{count(targets, 'target')}, {count(len(outcome.rows), 'row')} in {outcome.seconds:.1f} s"
     ]
     lines += [f"  not transferred {tid}: {why}" for tid, why in outcome.skipped.items()]
     lines += [f"  target {t} failed: {why}" for t, why in outcome.failed_targets.items()]
@@ -397,14 +402,14 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     store = outcome.store
     if outcome.interrupted:
         return [
-            f"advlab: interrupted: {len(outcome.ok)}/{outcome.expected} trials ok so far; run "
-            "the same command again to resume (unfinished trials continue from their last "
+            f"advlab: interrupted: {len(outcome.ok)}/{count(outcome.expected, 'trial')} ok so "
+            "far; run the same command again to resume (unfinished trials continue from their last "
             "checkpoint)"
         ]
     stopped = f", {len(outcome.stopped)} stopped early" if outcome.stopped else ""
     lines = [
-        f"advlab: {len(outcome.ok)}/{outcome.expected} trials ok, {len(outcome.failed)} failed, "
-        f"{len(outcome.missing)} missing{stopped}",
+        f"advlab: {len(outcome.ok)}/{count(outcome.expected, 'trial')} ok, "
+        f"{len(outcome.failed)} failed, {len(outcome.missing)} missing{stopped}",
     ]
     labels = manifest.labels(store.read_manifest())
     lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]

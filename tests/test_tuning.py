@@ -143,6 +143,13 @@ def test_asha_stops_bad_trials_early_and_records_them_as_stopped(
     ran = epochs.groupby("trial_id")["epoch"].max()
     assert (ran[stopped["trial_id"]] < 6).all()  # they really stopped before the end
     assert stopped["test_error"].isna().all()  # no clean evaluation for a stopped trial
+    # `advlab ls` counts the stopped trials, so its counts add up to the trials.
+    capsys.readouterr()
+    assert main(["ls", str(tmp_path / "results")]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    counts = dict(zip(header.split()[1:], map(int, row.split()[1:]), strict=True))
+    assert counts["trials"] == 4 and counts["stopped"] == len(stopped)
+    assert counts["ok"] + counts["failed"] + counts["stopped"] + counts["missing"] == 4
 
 
 def test_pareto_front_known_answer() -> None:
