@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import yaml
 
 from advlab import text
+from advlab.data import Dataset
 from advlab.spec import SpecError
 from advlab.sweepfile import SweepSpec, is_relative_path, load_sweep, submitted_job
 from advlab.yamlfile import YAMLRefused, load_text
@@ -150,7 +151,7 @@ def validate(args: argparse.Namespace) -> int:
     from advlab.sweep import open_store
 
     spec = _spec(args)
-    preflight(spec, open_store(spec), None)
+    datasets = preflight(spec, open_store(spec), None)
     axes = ", ".join(f"{k} ({len(v)})" for k, v in spec.settings.grid.items()) or "none"
     cases = f"{len(spec.settings.cases)} cases x " if spec.settings.cases else ""
     search = spec.settings.search
@@ -161,7 +162,23 @@ def validate(args: argparse.Namespace) -> int:
         samples = search.num_samples * len(spec.trials)
         count = f"{search.algorithm} search of {text.count(samples, 'sample')} over {space}"
     print(f"{spec.name}: valid, {count}; {cases}grid axes: {axes}")
+    for data in datasets.values():
+        print(f"  {data_line(data)}")
     return 0
+
+
+def data_line(data: Dataset) -> str:
+    """A data set as validate states it: where its images came from and how they were read."""
+    c, h, w = data.input_shape
+    read = f"built in, {c}x{h}x{w}"
+    if data.layout:
+        read = f"images {data.layout}, read as (N, C, H, W) = {c}x{h}x{w}"
+    counts = [
+        text.count(len(data.y_train), "training image"),
+        text.count(len(data.y_test), "test image"),
+        text.count(data.num_classes, "class", "classes"),
+    ]
+    return f"data {data.name}: {read}; {', '.join(counts)}"
 
 
 def sweep(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from advlab.store import SweepStore
 from advlab.sweepfile import SweepSpec, short
 
 
-def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> None:
+def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> dict[str, Dataset]:
     check_address(address)
     if store is not None:
         check_writable(store)
@@ -35,6 +35,7 @@ def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) ->
     datasets = check_data(spec)
     check_models(spec, datasets)
     check_probes(spec, datasets)
+    return datasets
 
 
 def check_address(address: str | None, timeout: float = 3.0) -> None:
