@@ -16,7 +16,7 @@ from typing import Any
 from advlab import manifest, tuning
 from advlab.plan import attack_plan, measure_runs
 from advlab.preflight import check_cluster_gpus, preflight
-from advlab.spec import SpecError
+from advlab.spec import SpecError, TrialSpec
 from advlab.store import SweepStore, failure_reason, resolve_storage
 from advlab.sweepfile import SweepSpec
 from advlab.tables import Status
@@ -170,7 +170,7 @@ def run_trials(
     run = tuning.run_tuner(
         spec, store, plan.configs, num_samples=plan.num_samples, pending=plan.pending,
         done=plan.done, max_concurrent=max_concurrent, verbose=verbose,
-        callbacks=[tuning.progress_callback(plan.total)],
+        callbacks=[tuning.progress_callback(plan.total, plan.epochs)],
     )  # fmt: skip
     record_run(spec, store, run)
     write_pareto(spec, store)
@@ -233,6 +233,13 @@ class Plan:
     @property
     def total(self) -> int:
         return len(self.configs) * self.num_samples if self.configs else 0
+
+    @property
+    def epochs(self) -> int:
+        """The training epochs this run plans: the work its progress and ETA count (a search
+        that samples train.epochs counts its grid point's)."""
+        per_point = [TrialSpec.from_stored(c["spec"]).train.epochs for c in self.configs]
+        return sum(per_point) * self.num_samples
 
 
 def plan_run(

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from advlab.store import CHECKPOINT, SEARCH_DB, SweepStore, failure_reason
 from advlab.sweep_settings import SearchSpec
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
 from advlab.tables import Status
-from advlab.trial import TrialContext
+from advlab.trial import TrialContext, TrialStopped
 
 
 @contextlib.contextmanager
@@ -120,6 +121,8 @@ def trainable(config: dict[str, Any]) -> None:
     resume = _resume_state(spec, ctx)
     try:
         result = run_trial(spec, ctx, report=report, resume=resume)
+    except TrialStopped:  # stopped early by the scheduler: the driver records it
+        return
     except Exception as err:  # the reason goes to the driver too: the row may not be written
         tune.report({"failed": 1, "trial_id": spec.trial_id(), "reason": failure_reason(err)})
         return
@@ -135,12 +138,15 @@ def _reporter(every: int) -> Any:
     from ray import tune
 
     def report(metrics: dict[str, Any], state: Any) -> None:
-        if state is None or not every or metrics["epoch"] % every:
-            tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state(), os.path.join(folder, CHECKPOINT))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        try:
+            if state is None or not every or metrics["epoch"] % every:
+                tune.report(metrics)
+                return
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(state(), os.path.join(folder, CHECKPOINT))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        except SystemExit:  # how tune.report ends a trial its scheduler stopped
+            raise TrialStopped from None
 
     return report
 
@@ -371,7 +377,10 @@ def make_tuner(
             max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
             trial_dirname_creator=lambda t: resolve(t.config)[0].trial_id(),  # ids are paths
             trial_name_creator=lambda t: resolve(t.config)[1].label,
-            reuse_actors=True,  # a worker process (torch, data cache) serves many trials
+            # A worker process (torch, data cache) serves many trials; not under a scheduler
+            # that stops trials: a stopped trial's thread runs on to its next report, so Tune
+            # cannot reset its worker for the next trial and fails that one instead.
+            reuse_actors=spec.settings.scheduler.name == "none",
         ),
         run_config=tune.RunConfig(
             name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
@@ -385,16 +394,48 @@ def make_tuner(
     )
 
 
-def progress_callback(total: int) -> Any:
-    """One line per finished trial: done of total, failures, and an ETA from the mean pace."""
+EVERY_S = 10.0  # at most one progress line inside trials per this many seconds
+
+
+def progress_callback(
+    total: int, epochs: int, clock: Callable[[], float] | None = None, every: float = EVERY_S
+) -> Any:
+    """Progress lines: a trial's epochs as they finish (at most one line per `every` seconds,
+    and each trial's last epoch), and one line per finished trial; the ETA comes from the work
+    done, epochs out of the `epochs` the run plans (a finished or stopped trial counts whole),
+    not from finished trials."""
     import time
 
     from ray import tune
 
+    now = clock or time.monotonic
+
     class PrintProgress(tune.Callback):
         def __init__(self) -> None:
             self.done = self.failed = 0
-            self.start = time.monotonic()
+            self.start = now()
+            self.last = -math.inf
+            self.worked: dict[str, int] = {}  # epochs done, per trial
+
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
+            if "epoch" not in result or "failed" in result:
+                return
+            spec, ctx = resolve(trial.config)
+            epoch, planned = int(result["epoch"]), spec.train.epochs
+            self.worked[trial.trial_id] = epoch
+            moment = now()
+            if moment - self.last < every and epoch < planned:
+                return
+            self.last = moment
+            error = result.get("test_error")
+            shown = f", test error {100 * error:.1f}%" if _number(error) else ""
+            after = "; attack runs next" if epoch >= planned and spec.attacks else ""
+            print(
+                f"advlab:   {ctx.label}: epoch {epoch}/{planned}{shown}{after}; {self.pace()}",
+                flush=True,
+            )
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
@@ -405,20 +446,33 @@ def progress_callback(total: int) -> Any:
                 if result["failed"]
                 else Status.OK
             )
-            self.line(resolve(trial.config)[1].label, status)
+            self.line(trial, status)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.line(resolve(trial.config)[1].label, "FAILED")
+            self.line(trial, "FAILED")
 
-        def line(self, label: str, status: str) -> None:
+        def line(self, trial: Any, status: str) -> None:
+            spec, ctx = resolve(trial.config)
+            self.worked[trial.trial_id] = spec.train.epochs  # its work is over
             self.done += 1
             self.failed += status == "FAILED"
-            elapsed = time.monotonic() - self.start
-            eta = elapsed / self.done * max(total - self.done, 0)
             print(
-                f"advlab: [{self.done}/{total}] {label} {status}; {self.failed} failed; "
-                f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s",
+                f"advlab: [{self.done}/{total}] {ctx.label} {status}; {self.failed} failed; "
+                f"{self.pace()}",
                 flush=True,
             )
 
+        def pace(self) -> str:
+            """Elapsed time, epochs done of those planned, and the ETA from that pace."""
+            elapsed = now() - self.start
+            worked = sum(self.worked.values())
+            if worked <= 0 or epochs <= 0:
+                return f"{elapsed:.0f} s elapsed"
+            eta = elapsed / worked * max(epochs - worked, 0)
+            return f"{elapsed:.0f} s elapsed, {worked}/{epochs} epochs, ETA {eta:.0f} s"
+
     return PrintProgress()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

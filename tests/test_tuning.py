@@ -277,3 +277,40 @@ def test_a_garbage_optuna_db_is_moved_aside_and_the_study_rebuilt(
     errors = sorted(res.trials["test_error"])
     assert sorted(t.value for t in done) == pytest.approx(errors)
     assert list((tmp_path / "results" / "search" / "damaged").glob("optuna.db.*"))
+
+
+def test_progress_prints_epochs_inside_trials_and_an_eta_from_work_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from advlab.sweep import Plan, trial_configs
+    from advlab.tuning import progress_callback
+
+    spec = parse_sweep(tiny_sweep(train=FAST | {"epochs": 4}))  # two trials of 4 epochs
+    configs = trial_configs(spec, str(tmp_path), "disabled", {})
+    plan = Plan(configs)
+    assert (plan.total, plan.epochs) == (2, 8)
+    moment = [0.0]
+    progress = progress_callback(plan.total, plan.epochs, clock=lambda: moment[0], every=10)
+    a, b = (SimpleNamespace(config={"trial": c}, trial_id=c["id"]) for c in configs)
+
+    def result(at: float, trial: Any, epoch: int) -> None:
+        moment[0] = at
+        progress.on_trial_result(0, [], trial, {"epoch": epoch, "test_error": 0.25})
+
+    result(5, a, 1)  # printed (the first line); 1 of 8 epochs in 5 s
+    result(8, b, 1)  # within 10 s of the last line: quiet, but its epoch counts
+    result(20, a, 2)  # printed; 3 of 8 epochs in 20 s
+    result(30, a, 4)  # the trial's last epoch is always printed
+    a.last_result = {"failed": 0}
+    moment[0] = 40
+    progress.on_trial_complete(0, [], a)  # a's 4 epochs count whole
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        "advlab:   fc10: epoch 1/4, test error 25.0%; 5 s elapsed, 1/8 epochs, ETA 35 s",
+        "advlab:   fc10: epoch 2/4, test error 25.0%; 20 s elapsed, 3/8 epochs, ETA 33 s",
+        "advlab:   fc10: epoch 4/4, test error 25.0%; attack runs next; 30 s elapsed, 5/8 "
+        "epochs, ETA 18 s",
+        "advlab: [1/2] fc10 ok; 0 failed; 40 s elapsed, 5/8 epochs, ETA 24 s",
+    ]
