@@ -466,8 +466,8 @@ def progress_callback(
             """Elapsed time, epochs done of those planned, and the ETA from that pace."""
             elapsed = now() - self.start
             worked = sum(self.worked.values())
-            if worked <= 0 or epochs <= 0:
-                return f"{elapsed:.0f} s elapsed"
+            if worked < max(1, epochs // 20):  # the first epochs carry the start-up: no ETA yet
+                return f"{elapsed:.0f} s elapsed, {worked}/{epochs} epochs"
             eta = elapsed / worked * max(epochs - worked, 0)
             return f"{elapsed:.0f} s elapsed, {worked}/{epochs} epochs, ETA {eta:.0f} s"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -314,3 +315,7 @@ def test_progress_prints_epochs_inside_trials_and_an_eta_from_work_done(
         "epochs, ETA 18 s",
         "advlab: [1/2] fc10 ok; 0 failed; 40 s elapsed, 5/8 epochs, ETA 24 s",
     ]
+    # Before 5% of the planned epochs are done (start-up dominates), no ETA is guessed.
+    early = progress_callback(plan.total, 40 * plan.epochs, clock=lambda: moment[0])
+    early.on_trial_result(0, [], b, {"epoch": 1, "test_error": math.nan})
+    assert capsys.readouterr().out == "advlab:   fc16-10: epoch 1/4; 0 s elapsed, 1/320 epochs\n"
