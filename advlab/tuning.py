@@ -397,81 +397,86 @@ def make_tuner(
 EVERY_S = 10.0  # at most one progress line inside trials per this many seconds
 
 
-def progress_callback(
-    total: int, epochs: int, clock: Callable[[], float] | None = None, every: float = EVERY_S
-) -> Any:
+class Progress:
     """Progress lines: a trial's epochs as they finish (at most one line per `every` seconds,
     and each trial's last epoch), and one line per finished trial; the ETA comes from the work
     done, epochs out of the `epochs` the run plans (a finished or stopped trial counts whole),
-    not from finished trials."""
+    not from finished trials. Plain Python: `progress_callback` hands it to Tune."""
+
+    def __init__(
+        self, total: int, epochs: int, clock: Callable[[], float], every: float = EVERY_S
+    ) -> None:
+        self.total, self.epochs, self.clock, self.every = total, epochs, clock, every
+        self.done = self.failed = 0
+        self.start = clock()
+        self.last = -math.inf
+        self.worked: dict[str, int] = {}  # epochs done, per trial
+
+    def epoch(self, trial: Any, result: dict[str, Any]) -> None:
+        """A trial's epoch report: its line when due (or its last epoch)."""
+        if "epoch" not in result or "failed" in result:
+            return
+        spec, ctx = resolve(trial.config)
+        epoch, planned = int(result["epoch"]), spec.train.epochs
+        self.worked[trial.trial_id] = epoch
+        moment = self.clock()
+        if moment - self.last < self.every and epoch < planned:
+            return
+        self.last = moment
+        error = result.get("test_error")
+        shown = f", test error {100 * error:.1f}%" if _number(error) else ""
+        after = "; attack runs next" if epoch >= planned and spec.attacks else ""
+        print(
+            f"advlab:   {ctx.label}: epoch {epoch}/{planned}{shown}{after}; {self.pace()}",
+            flush=True,
+        )
+
+    def finished(self, trial: Any, status: str) -> None:
+        """A trial's end (ok, stopped or FAILED): its whole work counts as done."""
+        spec, ctx = resolve(trial.config)
+        self.worked[trial.trial_id] = spec.train.epochs
+        self.done += 1
+        self.failed += status == "FAILED"
+        print(
+            f"advlab: [{self.done}/{self.total}] {ctx.label} {status}; {self.failed} failed; "
+            f"{self.pace()}",
+            flush=True,
+        )
+
+    def pace(self) -> str:
+        """Elapsed time, epochs done of those planned, and the ETA from that pace."""
+        elapsed = self.clock() - self.start
+        worked = sum(self.worked.values())
+        if worked < max(1, self.epochs // 20):  # the first epochs carry the start-up: no ETA
+            return f"{elapsed:.0f} s elapsed, {worked}/{self.epochs} epochs"
+        eta = elapsed / worked * max(self.epochs - worked, 0)
+        return f"{elapsed:.0f} s elapsed, {worked}/{self.epochs} epochs, ETA {eta:.0f} s"
+
+
+def progress_callback(
+    total: int, epochs: int, clock: Callable[[], float] | None = None, every: float = EVERY_S
+) -> Any:
+    """A Tune callback printing `Progress` lines for `total` trials of `epochs` epochs."""
     import time
 
     from ray import tune
 
-    now = clock or time.monotonic
-
-    class PrintProgress(tune.Callback):
-        def __init__(self) -> None:
-            self.done = self.failed = 0
-            self.start = now()
-            self.last = -math.inf
-            self.worked: dict[str, int] = {}  # epochs done, per trial
-
+    class PrintProgress(Progress, tune.Callback):
         def on_trial_result(
             self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
         ) -> None:
-            if "epoch" not in result or "failed" in result:
-                return
-            spec, ctx = resolve(trial.config)
-            epoch, planned = int(result["epoch"]), spec.train.epochs
-            self.worked[trial.trial_id] = epoch
-            moment = now()
-            if moment - self.last < every and epoch < planned:
-                return
-            self.last = moment
-            error = result.get("test_error")
-            shown = f", test error {100 * error:.1f}%" if _number(error) else ""
-            after = "; attack runs next" if epoch >= planned and spec.attacks else ""
-            print(
-                f"advlab:   {ctx.label}: epoch {epoch}/{planned}{shown}{after}; {self.pace()}",
-                flush=True,
-            )
+            self.epoch(trial, result)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
-            status = (
-                Status.STOPPED
-                if "failed" not in result
-                else "FAILED"
-                if result["failed"]
-                else Status.OK
-            )
-            self.line(trial, status)
+            failed = result.get("failed")
+            status = Status.STOPPED if failed is None else "FAILED" if failed else Status.OK
+            self.finished(trial, status)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.line(trial, "FAILED")
+            self.finished(trial, "FAILED")
 
-        def line(self, trial: Any, status: str) -> None:
-            spec, ctx = resolve(trial.config)
-            self.worked[trial.trial_id] = spec.train.epochs  # its work is over
-            self.done += 1
-            self.failed += status == "FAILED"
-            print(
-                f"advlab: [{self.done}/{total}] {ctx.label} {status}; {self.failed} failed; "
-                f"{self.pace()}",
-                flush=True,
-            )
-
-        def pace(self) -> str:
-            """Elapsed time, epochs done of those planned, and the ETA from that pace."""
-            elapsed = now() - self.start
-            worked = sum(self.worked.values())
-            if worked < max(1, epochs // 20):  # the first epochs carry the start-up: no ETA yet
-                return f"{elapsed:.0f} s elapsed, {worked}/{epochs} epochs"
-            eta = elapsed / worked * max(epochs - worked, 0)
-            return f"{elapsed:.0f} s elapsed, {worked}/{epochs} epochs, ETA {eta:.0f} s"
-
-    return PrintProgress()
+    return PrintProgress(total, epochs, clock or time.monotonic, every)
 
 
 def _number(value: Any) -> bool:
