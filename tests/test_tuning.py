@@ -109,8 +109,10 @@ def check_pareto_reading_and_report(
     (spec,) = [json.loads(s) for s in found]  # two objectives: one chart
     drawn = {d["trial_id"]: d for d in spec["data"]["values"]}
     assert set(drawn) == set(wide.index)
-    for trial, row in wide.iterrows():  # each point: the trial's label and objective values
+    for number, (trial, row) in enumerate(wide.iterrows(), start=1):  # each point: label, values
         assert drawn[trial]["label"] == row["label"]
+        tag = f"{number}: {row['label']}" if row["on_front"] else str(number)
+        assert drawn[trial]["tag"] == tag  # its number in the table; on the front, its label
         assert (drawn[trial]["x"], drawn[trial]["y"]) == (
             row["test_error"],
             row["fgsm/robust_error@0.1"],

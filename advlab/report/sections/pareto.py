@@ -1,7 +1,8 @@
 """A multi-objective search's Pareto front (the `pareto` table, `Results.objectives`): per sweep,
-the first objective against each other one, one point per ok trial labelled with its label,
-the front highlighted and joined in order; and a table of every trial's objective values and
-whether it is on the front (over all objectives at once)."""
+the first objective against each other one, one point per ok trial labelled with its number in
+the table (and, on the front, its label; hover for any point's), the front highlighted and
+joined in order; and a table of every trial's number, label, objective values and whether it
+is on the front (over all objectives at once)."""
 
 from __future__ import annotations
 
@@ -34,10 +35,17 @@ def chart_rows(run: Results, compared: Compared, x: str, y: str) -> pd.DataFrame
     """One row per trial: label, config key (the page's filters), x, y and whether on the front."""
     wide = run.objectives()
     keys = dict(zip(compared.trials["trial_id"], compared.trials["config"], strict=True))
+    numbers = range(1, len(wide) + 1)  # each trial's row in the table below the chart
     return pd.DataFrame(
         {
             "trial_id": wide["trial_id"],
             "label": wide["label"],
+            # The point's text: its number, and on the front its label too (labels of every
+            # point would overprint each other; hover shows any point's label).
+            "tag": [
+                f"{n}: {label}" if front else str(n)
+                for n, label, front in zip(numbers, wide["label"], wide["on_front"], strict=True)
+            ],
             "config": [keys.get(t, "") for t in wide["trial_id"]],
             "x": wide[x].astype(float),
             "y": wide[y].astype(float),
@@ -79,7 +87,7 @@ def front_chart(
         .properties(name=charts.POINTS)
     )
     labels = base.mark_text(align="left", dx=6, dy=-4, fontSize=10, color="#444").encode(
-        text="label:N"
+        text="tag:N"
     )
     layered = alt.layer(line, points, labels, data=charts.records(rows))
     return charts.finish(layered, compared.configs, title)
@@ -90,12 +98,14 @@ def objectives_table(run: Results, compared: Compared, sweep: str, modes: dict[s
     wide = run.objectives()
     metrics = list(modes)
     by_trial = {t: c for c in compared.configs for t in c.trial_ids}
-    head = [("label", "trial"), *[(m, f"{m} ({modes[m]})") for m in metrics], ("front", "front")]
+    head = [("number", "#"), ("label", "trial"), *[(m, f"{m} ({modes[m]})") for m in metrics]]
+    head.append(("front", "front"))
     body = []
-    for row in wide.to_dict("records"):
+    for number_, row in enumerate(wide.to_dict("records"), start=1):
         config = by_trial.get(row["trial_id"])
         colour = config.colour if config is not None else DOMINATED_COLOUR
-        cells: dict[str, Cell] = {"label": swatch_cell(row["label"], colour)}
+        cells: dict[str, Cell] = {"number": Cell(str(number_), value=float(number_))}
+        cells["label"] = swatch_cell(row["label"], colour)
         cells |= {m: Cell(number(row[m]), value=float(row[m])) for m in metrics}
         cells["front"] = text_cell("yes" if row["on_front"] else "no")
         body.append(Row(cells, config.key if config is not None else None))
@@ -123,7 +133,8 @@ def render(compared: Compared) -> str:
         return ""
     intro = (
         "A multi-objective search's trials (the pareto table): every ok trial is a point, "
-        "labelled with its sampled values; the Pareto front (no other trial as good in every "
+        "numbered as in the table below it (hover for its sampled values; the front's points "
+        "carry them too); the Pareto front (no other trial as good in every "
         "objective and better in one, over all objectives at once) is red and joined in order. "
         "With more than two objectives, a front point can look dominated in one pair's plot."
     )
