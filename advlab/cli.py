@@ -15,8 +15,10 @@ from typing import Any, NoReturn
 
 import yaml
 
+from advlab import text
+from advlab.data import Dataset
 from advlab.spec import SpecError
-from advlab.sweepfile import SweepSpec, load_sweep
+from advlab.sweepfile import SweepSpec, is_relative_path, load_sweep, submitted_job
 from advlab.yamlfile import YAMLRefused, load_text
 
 MAX_MESSAGE = 400  # an error line stays a line, whatever value it quotes
@@ -128,8 +130,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         except yaml.YAMLError:
             raise SpecError(f"--set {key}: the value is not valid YAML; quote it") from None
     if getattr(args, "storage", None):
-        overrides["storage"] = args.storage
+        overrides["storage"] = _command_line_storage(args.storage)
     return overrides
+
+
+def _command_line_storage(storage: str) -> str:
+    """--storage is a command-line path: relative to where the command runs (made absolute
+    here, so the sweep file's folder does not apply); under `ray job submit` that is Ray's
+    temporary copy of the working dir, so a relative one is refused there."""
+    if not is_relative_path(storage):
+        return storage
+    if submitted_job():
+        raise SpecError(
+            f"--storage {storage}: relative, and under `ray job submit` the working directory "
+            "is Ray's temporary copy (removed with the job); give an absolute path every node "
+            "sees or a URI (s3://BUCKET/advlab)"
+        )
+    return os.path.abspath(os.path.expanduser(storage))
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -137,18 +154,34 @@ def validate(args: argparse.Namespace) -> int:
     from advlab.sweep import open_store
 
     spec = _spec(args)
-    preflight(spec, open_store(spec), None)
+    datasets = preflight(spec, open_store(spec), None)
     axes = ", ".join(f"{k} ({len(v)})" for k, v in spec.settings.grid.items()) or "none"
     cases = f"{len(spec.settings.cases)} cases x " if spec.settings.cases else ""
     search = spec.settings.search
     if search.algorithm == "grid":
-        count = f"{len(spec.trials)} trials"
+        count = text.count(len(spec.trials), "trial")
     else:
         space = ", ".join(search.space)
         samples = search.num_samples * len(spec.trials)
-        count = f"{search.algorithm} search of {samples} samples over {space}"
+        count = f"{search.algorithm} search of {text.count(samples, 'sample')} over {space}"
     print(f"{spec.name}: valid, {count}; {cases}grid axes: {axes}")
+    for data in datasets.values():
+        print(f"  {data_line(data)}")
     return 0
+
+
+def data_line(data: Dataset) -> str:
+    """A data set as validate states it: where its images came from and how they were read."""
+    c, h, w = data.input_shape
+    read = f"built in, {c}x{h}x{w}"
+    if data.layout:
+        read = f"images {data.layout}, read as (N, C, H, W) = {c}x{h}x{w}"
+    counts = [
+        text.count(len(data.y_train), "training image"),
+        text.count(len(data.y_test), "test image"),
+        text.count(data.num_classes, "class", "classes"),
+    ]
+    return f"data {data.name}: {read}; {', '.join(counts)}"
 
 
 def sweep(args: argparse.Namespace) -> int:

@@ -108,6 +108,7 @@ class Dataset:
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
+    layout: str = ""  # the layout your arrays came in, e.g. "(N, H, W, C)"; "" for built-ins
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from advlab.attacks.base import check_result
 from advlab.attacks.registry import MINIMIZATION, BudgetRun, hits_at_budgets, run_budgets
-from advlab.measure import robust_error
+from advlab.measure import fraction, robust_error
 from advlab.plugins import describe
 from advlab.runtime import predict
 from advlab.spec import AttackSpec, TrialSpec
@@ -143,14 +143,14 @@ def attack_row(attack: AttackSpec, run: BudgetRun) -> dict[str, Any]:
         "target": attack.target_mode,
         "budget": run.budget,
         "n": len(ok),
-        "success_rate": float(ok.float().mean()) if len(ok) else None,
+        "success_rate": fraction(ok) if len(ok) else None,
     }
     for norm, values in run.distances.items():
         chosen = values.detach().cpu()[ok].double().numpy()
         row[f"mean_dist_{norm}"] = float(chosen.mean()) if len(chosen) else None
         row[f"median_dist_{norm}"] = float(np.median(chosen)) if len(chosen) else None
     return row | {
-        "grad_evals": float(run.result.grad_evals.float().mean()) if len(ok) else None,
+        "grad_evals": float(run.result.grad_evals.double().mean()) if len(ok) else None,
         "seconds": run.seconds,
         "settings": json.dumps(attack.settings.model_dump(mode="json"), sort_keys=True),
     }

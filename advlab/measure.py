@@ -55,6 +55,13 @@ def success_at_budgets(success: Tensor, distance: Tensor, budgets: Sequence[floa
     return success.bool()[None, :] & within
 
 
+def fraction(mask: Tensor) -> float:
+    """The share of True in `mask` as the exact fraction it is (count / n, correctly rounded
+    to float64: 2/25 is 0.08, not float32's 0.07999999821); NaN for an empty mask."""
+    n = mask.numel()
+    return int(mask.sum()) / n if n else math.nan
+
+
 def robust_error(fooled: Tensor, clean_wrong: int) -> float | None:
     """Fraction of the scanned examples that are wrong under attack: clean mistakes + fooled.
 

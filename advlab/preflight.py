@@ -28,7 +28,7 @@ from advlab.store import SweepStore
 from advlab.sweepfile import SweepSpec, short
 
 
-def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> None:
+def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> dict[str, Dataset]:
     check_address(address)
     if store is not None:
         check_writable(store)
@@ -38,6 +38,7 @@ def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) ->
     datasets = check_data(spec)
     check_models(spec, datasets)
     check_probes(spec, datasets)
+    return datasets
 
 
 def preflight_trial(spec: SweepSpec, index: int, store: SweepStore) -> None:

@@ -42,7 +42,7 @@ class Results:
     curves: pd.DataFrame
     measures: pd.DataFrame  # one row per measure run (its rows are in the measure's table)
     transfer: pd.DataFrame
-    pareto: pd.DataFrame  # a multi-objective search's objectives per trial, and its front
+    pareto: pd.DataFrame  # a multi-objective search: (trial, objective) values, on_front
     manifest: dict[str, Any] | None
     axes: list[str] = field(default_factory=list)
     store: SweepStore | None = None
@@ -104,12 +104,30 @@ class Results:
     ) -> pd.DataFrame:
         """`value` of table `name` summarised over seeds: trials that differ only in their seed
         are repeats of one configuration; one row per configuration (and `by` key present)
-        with the mean, its 95% t-interval (lo, hi) and the number of seeds n."""
+        with the mean, its 95% interval (lo, hi: advlab.stats.METHOD, so a rate's stays in
+        [0, 1]), the number of seeds n and the seeds' own `values` (a list, in grid order)."""
         frame = self.trials if name == "trials" else getattr(self, name)
         keys = ["configuration", *[k for k in by if k in frame and name != "trials"]]
         if "configuration" not in frame:
             frame = frame.merge(self.trials[["trial_id", "configuration"]], on="trial_id")
         return aggregate(frame, keys, value)
+
+    def objectives(self) -> pd.DataFrame:
+        """A multi-objective search's trials, one row each in grid order: trial_id, label, one
+        column per objective (in the search's order) and on_front; empty for other sweeps.
+        `pareto` holds the same long-form, with each objective's mode."""
+        if self.pareto.empty:
+            return pd.DataFrame(columns=["trial_id", "label", "on_front"])
+        metrics = list(dict.fromkeys(self.pareto["metric"]))
+        wide = self.pareto.pivot_table(
+            index="trial_id", columns="metric", values="value", aggfunc="first", sort=False
+        )
+        front = self.pareto.groupby("trial_id", sort=False)["on_front"].first()
+        ids = list(dict.fromkeys(self.pareto["trial_id"]))
+        out = pd.DataFrame({"trial_id": ids, "label": [self.labels.get(t, t) for t in ids]})
+        for metric in metrics:
+            out[metric] = wide.loc[ids, metric].to_numpy(float)
+        return out.assign(on_front=front.loc[ids].to_numpy(bool))
 
     def _join(self, frame: pd.DataFrame) -> pd.DataFrame:
         keys = ["trial_id", "label", *[a for a in self.axes if a in self.trials]]
@@ -146,8 +164,10 @@ def load(path: str) -> Results:
         epochs=pd.DataFrame(), attacks=pd.DataFrame(), curves=pd.DataFrame(),
         measures=pd.DataFrame(), transfer=pd.DataFrame(), pareto=pd.DataFrame(), notes=notes,
     )  # fmt: skip
-    for name in ("epochs", "attacks", "curves", "measures", "pareto"):
+    for name in ("epochs", "attacks", "curves", "measures"):
         setattr(results, name, results._join(store.read(name)))
+    # The pareto table's own label is the one it was written with; the trials' (joined) rules.
+    results.pareto = results._join(store.read("pareto").drop(columns="label"))
     for name in store.tables():
         if name not in CORE:
             results.measure_tables[name] = results._join(store.read(name))

@@ -53,11 +53,9 @@ def pgd_robust_error(
             "pgd", model, x, y, eps=eps, steps=steps, generator=torch.Generator().manual_seed(seed)
         )
     error = robust_error(result.success, clean_wrong=0)
-    # Rounded to float32 as this number always was (the mean of a float32 mask), so histories
-    # and the best error a checkpoint keeps compare across versions. A count over a count
-    # rounds the same either way: a correctly rounded float64 quotient rounds correctly to
-    # float32 (53 >= 2 * 24 + 2 bits).
-    return math.nan if error is None else float(torch.tensor(error, dtype=torch.float32))
+    # The exact fraction (count / n in float64), like every rate advlab stores. Earlier versions
+    # rounded it to float32; a checkpoint of theirs compares a hair lower on a tie.
+    return math.nan if error is None else error
 
 
 class RobustValidation:

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from advlab.measure import fraction
+
 PREDICT_BATCH = 4096
 
 
@@ -58,7 +60,7 @@ def error_rate(model: nn.Module, x: Tensor, y: Tensor) -> float:
     """Fraction of x the model misclassifies; NaN for an empty set."""
     if len(x) == 0:
         return float("nan")
-    return float((predict(model, x) != y.to(model_device(model))).float().mean())
+    return fraction(predict(model, x) != y.to(model_device(model)))
 
 
 # Bytes of autograd state per gradient evaluation chunk. On a conv net the activations saved

@@ -116,9 +116,9 @@ def _load_cached(name: str, path: str | None, stamp: str, args: str) -> Dataset:
         return arrays_to_dataset(Path(path).stem, read_npz(path), f"dataset.path: {path}")
     if name == "folder":
         assert path is not None
-        return arrays_to_dataset(
-            Path(path).name, read_image_folder(Path(path)), f"dataset.path: {path}"
-        )
+        # Image files: (N, C, H, W) or (N, H, W) as decoded, whatever their size.
+        arrays = read_image_folder(Path(path))
+        return arrays_to_dataset(Path(path).name, arrays, f"dataset.path: {path}", FIRST)
     arrays = _call_loader(name, json.loads(args))
     return arrays_to_dataset(name, arrays, f"dataset.name: {name}")
 
@@ -146,10 +146,13 @@ def _line(err: BaseException) -> str:
 # --------------------------------------------------------------------------- checks
 
 
-def arrays_to_dataset(name: str, arrays: Any, where: str) -> Dataset:
-    """Four arrays, checked and converted to advlab's Dataset (float32 NCHW in [0,1], int64)."""
+def arrays_to_dataset(name: str, arrays: Any, where: str, layout: str | None = None) -> Dataset:
+    """Four arrays, checked and converted to advlab's Dataset (float32 NCHW in [0,1], int64);
+    their layout is found from their shapes (`image_layout`) unless `layout` says it."""
     arrays = _as_mapping(arrays, where)
-    x_train, x_test = (_images(arrays[k], k, where) for k in ("x_train", "x_test"))
+    (x_train, found), (x_test, _) = (
+        _images(arrays[k], k, where, layout) for k in ("x_train", "x_test")
+    )
     y_train, y_test = (_labels(arrays[k], k, where) for k in ("y_train", "y_test"))
     for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "test")):
         if len(x) != len(y):
@@ -171,6 +174,7 @@ def arrays_to_dataset(name: str, arrays: Any, where: str) -> Dataset:
         y_train=labels_to_tensor(y_train),
         x_test=images_to_tensor(x_test, 1.0),
         y_test=labels_to_tensor(y_test),
+        layout=found,
     )
 
 
@@ -214,17 +218,43 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _images(x: np.ndarray, key: str, where: str) -> np.ndarray:
-    """(N, C, H, W) float32 in [0, 1] from uint8 or float images given as (N, H, W),
-    (N, C, H, W) or channels last, (N, H, W, C) with 1, 3 or 4 channels (told apart by the
-    sizes: a channel count above 4 is a width)."""
+LAYOUTS = ("(N, H, W)", "(N, C, H, W)", "(N, H, W, C)")
+FIRST = LAYOUTS[1]
+
+
+def image_layout(shape: tuple[int, ...], key: str, where: str) -> str:
+    """Which of LAYOUTS `shape` is, from the sizes: channels last when the last size is 1, 3 or
+    4 and the second above 4 (as PIL and TF keep images), channels first otherwise. A shape
+    that reads both ways (second size 1-4 and last 1, 3 or 4) is refused."""
+    if len(shape) == 3:
+        return LAYOUTS[0]
+    if len(shape) != 4:
+        raise DataError(
+            f"{where}: {key} has shape {shape}; give images as (N, H, W), (N, C, H, W) or "
+            "(N, H, W, C)"
+        )
+    first, last = shape[1] in (1, 2, 3, 4), shape[3] in (1, 3, 4)
+    if first and last:
+        raise DataError(
+            f"{where}: {key} has shape {shape}, which reads as {shape[1]} channels of "
+            f"{shape[2]}x{shape[3]} or {shape[3]} channels of {shape[1]}x{shape[2]}; save the "
+            "images as (N, C, H, W) or (N, H, W, C) with height and width above 4"
+        )
+    return LAYOUTS[2] if last else LAYOUTS[1]
+
+
+def _images(
+    x: np.ndarray, key: str, where: str, known: str | None = None
+) -> tuple[np.ndarray, str]:
+    """(N, C, H, W) float32 in [0, 1], and the layout it came in (`known`, else found by
+    `image_layout`), from uint8 or float images as (N, H, W), (N, C, H, W) or (N, H, W, C)."""
+    if known is not None and x.ndim in (3, 4):
+        layout = known if x.ndim == 4 else LAYOUTS[0]
+    else:
+        layout = image_layout(tuple(int(s) for s in x.shape), key, where)
     if x.ndim == 3:
         x = x[:, None]
-    if x.ndim != 4:
-        raise DataError(
-            f"{where}: {key} has shape {x.shape}; give images as (N, H, W) or (N, C, H, W)"
-        )
-    if x.shape[3] in (1, 3, 4) and x.shape[1] > 4:  # channels last, as PIL and TF keep them
+    if layout == LAYOUTS[2]:
         x = x.transpose(0, 3, 1, 2)
     if 0 in x.shape[1:]:
         raise DataError(
@@ -232,7 +262,7 @@ def _images(x: np.ndarray, key: str, where: str) -> np.ndarray:
             "least one pixel"
         )
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255.0
+        return x.astype(np.float32) / 255.0, layout
     if x.dtype.kind != "f":
         raise DataError(f"{where}: {key} holds {x.dtype}; give uint8 (0..255) or floats in [0, 1]")
     finite = np.isfinite(x)
@@ -246,7 +276,7 @@ def _images(x: np.ndarray, key: str, where: str) -> np.ndarray:
             f"{where}: {key} pixels span [{float(x.min()):.4g}, {float(x.max()):.4g}]; "
             "scale them to [0, 1] (attacks work in that box)"
         )
-    return x.astype(np.float32)
+    return x.astype(np.float32), layout
 
 
 def _labels(y: np.ndarray, key: str, where: str) -> np.ndarray:

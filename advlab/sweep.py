@@ -16,10 +16,11 @@ from typing import Any
 from advlab import manifest, tuning
 from advlab.plan import attack_plan, measure_runs
 from advlab.preflight import check_cluster_gpus, preflight
-from advlab.spec import SpecError
+from advlab.spec import SpecError, TrialSpec
 from advlab.store import SweepStore, failure_reason, resolve_storage
 from advlab.sweepfile import SweepSpec
 from advlab.tables import Status
+from advlab.text import count
 from advlab.track import reachable_mode, recorded_target, resolve_mode
 from advlab.transfer import TransferOutcome
 from advlab.trial import TrialContext, flags
@@ -165,11 +166,11 @@ def run_trials(
         return None
     tuning.init_ray(address, verbose)
     check_cluster_gpus(spec)
-    print(f"advlab: sweep '{spec.name}': {plan.total} trials -> {store.uri}", flush=True)
+    print(f"advlab: sweep '{spec.name}': {count(plan.total, 'trial')} -> {store.uri}", flush=True)
     run = tuning.run_tuner(
         spec, store, plan.configs, num_samples=plan.num_samples, pending=plan.pending,
         done=plan.done, max_concurrent=max_concurrent, verbose=verbose,
-        callbacks=[tuning.progress_callback(plan.total)],
+        callbacks=[tuning.progress_callback(plan.total, plan.epochs)],
     )  # fmt: skip
     record_run(spec, store, run)
     write_pareto(spec, store)
@@ -233,6 +234,13 @@ class Plan:
     def total(self) -> int:
         return len(self.configs) * self.num_samples if self.configs else 0
 
+    @property
+    def epochs(self) -> int:
+        """The training epochs this run plans: the work its progress and ETA count (a search
+        that samples train.epochs counts its grid point's)."""
+        per_point = [TrialSpec.from_stored(c["spec"]).train.epochs for c in self.configs]
+        return sum(per_point) * self.num_samples
+
 
 def plan_run(
     spec: SweepSpec, store: SweepStore, configs: list[dict[str, Any]], fresh: bool
@@ -246,7 +254,7 @@ def plan_run(
         todo = [c for c in configs if c["id"] not in done]
         if done & {c["id"] for c in configs}:
             print(
-                f"advlab: resuming: {len(configs) - len(todo)} trials already finished, "
+                f"advlab: resuming: {count(len(configs) - len(todo), 'trial')} already finished, "
                 f"{len(todo)} to run (--fresh reruns them all)"
             )
         return Plan(todo)
@@ -255,11 +263,15 @@ def plan_run(
     have = 0 if fresh else len(_rows_of(store, version["trial_ids"]))
     owed = search.num_samples * len(configs) - have
     if owed <= 0:
-        print(f"advlab: all {have} samples of this search already ran (--fresh samples anew)")
+        print(
+            f"advlab: all {count(have, 'sample')} of this search already ran (--fresh samples anew)"
+        )
         return Plan([])
     pending = [] if fresh else unfinished_samples(store)
     if have:
-        print(f"advlab: resuming: {have} samples done, {owed} to run (--fresh samples anew)")
+        print(
+            f"advlab: resuming: {count(have, 'sample')} done, {owed} to run (--fresh samples anew)"
+        )
     return Plan(configs, num_samples=-(-owed // len(configs)), pending=pending[:owed], done=have)
 
 
@@ -385,8 +397,8 @@ def failed_attacks(spec: SweepSpec, store: SweepStore) -> dict[tuple[str, str], 
 def transfer_lines(outcome: TransferOutcome) -> list[str]:
     targets = outcome.rows["target"].nunique() if len(outcome.rows) else 0
     lines = [
-        f"advlab: transfer: {len(outcome.sources)} source trials x {targets} targets, "
-        f"{len(outcome.rows)} rows in {outcome.seconds:.1f} s"
+        f"advlab: transfer: {count(len(outcome.sources), 'source trial')} x "
+        f"{count(targets, 'target')}, {count(len(outcome.rows), 'row')} in {outcome.seconds:.1f} s"
     ]
     lines += [f"  not transferred {tid}: {why}" for tid, why in outcome.skipped.items()]
     lines += [f"  target {t} failed: {why}" for t, why in outcome.failed_targets.items()]
@@ -397,14 +409,14 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     store = outcome.store
     if outcome.interrupted:
         return [
-            f"advlab: interrupted: {len(outcome.ok)}/{outcome.expected} trials ok so far; run "
-            "the same command again to resume (unfinished trials continue from their last "
+            f"advlab: interrupted: {len(outcome.ok)}/{count(outcome.expected, 'trial')} ok so "
+            "far; run the same command again to resume (unfinished trials continue from their last "
             "checkpoint)"
         ]
     stopped = f", {len(outcome.stopped)} stopped early" if outcome.stopped else ""
     lines = [
-        f"advlab: {len(outcome.ok)}/{outcome.expected} trials ok, {len(outcome.failed)} failed, "
-        f"{len(outcome.missing)} missing{stopped}",
+        f"advlab: {len(outcome.ok)}/{count(outcome.expected, 'trial')} ok, "
+        f"{len(outcome.failed)} failed, {len(outcome.missing)} missing{stopped}",
     ]
     labels = manifest.labels(store.read_manifest())
     lines += [f"  failed {labels.get(t, t)}: {why}" for t, why in outcome.failed.items()]
@@ -425,7 +437,8 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
         lines.append(
             f"  transfer is stale: {outcome.transfer_stale}; run `advlab transfer {store.uri}`"
         )
-    lines.append(f"  parquet: {store.uri}/{{{','.join(store.tables())}}}/")
+    written = [t for t in store.tables() if store.trial_files(t)]  # no folder that is not there
+    lines.append(f"  parquet: {store.uri}/{{{','.join(written)}}}/")
     if outcome.wandb_mode == "offline":
         runs = store.wandb_runs()
         lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")
@@ -447,7 +460,8 @@ def pareto_front(points: dict[str, list[float]], modes: list[str]) -> set[str]:
 
 
 def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
-    """A multi-objective search's Pareto front over its ok trials, as the pareto table."""
+    """A multi-objective search's Pareto front over its ok trials, as the pareto table: each
+    trial's label and objective values, and whether it is on the front."""
     from advlab.trial import stored_metrics
 
     search = spec.settings.search
@@ -462,8 +476,16 @@ def write_pareto(spec: SweepSpec, store: SweepStore) -> None:
         found = stored_metrics(store, trial_id) | trials.loc[trial_id].to_dict()
         points[trial_id] = [float(found[m]) for m in search.metrics]
     front = pareto_front(points, search.modes)
+    labels = manifest.labels(store.read_manifest())
     rows = [
-        {"trial_id": t, "metric": m, "mode": mode, "value": v, "on_front": t in front}
+        {
+            "trial_id": t,
+            "label": labels.get(t, trials.loc[t, "label"]),
+            "metric": m,
+            "mode": mode,
+            "value": v,
+            "on_front": t in front,
+        }
         for t, values in points.items()
         for m, mode, v in zip(search.metrics, search.modes, values, strict=True)
     ]

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import difflib
 import itertools
+import json
 import math
 import os
 import re
@@ -153,7 +154,7 @@ def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> Swe
     add_plugin_dirs([str(folder)])  # modules beside the sweep file import, here and on workers
     try:
         for key, value in (overrides or {}).items():
-            set_dotted(raw, key, value)
+            set_override(raw, key, value)
         spec = parse_sweep(raw, folder)
         spec.source = str(path.resolve())
         return spec
@@ -177,6 +178,7 @@ def parse_sweep(raw: dict[str, Any], base_dir: Path | None = None) -> SweepSpec:
         if key not in SWEEP_KEYS | TRIAL_KEYS:
             raise SpecError(f"{key}: unknown key{_did_you_mean(key, SWEEP_KEYS | TRIAL_KEYS)}")
     settings = _validate(SweepSettings, {k: v for k, v in raw.items() if k in SWEEP_KEYS})
+    settings = settings.model_copy(update={"storage": storage_from(settings.storage, base_dir)})
     base = {k: v for k, v in raw.items() if k in TRIAL_KEYS}
     for axis, values in settings.grid.items():
         _check_axis(f"grid.{axis}", axis)
@@ -369,8 +371,44 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
 PATH_KEYS = ("init", "dataset.path", "dataset.root")  # relative to the sweep file's folder
 
 
+def is_relative_path(value: object) -> bool:
+    """A local path that is not absolute (URIs and ~ paths are not relative)."""
+    return (
+        isinstance(value, str) and "://" not in value and not Path(value).expanduser().is_absolute()
+    )
+
+
+def submitted_job() -> bool:
+    """Whether this process is the entrypoint of a `ray job submit` (Ray sets the job's config,
+    with its submission id, in the entrypoint's environment)."""
+    config = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not config:
+        return False
+    try:
+        metadata = json.loads(config).get("metadata") or {}
+    except (ValueError, AttributeError):
+        return False
+    return bool(metadata.get("job_submission_id"))
+
+
+def storage_from(storage: str, base_dir: Path | None) -> str:
+    """A relative `storage` counts from the sweep file's folder, like every relative path in a
+    sweep file (a sweep given as a dict: from the working directory). Under `ray job submit`
+    that folder is Ray's temporary copy of the working dir, removed with the job: refused."""
+    if base_dir is None or not is_relative_path(storage):
+        return storage
+    if submitted_job():
+        raise SpecError(
+            f"storage: {storage!r} is relative, and under `ray job submit` the sweep file's "
+            "folder is Ray's temporary copy of the working dir (removed with the job); give "
+            "an absolute path every node sees or a URI (--storage s3://BUCKET/advlab)"
+        )
+    return str((base_dir / storage).resolve())
+
+
 def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
-    """Relative dataset.path, dataset.root and init are relative to the sweep file's folder."""
+    """Relative dataset.path, dataset.root and init are relative to the sweep file's folder
+    (as `storage` is: `storage_from`)."""
     if base_dir is None:
         return point
     point = copy.deepcopy(point)
@@ -381,11 +419,7 @@ def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, An
     ]
     for holder, key in holders:
         value = holder.get(key)
-        if (
-            isinstance(value, str)
-            and "://" not in value
-            and not Path(value).expanduser().is_absolute()
-        ):
+        if is_relative_path(value):
             holder[key] = _absolute(base_dir / value)
     return point
 
@@ -482,6 +516,28 @@ def _did_you_mean(word: str, choices: set[str]) -> str:
     if close:
         return f"; did you mean '{close[0]}'?"
     return f"; valid keys: {', '.join(sorted(choices))}" if choices else ""
+
+
+# Mappings whose keys are themselves dotted paths (a grid axis `model_args.channels`, a search
+# dimension `train.lr`): a command-line key names one of them and then one whole key of it.
+DOTTED_KEY_MAPS = ("grid", "search.space")
+
+
+def set_override(raw: dict[str, Any], key: str, value: Any) -> None:
+    """One command-line override (`--set KEY=VALUE`): `grid.model_args.channels` sets the grid
+    axis `model_args.channels` (any nested axis), `search.space.train.lr` the dimension
+    `train.lr`; any other dotted key sets the nested key it names."""
+    for prefix in DOTTED_KEY_MAPS:
+        if key.startswith(prefix + ".") and len(key) > len(prefix) + 1:
+            parents = prefix.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise SpecError(f"{key}: '{part}' is not a mapping in the sweep file; fix it")
+            node[key[len(prefix) + 1 :]] = value
+            return
+    set_dotted(raw, key, value)
 
 
 def set_dotted(target: dict[str, Any], path: str, value: Any) -> None:

@@ -151,11 +151,13 @@ TRANSFER = pa.schema(
     ]
 )
 
-# A multi-objective search's trials: one row per (trial, objective), and whether the trial is
-# on the Pareto front (no other trial is at least as good in every objective and better in one).
+# A multi-objective search's trials: one row per (trial, objective) with the trial's label, the
+# objective's value, and whether the trial is on the Pareto front (no other trial is at least as
+# good in every objective and better in one).
 PARETO = pa.schema(
     [
         ("trial_id", pa.string()),
+        ("label", pa.string()),  # the trial's readable label (its sampled values)
         ("metric", pa.string()),
         ("mode", pa.string()),  # min or max
         ("value", pa.float64()),

@@ -8,6 +8,11 @@ import math
 from typing import Any
 
 
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """`n noun` with the noun in the plural unless n is 1: "1 trial", "0 trials", "4 trials"."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 def value_text(value: Any, sep: str = ", ", missing: str = "—", brackets: bool = False) -> str:
     """Floats in %g, sequences joined by `sep` (in [] with `brackets`), mappings as key:value
     (JSON with `brackets`), None and NaN as `missing`."""

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from advlab import manifest
+from advlab import manifest, text
 from advlab.attacks.noise import add_noise, amplify, matched_noise
 from advlab.data import select_subset
 from advlab.families import FitJob, ModelRequest, TrialModel, model_for, resolve
@@ -279,8 +279,8 @@ def stale_reason(store: SweepStore, settings: TransferSpec) -> str | None:
         return "its record predates the record of its inputs"
     if made.get("trials") != now["trials"]:
         return (
-            f"it covers {len(made.get('trials') or [])} trials, the sweep has "
-            f"{len(now['trials'])} ok trials"
+            f"it covers {text.count(len(made.get('trials') or []), 'trial')}, the sweep has "
+            f"{text.count(len(now['trials']), 'ok trial')}"
         )
     if made.get("attack_runs") != now["attack_runs"]:
         return "attack runs were added or rerun since"

@@ -38,12 +38,14 @@ from advlab.train import EpochStats
 
 # report(metrics, state): state is None for the final report, and after each epoch a function
 # that builds a resumable training checkpoint (called only by reporters that keep checkpoints).
+# A reporter raises TrialStopped when a scheduler ends the trial early.
 Reporter = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
 
 
-class TrialStopped(BaseException):
-    """A Reporter's word that the scheduler (ASHA, median stopping) ended the trial early: no
-    failure, so it passes run_trial's handler for user code that calls sys.exit."""
+class TrialStopped(BaseException):  # not an Exception: `except Exception` lets it through
+    """A scheduler (ASHA, median stopping) ended the trial early, on purpose: no failure is
+    recorded (the driver writes its `stopped` row) and the trial returns at once, so its
+    worker is free for the next trial."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ def run_trial(
             run_and_write_attack(store, tracker, spec, attack, trained, attacked)
         for run in pending_measures(spec, store, trial_id, fresh):
             run_and_write_measure(store, tracker, spec, run, trained, attacked)
+    except TrialStopped:  # the scheduler's decision, not a failure: nothing to record
+        tracker.finish()
+        raise
     except (Exception, SystemExit) as caught:  # user code (a training method...) may exit
         err = as_error(caught)
         record_failure(store, tracker, row if finished is None else None, err)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from advlab.store import CHECKPOINT, SEARCH_DB, SweepStore, failure_reason
 from advlab.sweep_settings import SearchSpec
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
 from advlab.tables import Status
-from advlab.trial import TrialContext
+from advlab.trial import TrialContext, TrialStopped
 
 
 @contextlib.contextmanager
@@ -109,7 +110,7 @@ def trainable(config: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from advlab.trial import TrialStopped, run_trial
+    from advlab.trial import run_trial
 
     trial = config["trial"]
     torch.set_num_threads(trial["threads"])  # else 2 trials each use every core and thrash
@@ -120,8 +121,8 @@ def trainable(config: dict[str, Any]) -> None:
     resume = _resume_state(spec, ctx)
     try:
         result = run_trial(spec, ctx, report=report, resume=resume)
-    except TrialStopped:
-        sys.exit(0)  # how Tune's runner thread ends a stopped trial without error
+    except TrialStopped:  # stopped early by the scheduler: the driver records it
+        return
     except Exception as err:  # the reason goes to the driver too: the row may not be written
         tune.report({"failed": 1, "trial_id": spec.trial_id(), "reason": failure_reason(err)})
         return
@@ -137,29 +138,17 @@ def _reporter(every: int) -> Any:
     from ray import tune
 
     def report(metrics: dict[str, Any], state: Any) -> None:
-        if state is None or not every or metrics["epoch"] % every:
-            with _stop_signal():
+        try:
+            if state is None or not every or metrics["epoch"] % every:
                 tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder, _stop_signal():
-            torch.save(state(), os.path.join(folder, CHECKPOINT))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+                return
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(state(), os.path.join(folder, CHECKPOINT))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+        except SystemExit:  # how tune.report ends a trial its scheduler stopped
+            raise TrialStopped from None
 
     return report
-
-
-@contextlib.contextmanager
-def _stop_signal() -> Iterator[None]:
-    """Tune stops a function trial by raising SystemExit(0) from `tune.report`; carried through
-    run_trial as TrialStopped (user code's sys.exit fails a trial, a scheduler's stop does not)."""
-    from advlab.trial import TrialStopped
-
-    try:
-        yield
-    except SystemExit as stop:
-        if stop.code not in (0, None):
-            raise
-        raise TrialStopped from None
 
 
 def _resume_state(spec: TrialSpec, ctx: TrialContext) -> dict[str, Any] | None:
@@ -400,7 +389,10 @@ def make_tuner(
             max_concurrent_trials=max_concurrent or spec.settings.max_concurrent,
             trial_dirname_creator=lambda t: resolve(t.config)[0].trial_id(),  # ids are paths
             trial_name_creator=lambda t: resolve(t.config)[1].label,
-            reuse_actors=True,  # a worker process (torch, data cache) serves many trials
+            # A worker process (torch, data cache) serves many trials; not under a scheduler
+            # that stops trials: a stopped trial's thread runs on to its next report, so Tune
+            # cannot reset its worker for the next trial and fails that one instead.
+            reuse_actors=spec.settings.scheduler.name == "none",
         ),
         run_config=tune.RunConfig(
             name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
@@ -414,40 +406,90 @@ def make_tuner(
     )
 
 
-def progress_callback(total: int) -> Any:
-    """One line per finished trial: done of total, failures, and an ETA from the mean pace."""
+EVERY_S = 10.0  # at most one progress line inside trials per this many seconds
+
+
+class Progress:
+    """Progress lines: a trial's epochs as they finish (at most one line per `every` seconds,
+    and each trial's last epoch), and one line per finished trial; the ETA comes from the work
+    done, epochs out of the `epochs` the run plans (a finished or stopped trial counts whole),
+    not from finished trials. Plain Python: `progress_callback` hands it to Tune."""
+
+    def __init__(
+        self, total: int, epochs: int, clock: Callable[[], float], every: float = EVERY_S
+    ) -> None:
+        self.total, self.epochs, self.clock, self.every = total, epochs, clock, every
+        self.done = self.failed = 0
+        self.start = clock()
+        self.last = -math.inf
+        self.worked: dict[str, int] = {}  # epochs done, per trial
+
+    def epoch(self, trial: Any, result: dict[str, Any]) -> None:
+        """A trial's epoch report: its line when due (or its last epoch)."""
+        if "epoch" not in result or "failed" in result:
+            return
+        spec, ctx = resolve(trial.config)
+        epoch, planned = int(result["epoch"]), spec.train.epochs
+        self.worked[trial.trial_id] = epoch
+        moment = self.clock()
+        if moment - self.last < self.every and epoch < planned:
+            return
+        self.last = moment
+        error = result.get("test_error")
+        shown = f", test error {100 * error:.1f}%" if _number(error) else ""
+        after = "; attack runs next" if epoch >= planned and spec.attacks else ""
+        print(
+            f"advlab:   {ctx.label}: epoch {epoch}/{planned}{shown}{after}; {self.pace()}",
+            flush=True,
+        )
+
+    def finished(self, trial: Any, status: str) -> None:
+        """A trial's end (ok, stopped or FAILED): its whole work counts as done."""
+        spec, ctx = resolve(trial.config)
+        self.worked[trial.trial_id] = spec.train.epochs
+        self.done += 1
+        self.failed += status == "FAILED"
+        print(
+            f"advlab: [{self.done}/{self.total}] {ctx.label} {status}; {self.failed} failed; "
+            f"{self.pace()}",
+            flush=True,
+        )
+
+    def pace(self) -> str:
+        """Elapsed time, epochs done of those planned, and the ETA from that pace."""
+        elapsed = self.clock() - self.start
+        worked = sum(self.worked.values())
+        if worked < max(1, self.epochs // 20):  # the first epochs carry the start-up: no ETA
+            return f"{elapsed:.0f} s elapsed, {worked}/{self.epochs} epochs"
+        eta = elapsed / worked * max(self.epochs - worked, 0)
+        return f"{elapsed:.0f} s elapsed, {worked}/{self.epochs} epochs, ETA {eta:.0f} s"
+
+
+def progress_callback(
+    total: int, epochs: int, clock: Callable[[], float] | None = None, every: float = EVERY_S
+) -> Any:
+    """A Tune callback printing `Progress` lines for `total` trials of `epochs` epochs."""
     import time
 
     from ray import tune
 
-    class PrintProgress(tune.Callback):
-        def __init__(self) -> None:
-            self.done = self.failed = 0
-            self.start = time.monotonic()
+    class PrintProgress(Progress, tune.Callback):
+        def on_trial_result(
+            self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+        ) -> None:
+            self.epoch(trial, result)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             result = trial.last_result or {}
-            status = (
-                Status.STOPPED
-                if "failed" not in result
-                else "FAILED"
-                if result["failed"]
-                else Status.OK
-            )
-            self.line(resolve(trial.config)[1].label, status)
+            failed = result.get("failed")
+            status = Status.STOPPED if failed is None else "FAILED" if failed else Status.OK
+            self.finished(trial, status)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.line(resolve(trial.config)[1].label, "FAILED")
+            self.finished(trial, "FAILED")
 
-        def line(self, label: str, status: str) -> None:
-            self.done += 1
-            self.failed += status == "FAILED"
-            elapsed = time.monotonic() - self.start
-            eta = elapsed / self.done * max(total - self.done, 0)
-            print(
-                f"advlab: [{self.done}/{total}] {label} {status}; {self.failed} failed; "
-                f"{elapsed:.0f} s elapsed, ETA {eta:.0f} s",
-                flush=True,
-            )
+    return PrintProgress(total, epochs, clock or time.monotonic, every)
 
-    return PrintProgress()
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -402,6 +402,59 @@ def test_channels_last_images_are_detected_and_turned_channels_first() -> None:
     assert gray.input_shape == (1, 5, 5)  # (N, H, W) as before
 
 
+def test_validate_states_the_layout_it_read_and_refuses_a_shape_that_reads_both_ways(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    last = (RNG.random((24, 6, 5, 3)) * 255).astype(np.uint8)  # (N, H, W, C)
+    shapes = {"last": last, "first": last.transpose(0, 3, 1, 2), "gray": X}
+    shapes["both"] = (RNG.random((24, 3, 6, 3)) * 255).astype(np.uint8)  # 3 of 6x3, or 3 of 3x6
+    said = {}
+    for name, x in shapes.items():
+        np.savez(tmp_path / f"{name}.npz", x_train=x, y_train=Y, x_test=x, y_test=Y)
+        raw = BASE | {"dataset": {"name": "npz", "path": f"{name}.npz"}, "model": "fc3"}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw | {"storage": str(tmp_path / "results")}))
+        capsys.readouterr()
+        code = main(["validate", str(path)])
+        out, err = capsys.readouterr()
+        said[name] = (code, out.splitlines()[-1].strip() if code == 0 else err.strip())
+    images = "24 training images, 24 test images, 3 classes"
+    assert said["last"] == (
+        0,
+        f"data last: images (N, H, W, C), read as (N, C, H, W) = 3x6x5; {images}",
+    )
+    assert said["first"] == (
+        0,
+        f"data first: images (N, C, H, W), read as (N, C, H, W) = 3x6x5; {images}",
+    )
+    assert said["gray"] == (
+        0,
+        f"data gray: images (N, H, W), read as (N, C, H, W) = 1x5x5; {images}",
+    )
+    code, line = said["both"]
+    assert code == 2 and "\n" not in line
+    assert (
+        "x_train has shape (24, 3, 6, 3), which reads as 3 channels of 6x3 or 3 channels of 3x6"
+        in line
+    )
+    assert line.endswith(
+        "save the images as (N, C, H, W) or (N, H, W, C) with height and width above 4"
+    )
+    # Image files have a known layout: tiny RGB images (3x3 pixels) are read, not refused.
+    for split in ("train", "test"):
+        for label in range(2):
+            folder = tmp_path / "tiny" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                pixels = (RNG.random((3, 3, 3)) * 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="RGB").save(folder / f"{i}.png")
+    raw = BASE | {"dataset": {"name": "folder", "path": "tiny"}, "model": "fc2"}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw | {"storage": str(tmp_path / "results")}))
+    assert main(["validate", str(path)]) == 0
+    assert "data tiny: images (N, C, H, W), read as (N, C, H, W) = 3x3x3" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_a_search_over_relative_init_paths_runs_its_samples(ray_local, tmp_path: Path) -> None:
     import torch

@@ -105,3 +105,13 @@ def test_ray_job_submit_runs_a_sweep_shipped_as_the_working_dir(head: str, tmp_p
     assert len(res.transfer) and (res.transfer["status"] == "ok").all()
     runs = list((tmp_path / "results" / "submitted" / "wandb").glob("offline-run-*"))
     assert len(runs) >= 2  # the offline W&B runs landed in the sweep's storage
+    # A relative storage would land in Ray's temporary copy of the working dir: refused, in
+    # one line, by the submitted command itself (Ray's job environment tells it apart).
+    (job_dir / "relative.yaml").write_text(yaml.safe_dump(raw | {"storage": "results"}))
+    refused = subprocess.run(
+        [RAY, "job", "submit", "--address", head, "--working-dir", str(job_dir), "--",
+         sys.executable, "-m", "advlab.cli", "validate", "relative.yaml"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert refused.returncode != 0, refused.stdout[-3000:] + refused.stderr[-2000:]
+    assert "storage: 'results' is relative, and under `ray job submit`" in refused.stdout

@@ -25,7 +25,6 @@ import pytest
 from browser import CHROMIUM, open_page
 from PIL import Image
 from report_sweeps import FAILURE, TOY, sweep_a_via_ray, sweep_b_in_process
-from scipy import stats
 
 from advlab import results
 from advlab.cli import main
@@ -73,6 +72,7 @@ def drawn(report: Path, tmp_path_factory: pytest.TempPathFactory) -> Drawn:
     with open_page(report) as browser:
         charts = browser.wait_for("document.body.dataset.charts")
         plotted = browser.evaluate(POINTS_JS)
+        seeds = browser.evaluate(POINTS_JS.replace("points_marks", "seeds_marks"))
         sections = browser.evaluate("[...document.querySelectorAll('section')].map(s => s.id)")
         screenshots = [browser.screenshot(f"#{s}", shots / f"{s}.png") for s in sections]
         filtered = browser.evaluate(
@@ -80,7 +80,7 @@ def drawn(report: Path, tmp_path_factory: pytest.TempPathFactory) -> Drawn:
         )
         chipped = browser.evaluate(CHIP_JS)
         return Drawn(
-            charts, plotted, sections, screenshots, filtered, chipped, browser.requests(),
+            charts, plotted, seeds, sections, screenshots, filtered, chipped, browser.requests(),
             browser.problems(),
         )  # fmt: skip
 
@@ -89,6 +89,7 @@ def drawn(report: Path, tmp_path_factory: pytest.TempPathFactory) -> Drawn:
 class Drawn:
     charts: str
     points: dict[str, list[dict[str, Any]]]  # chart id -> the datum of every plotted mean
+    seeds: dict[str, list[dict[str, Any]]]  # chart id -> the datum of every seed's own point
     sections: list[str]
     screenshots: list[Path]
     filtered: dict[str, Any]
@@ -258,12 +259,6 @@ def repeats(run: results.Results) -> list[list[str]]:
     return list(groups.values())
 
 
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    a = np.asarray(values, dtype=float)
-    half = stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / np.sqrt(len(a))
-    return a.mean(), a.mean() - half, a.mean() + half
-
-
 def configs_in_order(loaded: list[results.Results]) -> list[tuple[int, list[str]]]:
     return [(i, group) for i, run in enumerate(loaded) for group in repeats(run)]
 
@@ -282,14 +277,28 @@ def test_table1_has_one_row_per_configuration_with_means_over_seeds(
         attrs, _ = row["test_error"]
         assert float(attrs["data-value"]) == pytest.approx(trials["test_error"].mean())
         assert row["seeds"][1] == str(len(group))
-        if len(group) > 1:  # repeats: the 95% t-interval over seeds
-            _, lo, hi = t_interval(list(trials["test_error"]))
-            assert (float(attrs["data-lo"]), float(attrs["data-hi"])) == pytest.approx((lo, hi))
-            assert "±" in row["test_error"][1]
+        seeds = list(trials["test_error"])
+        if len(group) > 1:  # repeats: the bootstrap interval over seeds, and every seed shown
+            assert len(group) == 2  # two seeds: the interval is exactly their range
+            lo, hi = float(attrs["data-lo"]), float(attrs["data-hi"])
+            assert (lo, hi) == pytest.approx((min(seeds), max(seeds)))
+            assert json.loads(attrs["data-values"]) == pytest.approx(seeds)
+            shown = ", ".join(f"{100 * v:.1f}%" for v in seeds)
+            assert f"seeds: {shown}" in row["test_error"][1]
+            assert f"[{100 * lo:.1f}%, {100 * hi:.1f}%]" in row["test_error"][1]
         else:
-            assert "data-lo" not in attrs and "±" not in row["test_error"][1]
+            assert "data-lo" not in attrs and "seeds:" not in row["test_error"][1]
     assert table.texts("model") == ["fc10", "fc16-10", "fc16-10", "fc10", "fc16-10"]
     assert table.texts("weight_decay") == ["0.0001", "0.0001", "0.001, 0.0001", "0", "0.001"]
+    rates = [k for k in table.header if k.endswith("_error") or "success" in k]
+    bounds = [float(r[k][0][b]) for r in table.rows for k in rates for b in ("data-lo", "data-hi")
+              if b in r.get(k, ({}, ""))[0]]  # fmt: skip
+    assert bounds and all(0.0 <= b <= 1.0 for b in bounds)  # every rate's interval in [0, 1]
+
+
+def test_the_page_names_its_interval_method(report: Path) -> None:
+    text = report.read_text(encoding="utf-8")
+    assert "Intervals: 95% percentile bootstrap over seeds (resampling the seeds" in text
 
 
 def test_table1_tells_two_lbfgs_setups_apart_and_learns_kinds_and_norms_from_the_data(
@@ -363,11 +372,13 @@ def test_failed_trials_are_listed_with_their_reason(page: Page, loaded: list[res
 # --------------------------------------------------------------------------- charts
 
 
-def chart_points(drawn: Drawn, page: Page, **attrs: str) -> list[dict[str, Any]]:
+def chart_points(
+    drawn: Drawn, page: Page, layer: str = "points", **attrs: str
+) -> list[dict[str, Any]]:
     (chart,) = [
         c for c in page.charts.values() if all(c.get(f"data-{k}") == v for k, v in attrs.items())
     ]
-    return drawn.points[chart["data-chart"]]
+    return getattr(drawn, layer)[chart["data-chart"]]
 
 
 def by_config(points: list[dict[str, Any]], x: str) -> dict[str, dict[float, dict[str, Any]]]:
@@ -405,6 +416,20 @@ def test_robust_error_curves_start_at_the_clean_error(
                 assert points[name][budget]["mean"] == pytest.approx(rows["robust_error"].mean())
                 assert points[name][budget]["n"] == len(group)
             assert sorted(points[name]) == [0.0, *sorted(curves["budget"].unique())]
+        drawn_seeds = chart_points(
+            drawn, page, "seeds", shows="robust-error", attack=attack, norm=norm
+        )
+        for name, (sweep, group) in zip(names, configs_in_order(loaded), strict=True):
+            run = loaded[sweep]
+            mine_attack = run.curves["attack"] == attack
+            curves = run.curves[run.curves["trial_id"].isin(group) & mine_attack]
+            for budget, rows in curves.groupby("budget"):  # each seed drawn beside its mean
+                mine = [
+                    s["seed_value"] for s in drawn_seeds
+                    if s["configuration"] == name and s["budget"] == budget
+                ]  # fmt: skip
+                expected = list(rows["robust_error"]) if len(group) > 1 else []
+                assert sorted(mine) == pytest.approx(sorted(expected))
     (fgsm,) = [c for c in page.charts.values() if c.get("data-attack") == "fgsm"]  # fixed budget
     x_title = fgsm["spec"]["layer"][0]["encoding"]["x"]["title"]
     assert "L∞" in x_title  # from the curves table's norm, not from the attack's name

@@ -96,7 +96,8 @@ def test_killed_driver_resumes_without_recomputing_finished_trials(tmp_path: Pat
         [*ADVLAB, "sweep", str(path)], capture_output=True, text=True, timeout=300
     )
     assert second.returncode == 0, second.stderr
-    assert f"resuming: {len(finished)} trials already finished" in second.stdout
+    done = "1 trial" if len(finished) == 1 else f"{len(finished)} trials"  # said as English
+    assert f"resuming: {done} already finished" in second.stdout
     for file, (mtime, content) in finished.items():
         assert (file.stat().st_mtime_ns, file.read_bytes()) == (mtime, content), file.name
     trials = SweepStore(str(tmp_path / "results"), "killme").read("trials")

@@ -164,9 +164,8 @@ def test_validation_robust_error_is_measure_robust_error_with_every_example_atta
     ).success
     error = pgd_robust_error(model, xv, yv, eps=0.1, steps=5, seed=0)
     wrong = int(success.sum())
-    # measure.robust_error with nothing skipped, at the float32 precision histories hold.
-    assert error == float(torch.tensor(robust_error(success, clean_wrong=0), dtype=torch.float32))
-    assert error == float(torch.tensor(wrong / len(yv), dtype=torch.float32)) != wrong / len(yv)
+    # measure.robust_error with nothing skipped, the exact fraction (not float32's rounding).
+    assert error == robust_error(success, clean_wrong=0) == wrong / len(yv)
     # Here PGD leaves every clean mistake misclassified, so a trial's convention (attack the
     # correct ones, count every clean mistake) gives the same count.
     assert bool(success[clean_wrong].all())

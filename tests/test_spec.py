@@ -35,7 +35,10 @@ def test_every_sweep_file_in_the_repo_is_valid() -> None:
     files = sorted((REPO / "sweeps").glob("*.yaml"))
     assert files
     for path in files:
-        assert load_sweep(path).trials, path
+        spec = load_sweep(path)
+        assert spec.trials, path
+        # `storage: ../results` from sweeps/: the repository's results/, wherever one runs.
+        assert spec.settings.storage == str(REPO / "results"), path
 
 
 def test_dotted_grid_axes_reach_nested_keys() -> None:
@@ -205,3 +208,77 @@ def test_validate_reports_the_grid(write_sweep, capsys) -> None:
     assert (
         "tiny: valid, 2 trials; grid axes: model (2), weight_decay (1)" in capsys.readouterr().out
     )
+
+
+def test_one_trial_is_one_trial_not_1_trials(write_sweep, capsys) -> None:
+    from advlab.text import count
+
+    assert [count(n, "trial") for n in (0, 1, 2)] == ["0 trials", "1 trial", "2 trials"]
+    one = tiny_sweep(grid={"model": ["fc10"]})
+    assert main(["validate", str(write_sweep(one))]) == 0
+    assert "tiny: valid, 1 trial; grid axes: model (1)" in capsys.readouterr().out
+
+
+WIDTHS = """
+import torch.nn as nn
+
+
+def build(input_shape, num_classes, width=4):
+    hidden = nn.Linear(64, width)
+    return nn.Sequential(nn.Flatten(), hidden, nn.ReLU(), nn.Linear(width, num_classes))
+"""
+
+
+def test_set_reaches_any_nested_grid_axis_and_search_dimension(
+    write_sweep, tmp_path: Path, capsys
+) -> None:
+    (tmp_path / "widthnets.py").write_text(WIDTHS)
+    path = write_sweep(tiny_sweep(model="widthnets:build", grid={"seed": [0]}))
+    spec = load_sweep(path, overrides={"grid.model_args.width": [4, 8]})
+    assert [t.model_args for t in spec.trials] == [{"width": 4}, {"width": 8}]
+    assert spec.settings.grid["model_args.width"] == [4, 8]
+    args = ["validate", str(path), "--set", "grid.model_args.width=[4,8]"]
+    assert main(args) == 0
+    assert "valid, 2 trials; grid axes: seed (1), model_args.width (2)" in capsys.readouterr().out
+    space = {"search.algorithm": "random", "search.num_samples": 2,
+             "search.space.train.lr": {"loguniform": [1e-3, 0.1]}}  # fmt: skip
+    searched = load_sweep(path, overrides=space)
+    assert list(searched.settings.search.space) == ["train.lr"]
+
+
+def test_every_relative_path_in_a_sweep_file_counts_from_its_folder(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    import numpy as np
+    import yaml
+
+    folder = tmp_path / "project" / "sweeps"
+    (folder / "data").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.random((40, 8, 8), dtype=np.float32), "y_train": np.arange(40) % 10}
+    arrays |= {"x_test": rng.random((10, 8, 8), dtype=np.float32), "y_test": np.arange(10) % 10}
+    np.savez(folder / "data" / "pairs.npz", **arrays)
+    raw = tiny_sweep(dataset={"name": "npz", "path": "data/pairs.npz"}, storage="out")
+    path = folder / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)  # somewhere else: the working directory plays no part
+    spec = load_sweep(path)
+    assert spec.settings.storage == str(folder / "out")
+    assert spec.trials[0].dataset.path == str(folder / "data" / "pairs.npz")
+    # --storage is a command-line path: relative to where the command runs.
+    assert main(["validate", str(path), "--storage", "elsewhere"]) == 0
+    spec = load_sweep(path, overrides={"storage": str(tmp_path / "elsewhere")})
+    assert spec.settings.storage == str(tmp_path / "elsewhere")
+    # Under `ray job submit` the file's folder is Ray's temporary copy: relative storage is
+    # refused in one line, exit 2, before any work; an absolute one or a URI is fine.
+    job = '{"runtime_env": {}, "metadata": {"job_submission_id": "raysubmit_1"}}'
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", job)
+    capsys.readouterr()
+    assert main(["validate", str(path)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "storage: 'out' is relative, and under `ray job submit`" in line
+    assert "s3://BUCKET/advlab" in line
+    assert main(["validate", str(path), "--storage", "rel"]) == 2
+    assert "--storage rel: relative" in capsys.readouterr().err
+    assert main(["validate", str(path), "--storage", str(tmp_path / "abs")]) == 0
+    assert not (tmp_path / "abs").exists() and not (folder / "out").exists()  # nothing written

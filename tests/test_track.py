@@ -65,14 +65,23 @@ def test_a_rerun_replaces_the_runs_folder(tmp_path: Path) -> None:
     assert read_offline_run(mine)["summary"]["attempt"] == 3
 
 
-def test_artifacts_point_at_the_stored_files(tmp_path: Path) -> None:
+def test_artifacts_point_at_the_stored_files(tmp_path: Path, monkeypatch) -> None:
+    staging = tmp_path / "wandb-data"  # W&B's own data folder (~/.local/share/wandb by default)
+    monkeypatch.setenv("WANDB_DATA_DIR", str(staging))
     model = tmp_path / "models" / "k.pt"
     model.parent.mkdir()
     model.write_bytes(b"weights")
     run = open_run(tmp_path)
     run.log_artifact("model-k", "model", [("k.pt", str(model))], {"model": "fc10"})
+    run.log_tables({"curves/fgsm": [{"budget": 0.1, "robust_error": 0.25}]})
     run.finish()
-    (artifact,) = read_offline_run(offline_run_dirs(tmp_path)[0])["artifacts"]
+    # What the README says: the model (and results) artifacts copy nothing; the tables, W&B's
+    # own table artifacts, are staged by wandb in its data folder until uploaded.
+    staged = [p.read_bytes() for p in staging.rglob("*") if p.is_file()]
+    assert staged and all(b"weights" not in s for s in staged)
+    assert any(b'"robust_error"' in s and b'"_type": "table"' in s for s in staged)
+    artifacts = read_offline_run(offline_run_dirs(tmp_path)[0])["artifacts"]
+    (artifact,) = [a for a in artifacts if a["name"] == "model-k"]
     assert (artifact["name"], artifact["type"], artifact["metadata"]) == (
         "model-k", "model", {"model": "fc10"},
     )  # fmt: skip

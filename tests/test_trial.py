@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import tiny_sweep
 
+from advlab.data import load_dataset
+from advlab.measure import fraction
 from advlab.store import SweepStore
 from advlab.sweep import trial_context
 from advlab.sweepfile import parse_sweep
@@ -31,6 +34,27 @@ def test_trials_differing_only_in_evaluation_train_once(tmp_path: Path) -> None:
     assert rows[0]["test_error"] == rows[1]["test_error"]
     curves = store.read("curves")
     assert sorted(curves.loc[curves["attack"] == "fgsm", "n"]) == [6, 6, 12, 12]
+    # Rates are stored as the exact fractions they are: k / n in float64, never float32's
+    # rounding of it (2 of 25 is 0.08, not 0.07999999821).
+    n_test = len(load_dataset("digits").y_test)
+    for rate, n in [
+        (rows[0]["test_error"], n_test),
+        *zip(curves["success_rate"], curves["n"], strict=True),
+    ]:
+        assert rate == round(rate * n) / n
+    attacks = store.read("attacks")
+    for rate, n in zip(attacks["success_rate"], attacks["n"], strict=True):
+        assert rate == round(rate * n) / n
+
+
+def test_fraction_is_count_over_n_exactly() -> None:
+    import torch
+
+    mask = torch.zeros(25, dtype=torch.bool)
+    mask[:2] = True
+    assert fraction(mask) == 0.08 != float(mask.float().mean())  # float32: 0.07999999821
+    assert fraction(torch.ones(3, dtype=torch.bool)) == 1.0
+    assert math.isnan(fraction(torch.zeros(0, dtype=torch.bool)))
 
 
 def test_a_different_seed_trains_a_different_model(tmp_path: Path) -> None:

@@ -4,9 +4,13 @@ that stop trials early (recorded as stopped), and the checks that refuse a bad s
 from __future__ import annotations
 
 import itertools
+import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_sweep
@@ -14,6 +18,7 @@ from wandb_reader import read_offline_run
 
 from advlab import results
 from advlab.cli import main
+from advlab.report import build_report
 from advlab.spec import SpecError
 from advlab.store import SweepStore
 from advlab.sweep import pareto_front
@@ -35,7 +40,7 @@ def search_sweep(tmp_path: Path, **changes: Any) -> Path:
 
 @pytest.mark.slow
 def test_optuna_multi_objective_search_records_samples_and_its_pareto_front(
-    ray_local, tmp_path: Path
+    ray_local, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     search = {
         "algorithm": "optuna",
@@ -67,6 +72,7 @@ def test_optuna_multi_objective_search_records_samples_and_its_pareto_front(
         values.loc[:, "test_error"].to_dict()
         == res.trials.set_index("trial_id")["test_error"].to_dict()
     )
+    check_pareto_reading_and_report(res, pareto, expected, tmp_path, capsys.readouterr().out)
     # Asked again for the same search: nothing to do; for two more samples: two more only.
     assert main(["sweep", str(path)]) == 0
     assert len(results.load(str(tmp_path / "results" / "search")).trials) == 4
@@ -76,6 +82,43 @@ def test_optuna_multi_objective_search_records_samples_and_its_pareto_front(
     assert main(["sweep", str(path)]) == 0
     grown = results.load(str(tmp_path / "results" / "search"))
     assert len(grown.trials) == 6 and len(grown.manifest["versions"]) == 1
+
+
+def check_pareto_reading_and_report(
+    res: results.Results, pareto: pd.DataFrame, front: set[str], tmp_path: Path, out: str
+) -> None:
+    """The table carries labels, advlab.load reads it (long and wide), the summary lists only
+    folders that exist, and the report plots every trial, labelled, with the front in red."""
+    labels = res.trials.set_index("trial_id")["label"]
+    assert pareto["label"].tolist() == labels.loc[pareto["trial_id"]].tolist()
+    wide = res.objectives().set_index("trial_id")
+    assert list(wide.columns) == ["label", "test_error", "fgsm/robust_error@0.1", "on_front"]
+    assert set(wide.index[wide["on_front"]]) == front and len(wide) == 4
+    assert (wide["label"] == labels.loc[wide.index]).all()
+    robust = res.curves.query("attack == 'fgsm' and budget == 0.1").set_index("trial_id")
+    assert wide["fgsm/robust_error@0.1"].to_dict() == robust["robust_error"].to_dict()
+    assert set(res.pareto.columns) >= {"trial_id", "label", "metric", "mode", "value", "on_front"}
+    (listed,) = [line for line in out.splitlines() if "parquet:" in line]
+    folders = listed.split("{")[1].split("}")[0].split(",")
+    assert "pareto" in folders and "transfer" not in folders  # transfer is off in this sweep
+    assert all((tmp_path / "results" / "search" / f).is_dir() for f in folders)
+    html = build_report([str(tmp_path / "results" / "search")], str(tmp_path / "r.html"))
+    page = html.read_text(encoding="utf-8")
+    assert '<section id="pareto">' in page
+    found = re.findall(r'class="vl-spec" data-target="pareto-[^"]*">(.*?)</script>', page)
+    (spec,) = [json.loads(s) for s in found]  # two objectives: one chart
+    drawn = {d["trial_id"]: d for d in spec["data"]["values"]}
+    assert set(drawn) == set(wide.index)
+    for number, (trial, row) in enumerate(wide.iterrows(), start=1):  # each point: label, values
+        assert drawn[trial]["label"] == row["label"]
+        tag = f"{number}: {row['label']}" if row["on_front"] else str(number)
+        assert drawn[trial]["tag"] == tag  # its number in the table; on the front, its label
+        assert (drawn[trial]["x"], drawn[trial]["y"]) == (
+            row["test_error"],
+            row["fgsm/robust_error@0.1"],
+        )
+        assert drawn[trial]["front"] == ("on the front" if row["on_front"] else "dominated")
+    assert f"{len(front)} of 4 trials on the front" in page
 
 
 @pytest.mark.slow
@@ -103,6 +146,13 @@ def test_asha_stops_bad_trials_early_and_records_them_as_stopped(
     ran = epochs.groupby("trial_id")["epoch"].max()
     assert (ran[stopped["trial_id"]] < 6).all()  # they really stopped before the end
     assert stopped["test_error"].isna().all()  # no clean evaluation for a stopped trial
+    # `advlab ls` counts the stopped trials, so its counts add up to the trials.
+    capsys.readouterr()
+    assert main(["ls", str(tmp_path / "results")]) == 0
+    header, row = capsys.readouterr().out.strip().splitlines()
+    counts = dict(zip(header.split()[1:], map(int, row.split()[1:]), strict=True))
+    assert counts["trials"] == 4 and counts["stopped"] == len(stopped)
+    assert counts["ok"] + counts["failed"] + counts["stopped"] + counts["missing"] == 4
 
 
 def test_pareto_front_known_answer() -> None:
@@ -235,3 +285,45 @@ def test_a_garbage_optuna_db_is_moved_aside_and_the_study_rebuilt(
     assert len(done) == 3  # the two rebuilt and the new one
     errors = sorted(res.trials["test_error"])
     assert sorted(t.value for t in done) == pytest.approx(errors)
+    assert list((tmp_path / "results" / "search" / "damaged").glob("optuna.db.*"))
+
+
+def test_progress_prints_epochs_inside_trials_and_an_eta_from_work_done(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from advlab.sweep import Plan, trial_configs
+    from advlab.tuning import progress_callback
+
+    spec = parse_sweep(tiny_sweep(train=FAST | {"epochs": 4}))  # two trials of 4 epochs
+    configs = trial_configs(spec, str(tmp_path), "disabled", {})
+    plan = Plan(configs)
+    assert (plan.total, plan.epochs) == (2, 8)
+    moment = [0.0]
+    progress = progress_callback(plan.total, plan.epochs, clock=lambda: moment[0], every=10)
+    a, b = (SimpleNamespace(config={"trial": c}, trial_id=c["id"]) for c in configs)
+
+    def result(at: float, trial: Any, epoch: int) -> None:
+        moment[0] = at
+        progress.on_trial_result(0, [], trial, {"epoch": epoch, "test_error": 0.25})
+
+    result(5, a, 1)  # printed (the first line); 1 of 8 epochs in 5 s
+    result(8, b, 1)  # within 10 s of the last line: quiet, but its epoch counts
+    result(20, a, 2)  # printed; 3 of 8 epochs in 20 s
+    result(30, a, 4)  # the trial's last epoch is always printed
+    a.last_result = {"failed": 0}
+    moment[0] = 40
+    progress.on_trial_complete(0, [], a)  # a's 4 epochs count whole
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        "advlab:   fc10: epoch 1/4, test error 25.0%; 5 s elapsed, 1/8 epochs, ETA 35 s",
+        "advlab:   fc10: epoch 2/4, test error 25.0%; 20 s elapsed, 3/8 epochs, ETA 33 s",
+        "advlab:   fc10: epoch 4/4, test error 25.0%; attack runs next; 30 s elapsed, 5/8 "
+        "epochs, ETA 18 s",
+        "advlab: [1/2] fc10 ok; 0 failed; 40 s elapsed, 5/8 epochs, ETA 24 s",
+    ]
+    # Before 5% of the planned epochs are done (start-up dominates), no ETA is guessed.
+    early = progress_callback(plan.total, 40 * plan.epochs, clock=lambda: moment[0])
+    early.on_trial_result(0, [], b, {"epoch": 1, "test_error": math.nan})
+    assert capsys.readouterr().out == "advlab:   fc16-10: epoch 1/4; 0 s elapsed, 1/320 epochs\n"

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from advlab.measure import fraction
 from advlab.models import ModelNameError
 from advlab.runtime import predict
 
@@ -81,7 +82,7 @@ class TrialModel(ABC):
         if len(x) == 0:
             return float("nan")
         labels = self.predict(x)
-        return float((labels != y.to(labels.device)).float().mean())
+        return fraction(labels != y.to(labels.device))
 
     def to(self, device: torch.device | str) -> TrialModel:
         self.module.to(device)

@@ -4,9 +4,10 @@
     advlab.report.build_report(["results/sweep-a", "results/sweep-b"], "report.html")
 
 Modules: load (sweeps read with advlab.results, tagged with configurations and attack
-variants), stats (mean and 95% interval over seeds), differ (what differs between sweeps and
+variants), differ (what differs between sweeps and
 trials), charts (Vega-Lite through altair), html (the page and its tables), images (example
-PNGs) and one module per section under sections/.
+PNGs) and one module per section under sections/. Every mean and interval comes from
+advlab.stats.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from advlab.report.sections import (
     failures,
     measures,
     overview,
+    pareto,
     robust,
     table1,
     training,
@@ -32,7 +34,8 @@ __all__ = ["SECTIONS", "build_report", "render_report"]
 
 # In page order; each renders "" when its data is absent.
 SECTIONS = (
-    overview, table1, failures, robust, distortion, bracket, training, examples, transfer, measures,
+    overview, table1, failures, pareto, robust, distortion, bracket, training, examples, transfer,
+    measures,
 )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """Vega-Lite charts (through altair) that share one colour per configuration.
 
 Every chart takes rows already aggregated over seeds (config, configuration, x, mean, lo, hi, n,
-ci) and draws the mean as points and lines, the 95% interval as a band or bars. Each chart
+values, ci) and draws the mean as points and lines, the 95% interval as a band or bars, and each
+seed's own value as a small hollow point. Each chart
 carries two parameters the page drives: `visible`, the configuration keys the page's filters let
 through (a filter transform), and `pick`, bound to the chart's own legend (click an entry to
 bring one configuration forward). Hover a point for its values.
@@ -17,10 +18,11 @@ import altair as alt
 import pandas as pd
 
 from advlab.report.load import Config
-from advlab.stats import aggregate
+from advlab.stats import METHOD, aggregate
 
 WIDTH, HEIGHT = 430, 250
 POINTS = "points"  # the name of the layer that holds the plotted means (tests read it back)
+SEEDS = "seeds"  # the layer of each seed's own value (hollow points)
 FADED = 0.12
 
 
@@ -70,7 +72,7 @@ def trend(
         alt.Tooltip("configuration:N"),
         *extra_tooltip,
         alt.Tooltip("mean:Q", title="mean", format=".4g"),
-        alt.Tooltip("ci:N", title="95% interval"),
+        alt.Tooltip("ci:N", title=METHOD),
         alt.Tooltip("n:Q", title="seeds"),
     ]
     points = (
@@ -79,8 +81,24 @@ def trend(
         .add_params(pick)
         .properties(name=POINTS)
     )
-    layers = [spread, line, points] if rows[["lo", "hi"]].notna().any().any() else [line, points]
-    return finish(alt.layer(*layers, data=_records(rows)), configs, title)
+    seeds = (
+        base.transform_filter("datum.n > 1")
+        .transform_flatten(["values"], as_=["seed_value"])
+        .mark_point(filled=False, size=22, strokeWidth=1)
+        .encode(
+            y=alt.Y("seed_value:Q", title=y_title),
+            opacity=emphasis,
+            tooltip=[
+                alt.Tooltip("configuration:N"),
+                *extra_tooltip,
+                alt.Tooltip("seed_value:Q", title="one seed", format=".4g"),
+            ],
+        )
+        .properties(name=SEEDS)
+    )
+    layers = [spread, line, seeds, points] if rows[["lo", "hi"]].notna().any().any() else [
+        line, points]  # fmt: skip
+    return finish(alt.layer(*layers, data=records(rows)), configs, title)
 
 
 def finish(chart: alt.LayerChart, configs: Sequence[Config], title: str) -> dict[str, Any]:
@@ -96,7 +114,7 @@ def finish(chart: alt.LayerChart, configs: Sequence[Config], title: str) -> dict
     return chart.to_dict()
 
 
-def _records(rows: pd.DataFrame) -> alt.Data:
+def records(rows: pd.DataFrame) -> alt.Data:
     """Rows as inline values, NaN as null (JSON has no NaN)."""
     clean = rows.astype(object).where(rows.notna(), None)
     values = [
@@ -106,14 +124,10 @@ def _records(rows: pd.DataFrame) -> alt.Data:
     return alt.Data(values=values)
 
 
-def summarise(
-    frame: pd.DataFrame, by: Sequence[str], value: str, low: float = 0.0, high: float = math.inf
-) -> pd.DataFrame:
-    """Per configuration and `by` key (in order): mean, interval and seeds of `value`. The
-    interval is drawn clipped to the values the quantity can take (a rate stays in [0, 1])."""
+def summarise(frame: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
+    """Per configuration and `by` key (in order): mean, interval, seeds and the seeds' values of
+    `value` (advlab.stats: the interval never leaves the values seen, so it needs no clipping)."""
     rows = aggregate(frame, ["config", "configuration", *by], value)
-    rows["lo"] = rows["lo"].clip(lower=low, upper=high)
-    rows["hi"] = rows["hi"].clip(lower=low, upper=high)
     return rows.assign(
         ci=[interval_text(lo, hi) for lo, hi in zip(rows["lo"], rows["hi"], strict=True)]
     )
@@ -188,4 +202,4 @@ def dashed_pairs(
         .add_params(pick)
         .properties(name=POINTS)
     )
-    return finish(alt.layer(line, points, data=_records(rows)), configs, title)
+    return finish(alt.layer(line, points, data=records(rows)), configs, title)

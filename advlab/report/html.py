@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from advlab.stats import Estimate
+from advlab.stats import METHOD, WHY, Estimate
 
 # 'unsafe-eval': Vega compiles its expressions with Function(); nothing else is allowed out.
 CSP = (
@@ -151,17 +151,30 @@ def number(value: float | None, digits: int = 4) -> str:
     return "" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
-def estimate_cell(found: Estimate, as_percent: bool) -> Cell:
-    """A mean, with ± the half-width of its 95% interval when there are repeats."""
+SHOWN_VALUES = 8  # a cell lists its values (the seeds) when there are at most this many
+
+
+def estimate_cell(found: Estimate, as_percent: bool, unit: str = "seeds") -> Cell:
+    """A mean; with repeats, its 95% interval [lo, hi] and each value (seed) beside it."""
     if found.n == 0:
         return Cell()
     show = percent if as_percent else number
     cell = Cell(text=show(found.mean), value=found.mean, attrs={"data-n": str(found.n)})
-    if found.n > 1 and math.isfinite(found.half_width):
-        half = percent(found.half_width) if as_percent else number(found.half_width, 2)
-        cell.raw = f'{esc(cell.text)} <span class="ci">± {esc(half)}</span>'
+    if found.n < 2:
+        return cell
+    values = [show(v) for v in found.values]
+    cell.attrs |= {"data-values": json.dumps(list(found.values))}
+    listed = f"{unit}: {', '.join(values)}" if found.n <= SHOWN_VALUES else ""
+    body = esc(cell.text)
+    if math.isfinite(found.lo) and math.isfinite(found.hi):
         cell.attrs |= {"data-lo": repr(found.lo), "data-hi": repr(found.hi)}
-        cell.title = f"mean of {found.n} seeds; 95% interval {show(found.lo)} to {show(found.hi)}"
+        body += f' <span class="ci">[{esc(show(found.lo))}, {esc(show(found.hi))}]</span>'
+    if listed:
+        body += f'<span class="seeds">{esc(listed)}</span>'
+    cell.raw = body
+    cell.title = f"mean of {found.n} {unit}; {METHOD}: {show(found.lo)} to {show(found.hi)}" + (
+        f"; {listed}" if listed else ""
+    )
     return cell
 
 
@@ -212,6 +225,8 @@ def page(title: str, controls: str, sections: Sequence[str], configs: list[dict[
 <h1>{esc(title)}</h1>
 <p class="meta">advlab report, written {esc(stamp)}. Works offline: every script, chart and
 image is inside this file.</p>
+<p class="meta" id="method">Intervals: {esc(METHOD)} ({esc(WHY)}). Every seed is shown beside
+its mean: the values under each table cell, small hollow points in the charts.</p>
 {"".join(sections)}
 </main>
 <script type="application/json" id="advlab-configs">{script_json(configs)}</script>

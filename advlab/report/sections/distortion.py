@@ -93,8 +93,8 @@ def render(compared: Compared) -> str:
         items.append(chart(f"decay-{number}", spec, shows="distortion", attack=attack, norm=norm))
     per_layer = compared.trials["weight_decay"].map(lambda v: len(set(_flat(v))) > 1).any()
     intro = (
-        "Each point is a configuration's mean over seeds (bars: 95% interval); gray lines join "
-        "configurations that differ only in λ."
+        "Each point is a configuration's mean over seeds (bars: 95% interval, hollow points: "
+        "each seed); gray lines join configurations that differ only in λ."
         + (" A per-layer λ is plotted at its largest value." if per_layer else "")
         + (" λ = 0 sits a decade below the smallest positive λ." if zeros else "")
     )

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from advlab.measures import registry
 from advlab.report.html import (
+    SHOWN_VALUES,
     Cell,
     Row,
     esc,
@@ -69,7 +70,7 @@ def measure_table(compared: Compared, name: str, frame: pd.DataFrame) -> str:
             for key, _, (column, chosen) in spread:
                 series = rows.loc[chosen(rows), column]
                 series = series.astype("float64") if column in flags else series
-                cells[key] = estimate_cell(estimate(series), column in flags)
+                cells[key] = estimate_cell(estimate(series), column in flags, unit="values")
             body.append(Row(cells, config.key))
     head = [("configuration", "configuration"), *[(k, k) for k in down], ("n", "trials")]
     head += [(key, header) for key, header, _ in spread]
@@ -130,8 +131,9 @@ def render(compared: Compared) -> str:
     if not blocks:
         return ""
     intro = (
-        "One table per measure (advlab.measures). Mean ± half-width of the 95% interval over "
-        "the rows behind each cell: its seeds and, for per-example measures, its examples; "
-        "true/false columns as the share that is true."
+        "One table per measure (advlab.measures). The mean of the rows behind each cell (its "
+        "seeds and, for per-example measures, its examples) with its 95% percentile bootstrap "
+        "interval [lo, hi] over those rows, and the values themselves when there are at most "
+        f"{SHOWN_VALUES}; true/false columns as the share that is true."
     )
     return section("measures", "Measures", "".join(blocks), intro)

@@ -45,7 +45,7 @@ def curve_rows(compared: Compared, attack: str, norm: str) -> pd.DataFrame:
     columns = ["trial_id", "config", "configuration", "budget", "robust_error"]
     both = pd.concat([clean[columns], mine[columns]], ignore_index=True)
     both["budget"] = both["budget"].astype(float)
-    return charts.summarise(both, ["budget"], "robust_error", high=1.0)
+    return charts.summarise(both, ["budget"], "robust_error")
 
 
 def render(compared: Compared) -> str:
@@ -68,7 +68,7 @@ def render(compared: Compared) -> str:
     intro = (
         "Fraction of the scanned test examples that are wrong under attack: misclassified "
         "clean, or fooled within the budget. ε = 0 is the clean error of the same examples. "
-        "Lines are means over seeds, bands their 95% interval. Hover for values; click a legend "
-        "entry to bring one configuration forward."
+        "Lines are means over seeds, bands their 95% interval, hollow points each seed. Hover "
+        "for values; click a legend entry to bring one configuration forward."
     )
     return section("robust", "Robust error against budget", chart_row(items), intro)

@@ -1,4 +1,4 @@
-"""Table 1 of the paper, one row per configuration (repeats over seeds as mean ± 95% interval).
+"""Table 1 of the paper, one row per configuration (repeats over seeds: mean, 95% interval, seeds).
 
 Model, weight decay and the other grid values; train, test and held-out error; for every
 minimisation attack the mean minimum distortion in its own norm and its success rate; for every
@@ -17,7 +17,7 @@ import pandas as pd
 from advlab.report.html import Cell, Row, esc, estimate_cell, section, swatch_cell, table, text_cell
 from advlab.report.load import Compared, Config
 from advlab.report.sections.robust import norm_title
-from advlab.stats import estimate
+from advlab.stats import METHOD, estimate
 from advlab.tables import Status
 from advlab.trial import flags, measure_defn
 
@@ -82,7 +82,8 @@ def render(compared: Compared) -> str:
     groups = {m.key: m.group for m in columns}
     intro = (
         "One row per configuration: trials that differ only in their seed are repeats, shown as "
-        "mean ± half-width of the 95% t-interval over seeds. Distortions are means over the "
+        f"their mean, its interval [lo, hi] ({METHOD}) and each seed's value beneath. "
+        "Distortions are means over the "
         "successful examples, in the attack's own norm (rms is the paper's "
         "sqrt(mean((x'−x)²)) over pixels in [0, 1])."
     )

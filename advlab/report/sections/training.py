@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import altair as alt
 import pandas as pd
 
@@ -12,24 +10,24 @@ from advlab.report.html import chart, chart_row, section
 from advlab.report.load import Compared
 
 # metric, title, axis format, largest value it can take
-CURVES = (("test_error", "test error", ".0%", 1.0), ("loss", "training loss", ".3~g", math.inf))
+CURVES = (("test_error", "test error", ".0%"), ("loss", "training loss", ".3~g"))
 
 
-def epoch_rows(compared: Compared, metric: str, high: float = math.inf) -> pd.DataFrame:
+def epoch_rows(compared: Compared, metric: str) -> pd.DataFrame:
     """Per configuration and epoch: the mean of `metric` over seeds (epochs without it left out)."""
     epochs = compared.epochs
     ok = set(compared.ok_trials["trial_id"])
     mine = epochs[epochs["trial_id"].isin(ok) & epochs[metric].notna()]
     frame = mine.assign(value=mine[metric].astype(float))
-    return charts.summarise(frame, ["epoch"], "value", high=high)
+    return charts.summarise(frame, ["epoch"], "value")
 
 
 def render(compared: Compared) -> str:
     if compared.epochs.empty:
         return ""
     items = []
-    for metric, title, fmt, high in CURVES:
-        rows = epoch_rows(compared, metric, high)
+    for metric, title, fmt in CURVES:
+        rows = epoch_rows(compared, metric)
         if rows.empty:
             continue
         spec = charts.trend(
@@ -38,5 +36,5 @@ def render(compared: Compared) -> str:
             extra_tooltip=[alt.Tooltip("epoch:Q")],
         )  # fmt: skip
         items.append(chart(f"training-{metric}", spec, shows="training", metric=metric))
-    intro = "Means over seeds, bands their 95% interval."
+    intro = "Means over seeds, bands their 95% interval, hollow points each seed."
     return section("training", "Training curves", chart_row(items), intro) if items else ""
