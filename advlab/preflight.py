@@ -15,7 +15,7 @@ import torch
 
 from advlab import manifest
 from advlab.data import Dataset, select_subset
-from advlab.families import model_for
+from advlab.families import EstimatorModel, model_for
 from advlab.models import ModelNameError, check_decays
 from advlab.plan import check_needs, measures_of
 from advlab.robust_validation import carve_validation
@@ -173,8 +173,8 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
         model = model_for(trial, shape, classes)
     except (ModelNameError, ValueError) as err:
         raise SpecError(str(err)) from None
-    if not model.gradients:
-        check_needs(trial, trial.model)  # a factory's estimator: known only once built
+    if isinstance(model, EstimatorModel):  # a factory's estimator: known only once built
+        check_needs(trial, trial.model, gradients=model.gradients)
         return  # it predicts nothing before it is fitted
     module = model.module.eval()
     if trial.train.epochs > 0 and not any(p.requires_grad for p in module.parameters()):

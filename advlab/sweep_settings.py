@@ -62,10 +62,10 @@ class TransferSpec(_Strict):
                 family = resolve(name)
             except ModelNameError as err:
                 raise ValueError(str(err).removeprefix("model: ")) from None
-            if family.gradients is not False or not name:
+            if not family.estimator or not name:
                 raise ValueError(
                     f"{name!r} is no prediction-only model family; use logistic, linear_svm, "
-                    "rbf_svm, random_forest, knn, constant or module:FAMILY"
+                    "rbf_svm, random_forest, gradient_boosting, knn, constant or module:FAMILY"
                 )
         if len(set(value)) != len(value):
             raise ValueError("a control is listed twice; list each once")
