@@ -27,10 +27,12 @@ SOFT_VOTE_SCALE = 1.0  # pairwise score units per unit of the smooth votes' sigm
 
 
 class Float64Sequential(nn.Sequential):
-    """A Sequential computed in float64 whatever the input's dtype, returned in that dtype."""
+    """A Sequential computed in its parameters' dtype (float64 as built) whatever the input's,
+    returned in the input's dtype."""
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(x.to(torch.float64)).to(x.dtype)
+        own = next(self.parameters()).dtype
+        return super().forward(x.to(own)).to(x.dtype)
 
 
 def torch_decision(estimator: Any, num_classes: int) -> nn.Module | None:
@@ -122,8 +124,9 @@ class RBFDecision(nn.Module):
         self.gamma, self.k, self.num_classes = gamma, k, num_classes
 
     def pairwise(self, x: Tensor) -> Tensor:
-        """(B, k(k-1)/2) float64: > 0 where the pair's first class wins (libsvm's sign)."""
-        flat = x.flatten(1).to(torch.float64)
+        """(B, k(k-1)/2) in the buffers' dtype (float64 as built): > 0 where the pair's first
+        class wins (libsvm's sign)."""
+        flat = x.flatten(1).to(self.support.dtype)
         sq = (flat * flat).sum(1, keepdim=True) - 2 * flat @ self.support.T
         sq = (sq + (self.support * self.support).sum(1)).clamp_min(0.0)
         return torch.exp(-self.gamma * sq) @ self.coef.T + self.intercept
@@ -134,7 +137,7 @@ class RBFDecision(nn.Module):
             scores = torch.cat([torch.zeros_like(dec), -dec], dim=1)  # scikit-learn's sign
         else:
             scores = self._one_vs_rest(dec)
-        out = torch.full((len(x), self.num_classes), ABSENT, dtype=torch.float64, device=x.device)
+        out = torch.full((len(x), self.num_classes), ABSENT, dtype=dec.dtype, device=x.device)
         out[:, self.classes] = scores
         return out.to(x.dtype)
 

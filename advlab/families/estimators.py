@@ -98,7 +98,8 @@ class EstimatorModel(TrialModel):
         return self
 
     def fit(self, job: FitJob) -> list[Any]:
-        x = job.x_train.flatten(1).cpu().numpy()
+        # float64: the fitted model computes in float64, as its torch view does
+        x = job.x_train.flatten(1).cpu().double().numpy()
         y = job.y_train.cpu().numpy()
         limit = getattr(self.settings, "max_train", None)
         if limit is not None and len(x) > limit:
@@ -109,7 +110,7 @@ class EstimatorModel(TrialModel):
         return []  # no epochs: the trial records its clean errors once fitted
 
     def predict_numpy(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.estimator.predict(x)).astype(np.int64)
+        return np.asarray(self.estimator.predict(x.astype(np.float64))).astype(np.int64)
 
     def state(self) -> dict[str, Any]:
         import skops.io

@@ -1,0 +1,136 @@
+"""Exact minimum distortions as an attack, where the model allows: the points of
+advlab.bounds (their proven minima), so sweeps store, score and report them like any attack's.
+
+- a linear model (a torch `Sequential(Flatten, Linear)`, also inside `Normalized`: advlab's
+  fc10 and the torch views of logistic regression and the linear SVM): the closed form of
+  advlab.bounds.exact.linear_minimum;
+- a 1-nearest-neighbour classifier (the `knn` family with n_neighbors 1, Euclidean): the convex
+  problems of advlab.bounds.neighbours.
+
+A minimiser lies on the decision boundary, where the classes tie; the returned image is moved
+just past it (toward the winning training point for 1-NN, along the perturbation for linear
+models) by the smallest of `nudges` the model itself then classifies as adversarial, so its
+distance exceeds the exact minimum by that fraction at most. An example whose minimum could
+not be confirmed keeps its clean image (not a success). grad_evals is 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from advlab.attacks.base import (
+    AttackError,
+    AttackResult,
+    Settings,
+    check_norm,
+    eval_mode,
+    finish,
+    merged_settings,
+    prepare,
+)
+from advlab.runtime import model_device, predict
+
+
+class ExactSettings(Settings):
+    nudges: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)  # relative steps past the boundary
+    nearest: int = Field(50, ge=1)  # 1-NN: half-spaces a candidate cell starts with
+
+
+def exact_minimum_attack(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    settings: ExactSettings | None = None,
+    *,
+    norm: str = "l2",
+    target: Any = None,
+    generator: torch.Generator | None = None,
+    **overrides: Any,
+) -> AttackResult:
+    """Untargeted exact minimum-`norm` adversarials ("l2" or "linf"); see the module docstring."""
+    s = merged_settings(ExactSettings, settings, overrides, "exact")
+    check_norm(norm)
+    x, y, _, _ = prepare(model, x, y, target, num_classes=None, generator=generator,
+                         default="untargeted", allowed=("untargeted",))  # fmt: skip
+    found = _minimisers(model, x, y, norm, s)
+    x_adv = x.clone()
+    with eval_mode(model):
+        for nudge in sorted(s.nudges):
+            todo = [i for i, f in enumerate(found) if f is not None]
+            if not todo:
+                break
+            moved = torch.stack([_past(found[i], x[i], nudge) for i in todo]).to(x)
+            adv = predict(model, moved) != y[todo]
+            for k, i in enumerate(todo):
+                if adv[k]:
+                    x_adv[i], found[i] = moved[k], None
+        return finish(model, x_adv, y, None, torch.zeros(len(x), dtype=torch.int64))
+
+
+def _minimisers(
+    model: nn.Module, x: Tensor, y: Tensor, norm: str, s: ExactSettings
+) -> list[tuple[Tensor, Tensor] | None]:
+    """Per example (minimiser, where to move past it toward), None where none was confirmed."""
+    estimator = getattr(model, "estimator", None)
+    if _is_one_nn(estimator):
+        from advlab.bounds.neighbours import nearest_neighbour_minimum
+
+        tx = np.asarray(estimator._fit_X, dtype=np.float64)
+        ty = np.asarray(estimator.classes_)[np.asarray(estimator._y)]
+        flat = x.detach().cpu().double().flatten(1).numpy()
+        results = nearest_neighbour_minimum(
+            tx, ty, flat, y.cpu().numpy(), norm=norm, nearest=s.nearest
+        )
+        return [_knn_pair(r, tx, ty, x.shape[1:]) for r in results]
+    from advlab.bounds.exact import linear_minimum, relu_net
+
+    try:
+        linear = len(relu_net(model, x.shape[1:]).weights) == 1
+    except ValueError:
+        linear = False
+    if not linear:
+        raise AttackError(
+            "exact: no exact minimum for this model; it covers linear models (fc10, logistic, "
+            "linear_svm) and 1-nearest neighbour (knn with n_neighbors 1); use hsj or ddn"
+        )
+    device = model_device(model)
+    results = linear_minimum(model.cpu(), x.cpu(), y.cpu(), norm=norm)
+    model.to(device)
+    return [
+        None if not r.exact else (torch.from_numpy(r.point), torch.from_numpy(r.point))
+        for r in results
+    ]
+
+
+def _is_one_nn(estimator: Any) -> bool:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    if not isinstance(estimator, KNeighborsClassifier) or estimator.n_neighbors != 1:
+        return False
+    metric, params = estimator.effective_metric_, estimator.effective_metric_params_
+    return metric == "euclidean" or (metric == "minkowski" and params.get("p") == 2)
+
+
+def _knn_pair(result: Any, tx: np.ndarray, ty: np.ndarray, shape: Any) -> Any:
+    if not result.exact or result.point is None:
+        return None
+    point = result.point
+    # The winning training point: the nearest one of the reached class at the minimiser.
+    mine = np.flatnonzero(ty == result.reached)
+    winner = tx[mine[np.argmin(((tx[mine] - point) ** 2).sum(1))]]
+    return torch.from_numpy(point).view(shape), torch.from_numpy(winner).view(shape)
+
+
+def _past(found: tuple[Tensor, Tensor], x0: Tensor, nudge: float) -> Tensor:
+    """A point just past the minimiser: toward the winning training point (1-NN), or the
+    perturbation lengthened (linear: only unsaturated pixels grow, so the margin does)."""
+    point, toward = (t.to(x0.device, torch.float64) for t in found)
+    base = x0.double()
+    if torch.equal(point, toward):  # linear
+        return (base + (point - base) * (1 + nudge)).clamp(0.0, 1.0)
+    return point + nudge * (toward - point)
