@@ -232,3 +232,37 @@ def test_hopskipjump_is_seeded_batch_independent_and_linf_too(digits) -> None:
         assert torch.equal(part.x_adv, whole.x_adv[2:4].flip(0))
         assert torch.equal(part.grad_evals, whole.grad_evals[2:4].flip(0))
         assert (whole.grad_evals <= 600).all() and (whole.grad_evals > 100).all()
+
+
+@pytest.mark.parametrize(
+    ("model", "args", "attacks"),
+    [
+        ("logistic", {}, ["ddn", "hsj", "exact"]),
+        ("knn", {"n_neighbors": 1}, ["hsj", "exact"]),
+        ("gradient_boosting", {"max_iter": 10}, ["hsj"]),
+    ],
+)
+def test_a_control_trial_is_attacked_exactly_by_gradients_and_by_decisions(
+    tmp_path, model, args, attacks
+) -> None:
+    from conftest import tiny_sweep
+
+    from advlab.store import SweepStore
+    from advlab.sweep import trial_context
+    from advlab.sweepfile import parse_sweep
+    from advlab.trial import run_trial
+
+    entries = [{"name": a} | ({"max_queries": 1500} if a == "hsj" else {}) for a in attacks]
+    raw = tiny_sweep(name=f"ctl-{model}", grid={}, model=model, model_args=args,
+                     attacks=entries, attack_examples=8)  # fmt: skip
+    spec = parse_sweep(raw)
+    result = run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"))
+    assert result.row["status"] == "ok"
+    examples = SweepStore(str(tmp_path), f"ctl-{model}").read("examples")
+    dist = examples.pivot(index="example", columns="attack", values="dist_l2")
+    fooled = examples.pivot(index="example", columns="attack", values="success")
+    assert set(dist.columns) == set(attacks) and len(dist) == 8
+    assert fooled.all().all()  # every example, every attack
+    if "exact" in attacks:  # nothing gets closer than the exact minimum (nudged by <= 0.1%)
+        for other in set(attacks) - {"exact"}:
+            assert (dist[other] >= dist["exact"] / (1 + 1e-3) - 1e-6).all(), other

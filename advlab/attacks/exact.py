@@ -45,17 +45,18 @@ def exact_minimum_attack(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    target: Any = None,
     settings: ExactSettings | None = None,
     *,
     norm: str = "l2",
-    target: Any = None,
+    num_classes: int | None = None,
     generator: torch.Generator | None = None,
     **overrides: Any,
 ) -> AttackResult:
     """Untargeted exact minimum-`norm` adversarials ("l2" or "linf"); see the module docstring."""
     s = merged_settings(ExactSettings, settings, overrides, "exact")
     check_norm(norm)
-    x, y, _, _ = prepare(model, x, y, target, num_classes=None, generator=generator,
+    x, y, _, _ = prepare(model, x, y, target, num_classes=num_classes, generator=generator,
                          default="untargeted", allowed=("untargeted",))  # fmt: skip
     found = _minimisers(model, x, y, norm, s)
     x_adv = x.clone()

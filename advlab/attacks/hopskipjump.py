@@ -6,7 +6,8 @@ misclassifies is the start; then, each iteration, a binary search to the decisio
 between the input and the current point, a Monte-Carlo estimate of the boundary's normal from
 the signs of `n_t = min(init_evals * sqrt(t), max_evals)` random probes, and a geometric step
 search along it (halving from dist / sqrt(t) until the point is adversarial again). The closest
-boundary point any binary search found is returned.
+boundary point any binary search found is returned; an input the model already misclassifies
+is returned as it is (one query).
 
 Batched over examples with per-example state: every example draws its random numbers from its
 own stream (seeded by the generator and its pixels) and spends its own queries, so its result
@@ -91,10 +92,10 @@ def hopskipjump(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
+    target: Any = None,
     settings: HopSkipJumpSettings | None = None,
     *,
     norm: str = "l2",
-    target: Any = None,
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
     **overrides: Any,
@@ -113,7 +114,10 @@ def hopskipjump(
                    device=x.device), flat.clone(), torch.full((len(x),), math.inf,
                    dtype=flat.dtype, device=x.device))  # fmt: skip
     with eval_mode(model):
-        started = _random_start(state, gens, s)
+        every = torch.arange(len(x), device=x.device)
+        already = state.adversarial(flat, every)  # misclassified as given: distance 0
+        state.best_dist[already] = 0.0
+        started = _random_start(state, gens, s, ~already)
         rows = started.nonzero().flatten()
         _binary_search(state, rows)
         state.keep_best(rows)
@@ -132,12 +136,15 @@ def _search_steps(theta: float) -> int:
     return math.ceil(math.log2(1.0 / theta)) + 1
 
 
-def _random_start(state: _State, gens: list[torch.Generator], s: HopSkipJumpSettings) -> Tensor:
-    """(B,) bool: examples for which a uniform random image is misclassified (it becomes the
-    point); each example tries until it finds one, `init_tries` times at most."""
+def _random_start(
+    state: _State, gens: list[torch.Generator], s: HopSkipJumpSettings, todo: Tensor
+) -> Tensor:
+    """(B,) bool: examples of `todo` for which a uniform random image is misclassified (it
+    becomes the point); each example tries until it finds one, `init_tries` times at most."""
     found = torch.zeros(len(state.x), dtype=torch.bool, device=state.x.device)
     for _ in range(s.init_tries):
-        rows = (~found & (state.queries + _reserve(state, s) < state.cap)).nonzero().flatten()
+        budget = state.queries + _reserve(state, s) < state.cap
+        rows = (todo & ~found & budget).nonzero().flatten()
         if not len(rows):
             break
         draws = torch.stack([torch.rand(state.x.shape[1], generator=gens[int(i)]) for i in rows])
