@@ -1,16 +1,19 @@
 """The critics' controls attacked directly: torch decision functions equal scikit-learn's, every
 adversarial a gradient attack returns on them is misclassified by the scikit-learn model
-itself, exact minima (linear models, 1-NN) equal brute force, and HopSkipJump (decision-based)
-lands within 10% of the exact minimum on a linear model at a stated query budget."""
+itself, exact minima (linear models, 1-NN, random forests in Linf) equal brute force, and
+HopSkipJump (decision-based) lands within 10% of the exact minimum on a linear model at a
+stated query budget."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
@@ -19,6 +22,7 @@ from advlab.attacks.base import AttackError
 from advlab.attacks.registry import get, run_attack
 from advlab.bounds.exact import _distance, _highs_lp, _highs_qp, linear_minimum
 from advlab.bounds.neighbours import nearest_neighbour_minimum
+from advlab.bounds.trees import GUARD, LEFT, forest_minimum, tree_ensemble_trees
 from advlab.families import FitJob, ModelRequest, resolve
 from advlab.families.decision import torch_decision
 from advlab.spec import TrainSpec
@@ -185,10 +189,58 @@ def test_the_exact_attack_on_1nn_and_linear_models(digits, norm) -> None:
 
 def test_the_exact_attack_refuses_a_model_it_has_no_minimum_for(digits) -> None:
     x, y = digits
+    boosted = fitted("gradient_boosting", x[:200], y[:200], max_iter=3)
+    xa, ya = correct(boosted.estimator, x[1000:], y[1000:], 2)
+    with pytest.raises(AttackError, match="no exact minimum for this model"):
+        run_attack("exact", boosted.module, xa, ya)
     forest = fitted("random_forest", x[:200], y[:200], n_estimators=3)
     xa, ya = correct(forest.estimator, x[1000:], y[1000:], 2)
-    with pytest.raises(AttackError, match="no exact minimum for this model"):
+    with pytest.raises(AttackError, match="Linf only"):
         run_attack("exact", forest.module, xa, ya)
+
+
+def brute_force_forest(est, x0: np.ndarray, label: int) -> float:
+    """Every cell of the forest's threshold grid (with the MILP's guard margins), its point
+    nearest x0 classified by the forest itself: the least Linf distance of a wrong one."""
+    trees = tree_ensemble_trees(est)
+    intervals = []
+    for f in range(len(x0)):
+        cuts = np.unique(np.concatenate(
+            [t.threshold[(t.feature == f) & (t.children_left >= 0)] for t in trees]
+        ))  # fmt: skip
+        edges = [-np.inf, *cuts.tolist(), np.inf]
+        spans = [(0.0 if a == -np.inf else a + GUARD, 1.0 if b == np.inf else b - LEFT)
+                 for a, b in itertools.pairwise(edges)]  # fmt: skip
+        intervals.append([(lo, hi) for lo, hi in spans if lo <= hi])
+    points = np.array([[np.clip(x0[f], lo, hi) for f, (lo, hi) in enumerate(cell)]
+                       for cell in itertools.product(*intervals)])  # fmt: skip
+    wrong = est.predict(points) != label
+    return float(np.abs(points - x0).max(1)[wrong].min())
+
+
+def test_exact_forest_minima_equal_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    for dim, n, trees, depth, classes in [(2, 30, 3, 3, 2), (3, 40, 5, 3, 3), (4, 30, 3, 2, 2)]:
+        x, y = rng.random((n, dim)), rng.integers(0, classes, n)
+        est = RandomForestClassifier(trees, max_depth=depth, random_state=0).fit(x, y)
+        xs = rng.random((5, dim))
+        ys = est.predict(xs)
+        for result, x0, label in zip(forest_minimum(est, xs, ys), xs, ys, strict=True):
+            assert result.exact and est.predict(result.point[None])[0] != label
+            assert result.upper == pytest.approx(brute_force_forest(est, x0, label), abs=1e-7)
+
+
+def test_the_exact_linf_attack_on_a_random_forest(digits) -> None:
+    x, y = digits
+    forest = fitted("random_forest", x[:300], y[:300], n_estimators=5, max_depth=4)
+    xa, ya = correct(forest.estimator, x[1000:], y[1000:], 4)
+    result = run_attack("exact_linf", forest.module, xa, ya)
+    assert result.success.all()
+    assert np.all(forest.estimator.predict(result.x_adv.flatten(1).numpy()) != ya.numpy())
+    hsj = run_attack("hsj_linf", forest.module, xa, ya, max_queries=1000)
+    exact = (result.x_adv - xa).flatten(1).abs().amax(1)
+    found = (hsj.x_adv - xa).flatten(1).abs().amax(1)
+    assert (found[hsj.success] >= exact[hsj.success] - GUARD).all()  # none beats the minimum
 
 
 # HopSkipJump at this budget (queries per example, every phase counted)

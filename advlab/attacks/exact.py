@@ -5,7 +5,10 @@ advlab.bounds (their proven minima), so sweeps store, score and report them like
   fc10 and the torch views of logistic regression and the linear SVM): the closed form of
   advlab.bounds.exact.linear_minimum;
 - a 1-nearest-neighbour classifier (the `knn` family with n_neighbors 1, Euclidean): the convex
-  problems of advlab.bounds.neighbours.
+  problems of advlab.bounds.neighbours;
+- a tree ensemble (decision tree, random forest, extra trees), Linf only: the mixed-integer
+  program of advlab.bounds.trees (Kantchelian et al. 2016), whose points lie past the
+  thresholds by its guard margin and are used as they are.
 
 A minimiser lies on the decision boundary, where the classes tie; the returned image is moved
 just past it (toward the winning training point for 1-NN, along the perturbation for linear
@@ -39,6 +42,7 @@ from advlab.runtime import model_device, predict
 class ExactSettings(Settings):
     nudges: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)  # relative steps past the boundary
     nearest: int = Field(50, ge=1)  # 1-NN: half-spaces a candidate cell starts with
+    time_limit: float = Field(60.0, gt=0)  # tree ensembles: seconds per example's MILP
 
 
 def exact_minimum_attack(
@@ -75,8 +79,9 @@ def exact_minimum_attack(
 
 def _minimisers(
     model: nn.Module, x: Tensor, y: Tensor, norm: str, s: ExactSettings
-) -> list[tuple[Tensor, Tensor] | None]:
-    """Per example (minimiser, where to move past it toward), None where none was confirmed."""
+) -> list[tuple[Tensor, Tensor | None] | None]:
+    """Per example (minimiser, where to move past it toward, None: use it as it is), None where
+    none was confirmed."""
     estimator = getattr(model, "estimator", None)
     if _is_one_nn(estimator):
         from advlab.bounds.neighbours import nearest_neighbour_minimum
@@ -88,6 +93,10 @@ def _minimisers(
             tx, ty, flat, y.cpu().numpy(), norm=norm, nearest=s.nearest
         )
         return [_knn_pair(r, tx, ty, x.shape[1:]) for r in results]
+    from advlab.bounds.trees import tree_ensemble_trees
+
+    if tree_ensemble_trees(estimator) is not None:
+        return _forest_points(estimator, x, y, norm, s)
     from advlab.bounds.exact import linear_minimum, relu_net
 
     try:
@@ -97,7 +106,8 @@ def _minimisers(
     if not linear:
         raise AttackError(
             "exact: no exact minimum for this model; it covers linear models (fc10, logistic, "
-            "linear_svm) and 1-nearest neighbour (knn with n_neighbors 1); use hsj or ddn"
+            "linear_svm), 1-nearest neighbour (knn with n_neighbors 1) and, in Linf, random "
+            "forests; use hsj or ddn"
         )
     device = model_device(model)
     results = linear_minimum(model.cpu(), x.cpu(), y.cpu(), norm=norm)
@@ -105,6 +115,24 @@ def _minimisers(
     return [
         None if not r.exact else (torch.from_numpy(r.point), torch.from_numpy(r.point))
         for r in results
+    ]
+
+
+def _forest_points(
+    estimator: Any, x: Tensor, y: Tensor, norm: str, s: ExactSettings
+) -> list[tuple[Tensor, Tensor | None] | None]:
+    """A tree ensemble's exact Linf minimisers (already past the boundary by the guard)."""
+    from advlab.bounds.trees import forest_minimum
+
+    if norm != "linf":
+        raise AttackError(
+            "exact: tree ensembles have exact minima in Linf only (a MILP); use exact_linf"
+        )
+    flat = x.detach().cpu().double().flatten(1).numpy()
+    labels = np.asarray(estimator.classes_)[y.cpu().numpy()]
+    found = forest_minimum(estimator, flat, labels, time_limit=s.time_limit)
+    return [
+        None if not r.exact else (torch.from_numpy(r.point).view(x.shape[1:]), None) for r in found
     ]
 
 
@@ -127,10 +155,12 @@ def _knn_pair(result: Any, tx: np.ndarray, ty: np.ndarray, shape: Any) -> Any:
     return torch.from_numpy(point).view(shape), torch.from_numpy(winner).view(shape)
 
 
-def _past(found: tuple[Tensor, Tensor], x0: Tensor, nudge: float) -> Tensor:
+def _past(found: tuple[Tensor, Tensor | None], x0: Tensor, nudge: float) -> Tensor:
     """A point just past the minimiser: toward the winning training point (1-NN), or the
     perturbation lengthened (linear: only unsaturated pixels grow, so the margin does)."""
-    point, toward = (t.to(x0.device, torch.float64) for t in found)
+    if found[1] is None:  # a tree ensemble's point: past its thresholds already
+        return found[0].to(x0.device, torch.float64)
+    point, toward = (t.to(x0.device, torch.float64) for t in found)  # type: ignore[union-attr]
     base = x0.double()
     if torch.equal(point, toward):  # linear
         return (base + (point - base) * (1 + nudge)).clamp(0.0, 1.0)
