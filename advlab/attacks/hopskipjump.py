@@ -2,7 +2,8 @@
 
 It needs only the model's predicted class, so it attacks any classifier, a random forest or
 k nearest neighbours as well as a net. Per example: a random uniform image the model already
-misclassifies is the start; then, each iteration, a binary search to the decision boundary
+misclassifies, searched to the boundary, is the start (the closest of `starts` of them); then,
+each iteration, a binary search to the decision boundary
 between the input and the current point, a Monte-Carlo estimate of the boundary's normal from
 the signs of `n_t = min(init_evals * sqrt(t), max_evals)` random probes, and a geometric step
 search along it (halving from dist / sqrt(t) until the point is adversarial again). The closest
@@ -45,7 +46,8 @@ class HopSkipJumpSettings(Settings):
     init_evals: int = Field(100, ge=1)  # probes of the first gradient estimate
     max_evals: int = Field(1000, ge=1)  # probes of a gradient estimate at most
     gamma: float = Field(1.0, gt=0)  # binary-search precision: theta = gamma / d^1.5 (L2), / d^2
-    init_tries: int = Field(100, ge=1)  # random uniform images tried as the start
+    init_tries: int = Field(100, ge=1)  # random uniform images tried per start
+    starts: int = Field(5, ge=1)  # random starts, each searched to the boundary; the closest wins
     max_halvings: int = Field(25, ge=1)  # of the step size, per step search
     query_batch: int = Field(32_768, ge=1)  # images per model call (memory, not results)
 
@@ -117,10 +119,14 @@ def hopskipjump(
         every = torch.arange(len(x), device=x.device)
         already = state.adversarial(flat, every)  # misclassified as given: distance 0
         state.best_dist[already] = 0.0
-        started = _random_start(state, gens, s, ~already)
-        rows = started.nonzero().flatten()
-        _binary_search(state, rows)
-        state.keep_best(rows)
+        started = torch.zeros_like(already)
+        for _ in range(s.starts):  # the closest of several random starts' boundary points
+            found = _random_start(state, gens, s, ~already)
+            rows = found.nonzero().flatten()
+            _binary_search(state, rows)
+            state.keep_best(rows)
+            started |= found
+        state.point[started] = state.best[started]
         _iterate(state, gens, s, started)
         found = torch.isfinite(state.best_dist)
         x_adv = torch.where(found[:, None], state.best, flat).view_as(x)
