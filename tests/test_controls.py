@@ -318,3 +318,18 @@ def test_a_control_trial_is_attacked_exactly_by_gradients_and_by_decisions(
     if "exact" in attacks:  # nothing gets closer than the exact minimum (nudged by <= 0.1%)
         for other in set(attacks) - {"exact"}:
             assert (dist[other] >= dist["exact"] / (1 + 1e-3) - 1e-6).all(), other
+
+
+def test_differentiable_controls_take_gradient_attacks_but_not_adversarial_training() -> None:
+    from conftest import tiny_sweep
+
+    from advlab.spec import SpecError
+    from advlab.sweepfile import parse_sweep
+
+    parse_sweep(tiny_sweep(grid={}, model="rbf_svm", attacks=[{"name": "ddn"}]))  # accepted
+    with pytest.raises(SpecError, match="attacks: ddn needs input gradients"):
+        parse_sweep(tiny_sweep(grid={}, model="random_forest", attacks=[{"name": "ddn"}]))
+    trained = {"epochs": 1, "adversarial": {"method": "pgd"}}
+    with pytest.raises(SpecError, match="logistic is a scikit-learn-style estimator"):
+        parse_sweep(tiny_sweep(grid={}, model="logistic", attacks=[{"name": "ddn"}],
+                               train=trained))  # fmt: skip
