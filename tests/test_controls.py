@@ -327,6 +327,10 @@ def test_differentiable_controls_take_gradient_attacks_but_not_adversarial_train
     from advlab.sweepfile import parse_sweep
 
     parse_sweep(tiny_sweep(grid={}, model="rbf_svm", attacks=[{"name": "ddn"}]))  # accepted
+    nudged = [{"name": "exact", "nudges": [1e-5, 1e-3]}, {"name": "hsj", "max_queries": 500}]
+    parse_sweep(tiny_sweep(grid={}, model="knn", attacks=nudged))  # YAML lists as settings
+    with pytest.raises(SpecError, match="nudges"):
+        parse_sweep(tiny_sweep(grid={}, model="knn", attacks=[{"name": "exact", "nudges": []}]))
     with pytest.raises(SpecError, match="attacks: ddn needs input gradients"):
         parse_sweep(tiny_sweep(grid={}, model="random_forest", attacks=[{"name": "ddn"}]))
     trained = {"epochs": 1, "adversarial": {"method": "pgd"}}

@@ -19,7 +19,7 @@ not be confirmed keeps its clean image (not a success). grad_evals is 0.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -40,7 +40,10 @@ from advlab.runtime import model_device, predict
 
 
 class ExactSettings(Settings):
-    nudges: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3)  # relative steps past the boundary
+    # relative steps past the boundary, tried smallest first
+    nudges: list[Annotated[float, Field(gt=0, le=0.1)]] = Field(
+        default_factory=lambda: [1e-6, 1e-5, 1e-4, 1e-3], min_length=1
+    )
     nearest: int = Field(50, ge=1)  # 1-NN: half-spaces a candidate cell starts with
     time_limit: float = Field(60.0, gt=0)  # tree ensembles: seconds per example's MILP
 
