@@ -23,7 +23,8 @@ def measures_of(spec: TrialSpec) -> list[MeasureSpec]:
     if spec.measures is not None:
         return list(spec.measures)
     defaults = [MeasureSpec(name=name) for name in DEFAULT_MEASURES]
-    if resolve(spec.model).gradients is False:
+    family = resolve(spec.model)
+    if family.gradients is False or family.estimator:  # no layers for the Lipschitz bounds
         return [m for m in defaults if m.defn.needs == "predictions"]
     return defaults
 
@@ -74,14 +75,18 @@ def measure_runs(spec: TrialSpec) -> list[MeasureRun]:
     return runs
 
 
-def check_needs(spec: TrialSpec, model: str) -> None:
-    """Refuse, in one line, what a prediction-only model cannot take: attacks and measures that
-    need input gradients, adversarial training and init weights."""
+def check_needs(spec: TrialSpec, model: str, gradients: bool = False) -> None:
+    """Refuse, in one line, what a scikit-learn-style model cannot take: init weights and
+    adversarial training; and, when it is prediction-only (no torch decision function),
+    attacks and measures that need input gradients."""
     why = f"model {model} is prediction-only (no input gradients)"
+    fitted = why if not gradients else f"model {model} is a scikit-learn-style estimator"
     if spec.init is not None:
-        raise SpecError(f"init: weights to start from, but {why}; drop init")
+        raise SpecError(f"init: weights to start from, but {fitted}; drop init")
     if spec.adversarially_trained:
-        raise SpecError(f"train.adversarial.method: training on adversarial examples, but {why}")
+        raise SpecError(f"train.adversarial.method: training on adversarial examples, but {fitted}")
+    if gradients:
+        return
     for attack in attack_plan(spec):
         if attack.defn.needs == "gradients":
             raise SpecError(

@@ -17,7 +17,7 @@ import torch
 from advlab import manifest
 from advlab.data import Dataset, select_subset
 from advlab.datafiles import memory_limit
-from advlab.families import model_for
+from advlab.families import EstimatorModel, model_for
 from advlab.models import ModelNameError, build_model, check_decays
 from advlab.plan import check_needs, measures_of
 from advlab.plugins import call_user, is_import_path
@@ -187,8 +187,8 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
         model = model_for(trial, shape, classes)
     except (ModelNameError, ValueError) as err:
         raise SpecError(str(err)) from None
-    if not model.gradients:
-        check_needs(trial, trial.model)  # a factory's estimator: known only once built
+    if isinstance(model, EstimatorModel):  # a factory's estimator: known only once built
+        check_needs(trial, trial.model, gradients=model.gradients)
         return  # it predicts nothing before it is fitted
     module = model.module.eval()
     if trial.train.epochs > 0 and not any(p.requires_grad for p in module.parameters()):

@@ -350,8 +350,8 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
         if trial.init is not None and not Path(trial.init).is_file():
             raise SpecError(f"init: no file {trial.init}; give the path of a saved state_dict")
         family = resolve(trial.model)
-        if family.gradients is False:
-            check_needs(trial, trial.model)
+        if family.gradients is False or family.estimator:
+            check_needs(trial, trial.model, gradients=bool(family.gradients))
         if family is not TORCH or ":" in trial.model or trial.dataset.name not in FACTS:
             return trial
         arch = parse_architecture(trial.model)

@@ -4,7 +4,10 @@ Every ok trial's adversarial examples (from the examples table) are fed to every
 of the same data set (a sweep may hold several) and to scikit-learn controls trained on the
 source's own training subset. Beside each set of
 adversarial examples stand the paper's baselines: Gaussian noise with each example's own
-per-pixel rms distortion, and the perturbation amplified to a chosen rms. Each target is one Ray
+per-pixel rms distortion, and the perturbation amplified to a chosen rms (the paper's Table 4:
+"distortion magnified" to a stddev, so that transfer is compared at a distortion at least that
+large; amplification only enlarges, so an example whose perturbation is already larger keeps
+it, and the amplified row never transfers less for being shrunk). Each target is one Ray
 task that loads (or trains) its model once and evaluates every set, so the cost grows with the
 number of models, not with pairs of model loads.
 
@@ -96,8 +99,11 @@ def source_sets(
                 EvalSet(**common, kind="noise", rms=per_pixel_rms(noisy, clean), x=noisy, y=y)
             )
         moved = group["success"].to_numpy().copy()  # only real perturbations amplify
+        own_rms = torch.tensor(group["dist_rms"].to_numpy()[moved], dtype=torch.float32)
         for target in settings.amplify_rms if moved.any() else []:
-            big = amplify(clean_t[moved], x_t[moved], target).numpy()
+            # upward only: a perturbation already above the target keeps its size
+            goal = torch.clamp(own_rms, min=target)
+            big = amplify(clean_t[moved], x_t[moved], goal).numpy()
             common |= {"clean": clean[moved]}
             rms = per_pixel_rms(big, clean[moved])
             sets.append(

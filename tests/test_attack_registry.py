@@ -32,6 +32,7 @@ from advlab.attacks import (
     fgsm,
     fmn,
     gaussian_noise,
+    hopskipjump,
     lbfgs_attack,
     pgd,
 )
@@ -167,6 +168,8 @@ FUNCTIONS = {
     "alma": alma,
     "fmn": fmn,
     "fmn_linf": fmn,
+    "hsj": hopskipjump,
+    "hsj_linf": hopskipjump,
 }
 
 
@@ -188,7 +191,7 @@ def test_a_settings_model_keywords_and_a_run_by_name_are_the_same_attack(
 
     def call(**kw: Any) -> Any:
         args = (case.eps,) if case.eps is not None else ()
-        norm = {"norm": "linf"} if case.attack == "fmn_linf" else {}
+        norm = {"norm": "linf"} if case.attack in ("fmn_linf", "hsj_linf") else {}
         norm = {"norm": case.norm} if case.norm else norm
         gen = torch.Generator().manual_seed(5)
         if case.attack == "noise":
@@ -222,9 +225,11 @@ def test_settings_of_another_attack_are_refused(
 
 
 def test_every_attack_declares_what_it_needs_of_a_model() -> None:
-    # Only the noise control makes do with predictions; every other attack takes gradients.
-    needs = {name: get(name).needs for name in advlab_attacks()}
-    assert needs == {name: "predictions" if name == "noise" else "gradients" for name in needs}
+    # The noise control and HopSkipJump make do with predictions; every other attack takes
+    # gradients (the exact minima read the model's structure, and refuse what they cannot read).
+    needs = {name: get(name).needs for name in advlab_attacks() | {"exact", "exact_linf"}}
+    blind = {"noise", "hsj", "hsj_linf", "exact", "exact_linf"}
+    assert needs == {name: "predictions" if name in blind else "gradients" for name in needs}
 
 
 def _toy_run(model: nn.Module, x: Tensor, y: Tensor, **kw: Any) -> Any:

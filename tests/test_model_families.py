@@ -186,7 +186,8 @@ def test_the_rbf_svm_subsamples_as_the_transfer_controls_always_did() -> None:
     x, y = torch.from_numpy(x_train).view(-1, 1, 8, 8), torch.from_numpy(y_train)
     model.fit(FitJob(x, y, x, y, TrainSpec(), 0.0, 3))
     keep = np.random.default_rng(3).permutation(len(x_train))[:200]
-    by_hand = SVC(kernel="rbf", gamma="scale", random_state=3).fit(x_train[keep], y_train[keep])
+    by_hand = SVC(kernel="rbf", gamma="scale", break_ties=True, random_state=3)
+    by_hand.fit(x_train[keep], y_train[keep])
     predicted = model.predict(torch.from_numpy(x_test).view(-1, 1, 8, 8)).numpy()
     assert np.array_equal(predicted, by_hand.predict(x_test))
     with pytest.raises(ModelNameError, match=r"model_args\.C:"):

@@ -3,6 +3,7 @@ rescaled to an rms, matched noise."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import assert_attack_contract as _assert_contract
 from torch import Tensor, nn
@@ -76,3 +77,39 @@ def test_amplify_works_on_image_shaped_batches() -> None:
     torch.testing.assert_close(
         distortions(clean, out)["rms"], torch.tensor([0.02, 0.04, 0.06, 0.08]), rtol=1e-4, atol=1e-5
     )
+
+
+def test_transfer_amplifies_perturbations_upward_only() -> None:
+    # The paper's Table 4 magnifies distortions to a stddev; a perturbation already larger
+    # keeps its size (shrinking it would make the "amplified" row transfer less).
+    import numpy as np
+    import pandas as pd
+    from conftest import tiny_sweep
+
+    from advlab.sources import attacked_split
+    from advlab.sweepfile import parse_sweep
+    from advlab.transfer import source_sets
+
+    spec = parse_sweep(tiny_sweep(grid={})).trials[0]
+    images, labels = attacked_split(spec.dataset, spec.attack_split)
+    clean = images[:2].flatten(1).double()
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(clean.shape, generator=gen, dtype=torch.float64)
+    small = (clean + 0.02 * delta).clamp(0, 1)
+    large = (clean + 0.30 * delta).clamp(0, 1)
+    x_adv = torch.stack([small[0], large[1]]).float()
+    rms = (x_adv.double() - clean).pow(2).mean(1).sqrt()
+    rows = pd.DataFrame({
+        "attack": "a", "budget": np.nan, "example": [0, 1], "dataset_index": [0, 1],
+        "x_adv": list(x_adv.numpy()), "label": labels[:2].numpy(), "success": True,
+        "dist_rms": rms.numpy(),
+    })  # fmt: skip
+    from advlab.sweep_settings import TransferSpec
+
+    settings = TransferSpec(noise=False, amplify_rms=[0.1])
+    (adversarial, amplified) = source_sets("t", spec, rows, settings, gen)
+    assert adversarial.kind == "adversarial" and amplified.kind == "amplified"
+    got = (torch.from_numpy(amplified.x).double() - clean).pow(2).mean(1).sqrt()
+    assert rms[0] < 0.1 < rms[1]
+    assert got[0].item() == pytest.approx(0.1, rel=1e-4)  # enlarged to the target
+    assert torch.allclose(torch.from_numpy(amplified.x[1]), x_adv[1], atol=1e-6)  # kept

@@ -1,7 +1,8 @@
 """Adversarial attacks behind one contract (see base.py): model, inputs, labels -> AttackResult.
 
 Minimisation attacks (one run scores every budget): lbfgs_attack, deepfool, carlini_wagner,
-ddn, alma, fmn (L2 or Linf).
+ddn, alma, fmn (L2 or Linf); hopskipjump (L2 or Linf, decision-based: predictions only);
+exact_minimum_attack (proven minima of linear models and 1-nearest neighbour).
 Fixed-budget attacks (one run per budget): fgsm, pgd, gaussian_noise.
 
 Every attack is called as `attack(model, x, y, [budget,] target=None, settings=None, *,
@@ -25,8 +26,10 @@ from advlab.attacks.base import (
 from advlab.attacks.cw import CWSettings, carlini_wagner
 from advlab.attacks.ddn import DDNSettings, ddn
 from advlab.attacks.deepfool import DeepFoolSettings, deepfool
+from advlab.attacks.exact import ExactSettings, exact_minimum_attack
 from advlab.attacks.fmn import FMNSettings, fmn
 from advlab.attacks.gradient import FGSMSettings, PGDSettings, fgsm, pgd
+from advlab.attacks.hopskipjump import HopSkipJumpSettings, hopskipjump
 from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
 from advlab.attacks.lbfgs_reference import lbfgs_scipy_reference
 from advlab.attacks.noise import NoiseSettings, gaussian_noise
@@ -39,8 +42,10 @@ __all__ = [
     "CWSettings",
     "DDNSettings",
     "DeepFoolSettings",
+    "ExactSettings",
     "FGSMSettings",
     "FMNSettings",
+    "HopSkipJumpSettings",
     "LBFGSSettings",
     "NoiseSettings",
     "PGDSettings",
@@ -52,9 +57,11 @@ __all__ = [
     "closest_over_targets",
     "ddn",
     "deepfool",
+    "exact_minimum_attack",
     "fgsm",
     "fmn",
     "gaussian_noise",
+    "hopskipjump",
     "lbfgs_attack",
     "lbfgs_scipy_reference",
     "linearized_distances",

@@ -37,8 +37,10 @@ from advlab.attacks.base import (
 from advlab.attacks.cw import CWSettings, carlini_wagner
 from advlab.attacks.ddn import DDNSettings, ddn
 from advlab.attacks.deepfool import DeepFoolSettings, deepfool
+from advlab.attacks.exact import ExactSettings, exact_minimum_attack
 from advlab.attacks.fmn import FMNSettings, fmn
 from advlab.attacks.gradient import FGSMSettings, PGDSettings, fgsm, pgd
+from advlab.attacks.hopskipjump import HopSkipJumpSettings, hopskipjump
 from advlab.attacks.lbfgs import LBFGSSettings, lbfgs_attack
 from advlab.attacks.noise import NoiseSettings, gaussian_noise
 from advlab.measure import distortions, success_at_budgets
@@ -135,11 +137,11 @@ def _fixed(fn: Callable[..., AttackResult], takes_norm: bool = False) -> AttackF
     return run
 
 
-def _fmn_in(norm: str) -> AttackFn:
-    """FMN minimising `norm` (the budget norm only scores it)."""
+def _in_norm(fn: Callable[..., AttackResult], norm: str) -> AttackFn:
+    """An attack minimising `norm` whatever the budget norm (which only scores it)."""
 
     def run(model: nn.Module, x: Tensor, y: Tensor, *, eps: Any, norm: str, **kw: Any):
-        return fmn(model, x, y, norm=minimised, **kw)
+        return fn(model, x, y, norm=minimised, **kw)
 
     minimised = norm
     return run
@@ -252,7 +254,8 @@ def _import_attack(path: str) -> AttackDef:
     return _REGISTRY.setdefault(path, found)
 
 
-# Every attack but the noise control takes input gradients (AttackDef's default `needs`).
+# Every attack takes input gradients (AttackDef's default `needs`) but the noise control,
+# HopSkipJump and the exact minima (which read the model's structure, and refuse the others).
 for _defn in (
     AttackDef("fgsm", FIXED_BUDGET, ("linf",), _ALL_TARGETS, FGSMSettings, _fixed(fgsm),
               "fast gradient sign, one step (Goodfellow et al. 2015)"),
@@ -271,10 +274,22 @@ for _defn in (
               "decoupled direction and norm, L2 (Rony et al. 2019)"),
     AttackDef("alma", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, ALMASettings,
               _minimization(alma), "augmented Lagrangian, L2 (Rony et al. 2021)"),
-    AttackDef("fmn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, FMNSettings, _fmn_in("l2"),
+    AttackDef("fmn", MINIMIZATION, _DIST_NORMS, _ALL_TARGETS, FMNSettings, _in_norm(fmn, "l2"),
               "fast minimum-norm, L2 (Pintor et al. 2021)"),
     AttackDef("fmn_linf", MINIMIZATION, ("linf", "rms", "l2"), _ALL_TARGETS, FMNSettings,
-              _fmn_in("linf"), "fast minimum-norm, Linf (Pintor et al. 2021)"),
+              _in_norm(fmn, "linf"), "fast minimum-norm, Linf (Pintor et al. 2021)"),
+    AttackDef("hsj", MINIMIZATION, _DIST_NORMS, ("untargeted",), HopSkipJumpSettings,
+              _in_norm(hopskipjump, "l2"), "HopSkipJump, L2, decision-based (Chen et al. 2020); "
+              "grad_evals counts queries", needs="predictions"),
+    AttackDef("hsj_linf", MINIMIZATION, ("linf", "rms", "l2"), ("untargeted",),
+              HopSkipJumpSettings, _in_norm(hopskipjump, "linf"), "HopSkipJump, Linf, "
+              "decision-based (Chen et al. 2020); grad_evals counts queries", needs="predictions"),
+    AttackDef("exact", MINIMIZATION, _DIST_NORMS, ("untargeted",), ExactSettings,
+              _in_norm(exact_minimum_attack, "l2"), "exact minimum L2 distortion: linear "
+              "models and 1-nearest neighbour (advlab.bounds)", needs="predictions"),
+    AttackDef("exact_linf", MINIMIZATION, ("linf", "rms", "l2"), ("untargeted",),
+              ExactSettings, _in_norm(exact_minimum_attack, "linf"), "exact minimum Linf "
+              "distortion: linear models and 1-nearest neighbour", needs="predictions"),
 ):  # fmt: skip
     register(_defn)
 

@@ -98,3 +98,4 @@ class ModelFamily:
     build: Callable[[ModelRequest], TrialModel]
     summary: str = ""
     settings: type | None = None  # the Strict model its model_args are validated against
+    estimator: bool = False  # fitted by itself (scikit-learn style): a possible control

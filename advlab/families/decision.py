@@ -1,0 +1,157 @@
+"""Torch versions of fitted scikit-learn decision functions, so gradient attacks run on them.
+
+- Linear models (LogisticRegression, LinearSVC, anything with `coef_`/`intercept_` whose
+  predict is the argmax of `X @ coef_.T + intercept_`): a `Sequential(Flatten, Linear)` in
+  float64, the shape advlab.bounds.exact reads for its exact minima. Two classes: logits
+  [0, decision], so class 1 wins exactly where scikit-learn's decision is > 0.
+- RBF SVC: its one-vs-one scores (`pairwise`, equal to `decision_function` with shape "ovo"),
+  combined as scikit-learn's one-vs-rest output (votes plus squashed confidences, which is
+  what `predict` takes the argmax of when `break_ties=True`). The votes are piecewise constant,
+  so their gradient is taken through smooth votes (a sigmoid of each pairwise score): the value
+  is scikit-learn's, the slope says which way the pairwise scores move the votes.
+
+Every module computes in float64 and returns the input's dtype. A class the estimator never saw
+(a subsample without it) gets the logit `ABSENT`, so it never wins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+ABSENT = -1.0e9  # the logit of a class the estimator was not fitted on
+SOFT_VOTE_SCALE = 1.0  # pairwise score units per unit of the smooth votes' sigmoid
+
+
+class Float64Sequential(nn.Sequential):
+    """A Sequential computed in its parameters' dtype (float64 as built) whatever the input's,
+    returned in the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        own = next(self.parameters()).dtype
+        return super().forward(x.to(own)).to(x.dtype)
+
+
+def torch_decision(estimator: Any, num_classes: int) -> nn.Module | None:
+    """The estimator's decision function as a torch module of (B, C, H, W) -> (B, K) logits
+    whose argmax is its predict; None when no faithful torch version exists (then the model
+    stays prediction-only)."""
+    classes = np.asarray(getattr(estimator, "classes_", []))
+    if not _labels_are_indices(classes, num_classes):
+        return None
+    if _is_rbf_svc(estimator):
+        return _rbf_module(estimator, classes, num_classes)
+    if hasattr(estimator, "coef_") and hasattr(estimator, "intercept_"):
+        return _linear_module(estimator, classes, num_classes)
+    return None
+
+
+def _labels_are_indices(classes: np.ndarray, num_classes: int) -> bool:
+    if classes.size < 2 or not np.issubdtype(classes.dtype, np.integer):
+        return False
+    return bool(np.all(np.diff(classes) > 0) and classes[0] >= 0 and classes[-1] < num_classes)
+
+
+def _linear_module(estimator: Any, classes: np.ndarray, num_classes: int) -> nn.Module:
+    coef = np.atleast_2d(np.asarray(estimator.coef_, dtype=np.float64))
+    intercept = np.atleast_1d(np.asarray(estimator.intercept_, dtype=np.float64))
+    if len(classes) == 2 and len(coef) == 1:  # one decision: class 1 where it is > 0
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    weight = np.zeros((num_classes, coef.shape[1]))
+    bias = np.full(num_classes, ABSENT)
+    weight[classes], bias[classes] = coef, intercept
+    layer = nn.Linear(coef.shape[1], num_classes, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+        layer.bias.copy_(torch.from_numpy(bias))
+    return Float64Sequential(nn.Flatten(), layer).requires_grad_(False)
+
+
+def _is_rbf_svc(estimator: Any) -> bool:
+    from sklearn.svm import SVC
+
+    return isinstance(estimator, SVC) and estimator.kernel == "rbf"
+
+
+def _rbf_module(estimator: Any, classes: np.ndarray, num_classes: int) -> nn.Module | None:
+    if len(classes) > 2 and not estimator.break_ties:
+        return None  # its predict breaks vote ties by class order, no decision function does
+    return RBFDecision(
+        support=np.asarray(estimator.support_vectors_, dtype=np.float64),
+        dual=np.asarray(estimator._dual_coef_, dtype=np.float64),  # libsvm's signs
+        intercept=np.asarray(estimator._intercept_, dtype=np.float64),
+        n_support=np.asarray(estimator.n_support_, dtype=np.int64),
+        gamma=float(estimator._gamma),
+        classes=classes,
+        num_classes=num_classes,
+    )
+
+
+class RBFDecision(nn.Module):
+    """A fitted RBF SVC: `pairwise(x)` its one-vs-one scores, `forward(x)` its predictions'
+    scores (two classes: [0, decision]; more: scikit-learn's one-vs-rest output)."""
+
+    def __init__(
+        self,
+        support: np.ndarray,
+        dual: np.ndarray,
+        intercept: np.ndarray,
+        n_support: np.ndarray,
+        gamma: float,
+        classes: np.ndarray,
+        num_classes: int,
+    ) -> None:
+        super().__init__()
+        k = len(classes)
+        starts = np.concatenate([[0], np.cumsum(n_support)])
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        # Pair (i, j)'s coefficients over every support vector (zero outside classes i, j):
+        # libsvm's dual_coef_[j - 1] on class i's vectors and dual_coef_[i] on class j's.
+        coef = np.zeros((len(pairs), len(support)))
+        for p, (i, j) in enumerate(pairs):
+            coef[p, starts[i] : starts[i + 1]] = dual[j - 1, starts[i] : starts[i + 1]]
+            coef[p, starts[j] : starts[j + 1]] = dual[i, starts[j] : starts[j + 1]]
+        self.register_buffer("support", torch.from_numpy(support))
+        self.register_buffer("coef", torch.from_numpy(coef))
+        self.register_buffer("intercept", torch.from_numpy(intercept))
+        self.register_buffer("first", torch.tensor([i for i, _ in pairs], dtype=torch.int64))
+        self.register_buffer("second", torch.tensor([j for _, j in pairs], dtype=torch.int64))
+        self.register_buffer("classes", torch.from_numpy(classes.astype(np.int64)))
+        self.gamma, self.k, self.num_classes = gamma, k, num_classes
+
+    def pairwise(self, x: Tensor) -> Tensor:
+        """(B, k(k-1)/2) in the buffers' dtype (float64 as built): > 0 where the pair's first
+        class wins (libsvm's sign)."""
+        flat = x.flatten(1).to(self.support.dtype)
+        sq = (flat * flat).sum(1, keepdim=True) - 2 * flat @ self.support.T
+        sq = (sq + (self.support * self.support).sum(1)).clamp_min(0.0)
+        return torch.exp(-self.gamma * sq) @ self.coef.T + self.intercept
+
+    def forward(self, x: Tensor) -> Tensor:
+        dec = self.pairwise(x)
+        if self.k == 2:
+            scores = torch.cat([torch.zeros_like(dec), -dec], dim=1)  # scikit-learn's sign
+        else:
+            scores = self._one_vs_rest(dec)
+        out = torch.full((len(x), self.num_classes), ABSENT, dtype=dec.dtype, device=x.device)
+        out[:, self.classes] = scores
+        return out.to(x.dtype)
+
+    def _one_vs_rest(self, dec: Tensor) -> Tensor:
+        """scikit-learn's `_ovr_decision_function(dec < 0, -dec, k)`, with the votes' slope
+        taken from smooth votes (straight through: the value is the hard votes')."""
+        b = len(dec)
+        sums = dec.new_zeros(b, self.k)
+        sums.index_add_(1, self.first, dec).index_add_(1, self.second, -dec)
+        hard = dec.new_zeros(b, self.k)
+        won = (dec >= 0).to(dec.dtype)
+        hard.index_add_(1, self.first, won).index_add_(1, self.second, 1.0 - won)
+        wins = torch.sigmoid(dec / SOFT_VOTE_SCALE)
+        soft = dec.new_zeros(b, self.k)
+        soft.index_add_(1, self.first, wins).index_add_(1, self.second, 1.0 - wins)
+        votes = hard + (soft - soft.detach())
+        return votes + sums / (3 * (sums.abs() + 1))
