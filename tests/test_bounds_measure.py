@@ -289,6 +289,12 @@ def test_a_trial_brackets_every_attacked_example(tmp_path: Path) -> None:
     assert found.set_index("attack").loc["deepfool_linf", "exact_share"].tolist() == [1.0, 1.0]
     page = build_report([str(tmp_path / "bracket")], str(tmp_path / "report.html")).read_text()
     assert 'id="bracket"' in page and 'data-table="bracket-optimality"' in page
+    assert page.count('data-table="bracket-gap"') == 1
+    limits = tightest(bounds)
+    fc10 = store.read("trials").set_index("model").loc["fc10", "trial_id"]
+    mine = limits[(limits["trial_id"] == fc10) & (limits["norm"] == "linf")].dropna()
+    gap = float((mine["upper"] / mine["lower"]).mean())  # the page's cell, in data-value
+    assert f'data-col="gap" data-value="{gap!r}"' in page
 
 
 def test_bad_bounds_settings_are_one_line() -> None:

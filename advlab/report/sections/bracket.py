@@ -130,6 +130,37 @@ def _optimality_table(compared: Compared, bounds: pd.DataFrame) -> str:
     return "<h3>Attack optimality</h3>" + table("bracket-optimality", head, body)
 
 
+def _gap_table(compared: Compared, limits: pd.DataFrame) -> str:
+    """Per configuration and norm: mean certified bound, mean best attack, their mean ratio
+    (the bracket gap) and the share of examples with a proven minimum."""
+    body = []
+    for config in compared.configs:
+        mine = limits[limits["config"] == config.key]
+        for norm, group in mine.groupby("norm", sort=True):
+            both = group[(group["lower"] > 0) & group["upper"].notna()]
+            gap = both["upper"] / both["lower"]
+            values = {
+                "lower": float(group["lower"].mean()),
+                "upper": float(group["upper"].mean()),
+                "gap": float(gap.mean()) if len(gap) else float("nan"),
+            }
+            exact = float(group["minimum"].notna().mean())
+            cells = {
+                "configuration": swatch_cell(config.name, config.colour),
+                "norm": text_cell(norm),
+                "n": Cell(str(len(group)), value=float(len(group))),
+                "exact": Cell(percent(exact), value=exact),
+            }
+            cells |= {k: Cell(number(v), value=v) for k, v in values.items()}
+            body.append(Row(cells, config.key))
+    head = [
+        ("configuration", "configuration"), ("norm", "norm"), ("n", "examples"),
+        ("lower", "mean certified bound"), ("upper", "mean best attack"),
+        ("gap", "mean best attack / bound"), ("exact", "with exact minimum"),
+    ]  # fmt: skip
+    return "<h3>Bracket gap</h3>" + table("bracket-gap", head, body)
+
+
 def render(compared: Compared) -> str:
     bounds = compared.measures.get("bounds")
     if bounds is None or bounds.empty:
@@ -137,7 +168,8 @@ def render(compared: Compared) -> str:
     limits = tightest(bounds).merge(
         compared.trials[["trial_id", "config", "configuration"]], on="trial_id"
     )
-    body = chart_row(_charts(compared, bounds, limits)) + _optimality_table(compared, bounds)
+    body = chart_row(_charts(compared, bounds, limits)) + _gap_table(compared, limits)
+    body += _optimality_table(compared, bounds)
     intro = (
         "Each attacked example's minimum adversarial distortion lies between its certified lower "
         "bound (the best of the bound methods run; exact where a solver proved the minimum) and "
