@@ -260,6 +260,7 @@ EVERY_MEASURE = {
     "density": {"k": 2, "pca": 3},
     "masking": {"strong_attacks": "always"},
     "health": {},
+    "bounds": {"norms": ["linf"], "methods": ["ibp", "crown"], "examples": 4},
 }
 
 
@@ -281,5 +282,10 @@ def test_every_registered_measure_runs_in_a_trial(tmp_path: Path) -> None:
     assert 0 <= result.metrics["unit_analysis/purity_natural"] <= 1
     assert result.metrics["gradient_masking"] in (0.0, 1.0)
     assert result.metrics["health/failed_checks"] in (0.0, 1.0, 2.0, 3.0, 4.0)
+    assert (
+        0
+        < result.metrics["bounds/linf/ibp/mean_lower"]
+        <= result.metrics["bounds/linf/crown/mean_lower"] * (1 + 1e-9)
+    )
     png = tmp_path / "every" / "files" / "unit_analysis" / spec.ids[0] / "unit_analysis_natural.png"
     assert png.is_file()
