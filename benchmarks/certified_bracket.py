@@ -53,7 +53,8 @@ def gap_table(res: Results) -> list[str]:
         cells += [f"{_mean_ratio(group, minimum, m):.3f}" for m in methods]
         cells += [closed]
         for m in [*methods, EXACT]:
-            mine = group[group["method"] == m]["seconds"]
+            ran = group[(group["method"] == m) & ~group["status"].str.startswith("skipped")]
+            mine = ran["seconds"]
             cells.append(f"{mine.mean():.3f}" if len(mine) else "-")
         cells.append(f"{_attack_seconds(res.attacks, trial):.3f}")
         lines.append("| " + " | ".join(c.replace("nan", "-") for c in cells) + " |")
