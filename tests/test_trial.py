@@ -91,6 +91,8 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
         "alma": [{"steps": 60}],
         "fmn": [{"steps": 40}],
         "fmn_linf": [{"steps": 40}],
+        "hsj": [{"max_queries": 1000, "starts": 1}],
+        "hsj_linf": [{"max_queries": 1000, "starts": 1}],
     }  # fmt: skip
     assert set(small) == advlab_attacks()
     attacks = [{"name": name, **settings} for name, runs in small.items() for settings in runs]
@@ -110,6 +112,8 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
         "alma": "rms",
         "fmn": "rms",
         "fmn_linf": "linf",
+        "hsj": "rms",
+        "hsj_linf": "linf",
         "lbfgs_from_alma": "rms",
     }
     examples = SweepStore(str(tmp_path), "attacks").read("examples")
@@ -120,7 +124,8 @@ def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> 
     summary = SweepStore(str(tmp_path), "attacks").read("attacks").set_index("attack")
     minimisation = [k for k, kind in summary["kind"].items() if kind == "minimization"]
     assert set(minimisation) == {
-        "lbfgs", "deepfool", "cw", "ddn", "alma", "fmn", "fmn_linf", "lbfgs_from_alma"
+        "lbfgs", "deepfool", "cw", "ddn", "alma", "fmn", "fmn_linf", "lbfgs_from_alma", "hsj",
+        "hsj_linf",
     }  # fmt: skip
     for name in minimisation:
         assert summary.loc[name, "success_rate"] > 0.9, name

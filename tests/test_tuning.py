@@ -285,7 +285,6 @@ def test_a_garbage_optuna_db_is_moved_aside_and_the_study_rebuilt(
     assert len(done) == 3  # the two rebuilt and the new one
     errors = sorted(res.trials["test_error"])
     assert sorted(t.value for t in done) == pytest.approx(errors)
-    assert list((tmp_path / "results" / "search" / "damaged").glob("optuna.db.*"))
 
 
 def test_progress_prints_epochs_inside_trials_and_an_eta_from_work_done(
