@@ -63,7 +63,7 @@ def gap_table(res: Results) -> list[str]:
 
 def optimality_table(res: Results) -> list[str]:
     found = optimality(res.bounds, res.examples(), res.attacks)
-    head = ["model", "attack", "norm", "examples", "with exact minimum", "mean / minimum",
+    head = ["model", "attack", "norm", "examples", "with exact minimum", "mean / reference",
             "median", "within 1% of bound"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in found.itertuples(index=False):

@@ -124,7 +124,7 @@ def _optimality_table(compared: Compared, bounds: pd.DataFrame) -> str:
     head = [
         ("configuration", "configuration"), ("attack", "attack"), ("norm", "norm"),
         ("n", "examples"), ("exact_share", "with exact minimum"),
-        ("mean_ratio", "mean distortion / minimum"), ("median_ratio", "median"),
+        ("mean_ratio", "mean distortion / reference"), ("median_ratio", "median"),
         ("within_1pct", "within 1% of bound"),
     ]  # fmt: skip
     return "<h3>Attack optimality</h3>" + table("bracket-optimality", head, body)
