@@ -180,6 +180,34 @@ def test_a_robust_error_falling_with_the_budget_is_flagged_for_any_fixed_budget_
     assert monotone_robust_error([curve("pgd", 0.1, 0.5)], ["pgd"])["passed"] is None
 
 
+def test_an_attack_below_the_certified_radius_is_flagged() -> None:
+    from types import SimpleNamespace
+
+    from advlab.measures.health import above_certified_bound
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.rand(2, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = module(x).argmax(1)
+    model = SimpleNamespace(gradients=True, module=module)
+    ctx = SimpleNamespace(model=model, attacked=SimpleNamespace(x=x, y=y))
+    # A linear model's IBP radius in Linf is its exact minimum (about 0.1-1 here): an
+    # "adversarial" 1e-4 away cannot exist, one 2.0 away (beyond the box's corner) is fine.
+    examples = pd.DataFrame(
+        {"example": [0, 1], "attack": ["liar", "fair"], "success": [True, True],
+         "dist_linf": [1e-4, 2.0], "dist_l2": [2.0, 4.0]}
+    )  # fmt: skip
+    check = above_certified_bound(ctx, examples)
+    assert check["passed"] is False
+    assert check["detail"].startswith("a bug in an attack or the bounds: liar at 0.0001 < ")
+    assert "in linf (example 0)" in check["detail"] and "fair" not in check["detail"]
+    fine = examples.assign(dist_linf=[2.0, 2.0])
+    assert above_certified_bound(ctx, fine)["passed"] is True
+    estimator = SimpleNamespace(model=SimpleNamespace(gradients=False), attacked=ctx.attacked)
+    assert above_certified_bound(estimator, fine)["passed"] is None
+
+
 def test_the_flag_and_metric_come_from_the_failed_checks() -> None:
     rows = [
         {"check": "a", "passed": True, "detail": "fine"},
@@ -206,9 +234,12 @@ def test_a_trial_writes_health_and_its_flag_reaches_wandb_and_the_summary(
     store = SweepStore(str(tmp_path), "health")
     healthy, stuck = spec.ids
     checks = store.read("health").set_index(["trial_id", "check"])
-    order = ["minimisation_success", "inside_box", "monotone_robust_error", "above_chance"]
+    order = ["minimisation_success", "inside_box", "monotone_robust_error", "above_chance",
+             "above_certified_bound"]  # fmt: skip
     assert checks.loc[healthy].index.tolist() == order  # health is on by default
-    assert checks.loc[healthy, "passed"].tolist() == [True] * 4, checks.loc[healthy, "detail"]
+    assert checks.loc[healthy, "passed"].tolist() == [True] * 5, checks.loc[healthy, "detail"]
+    found = checks.loc[(healthy, "above_certified_bound"), "detail"]
+    assert found.endswith("adversarials, each at or above IBP's certified radius")
     assert checks.loc[(stuck, "above_chance"), "detail"] == (
         f"at chance: test error {CONSTANT_ERROR:.1%}, chance {CONSTANT_ERROR:.1%} (10 classes); "
         "a constant predictor: all 450 test predictions are class 3"

@@ -16,8 +16,10 @@ details as the reason. The checks need predictions only, so they run on every mo
   it does not predict one class for every test image (PGD training at eps 0.2 without warm-up
   on digits once ended so, 90.6% test error, status ok, and every robust error was meaningless).
 
-An attack that finds a point below a certified lower bound is a further sign of a broken
-evaluation; the certified-bounds measure checks that against its own bounds, not this one.
+- `above_certified_bound`: no attack's adversarial lies closer than IBP's certified radius
+  (L2 and Linf, per attacked example, for a gradient model the bounds can compile): one that
+  does is a bug in the attack or the bounds, loudly. IBP is the cheap bound (a forward pass per
+  bisection step); the `bounds` measure runs the tighter ones and checks against them too.
 """
 
 from __future__ import annotations
@@ -164,6 +166,43 @@ def above_chance(predictions: Tensor, labels: Tensor, classes: int) -> Check:
     return _check(name, True, f"{numbers}; predicts {len(found)} classes")
 
 
+CERTIFIED_EXAMPLES = 100  # the first attacked examples checked against IBP (its cost is tiny)
+
+
+def above_certified_bound(ctx: MeasureContext, examples: pd.DataFrame) -> Check:
+    """Each norm's best attack per example at or above IBP's certified radius (up to float32
+    round-off: advlab.measures.bounds.FLAG_RTOL and FLAG_ATOL)."""
+    from advlab.bounds import BoundError, certified_radius, compile_model
+    from advlab.measures.bounds import FLAG_ATOL, FLAG_RTOL, best_attacks
+
+    name = "above_certified_bound"
+    if not getattr(ctx.model, "gradients", False):
+        return _check(name, None, "a prediction-only model: no bounds")
+    x = ctx.attacked.x[:CERTIFIED_EXAMPLES]
+    y = ctx.attacked.y[:CERTIFIED_EXAMPLES]
+    try:
+        chain = compile_model(ctx.model.module, tuple(x.shape[1:]))
+    except BoundError as err:
+        return _check(name, None, str(err))
+    found, below = 0, []
+    for norm in ("linf", "l2"):
+        best, labels = best_attacks(examples, norm, len(x))
+        if not np.isfinite(best).any():
+            continue
+        top = torch.as_tensor(best, dtype=torch.float64)
+        lower = certified_radius(chain, x, y, norm=norm, method="ibp", upper=top).lower
+        lower = lower.cpu().numpy()
+        found += int(np.isfinite(best).sum())
+        bad = np.isfinite(best) & (best < lower * (1 - FLAG_RTOL) - FLAG_ATOL)
+        below += [f"{labels[i]} at {best[i]:.6g} < {lower[i]:.6g} in {norm} (example {i})"
+                  for i in np.flatnonzero(bad)]  # fmt: skip
+    if not found:
+        return _check(name, None, "no attack fooled an example")
+    if below:
+        return _check(name, False, "a bug in an attack or the bounds: " + "; ".join(below[:3]))
+    return _check(name, True, f"{found} adversarials, each at or above IBP's certified radius")
+
+
 def _run(ctx: MeasureContext, settings: Any) -> Rows:
     assert ctx.results is not None
     planned = {a.key for a in ctx.attacks}  # the runs this measure's id follows
@@ -180,6 +219,7 @@ def _run(ctx: MeasureContext, settings: Any) -> Rows:
         inside_box(examples),
         monotone_robust_error(curves, fixed),
         above_chance(ctx.model.predict(x_test), y_test, ctx.data.num_classes),
+        above_certified_bound(ctx, examples.drop(columns="x_adv")),
     ]
 
 
