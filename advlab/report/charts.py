@@ -51,8 +51,7 @@ def trend(
 
     connect: a field whose equal values one gray line joins across configurations (a model's
     points at each weight decay) instead of one coloured line per configuration."""
-    pick = alt.selection_point(fields=["configuration"], bind="legend", name="pick")
-    emphasis = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(FADED))
+    pick, emphasis = _legend_pick()
     base = alt.Chart().encode(x=x, color=colour(configs))
     y = alt.Y("mean:Q", title=y_title, axis=alt.Axis(format=y_format))
     low = alt.Y("lo:Q", title=y_title)  # the same title as the means', so it shows once
@@ -75,13 +74,36 @@ def trend(
         alt.Tooltip("ci:N", title=METHOD),
         alt.Tooltip("n:Q", title="seeds"),
     ]
-    points = (
-        base.mark_point(filled=True, size=55)
-        .encode(y=y, opacity=emphasis, tooltip=tooltip)
+    points = _mean_points(base.encode(y=y), pick, emphasis, tooltip, size=55)
+    seeds = _seed_points(base, y_title, emphasis, extra_tooltip)
+    layers = [spread, line, seeds, points] if rows[["lo", "hi"]].notna().any().any() else [
+        line, points]  # fmt: skip
+    return finish(alt.layer(*layers, data=records(rows)), configs, title)
+
+
+def _legend_pick() -> tuple[Any, Any]:
+    """The `pick` selection bound to a chart's legend, and the opacity it drives."""
+    pick = alt.selection_point(fields=["configuration"], bind="legend", name="pick")
+    return pick, alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(FADED))
+
+
+def _mean_points(
+    base: alt.Chart, pick: Any, emphasis: Any, tooltip: list[alt.Tooltip], size: int
+) -> alt.Chart:
+    """The plotted means (the layer tests read back as POINTS), carrying the legend pick."""
+    return (
+        base.mark_point(filled=True, size=size)
+        .encode(opacity=emphasis, tooltip=tooltip)
         .add_params(pick)
         .properties(name=POINTS)
     )
-    seeds = (
+
+
+def _seed_points(
+    base: alt.Chart, y_title: str, emphasis: Any, extra_tooltip: Sequence[alt.Tooltip]
+) -> alt.Chart:
+    """One hollow point per seed behind each mean of more than one seed."""
+    return (
         base.transform_filter("datum.n > 1")
         .transform_flatten(["values"], as_=["seed_value"])
         .mark_point(filled=False, size=22, strokeWidth=1)
@@ -96,9 +118,6 @@ def trend(
         )
         .properties(name=SEEDS)
     )
-    layers = [spread, line, seeds, points] if rows[["lo", "hi"]].notna().any().any() else [
-        line, points]  # fmt: skip
-    return finish(alt.layer(*layers, data=records(rows)), configs, title)
 
 
 def finish(chart: alt.LayerChart, configs: Sequence[Config], title: str) -> dict[str, Any]:
@@ -183,8 +202,7 @@ def dashed_pairs(
 ) -> dict[str, Any]:
     """Means against x, one colour per configuration and one dash per value of `kind` (a
     certified bound beside the best attack, certified beside empirical accuracy)."""
-    pick = alt.selection_point(fields=["configuration"], bind="legend", name="pick")
-    emphasis = alt.when(pick).then(alt.value(1.0)).otherwise(alt.value(FADED))
+    pick, emphasis = _legend_pick()
     base = alt.Chart().encode(
         x=x, y=y, color=colour(configs), strokeDash=alt.StrokeDash(f"{kind}:N", title=None)
     )
@@ -196,10 +214,5 @@ def dashed_pairs(
         alt.Tooltip("mean:Q", title="mean", format=".4g"),
         alt.Tooltip("n:Q", title="seeds"),
     ]
-    points = (
-        base.mark_point(filled=True, size=30)
-        .encode(opacity=emphasis, tooltip=tooltip)
-        .add_params(pick)
-        .properties(name=POINTS)
-    )
+    points = _mean_points(base, pick, emphasis, tooltip, size=30)
     return finish(alt.layer(line, points, data=records(rows)), configs, title)
