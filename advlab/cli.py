@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from advlab.data import DataError
-    from advlab.store import SweepBusy, failure_reason, storage_problem
+    from advlab.storage_errors import failure_reason, storage_problem
+    from advlab.store import SweepBusy
 
     args = build_parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {

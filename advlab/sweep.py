@@ -17,7 +17,8 @@ from advlab import manifest, tuning
 from advlab.plan import attack_plan, measure_runs
 from advlab.preflight import check_cluster_gpus, preflight
 from advlab.spec import SpecError, TrialSpec
-from advlab.store import SweepStore, failure_reason, resolve_storage
+from advlab.storage_errors import failure_reason
+from advlab.store import SweepStore, resolve_storage
 from advlab.sweepfile import SweepSpec
 from advlab.tables import Status
 from advlab.text import count

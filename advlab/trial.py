@@ -31,7 +31,8 @@ from advlab.robust_validation import carve_validation, evaluated_epoch
 from advlab.runtime import pick_device
 from advlab.sources import load_data_spec
 from advlab.spec import EVALUATION_KEYS, TRAINING_KEYS, AttackSpec, TrialSpec
-from advlab.store import SweepStore, failure_reason
+from advlab.storage_errors import failure_reason
+from advlab.store import SweepStore
 from advlab.tables import Status, config_columns
 from advlab.track import TrialRun
 from advlab.train import EpochStats

@@ -21,7 +21,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from advlab.spec import SpecError, TrialSpec
-from advlab.store import CHECKPOINT, SEARCH_DB, SweepStore, failure_reason
+from advlab.storage_errors import failure_reason
+from advlab.store import CHECKPOINT, SEARCH_DB, SweepStore
 from advlab.sweep_settings import SearchSpec
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
 from advlab.tables import Status

@@ -15,7 +15,7 @@ from conftest import tiny_sweep
 
 from advlab import results
 from advlab.cli import main
-from advlab.store import failure_reason, storage_problem
+from advlab.storage_errors import failure_reason, storage_problem
 
 # A measure beside the sweep file that spoils the storage once, mid-trial, in the worker: the
 # disk fills up, or every write finds the storage read-only (as a file system remounted
