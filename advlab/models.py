@@ -147,7 +147,10 @@ class SmallCNN(nn.Module):
         super().__init__()
         c, h, w = input_shape
         if h < 4 or w < 4:
-            raise ValueError(f"model: cnn needs inputs of at least 4x4 pixels, got {h}x{w}")
+            raise ValueError(
+                f"model: cnn needs inputs of at least 4x4 pixels, got {h}x{w}; raise "
+                "dataset.resolution to 4 or more, or use an fc model"
+            )
         self.features = nn.Sequential(
             nn.Conv2d(c, 32, 3, padding=1),
             nn.ReLU(),

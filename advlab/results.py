@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from advlab import manifest
+from advlab import dimension, manifest
 from advlab.stats import aggregate
 from advlab.store import SweepStore, list_sweeps
 from advlab.tables import SCHEMAS, Status
@@ -111,6 +111,27 @@ class Results:
         if "configuration" not in frame:
             frame = frame.merge(self.trials[["trial_id", "configuration"]], on="trial_id")
         return aggregate(frame, keys, value)
+
+    def dimension(self) -> pd.DataFrame:
+        """Distortion and input-gradient norms against the input dimension d (a sweep over
+        `dataset.resolution`), long-form: trial_id, group (the grid values besides seed and
+        resolution), seed, input_dim, quantity (dist_l2, dist_rms, grad_l1, grad_l2), attack
+        (null for gradients), value. advlab.dimension says where each comes from."""
+        axes = [
+            a for a in self.axes if a not in ("seed", "dataset.resolution") and a in self.trials
+        ]
+        group = [
+            " ".join(f"{a}={_text(v)}" for a, v in zip(axes, row, strict=True)) or self.name
+            for row in self.trials[axes].itertuples(index=False)
+        ]
+        trials = self.trials.assign(group=group)
+        return dimension.points(trials, self.attacks, self.measure_tables.get("input_gradients"))
+
+    def dimension_exponents(self) -> pd.DataFrame:
+        """Per group, attack and quantity: the exponent k of value ~ d^k fitted per seed, its
+        mean over seeds with the 95% bootstrap interval (lo, hi), the seeds' own exponents,
+        the predicted exponent and whether the interval holds it (advlab.dimension)."""
+        return dimension.exponents(self.dimension())
 
     def objectives(self) -> pd.DataFrame:
         """A multi-objective search's trials, one row each in grid order: trial_id, label, one

@@ -16,6 +16,7 @@ so attacks and distortions stay in [0, 1] pixel space.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ from advlab.data import _images_to_tensor as images_to_tensor
 from advlab.data import _labels_to_tensor as labels_to_tensor
 from advlab.datafiles import read_image_folder, read_npz
 from advlab.plugins import PluginError, call_user, import_object, is_import_path
+from advlab.resample import resample
 
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 SPLITS = ("test", "train")  # what TrialSpec.attack_split may name
@@ -94,8 +96,30 @@ def _stamp(name: str, path: str | None) -> str:
 
 
 def load_data_spec(dataset: Any) -> Dataset:
-    """The data a DatasetSpec names (advlab.spec.DatasetSpec)."""
-    return load_data(dataset.name, dataset.root, dataset.path, dataset.args)
+    """The data a DatasetSpec names (advlab.spec.DatasetSpec), at its `resolution`: every
+    reader (trial, transfer, controls, report, validate) comes through here, so none can see
+    the images at another resolution than the trial did."""
+    data = load_data(dataset.name, dataset.root, dataset.path, dataset.args)
+    return data if dataset.resolution is None else _resampled(data, dataset.resolution)
+
+
+def _resampled(data: Dataset, resolution: int) -> Dataset:
+    """`data` at resolution x resolution, kept for the last two (data, resolution) pairs: the
+    loaded data sets are cached objects, so the same object means the same images."""
+    key = (id(data), resolution)
+    held = _RESAMPLED.get(key)
+    if held is not None and held[0] is data:
+        return held[1]
+    out = dataclasses.replace(
+        data, x_train=resample(data.x_train, resolution), x_test=resample(data.x_test, resolution)
+    )
+    while len(_RESAMPLED) >= 2:
+        _RESAMPLED.pop(next(iter(_RESAMPLED)))
+    _RESAMPLED[key] = (data, out)
+    return out
+
+
+_RESAMPLED: dict[tuple[int, int], tuple[Dataset, Dataset]] = {}
 
 
 def attacked_split(dataset: Any, split: str) -> tuple[Tensor, Tensor]:

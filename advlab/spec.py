@@ -26,6 +26,9 @@ from advlab.text import is_file_name
 
 # Seeds are stored as int64 and offset (seed + 1, + a sample count) by the code that uses them.
 MAX_SEED = 2**32 - 1
+# A guard against typos: the resampled copy of a data set takes N * C * r**2 * 4 bytes (60,000
+# Fashion-MNIST images at 512 would be 63 GB).
+MAX_RESOLUTION = 512
 
 
 # The smallest std `normalize` takes: pixels in [0, 1] divided by it stay far from float32's
@@ -71,6 +74,20 @@ class DatasetSpec(_Strict):
     normalize: NormalizeSpec | None = None
     # Fixes P1/P2 and fractions across trials, unlike the trial seed.
     split_seed: int = Field(0, ge=0, le=MAX_SEED)
+    # Images resampled to resolution x resolution pixels (advlab.resample) before training,
+    # attacks, transfer and the report see them, so d = C * resolution**2; None: as stored.
+    resolution: int | None = None
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _resolution_is_a_side(cls, value: Any) -> Any:
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if value is not None and not (whole and 1 <= value <= MAX_RESOLUTION):
+            raise ValueError(
+                f"give the side in pixels, a whole number from 1 to {MAX_RESOLUTION} (e.g. 14), "
+                "or null for the stored size"
+            )
+        return value
 
 
 # The newer settings: moving one off its default for a method that does not read it (each

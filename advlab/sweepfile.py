@@ -435,11 +435,17 @@ def _absolute(path: Path) -> str:
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = build_model(trial.model, FACTS[trial.dataset.name].input_shape, classes)
+        model = build_model(trial.model, _built_in_shape(trial), classes)
     try:
         check_decays(model, trial.weight_decay, trial.model)
     except ModelNameError as err:
         raise SpecError(str(err)) from None
+
+
+def _built_in_shape(trial: TrialSpec) -> tuple[int, int, int]:
+    channels, height, width = FACTS[trial.dataset.name].input_shape
+    side = trial.dataset.resolution
+    return (channels, height, width) if side is None else (channels, side, side)
 
 
 def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:

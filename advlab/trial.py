@@ -430,6 +430,7 @@ def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
     return {
         "trained_here": trained.trained_here,
         "n_train": len(trained.x_train),
+        "input_dim": math.prod(data.input_shape),
         "train_error": model.error_rate(trained.x_train, trained.y_train),
         "test_error": model.error_rate(data.x_test, data.y_test),
         "heldout_error": model.error_rate(data.x_train[heldout], data.y_train[heldout]),

@@ -2,13 +2,17 @@
 
 from advlab.measures.bounds import BOUNDS
 from advlab.measures.density import DENSITY
+from advlab.measures.gaussian_noise import GAUSSIAN_NOISE
 from advlab.measures.health import HEALTH
+from advlab.measures.input_gradients import INPUT_GRADIENTS
 from advlab.measures.lipschitz import LIPSCHITZ
 from advlab.measures.masking import MASKING
 from advlab.measures.registry import register
 from advlab.measures.units import UNIT_ANALYSIS
 
-BUILTIN = (LIPSCHITZ, UNIT_ANALYSIS, DENSITY, MASKING, HEALTH, BOUNDS)
+BUILTIN = (
+    LIPSCHITZ, UNIT_ANALYSIS, DENSITY, MASKING, HEALTH, BOUNDS, INPUT_GRADIENTS, GAUSSIAN_NOISE
+)  # fmt: skip
 
 for _defn in BUILTIN:
     register(_defn)

@@ -18,6 +18,7 @@ from advlab.report.html import page
 from advlab.report.load import Compared, load_all
 from advlab.report.sections import (
     bracket,
+    dimension,
     distortion,
     examples,
     failures,
@@ -34,8 +35,8 @@ __all__ = ["SECTIONS", "build_report", "render_report"]
 
 # In page order; each renders "" when its data is absent.
 SECTIONS = (
-    overview, table1, failures, pareto, robust, distortion, bracket, training, examples, transfer,
-    measures,
+    overview, table1, failures, pareto, robust, distortion, dimension, bracket, training, examples,
+    transfer, measures,
 )  # fmt: skip
 
 
