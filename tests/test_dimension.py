@@ -217,7 +217,7 @@ def test_a_sweep_over_two_resolutions(ray_local, write_sweep, tmp_path: Path) ->
         attack_examples=6, eps=[0.5], attacks=[{"name": "ddn", "norm": "l2", "steps": 20}],
         measures=[{"name": "input_gradients", "examples": 20},
                   {"name": "gaussian_noise", "sigmas": [0.3], "draws": 5}],
-        transfer={"enabled": False},
+        transfer={"controls": []},
     )  # fmt: skip
     assert main(["sweep", str(write_sweep(raw))]) == 0
     res = advlab.load(str(tmp_path / "results" / "tiny"))
@@ -232,6 +232,8 @@ def test_a_sweep_over_two_resolutions(ray_local, write_sweep, tmp_path: Path) ->
         assert adv.shape[1] == side * side
         stored = torch.tensor(group["dist_l2"].to_numpy())
         assert torch.allclose((adv - clean).double().norm(dim=1), stored, atol=1e-5)
+    pairs = res.transfer[res.transfer["target_kind"] == "trial"]  # never across resolutions
+    assert len(pairs) > 0 and (pairs["source_trial"] == pairs["target"]).all()
     noise = res.gaussian_noise
     by_attack = noise[noise["source"] == "attack"].merge(res.attacks, on=["trial_id", "attack"])
     assert len(by_attack) == 2 and len(noise[noise["source"] == "noise"]) == 2

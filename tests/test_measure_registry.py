@@ -261,6 +261,8 @@ EVERY_MEASURE = {
     "masking": {"strong_attacks": "always"},
     "health": {},
     "bounds": {"norms": ["linf"], "methods": ["ibp", "crown"], "examples": 4},
+    "input_gradients": {"examples": 10},
+    "gaussian_noise": {"sigmas": [0.2], "draws": 3},
 }
 
 

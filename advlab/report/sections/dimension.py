@@ -58,9 +58,10 @@ def exponent_table(compared: Compared) -> str:
     rows = []
     for run, sweep in zip(compared.runs, compared.sweep_names, strict=True):
         for fit in run.dimension_exponents().to_dict("records"):
+            attack = fit["attack"] if isinstance(fit["attack"], str) else ""  # null: gradients
             rows.append(Row({
                 "sweep": text_cell(sweep), "group": text_cell(fit["group"]),
-                "attack": text_cell(fit["attack"]), "quantity": text_cell(fit["quantity"]),
+                "attack": text_cell(attack), "quantity": text_cell(fit["quantity"]),
                 "exponent": _number_cell(fit["exponent"]),
                 "interval": text_cell(charts.interval_text(fit["lo"], fit["hi"])),
                 "n_seeds": _number_cell(fit["n_seeds"]),
