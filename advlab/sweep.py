@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advlab import manifest, tuning
+from advlab.filesystems import BadStorage
 from advlab.plan import attack_plan, measure_runs
 from advlab.preflight import check_cluster_gpus, preflight
 from advlab.spec import SpecError, TrialSpec
@@ -140,6 +141,8 @@ def open_store(spec: SweepSpec) -> SweepStore:
     storage = spec.settings.storage
     try:
         return SweepStore(resolve_storage(storage), spec.name)
+    except BadStorage as err:  # a malformed endpoint: its own line names it and the fix
+        raise SpecError(str(err)) from None
     except (OSError, ValueError) as err:  # pyarrow: unreachable bucket, malformed URI
         why = " ".join(str(err).split())[:160]
         raise SpecError(
