@@ -445,7 +445,10 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     lines.append(f"  parquet: {store.uri}/{{{','.join(written)}}}/")
     if outcome.wandb_mode == "offline":
         runs = store.wandb_runs()
-        lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")
+        how = f"wandb sync {runs}"
+        if store.is_remote:  # wandb sync reads local folders only
+            how = f"aws s3 sync {store.uri}/wandb wandb, then wandb sync wandb/offline-run-*"
+        lines.append(f"  W&B offline runs: {runs}  (upload later: {how})")
     elif outcome.wandb_mode == "online":
         lines.append(f"  W&B: online, group '{store.sweep}'")
     return lines
