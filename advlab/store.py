@@ -24,6 +24,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -113,11 +114,17 @@ class SweepStore:
     def wandb_dir(self) -> str:
         """Where W&B writes its offline runs: the sweep folder itself, or for remote storage a
         local staging folder of this store alone (a trial's, the driver's), which `sync_wandb`
-        copies up."""
+        copies up. Folders a killed process left (a trial that reruns, so a new W&B run
+        replaces its part-run, as `track.drop_earlier_runs` does on local storage) go first."""
         if not self.is_remote:
             return self.path()
         if self._staging is None:
-            self._staging = tempfile.mkdtemp(prefix=f"advlab-wandb-{_safe(self.sweep)}-")
+            prefix = f"advlab-wandb-{_safe(self.sweep)}-"
+            for left in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+                found = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", left.name[len(prefix) :])
+                if found and not _alive(int(found[1])):
+                    shutil.rmtree(left, ignore_errors=True)
+            self._staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
         return self._staging
 
     def sync_wandb(self) -> None:
@@ -550,6 +557,16 @@ def torch_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         return f"not a complete torch file: {err}"
     return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def _safe(text: str) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -138,3 +140,33 @@ def test_storage_that_cannot_hold_a_sweep_is_one_line_exit_2(
             err = capsys.readouterr().err.strip()
             assert err.count("\n") == 0 and said in err, (endpoint, err)
     assert not os.path.exists(tmp_path / "results")
+
+
+def test_wandb_staging_is_uploaded_whole_and_removed_and_a_killed_ones_cleared(
+    bucket: str, s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs W&B wrote in a store's local staging folder go up as objects (W&B's links stay
+    out) and the folder goes; a folder a killed process left is cleared when the next store of
+    the sweep stages (its trial reruns), one of a live process is left alone."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # a process that is gone (reaped: no zombie answers for it)
+    dead = tmp_path / f"advlab-wandb-s-{ended.pid}-abcd1234"
+    live = tmp_path / f"advlab-wandb-s-{os.getpid()}-efgh5678"
+    for left in (dead, live):
+        left.mkdir()
+    store = SweepStore(bucket, "s")
+    staging = Path(store.wandb_dir())
+    assert not dead.exists() and live.exists() and staging.parent == tmp_path
+    run = staging / "wandb" / "offline-run-20260101_000000-s-t1"
+    (run / "files").mkdir(parents=True)
+    (run / "files" / "config.yaml").write_text("a: 1\n")
+    (run / "run-t1.wandb").write_bytes(b"\x00" * 70_000)
+    (staging / "wandb" / "latest-run").symlink_to(run)
+    store.sync_wandb()
+    assert object_keys(s3_endpoint, f"{bucket}/s") == [
+        "wandb/offline-run-20260101_000000-s-t1/files/config.yaml",
+        "wandb/offline-run-20260101_000000-s-t1/run-t1.wandb",
+    ]
+    assert not staging.exists()
