@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from advlab.data import DataError
+    from advlab.filesystems import BadStorage
     from advlab.storage_errors import failure_reason, storage_problem
     from advlab.store import SweepBusy
 
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     try:
         return commands[args.command](args)
-    except (SpecError, DataError, SweepBusy, FileNotFoundError, NotADirectoryError) as err:
+    except (SpecError, DataError, SweepBusy, BadStorage, FileNotFoundError,
+            NotADirectoryError) as err:  # fmt: skip
         message = str(err)
         file = getattr(args, "file", None)
         if file and not message.startswith(file):  # checks past parsing name the file too

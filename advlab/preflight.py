@@ -18,6 +18,7 @@ from advlab import manifest
 from advlab.data import Dataset, select_subset
 from advlab.datafiles import memory_limit
 from advlab.families import EstimatorModel, model_for
+from advlab.filesystems import BadStorage
 from advlab.models import ModelNameError, build_model, check_decays
 from advlab.plan import check_needs, measures_of
 from advlab.plugins import call_user, is_import_path
@@ -69,8 +70,12 @@ def check_address(address: str | None, timeout: float = 3.0) -> None:
 
 
 def check_writable(store: SweepStore) -> None:
-    if store.is_remote:
-        return  # remote storage: the first write tells; credentials are the cloud's business
+    if store.is_remote:  # answers, and has the bucket; the first write tells the rest
+        try:
+            store.check_reachable()
+        except BadStorage as err:
+            raise SpecError(str(err)) from None
+        return
     local = store.path()
     existing = local
     while not os.path.exists(existing):

@@ -170,6 +170,7 @@ CORE = ("trials", "epochs", "examples", "attacks", "curves", "measures", "transf
 def load(path: str) -> Results:
     """Read the sweep folder `path` (<storage>/<sweep>, local or a pyarrow URI)."""
     store = SweepStore.from_dir(path, read_only=True)  # a reader moves and writes nothing
+    store.check_reachable()
     recorded = store.read_manifest()
     notes = manifest.register_measures(recorded)
     trials = store.read("trials")

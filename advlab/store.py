@@ -3,7 +3,11 @@
 Every table is a folder of per-trial files named by trial id. A file is written to a temporary
 name and then renamed, so readers never see half a file and a retried trial replaces its own
 files instead of adding duplicates. The trials row is written last: its presence marks a trial
-complete. Storage may be a local path or a URI that pyarrow.fs understands (s3://, gs://).
+complete. Storage may be a local path or a URI that pyarrow.fs understands (s3://, gs://):
+every file operation goes through one pyarrow.fs filesystem (`filesystem`), the one Ray Tune
+takes for its checkpoints too, so local paths and object storage behave alike. On object
+storage a file is written as one whole object (a PUT, or a multipart upload, appears whole or
+not at all), never appended to or renamed into place.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 import uuid
 import zipfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -27,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from advlab.filesystems import check_reachable, filesystem, is_object_store
 from advlab.measures import registry as measures
 from advlab.tables import SCHEMAS, schema, table
 
@@ -59,7 +66,8 @@ class SweepStore:
 
     def __init__(self, storage: str, sweep: str, read_only: bool = False):
         self.uri = f"{resolve_storage(storage)}/{sweep}"
-        self.fs, self.root = pafs.FileSystem.from_uri(self.uri)
+        self.fs, self.root = filesystem(self.uri)
+        self._staging: str | None = None  # W&B's local folder on remote storage, this store's
         self.damaged: list[str] = []  # notes on files found damaged and skipped or moved
         # Readers (ls, load, report, checks before a run) never move or write a file: a
         # damaged one is skipped and noted in `damaged`, on read-only storage too.
@@ -91,29 +99,55 @@ class SweepStore:
     def is_remote(self) -> bool:
         return not isinstance(self.fs, pafs.LocalFileSystem)
 
-    def ray_dir(self) -> str:
-        """Ray Tune's own experiment state (a URI for remote storage, which Tune syncs to)."""
-        return f"{self.uri}/ray" if self.is_remote else self.path("ray")
+    def check_reachable(self) -> None:
+        """Remote storage answers and holds the bucket, or BadStorage in one line."""
+        check_reachable(self.fs, self.root, self.uri)
+
+    def tune_storage(self) -> tuple[str, pafs.FileSystem | None]:
+        """Ray Tune's storage_path and storage_filesystem for its experiment state and
+        checkpoints: this store's own filesystem object on remote storage (so Tune reaches the
+        same endpoint), a plain local path otherwise."""
+        if self.is_remote:
+            return self.ray_dir_path(), self.fs
+        return self.path("ray"), None
 
     def wandb_dir(self) -> str:
         """Where W&B writes its offline runs: the sweep folder itself, or for remote storage a
-        local staging folder that `sync_wandb` copies up."""
+        local staging folder of this store alone (a trial's, the driver's), which `sync_wandb`
+        copies up. Folders a killed process left (a trial that reruns, so a new W&B run
+        replaces its part-run, as `track.drop_earlier_runs` does on local storage) go first."""
         if not self.is_remote:
             return self.path()
-        return os.path.join(tempfile.gettempdir(), "advlab-wandb", _safe(self.uri))
+        if self._staging is None:
+            prefix = f"advlab-wandb-{_safe(self.sweep)}-"
+            for left in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
+                found = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", left.name[len(prefix) :])
+                if found and not _alive(int(found[1])):
+                    shutil.rmtree(left, ignore_errors=True)
+            self._staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+        return self._staging
 
     def sync_wandb(self) -> None:
-        """Copy the local staging folder's offline runs up to <uri>/wandb (remote storage), so
-        they outlive the node that wrote them; a no-op on local storage, written in place."""
-        local = os.path.join(self.wandb_dir(), "wandb")
-        if not self.is_remote or not os.path.isdir(local):
+        """Copy the offline runs W&B finished in the staging folder up to <uri>/wandb (remote
+        storage), each file one whole object, then remove them here: they outlive the node
+        that wrote them, and no results stay on it. A no-op on local storage, written in place.
+        W&B's own links (latest-run, debug logs) are not uploaded."""
+        if not self.is_remote or self._staging is None:
             return
-        pafs.copy_files(
-            local,
-            self.path("wandb"),
-            source_filesystem=pafs.LocalFileSystem(),
-            destination_filesystem=self.fs,
-        )
+        local = os.path.join(self._staging, "wandb")
+        for run in sorted(os.listdir(local)) if os.path.isdir(local) else []:
+            folder = os.path.join(local, run)
+            if os.path.islink(folder) or not os.path.isdir(folder):
+                continue
+            for base, _, names in os.walk(folder):
+                for name in names:
+                    source = os.path.join(base, name)
+                    inside = os.path.relpath(source, local).replace(os.sep, "/")
+                    folder_name, _, name = inside.rpartition("/")
+                    with open(source, "rb") as handle:
+                        self._write_atomic(f"wandb/{folder_name}", name, handle.read())
+        shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging = None
 
     def wandb_runs(self) -> str:
         """The offline runs, as a glob for `wandb sync`."""
@@ -178,7 +212,12 @@ class SweepStore:
         self._write_atomic(table, f"{trial_id}.parquet", sink.getvalue())
 
     def _write_atomic(self, folder: str, name: str, payload: bytes) -> None:
-        """Write to a hidden temporary name, then rename: readers never see half a file."""
+        """Write to a hidden temporary name, then rename: readers never see half a file. On
+        object storage the object itself is written whole (a rename there is a copy)."""
+        if is_object_store(self.fs):  # one upload: the object appears whole, or not at all
+            with self.fs.open_output_stream(self.path(folder, name)) as out:
+                out.write(payload)
+            return
         self.fs.create_dir(self.path(folder), recursive=True)
         temp = self.path(folder, f".{name}.{uuid.uuid4().hex}.tmp")
         with self.fs.open_output_stream(temp) as out:
@@ -213,7 +252,8 @@ class SweepStore:
         relative = self._relative(path)
         stamp = uuid.uuid4().hex[:8]
         target = self.path("damaged", f"{relative}.{stamp}")
-        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        if not is_object_store(self.fs):
+            self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         self.fs.move(path, target)
         why = " ".join(str(err).split())[:120]
         line = f"{relative} is damaged ({why}); moved to damaged/, {then}"
@@ -519,6 +559,16 @@ def torch_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
@@ -553,7 +603,8 @@ def list_sweeps(storage: str) -> list[SweepStore]:
     """Every sweep folder under a storage root (one with a sweep.json), in name order, opened
     read-only (listing changes nothing)."""
     root = resolve_storage(storage)
-    fs, base = pafs.FileSystem.from_uri(root)
+    fs, base = filesystem(root)
+    check_reachable(fs, base, root)
     if fs.get_file_info(base).type == pafs.FileType.File:
         raise NotADirectoryError(f"{storage} is not a folder; give the storage root of sweeps")
     found = []

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advlab import manifest, tuning
+from advlab.filesystems import BadStorage
 from advlab.plan import attack_plan, measure_runs
 from advlab.preflight import check_cluster_gpus, preflight
 from advlab.spec import SpecError, TrialSpec
@@ -140,6 +141,8 @@ def open_store(spec: SweepSpec) -> SweepStore:
     storage = spec.settings.storage
     try:
         return SweepStore(resolve_storage(storage), spec.name)
+    except BadStorage as err:  # a malformed endpoint: its own line names it and the fix
+        raise SpecError(str(err)) from None
     except (OSError, ValueError) as err:  # pyarrow: unreachable bucket, malformed URI
         why = " ".join(str(err).split())[:160]
         raise SpecError(
@@ -442,7 +445,10 @@ def summary_lines(outcome: SweepOutcome) -> list[str]:
     lines.append(f"  parquet: {store.uri}/{{{','.join(written)}}}/")
     if outcome.wandb_mode == "offline":
         runs = store.wandb_runs()
-        lines.append(f"  W&B offline runs: {runs}  (upload later: wandb sync {runs})")
+        how = f"wandb sync {runs}"
+        if store.is_remote:  # wandb sync reads local folders only
+            how = f"aws s3 sync {store.uri}/wandb wandb, then wandb sync wandb/offline-run-*"
+        lines.append(f"  W&B offline runs: {runs}  (upload later: {how})")
     elif outcome.wandb_mode == "online":
         lines.append(f"  W&B: online, group '{store.sweep}'")
     return lines

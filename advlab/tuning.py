@@ -380,6 +380,7 @@ def make_tuner(
         space["sample"] = domains(spec.settings.search, spec.choices)
     resources = spec.settings.resources
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
+    storage_path, storage_filesystem = store.tune_storage()
     return tune.Tuner(
         tune.with_resources(trainable, {"cpu": resources.cpu, "gpu": resources.gpu}),
         param_space=space,
@@ -397,7 +398,8 @@ def make_tuner(
         ),
         run_config=tune.RunConfig(
             name=f"run-{stamp}",  # a fresh Tune experiment per invocation: never mix two runs
-            storage_path=store.ray_dir(),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             # Retries are for lost workers and nodes; trial failures do not raise (see above).
             failure_config=tune.FailureConfig(max_failures=spec.settings.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
