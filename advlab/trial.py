@@ -217,8 +217,8 @@ def stored_metrics(store: SweepStore, trial_id: str) -> dict[str, float]:
         defn = measure_defn(record.name)
         if defn is not None and defn.metrics is not None:
             attack = record.attack if isinstance(record.attack, str) else None
-            part = store.trial_parts(record.table, trial_id, run_part(record.measure, attack))
-            metrics |= defn.metrics(store.read(record.table, paths=part).to_dict("records"))
+            rows = store.read_trial(record.table, trial_id, run_part(record.measure, attack))
+            metrics |= defn.metrics(rows.to_dict("records"))
     return metrics
 
 
