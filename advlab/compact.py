@@ -113,9 +113,13 @@ def compact_table(store: SweepStore, table: str) -> Compaction | None:
     generation = 1 + max((c.generation for c in indexes), default=0)
     name = parts.name(generation, uuid.uuid4().hex[:8])
     ordered = ordered.replace_schema_metadata(parts.metadata(stems))
+    # Its list beside it too, written first: if the file is damaged later, `check_files`
+    # knows whose rows went with it (a truncated file's footer, where the list is, is lost).
+    listing = parts.listing(store.path(table, f"{name}.parquet")).rsplit("/", 1)[1]
+    store.write_file(table, listing, parts.metadata(stems)[parts.META_KEY])
     store.write_table(table, name, ordered, row_group_size=ROW_GROUP)
     done = [p for p in loose if p not in unread]
-    _remove(store, done, files, [c.path for c in stale])
+    _remove(store, table, done, files, [c.path for c in stale])
     return Compaction(table, len(done) + len(stale), ordered.num_rows, skipped + unread)
 
 
@@ -200,7 +204,11 @@ def _sorted_by_stem(data: pa.Table) -> tuple[pa.Table, list[tuple[str, int]]]:
 
 
 def _remove(
-    store: SweepStore, loose: list[str], seen: dict[str, pafs.FileInfo], stale: list[str]
+    store: SweepStore,
+    table: str,
+    loose: list[str],
+    seen: dict[str, pafs.FileInfo],
+    stale: list[str],
 ) -> None:
     """Remove what the new file holds: loose files unchanged since they were read (one
     rewritten meanwhile is newer, so it stays and wins), then the stale compacted files."""
@@ -214,6 +222,10 @@ def _remove(
             _delete(store, path)
     for path in stale:
         _delete(store, path)
+    kept = {parts.listing(p) for p in store.trial_files(table) if parts.is_compacted(p)}
+    for path in store.files(table, ".json"):  # lists of files gone (or never renamed in)
+        if path.rsplit("/", 1)[1].startswith("." + parts.PREFIX) and path not in kept:
+            _delete(store, path)
 
 
 def _delete(store: SweepStore, path: str) -> None:

@@ -31,7 +31,7 @@ def stem(path: str) -> str:
 
 
 def is_compacted(path: str) -> bool:
-    return stem(path).startswith(PREFIX)
+    return path.rsplit("/", 1)[-1].startswith(PREFIX)
 
 
 def generation(path: str) -> int:
@@ -41,6 +41,13 @@ def generation(path: str) -> int:
 def name(generation_: int, nonce: str) -> str:
     """A compacted file's stem: generations sort as numbers and as text alike."""
     return f"{PREFIX}{generation_:08d}-{nonce}"
+
+
+def listing(path: str) -> str:
+    """Where a compacted file's list is kept beside it: a hidden name, which every reader of
+    the folder passes over (pandas reads every file of a folder but hidden ones)."""
+    folder, _, base = path.rpartition("/")
+    return f"{folder}/.{base.removesuffix('.parquet')}.json"
 
 
 def trial_of(stem_: str) -> str:

@@ -418,15 +418,37 @@ class SweepStore:
             for path in self.trial_files(kind):
                 if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
                     continue  # moved already, with a sibling
-                try:
-                    keys = pq.read_schema(path, filesystem=self.fs).names
-                    found = pq.read_table(path, columns=_keys(kind, keys), filesystem=self.fs)
-                    if (foreign := foreign_file(kind, path, found)) is not None:
-                        raise pa.ArrowInvalid(foreign)
-                except (OSError, pa.ArrowException) as err:
-                    lines.append(self.quarantine(path, err))
-                    self._quarantine_siblings(kind, path.rsplit("/", 1)[1])
+                problem = self._file_problem(kind, path)
+                if problem is None:
+                    continue
+                held = self._stems_held(path) if parts.is_compacted(path) else [parts.stem(path)]
+                lines.append(self.quarantine(path, problem))
+                for stem in held:
+                    self._remove_siblings(kind, stem)
         return lines + self._check_models() + self._check_checkpoints()
+
+    def _file_problem(self, kind: str, path: str) -> str | None:
+        """Why a results file cannot be read as one of this table's, or None."""
+        try:
+            keys = pq.read_schema(path, filesystem=self.fs).names
+            found = pq.read_table(path, columns=_keys(kind, keys), filesystem=self.fs)
+            if parts.is_compacted(path) and (key := key_column(kind)) is not None:
+                problem = parts.misplaced_rows(parts.read_index(self.fs, path), found.column(key))
+            else:
+                problem = foreign_file(kind, path, found)
+        except (OSError, pa.ArrowException, KeyError, ValueError) as err:
+            return str(err)
+        return problem
+
+    def _stems_held(self, path: str) -> list[str]:
+        """What a compacted file holds, from the list written beside it (its own footer may
+        be what is damaged)."""
+        beside = parts.listing(path)
+        try:
+            with self.fs.open_input_stream(beside) as source:
+                return [str(s) for s, _ in json.loads(source.read().decode())]
+        except (OSError, ValueError, TypeError):
+            return []
 
     def _check_models(self) -> list[str]:
         """This sweep's models (shared or in its older folder) that do not open: moved aside,
@@ -450,7 +472,7 @@ class SweepStore:
         path = self.path(table, f"{stem}.parquet")
         files = self.trial_files(table)
         if path in files:
-            self.quarantine(path, why, "the trial reruns")
+            self.quarantine(path, why, "its work runs again")
         if any(map(parts.is_compacted, files)):
             self.write_table(table, stem, schema(table).empty_table())
 
@@ -461,7 +483,11 @@ class SweepStore:
             if (problem := torch_file_problem(self.fs, path)) is not None
         ]
 
-    def _files(self, folder: str, suffix: str) -> list[str]:
+    def write_file(self, folder: str, name: str, payload: bytes) -> None:
+        """Any file of the sweep folder, written atomically (a compacted file's list)."""
+        self._write_atomic(folder, name, payload)
+
+    def files(self, folder: str, suffix: str) -> list[str]:
         selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
         try:
             infos = self.fs.get_file_info(selector)
@@ -471,19 +497,17 @@ class SweepStore:
             i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
         )
 
-    def _quarantine_siblings(self, kind: str, name: str) -> None:
-        stem = name.removesuffix(".parquet")
+    def _remove_siblings(self, kind: str, stem: str) -> None:
+        """The rows that go with a damaged file's: its own (an older compacted copy must not
+        come back), an attack or measure run's other parts, a trial file's trial row."""
         trial_id, _, part = stem.partition(".")
+        why = f"goes with the damaged {kind}/{stem}.parquet"
+        self.remove_rows(kind, stem, why)
         for other in self.tables():
-            if part:  # an attack run: all its parts
-                siblings = [self.path(other, name)]
-            elif other == "trials" and kind != "trials":  # a trial file: its row
-                siblings = [self.path("trials", f"{trial_id}.parquet")]
-            else:
-                siblings = []
-            for sibling in siblings:
-                if self.fs.get_file_info(sibling).type != pafs.FileType.NotFound:
-                    self.quarantine(sibling, f"goes with the damaged {kind}/{name}")
+            if part and other != kind:  # an attack run: all its parts
+                self.remove_rows(other, stem, why)
+            elif other == "trials" and kind != "trials" and not part:  # a trial file: its row
+                self.remove_rows("trials", trial_id, why)
 
 
 # Errors of storage itself, not of the work: said as what is wrong with the storage.

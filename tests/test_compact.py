@@ -216,3 +216,21 @@ def test_a_model_in_a_sweeps_own_older_folder_is_found_and_moved_into_the_store(
     assert (
         state is not None and shared.read_bytes() == (folder / "models" / f"{key}.pt").read_bytes()
     )
+
+
+def test_a_damaged_compacted_file_takes_its_runs_rows_and_they_rerun(copy) -> None:
+    spec, folder = copy
+    compact.compact_sweep(str(folder))
+    before = _everything(folder)
+    (damaged,) = (folder / "examples").glob("compacted-*.parquet")
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # a full disk
+    store = SweepStore.from_dir(str(folder))
+    (line,) = store.check_files()
+    assert line.startswith(f"examples/{damaged.name} is damaged")
+    assert store.read("examples").empty and store.read("attacks").empty  # the runs go whole
+    assert len(store.read("trials")) == 2  # the trials stand: their training is sound
+    _run(spec, [0, 1])  # the sweep resumes: the attack runs, and only they, run again
+    after = _everything(folder, globbed=False)
+    for table in ("examples", "curves", "trials", "epochs"):  # the same numbers, not timings
+        assert after[table] == before[table], table
+    assert len(after["attacks"]) == len(before["attacks"])
