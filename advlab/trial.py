@@ -456,7 +456,7 @@ def write_epochs(store: SweepStore, trial_id: str, trained: Trained) -> None:
 
 
 def log_model(tracker: TrialRun, store: SweepStore, spec: TrialSpec, trial_id: str) -> None:
-    """The trained weights as a W&B model artifact, pointing at the sweep's models/ file."""
+    """The trained weights as a W&B model artifact, pointing at its file in the model store."""
     key = spec.training_key()
     training = spec.model_dump(mode="json", include=set(TRAINING_KEYS))
     tracker.log_artifact(

@@ -84,9 +84,8 @@ def test_a_broken_transfer_target_costs_that_target_only(finished, tmp_path: Pat
     _, folder = _copy(finished, tmp_path)
     res = results.load(str(folder))
     lost, kept = res.trials["trial_id"]
-    (
-        folder.parent / ".models" / f"{res.trials.set_index('trial_id').loc[lost, 'training_key']}.pt"
-    ).unlink()
+    key = res.trials.set_index("trial_id").loc[lost, "training_key"]
+    (folder.parent / ".models" / f"{key}.pt").unlink()
     assert main(["transfer", str(folder)]) == 1
     out = capsys.readouterr().out
     assert f"target {lost} failed: FileNotFoundError" in out
