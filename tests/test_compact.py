@@ -234,3 +234,10 @@ def test_a_damaged_compacted_file_takes_its_runs_rows_and_they_rerun(copy) -> No
     for table in ("examples", "curves", "trials", "epochs"):  # the same numbers, not timings
         assert after[table] == before[table], table
     assert len(after["attacks"]) == len(before["attacks"])
+
+
+def test_compact_refuses_a_folder_with_no_results_in_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["compact", str(tmp_path / "nothing")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no advlab results here" in line and "<storage>/<sweep>" in line
+    assert not (tmp_path / "nothing").exists()  # refused before any work: nothing written
