@@ -30,6 +30,7 @@ from advlab import parts
 from advlab.store import SweepStore
 from advlab.tablefiles import key_column, misfiled_files
 from advlab.tables import schema
+from advlab.text import count
 
 # At a sweep's end, compaction runs once its tables hold this many loose files (about 18
 # trials): a small sweep keeps one readable file per trial and run, a large one a few files.
@@ -74,7 +75,8 @@ def summary_line(done: list[Compaction]) -> str:
     if not done:
         return "advlab: compact: nothing to merge (every table is one file per compaction)"
     merged = sum(d.merged for d in done)
-    line = f"advlab: compacted {merged} parquet files into {len(done)} ({len(done)} tables)"
+    tables = count(len(done), "table")
+    line = f"advlab: compacted {count(merged, 'parquet file')} into one per table ({tables})"
     skipped = [s for d in done for s in d.skipped]
     return line + (f"; left {len(skipped)} unreadable in place" if skipped else "")
 

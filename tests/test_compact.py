@@ -241,3 +241,17 @@ def test_compact_refuses_a_folder_with_no_results_in_one_line(tmp_path: Path, ca
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "no advlab results here" in line and "<storage>/<sweep>" in line
     assert not (tmp_path / "nothing").exists()  # refused before any work: nothing written
+
+
+def test_a_sweeps_end_compacts_past_the_threshold_or_once_compacted(copy, monkeypatch) -> None:
+    spec, folder = copy
+    store = SweepStore.from_dir(str(folder))
+    assert compact.compact_after_sweep(store) is None  # 18 loose files: a small sweep stays
+    monkeypatch.setattr(compact, "AUTO_MIN_FILES", 18)
+    line = compact.compact_after_sweep(store)
+    assert line == "advlab: compacted 18 parquet files into one per table (8 tables)"
+    monkeypatch.undo()
+    store.write_part("health", spec.trials[0].trial_id(), "measure.health", None)
+    assert compact.compact_after_sweep(store) == (  # compacted before: one loose file is enough
+        "advlab: compacted 2 parquet files into one per table (1 table)"
+    )
