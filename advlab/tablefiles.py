@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -60,22 +61,35 @@ def read_compacted(
     fs: pafs.FileSystem,
     table: str,
     found: parts.Compacted,
-    keep: Any,
+    keep: np.ndarray | None,
     declared: pa.Schema | None,
     note: Note,
 ) -> pa.Table | None:
-    """A compacted file's rows (those `keep` marks, or all), checked against its list."""
+    """A compacted file's rows (those `keep` marks, or all), checked against its list. Rows
+    of one trial (a trial reading its own results) come from the row groups holding them."""
     try:
-        data = pq.read_table(found.path, filesystem=fs)
         if (key := key_column(table)) is not None:
-            problem = parts.misplaced_rows(found, data.column(key))
-            if problem is not None:
+            keys = pq.read_table(found.path, columns=[key], filesystem=fs).column(key)
+            if (problem := parts.misplaced_rows(found, keys)) is not None:
                 raise pa.ArrowInvalid(problem)
+        if keep is None:
+            data = pq.read_table(found.path, filesystem=fs)
+        else:
+            data = _marked_rows(pq.ParquetFile(found.path, filesystem=fs), keep)
     except (OSError, pa.ArrowException, KeyError) as err:
         note(found.path, err)
         return None
-    data = data if keep is None else data.filter(pa.array(keep))
     return data if declared is None else conform(data, declared)
+
+
+def _marked_rows(handle: pq.ParquetFile, keep: np.ndarray) -> pa.Table:
+    """The rows `keep` marks, reading only the row groups that hold any."""
+    sizes = [handle.metadata.row_group(i).num_rows for i in range(handle.num_row_groups)]
+    bounds = np.cumsum([0, *sizes])
+    groups = [i for i in range(len(sizes)) if keep[bounds[i] : bounds[i + 1]].any()]
+    data = handle.read_row_groups(groups)
+    marks = [keep[bounds[i] : bounds[i + 1]] for i in groups]
+    return data.filter(pa.array(np.concatenate(marks) if marks else np.zeros(0, bool)))
 
 
 def key_column(table: str) -> str | None:
