@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--address", **address)
     transfer.add_argument("--verbose", "-v", action="count", default=0)
 
+    compact = commands.add_parser(
+        "compact", help="merge a sweep's per-trial parquet files into one file per table"
+    )
+    compact.add_argument("sweep_dir", metavar="SWEEP_DIR", help="<storage>/<sweep>")
+
     ls = commands.add_parser("ls", help="the sweeps under a storage root, with trial counts")
     ls.add_argument("storage", nargs="?", default="results", help="results root (default results)")
 
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "validate": validate, "sweep": sweep, "trial": run_one, "transfer": transfer,
-        "ls": list_sweeps, "report": make_report,
+        "ls": list_sweeps, "report": make_report, "compact": compact,
     }  # fmt: skip
     try:
         return commands[args.command](args)
@@ -247,6 +252,19 @@ def transfer(args: argparse.Namespace) -> int:
     for line in transfer_lines(outcome):
         print(line)
     return 0 if not outcome.failed_targets else 1
+
+
+def compact(args: argparse.Namespace) -> int:
+    from advlab.compact import compact_sweep, summary_line
+    from advlab.store import SweepStore
+
+    store = SweepStore.from_dir(args.sweep_dir, read_only=True)
+    if store.read_manifest() is None and store.read("trials").empty:
+        raise FileNotFoundError(
+            f"{args.sweep_dir}: no advlab results here; pass a <storage>/<sweep> folder"
+        )
+    print(summary_line(compact_sweep(args.sweep_dir)))
+    return 0
 
 
 def list_sweeps(args: argparse.Namespace) -> int:

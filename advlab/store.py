@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from advlab import parts
 from advlab.filesystems import check_reachable, filesystem, is_object_store
 from advlab.measures import registry as measures
+from advlab.model_store import FOLDER as MODELS
+from advlab.model_store import ModelStore
+from advlab.tablefiles import foreign_file, key_column, read_compacted, read_loose
 from advlab.tables import SCHEMAS, schema, table
 
 TABLES = tuple(SCHEMAS)  # the core tables; measure tables are folders beside them
@@ -206,9 +210,11 @@ class SweepStore:
         """The SQLite URL of an Optuna search's study (local storage)."""
         return f"sqlite:///{self.path(SEARCH_DB)}"
 
-    def write_table(self, table: str, trial_id: str, data: pa.Table) -> None:
+    def write_table(
+        self, table: str, trial_id: str, data: pa.Table, row_group_size: int | None = None
+    ) -> None:
         sink = io.BytesIO()
-        pq.write_table(data, sink)
+        pq.write_table(data, sink, row_group_size=row_group_size)
         self._write_atomic(table, f"{trial_id}.parquet", sink.getvalue())
 
     def _write_atomic(self, folder: str, name: str, payload: bytes) -> None:
@@ -224,25 +230,22 @@ class SweepStore:
             out.write(payload)
         self.fs.move(temp, self.path(folder, name))
 
+    @property
+    def models(self) -> ModelStore:
+        """The storage root's model store, shared by every sweep under it (`model_store`)."""
+        base = self.root.rsplit("/", 1)[0]
+        return ModelStore(
+            self.fs, f"{base}/{MODELS}", self.path("models"), self.read_only, self.damaged
+        )
+
     def save_model(self, key: str, state: dict[str, Any]) -> None:
-        """Trained weights and training history under models/<training key>.pt."""
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        self._write_atomic("models", f"{key}.pt", buffer.getvalue())
+        """Trained weights and training history under <storage>/.models/<training key>.pt."""
+        self.models.save(key, state)
 
     def load_model(self, key: str) -> dict[str, Any] | None:
         """A cached trained model, or None when there is none or its file is damaged (then it
-        is moved to damaged/ and the model is trained again)."""
-        path = self.path("models", f"{key}.pt")
-        if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        try:
-            with self.fs.open_input_stream(path) as source:
-                # weights_only: a results folder is data, and must never run code when loaded.
-                return torch.load(io.BytesIO(source.read()), map_location="cpu", weights_only=True)
-        except Exception as err:  # truncated, or not a torch file: damage, whatever the kind
-            self.set_aside(path, err)
-            return None
+        is moved aside and the model is trained again)."""
+        return self.models.load(key)
 
     def quarantine(
         self, path: str, err: BaseException | str, then: str = "its work runs again"
@@ -260,21 +263,9 @@ class SweepStore:
         self.damaged.append(line)
         return line
 
-    @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
-        """Serialise work on one name across processes (local storage; a no-op for URIs, where
-        concurrent trials may both do the work, with the same result)."""
-        if self.is_remote:
-            yield
-            return
-        local = self.path("models")
-        os.makedirs(local, exist_ok=True)
-        with open(os.path.join(local, f".{name}.lock"), "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """Serialise training of one key across processes and sweeps (see `model_store`)."""
+        return self.models.lock(key)
 
     @contextlib.contextmanager
     def sweep_lock(self) -> Iterator[None]:
@@ -305,7 +296,10 @@ class SweepStore:
         return f"{self.uri}/{'/'.join(parts)}" if self.is_remote else self.path(*parts)
 
     def model_file(self, key: str) -> str:
-        return self.locator("models", f"{key}.pt")
+        """The shared store's file of a model: its local path, or its URI on remote storage."""
+        if self.is_remote:
+            return f"{self.storage}/{MODELS}/{key}.pt"
+        return self.models.path(key)
 
     def result_files(self) -> list[tuple[str, str]]:
         """Every parquet file of every table and sweep.json: (name inside the sweep folder,
@@ -326,30 +320,25 @@ class SweepStore:
         several files of the trial (an attack run: `<trial_id>.<attack>.parquet`)."""
         self.write_table(name, f"{trial_id}.{part}" if part else trial_id, table(name, rows))
 
-    def trial_parts(self, name: str, trial_id: str, part: str | None = None) -> list[str]:
-        """The files one trial wrote to a table: its own, then one per attack or measure run
-        (only the file of run `part` when given)."""
-        if part is not None:
-            path = self.path(name, f"{trial_id}.{part}.parquet")
-            return [path] if self.fs.get_file_info(path).type == pafs.FileType.File else []
-        return [
-            path
-            for path in self.trial_files(name)
-            if path.rsplit("/", 1)[1].split(".", 1)[0] == trial_id
-        ]
-
     def write_part(self, name: str, trial_id: str, part: str, data: pa.Table | None) -> None:
-        """One run's file of a table, replaced; None removes it (a rerun that left no rows
-        must not leave the earlier run's rows behind)."""
+        """One run's file of a table, replaced; None removes its rows (a rerun that left no
+        rows must not leave the earlier run's rows behind): its file goes, or, where a
+        compacted file may hold them, an empty file stands in its place (`parts`)."""
         if data is not None:
             self.write_table(name, f"{trial_id}.{part}", data)
             return
-        for path in self.trial_parts(name, trial_id, part):
+        files = self.trial_files(name)
+        if any(map(parts.is_compacted, files)):
+            self.write_table(name, f"{trial_id}.{part}", schema(name).empty_table())
+            return
+        path = self.path(name, f"{trial_id}.{part}.parquet")
+        if path in files:
             self.fs.delete_file(path)
 
-    def read_trial(self, name: str, trial_id: str) -> pd.DataFrame:
-        """One trial's rows of a table (every part), empty with the table's columns if none."""
-        return self.read(name, paths=self.trial_parts(name, trial_id))
+    def read_trial(self, name: str, trial_id: str, part: str | None = None) -> pd.DataFrame:
+        """One trial's current rows of a table (every part, or run `part`'s only), empty with
+        the table's columns if none; loose or compacted alike."""
+        return self.read(name, wanted=parts.of_trial(trial_id, part))
 
     def trial_files(self, table: str) -> list[str]:
         """The table's parquet files (none when its folder is missing or is no folder)."""
@@ -366,29 +355,43 @@ class SweepStore:
         return sorted(i.path for i in found if i.type == pafs.FileType.File)
 
     def read(
-        self, table: str, columns: list[str] | None = None, paths: list[str] | None = None
+        self,
+        table: str,
+        columns: list[str] | None = None,
+        wanted: Callable[[str], bool] | None = None,
     ) -> pd.DataFrame:
-        """Every file of one table (or `paths` of it), each cast to the table's declared schema
-        (a column a file lacks reads as null; integers and booleans as pandas' nullable types,
-        so a null stays null). A damaged file, or one of another table or trial (`foreign_file`),
-        is left out and noted in `damaged`
-        (`check_files` moves such files away before a sweep resumes). A table whose measure is
-        not registered here reads with each file's own schema."""
+        """The current rows of one table (of the files whose stem `wanted` accepts), cast to
+        the table's declared schema (a column a file lacks reads as null; integers and
+        booleans as pandas' nullable types, so a null stays null). Loose files read in one
+        pass, compacted ones by the rule in `parts`. A damaged file, or one of another table
+        or trial (`foreign_file`), is left out and noted in `damaged` (`check_files` moves
+        such files away before a sweep resumes). A table whose measure is not registered
+        here reads with each file's own schema."""
         declared = _declared(table, columns)
-        parts = []
-        for path in self.trial_files(table) if paths is None else paths:
-            try:
-                found = pq.read_table(path, filesystem=self.fs)
-                if (foreign := foreign_file(table, path, found)) is not None:
-                    raise pa.ArrowInvalid(foreign)
-                parts.append(found if declared is None else _conform(found, declared))
-            except (OSError, pa.ArrowException) as err:
-                self.damaged.append(f"{self._relative(path)} ({' '.join(str(err).split())[:120]})")
-        if parts:
-            merged = pa.concat_tables(parts, promote_options="permissive")
+        files = self.trial_files(table)
+        loose = [p for p in files if not parts.is_compacted(p)]
+        chosen = parts.plan(loose, self._indexes(table, files), wanted)
+        pieces = read_loose(self.fs, table, chosen.loose, declared, self._note)
+        for found, keep in [(c, None) for c in chosen.whole] + chosen.partial:
+            piece = read_compacted(self.fs, table, found, keep, declared, self._note)
+            pieces += [] if piece is None else [piece]
+        if pieces:
+            merged = pa.concat_tables(pieces, promote_options="permissive")
         else:
             merged = (declared or pa.schema([])).empty_table()
         return merged.to_pandas(types_mapper=_nullable_types)
+
+    def _indexes(self, table: str, files: list[str]) -> list[parts.Compacted]:
+        found = []
+        for path in filter(parts.is_compacted, files):
+            try:
+                found.append(parts.read_index(self.fs, path))
+            except (OSError, pa.ArrowException, ValueError) as err:
+                self._note(path, err)
+        return found
+
+    def _note(self, path: str, err: BaseException | str) -> None:
+        self.damaged.append(f"{self._relative(path)} ({' '.join(str(err).split())[:120]})")
 
     def tables(self) -> list[str]:
         """The tables this sweep holds: the core ones, then every other folder of parquet
@@ -455,30 +458,63 @@ class SweepStore:
             for path in self.trial_files(kind):
                 if self.fs.get_file_info(path).type == pafs.FileType.NotFound:
                     continue  # moved already, with a sibling
-                try:
-                    keys = pq.read_schema(path, filesystem=self.fs).names
-                    found = pq.read_table(path, columns=_keys(kind, keys), filesystem=self.fs)
-                    if (foreign := foreign_file(kind, path, found)) is not None:
-                        raise pa.ArrowInvalid(foreign)
-                except (OSError, pa.ArrowException) as err:
-                    lines.append(self.quarantine(path, err))
-                    self._quarantine_siblings(kind, path.rsplit("/", 1)[1])
+                problem = self._file_problem(kind, path)
+                if problem is None:
+                    continue
+                held = self._stems_held(path) if parts.is_compacted(path) else [parts.stem(path)]
+                lines.append(self.quarantine(path, problem))
+                for stem in held:
+                    self._remove_siblings(kind, stem)
         return lines + self._check_models() + self._check_checkpoints()
 
+    def _file_problem(self, kind: str, path: str) -> str | None:
+        """Why a results file cannot be read as one of this table's, or None."""
+        try:
+            keys = pq.read_schema(path, filesystem=self.fs).names
+            found = pq.read_table(path, columns=_keys(kind, keys), filesystem=self.fs)
+            if parts.is_compacted(path) and (key := key_column(kind)) is not None:
+                problem = parts.misplaced_rows(parts.read_index(self.fs, path), found.column(key))
+            else:
+                problem = foreign_file(kind, path, found)
+        except (OSError, pa.ArrowException, KeyError, ValueError) as err:
+            return str(err)
+        return problem
+
+    def _stems_held(self, path: str) -> list[str]:
+        """What a compacted file holds, from the list written beside it (its own footer may
+        be what is damaged)."""
+        beside = parts.listing(path)
+        try:
+            with self.fs.open_input_stream(beside) as source:
+                return [str(s) for s, _ in json.loads(source.read().decode())]
+        except (OSError, ValueError, TypeError):
+            return []
+
     def _check_models(self) -> list[str]:
+        """This sweep's models (shared or in its older folder) that do not open: moved aside,
+        and the trials trained with them rerun."""
         lines = []
-        for path in self._files("models", ".pt"):
+        trials = self.read("trials", ["trial_id", "training_key"])
+        models = self.models
+        for path in models.files(set(trials["training_key"].dropna())):
             problem = torch_file_problem(self.fs, path)
             if problem is None:
                 continue
             key = path.rsplit("/", 1)[1].removesuffix(".pt")
-            lines.append(self.quarantine(path, problem, "the trials trained with it retrain"))
-            trials = self.read("trials", ["trial_id", "training_key"])
+            lines.append(models.set_aside(path, problem, "the trials trained with it retrain"))
             for trial_id in trials.loc[trials["training_key"] == key, "trial_id"]:
-                row = self.path("trials", f"{trial_id}.parquet")
-                if self.fs.get_file_info(row).type == pafs.FileType.File:
-                    self.quarantine(row, f"its model {key}.pt is damaged", "the trial reruns")
+                self.remove_rows("trials", trial_id, f"its model {key}.pt is damaged")
         return lines
+
+    def remove_rows(self, table: str, stem: str, why: str) -> None:
+        """Take one file's rows out of a table so their work reruns: a loose file moves to
+        damaged/; rows a compacted file may hold are hidden by an empty file (`parts`)."""
+        path = self.path(table, f"{stem}.parquet")
+        files = self.trial_files(table)
+        if path in files:
+            self.quarantine(path, why, "its work runs again")
+        if any(map(parts.is_compacted, files)):
+            self.write_table(table, stem, schema(table).empty_table())
 
     def _check_checkpoints(self) -> list[str]:
         return [
@@ -487,7 +523,11 @@ class SweepStore:
             if (problem := torch_file_problem(self.fs, path)) is not None
         ]
 
-    def _files(self, folder: str, suffix: str) -> list[str]:
+    def write_file(self, folder: str, name: str, payload: bytes) -> None:
+        """Any file of the sweep folder, written atomically (a compacted file's list)."""
+        self._write_atomic(folder, name, payload)
+
+    def files(self, folder: str, suffix: str) -> list[str]:
         selector = pafs.FileSelector(self.path(folder), allow_not_found=True)
         try:
             infos = self.fs.get_file_info(selector)
@@ -497,52 +537,23 @@ class SweepStore:
             i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
         )
 
-    def _quarantine_siblings(self, kind: str, name: str) -> None:
-        stem = name.removesuffix(".parquet")
+    def _remove_siblings(self, kind: str, stem: str) -> None:
+        """The rows that go with a damaged file's: its own (an older compacted copy must not
+        come back), an attack or measure run's other parts, a trial file's trial row."""
         trial_id, _, part = stem.partition(".")
+        why = f"goes with the damaged {kind}/{stem}.parquet"
+        self.remove_rows(kind, stem, why)
         for other in self.tables():
-            if part:  # an attack run: all its parts
-                siblings = [self.path(other, name)]
-            elif other == "trials" and kind != "trials":  # a trial file: its row
-                siblings = [self.path("trials", f"{trial_id}.parquet")]
-            else:
-                siblings = []
-            for sibling in siblings:
-                if self.fs.get_file_info(sibling).type != pafs.FileType.NotFound:
-                    self.quarantine(sibling, f"goes with the damaged {kind}/{name}")
+            if part and other != kind:  # an attack run: all its parts
+                self.remove_rows(other, stem, why)
+            elif other == "trials" and kind != "trials" and not part:  # a trial file: its row
+                self.remove_rows("trials", trial_id, why)
 
 
 # Errors of storage itself, not of the work: said as what is wrong with the storage.
-def _key(table: str) -> str | None:
-    """The column every row of a table's files must hold: its trial's id (the transfer
-    table: its target); None for a measure table not registered here."""
-    try:
-        names = schema(table).names
-    except KeyError:
-        return None
-    return "trial_id" if "trial_id" in names else "target"
-
-
 def _keys(table: str, present: list[str]) -> list[str]:
-    key = _key(table)
+    key = key_column(table)
     return [key] if key is not None and key in present else []
-
-
-def foreign_file(table: str, path: str, found: pa.Table) -> str | None:
-    """Why a parquet file in a table's folder is none of that table's files: its key column is
-    missing (another table's file, or someone else's), or a trial's file holds another
-    trial's rows; None when it belongs."""
-    key = _key(table)
-    if key is None:
-        return None
-    if key not in found.column_names:
-        return f"not a {table} file: it has no {key} column"
-    stem = path.rsplit("/", 1)[-1].split(".", 1)[0]
-    if key == "trial_id" and stem != "all":
-        others = {t for t in found.column(key).to_pylist() if t != stem}
-        if others:
-            return f"holds rows of trial {sorted(map(str, others))[0]}, not of {stem}"
-    return None
 
 
 def torch_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
@@ -579,16 +590,6 @@ def _declared(table: str, columns: list[str] | None) -> pa.Schema | None:
     except KeyError:
         return None
     return declared if columns is None else pa.schema([declared.field(c) for c in columns])
-
-
-def _conform(found: pa.Table, declared: pa.Schema) -> pa.Table:
-    arrays = [
-        found.column(f.name).cast(f.type)
-        if f.name in found.column_names
-        else pa.nulls(len(found), f.type)
-        for f in declared
-    ]
-    return pa.Table.from_arrays(arrays, schema=declared)
 
 
 def _nullable_types(kind: pa.DataType) -> Any:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from advlab import manifest, tuning
+from advlab.compact import compact_after_sweep
 from advlab.filesystems import BadStorage
 from advlab.plan import attack_plan, measure_runs
 from advlab.preflight import check_cluster_gpus, preflight
@@ -132,6 +133,8 @@ def run_sweep(
             print(f"advlab: skipped {line}", file=sys.stderr)
         outcome = collect_outcome(spec, store, mode, run)
         if not outcome.interrupted:  # after Ctrl-C rerunning continues; no transfer now
+            if (compacted := compact_after_sweep(store)) is not None:
+                print(compacted, file=sys.stderr)
             finish(spec, store, outcome, address, verbose, new_trials=run is not None)
     return outcome
 

@@ -176,7 +176,7 @@ _TRIAL_HEAD = [
 ]
 _TRIAL_RESULTS = [
     ("training_key", pa.string()),
-    ("trained_here", pa.bool_()),  # False: loaded from models/, trained by a twin trial
+    ("trained_here", pa.bool_()),  # False: loaded from the model store
     ("n_train", pa.int64()),
     ("input_dim", pa.int64()),  # d = C * H * W of the images the trial saw (dataset.resolution)
     ("train_error", pa.float64()),

@@ -176,7 +176,7 @@ def failed_target(target: str, target_kind: str, err: Exception) -> list[dict]:
 
 
 def trial_predictor(store: SweepStore, spec: TrialSpec, key: str | None = None) -> Predict:
-    """A trial's trained model, loaded once from the sweep's models/ folder: the one its row
+    """A trial's trained model, loaded once from the storage root's model store: the one its row
     names (`key`, the training key it trained or loaded), else its spec's key now."""
     data = load_data_spec(spec.dataset)
     model = model_for(spec, data.input_shape, data.num_classes)

@@ -217,8 +217,8 @@ def stored_metrics(store: SweepStore, trial_id: str) -> dict[str, float]:
         defn = measure_defn(record.name)
         if defn is not None and defn.metrics is not None:
             attack = record.attack if isinstance(record.attack, str) else None
-            part = store.trial_parts(record.table, trial_id, run_part(record.measure, attack))
-            metrics |= defn.metrics(store.read(record.table, paths=part).to_dict("records"))
+            rows = store.read_trial(record.table, trial_id, run_part(record.measure, attack))
+            metrics |= defn.metrics(rows.to_dict("records"))
     return metrics
 
 
@@ -457,7 +457,7 @@ def write_epochs(store: SweepStore, trial_id: str, trained: Trained) -> None:
 
 
 def log_model(tracker: TrialRun, store: SweepStore, spec: TrialSpec, trial_id: str) -> None:
-    """The trained weights as a W&B model artifact, pointing at the sweep's models/ file."""
+    """The trained weights as a W&B model artifact, pointing at its file in the model store."""
     key = spec.training_key()
     training = spec.model_dump(mode="json", include=set(TRAINING_KEYS))
     tracker.log_artifact(

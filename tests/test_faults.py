@@ -35,6 +35,7 @@ def _copy(finished: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
     path, folder = finished
     target = tmp_path / "results" / "f"
     shutil.copytree(folder, target)
+    shutil.copytree(folder.parent / ".models", target.parent / ".models")  # the shared store
     return path, target
 
 
@@ -55,7 +56,7 @@ def test_damaged_files_are_moved_aside_and_only_their_work_reruns(
     kept = untouched.read_bytes()
     _truncate(folder / "trials" / f"{first}.parquet")
     _truncate(folder / "examples" / f"{second}.lbfgs.parquet")
-    _truncate(folder / "models" / f"{key}.pt")
+    _truncate(folder.parent / ".models" / f"{key}.pt")
     (folder / "sweep.json").write_text('{"name": "f", "vers')
     capsys.readouterr()
     assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 0
@@ -83,9 +84,8 @@ def test_a_broken_transfer_target_costs_that_target_only(finished, tmp_path: Pat
     _, folder = _copy(finished, tmp_path)
     res = results.load(str(folder))
     lost, kept = res.trials["trial_id"]
-    (
-        folder / "models" / f"{res.trials.set_index('trial_id').loc[lost, 'training_key']}.pt"
-    ).unlink()
+    key = res.trials.set_index("trial_id").loc[lost, "training_key"]
+    (folder.parent / ".models" / f"{key}.pt").unlink()
     assert main(["transfer", str(folder)]) == 1
     out = capsys.readouterr().out
     assert f"target {lost} failed: FileNotFoundError" in out
@@ -170,14 +170,14 @@ def test_a_zero_byte_cached_model_is_retrained_never_trusted(
     before = results.load(str(folder)).trials.set_index("trial_id")
     first = before.index[0]
     key = before.loc[first, "training_key"]
-    (folder / "models" / f"{key}.pt").write_bytes(b"")  # a full disk's leftover
+    (folder.parent / ".models" / f"{key}.pt").write_bytes(b"")  # a full disk's leftover
     capsys.readouterr()
     assert main(["sweep", str(path), "--storage", str(tmp_path / "results")]) == 0
     err = capsys.readouterr().err
-    assert f"models/{key}.pt is damaged (an empty file); moved to damaged/" in err
+    assert f".models/{key}.pt is damaged (an empty file); moved to .models/damaged/" in err
     after = results.load(str(folder)).trials.set_index("trial_id")
     assert bool(after.loc[first, "trained_here"])  # trained again, not loaded
-    assert (folder / "models" / f"{key}.pt").stat().st_size > 0
+    assert (folder.parent / ".models" / f"{key}.pt").stat().st_size > 0
     columns = ["test_error", "train_error", "status"]
     pd.testing.assert_frame_equal(after[columns].sort_index(), before[columns].sort_index())
 

@@ -71,9 +71,11 @@ MARGIN = MeasureDef(
 
 
 def sweep_files(folder: Path) -> dict[Path, bytes]:
-    """Every file a sweep wrote: parquet, models, W&B runs (not Tune's own state, the manifest
-    it grows, the lock naming its holder, or W&B's links to its latest run)."""
-    return {
+    """Every file a sweep wrote: parquet, models (in its storage root's store), W&B runs (not
+    Tune's own state, the manifest it grows, the lock naming its holder, or W&B's links to its
+    latest run)."""
+    models = {p: p.read_bytes() for p in (folder.parent / ".models").glob("*.pt")}
+    return models | {
         p: p.read_bytes()
         for p in folder.rglob("*")
         if p.is_file() and not p.is_symlink() and p.name not in ("sweep.json", ".sweep.lock")

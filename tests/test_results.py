@@ -174,7 +174,8 @@ def test_a_sweep_grows_by_its_new_trials_and_attacks_only(ray_local, tmp_path: P
     path.write_text(yaml.safe_dump(raw))
     assert main(["sweep", str(path)]) == 0
     folder = tmp_path / "results" / "grow"
-    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and "ray" not in p.parts}
+    files = folder.parent.rglob("*")  # the sweep's folder and its storage root's models
+    before = {p: p.read_bytes() for p in files if p.is_file() and "ray" not in p.parts}
     before = {p: b for p, b in before.items() if p.suffix in (".parquet", ".pt")}
     raw["grid"]["weight_decay"].append(1.0e-3)
     raw["attacks"] = [*raw["attacks"], {"name": "pgd", "steps": 5}]

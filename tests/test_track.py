@@ -163,9 +163,7 @@ def test_a_trials_offline_run_holds_its_tables_and_example_images(tmp_path: Path
     (model,) = [a for a in logged["artifacts"] if a["type"] == "model"]  # beside run tables
     key = spec.trials[0].training_key()
     assert model["name"] == f"model-{key}"
-    assert model["files"][f"{key}.pt"]["local_path"] == str(
-        tmp_path / "tiny" / "models" / f"{key}.pt"
-    )
+    assert model["files"][f"{key}.pt"]["local_path"] == str(tmp_path / ".models" / f"{key}.pt")
     assert model["metadata"]["model"] == spec.trials[0].model
 
     images = [f for f in files if f.startswith("media/images/examples/lbfgs")]

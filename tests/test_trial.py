@@ -66,7 +66,7 @@ def test_a_different_seed_trains_a_different_model(tmp_path: Path) -> None:
         for i, trial in enumerate(spec.trials)
     ]
     assert all(r["trained_here"] for r in rows)
-    assert len(list((tmp_path / "seeds" / "models").glob("*.pt"))) == 2
+    assert len(list((tmp_path / ".models").glob("*.pt"))) == 2
 
 
 def test_every_attack_runs_in_a_trial_and_scores_its_budgets(tmp_path: Path) -> None:
