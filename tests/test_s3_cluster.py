@@ -203,6 +203,7 @@ def test_a_two_node_sweep_on_s3_survives_a_killed_driver_and_reads_as_a_local_ru
         time.sleep(0.2)
     fs = s3_filesystem(s3_endpoint)
     before = object_keys(s3_endpoint, f"{storage}/cloud")
+    models_before = object_keys(s3_endpoint, f"{storage}/.models")  # one store per root
     finished = {
         k: fs.open_input_stream(f"sweeps/advlab/cloud/{k}").read()
         for k in before
@@ -227,7 +228,7 @@ def test_a_two_node_sweep_on_s3_survives_a_killed_driver_and_reads_as_a_local_ru
     assert len(runs) >= 3  # every trial's W&B run reached the bucket
     assert any("/checkpoint_" in k for k in keys)  # Tune's checkpoints went there too
     for trial in cloud.trials.itertuples():  # cut mid-training: continued from its checkpoint
-        cut = f"models/{trial.training_key}.pt" not in before
+        cut = f"{trial.training_key}.pt" not in models_before
         if cut and any(f"/{trial.trial_id}/checkpoint_" in k for k in before):
             assert trial.resumed_from_epoch >= 1, trial.trial_id
 

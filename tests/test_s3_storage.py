@@ -115,7 +115,9 @@ def test_a_trial_on_s3_writes_what_it_writes_locally_and_ls_and_load_read_it(
         remote.examples(images=True)[columns], local.examples(images=True)[columns]
     )
     keys = object_keys(s3_endpoint, f"{bucket}/one")
-    assert {k.split("/")[0] for k in keys} >= {"trials", "epochs", "examples", "models"}
+    assert {k.split("/")[0] for k in keys} >= {"trials", "epochs", "examples"}
+    models = object_keys(s3_endpoint, f"{bucket}/.models")  # one model store per root
+    assert models == [f"{spec.trials[0].training_key()}.pt"]
     assert not [k for k in keys if k.endswith(".tmp") or k.endswith("/")]
     assert main(["ls", bucket]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[:4] == ["one", "1", "1", "1"]
