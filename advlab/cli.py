@@ -18,6 +18,7 @@ import yaml
 from advlab import text
 from advlab.data import Dataset
 from advlab.spec import SpecError
+from advlab.streaming import StreamedImages
 from advlab.sweepfile import SweepSpec, is_relative_path, load_sweep, submitted_job
 from advlab.yamlfile import YAMLRefused, load_text
 
@@ -177,6 +178,8 @@ def data_line(data: Dataset) -> str:
     read = f"built in, {c}x{h}x{w}"
     if data.layout:
         read = f"images {data.layout}, read as (N, C, H, W) = {c}x{h}x{w}"
+    if isinstance(data.x_train, StreamedImages):
+        read += f", streamed per batch with {text.count(data.x_train.workers, 'worker')}"
     counts = [
         text.count(len(data.y_train), "training image"),
         text.count(len(data.y_test), "test image"),
