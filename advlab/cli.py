@@ -223,13 +223,22 @@ def run_one(args: argparse.Namespace) -> int:
     ctx = trial_context(spec, args.index, resolve_storage(spec.settings.storage), mode)
     preflight_trial(spec, args.index, SweepStore(ctx.storage, spec.name))
     try:
-        result = run_trial(spec.trials[args.index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
+        result = run_trial(spec.trials[args.index], ctx, report=_print_progress)
     except UserExit as err:  # its failed row holds the reason; a traceback would add nothing
         print(f"advlab: error: the trial failed: {one_line(str(err))}", file=sys.stderr)
         return 1
     for key, value in (result.row | result.metrics).items():
         print(f"{key}: {value}")
     return 0
+
+
+def _print_progress(metrics: dict[str, Any], _state: Any) -> None:
+    """`advlab trial`'s progress: each epoch's stats, and each attack run as it starts."""
+    if "attack_run" in metrics:
+        run, runs, name = metrics["attack_run"], metrics["attack_runs"], metrics["attack"]
+        print(f"  attack run {run}/{runs}: {name}", flush=True)
+    else:
+        print(f"  epoch: {metrics}", flush=True)
 
 
 def transfer(args: argparse.Namespace) -> int:

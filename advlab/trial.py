@@ -37,8 +37,9 @@ from advlab.tables import Status, config_columns
 from advlab.track import TrialRun
 from advlab.train import EpochStats
 
-# report(metrics, state): state is None for the final report, and after each epoch a function
-# that builds a resumable training checkpoint (called only by reporters that keep checkpoints).
+# report(metrics, state): after each epoch, its stats and a function that builds a resumable
+# training checkpoint (called only by reporters that keep checkpoints); as each attack run
+# starts, {"attack_run": i, "attack_runs": n, "attack": its name} and None.
 # A reporter raises TrialStopped when a scheduler ends the trial early.
 Reporter = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
 
@@ -116,7 +117,10 @@ def run_trial(
             write_epochs(store, trial_id, trained)
             log_model(tracker, store, spec, trial_id)
         fresh = bool(ctx.run_stamp)
-        for attack in pending_attacks(spec, store, trial_id, fresh):
+        attacks = pending_attacks(spec, store, trial_id, fresh)
+        for i, attack in enumerate(attacks, 1):
+            if report is not None:
+                report({"attack_run": i, "attack_runs": len(attacks), "attack": attack.key}, None)
             run_and_write_attack(store, tracker, spec, attack, trained, attacked)
         for run in pending_measures(spec, store, trial_id, fresh):
             run_and_write_measure(store, tracker, spec, run, trained, attacked)
