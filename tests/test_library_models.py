@@ -90,3 +90,23 @@ def test_checkpoint_of_another_architecture_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelNameError, match="does not fit the model") as err:
         load_init(build_model("timm:test_resnet", (3, 8, 8), 10), str(path))
     assert "\n" not in str(err.value)
+
+
+def test_a_timm_weights_file_is_part_of_the_trial_id(
+    imagenet_resnet: tuple, tmp_path: Path
+) -> None:
+    """Identity from content: rewriting the weights file in place makes a new trial."""
+    from conftest import tiny_sweep
+
+    from advlab.sweepfile import parse_sweep
+
+    state, weights, _ = imagenet_resnet
+    copy = tmp_path / "weights.pth"
+    copy.write_bytes(weights.read_bytes())
+    raw = tiny_sweep(grid={"model": ["timm:test_resnet"]}, model_args={"pretrained": str(copy)})
+    before = parse_sweep(raw).trials[0]
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, copy)
+    after = parse_sweep(raw).trials[0]
+    assert before.input_digests().keys() == {"model_args.pretrained"}
+    assert before.trial_id() != after.trial_id()
+    assert before.training_key() != after.training_key()
