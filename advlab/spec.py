@@ -395,6 +395,14 @@ class TrialSpec(_Strict):
             raise ValueError(f"measures repeat ({keys}); list each measure once")
         return value
 
+    @model_validator(mode="after")
+    def _float16_needs_a_gpu(self) -> TrialSpec:
+        if self.device == "cpu" and self.train.precision == "float16":
+            raise ValueError(
+                "train.precision: float16 needs a GPU and device is cpu; use bfloat16 or float32"
+            )
+        return self
+
     @property
     def adversarially_trained(self) -> bool:
         """Whether its training method trains on perturbed inputs (advlab.training_methods)."""

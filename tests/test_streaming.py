@@ -262,3 +262,10 @@ def test_validate_says_a_set_is_streamed(tmp_path: Path) -> None:
         "data rgb: images (N, H, W, C), read as (N, C, H, W) = 3x8x8, streamed per batch with "
         "2 workers; 96 training images, 48 test images, 3 classes"
     )
+
+
+def test_float16_with_device_cpu_is_refused_before_any_work() -> None:
+    raw = rgb_sweep({"name": "digits"}, precision="float16") | {"device": "cpu"}
+    with pytest.raises(SpecError, match=r"train\.precision: float16 needs a GPU") as err:
+        parse_sweep(raw)
+    assert "\n" not in str(err.value)
