@@ -110,3 +110,21 @@ def test_a_timm_weights_file_is_part_of_the_trial_id(
     assert before.input_digests().keys() == {"model_args.pretrained"}
     assert before.trial_id() != after.trial_id()
     assert before.training_key() != after.training_key()
+
+
+def test_a_relative_weights_file_counts_from_the_sweep_files_folder(
+    imagenet_resnet: tuple, tmp_path: Path
+) -> None:
+    import yaml
+    from conftest import tiny_sweep
+
+    from advlab.sweepfile import load_sweep
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "w.pth").write_bytes(imagenet_resnet[1].read_bytes())
+    raw = tiny_sweep(
+        grid={"model": ["timm:test_resnet"]}, model_args={"pretrained": "weights/w.pth"}
+    )
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    trial = load_sweep(tmp_path / "sweep.yaml").trials[0]
+    assert trial.model_args["pretrained"] == str((tmp_path / "weights" / "w.pth").resolve())
