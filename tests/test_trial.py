@@ -215,12 +215,14 @@ def test_a_broken_attack_costs_that_attack_only(tmp_path: Path) -> None:
 
 
 def test_a_trial_reports_each_attack_run_as_it_starts(tmp_path: Path) -> None:
-    spec = parse_sweep(tiny_sweep(name="reports", grid={"model": ["fc10"]}))
+    attacks = [{"name": "fgsm"}, {"name": "fgsm", "label": "fgsm_big", "eps": [0.3]}]
+    raw = tiny_sweep(name="reports", grid={"model": ["fc10"]}, measures=[], attacks=attacks)
+    spec = parse_sweep(raw)
     seen: list[dict] = []
     run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"),
               report=lambda metrics, _: seen.append(metrics))  # fmt: skip
     assert [m["epoch"] for m in seen[:3]] == [1, 2, 3]
     assert seen[3:] == [
         {"attack_run": 1, "attack_runs": 2, "attack": "fgsm"},
-        {"attack_run": 2, "attack_runs": 2, "attack": "lbfgs"},
+        {"attack_run": 2, "attack_runs": 2, "attack": "fgsm_big"},
     ]
