@@ -18,6 +18,7 @@ import yaml
 from advlab import text
 from advlab.data import Dataset
 from advlab.spec import SpecError
+from advlab.streaming import StreamedImages
 from advlab.sweepfile import SweepSpec, is_relative_path, load_sweep, submitted_job
 from advlab.yamlfile import YAMLRefused, load_text
 
@@ -184,6 +185,8 @@ def data_line(data: Dataset) -> str:
     read = f"built in, {c}x{h}x{w}"
     if data.layout:
         read = f"images {data.layout}, read as (N, C, H, W) = {c}x{h}x{w}"
+    if isinstance(data.x_train, StreamedImages):
+        read += f", streamed per batch with {text.count(data.x_train.workers, 'worker')}"
     counts = [
         text.count(len(data.y_train), "training image"),
         text.count(len(data.y_test), "test image"),
@@ -227,13 +230,22 @@ def run_one(args: argparse.Namespace) -> int:
     ctx = trial_context(spec, args.index, resolve_storage(spec.settings.storage), mode)
     preflight_trial(spec, args.index, SweepStore(ctx.storage, spec.name))
     try:
-        result = run_trial(spec.trials[args.index], ctx, report=lambda m, _: print(f"  epoch: {m}"))
+        result = run_trial(spec.trials[args.index], ctx, report=_print_progress)
     except UserExit as err:  # its failed row holds the reason; a traceback would add nothing
         print(f"advlab: error: the trial failed: {one_line(str(err))}", file=sys.stderr)
         return 1
     for key, value in (result.row | result.metrics).items():
         print(f"{key}: {value}")
     return 0
+
+
+def _print_progress(metrics: dict[str, Any], _state: Any) -> None:
+    """`advlab trial`'s progress: each epoch's stats, and each attack run as it starts."""
+    if "attack_run" in metrics:
+        run, runs, name = metrics["attack_run"], metrics["attack_runs"], metrics["attack"]
+        print(f"  attack run {run}/{runs}: {name}", flush=True)
+    else:
+        print(f"  epoch: {metrics}", flush=True)
 
 
 def transfer(args: argparse.Namespace) -> int:

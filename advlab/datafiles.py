@@ -56,8 +56,8 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     total, limit = sum(sizes.values()), memory_limit()
     if total > limit:
         raise DataError(
-            f"dataset.path: {path} holds {_gib(total)} of arrays, more than half this "
-            f"machine's memory ({_gib(2 * limit)}); use a smaller file or a larger machine"
+            f"dataset.path: {path} holds {_gib(total)} of arrays, more than half this machine's "
+            f"memory ({_gib(2 * limit)}); set dataset.streaming: true to read it per batch"
         )
     try:
         with np.load(path, allow_pickle=False) as archive:  # data, never code
@@ -111,6 +111,22 @@ def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype[Any]]:
 def read_image_folder(root: Path) -> dict[str, np.ndarray]:
     """ImageFolder layout: root/{train,test}/<class name>/<image>; classes sorted by name,
     each with at least one training image."""
+    files = folder_files(root)
+    _within_memory(files["train"] + files["test"])
+    images = {split: [_read_image(path) for path, _ in found] for split, found in files.items()}
+    # One colour layout for both splits: one colour image makes every image RGB, so a
+    # gray test split never meets an RGB training split.
+    rgb = any(im.mode == "RGB" for found in images.values() for im in found)
+    arrays: dict[str, np.ndarray] = {}
+    for split, found in files.items():
+        arrays[f"x_{split}"] = _stack(images[split], rgb, root)
+        arrays[f"y_{split}"] = np.array([label for _, label in found], dtype=np.int64)
+    return arrays
+
+
+def folder_files(root: Path) -> dict[str, list[tuple[Path, int]]]:
+    """(image file, label) of each split of an ImageFolder layout, checked as the module says
+    (files not yet opened)."""
     splits = {}
     for split in ("train", "test"):
         folder = root / split
@@ -139,16 +155,37 @@ def read_image_folder(root: Path) -> dict[str, np.ndarray]:
                     "training images, or remove its folder"
                 )
             files[split] += [(f, label) for f in found]
-    _within_memory(files["train"] + files["test"])
-    images = {split: [_read_image(path) for path, _ in found] for split, found in files.items()}
-    # One colour layout for both splits: one colour image makes every image RGB, so a
-    # gray test split never meets an RGB training split.
-    rgb = any(im.mode == "RGB" for found in images.values() for im in found)
-    arrays: dict[str, np.ndarray] = {}
-    for split, found in files.items():
-        arrays[f"x_{split}"] = _stack(images[split], rgb, root)
-        arrays[f"y_{split}"] = np.array([label for _, label in found], dtype=np.int64)
-    return arrays
+    return files
+
+
+def folder_layout(root: Path, paths: list[Path]) -> tuple[bool, tuple[int, int]]:
+    """Whether the images read as RGB (any one in colour makes all RGB, as when loaded whole)
+    and their one size (width, height), from their headers alone (streaming reads no more)."""
+    from PIL import Image
+
+    sizes, rgb = set(), False
+    for path in paths:
+        _pixels(path)  # regular file, readable header, within MAX_PIXELS
+        with Image.open(path) as image:
+            if image.mode in WIDE_MODES:
+                _read_image(path)  # its one-line refusal
+            rgb |= image.mode not in _GRAY_MODES
+            sizes.add(image.size)
+    if len(sizes) > 1:
+        raise DataError(
+            f"dataset.path: {root} holds images of sizes {sorted(sizes)[:2]}; "
+            "resize them to one size"
+        )
+    return rgb, sizes.pop()
+
+
+def read_image(path: Path, rgb: bool) -> Any:
+    """One image decoded as loading the whole folder decodes it (`rgb`: the folder's colour)."""
+    image = _read_image(path)
+    return image.convert("RGB") if rgb else image
+
+
+_GRAY_MODES = ("L", "1", "LA")
 
 
 def _stack(images: list[Any], rgb: bool, root: Path) -> np.ndarray:
@@ -169,7 +206,7 @@ def _within_memory(files: list[tuple[Path, int]]) -> None:
     if total > memory_limit():
         raise DataError(
             f"dataset.path: its {len(files)} images hold {_gib(total)} of pixels, more than "
-            f"half this machine's memory; use fewer or smaller images"
+            f"half this machine's memory; set dataset.streaming: true to read them per batch"
         )
 
 
@@ -208,7 +245,7 @@ def _read_image(path: Path) -> Any:
             with Image.open(path) as image:
                 mode = image.mode
                 if mode not in WIDE_MODES:
-                    return image.convert("L" if mode in ("L", "1", "LA") else "RGB")
+                    return image.convert("L" if mode in _GRAY_MODES else "RGB")
     except Exception as err:
         raise _bad_image(path, err) from None
     # 16-bit or float pixels would be clipped to 8 bits without a word

@@ -182,6 +182,10 @@ def trial_inputs(spec: Any) -> dict[str, str]:
         out["dataset.name"] = module_digest(dataset.name)
     if is_import_path(spec.model):
         out["model"] = module_digest(spec.model)
+    if spec.model.startswith("timm:"):  # its weights file, `model_args.pretrained`
+        pretrained = spec.model_args.get("pretrained")
+        if isinstance(pretrained, str) and os.path.isfile(pretrained):
+            out["model_args.pretrained"] = file_digest(pretrained)
     method = spec.train.adversarial.method
     if is_import_path(method):
         out["train.adversarial.method"] = module_digest(method)

@@ -78,7 +78,8 @@ def final_metrics(spec: TrialSpec) -> set[str]:
 
 def first_correct(model: nn.Module, x: Tensor, y: Tensor, n: int) -> AttackedSet:
     """The first n examples, in order, that the model classifies correctly."""
-    correct = predict(model, x) == y.to(x.device)
+    predicted = predict(model, x)
+    correct = predicted == y.to(predicted.device)
     index = torch.nonzero(correct).flatten()[:n]
     scanned = int(index[-1]) + 1 if len(index) == n and n > 0 else len(y)
     return AttackedSet(

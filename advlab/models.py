@@ -190,8 +190,9 @@ def build_model(
 ) -> nn.Module:
     """Build the model ``name`` for inputs of ``input_shape`` (C, H, W): one lookup for all.
 
-    ``name`` is a built-in architecture (below) or ``torchvision:<name>`` (torchvision's model,
-    untrained, its first convolution adapted to the data's channels); your own factories by
+    ``name`` is a built-in architecture (below), ``torchvision:<name>`` (torchvision's model,
+    untrained, its first convolution adapted to the data's channels) or ``timm:<name>`` (timm's,
+    untrained or from a local weights file, `model_args.pretrained`); your own factories by
     import path resolve in advlab.families, which wraps what they return with :func:`finish`.
     ``activation`` sets the hidden units of fc nets and the autoencoder's encoder; cnn and
     resnet18 always use ReLU and ignore it. ``normalize`` = (mean, std) per channel wraps the
@@ -200,6 +201,8 @@ def build_model(
     input_shape = tuple(int(s) for s in input_shape)
     if name.startswith("torchvision:"):
         model = _torchvision_model(name.partition(":")[2], input_shape, num_classes, model_args)
+    elif name.startswith("timm:"):
+        model = _timm_model(name.partition(":")[2], input_shape, num_classes, model_args)
     else:
         if model_args:
             raise ModelNameError(f"model_args: {name} is built in and takes none; drop them")
@@ -245,6 +248,42 @@ def _torchvision_model(
     if first is not None and first.in_channels != input_shape[0]:
         _replace_module(model, first, _with_in_channels(first, input_shape[0]))
     return model
+
+
+def _timm_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, model_args: dict[str, Any] | None
+) -> nn.Module:
+    """timm's model `name` for this data's channels and classes; `pretrained` is a local file
+    of weights, read here (weights_only) and handed to timm, which adapts the first
+    convolution to the channels and drops a classifier of another class count."""
+    try:
+        import timm
+    except ImportError:
+        raise ModelNameError(f"model: timm:{name} needs timm; pip install 'advlab[timm]'") from None
+    args = dict(model_args or {})
+    weights = args.pop("pretrained", None)
+    if weights is not None and not (isinstance(weights, str) and os.path.isfile(weights)):
+        raise ModelNameError(
+            f"model_args.pretrained: {weights!r} is no local file; give the path of a weights "
+            "file (.pth, .pt or .safetensors): advlab downloads no weights"
+        )
+    if not timm.is_model(name):
+        raise ModelNameError(f"model: timm:{name} is no timm model; see timm.list_models()")
+    extra: dict[str, Any] = {}
+    if weights is not None:
+        extra = {
+            "pretrained": True,
+            "pretrained_cfg_overlay": {
+                "state_dict": read_weights(weights, "model_args.pretrained")
+            },
+        }
+    try:
+        return timm.create_model(
+            name, num_classes=num_classes, in_chans=input_shape[0], **extra, **args
+        )
+    except Exception as err:  # timm raises many kinds for arguments or weights that do not fit
+        why = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ModelNameError(f"model: timm:{name} cannot be built ({why})") from None
 
 
 def _with_in_channels(conv: nn.Conv2d, channels: int) -> nn.Conv2d:
@@ -357,18 +396,9 @@ def finish(
 
 
 def load_init(model: nn.Module, path: str) -> None:
-    """Load starting weights (a state_dict, or advlab's {"model": state_dict}) into the model;
-    a Normalized model takes them into its inner model. weights_only: a file never runs code."""
-    try:
-        with warnings.catch_warnings():  # torch's warnings about a foreign pickle: the error says
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a damaged or foreign file
-        raise ModelNameError(
-            f"init: cannot load {path} ({_unloadable(path, err)}); save it with torch.save"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    """Load starting weights (see `read_weights`) into the model; a Normalized model takes
+    them into its inner model."""
+    state = read_weights(path)
     target = model.inner if isinstance(model, Normalized) else model
     try:
         target.load_state_dict(state)
@@ -380,6 +410,38 @@ def load_init(model: nn.Module, path: str) -> None:
             raise ModelNameError(
                 f"init: {path} holds NaN or infinite values in {name}; save finite weights"
             )
+
+
+# Where checkpoints keep their weights: advlab's own files, RobustBench's and most training
+# scripts' ({"state_dict": ...}, {"model_state_dict": ...}).
+_WEIGHT_KEYS = ("model", "state_dict", "model_state_dict")
+
+
+def read_weights(path: str, key: str = "init") -> dict[str, Any]:
+    """A state_dict from a weights file: torch.save'd (read weights_only: a file never runs
+    code) or .safetensors; a checkpoint holding it under one of _WEIGHT_KEYS is unwrapped, and
+    DataParallel's `module.` prefix (RobustBench checkpoints carry it) is dropped."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state: Any = load_file(path)
+        else:
+            with warnings.catch_warnings():  # torch's warnings about a foreign pickle
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a damaged or foreign file
+        raise ModelNameError(
+            f"{key}: cannot load {path} ({_unloadable(path, err)}); save it with torch.save"
+        ) from None
+    while isinstance(state, dict):
+        inner = next((state[k] for k in _WEIGHT_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if isinstance(state, dict) and state and all(str(k).startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
 
 
 def _unloadable(path: str, err: BaseException) -> str:

@@ -22,8 +22,12 @@ class UserExit(RuntimeError):
     """User code called sys.exit (or raised SystemExit) where advlab called it."""
 
 
+# Model names of the libraries advlab builds from (advlab.models), not modules of yours.
+LIBRARY_PREFIXES = ("torchvision:", "timm:")
+
+
 def is_import_path(name: Any) -> bool:
-    return isinstance(name, str) and ":" in name and not name.startswith("torchvision:")
+    return isinstance(name, str) and ":" in name and not name.startswith(LIBRARY_PREFIXES)
 
 
 def import_object(path: str, key: str) -> Any:

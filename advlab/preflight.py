@@ -17,7 +17,7 @@ import torch
 from advlab import manifest
 from advlab.data import Dataset, select_subset
 from advlab.datafiles import memory_limit
-from advlab.families import EstimatorModel, model_for
+from advlab.families import EstimatorModel, model_for, resolve
 from advlab.filesystems import BadStorage
 from advlab.models import ModelNameError, build_model, check_decays
 from advlab.plan import check_needs, measures_of
@@ -141,7 +141,22 @@ def check_trial_data(trial: TrialSpec, loaded: dict[str, Dataset]) -> Dataset:
     except ValueError as err:  # a DataError, or a validation slice that leaves nothing
         raise SpecError(str(err)) from None
     check_measures(trial, len(split.train_idx))
+    if trial.dataset.streaming:
+        check_streaming(trial)
     return loaded[key]
+
+
+def check_streaming(trial: TrialSpec) -> None:
+    """What reads a whole training set at once cannot take a streaming one (read per batch)."""
+    problem = None
+    if trial.model.startswith("ae"):
+        problem = f"model {trial.model} pretrains its autoencoder on the whole training set"
+    elif trial.train.adversarial.method == "pool":
+        problem = "train.adversarial.method pool keeps a pool drawn from the whole training set"
+    elif resolve(trial.model).estimator:
+        problem = f"model {trial.model} is fitted on the whole training set at once"
+    if problem:
+        raise SpecError(f"dataset.streaming: {problem}; drop streaming for it")
 
 
 def check_probes(spec: SweepSpec, loaded: dict[str, Dataset]) -> None:

@@ -26,11 +26,11 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from advlab import digests
+from advlab import digests, streaming
 from advlab.data import DATASETS, DataError, Dataset, load_dataset, validate_dataset_source
 from advlab.data import _images_to_tensor as images_to_tensor
 from advlab.data import _labels_to_tensor as labels_to_tensor
-from advlab.datafiles import read_image_folder, read_npz
+from advlab.datafiles import folder_files, folder_layout, read_image_folder, read_npz
 from advlab.plugins import PluginError, call_user, import_object, is_import_path
 from advlab.resample import resample
 
@@ -73,15 +73,19 @@ def load_data(
     root: str | None = None,
     path: str | None = None,
     args: Mapping[str, Any] | None = None,
+    streaming: bool = False,
+    workers: int = 0,
 ) -> Dataset:
-    """The dataset a DatasetSpec names (cached per process, as every trial reloads it)."""
+    """The dataset a DatasetSpec names (cached per process, as every trial reloads it);
+    `streaming`: its images read per batch (advlab.streaming), with `workers` processes."""
     check_source(name, root, path)
     if name in DATASETS:
         return load_dataset(name, root)
     resolved = None if path is None else str(Path(path).expanduser().resolve())
-    return _load_cached(
-        name, resolved, _stamp(name, resolved), json.dumps(dict(args or {}), sort_keys=True)
-    )
+    stamp = _stamp(name, resolved)
+    if streaming and resolved is not None:
+        return _stream_cached(name, resolved, stamp, workers)
+    return _load_cached(name, resolved, stamp, json.dumps(dict(args or {}), sort_keys=True))
 
 
 def _stamp(name: str, path: str | None) -> str:
@@ -99,7 +103,9 @@ def load_data_spec(dataset: Any) -> Dataset:
     """The data a DatasetSpec names (advlab.spec.DatasetSpec), at its `resolution`: every
     reader (trial, transfer, controls, report, validate) comes through here, so none can see
     the images at another resolution than the trial did."""
-    data = load_data(dataset.name, dataset.root, dataset.path, dataset.args)
+    data = load_data(
+        dataset.name, dataset.root, dataset.path, dataset.args, dataset.streaming, dataset.workers
+    )
     return data if dataset.resolution is None else _resampled(data, dataset.resolution)
 
 
@@ -145,6 +151,92 @@ def _load_cached(name: str, path: str | None, stamp: str, args: str) -> Dataset:
         return arrays_to_dataset(Path(path).name, arrays, f"dataset.path: {path}", FIRST)
     arrays = _call_loader(name, json.loads(args))
     return arrays_to_dataset(name, arrays, f"dataset.name: {name}")
+
+
+@functools.lru_cache(maxsize=4)
+def _stream_cached(name: str, path: str, stamp: str, workers: int) -> Dataset:
+    """A streaming Dataset: labels in memory, images as StreamedImages (checked as a loaded
+    set is: layout, dtype, range, shapes, classes)."""
+    where = f"dataset.path: {path}"
+    if name == "npz":
+        images, labels = _npz_streams(path, where)
+    else:
+        images, labels = _folder_streams(Path(path), where)
+    shapes = {split: x.image_shape for split, x in images.items()}
+    if shapes["train"] != shapes["test"]:
+        raise DataError(
+            f"{where}: x_train images are {shapes['train']} but x_test {shapes['test']}; "
+            "give both the same shape"
+        )
+    for split in ("train", "test"):
+        if len(images[split]) != len(labels[split]):
+            raise DataError(
+                f"{where}: x_{split} has {len(images[split])} images but y_{split} "
+                f"{len(labels[split])} labels; give one label per image"
+            )
+        if len(labels[split]) == 0:
+            raise DataError(f"{where}: x_{split} is empty; give at least one example")
+        images[split].workers = workers
+    _check_classes(labels["train"], labels["test"], where)
+    layout = next(iter(images.values())).layout
+    return Dataset(
+        name=Path(path).stem if name == "npz" else Path(path).name,
+        x_train=images["train"], y_train=labels_to_tensor(labels["train"]),  # type: ignore[arg-type]
+        x_test=images["test"], y_test=labels_to_tensor(labels["test"]),  # type: ignore[arg-type]
+        layout=layout,
+    )  # fmt: skip
+
+
+def _npz_streams(path: str, where: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    members = streaming.member_offsets(path)
+    missing = [k for k in ARRAYS if k not in members]
+    if missing:
+        raise DataError(
+            f"{where}: no array {missing[0]!r}; give x_train, y_train, x_test and y_test"
+        )
+    images, labels = {}, {}
+    with np.load(path, allow_pickle=False) as archive:
+        for split in ("train", "test"):
+            labels[split] = _labels(archive[f"y_{split}"], f"y_{split}", where)
+    for split in ("train", "test"):
+        key = f"x_{split}"
+        offset, shape, dtype, fortran = members[key]
+        layout = image_layout(shape, key, where)
+        if fortran or (dtype != np.uint8 and dtype.kind != "f"):
+            raise DataError(
+                f"{where}: {key} holds {'Fortran-ordered ' if fortran else ''}{dtype}; streaming "
+                "reads C-ordered uint8 (0..255) or floats in [0, 1]"
+            )
+        last = layout == LAYOUTS[2]
+        reader = streaming.MemmapRows(path, offset, shape, dtype, last)
+        if dtype.kind == "f":
+            streaming.check_float_rows(reader, key, where)
+        chw = (1, *shape[1:]) if len(shape) == 3 else (
+            (shape[3], shape[1], shape[2]) if last else shape[1:]
+        )  # fmt: skip
+        images[split] = _streamed(reader, shape[0], chw, layout, key, where)
+    return images, labels
+
+
+def _folder_streams(root: Path, where: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    files = folder_files(root)
+    rgb, (width, height) = folder_layout(root, [f for found in files.values() for f, _ in found])
+    chw = (3 if rgb else 1, height, width)
+    images, labels = {}, {}
+    for split, found in files.items():
+        reader = streaming.FolderRows([f for f, _ in found], rgb)
+        images[split] = _streamed(reader, len(found), chw, FIRST, f"x_{split}", where)
+        labels[split] = np.array([label for _, label in found], dtype=np.int64)
+    return images, labels
+
+
+def _streamed(reader: Any, n: int, chw: tuple[int, ...], layout: str, key: str,
+              where: str) -> streaming.StreamedImages:  # fmt: skip
+    if 0 in chw:
+        raise DataError(f"{where}: {key} images are {chw} (C, H, W): no pixels; give images")
+    images = streaming.StreamedImages(reader, np.arange(n), tuple(int(s) for s in chw))
+    images.layout = layout
+    return images
 
 
 def _call_loader(name: str, args: dict[str, Any]) -> Any:

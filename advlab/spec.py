@@ -89,6 +89,32 @@ class DatasetSpec(_Strict):
             )
         return value
 
+    # Read npz (uncompressed members, memory-mapped) or folder images per batch instead of
+    # loading them (advlab.streaming); how data is read, not what it is: no part of any id.
+    streaming: bool = False
+    workers: int = Field(0, ge=0, le=256)  # DataLoader worker processes of a streaming set
+
+    @model_validator(mode="after")
+    def _streams_files(self) -> DatasetSpec:
+        if self.streaming and self.name not in ("npz", "folder"):
+            raise ValueError(
+                f"streaming: reads an npz file or an image folder, not {self.name}; "
+                "use name: npz or folder, or drop streaming"
+            )
+        if self.streaming and self.resolution is not None:
+            raise ValueError(
+                "resolution: a streamed data set is read per batch and not resampled; "
+                "drop streaming or resolution"
+            )
+        if self.workers and not self.streaming:
+            raise ValueError("workers: only a streaming data set has loader workers; drop it")
+        return self
+
+
+# Settings of DatasetSpec that decide how data is read, never the numbers (tests/test_streaming
+# checks that streamed and in-memory training give the same weights): left out of every id.
+READING_KEYS = {"dataset": {"streaming", "workers"}}
+
 
 # The newer settings: moving one off its default for a method that does not read it (each
 # method's `reads` in advlab.training_methods) is a mistake the sweep file should hear about;
@@ -172,6 +198,14 @@ class ValidationSpec(_Strict):
     keep: Literal["best", "last"] = "best"
 
 
+class AugmentSpec(_Strict):
+    """Standard augmentation of each training batch (advlab.augment), drawn from the trial's
+    seeded generator: off by default."""
+
+    crop_padding: int = Field(0, ge=0, le=64)  # random crop of the image padded by this, zeros
+    flip: bool = False  # horizontal flip with probability 1/2
+
+
 class TrainSpec(_Strict):
     epochs: int = Field(10, ge=0, le=100_000)  # 0: evaluate the `init` weights untrained
     batch_size: int = Field(64, ge=1, le=10_000_000)
@@ -186,6 +220,10 @@ class TrainSpec(_Strict):
     eval_every: int = Field(1, ge=0, le=100_000)  # epochs between test errors; 0: last only
     adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
     validation: ValidationSpec = ValidationSpec()
+    augment: AugmentSpec = AugmentSpec()
+    # Training's forward passes under autocast (advlab.augment.autocast); evaluation and
+    # attacks stay float32. float16 needs a GPU (with a GradScaler); bfloat16 runs on CPU too.
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @model_validator(mode="after")
     def _warmup_ends_in_training(self) -> TrainSpec:
@@ -324,7 +362,8 @@ class TrialSpec(_Strict):
     """Everything that decides a trial's numbers. Any key may be a grid axis."""
 
     dataset: DatasetSpec = DatasetSpec()
-    model: str = "fc10"  # built-in name, torchvision:<name> or module:function (advlab.models)
+    # built-in name, torchvision:<name>, timm:<name> or module:function (advlab.models)
+    model: str = "fc10"
     model_args: dict[str, Any] = {}  # keyword arguments of the model's factory; sweepable
     init: str | None = None  # weights to start from (a state_dict .pt, loaded weights_only)
     activation: Literal["sigmoid", "relu"] = "sigmoid"
@@ -379,6 +418,14 @@ class TrialSpec(_Strict):
             raise ValueError(f"measures repeat ({keys}); list each measure once")
         return value
 
+    @model_validator(mode="after")
+    def _float16_needs_a_gpu(self) -> TrialSpec:
+        if self.device == "cpu" and self.train.precision == "float16":
+            raise ValueError(
+                "train.precision: float16 needs a GPU and device is cpu; use bfloat16 or float32"
+            )
+        return self
+
     @property
     def adversarially_trained(self) -> bool:
         """Whether its training method trains on perturbed inputs (advlab.training_methods)."""
@@ -395,7 +442,8 @@ class TrialSpec(_Strict):
         that attack on the trials that already exist. The digests of its input files are
         (`input_digests`): a changed weights file, data file or model module is a new trial.
         """
-        content = self.model_dump(mode="json", exclude=set(EVALUATION_KEYS), exclude_defaults=True)
+        excluded = dict.fromkeys(EVALUATION_KEYS, True) | READING_KEYS
+        content = self.model_dump(mode="json", exclude=excluded, exclude_defaults=True)
         return _content_hash(content | self._inputs())
 
     def attack_id(self, attack: AttackSpec) -> str:
@@ -440,7 +488,9 @@ class TrialSpec(_Strict):
 
     def training_key(self) -> str:
         """Id of the trained model: trials that differ only in evaluation share it."""
-        content = self.model_dump(mode="json", include=set(TRAINING_KEYS), exclude_defaults=True)
+        content = self.model_dump(
+            mode="json", include=set(TRAINING_KEYS), exclude=READING_KEYS, exclude_defaults=True
+        )
         return _content_hash(content | self._inputs())
 
 

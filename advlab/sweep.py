@@ -64,6 +64,10 @@ def trial_configs(
             "ctx": asdict(trial_context(spec, index, storage, wandb_mode, labels, run_stamp)),
             "threads": max(1, math.floor(spec.settings.resources.cpu)),
             "checkpoint_every": spec.settings.checkpoint_every,
+            # Attack runs reported as they start: only where no scheduler counts reports as
+            # epochs (ASHA's max_t) and no searcher reads each report's metric (Optuna).
+            "attack_progress": spec.settings.scheduler.name == "none"
+            and spec.settings.search.algorithm != "optuna",
             "plugin_dirs": plugin_dirs(spec),
             "grid_labelled": bool(spec.axes),  # a sample's label starts with its grid point's
         }

@@ -368,7 +368,8 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
     return trial
 
 
-PATH_KEYS = ("init", "dataset.path", "dataset.root")  # relative to the sweep file's folder
+# Relative to the sweep file's folder.
+PATH_KEYS = ("init", "dataset.path", "dataset.root", "model_args.pretrained")
 
 
 def is_relative_path(value: object) -> bool:
@@ -407,15 +408,18 @@ def storage_from(storage: str, base_dir: Path | None) -> str:
 
 
 def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
-    """Relative dataset.path, dataset.root and init are relative to the sweep file's folder
+    """Relative dataset.path, dataset.root, init and model_args.pretrained (a timm model's
+    weights file) are relative to the sweep file's folder
     (as `storage` is: `storage_from`)."""
     if base_dir is None:
         return point
     point = copy.deepcopy(point)
     dataset = point.get("dataset")
+    args = point.get("model_args")
     holders = [
         (point, "init"),
         *([(dataset, "path"), (dataset, "root")] if isinstance(dataset, dict) else []),
+        *([(args, "pretrained")] if isinstance(args, dict) else []),  # timm's weights file
     ]
     for holder, key in holders:
         value = holder.get(key)

@@ -1,7 +1,8 @@
-"""Training on in-memory tensors: minibatch SGD/Adam with the paper's explicit weight-decay penalty.
+"""Training: minibatch SGD/Adam with the paper's explicit weight-decay penalty.
 
-The whole training set lives in one tensor, so a batch is an index, not a DataLoader round trip;
-shuffling uses a generator seeded by the trial, which keeps CPU runs deterministic.
+A training set in memory is one tensor, so a batch is an index, not a DataLoader round trip; a
+streaming set (advlab.streaming) is read batch by batch by DataLoader workers. Shuffling and
+augmentation use a generator seeded by the trial, which keeps CPU runs deterministic.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from advlab import streaming
 from advlab.adversarial_training import AdversarialObjective
+from advlab.augment import augment_batch, autocast, grad_scaler
 from advlab.models import decay_terms
 from advlab.robust_validation import RobustValidation
 from advlab.runtime import error_rate
@@ -205,6 +208,25 @@ def restore(
     return [EpochStats(**row) for row in saved["history"]]
 
 
+def step(
+    loss: Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    objective: AdversarialObjective,
+) -> None:
+    """Backward and the optimizer's step; under float16, with the loss scaled (GradScaler) and
+    the step skipped where the scaled gradients overflowed."""
+    if scaler is None:
+        loss.backward()
+        objective.after_backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    objective.after_backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def test_error_now(
     model: nn.Module, x: Tensor, y: Tensor, epoch: int, settings: TrainSpec
 ) -> float:
@@ -228,20 +250,22 @@ def train_epoch(
     counts each batch once, at its first replay, as the model first met it."""
     start = time.perf_counter()
     model.train()
+    device = y.device
     # Accumulate on the device: a .item() per step would sync a GPU every batch.
-    total = torch.zeros((), device=x.device)
-    wrong = torch.zeros((), device=x.device, dtype=torch.long)
-    order = batches(len(x), settings.batch_size, generator, x.device)
-    for idx in order:
+    total = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    order = batches(len(x), settings.batch_size, generator, device)
+    scaler = grad_scaler(settings.precision, device)
+    for xb, yb in streaming.batches(x, y, order):
+        xb = augment_batch(xb, settings.augment, generator)
         for replay in range(objective.replays):
-            loss, logits = objective.loss(x[idx], y[idx], track=replay == 0)
+            with autocast(settings.precision, device):
+                loss, logits = objective.loss(xb, yb, track=replay == 0)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            objective.after_backward()
-            optimizer.step()
-            total += loss.detach()
+            step(loss, optimizer, scaler, objective)
+            total += loss.detach().float()
             if replay == 0 and logits is not None:
-                wrong += (logits.detach().argmax(1) != y[idx]).sum()
+                wrong += (logits.detach().argmax(1) != yb).sum()
     return EpochStats(
         epoch=epoch,
         loss=total.item() / (len(order) * objective.replays),

@@ -76,11 +76,13 @@ def source_sets(
     trial_id: str, spec: TrialSpec, rows: pd.DataFrame, settings: TransferSpec, gen: torch.Generator
 ) -> list[EvalSet]:
     """Adversarial, noise and amplified sets for every (attack, budget) of one source trial."""
-    images = attacked_split(spec.dataset, spec.attack_split)[0].flatten(1).numpy()
+    images = attacked_split(spec.dataset, spec.attack_split)[0]
     sets = []
     for (attack, budget), group in rows.groupby(["attack", "budget"], dropna=False, sort=True):
         group = group.sort_values("example")
-        clean = images[group["dataset_index"].to_numpy()]  # fancy indexing: a copy
+        # a copy of the rows (a streaming set reads just these: `.to` reads a view's rows)
+        index = torch.as_tensor(group["dataset_index"].to_numpy())
+        clean = images[index].to("cpu").flatten(1).numpy()
         x = np.stack(group["x_adv"].to_numpy()).astype(np.float32)  # a writable copy
         y = group["label"].to_numpy()
         common = {
@@ -120,7 +122,7 @@ def fixed_noise_sets(specs: list[TrialSpec], settings: TransferSpec) -> list[Eva
         return []
     images, labels = attacked_split(specs[0].dataset, specs[0].attack_split)
     count = max(s.attack_examples for s in specs)
-    clean = images[:count].flatten(1)
+    clean = images[:count].to("cpu").flatten(1)
     y = labels[:count].numpy()
     generator = torch.Generator().manual_seed(settings.seed)
     sets = []
@@ -200,7 +202,8 @@ def control_predictor(name: str, spec: TrialSpec, settings: TransferSpec) -> Pre
     args = {"max_train": settings.control_max_train} if subsampled else {}
     request = ModelRequest(name, data.input_shape, data.num_classes, args=args, seed=settings.seed)
     model = family.build(request)
-    x, y = data.x_train[split.train_idx], data.y_train[split.train_idx]
+    # a streaming set's subset read whole: a control is fitted on it at once, in memory
+    x, y = data.x_train[split.train_idx].to("cpu"), data.y_train[split.train_idx]
     model.fit(FitJob(x, y, data.x_test, data.y_test, spec.train, 0.0, settings.seed))
     return _predictor(model, data.input_shape)
 

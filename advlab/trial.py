@@ -37,8 +37,9 @@ from advlab.tables import Status, config_columns
 from advlab.track import TrialRun
 from advlab.train import EpochStats
 
-# report(metrics, state): state is None for the final report, and after each epoch a function
-# that builds a resumable training checkpoint (called only by reporters that keep checkpoints).
+# report(metrics, state): after each epoch, its stats and a function that builds a resumable
+# training checkpoint (called only by reporters that keep checkpoints); as each attack run
+# starts, {"attack_run": i, "attack_runs": n, "attack": its name} and None.
 # A reporter raises TrialStopped when a scheduler ends the trial early.
 Reporter = Callable[[dict[str, Any], Callable[[], dict[str, Any]] | None], None]
 
@@ -116,7 +117,10 @@ def run_trial(
             write_epochs(store, trial_id, trained)
             log_model(tracker, store, spec, trial_id)
         fresh = bool(ctx.run_stamp)
-        for attack in pending_attacks(spec, store, trial_id, fresh):
+        attacks = pending_attacks(spec, store, trial_id, fresh)
+        for i, attack in enumerate(attacks, 1):
+            if report is not None:
+                report({"attack_run": i, "attack_runs": len(attacks), "attack": attack.key}, None)
             run_and_write_attack(store, tracker, spec, attack, trained, attacked)
         for run in pending_measures(spec, store, trial_id, fresh):
             run_and_write_measure(store, tracker, spec, run, trained, attacked)
@@ -298,8 +302,9 @@ def fit_data(spec: TrialSpec, device: torch.device) -> FitData:
     )
     val_idx = split.train_idx[held]
     validation = (data.x_train[val_idx].to(device), data.y_train[val_idx].to(device))
+    x_train = data.x_train[split.train_idx[fit]]  # a streaming set's rows stay on file
     return FitData(
-        data, split, data.x_train[split.train_idx[fit]].to(device),
+        data, split, x_train.to(device) if isinstance(x_train, Tensor) else x_train,
         data.y_train[split.train_idx[fit]].to(device), validation if len(val_idx) else None,
     )  # fmt: skip
 
@@ -334,8 +339,10 @@ def train_or_load(
         history = load_cached(store, spec, ctx, model, on_epoch)
         trained_here = history is None
         if history is None:
+            x_test = fd.data.x_test  # a streaming set's test rows are read per chunk
             job = FitJob(
-                fd.x_train, fd.y_train, fd.data.x_test.to(device), fd.data.y_test.to(device),
+                fd.x_train, fd.y_train, x_test.to(device) if isinstance(x_test, Tensor) else x_test,
+                fd.data.y_test.to(device),
                 spec.train, spec.weight_decay, spec.seed, on_epoch, resume, fd.validation,
             )  # fmt: skip
             history = model.fit(job)
@@ -413,14 +420,17 @@ def attacked_set(spec: TrialSpec, trained: Trained) -> AttackedSet:
     or (attack_split train, as the paper's Tables 1-2) of the trial's own training subset;
     dataset_index always indexes the whole split."""
     module = trained.model.module
+    device = trained.y_train.device
     if spec.attack_split == "train":
         found = first_correct(module, trained.x_train, trained.y_train, spec.attack_examples)
         found.dataset_index = trained.split.train_idx[found.dataset_index]
         found.split = "train"
-        return found
-    device = trained.x_train.device
-    x_test, y_test = trained.data.x_test.to(device), trained.data.y_test.to(device)
-    return first_correct(module, x_test, y_test, spec.attack_examples)
+    else:
+        x_test = trained.data.x_test
+        x_test = x_test.to(device) if isinstance(x_test, Tensor) else x_test  # streamed: rows
+        found = first_correct(module, x_test, trained.data.y_test.to(device), spec.attack_examples)
+    found.x = found.x.to(device)  # streamed rows read: the attacked images are a small tensor
+    return found
 
 
 def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
@@ -443,7 +453,7 @@ def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
         "evaluated_epoch": trained.evaluated_epoch,
         "val_robust_error": _value_at(history, trained.evaluated_epoch, "val_robust_error"),
         "train_seconds": trained.seconds,
-        "device_used": str(trained.x_train.device),
+        "device_used": str(trained.y_train.device),
     }
 
 

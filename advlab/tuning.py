@@ -118,7 +118,7 @@ def trainable(config: dict[str, Any]) -> None:
     add_plugin_dirs([os.path.abspath(d) for d in trial["plugin_dirs"]])
     spec, ctx = resolve(config)
     ctx = replace(ctx, worker_node=ray.get_runtime_context().get_node_id())
-    report = _reporter(trial["checkpoint_every"])
+    report = _reporter(trial["checkpoint_every"], trial.get("attack_progress", False))
     resume = _resume_state(spec, ctx)
     try:
         result = run_trial(spec, ctx, report=report, resume=resume)
@@ -134,11 +134,15 @@ def trainable(config: dict[str, Any]) -> None:
     tune.report(numbers | result.metrics | {"failed": 0, "trial_id": spec.trial_id()})
 
 
-def _reporter(every: int) -> Any:
+def _reporter(every: int, attack_progress: bool) -> Any:
+    """Tune's report of each epoch (with a checkpoint every `every`), and of each attack run's
+    start where `attack_progress` (no scheduler or searcher reads results as epochs then)."""
     import torch
     from ray import tune
 
     def report(metrics: dict[str, Any], state: Any) -> None:
+        if "attack_run" in metrics and not attack_progress:
+            return
         try:
             if state is None or not every or metrics["epoch"] % every:
                 tune.report(metrics)
@@ -429,6 +433,9 @@ class Progress:
 
     def epoch(self, trial: Any, result: dict[str, Any]) -> None:
         """A trial's epoch report: its line when due (or its last epoch)."""
+        if "attack_run" in result:
+            self.attack_run(trial, result)
+            return
         if "epoch" not in result or "failed" in result:
             return
         spec, ctx = resolve(trial.config)
@@ -443,6 +450,19 @@ class Progress:
         after = "; attack runs next" if epoch >= planned and spec.attacks else ""
         print(
             f"advlab:   {ctx.label}: epoch {epoch}/{planned}{shown}{after}; {self.pace()}",
+            flush=True,
+        )
+
+    def attack_run(self, trial: Any, result: dict[str, Any]) -> None:
+        """An attack run starting inside a trial: which of how many, when due (or the first)."""
+        moment = self.clock()
+        if moment - self.last < self.every and result["attack_run"] > 1:
+            return
+        self.last = moment
+        _, ctx = resolve(trial.config)
+        print(
+            f"advlab:   {ctx.label}: attack run {result['attack_run']}/{result['attack_runs']} "
+            f"({result['attack']}); {self.pace()}",
             flush=True,
         )
 

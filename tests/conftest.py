@@ -46,6 +46,21 @@ def tiny_sweep(**overrides: Any) -> dict[str, Any]:
     return raw
 
 
+def sweep_files() -> list[Path]:
+    """Every sweep file of the repository, the data of those that read generated data written
+    first (sweeps/cifar_like.py: deterministic, 18 MB, under the gitignored sweeps/data/)."""
+    import importlib.util
+
+    sweeps = Path(__file__).parent.parent / "sweeps"
+    found = importlib.util.spec_from_file_location("cifar_like", sweeps / "cifar_like.py")
+    assert found is not None and found.loader is not None
+    module = importlib.util.module_from_spec(found)
+    found.loader.exec_module(module)
+    if not module.DEFAULT.is_file():
+        module.write()
+    return sorted(sweeps.glob("*.yaml"))
+
+
 @pytest.fixture
 def write_sweep(tmp_path: Path):
     """Write a sweep dict to a YAML file under tmp_path, storage inside tmp_path too."""

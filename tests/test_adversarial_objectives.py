@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_sweep
+from conftest import sweep_files, tiny_sweep
 from torch import nn
 
 import advlab.adversarial_training as adv
@@ -225,7 +225,7 @@ def test_bad_adversarial_settings_are_one_line_errors(adversarial, message) -> N
 
 def test_every_sweep_files_trials_survive_the_trip_to_a_ray_worker() -> None:
     """tune_trainable rebuilds each TrialSpec from its full JSON dump, defaults and all."""
-    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+    for path in sweep_files():
         for trial in load_sweep(path).trials:
             again = TrialSpec.model_validate(trial.model_dump(mode="json"))
             assert again.trial_id() == trial.trial_id(), path

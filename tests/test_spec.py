@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_sweep
+from conftest import sweep_files, tiny_sweep
 
 from advlab.cli import main
 from advlab.spec import SpecError, TrialSpec
@@ -32,7 +32,7 @@ def test_quickstart_expands_to_the_full_grid() -> None:
 
 
 def test_every_sweep_file_in_the_repo_is_valid() -> None:
-    files = sorted((REPO / "sweeps").glob("*.yaml"))
+    files = sweep_files()
     assert files
     for path in files:
         spec = load_sweep(path)

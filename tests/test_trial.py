@@ -212,3 +212,17 @@ def test_a_broken_attack_costs_that_attack_only(tmp_path: Path) -> None:
     assert attacks_table.loc["pgd", "status"] == "failed"
     assert attacks_table.loc["pgd", "reason"] == "RuntimeError: out of memory on the device"
     assert (attacks_table.loc["fgsm", "status"] == "ok").all()
+
+
+def test_a_trial_reports_each_attack_run_as_it_starts(tmp_path: Path) -> None:
+    attacks = [{"name": "fgsm"}, {"name": "fgsm", "label": "fgsm_big", "eps": [0.3]}]
+    raw = tiny_sweep(name="reports", grid={"model": ["fc10"]}, measures=[], attacks=attacks)
+    spec = parse_sweep(raw)
+    seen: list[dict] = []
+    run_trial(spec.trials[0], trial_context(spec, 0, str(tmp_path), "disabled"),
+              report=lambda metrics, _: seen.append(metrics))  # fmt: skip
+    assert [m["epoch"] for m in seen[:3]] == [1, 2, 3]
+    assert seen[3:] == [
+        {"attack_run": 1, "attack_runs": 2, "attack": "fgsm"},
+        {"attack_run": 2, "attack_runs": 2, "attack": "fgsm_big"},
+    ]

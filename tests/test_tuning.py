@@ -326,3 +326,29 @@ def test_progress_prints_epochs_inside_trials_and_an_eta_from_work_done(
     early = progress_callback(plan.total, 40 * plan.epochs, clock=lambda: moment[0])
     early.on_trial_result(0, [], b, {"epoch": 1, "test_error": math.nan})
     assert capsys.readouterr().out == "advlab:   fc16-10: epoch 1/4; 0 s elapsed, 1/320 epochs\n"
+
+
+def test_progress_says_which_attack_run_of_how_many_a_trial_is_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from advlab.sweep import Plan, trial_configs
+    from advlab.tuning import progress_callback
+
+    spec = parse_sweep(tiny_sweep(train=FAST | {"epochs": 4}))
+    configs = trial_configs(spec, str(tmp_path), "disabled", {})
+    assert [c["attack_progress"] for c in configs] == [True, True]
+    moment = [0.0]
+    progress = progress_callback(2, Plan(configs).epochs, clock=lambda: moment[0], every=10)
+    a = SimpleNamespace(config={"trial": configs[0]}, trial_id=configs[0]["id"])
+    progress.on_trial_result(0, [], a, {"epoch": 4, "test_error": 0.5})
+    for at, run, attack in [(12, 1, "fgsm"), (14, 2, "lbfgs")]:
+        moment[0] = at
+        progress.on_trial_result(0, [], a, {"attack_run": run, "attack_runs": 2, "attack": attack})
+    assert capsys.readouterr().out.splitlines()[1:] == [
+        "advlab:   fc10: attack run 1/2 (fgsm); 12 s elapsed, 4/8 epochs, ETA 12 s",
+    ]  # the second within 10 s of the last line: quiet
+    # A scheduler counts reports as epochs and Optuna reads each one's metric: no attack runs.
+    asha = parse_sweep(tiny_sweep(scheduler={"name": "asha"}))
+    assert not trial_configs(asha, str(tmp_path), "disabled", {})[0]["attack_progress"]

@@ -7,7 +7,7 @@ A trial's `model` resolves here, in one lookup:
   called as `factory(input_shape, num_classes, **model_args)` that returns a torch.nn.Module
   or a scikit-learn-style estimator (fit/predict);
 - anything else is a torch architecture (fc<h1>-...-<K>, ae<h>-<K>, cnn, resnet18,
-  torchvision:<name>; advlab.models).
+  torchvision:<name>, timm:<name>; advlab.models).
 
 The same lookup serves trials and the transfer stage's controls, so a control is a model like
 any other.

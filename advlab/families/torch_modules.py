@@ -49,5 +49,6 @@ TORCH = ModelFamily(
     name="torch",
     gradients=True,
     build=_build,
-    summary="torch modules: fc<h1>-...-<K>, ae<h>-<K>, cnn, resnet18, torchvision:<name>",
+    summary="torch modules: fc<h1>-...-<K>, ae<h>-<K>, cnn, resnet18, torchvision:<name>, "
+    "timm:<name>",
 )
