@@ -48,7 +48,7 @@ def write_synthetic(storage: Path, models: list[str], decays: list[float], seeds
         t: [] for t in ("trials", "attacks", "curves", "epochs", "examples", "transfer")
     }
     ids = spec.ids
-    for index, (trial_id, trial) in enumerate(zip(ids, spec.trials, strict=True)):
+    for index, trial_id in enumerate(ids):
         config, seed = divmod(index, seeds)
         error = BASE + STEP * config + SPREAD * (seed - (seeds - 1) / 2)
         tables["trials"].append(_trial_row(spec, index, trial_id, labels[trial_id], error))
