@@ -14,6 +14,14 @@ chart is drawn).
 whose sweep folder already holds a finished run (its `scale.json`) is not swept again: its
 sweep figures are read back and load, report and render measured anew, so a changed report can
 be measured on the same sweeps.
+
+    nice -n 10 .venv/bin/python benchmarks/scale.py --synthetic --trials 256 1024 \
+        --code /path/to/other/advlab/checkout
+
+`--synthetic` writes schema-valid results instead of sweeping (tests/synthetic_results.py: a
+wide grid, two seeds per configuration, 3 examples per attack run, 4 sampled transfer targets
+per source) and measures only load, report and render; `--code` builds each report with
+another advlab checkout as well (the same results, side by side, with the ratio).
 """
 
 from __future__ import annotations
@@ -48,8 +56,8 @@ def sweep_file(n: int, storage: Path) -> dict[str, Any]:
     }
 
 
-def advlab(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+def advlab(*args: str, code: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"PYTHONPATH": str(code), "WANDB_MODE": "offline"}
     return subprocess.run(
         [sys.executable, "-m", "advlab.cli", *args], env=env, capture_output=True, text=True
     )
@@ -63,18 +71,13 @@ def run_sweep(n: int, storage: Path, pairs: str | None) -> dict[str, Any]:
     start = time.perf_counter()
     done = advlab("sweep", str(path), *extra)
     wall = time.perf_counter() - start
-    transfer = (
-        json.loads((storage / f"scale-{n}" / "transfer.json").read_text())
-        if (storage / f"scale-{n}" / "transfer.json").exists()
-        else {}
-    )
     return {
         "trials": n,
         "exit": done.returncode,
         "wall_s": wall,
         "cores": os.cpu_count(),
         "transfer_s": _transfer_seconds(done.stdout + done.stderr),
-        "transfer_record": bool(transfer),
+        "transfer_record": (storage / f"scale-{n}" / "transfer.json").exists(),
         "tail": (done.stdout + done.stderr)[-600:],
     }
 
@@ -118,9 +121,9 @@ def load_seconds(folder: Path) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def report_figures(folder: Path, out: Path) -> dict[str, Any]:
+def report_figures(folder: Path, out: Path, code: Path = ROOT) -> dict[str, Any]:
     start = time.perf_counter()
-    done = advlab("report", str(folder), "-o", str(out))
+    done = advlab("report", str(folder), "-o", str(out), code=code)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         return {"report_exit": done.returncode, "report_error": done.stderr[-400:]}
@@ -180,17 +183,46 @@ def table_row(row: dict[str, Any]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def synthetic(n: int, storage: Path, other: Path | None) -> list[dict[str, Any]]:
+    """n trials of written results (n / 2 configurations of two seeds), reported by this
+    checkout and by `other`."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from synthetic_results import write_synthetic
+
+    folder = storage / f"synthetic-{n}"
+    if not folder.exists():
+        decays = [1.0e-4 * (k + 1) for k in range(n // 4)]
+        write_synthetic(folder, ["fc10", "fc32-10"], decays, 2)
+    folder = folder / "synthetic"
+    row = {"trials": n, "exit": 0} | folder_figures(folder) | {"load_s": load_seconds(folder)}
+    rows = [row | {"code": "this"} | report_figures(folder, storage / f"synthetic-{n}.html")]
+    if other is not None:
+        out = storage / f"synthetic-{n}-other.html"
+        rows.append(row | {"code": str(other)} | report_figures(folder, out, other))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, nargs="+", default=[16, 64, 256, 1024])
     parser.add_argument("--storage", default="/tmp/advlab-scale")
     parser.add_argument("--pairs", default=None, help="transfer.pairs (all, within, sample)")
+    parser.add_argument("--synthetic", action="store_true", help="written results, no sweep")
+    parser.add_argument("--code", type=Path, help="also report with this advlab checkout")
     args = parser.parse_args()
     storage = Path(args.storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     print("| " + " | ".join(title for _, title, _ in COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS), flush=True)
     for n in args.trials:
+        if args.synthetic:
+            rows = synthetic(n, storage, args.code)
+            for row in rows:
+                print(table_row(row) + f" {row['code']}", flush=True)
+            if len(rows) == 2 and "render_s" in rows[0] and "render_s" in rows[1]:
+                ratios = [rows[1][k] / rows[0][k] for k in ("report_mb", "report_s", "render_s")]
+                print("  other / this: size {:.2f}x, build {:.2f}x, render {:.2f}x".format(*ratios))
+            continue
         row = measure(n, storage, args.pairs)
         print(table_row(row), flush=True)
         if row["exit"] != 0 or row.get("report_exit"):
