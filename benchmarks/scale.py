@@ -58,9 +58,11 @@ def sweep_file(n: int, storage: Path) -> dict[str, Any]:
 
 def advlab(*args: str, code: Path = ROOT) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"PYTHONPATH": str(code), "WANDB_MODE": "offline"}
+    # run from `code`: `python -m` puts the working directory ahead of PYTHONPATH
     return subprocess.run(
-        [sys.executable, "-m", "advlab.cli", *args], env=env, capture_output=True, text=True
-    )
+        [sys.executable, "-m", "advlab.cli", *args],
+        env=env, capture_output=True, text=True, cwd=code,
+    )  # fmt: skip
 
 
 def run_sweep(n: int, storage: Path, pairs: str | None) -> dict[str, Any]:
@@ -216,7 +218,7 @@ def main() -> None:
     print("|" + "---|" * len(COLUMNS), flush=True)
     for n in args.trials:
         if args.synthetic:
-            rows = synthetic(n, storage, args.code)
+            rows = synthetic(n, storage, args.code.resolve() if args.code else None)
             for row in rows:
                 print(table_row(row) + f" {row['code']}", flush=True)
             if len(rows) == 2 and "render_s" in rows[0] and "render_s" in rows[1]:

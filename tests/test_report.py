@@ -441,7 +441,11 @@ def test_robust_error_curves_start_at_the_clean_error(
                 ]  # fmt: skip
                 expected = list(rows["robust_error"]) if len(group) > 1 else []
                 assert sorted(mine) == pytest.approx(sorted(expected))
-    (fgsm,) = [c for c in page.charts.values() if c.get("data-attack") == "fgsm"]  # fixed budget
+    (fgsm,) = [
+        c
+        for c in page.charts.values()
+        if c.get("data-attack") == "fgsm" and c["data-shows"] == "robust-error"
+    ]  # fixed budget
     x_title = fgsm["spec"]["layer"][0]["encoding"]["x"]["title"]
     assert "L∞" in x_title  # from the curves table's norm, not from the attack's name
 

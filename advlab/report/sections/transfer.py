@@ -14,24 +14,9 @@ import pandas as pd
 from advlab.report.html import Cell, Row, esc, percent, section, table, text_cell
 from advlab.report.load import Compared
 from advlab.report.sections import transfer_grouped as grouped
+from advlab.report.sections.transfer_cells import budget_text, heat, kind_title
 from advlab.results import Results
 from advlab.tables import NOISE_SOURCE, Status
-from advlab.text import value_text
-
-KIND_TITLES = {
-    "adversarial": "adversarial examples",
-    "noise": "Gaussian noise of each example's own rms",
-}
-
-
-def budget_text(budget: float | None) -> str:
-    return value_text(budget, missing="")  # a minimisation attack's run has none
-
-
-def heat(value: float) -> str:
-    """White (0) to red (1); the text turns white on the darkest cells."""
-    ink = "color:#fff;" if value > 0.6 else ""
-    return f"background:rgba(200,30,30,{0.08 + 0.8 * value:.3f});{ink}"
 
 
 def orders(run: Results, rows: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -130,12 +115,6 @@ def per_trial_blocks(run: Results, made: pd.DataFrame, noise: pd.DataFrame, swee
 
 def folded(summary: str, inner: str) -> str:
     return f"<details><summary>{esc(summary)}</summary>{inner}</details>"
-
-
-def kind_title(kind: str, amplified_to: float | None = None) -> str:
-    if kind == "amplified":
-        return f"perturbation amplified to rms {budget_text(amplified_to)}"
-    return KIND_TITLES.get(kind, kind)
 
 
 def render(compared: Compared) -> str:

@@ -18,8 +18,8 @@ import pandas as pd
 
 from advlab.report.html import Cell, Row, esc, percent, table, text_cell
 from advlab.report.load import Compared, Config
-from advlab.report.sections import transfer as base  # budget and kind titles, heat (a cycle:
-from advlab.report.select import rank_note, ranked, table_configs  # read at call time only)
+from advlab.report.sections.transfer_cells import budget_text, heat, kind_title
+from advlab.report.select import rank_note, ranked, table_configs
 
 OWN = "own"  # a source's examples on its own model
 SAME = "same"  # on the other seeds of its configuration
@@ -57,7 +57,7 @@ def heat_cell(found: pd.Series | None, who: str) -> Cell:
         return Cell()
     value = float(found["error_adv"])
     return Cell(
-        percent(value), value=value, cls="cell", attrs={"style": base.heat(value),
+        percent(value), value=value, cls="cell", attrs={"style": heat(value),
         "data-pairs": str(int(found["pairs"]))},
         title=f"{who}: {percent(value)} wrong, mean of {int(found['pairs'])} pairs "
         f"(clean {percent(float(found['error_clean']))}, n = {int(found['n'])})",
@@ -135,19 +135,19 @@ def blocks(compared: Compared, made: pd.DataFrame, noise: pd.DataFrame, sweep: s
         parts = []
         for number, budget in enumerate(budgets):
             group = runs if budget is None else runs[runs["budget"] == budget]
-            shown = base.budget_text(budget)
+            shown = budget_text(budget)
             name = attack if not shown else f"{attack} at ε = {shown}"
             inner = ""
             for (kind, to), rows in group.groupby(["kind", "amplified_to"], sort=False,
                                                   dropna=False):  # fmt: skip
                 attrs = {"sweep": sweep, "attack": str(attack), "budget": shown,
-                         "kind": str(kind), "amplified_to": base.budget_text(to)}  # fmt: skip
+                         "kind": str(kind), "amplified_to": budget_text(to)}  # fmt: skip
                 one = pooled_matrix(rows, noise if kind == "adversarial" else noise.iloc[0:0],
                                     in_matrix, controls, attrs)  # fmt: skip
                 if kind == "adversarial":
                     inner = one + inner
                 else:
-                    inner += f"<details><summary>{esc(base.kind_title(str(kind), to))}</summary>"
+                    inner += f"<details><summary>{esc(kind_title(str(kind), to))}</summary>"
                     inner += f"{one}</details>"
             if number == 0 and len(configs) > limit:
                 adversarial = group[group["kind"] == "adversarial"]
