@@ -18,7 +18,7 @@ from advlab.report import ReportSettings, ReportSettingsError, build_report, ren
 from advlab.report.html import vega_bundle
 from advlab.report.load import load_all
 from advlab.report.select import select
-from advlab.report.settings import Metric
+from advlab.report.settings import Metric, from_command_line
 from advlab.tables import NOISE_SOURCE
 
 MODELS = ["fc8-10", "fc16-10", "fc24-10"]
@@ -70,6 +70,14 @@ def test_top_k_ranks_configurations_by_their_mean_over_seeds(small: str) -> None
     kept = select(compared, ReportSettings(where={"model": ["fc24-10"]}, top=2))
     assert [c.values["weight_decay"] for c in kept.configs] == ["0.0001", "0.0002"]
     assert set(kept.attacks["config"]) == {c.key for c in kept.configs}
+    # the command line's flags: one axis twice keeps either value; `sweep` is an axis too
+    flags = from_command_line(["model=fc8-10", "model=fc24-10", "sweep=synthetic"], None,
+                              "lbfgs:mean_dist_rms", False, [], [], None)  # fmt: skip
+    assert flags.where == {"model": ["fc8-10", "fc24-10"], "sweep": ["synthetic"]}
+    assert flags.rank_by == lbfgs
+    either = select(compared, flags)
+    assert {c.values["model"] for c in either.configs} == {"fc8-10", "fc24-10"}
+    assert len(either.configs) == 8
 
 
 def test_table1_one_row_per_configuration_constant_axes_in_the_caption(small: str) -> None:
