@@ -87,6 +87,37 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="one HTML page from one or more sweep folders")
     report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="<storage>/<sweep>")
     report.add_argument("-o", "--output", default="report.html")
+    report.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="AXIS=VALUE",
+        help="only configurations with this grid value (repeat: each axis must "
+        "match, one axis twice: either value)",
+    )
+    report.add_argument("--top", type=int, help="only the best K configurations by --rank-by")
+    report.add_argument(
+        "--rank-by",
+        metavar="METRIC",
+        help="test_error (default), train_error, "
+        "..., or ATTACK:COLUMN[@BUDGET] such as lbfgs:mean_dist_rms",
+    )
+    report.add_argument("--descending", action="store_true", help="rank highest first")
+    report.add_argument(
+        "--chart",
+        action="append",
+        default=[],
+        metavar="AXIS",
+        help="chart the metrics against this grid axis (repeatable)",
+    )
+    report.add_argument(
+        "--chart-metric",
+        action="append",
+        default=[],
+        metavar="METRIC",
+        help="a metric for those charts, as for --rank-by (repeatable)",
+    )
+    report.add_argument("--rows", type=int, help="table rows at most (default 50)")
     return parser
 
 
@@ -301,10 +332,18 @@ def list_sweeps(args: argparse.Namespace) -> int:
 
 def make_report(args: argparse.Namespace) -> int:
     check_output(args.output)
-    from advlab.report import build_report
+    from advlab.report import ReportSettingsError, build_report
+    from advlab.report.settings import from_command_line
 
-    notes: list[str] = []
-    path = build_report(args.sweep_dirs, args.output, notes)
+    try:
+        settings = from_command_line(
+            args.where, args.top, args.rank_by, args.descending, args.chart, args.chart_metric,
+            args.rows,
+        )  # fmt: skip
+        notes: list[str] = []
+        path = build_report(args.sweep_dirs, args.output, notes, settings)
+    except ReportSettingsError as err:
+        raise SpecError(str(err)) from None
     for note in notes:
         print(f"advlab: left out of the report: {note}", file=sys.stderr)
     print(f"advlab: report written to {path}")

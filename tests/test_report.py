@@ -79,9 +79,10 @@ def drawn(report: Path, tmp_path_factory: pytest.TempPathFactory) -> Drawn:
             FILTER_JS.replace("SETTING", "sweep").replace("VALUE", "tiny-b")
         )
         chipped = browser.evaluate(CHIP_JS)
+        layout = browser.evaluate(LAYOUT_JS)
         return Drawn(
             charts, plotted, seeds, sections, screenshots, filtered, chipped, browser.requests(),
-            browser.problems(),
+            browser.problems(), layout,
         )  # fmt: skip
 
 
@@ -96,6 +97,16 @@ class Drawn:
     chipped: dict[str, Any]
     requests: list[str]
     problems: list[str]
+    layout: dict[str, float]  # sizes in px at a 1400 px wide window
+
+
+# How wide Table 1 is against the room it has, and how tall the transfer section is.
+LAYOUT_JS = """(() => {
+  const table = document.querySelector('table[data-table=table1]');
+  return {table1: table.scrollWidth, room: table.closest('.scroll').clientWidth,
+          window: window.innerWidth,
+          transfer: document.getElementById('transfer').getBoundingClientRect().height};
+})()"""
 
 
 # Every mean a chart drew: the data behind the marks of its `points` layer, after its filters.
@@ -430,7 +441,11 @@ def test_robust_error_curves_start_at_the_clean_error(
                 ]  # fmt: skip
                 expected = list(rows["robust_error"]) if len(group) > 1 else []
                 assert sorted(mine) == pytest.approx(sorted(expected))
-    (fgsm,) = [c for c in page.charts.values() if c.get("data-attack") == "fgsm"]  # fixed budget
+    (fgsm,) = [
+        c
+        for c in page.charts.values()
+        if c.get("data-attack") == "fgsm" and c["data-shows"] == "robust-error"
+    ]  # fixed budget
     x_title = fgsm["spec"]["layer"][0]["encoding"]["x"]["title"]
     assert "L∞" in x_title  # from the curves table's norm, not from the attack's name
 
@@ -441,7 +456,8 @@ def test_every_chart_gives_a_configuration_the_same_colour(page: Page) -> None:
         for layer in chart["spec"]["layer"]:
             if "color" in layer.get("encoding", {}):
                 scales.append(json.dumps(layer["encoding"]["color"]["scale"], sort_keys=True))
-    assert len(page.charts) == 7 and len(set(scales)) == 1  # robust 3, decay 2, training 2
+    # robust 3, decay 2, training 2, metrics against the 2 axes that vary 6
+    assert len(page.charts) == 13 and len(set(scales)) == 1
     scale = json.loads(scales[0])
     assert scale["domain"] == config_names(page)
     assert len(set(scale["range"])) == len(scale["domain"])
@@ -471,7 +487,7 @@ def test_distortion_against_weight_decay(
 def test_training_curves_are_means_over_seeds_per_epoch(
     drawn: Drawn, page: Page, loaded: list[results.Results]
 ) -> None:
-    points = by_config(chart_points(drawn, page, metric="test_error"), "epoch")
+    points = by_config(chart_points(drawn, page, shows="training", metric="test_error"), "epoch")
     for name, (sweep, group) in zip(config_names(page), configs_in_order(loaded), strict=True):
         epochs = loaded[sweep].epochs
         mine = epochs[epochs["trial_id"].isin(group)].groupby("epoch")["test_error"].mean()
@@ -590,7 +606,7 @@ def test_page_runs_offline_without_errors_and_every_section_renders(
     assert sum(u.startswith("file://") for u in drawn.requests) == 1  # the page itself
     assert drawn.charts == str(len(page.charts))
     assert drawn.sections == page.sections == [
-        "sweeps", "table1", "failed", "robust", "distortion", "training", "examples",
+        "sweeps", "table1", "failed", "axes", "robust", "distortion", "training", "examples",
         "transfer", "measures",
     ]  # fmt: skip
     for shot in drawn.screenshots:
@@ -681,3 +697,36 @@ def test_results_examples_keep_the_true_class_beside_the_trial_label(
     examples = loaded[0].examples()
     assert examples["label"].dtype.kind in "iu" or str(examples["label"].dtype) == "Int64"
     assert set(examples["trial_label"]) == set(loaded[0].trials["label"])
+
+
+@needs_chromium
+def test_wide_grids_fit_the_window(drawn: Drawn, page: Page) -> None:
+    """Table 1 does not scroll sideways at 1400 px; the transfer section shows one matrix per
+    attack (other budgets and the noise and amplified rows fold out), so it stays short."""
+    assert drawn.layout["window"] == 1400
+    assert drawn.layout["table1"] <= drawn.layout["room"], drawn.layout
+    # sweep A: two attacks -> two open matrices (4 trials and a noise row under rotated
+    # column heads, about 450 px each); with every budget open it drew 3 of them
+    assert drawn.layout["transfer"] < 1_200, drawn.layout
+
+
+@needs_chromium
+def test_a_metric_against_each_varying_axis_with_every_seed(
+    drawn: Drawn, page: Page, loaded: list[results.Results]
+) -> None:
+    charts = [c for c in page.charts.values() if c["data-shows"] == "metric-by-axis"]
+    axes = {c["data-axis"] for c in charts}
+    assert {"model", "weight_decay"} <= axes
+    trials = pd.concat([r.trials for r in loaded])
+    ok = trials[trials["status"] == "ok"]
+    for chart in charts:
+        if chart["data-metric"] != "test_error":
+            continue
+        means = drawn.points[chart["data-chart"]]
+        seeds = drawn.seeds[chart["data-chart"]]
+        assert sum(p["n"] for p in means) == len(ok)  # every ok trial in one mean
+        # each seed of a repeated configuration is its own point, with its own value
+        repeated = sorted(v for p in means if p["n"] > 1 for v in p["values"])
+        assert sorted(p["seed_value"] for p in seeds) == pytest.approx(repeated)
+        for point in means:
+            assert point["mean"] == pytest.approx(sum(point["values"]) / point["n"])

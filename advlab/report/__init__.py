@@ -17,6 +17,7 @@ from pathlib import Path
 from advlab.report.html import page
 from advlab.report.load import Compared, load_all
 from advlab.report.sections import (
+    axes,
     bracket,
     dimension,
     distortion,
@@ -30,13 +31,15 @@ from advlab.report.sections import (
     training,
     transfer,
 )
+from advlab.report.select import select
+from advlab.report.settings import ReportSettings, ReportSettingsError
 
-__all__ = ["SECTIONS", "build_report", "render_report"]
+__all__ = ["SECTIONS", "ReportSettings", "ReportSettingsError", "build_report", "render_report"]
 
 # In page order; each renders "" when its data is absent.
 SECTIONS = (
-    overview, table1, failures, pareto, robust, distortion, dimension, bracket, training, examples,
-    transfer, measures,
+    overview, table1, failures, pareto, axes, robust, distortion, dimension, bracket, training,
+    examples, transfer, measures,
 )  # fmt: skip
 
 
@@ -47,13 +50,20 @@ def render_report(compared: Compared) -> str:
     return page(f"advlab: {names}", overview.controls(compared), sections, configs)
 
 
-def build_report(sweep_dirs: list[str], out: str, notes: list[str] | None = None) -> Path:
+def build_report(
+    sweep_dirs: list[str],
+    out: str,
+    notes: list[str] | None = None,
+    settings: ReportSettings | None = None,
+) -> Path:
     """Write the report for these sweep folders (<storage>/<sweep>) to `out`; returns its path.
-    FileNotFoundError when a folder holds no advlab results. What could not be read is left
+    FileNotFoundError when a folder holds no advlab results; ReportSettingsError when the
+    settings name an axis, value or attack the sweeps lack. What could not be read is left
     out, said on the page and added to `notes` ("<sweep>: <what and why>")."""
     if not sweep_dirs:
         raise FileNotFoundError("no sweep folders given; pass one or more <storage>/<sweep>")
-    compared = load_all(list(sweep_dirs))
+    settings = settings or ReportSettings()
+    compared = select(load_all(list(sweep_dirs), settings), settings)
     if notes is not None:
         for run, name in zip(compared.runs, compared.sweep_names, strict=True):
             notes += [f"{name}: {note}" for note in run.notes]

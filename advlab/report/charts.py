@@ -24,10 +24,16 @@ WIDTH, HEIGHT = 430, 250
 POINTS = "points"  # the name of the layer that holds the plotted means (tests read it back)
 SEEDS = "seeds"  # the layer of each seed's own value (hollow points)
 FADED = 0.12
+NAMED = alt.Data(name="rows")  # what a chart's rows stand under while altair builds its spec
+LEGEND_MAX = 20  # past this many configurations a legend is a wall of names: hover and filters
 
 
 def colour(configs: Sequence[Config]) -> alt.Color:
-    """One colour per configuration, the same in every chart, whatever the chart shows."""
+    """One colour per configuration, the same in every chart, whatever the chart shows. Past
+    LEGEND_MAX configurations each row carries its colour (`finish` adds it) and no legend is
+    drawn: a scale listing hundreds of names would be copied into every layer of every chart."""
+    if len(configs) > LEGEND_MAX:
+        return alt.Color("colour:N", scale=None, legend=None)
     scale = alt.Scale(domain=[c.name for c in configs], range=[c.colour for c in configs])
     legend = alt.Legend(
         title=None, orient="bottom", columns=2, labelLimit=320, symbolType="circle", symbolOpacity=1
@@ -46,13 +52,17 @@ def trend(
     band: bool = True,
     connect: str | None = None,
     extra_tooltip: Sequence[alt.Tooltip] = (),
+    x_offset: str | None = None,
 ) -> dict[str, Any]:
     """Means against x, one line per configuration, with its 95% interval (band or bars).
 
     connect: a field whose equal values one gray line joins across configurations (a model's
-    points at each weight decay) instead of one coloured line per configuration."""
+    points at each weight decay) instead of one coloured line per configuration.
+    x_offset: a field that sets points side by side within each value of a nominal x."""
     pick, emphasis = _legend_pick()
     base = alt.Chart().encode(x=x, color=colour(configs))
+    if x_offset is not None:
+        base = base.encode(xOffset=x_offset)
     y = alt.Y("mean:Q", title=y_title, axis=alt.Axis(format=y_format))
     low = alt.Y("lo:Q", title=y_title)  # the same title as the means', so it shows once
     spread = (
@@ -78,7 +88,7 @@ def trend(
     seeds = _seed_points(base, y_title, emphasis, extra_tooltip)
     layers = [spread, line, seeds, points] if rows[["lo", "hi"]].notna().any().any() else [
         line, points]  # fmt: skip
-    return finish(alt.layer(*layers, data=records(rows)), configs, title)
+    return finish(alt.layer(*layers, data=NAMED), configs, title, records(rows))
 
 
 def _legend_pick() -> tuple[Any, Any]:
@@ -120,8 +130,15 @@ def _seed_points(
     )
 
 
-def finish(chart: alt.LayerChart, configs: Sequence[Config], title: str) -> dict[str, Any]:
-    """The page's `visible` filter, size and title; the Vega-Lite spec as a dict."""
+def finish(
+    chart: alt.LayerChart, configs: Sequence[Config], title: str, values: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The page's `visible` filter, size and title; the Vega-Lite spec as a dict, its data
+    `values` (records()).
+
+    Altair copies and validates every inline value against the schema: seconds per chart at
+    hundreds of configurations. So charts are built on a named stand-in (NAMED) and get their
+    rows once the spec is a dict."""
     visible = alt.param(name="visible", value=[c.key for c in configs])
     chart = (
         chart.transform_filter("indexof(visible, datum.config) >= 0")
@@ -130,17 +147,31 @@ def finish(chart: alt.LayerChart, configs: Sequence[Config], title: str) -> dict
         .configure_view(stroke=None)
         .configure_axis(labelFontSize=11, titleFontSize=12, grid=True, gridOpacity=0.5)
     )
-    return chart.to_dict()
+    spec = chart.to_dict()
+    colours = {c.key: c.colour for c in configs}
+    spec["data"] = {"values": [r | {"colour": colours.get(r.get("config"))} for r in values]}
+    return spec
 
 
-def records(rows: pd.DataFrame) -> alt.Data:
+def records(rows: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows as inline values, NaN as null (JSON has no NaN)."""
-    clean = rows.astype(object).where(rows.notna(), None)
-    values = [
-        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-        for row in clean.to_dict("records")
-    ]
-    return alt.Data(values=values)
+    columns = {}
+    for name in rows.columns:
+        column = rows[name]
+        if column.dtype.kind == "f":
+            columns[name] = [None if math.isnan(v) else float(v) for v in column]
+        else:
+            columns[name] = [_plain(v) for v in column]
+    return [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready value: NaN as null, numpy scalars as Python's."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value.item() if hasattr(value, "item") else value
 
 
 def summarise(frame: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
@@ -215,4 +246,4 @@ def dashed_pairs(
         alt.Tooltip("n:Q", title="seeds"),
     ]
     points = _mean_points(base, pick, emphasis, tooltip, size=30)
-    return finish(alt.layer(line, points, data=records(rows)), configs, title)
+    return finish(alt.layer(line, points, data=NAMED), configs, title, records(rows))

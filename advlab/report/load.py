@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from advlab import manifest, results
+from advlab.report.settings import ReportSettings
 from advlab.results import Results
 from advlab.sweepfile import trial_labels
 from advlab.tables import Status
@@ -58,6 +59,8 @@ class Compared:
     curves: pd.DataFrame
     epochs: pd.DataFrame
     measures: dict[str, pd.DataFrame]  # every measure table of any sweep, tagged, by name
+    settings: ReportSettings = field(default_factory=ReportSettings)
+    left_out: int = 0  # configurations the settings' filters and top-k left out
 
     @property
     def multi(self) -> bool:
@@ -71,11 +74,14 @@ class Compared:
         return self.trials[self.trials["status"] == Status.OK]
 
 
-def load_all(dirs: list[str]) -> Compared:
-    """Read each sweep folder; FileNotFoundError names a folder that holds no results. A sweep
-    sharing trials with one read before it gets its trial ids suffixed (`~<n>`), so the two
-    stay apart on the page."""
-    runs = [results.load(d) for d in dirs]
+def load_all(dirs: list[str], settings: ReportSettings | None = None) -> Compared:
+    """Read each sweep folder; FileNotFoundError names a folder that holds no results."""
+    return compare([results.load(d) for d in dirs], settings or ReportSettings())
+
+
+def compare(runs: list[Results], settings: ReportSettings) -> Compared:
+    """The sweeps on common terms. A sweep sharing trials with one before it gets its trial ids
+    suffixed (`~<n>`), so the two stay apart on the page."""
     seen: set[str] = set()
     for number, run in enumerate(runs):
         if seen & set(run.trials["trial_id"]):  # a copy of a sweep, or a grid point in two
@@ -107,8 +113,9 @@ def load_all(dirs: list[str]) -> Compared:
         how="left",
     )
     return Compared(
-        runs, sweep_names, configs, axes, frame, attacks, curves, joined["epochs"], measures
-    )
+        runs, sweep_names, configs, axes, frame, attacks, curves, joined["epochs"], measures,
+        settings,
+    )  # fmt: skip
 
 
 def is_seed(axis: str) -> bool:
@@ -132,19 +139,24 @@ def _configurations(
     trials["config"] = keys
     trials["sweep_name"] = sweep
     order = list(dict.fromkeys(keys))
-    first = [keys.index(k) for k in order]
+    first_at = {k: i for i, k in reversed(list(enumerate(keys)))}
+    first = [first_at[k] for k in order]
     own = _grid_values(run, trials, [a for a in run.axes if not is_seed(a)])
     every = _grid_values(run, trials, axes)
     names = trial_labels([own[i] for i in first], [hashes[i] for i in first])
+    members_of: dict[str, list[str]] = {k: [] for k in order}
+    for trial_id, key in zip(trials["trial_id"], keys, strict=True):
+        members_of[key].append(trial_id)
     configs = []
     for number, (key, index) in enumerate(zip(order, first, strict=True)):
         name = names[hashes[index]]
         name = f"{sweep} · {name}" if prefixed else name
         filters = {"sweep": sweep} | {a: value_text(every[index][a]) for a in axes}
-        members = [t for t, k in zip(trials["trial_id"], keys, strict=True) if k == key]
+        members = members_of[key]
         colour = PALETTE[(start + number) % len(PALETTE)]
         configs.append(Config(key, name, sweep, colour, filters, members))
-    trials["configuration"] = [next(c.name for c in configs if c.key == k) for k in keys]
+    named = {c.key: c.name for c in configs}
+    trials["configuration"] = [named[k] for k in keys]
     return trials, configs
 
 

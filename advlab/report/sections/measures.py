@@ -23,6 +23,7 @@ from advlab.report.html import (
     text_cell,
 )
 from advlab.report.load import Compared
+from advlab.report.select import rank_note, table_configs
 from advlab.stats import estimate
 from advlab.text import value_text
 
@@ -56,7 +57,8 @@ def measure_table(compared: Compared, name: str, frame: pd.DataFrame) -> str:
     down = [c for c in by if c not in across]
     spread = _spread(frame, across, values)  # (cell key, header, selector) per column
     body = []
-    for config in compared.configs:
+    listed, hidden = table_configs(compared)
+    for config in listed:
         mine = frame[frame["config"] == config.key]
         groups = mine.groupby(down, sort=False, dropna=False) if down else [((), mine)]
         for keys, rows in groups:
@@ -75,7 +77,8 @@ def measure_table(compared: Compared, name: str, frame: pd.DataFrame) -> str:
     head = [("configuration", "configuration"), *[(k, k) for k in down], ("n", "trials")]
     head += [(key, header) for key, header, _ in spread]
     title = defn.summary if defn is not None and defn.summary else name
-    return f"<h3>{esc(title)}</h3>" + table(f"measure-{name}", head, body, measure=name)
+    note = rank_note(compared, len(listed), hidden)
+    return f"<h3>{esc(title)}</h3>{note}" + table(f"measure-{name}", head, body, measure=name)
 
 
 Selector = tuple[str, Callable[[pd.DataFrame], pd.Series]]

@@ -9,6 +9,8 @@ from advlab.report.load import Compared
 from advlab.results import Results
 from advlab.tables import Status
 
+OPEN_CHIPS = 24  # more configurations than this: their chips fold away
+
 
 def controls(compared: Compared) -> str:
     """A sticky bar: one select per setting that tells configurations apart, and a legend chip
@@ -25,9 +27,14 @@ def controls(compared: Compared) -> str:
         f'<span class="swatch" style="background:{esc(c.colour)}"></span>{esc(c.name)}</span>'
         for c in compared.configs
     )
+    if len(compared.configs) > OPEN_CHIPS:  # a screenful of chips would hide the page
+        chips = (
+            f'<details class="chips"><summary>{len(compared.configs)} configurations: click to '
+            f'hide or show each</summary><div class="row">{chips}</div></details>'
+        )
     return (
-        f'<header class="controls"><div class="row">{"".join(selects)}{chips}'
-        '<span id="advlab-shown"></span></div></header>'
+        f'<header class="controls"><div class="row">{"".join(selects)}'
+        f'<span id="advlab-shown"></span>{chips}</div></header>'
     )
 
 
@@ -66,8 +73,20 @@ def render(compared: Compared) -> str:
     ]
     if skipped:
         body += f'<p class="note">Left out, could not be read:</p><ul>{"".join(skipped)}</ul>'
+    if compared.left_out:
+        settings = compared.settings
+        body += (
+            f'<p class="note" data-left-out="{compared.left_out}">{compared.left_out} '
+            f"configurations left out by the report's settings (where: "
+            f"{esc(_where_text(settings.where))}; top: {settings.top or 'all'} by "
+            f"{esc(settings.rank_by.title)}).</p>"
+        )
     body += _differences(compared)
     return section("sweeps", "Sweeps compared", body)
+
+
+def _where_text(where: dict[str, list[str]]) -> str:
+    return "; ".join(f"{a} in {', '.join(v)}" for a, v in where.items()) or "all"
 
 
 def _sweep_row(run: Results, name: str) -> Row:

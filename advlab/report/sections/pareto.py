@@ -89,8 +89,8 @@ def front_chart(
     labels = base.mark_text(align="left", dx=6, dy=-4, fontSize=10, color="#444").encode(
         text="tag:N"
     )
-    layered = alt.layer(line, points, labels, data=charts.records(rows))
-    return charts.finish(layered, compared.configs, title)
+    layered = alt.layer(line, points, labels, data=charts.NAMED)
+    return charts.finish(layered, compared.configs, title, charts.records(rows))
 
 
 def objectives_table(run: Results, compared: Compared, sweep: str, modes: dict[str, str]) -> str:

@@ -17,6 +17,7 @@ import pandas as pd
 from advlab.report.html import Cell, Row, esc, estimate_cell, section, swatch_cell, table, text_cell
 from advlab.report.load import Compared, Config
 from advlab.report.sections.robust import norm_title
+from advlab.report.select import rank_note, table_configs
 from advlab.stats import METHOD, estimate
 from advlab.tables import Status
 from advlab.trial import flags, measure_defn
@@ -70,15 +71,17 @@ def render(compared: Compared) -> str:
         return ""
     columns, values = measures(compared)
     raised = raised_flags(compared)
+    listed, hidden = table_configs(compared)
+    listed = [c for c in listed if any(t in values.index for t in c.trial_ids)]
+    varying, constant = split_axes(compared.axes, listed)
     head = [("configuration", "configuration")]
-    head += [(a, a) for a in compared.axes] + [("seeds", "seeds")]
+    head += [(a, a) for a in varying] + [("seeds", "seeds")]
     head += [(m.key, m.title) for m in columns]
     head += [(FLAGS, "flags")] if raised is not None else []
     rows = []
-    for config in compared.configs:
+    for config in listed:
         ids = [t for t in config.trial_ids if t in values.index]
-        if ids:
-            rows.append(_row(compared, config, columns, values.loc[ids], raised))
+        rows.append(_row(varying, config, columns, values.loc[ids], raised))
     groups = {m.key: m.group for m in columns}
     intro = (
         "One row per configuration: trials that differ only in their seed are repeats, shown as "
@@ -92,19 +95,40 @@ def render(compared: Compared) -> str:
             " Flags: the measures that found a reason to look closer at a configuration's "
             "trials (gradient masking, evaluation health, ...); hover for their reasons."
         )
-    body = table("table1", head, rows, groups=groups)
+    body = _constant_caption(constant) + rank_note(compared, len(listed), hidden)
+    body += table("table1", head, rows, groups=groups)
     return section("table1", "Table 1: errors and minimum distortion", body, intro)
 
 
+def split_axes(axes: list[str], configs: list[Config]) -> tuple[list[str], dict[str, str]]:
+    """(axes whose value differs between the listed configurations, {axis: its one value} of
+    the others): a constant axis is said once above the table instead of in every row."""
+    varying, constant = [], {}
+    for axis in axes:
+        values = {c.values.get(axis, "—") for c in configs}
+        if len(values) > 1:
+            varying.append(axis)
+        else:
+            constant[axis] = next(iter(values), "—")
+    return varying, constant
+
+
+def _constant_caption(constant: dict[str, str]) -> str:
+    if not constant:
+        return ""
+    items = "; ".join(f"{esc(a)} = {esc(v)}" for a, v in constant.items())
+    return f'<p class="note" data-constant-axes>Every row: {items}.</p>'
+
+
 def _row(
-    compared: Compared,
+    axes: list[str],
     config: Config,
     columns: list[Measure],
     values: pd.DataFrame,
     raised: pd.DataFrame | None,
 ) -> Row:
     cells: dict[str, Cell] = {"configuration": swatch_cell(config.name, config.colour)}
-    cells |= {a: text_cell(config.values.get(a, "—")) for a in compared.axes}
+    cells |= {a: Cell(config.values.get(a, "—"), cls="text axis") for a in axes}
     cells["seeds"] = Cell(str(len(values)), value=float(len(values)))
     for measure in columns:
         cells[measure.key] = estimate_cell(estimate(values[measure.key]), measure.as_percent)

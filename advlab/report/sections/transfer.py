@@ -13,24 +13,10 @@ import pandas as pd
 
 from advlab.report.html import Cell, Row, esc, percent, section, table, text_cell
 from advlab.report.load import Compared
+from advlab.report.sections import transfer_grouped as grouped
+from advlab.report.sections.transfer_cells import budget_text, heat, kind_title
 from advlab.results import Results
 from advlab.tables import NOISE_SOURCE, Status
-from advlab.text import value_text
-
-KIND_TITLES = {
-    "adversarial": "adversarial examples",
-    "noise": "Gaussian noise of each example's own rms",
-}
-
-
-def budget_text(budget: float | None) -> str:
-    return value_text(budget, missing="")  # a minimisation attack's run has none
-
-
-def heat(value: float) -> str:
-    """White (0) to red (1); the text turns white on the darkest cells."""
-    ink = "color:#fff;" if value > 0.6 else ""
-    return f"background:rgba(200,30,30,{0.08 + 0.8 * value:.3f});{ink}"
 
 
 def orders(run: Results, rows: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -84,42 +70,56 @@ def _source_row(rows: pd.DataFrame, source: str, labels: dict[str, str], targets
     return Row(cells)
 
 
-def sweep_block(run: Results, sweep: str) -> str:
+def sweep_block(compared: Compared, run: Results, sweep: str) -> str:
     frame = run.transfer
     ok = frame[frame["status"].fillna(Status.OK) == Status.OK]
+    shown = set(compared.trials["trial_id"])  # the trials the report's filters kept
+    ok = ok[(ok["target_kind"] != "trial") | ok["target"].isin(shown)]
     noise = ok[(ok["source_trial"] == NOISE_SOURCE) & (ok["kind"] == "noise")]
-    made = ok[ok["source_trial"] != NOISE_SOURCE]
-    blocks = []
-    for (attack, budget), group in made.groupby(["attack", "budget"], sort=False, dropna=False):
-        shown = budget_text(budget)
-        name = attack if not shown else f"{attack} at ε = {shown}"
-        adversarial = group[group["kind"] == "adversarial"]
-        parts = [f"<h4>{esc(name)}</h4>"]
-        parts.append(matrix(run, adversarial, noise, sweep, (attack, shown, "adversarial", "")))
-        others = group[group["kind"] != "adversarial"]
-        for (kind, to), rows in others.groupby(["kind", "amplified_to"], sort=False, dropna=False):
-            title = (attack, shown, str(kind), budget_text(to))
-            inner = matrix(run, rows, noise.iloc[0:0], sweep, title)
-            summary = esc(kind_title(str(kind), to))
-            parts.append(f"<details><summary>{summary}</summary>{inner}</details>")
-        blocks.append(f'<div class="matrix-block">{"".join(parts)}</div>')
+    made = ok[ok["source_trial"].isin(shown)]
+    if made["source_trial"].nunique() > compared.settings.matrix_trials:
+        blocks = grouped.blocks(compared, made, noise, sweep)
+    else:
+        blocks = per_trial_blocks(run, made, noise, sweep)
     failed = frame[frame["status"].fillna(Status.OK) != Status.OK]
     notes = "".join(
         f'<p class="note flag">Target {esc(row["target"])} failed: {esc(row["reason"])}</p>'
         for row in failed.drop_duplicates("target").to_dict("records")
     )
-    return f'<h3>{esc(sweep)}</h3>{notes}<div class="matrices">{"".join(blocks)}</div>'
+    return f"<h3>{esc(sweep)}</h3>{notes}{blocks}"
 
 
-def kind_title(kind: str, amplified_to: float | None = None) -> str:
-    if kind == "amplified":
-        return f"perturbation amplified to rms {budget_text(amplified_to)}"
-    return KIND_TITLES.get(kind, kind)
+def per_trial_blocks(run: Results, made: pd.DataFrame, noise: pd.DataFrame, sweep: str) -> str:
+    """Per attack: the matrix at its largest budget, its other budgets and its noise and
+    amplified rows folded out below (one matrix per attack open, however many budgets)."""
+    blocks = []
+    for attack, runs in made.groupby("attack", sort=False):
+        parts = []
+        budgets = sorted(runs["budget"].dropna().unique(), reverse=True) or [None]
+        for number, budget in enumerate(budgets):
+            group = runs if budget is None else runs[runs["budget"] == budget]
+            shown = budget_text(budget)
+            name = attack if not shown else f"{attack} at ε = {shown}"
+            adversarial = group[group["kind"] == "adversarial"]
+            inner = matrix(run, adversarial, noise, sweep, (attack, shown, "adversarial", ""))
+            inner += "".join(
+                folded(kind_title(str(kind), to), matrix(run, rows, noise.iloc[0:0], sweep,
+                       (attack, shown, str(kind), budget_text(to))))
+                for (kind, to), rows in group[group["kind"] != "adversarial"].groupby(
+                    ["kind", "amplified_to"], sort=False, dropna=False)
+            )  # fmt: skip
+            parts.append(f"<h4>{esc(name)}</h4>{inner}" if number == 0 else folded(name, inner))
+        blocks.append(f'<div class="matrix-block">{"".join(parts)}</div>')
+    return f'<div class="matrices">{"".join(blocks)}</div>'
+
+
+def folded(summary: str, inner: str) -> str:
+    return f"<details><summary>{esc(summary)}</summary>{inner}</details>"
 
 
 def render(compared: Compared) -> str:
     blocks = [
-        sweep_block(run, name)
+        sweep_block(compared, run, name)
         for run, name in zip(compared.runs, compared.sweep_names, strict=True)
         if not run.transfer.empty
     ]
