@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from advlab.autoencoders import ACTIVATIONS, KINDS, AutoencoderClassifier, build_autoencoder
 from advlab.autoencoders import activation_layer as _activation
-from advlab.strict import Strict
+from advlab.strict import NoSettings, Strict
 
 __all__ = [
     "ACTIVATIONS",
@@ -162,7 +162,7 @@ def model_settings(name: str, model_args: dict[str, Any]) -> Strict | None:
     """A built-in architecture's model_args as its settings model (the autoencoders take
     some, every other built-in none); ModelNameError in one line naming the bad key."""
     arch = parse_architecture(name)
-    if arch.kind not in KINDS:
+    if arch.kind not in KINDS or KINDS[arch.kind][1] is NoSettings:
         if model_args:
             raise ModelNameError(f"model_args: {name} is built in and takes none; drop them")
         return None
