@@ -136,3 +136,39 @@ def test_each_autoencoder_trains_and_is_attacked_with_its_measures(tmp_path: Pat
         assert row["examples"].tolist() == [int(group["success"].sum())]
     assert set(lik["inputs"]) == {"train", "clean", "ood", "adversarial", "noise"}
     assert set(lik.loc[lik.inputs == "ood", "ood"]) == {"fashion_mnist"}
+
+
+@pytest.mark.slow
+def test_autoencoders_sweep_transfers_among_them_and_reports_the_new_measures(
+    ray_local, tmp_path: Path
+) -> None:
+    """A real Ray Tune sweep of the autoencoder kinds, its transfer stage and its report."""
+    import yaml
+
+    from advlab import results
+    from advlab.cli import main
+
+    raw = tiny_sweep(
+        name="ae-e2e",
+        grid={"model": ["fc16-10", "cae16-10", "vae16-10"]},
+        attacks=[{"name": "ddn", "steps": 20}],
+        measures=[
+            {"name": "jacobian", "examples": 10},
+            {"name": "likelihood", "latent": 2, "hidden": 8, "epochs": 1, "samples": 4,
+             "max_train": 100, "ood": None},
+        ],
+        transfer={"controls": [], "noise": False, "amplify_rms": []},
+        storage=str(tmp_path / "results"),
+    )  # fmt: skip
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 0
+    res = results.load(str(tmp_path / "results" / "ae-e2e"))
+    assert sorted(res.trials["model"]) == ["cae16-10", "fc16-10", "vae16-10"]
+    pairs = res.transfer.query("kind == 'adversarial'")
+    assert len(pairs[["source_trial", "target"]].drop_duplicates()) == 9  # every pair, diagonal
+    out = tmp_path / "report.html"
+    assert main(["report", str(tmp_path / "results" / "ae-e2e"), "-o", str(out)]) == 0
+    page = out.read_text()
+    for name in ("jacobian", "likelihood"):
+        assert f'data-measure="{name}"' in page or f"measure-{name}" in page
