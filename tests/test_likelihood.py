@@ -75,3 +75,26 @@ def test_bits_per_dim_and_dequantisation_by_hand() -> None:
     y = dequantize(levels.repeat(20), torch.Generator().manual_seed(0)).view(20, 256)
     k = torch.arange(256, dtype=torch.float64)
     assert bool((y >= k / 256).all()) and bool((y < (k + 1) / 256).all())  # inside its cell
+
+
+def test_density_model_is_fitted_once_per_training_set_and_a_damaged_file_refits(
+    tmp_path,
+) -> None:
+    from advlab.measures import likelihood as measure
+
+    settings = measure.LikelihoodSettings(latent=2, hidden=0, epochs=1, max_train=30)
+    x = torch.rand(40, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    first = measure.density_model(x, settings, seed=1, folder=str(tmp_path))
+    (saved,) = tmp_path.glob("density-*.pt")
+    measure._FITTED.clear()  # another worker: it reads the file instead of fitting again
+    again = measure.density_model(x, settings, seed=1, folder=str(tmp_path))
+    assert again is not first
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert measure.density_model(x, settings, seed=2, folder=str(tmp_path)) is not again
+    assert len(list(tmp_path.glob("density-*.pt"))) == 2  # another seed: another model
+    saved.write_bytes(b"truncated")
+    measure._FITTED.clear()
+    refit = measure.density_model(x, settings, seed=1, folder=str(tmp_path))
+    for a, b in zip(first.state_dict().values(), refit.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the same seed fits the same model

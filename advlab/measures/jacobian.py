@@ -86,7 +86,7 @@ def _run(ctx: MeasureContext, settings: JacobianSettings) -> Rows:
 
 
 def _metrics(rows: Rows) -> dict[str, float]:
-    return {f"jacobian_{r['of']}": r["frobenius"] for r in rows}
+    return {f"jacobian/{r['of']}": r["frobenius"] for r in rows}
 
 
 JACOBIAN = MeasureDef(

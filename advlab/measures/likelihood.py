@@ -3,8 +3,8 @@ their adversarials, Gaussian noise of the same rms and images of another dataset
 "evaluate the likelihood of the adversarial examples"), beside the kNN distance (density.py).
 
 Per trial, a Gaussian VAE (advlab.likelihood) is fitted to the trial's training images (seeded
-by the trial; kept per process, so trials on one training set in one worker fit it once) and
-scores, in bits per dimension (the importance-weighted bound on log p(x), and the ELBO):
+by the trial; saved in the measure's shared folder, so the trials of a sweep on one training
+set fit it once) and scores, in bits per dimension (the importance-weighted bound on log p(x), and the ELBO):
 - ``train``: training images it was fitted to (its generalisation gap, beside ``clean``);
 - ``clean``: the attacked test images;
 - ``adversarial`` / ``noise``: per attack run and budget, the successful adversarials, and for
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections import OrderedDict
 from typing import Literal
 
@@ -53,21 +54,52 @@ class LikelihoodSettings(Strict):
 
 
 # (digest of the training images, settings, seed) -> the fitted model; a worker runs a few trials
-_FITTED: OrderedDict[tuple[str, str, int], DensityVAE] = OrderedDict()
+_FITTED: OrderedDict[str, DensityVAE] = OrderedDict()
 
 
-def density_model(x_train: Tensor, settings: LikelihoodSettings, seed: int) -> DensityVAE:
+def density_model(
+    x_train: Tensor, settings: LikelihoodSettings, seed: int, folder: str | None = None
+) -> DensityVAE:
+    """The density model of these training images, fitted once: kept per process, and saved in
+    `folder` (the measure's shared folder) for the other trials of the sweep."""
     images = x_train[: settings.max_train]
-    digest = hashlib.sha1(images.cpu().numpy().tobytes()).hexdigest()
-    key = (digest, settings.model_dump_json(exclude={"samples", "ood", "ood_root", "k"}), seed)
+    fitting = settings.model_dump_json(exclude={"samples", "ood", "ood_root", "k"})
+    digest = hashlib.sha1(images.cpu().numpy().tobytes())
+    digest.update(f"{fitting}/{seed}".encode())
+    key = digest.hexdigest()[:16]
     if key not in _FITTED:
-        _FITTED[key] = fit_density(
-            images, latent=settings.latent, hidden=settings.hidden, epochs=settings.epochs,
-            batch_size=settings.batch_size, lr=settings.lr, seed=seed,
-        )  # fmt: skip
+        path = None if folder is None else os.path.join(folder, f"density-{key}.pt")
+        model = _load(path, images, settings)
+        if model is None:
+            model = fit_density(
+                images, latent=settings.latent, hidden=settings.hidden, epochs=settings.epochs,
+                batch_size=settings.batch_size, lr=settings.lr, seed=seed,
+            )  # fmt: skip
+            _save(path, model)
+        _FITTED[key] = model
         while len(_FITTED) > 2:
             _FITTED.popitem(last=False)
     return _FITTED[key]
+
+
+def _load(path: str | None, images: Tensor, settings: LikelihoodSettings) -> DensityVAE | None:
+    if path is None or not os.path.isfile(path):
+        return None
+    model = DensityVAE(int(images[0].numel()), settings.latent, settings.hidden)
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # a damaged or foreign file: never trusted, fitted again
+        return None
+    return model.to(images.device).eval()
+
+
+def _save(path: str | None, model: DensityVAE) -> None:
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.tmp"  # written whole, then renamed: never half a file
+    torch.save(model.state_dict(), partial)
+    os.replace(partial, path)
 
 
 def ood_images(settings: LikelihoodSettings, like: Tensor) -> Tensor | None:
@@ -129,7 +161,8 @@ def _adversarials(ctx: MeasureContext) -> list[tuple[str, float | None, Tensor, 
 
 def _run(ctx: MeasureContext, settings: LikelihoodSettings) -> Rows:
     x_train, clean = ctx.x_train.cpu(), ctx.attacked.x.cpu()
-    score = Scorer(density_model(ctx.x_train, settings, ctx.seed), settings, ctx.seed)
+    model = density_model(ctx.x_train, settings, ctx.seed, ctx.shared)
+    score = Scorer(model, settings, ctx.seed)
 
     def knn(x: Tensor) -> Tensor:
         return knn_distance(x_train, x, k=settings.k) if len(x) else x.new_zeros(0)
@@ -162,9 +195,9 @@ def _check(settings: LikelihoodSettings, n_train: int) -> str | None:
 
 def _metrics(rows: Rows) -> dict[str, float]:
     return {
-        f"bits_per_dim_{r['inputs']}": r["bits_per_dim"]
+        f"likelihood/bits_per_dim_{r['inputs']}": r["bits_per_dim"]
         for r in rows
-        if r.get("attack") is None and r["bits_per_dim"] is not None
+        if r["inputs"] in ("train", "clean", "ood") and r["bits_per_dim"] is not None
     }
 
 
