@@ -1,10 +1,11 @@
 """An explicit density model of images: a small Gaussian VAE and bounds on log p(x) in bits/dim.
 
-The model (Kingma and Welling 2014): z ~ N(0, I) of `latent` units; x | z ~ N(g(z), diag(s^2))
-with a learned per-pixel scale s; q(z | x) = N(m(x), diag(v(x))). g, m and log v are MLPs with
-one `hidden` layer (ReLU), or linear maps when hidden = 0: then the model is factor analysis
-(probabilistic PCA when every s is equal), whose log p(x) is exact in closed form, and the
-bounds below are tight once q is the exact posterior (Lucas et al. 2019).
+The model (Kingma and Welling 2014): z ~ N(0, I) of `latent` units; x | z ~ N(g(z), diag(s(z)^2))
+with a scale per pixel; q(z | x) = N(m(x), diag(v(x))). (g, log s) and (m, log v) are MLPs with
+one `hidden` layer (ReLU), or linear maps when hidden = 0: then with log s constant (its weights
+zero) the model is factor analysis (probabilistic PCA when every s is equal), whose log p(x) is
+exact in closed form, and the bounds below are tight once q is the exact posterior (Lucas et al.
+2019).
 
 Two lower bounds on log p(x) from K samples z_k ~ q(z | x), w_k = p(x, z_k) / q(z_k | x):
 the ELBO mean_k log w_k, and the importance-weighted bound log mean_k w_k (Burda et al. 2016),
@@ -26,7 +27,9 @@ import torch
 from torch import Tensor, nn
 
 LEVELS = 256
-LOG_SCALE = (-7.0, 2.0)  # per-pixel log s is clipped here: numerical safety, never binding
+# log s is clipped here for numerical safety: the smallest s a pixel's dequantised values allow
+# is the width of its cell over sqrt(12), log(1 / (256 sqrt 12)) = -6.8, well inside.
+LOG_SCALE = (-9.0, 2.0)
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -59,8 +62,10 @@ class DensityVAE(nn.Module):
         super().__init__()
         self.dims, self.latent = dims, latent
         self.encoder = _mlp(dims, hidden, 2 * latent)  # mean and log variance of q(z | x)
-        self.decoder = _mlp(latent, hidden, dims)  # the mean of p(x | z)
-        self.log_scale = nn.Parameter(torch.full((dims,), -2.0))  # log s per pixel
+        self.decoder = _mlp(latent, hidden, 2 * dims)  # mean and log scale of p(x | z)
+        last = self.decoder if isinstance(self.decoder, nn.Linear) else self.decoder[-1]
+        with torch.no_grad():
+            last.bias[dims:] = -2.0  # scales start near 0.1 of the [0, 1] range, not 1
 
     def posterior(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """(mean, log standard deviation) of q(z | y), each (B, latent)."""
@@ -73,18 +78,20 @@ class DensityVAE(nn.Module):
         mean, log_sd = self.posterior(flat)
         noise = torch.randn((samples, *mean.shape), generator=generator, dtype=mean.dtype)
         z = mean + log_sd.exp() * noise.to(mean.device)
-        log_scale = self.log_scale.clamp(*LOG_SCALE)
-        log_px = _gaussian_log_pdf(flat, self.decoder(z), log_scale)
+        mean_x, log_scale = self.decoder(z).chunk(2, dim=-1)
+        log_px = _gaussian_log_pdf(flat, mean_x, log_scale.clamp(*LOG_SCALE))
         log_pz = _gaussian_log_pdf(z, torch.zeros_like(z), torch.zeros_like(z))
         log_qz = _gaussian_log_pdf(z, mean, log_sd)
         return log_px + log_pz - log_qz
 
     def exact_log_density(self, y: Tensor) -> Tensor:
-        """(B,) log p(y) in closed form; linear models only (hidden = 0): y ~ N(b, W W^T + S^2)."""
-        if not isinstance(self.decoder, nn.Linear):
-            raise ValueError("exact_log_density: only a linear decoder (hidden = 0) has one")
-        w, b = self.decoder.weight, self.decoder.bias
-        scale = self.log_scale.clamp(*LOG_SCALE).exp()
+        """(B,) log p(y) in closed form for a linear decoder (hidden = 0) whose scales do not
+        depend on z: y ~ N(b, W W^T + diag(s^2))."""
+        linear = self.decoder
+        if not isinstance(linear, nn.Linear) or bool(linear.weight[self.dims :].any()):
+            raise ValueError("exact_log_density: only a linear decoder with fixed scales has one")
+        w, b = linear.weight[: self.dims], linear.bias[: self.dims]
+        scale = linear.bias[self.dims :].clamp(*LOG_SCALE).exp()
         cov = w @ w.T + torch.diag(scale.pow(2))
         return torch.distributions.MultivariateNormal(b, cov).log_prob(y.flatten(1))
 

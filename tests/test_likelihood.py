@@ -24,9 +24,8 @@ def _ppca(d: int = 5, latent: int = 2, sigma: float = 0.3) -> DensityVAE:
     m = w.T @ w + sigma**2 * torch.eye(latent, dtype=torch.float64)
     assert torch.allclose(m, torch.diag(torch.diagonal(m)))
     with torch.no_grad():
-        model.decoder.weight.copy_(w)
-        model.decoder.bias.copy_(b)
-        model.log_scale.fill_(math.log(sigma))
+        model.decoder.weight.copy_(torch.cat([w, torch.zeros_like(w)]))
+        model.decoder.bias.copy_(torch.cat([b, torch.full_like(b, math.log(sigma))]))
         mean_map = torch.linalg.solve(m, w.T)
         model.encoder.weight.copy_(torch.cat([mean_map, torch.zeros_like(mean_map)]))
         log_var = torch.log(sigma**2 / torch.diagonal(m))
@@ -38,7 +37,7 @@ def test_bounds_equal_exact_log_density_at_the_exact_posterior() -> None:
     model = _ppca()
     x = torch.randn(50, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = model.exact_log_density(x)
-    w, b = model.decoder.weight, model.decoder.bias
+    w, b = model.decoder.weight[:5], model.decoder.bias[:5]
     cov = w @ w.T + 0.09 * torch.eye(5, dtype=torch.float64)
     by_hand = torch.distributions.MultivariateNormal(b, cov).log_prob(x)
     torch.testing.assert_close(exact, by_hand)

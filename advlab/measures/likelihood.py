@@ -4,7 +4,8 @@ their adversarials, Gaussian noise of the same rms and images of another dataset
 
 Per trial, a Gaussian VAE (advlab.likelihood) is fitted to the trial's training images (seeded
 by the trial; saved in the measure's shared folder, so the trials of a sweep on one training
-set fit it once) and scores, in bits per dimension (the importance-weighted bound on log p(x), and the ELBO):
+set fit it once) and scores, in bits per dimension (the importance-weighted bound on log p(x),
+and the ELBO):
 - ``train``: training images it was fitted to (its generalisation gap, beside ``clean``);
 - ``clean``: the attacked test images;
 - ``adversarial`` / ``noise``: per attack run and budget, the successful adversarials, and for
