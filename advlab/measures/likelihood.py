@@ -44,9 +44,9 @@ from advlab.strict import Strict
 class LikelihoodSettings(Strict):
     latent: int = Field(16, ge=1, le=10_000)  # the density VAE's latent units
     hidden: int = Field(256, ge=0, le=100_000)  # its hidden layer (0: linear, factor analysis)
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(128, ge=1, le=1_000_000)
-    lr: float = Field(1e-3, gt=0, le=1)
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=1_000_000)
+    lr: float = Field(3e-3, gt=0, le=1)  # Adam
     max_train: int | None = Field(10_000, ge=1)  # training images it is fitted to (the first)
     samples: int = Field(64, ge=1, le=100_000)  # importance samples per scored image
     ood: Literal["digits", "mnist", "fashion_mnist"] | None = "digits"
