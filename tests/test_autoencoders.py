@@ -92,6 +92,9 @@ def test_settings_are_checked_and_part_of_the_training_key() -> None:
     raw["grid"]["model_args.contraction"] = [-1.0]
     with pytest.raises(SpecError, match=r"model_args\.contraction"):
         parse_sweep(raw)
+    bad = tiny_sweep(measures=[{"name": "likelihood", "ood": "fashion_mnist", "ood_root": "/no"}])
+    with pytest.raises(SpecError, match="ood_root: folder /no does not exist"):
+        parse_sweep(bad)
 
 
 def test_each_autoencoder_trains_and_is_attacked_with_its_measures(tmp_path: Path) -> None:

@@ -28,11 +28,11 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from advlab.attacks.noise import matched_noise
-from advlab.data import load_dataset
+from advlab.data import DataError, load_dataset, validate_dataset_source
 from advlab.likelihood import DensityVAE, bits_per_dim, bounds, dequantize, fit_density
 from advlab.measure import distortions
 from advlab.measures.density import knn_distance, noise_seed
@@ -52,6 +52,15 @@ class LikelihoodSettings(Strict):
     ood: Literal["digits", "mnist", "fashion_mnist"] | None = "digits"
     ood_root: str | None = None  # the ood dataset's folder (IDX files), as dataset.root
     k: int = Field(5, ge=1, le=100_000)  # neighbours of the kNN distance beside
+
+    @model_validator(mode="after")
+    def _ood_source_exists(self) -> LikelihoodSettings:
+        if self.ood is not None:
+            try:
+                validate_dataset_source(self.ood, self.ood_root)
+            except DataError as err:  # its message names dataset.root, here ood_root
+                raise ValueError(str(err).replace("dataset.root", "ood_root")) from None
+        return self
 
 
 # (digest of the training images, settings, seed) -> the fitted model; a worker runs a few trials
