@@ -207,7 +207,7 @@ def build_autoencoder(
     hidden: int,
     num_classes: int,
     activation: str,
-    settings: Strict,
+    settings: Strict | None,
 ) -> AutoencoderClassifier:
     cls, _ = KINDS[kind]
     shape = (int(input_shape[0]), int(input_shape[1]), int(input_shape[2]))

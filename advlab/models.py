@@ -197,11 +197,9 @@ def _builtin_model(
         )
     if arch.kind == "fc":
         return _mlp(input_shape, arch.hidden, num_classes, activation)
-    if settings is not None:
-        shape = (input_shape[0], input_shape[1], input_shape[2])
-        return build_autoencoder(
-            arch.kind, shape, arch.hidden[0], num_classes, activation, settings
-        )
+    if arch.kind in KINDS:  # ae takes no settings (None), the other kinds theirs
+        width = arch.hidden[0]
+        return build_autoencoder(arch.kind, input_shape, width, num_classes, activation, settings)
     if arch.kind == "cnn":
         return SmallCNN(input_shape, num_classes)
     return _resnet18(input_shape, num_classes)

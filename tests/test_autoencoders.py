@@ -11,7 +11,14 @@ import pytest
 import torch
 from conftest import tiny_sweep
 
-from advlab.autoencoders import ContractiveAutoencoder, ContractiveSettings, VariationalSettings
+from advlab.autoencoders import (
+    AutoencoderClassifier,
+    ContractiveAutoencoder,
+    ContractiveSettings,
+    DenoisingAutoencoder,
+    VariationalAutoencoder,
+    VariationalSettings,
+)
 from advlab.measures.jacobian import code_map, jacobian_norms
 from advlab.models import ModelNameError, build_model, decay_weights
 from advlab.store import SweepStore
@@ -77,6 +84,13 @@ def test_variational_loss_has_the_closed_form_kl_and_the_mean_feeds_the_classifi
     torch.testing.assert_close(with_kl - without, kl / x.numel())
     # The encoder's two weight matrices and the classifier's take weight decay; the decoder not.
     assert len(decay_weights(model)) == 3
+
+
+def test_each_name_builds_its_kind() -> None:
+    kinds = {"ae": AutoencoderClassifier, "dae": DenoisingAutoencoder}
+    kinds |= {"cae": ContractiveAutoencoder, "vae": VariationalAutoencoder}
+    for kind, cls in kinds.items():
+        assert type(build_model(f"{kind}6-3", SHAPE, 3)) is cls
 
 
 def test_settings_are_checked_and_part_of_the_training_key() -> None:
