@@ -442,7 +442,8 @@ def _absolute(path: Path) -> str:
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = build_model(trial.model, FACTS[trial.dataset.name].input_shape, classes)
+        shape = FACTS[trial.dataset.name].input_shape
+        model = build_model(trial.model, shape, classes, model_args=trial.model_args)
     try:
         check_decays(model, trial.weight_decay, trial.model)
     except ModelNameError as err:
