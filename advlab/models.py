@@ -5,7 +5,9 @@ Names are parsed, not looked up, so any width works:
 - ``fc10``: softmax regression on the pixels (Flatten + Linear(D, 10)).
 - ``fc<h1>-<h2>-...-<K>``: fully connected net with sigmoid hidden layers (``activation="relu"``
   or ``"tanh"`` as options) and K outputs, e.g. fc100-100-10, fc200-200-10, fc123-456-10.
-- ``ae<h>-<K>``: :class:`AutoencoderClassifier`, a softmax classifier on an h-unit autoencoder code.
+- ``ae<h>-<K>``: :class:`AutoencoderClassifier`, a softmax classifier on an h-unit autoencoder code;
+  ``dae``, ``cae`` and ``vae`` the denoising, contractive and variational kinds, their settings
+  in ``model_args`` (advlab.autoencoders).
 - ``cnn``: a small conv net for any input of at least 4x4 pixels.
 - ``resnet18``: torchvision's ResNet-18, CIFAR-style: 3x3 stride-1 first conv, no max-pool.
 
@@ -25,7 +27,12 @@ from numbers import Real
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor, nn
+
+from advlab.autoencoders import ACTIVATIONS, KINDS, AutoencoderClassifier, build_autoencoder
+from advlab.autoencoders import activation_layer as _activation
+from advlab.strict import NoSettings, Strict
 
 __all__ = [
     "ACTIVATIONS",
@@ -46,20 +53,18 @@ class ModelNameError(ValueError):
     """A model name that names no architecture, or one whose class count does not fit the data."""
 
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
-
-_FORMS = "use fc10, fc<h1>-...-<K>, ae<h>-<K>, cnn or resnet18"
+_FORMS = "use fc10, fc<h1>-...-<K>, ae<h>-<K> (or dae, cae, vae), cnn or resnet18"
 # Widths are positive and written without leading zeros, so one architecture has one name.
 _WIDTH = r"[1-9][0-9]*"
 _FC = re.compile(rf"fc({_WIDTH}(?:-{_WIDTH})*)")
-_AE = re.compile(rf"ae({_WIDTH})-({_WIDTH})")
+_AE = re.compile(rf"({'|'.join(KINDS)})({_WIDTH})-({_WIDTH})")
 
 
 @dataclass(frozen=True)
 class Architecture:
     """A parsed model name; ``classes`` is the trailing number, None for cnn and resnet18."""
 
-    kind: str  # "fc", "ae", "cnn" or "resnet18"
+    kind: str  # "fc", "ae", "dae", "cae", "vae", "cnn" or "resnet18"
     hidden: tuple[int, ...]
     classes: int | None
 
@@ -74,16 +79,9 @@ def parse_architecture(name: str) -> Architecture:
         widths = tuple(int(w) for w in match.group(1).split("-"))
         return Architecture(kind="fc", hidden=widths[:-1], classes=widths[-1])
     if match := _AE.fullmatch(name):
-        return Architecture(kind="ae", hidden=(int(match.group(1)),), classes=int(match.group(2)))
+        hidden, classes = int(match.group(2)), int(match.group(3))
+        return Architecture(kind=match.group(1), hidden=(hidden,), classes=classes)
     raise ModelNameError(f"model: {name!r} is not an architecture; {_FORMS}")
-
-
-def _activation(activation: str) -> nn.Module:
-    if activation not in ACTIVATIONS:
-        raise ValueError(
-            f"activation: {activation!r} is not supported; use {', '.join(ACTIVATIONS)}"
-        )
-    return ACTIVATIONS[activation]()
 
 
 def _mlp(
@@ -96,48 +94,6 @@ def _mlp(
         width = h
     layers.append(nn.Linear(width, classes))
     return nn.Sequential(*layers)
-
-
-class AutoencoderClassifier(nn.Module):
-    """Softmax classifier on the code of a one-hidden-layer autoencoder (the paper's AE400-10).
-
-    encoder: Linear(D, h) + activation (sigmoid by default); decoder: Linear(h, D) + sigmoid, so a
-    reconstruction is a valid image in [0, 1]; classifier: Linear(h, K) on the code. The paper does
-    not say which autoencoder it used; training (plain or denoising pretraining, then fine-tuning)
-    is train.py's business, through :meth:`reconstruct`.
-    """
-
-    def __init__(
-        self,
-        input_shape: tuple[int, int, int],
-        code_size: int,
-        num_classes: int,
-        activation: str = "sigmoid",
-    ) -> None:
-        super().__init__()
-        self.input_shape = tuple(input_shape)
-        d = math.prod(input_shape)
-        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(d, code_size), _activation(activation))
-        self.decoder = nn.Sequential(
-            nn.Linear(code_size, d), nn.Sigmoid(), nn.Unflatten(1, self.input_shape)
-        )
-        self.classifier = nn.Linear(code_size, num_classes)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """The code (B, h)."""
-        return self.encoder(x)
-
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Decode the code back to an image (B, C, H, W) in [0, 1]."""
-        return self.decoder(self.encoder(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.encoder(x))
-
-    def decay_weights(self) -> list[nn.Parameter]:
-        # The decoder only serves reconstruction pretraining and is not part of the classifier
-        # the paper attacks and regularises, so its weights take no classification weight decay.
-        return [self.encoder[1].weight, self.classifier.weight]
 
 
 class SmallCNN(nn.Module):
@@ -204,16 +160,40 @@ def build_model(
     elif name.startswith("timm:"):
         model = _timm_model(name.partition(":")[2], input_shape, num_classes, model_args)
     else:
-        if model_args:
-            raise ModelNameError(f"model_args: {name} is built in and takes none; drop them")
-        model = _builtin_model(name, input_shape, num_classes, activation)
+        model = _builtin_model(name, input_shape, num_classes, activation, model_args or {})
     return model if normalize is None else Normalized(model, *normalize)
 
 
+def model_settings(name: str, model_args: dict[str, Any]) -> Strict | None:
+    """A built-in architecture's model_args as its settings model (the autoencoders take
+    some, every other built-in none); ModelNameError in one line naming the bad key."""
+    arch = parse_architecture(name)
+    if arch.kind not in KINDS or KINDS[arch.kind][1] is NoSettings:
+        if model_args:
+            raise ModelNameError(f"model_args: {name} is built in and takes none; drop them")
+        return None
+    settings = KINDS[arch.kind][1]
+    try:
+        return settings.model_validate(model_args)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        known = ", ".join(settings.model_fields) or "none"
+        message = first["msg"].removeprefix("Value error, ")
+        raise ModelNameError(
+            f"model_args.{key}: {message} for {name} (its settings: {known})"
+        ) from None
+
+
 def _builtin_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, activation: str
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    activation: str,
+    model_args: dict[str, Any],
 ) -> nn.Module:
     arch = parse_architecture(name)
+    settings = model_settings(name, model_args)
     _activation(activation)  # reject typos even where the value goes unused (fc10, cnn, resnet18)
     if arch.classes is not None and arch.classes != num_classes:
         fixed = name[: name.rfind(str(arch.classes))] + str(num_classes)
@@ -223,8 +203,9 @@ def _builtin_model(
         )
     if arch.kind == "fc":
         return _mlp(input_shape, arch.hidden, num_classes, activation)
-    if arch.kind == "ae":
-        return AutoencoderClassifier(input_shape, arch.hidden[0], num_classes, activation)
+    if arch.kind in KINDS:  # ae takes no settings (None), the other kinds theirs
+        width = arch.hidden[0]
+        return build_autoencoder(arch.kind, input_shape, width, num_classes, activation, settings)
     if arch.kind == "cnn":
         return SmallCNN(input_shape, num_classes)
     return _resnet18(input_shape, num_classes)

@@ -216,7 +216,7 @@ class TrainSpec(_Strict):
     # piecewise decay of Madry et al. and Rice et al.).
     lr_schedule: Literal["constant", "cosine", "step"] = "constant"
     momentum: float = Field(0.9, ge=0, lt=1)
-    ae_epochs: int = Field(5, ge=0, le=100_000)  # autoencoder pretraining, ae<h>-K models
+    ae_epochs: int = Field(5, ge=0, le=100_000)  # autoencoder pretraining: (d|c|v)ae<h>-K models
     eval_every: int = Field(1, ge=0, le=100_000)  # epochs between test errors; 0: last only
     adversarial: AdversarialTrainingSpec = AdversarialTrainingSpec()
     validation: ValidationSpec = ValidationSpec()

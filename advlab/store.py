@@ -206,6 +206,11 @@ class SweepStore:
         files/<measure>/<trial>. Local storage only."""
         return None if self.is_remote else self.path("files", measure, trial_id)
 
+    def shared_dir(self, measure: str) -> str | None:
+        """A folder one measure's runs share across the sweep's trials (a model fitted to the
+        training data alone, fitted once): files/<measure>/shared. Local storage only."""
+        return None if self.is_remote else self.path("files", measure, "shared")
+
     def search_db(self) -> str:
         """The SQLite URL of an Optuna search's study (local storage)."""
         return f"sqlite:///{self.path(SEARCH_DB)}"

@@ -30,7 +30,13 @@ from pydantic import BaseModel, ValidationError
 from advlab.data import FACTS, DataError, parse_subset
 from advlab.evaluate import final_metrics
 from advlab.families import TORCH, resolve
-from advlab.models import ModelNameError, build_model, check_decays, parse_architecture
+from advlab.models import (
+    ModelNameError,
+    build_model,
+    check_decays,
+    model_settings,
+    parse_architecture,
+)
 from advlab.plan import check_needs
 from advlab.sources import check_source
 from advlab.spec import (
@@ -355,6 +361,7 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
         if family is not TORCH or ":" in trial.model or trial.dataset.name not in FACTS:
             return trial
         arch = parse_architecture(trial.model)
+        model_settings(trial.model, trial.model_args)
     except (DataError, ModelNameError) as err:  # their messages already name the key
         raise SpecError(str(err)) from None
     classes = FACTS[trial.dataset.name].num_classes
@@ -439,7 +446,9 @@ def _absolute(path: Path) -> str:
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = build_model(trial.model, _built_in_shape(trial), classes)
+        model = build_model(
+            trial.model, _built_in_shape(trial), classes, model_args=trial.model_args
+        )
     try:
         check_decays(model, trial.weight_decay, trial.model)
     except ModelNameError as err:

@@ -91,7 +91,8 @@ def batches(
 def pretrain_autoencoder(
     model: nn.Module, x: Tensor, settings: TrainSpec, generator: torch.Generator
 ) -> list[float]:
-    """Fit encoder and decoder to reconstruct x (mean squared error); returns the loss per epoch."""
+    """Fit encoder and decoder by the model's own pretraining loss (plain, denoising, contractive
+    or variational: advlab.autoencoders); returns the loss per epoch. The classifier is left."""
     params = [p for name, p in model.named_parameters() if not name.startswith("classifier")]
     optimizer = optimizer_for(params, settings)
     losses = []
@@ -100,14 +101,20 @@ def pretrain_autoencoder(
         total = torch.zeros((), device=x.device)
         order = batches(len(x), settings.batch_size, generator, x.device)
         for idx in order:
-            xb = x[idx]
-            loss = nn.functional.mse_loss(model.reconstruct(xb), xb)
+            loss = _pretraining_loss(model, x[idx], generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.detach()
         losses.append(total.item() / len(order))
     return losses
+
+
+def _pretraining_loss(model: nn.Module, x: Tensor, generator: torch.Generator) -> Tensor:
+    own = getattr(model, "pretraining_loss", None)
+    if callable(own):
+        return own(x, generator)
+    return nn.functional.mse_loss(model.reconstruct(x), x)  # a module of yours with reconstruct
 
 
 EpochHook = Callable[[EpochStats, Callable[[], dict[str, Any]]], None]

@@ -517,6 +517,7 @@ def run_and_write_measure(
         spec=spec, model=trained.model, data=trained.data, x_train=trained.x_train,
         y_train=trained.y_train, attacked=attacked, attacks=attack_plan(spec), attack=run.attack,
         results=results, files=store.files_dir(trial_id, run.measure.key),
+        shared=store.shared_dir(run.measure.key),
     )  # fmt: skip
     outcome = execute(run, context, trial_id)
     store.write_part(run.measure.defn.table, trial_id, run.part, outcome.data)

@@ -265,6 +265,8 @@ EVERY_MEASURE = {
     "bounds": {"norms": ["linf"], "methods": ["ibp", "crown"], "examples": 4},
     "input_gradients": {"examples": 10},
     "gaussian_noise": {"sigmas": [0.2], "draws": 3},
+    "jacobian": {"examples": 5},
+    "likelihood": {"latent": 2, "hidden": 0, "epochs": 1, "samples": 2, "max_train": 50},
 }
 
 
@@ -285,6 +287,8 @@ def test_every_registered_measure_runs_in_a_trial(tmp_path: Path) -> None:
     assert result.metrics["lipschitz/upper_bound"] > 0
     assert 0 <= result.metrics["unit_analysis/purity_natural"] <= 1
     assert result.metrics["gradient_masking"] in (0.0, 1.0)
+    assert result.metrics["jacobian/logits"] > 0
+    assert 0 < result.metrics["likelihood/bits_per_dim_clean"] < 64
     assert result.metrics["health/failed_checks"] in (0.0, 1.0, 2.0, 3.0, 4.0, 5.0)
     assert (
         0

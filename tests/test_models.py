@@ -72,8 +72,8 @@ def test_malformed_names_raise(name: str) -> None:
     with pytest.raises(ModelNameError) as info:
         build_model(name, MNIST, 10)
     assert str(info.value) == (
-        f"model: {name!r} is not an architecture; use fc10, fc<h1>-...-<K>, ae<h>-<K>, cnn or "
-        "resnet18"
+        f"model: {name!r} is not an architecture; use fc10, fc<h1>-...-<K>, ae<h>-<K> "
+        "(or dae, cae, vae), cnn or resnet18"
     )
 
 

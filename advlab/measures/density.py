@@ -95,7 +95,7 @@ def density_rows(
     measured = _measures(x_train, k, pca_components)
     rows = [{"budget": None, "inputs": "clean", **measured(clean)}]
     for budget, adv in adversarial.items():
-        gen = torch.Generator().manual_seed(_noise_seed(seed, attack, budget))
+        gen = torch.Generator().manual_seed(noise_seed(seed, attack, budget))
         rms = distortions(clean, adv)["rms"].nan_to_num(0.0).cpu()
         noise = matched_noise(clean.cpu(), rms, gen).to(clean.dtype)
         rows.append({"budget": budget, "inputs": "adversarial", **measured(adv)})
@@ -103,7 +103,7 @@ def density_rows(
     return rows
 
 
-def _noise_seed(seed: int, attack: str, budget: float | None) -> int:
+def noise_seed(seed: int, attack: str, budget: float | None) -> int:
     name = attack if budget is None else f"{attack}@{budget:g}"  # hashed, never read back
     return seed * 1_000_003 + zlib.crc32(name.encode())
 

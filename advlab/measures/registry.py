@@ -70,7 +70,8 @@ class MeasureContext:
     the attacked examples (advlab.evaluate.AttackedSet); `attack` the attack run an
     attack-scope measure looks at; `results(table)` one of the trial's stored tables
     (examples, curves, attacks) as pandas (an attack-scope run sees its attack's rows only);
-    `files` a folder for files the measure writes (None on remote storage)."""
+    `files` a folder for files the measure writes, `shared` one its runs share across the
+    sweep's trials (both None on remote storage)."""
 
     spec: Any
     model: Any
@@ -82,6 +83,7 @@ class MeasureContext:
     attack: Any = None
     results: Callable[[str], pd.DataFrame] | None = None
     files: str | None = None
+    shared: str | None = None
 
     @property
     def seed(self) -> int:
