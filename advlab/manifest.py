@@ -163,10 +163,30 @@ def labels(manifest: dict[str, Any] | None, without: tuple[str, ...] = ()) -> di
     # The versions' axis lists keep grid order (a JSON object's keys come back sorted).
     versions = manifest["versions"]  # type: ignore[index]
     axes = [a for a in dict.fromkeys(a for v in versions for a in v["axes"]) if a not in without]
+    by_version = {v["version"]: v.get("definition") or {} for v in versions}
     values = [
-        {"model": trials[t]["model"]} | {a: trials[t]["values"].get(a) for a in axes} for t in order
+        _axis_values(trials[t], axes, by_version.get(trials[t].get("version"), {})) for t in order
     ]
     return trial_labels(values, order, unique=not without)  # repeats share their name
+
+
+def _axis_values(trial: dict[str, Any], axes: list[str], definition: dict[str, Any]) -> dict:
+    """A trial's value on every axis of any version: an axis its own version did not vary
+    holds that version's fixed setting (the model, or the definition's value), not None."""
+    out = {"model": trial["model"]}
+    for axis in axes:
+        if axis in trial["values"]:
+            out[axis] = trial["values"][axis]
+        elif axis != "model":
+            out[axis] = _fixed(definition, axis)
+    return out
+
+
+def _fixed(definition: dict[str, Any], axis: str) -> Any:
+    node: Any = definition
+    for part in axis.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def record_samples(

@@ -101,3 +101,34 @@ def test_a_sweep_over_two_data_sets_transfers_within_each(
     trials = rows[rows["target_kind"] == "trial"]
     pairs = set(zip(trials["source_trial"], trials["target"], strict=True))
     assert pairs == {(digits, digits), (small, small)}
+
+
+def test_an_axis_a_later_version_fixed_is_labelled_with_its_fixed_value() -> None:
+    """Version 1 varied model and resolution, version 2 fixed the model: its trial is named by
+    the model it ran, never 'None'."""
+    versions = [
+        {
+            "version": 1,
+            "trial_ids": ["a", "b"],
+            "axes": ["model", "dataset.resolution"],
+            "definition": {"weight_decay": 0.001},
+        },
+        {
+            "version": 2,
+            "trial_ids": ["c"],
+            "axes": ["dataset.resolution", "weight_decay"],
+            "definition": {"model": "cnn", "weight_decay": 0.5},
+        },
+    ]
+    res = "dataset.resolution"
+    trials = {
+        "a": {"version": 1, "index": 0, "model": "fc10", "values": {"model": "fc10", res: 7}},
+        "b": {"version": 1, "index": 1, "model": "fc10", "values": {"model": "fc10", res: 14}},
+        "c": {"version": 2, "index": 0, "model": "cnn", "values": {res: 7, "weight_decay": 0.5}},
+    }
+    labels = manifest.labels({"versions": versions, "trials": trials})
+    assert labels == {
+        "a": "fc10 resolution=7 wd=0.001",
+        "b": "fc10 resolution=14 wd=0.001",
+        "c": "cnn resolution=7 wd=0.5",
+    }
