@@ -117,7 +117,8 @@ class Shard:
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def chunks(items: list[str], size: int = SHARD_SOURCES) -> list[tuple[str, ...]]:
+def chunks(items: list[str]) -> list[tuple[str, ...]]:
+    size = SHARD_SOURCES
     return [tuple(items[i : i + size]) for i in range(0, len(items), size)]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_sweep
@@ -132,3 +133,75 @@ def test_transfer_run_in_wandb_holds_the_table(swept: SweepStore) -> None:
 
 def _records(table: dict) -> list[dict]:
     return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+
+
+@pytest.mark.slow
+def test_sampled_pairs_per_example_rows_and_resuming_a_cut_stage(
+    ray_local, tmp_path, capsys
+) -> None:
+    """pairs: sample over 4 trials: each source meets itself, one sampled trial and the
+    control; per-example rows add up to the per-pair counts; a shard lost after the stage is
+    the only one `advlab transfer` runs again, and the table comes back the same."""
+    import advlab
+    from advlab.spec import TrialSpec
+    from advlab.sweep_settings import TransferSpec
+    from advlab.transfer import stale_reason
+    from advlab.transfer_pairs import trial_targets
+
+    raw = tiny_sweep(
+        name="sampled", storage=str(tmp_path), grid={"model": ["fc10", "fc16-10"], "seed": [0, 1]}
+    )
+    raw |= {"eps": [0.1], "measures": []}
+    raw["transfer"] = {
+        "controls": ["constant"], "pairs": "sample", "sample": 1, "per_example": True,
+        "amplify_rms": [0.1],
+    }  # fmt: skip
+    path = tmp_path / "sampled.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 0
+    store = SweepStore(str(tmp_path), "sampled")
+    settings = TransferSpec.model_validate(raw["transfer"])
+    trials = store.read("trials")
+    specs = {
+        t: TrialSpec.from_stored(s) for t, s in zip(trials["trial_id"], trials["spec"], strict=True)
+    }
+    rows = store.read("transfer")
+    want = {(s, t) for s, ts in trial_targets(specs, settings).items() for t in ts}
+    want |= {(s, "constant") for s in specs}
+    assert set(zip(rows["source_trial"], rows["target"], strict=True)) == want
+    assert len(want) == 4 * 3
+    keys = ["source_trial", "attack", "budget", "kind", "amplified_to", "target"]
+    per_example = store.read("transfer_examples")
+    counted = (
+        per_example.assign(
+            adv=per_example["prediction_adv"] != per_example["label"],
+            clean=per_example["prediction_clean"] != per_example["label"],
+        )
+        .groupby(keys, dropna=False)[["adv", "clean"]]
+        .agg(["sum", "size"])
+    )
+    for row in rows.itertuples():
+        found = counted.loc[tuple(getattr(row, k) for k in keys)]
+        assert found[("adv", "size")] == row.n and found[("adv", "sum")] == row.errors_adv
+        assert found[("clean", "sum")] == row.errors_clean
+        assert row.error_adv == row.errors_adv / row.n
+    loaded = advlab.load(store.path()).table("transfer_examples")
+    assert len(loaded) == len(per_example) and loaded["source_label"].notna().all()
+
+    assert stale_reason(store, settings) is None
+    store.fs.delete_file(store.trial_files("transfer")[0])
+    assert stale_reason(store, settings) == "shards of its table are missing"
+    capsys.readouterr()
+    assert main(["transfer", store.path()]) == 0
+    out = capsys.readouterr().out
+    assert f"(1 of {len(store.trial_files('transfer'))} shards run now)" in out
+    again = store.read("transfer")
+    order = [*keys, "target_kind"]
+    pd.testing.assert_frame_equal(
+        again.sort_values(order).reset_index(drop=True),
+        rows.sort_values(order).reset_index(drop=True),
+    )
+    assert stale_reason(store, settings) is None
+    runs = [read_offline_run(d) for d in offline_run_dirs(store.path())]
+    files = [f for r in runs if r["run"]["id"].startswith("sampled-transfer") for f in r["files"]]
+    assert any(f.startswith("media/table/transfer_summary") for f in files)
