@@ -354,6 +354,10 @@ def run_shard(
     except Exception as err:
         failed = failed_target(shard.target, shard.target_kind, err)
         store.write_rows("transfer", shard_id, failed, part="failed")  # FAILED
+        for table in ("transfer", "transfer_examples"):  # an earlier run's rows of it are void
+            for path in store.trial_parts(table, shard_id):
+                if not path.endswith(FAILED):
+                    store.fs.delete_file(path)
         return f"{type(err).__name__}: {err}".splitlines()[0]
     if settings.per_example:
         store.write_rows("transfer_examples", shard_id, examples)
@@ -378,10 +382,14 @@ def remove_other_shards(store: SweepStore, keep: set[str]) -> None:
 
 
 def run_transfer(
-    sweep_dir: str, settings: TransferSpec | None = None, wandb_mode: str | None = None
+    sweep_dir: str,
+    settings: TransferSpec | None = None,
+    wandb_mode: str | None = None,
+    fresh: bool = False,
 ) -> TransferOutcome:
     """Transfer each ok trial's examples to the trials `settings.pairs` chooses and to every
-    control, one Ray task per shard not yet written; writes transfer/ (and transfer_examples/)."""
+    control, one Ray task per shard not yet written (every shard when `fresh`); writes
+    transfer/ (and transfer_examples/)."""
     import ray
 
     start = time.perf_counter()
@@ -399,7 +407,7 @@ def run_transfer(
         runs.setdefault(trial_id, []).append(attack_id)
     shards = plan_shards(sources.specs, sources.keys, settings, NOISE_SOURCE in sources.sets)
     ids = [shard.shard_id(runs, settings) for shard in shards]
-    done = finished_shards(store)
+    done = set() if fresh else finished_shards(store)
     todo = [(shard, i) for shard, i in zip(shards, ids, strict=True) if i not in done]
     refs = {source: ray.put(sets) for source, sets in sources.sets.items()}
 

@@ -137,11 +137,13 @@ def _records(table: dict) -> list[dict]:
 
 @pytest.mark.slow
 def test_sampled_pairs_per_example_rows_and_resuming_a_cut_stage(
-    ray_local, tmp_path, capsys
+    ray_local, tmp_path, capsys, monkeypatch
 ) -> None:
     """pairs: sample over 4 trials: each source meets itself, one sampled trial and the
     control; per-example rows add up to the per-pair counts; a shard lost after the stage is
-    the only one `advlab transfer` runs again, and the table comes back the same."""
+    the only one `advlab transfer` runs again, and the table comes back the same. W&B keeping
+    only 50 rows of a table here, its run holds the pooled summary, not a truncated table."""
+    monkeypatch.setattr("advlab.track.TABLE_ROWS", 50)
     import advlab
     from advlab.spec import TrialSpec
     from advlab.sweep_settings import TransferSpec
@@ -206,5 +208,8 @@ def test_sampled_pairs_per_example_rows_and_resuming_a_cut_stage(
     )
     assert stale_reason(store, settings) is None
     runs = [read_offline_run(d) for d in offline_run_dirs(store.path())]
-    files = [f for r in runs if r["run"]["id"].startswith("sampled-transfer") for f in r["files"]]
-    assert any(f.startswith("media/table/transfer_summary") for f in files)
+    (logged,) = [r for r in runs if r["run"]["id"] == "sampled-transfer-v1"]
+    assert any(f.startswith("media/table/transfer_summary") for f in logged["files"])
+    assert not any(f.startswith("media/table/transfer_0") for f in logged["files"])
+    assert logged["summary"]["transfer/rows"] == 72
+    assert "72 rows, over the 50 W&B keeps" in logged["summary"]["transfer/table"]
