@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from advlab import manifest
+from advlab import manifest, transfer_summary
 from advlab.stats import aggregate
 from advlab.store import SweepStore, list_sweeps
 from advlab.tables import SCHEMAS, Status
@@ -175,7 +175,8 @@ def load(path: str) -> Results:
     for name in store.tables():
         if name not in CORE and name not in ON_REQUEST:
             results.measure_tables[name] = results._join(store.read(name))
-    results.transfer = _label_transfer(store.read("transfer"), results.labels)
+    transfer = transfer_summary.in_order(store.read("transfer"), recorded)
+    results.transfer = _label_transfer(transfer, results.labels)
     results.notes += store.damaged
     return results
 

@@ -440,19 +440,6 @@ def run_transfer(
     )
 
 
-def in_trial_order(frame: pd.DataFrame, order: list[str]) -> pd.DataFrame:
-    """Rows by source, then target, in the sweep's trial order (controls after the trials):
-    shard files come back in the order of their names, which is no order at all."""
-    rank = {t: i for i, t in enumerate(order)}
-    last = len(rank)
-    keys = pd.DataFrame({
-        "s": frame["source_trial"].map(lambda t: rank.get(t, last)),
-        "t": frame["target"].map(lambda t: rank.get(t, last)),
-    })  # fmt: skip
-    ordered = keys.sort_values(["s", "t"], kind="stable").index
-    return frame.loc[ordered].reset_index(drop=True)
-
-
 def log_to_wandb(store: SweepStore, frame: pd.DataFrame, mode: str | None) -> None:
     """The transfer stage as one run in the sweep's W&B group: its pooled summary, the whole
     table while W&B keeps every row, and each matrix (capped: transfer_summary) as a table and
@@ -465,7 +452,7 @@ def log_to_wandb(store: SweepStore, frame: pd.DataFrame, mode: str | None) -> No
         return
     labels = manifest.labels(recorded)
     config = manifest.labels(recorded, without=("seed",))
-    frame = in_trial_order(frame, manifest.trial_order(recorded))
+    frame = transfer_summary.in_order(frame, recorded)
     rows: list[dict[str, Any]] = []
     if len(frame) <= TABLE_ROWS:
         rows = frame.assign(

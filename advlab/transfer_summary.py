@@ -15,8 +15,11 @@ drawn or logged from the rows themselves:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
+
+from advlab import manifest
 
 MAX_SIDE = 48  # rows (and trial columns) of a matrix still readable as labelled cells
 MAX_CELLS = 4_800  # under Altair's 5,000-row cap: one data row per cell
@@ -27,6 +30,22 @@ KEYS = ["attack", "budget", "kind", "amplified_to"]
 class Matrix:
     frame: pd.DataFrame  # index: source labels; columns: target labels; errors in [0, 1]
     note: str  # how it was summarised ("" when every pair is a cell)
+
+
+def in_order(frame: pd.DataFrame, recorded: dict[str, Any] | None) -> pd.DataFrame:
+    """Rows by source, then target, in the sweep's trial order, controls after the trials in
+    the order the sweep lists them: shard files come back in the order of their names (hashes),
+    which is no order at all."""
+    controls = ((recorded or {}).get("transfer") or {}).get("controls") or []
+    rank = {t: i for i, t in enumerate([*manifest.trial_order(recorded), *controls])}
+    keys = pd.DataFrame(
+        {
+            "s": frame["source_trial"].map(lambda t: rank.get(t, len(rank))).to_numpy(),
+            "t": frame["target"].map(lambda t: rank.get(t, len(rank))).to_numpy(),
+        }
+    )  # by position: a frame read from many files may repeat index labels
+    ordered = keys.sort_values(["s", "t"], kind="stable").index
+    return frame.iloc[ordered].reset_index(drop=True)
 
 
 def with_errors(frame: pd.DataFrame) -> pd.DataFrame:
