@@ -32,11 +32,11 @@ from advlab.attacks.registry import MINIMIZATION
 from advlab.plan import attack_plan
 from advlab.spec import SpecError, TrialSpec
 from advlab.sweep_settings import TransferSpec
+from advlab.tables import NOISE_SOURCE
 
 # Sources per shard: bounds what one task holds and the work a killed stage loses, while a
 # shard still loads its target's model (or fits its control) once for many sources.
 SHARD_SOURCES = 128
-NOISE = "noise"  # the pseudo-source of the fixed-stddev noise rows (tables.NOISE_SOURCE)
 # Settings that decide a shard's rows; pairs, within, sample and max_pairs only choose shards.
 # Per-example rows one stage writes at most (transfer.per_example): beyond, fewer pairs.
 MAX_EXAMPLE_ROWS = 20_000_000
@@ -139,7 +139,7 @@ def plan_shards(
             fed[target].append(source)
     shards = []
     for target, sources in fed.items():
-        extra = [NOISE] if noise and data_of(specs[target]) == first_data else []
+        extra = [NOISE_SOURCE] if noise and data_of(specs[target]) == first_data else []
         key = keys.get(target) or specs[target].training_key()
         for part in chunks(extra + sources):
             shards.append(Shard(target, "trial", target, part, key))
@@ -147,7 +147,7 @@ def plan_shards(
     for tid, spec in specs.items():
         groups.setdefault(training_set(spec), []).append(tid)
     for number, (fit_set, members) in enumerate(groups.items()):
-        extra = [NOISE] if noise and number == 0 else []
+        extra = [NOISE_SOURCE] if noise and number == 0 else []
         for name in settings.controls:
             shards += [
                 Shard(name, "control", members[0], part, fit_set)

@@ -13,6 +13,7 @@ from advlab import transfer_pairs
 from advlab.cli import main
 from advlab.spec import DatasetSpec, SpecError, TrialSpec
 from advlab.sweep_settings import TransferSpec
+from advlab.tables import NOISE_SOURCE
 from advlab.transfer_pairs import check_size, estimate, plan_shards, trial_targets
 
 
@@ -90,10 +91,10 @@ def test_every_pair_and_control_lands_in_exactly_one_shard(monkeypatch) -> None:
     assert len(seen) == len(set(seen))
     want = {(s, t) for s, ts in trial_targets(specs, settings).items() for t in ts}
     want |= {(s, c) for s in specs for c in settings.controls}
-    assert {p for p in seen if p[0] != "noise"} == want
+    assert {p for p in seen if p[0] != NOISE_SOURCE} == want
     assert all(len(s.sources) <= 3 for s in shards)
     # the noise rows: once per trial target, once per control (one training set per subset)
-    assert sum(1 for p in seen if p[0] == "noise") == len(specs) + 2
+    assert sum(1 for p in seen if p[0] == NOISE_SOURCE) == len(specs) + 2
     assert estimate(list(specs.values()), settings).pairs == len(want)
 
 
