@@ -282,15 +282,21 @@ def _print_progress(metrics: dict[str, Any], _state: Any) -> None:
 def transfer(args: argparse.Namespace) -> int:
     from advlab.store import SweepStore
     from advlab.sweep import log_results, transfer_lines
-    from advlab.transfer import run_transfer
+    from advlab.sweep_settings import TransferSpec
+    from advlab.transfer import run_transfer, stale_reason
     from advlab.tuning import init_ray
 
     if SweepStore.from_dir(args.sweep_dir).read("trials").empty:  # before Ray starts
         raise FileNotFoundError(
             f"{args.sweep_dir}: no trials to transfer between; run the sweep first"
         )
+    store = SweepStore.from_dir(args.sweep_dir)
+    settings = TransferSpec.model_validate((store.read_manifest() or {}).get("transfer", {}))
+    # A stage cut off (or made stale) resumes with its missing shards; a whole, current one
+    # is what the user asks to make again (a model replaced on disk, say): every shard reruns.
+    fresh = stale_reason(store, settings) is None
     init_ray(args.address, args.verbose)
-    outcome = run_transfer(args.sweep_dir)
+    outcome = run_transfer(args.sweep_dir, settings, fresh=fresh)
     log_results(SweepStore.from_dir(args.sweep_dir))
     for line in transfer_lines(outcome):
         print(line)

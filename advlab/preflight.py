@@ -27,6 +27,7 @@ from advlab.sources import load_data_spec
 from advlab.spec import SpecError, TrialSpec
 from advlab.store import SweepStore
 from advlab.sweepfile import SweepSpec, short
+from advlab.transfer_pairs import check_size
 
 
 def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) -> dict[str, Dataset]:
@@ -39,6 +40,7 @@ def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) ->
     datasets = check_data(spec)
     check_models(spec, datasets)
     check_probes(spec, datasets)
+    check_transfer(spec)
     return datasets
 
 
@@ -49,6 +51,14 @@ def preflight_trial(spec: SweepSpec, index: int, store: SweepStore) -> None:
     check_same_sweep(spec, store)
     trial = spec.trials[index]
     check_model(trial, check_trial_data(trial, {}))
+
+
+def check_transfer(spec: SweepSpec) -> None:
+    """A transfer stage too large for its pairs setting is refused now, with its size and the
+    setting that fits, not after the trials (a search's samples counted as their grid points)."""
+    search = spec.settings.search
+    samples = search.num_samples if search.algorithm != "grid" else 1
+    check_size(spec.trials * samples, spec.settings.transfer)
 
 
 def check_address(address: str | None, timeout: float = 3.0) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from advlab import dimension, manifest
+from advlab import dimension, manifest, transfer_summary
 from advlab.stats import aggregate
 from advlab.store import SweepStore, list_sweeps
 from advlab.tables import SCHEMAS, Status
@@ -63,6 +63,8 @@ class Results:
             return self.examples()
         if name in CORE:
             return getattr(self, name)
+        if name in ON_REQUEST and self.store is not None:
+            return _label_transfer(self.store.read(name), self.labels)
         raise KeyError(f"{self.name} has no table {name!r}; it has {', '.join(self.tables)}")
 
     def __getattr__(self, name: str) -> pd.DataFrame:
@@ -165,6 +167,8 @@ class Results:
 
 
 CORE = ("trials", "epochs", "examples", "attacks", "curves", "measures", "transfer", "pareto")
+# Read only when asked for (`res.table(name)`): a row per transfer pair and example is large.
+ON_REQUEST = ("transfer_examples",)
 
 
 def load(path: str) -> Results:
@@ -191,9 +195,10 @@ def load(path: str) -> Results:
     # The pareto table's own label is the one it was written with; the trials' (joined) rules.
     results.pareto = results._join(store.read("pareto").drop(columns="label"))
     for name in store.tables():
-        if name not in CORE:
+        if name not in CORE and name not in ON_REQUEST:
             results.measure_tables[name] = results._join(store.read(name))
-    results.transfer = _label_transfer(store.read("transfer"), results.labels)
+    transfer = transfer_summary.in_order(store.read("transfer"), recorded)
+    results.transfer = _label_transfer(transfer, results.labels)
     results.notes += store.damaged
     return results
 

@@ -410,6 +410,7 @@ def transfer_lines(outcome: TransferOutcome) -> list[str]:
     lines = [
         f"advlab: transfer: {count(len(outcome.sources), 'source trial')} x "
         f"{count(targets, 'target')}, {count(len(outcome.rows), 'row')} in {outcome.seconds:.1f} s"
+        f" ({outcome.ran} of {count(outcome.shards, 'shard')} run now)"
     ]
     lines += [f"  not transferred {tid}: {why}" for tid, why in outcome.skipped.items()]
     lines += [f"  target {t} failed: {why}" for t, why in outcome.failed_targets.items()]

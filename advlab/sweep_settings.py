@@ -40,9 +40,19 @@ class WandbSpec(_Strict):
 
 
 class TransferSpec(_Strict):
-    """The all-pairs transfer stage run after the trials (Tables 2 and 4 of the paper)."""
+    """The transfer stage run after the trials (Tables 2 and 4 of the paper). Which pairs it
+    measures (advlab.transfer_pairs): `all` (every source to every trial target of its data),
+    `within` (only to trials that share the source's values of the `within` keys) or `sample`
+    (`sample` targets per source drawn by a seeded hash, among the `within` ones if given); each
+    source also meets itself and every control, whatever the mode."""
 
     enabled: bool = True
+    pairs: Literal["all", "within", "sample"] = "all"
+    within: list[str] = []  # dotted trial keys (grid axes) a source and its targets share
+    sample: int = Field(8, ge=1, le=100_000)  # pairs: sample: trial targets per source
+    per_example: bool = False  # also one row per (pair, set, example): transfer_examples/
+    # Source-target pairs one stage takes before it is refused up front (a cluster may raise it)
+    max_pairs: int = Field(50_000, ge=1, le=100_000_000)
     # Prediction-only model families (advlab.families) trained on each source's data.
     controls: list[str] = ["logistic", "linear_svm", "random_forest", "knn"]
     noise: bool = True  # Gaussian noise with each example's own per-pixel rms distortion
@@ -71,6 +81,25 @@ class TransferSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("a control is listed twice; list each once")
         return value
+
+    @field_validator("within")
+    @classmethod
+    def _within_keys(cls, value: list[str]) -> list[str]:
+        if any(not key.strip() for key in value) or len(set(value)) != len(value):
+            raise ValueError("name each trial key once, e.g. [subset] or [dataset.name, subset]")
+        return value
+
+    @model_validator(mode="after")
+    def _pairs_consistent(self) -> TransferSpec:
+        if self.pairs == "within" and not self.within:
+            raise ValueError(
+                "within: pairs: within needs the keys sources and targets share, e.g. [subset]"
+            )
+        if self.pairs == "all" and self.within:
+            raise ValueError(
+                "within: applies to pairs: within or sample; set pairs: within, or drop within"
+            )
+        return self
 
     @field_validator("amplify_rms", "noise_stddev")
     @classmethod

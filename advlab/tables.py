@@ -144,10 +144,31 @@ TRANSFER = pa.schema(
         ("target", pa.string()),  # a trial id, or a control's name (trained on the source's data)
         ("target_kind", pa.string()),  # trial or control
         ("n", pa.int64()),
-        ("error_adv", pa.float64()),
+        ("errors_adv", pa.int64()),  # examples the target got wrong after perturbation
+        ("errors_clean", pa.int64()),  # and before it
+        ("error_adv", pa.float64()),  # errors_adv / n, exactly (measure.fraction)
         ("error_clean", pa.float64()),
         ("status", pa.string()),  # ok, or failed (with the reason) for a target that broke
         ("reason", pa.string()),
+    ]
+)
+
+# transfer.per_example: one row per (source, attack, budget, kind, target, example), what the
+# target predicted for the perturbed and the clean image; keyed like the transfer table.
+TRANSFER_EXAMPLES = pa.schema(
+    [
+        ("source_trial", pa.string()),
+        ("attack", pa.string()),
+        ("budget", pa.float64()),
+        ("kind", pa.string()),
+        ("amplified_to", pa.float64()),
+        ("target", pa.string()),
+        ("target_kind", pa.string()),
+        ("example", pa.int64()),  # the example's number in the source's attack run
+        ("dataset_index", pa.int64()),
+        ("label", pa.int64()),
+        ("prediction_adv", pa.int64()),
+        ("prediction_clean", pa.int64()),
     ]
 )
 
@@ -247,6 +268,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "curves": CURVES,
     "measures": MEASURES,
     "transfer": TRANSFER,
+    "transfer_examples": TRANSFER_EXAMPLES,
     "pareto": PARETO,
 }
 

@@ -228,32 +228,49 @@ def sweep_run(
     )  # fmt: skip
 
 
+TABLE_ROWS = wandb.Table.MAX_ROWS  # rows W&B keeps of a logged table (it drops the rest)
+
+
 def log_transfer_run(
     *,
     rows: list[dict[str, Any]],
+    total_rows: int,
+    summary: Any,
     matrices: dict[str, Any],
     figures: dict[str, bytes],
     **where: Any,
 ) -> None:
-    """One run per sweep (job type 'transfer'): the transfer table with readable labels, each
-    matrix as a table (sources as rows, targets as columns) and as a labelled heatmap figure.
+    """One run per sweep (job type 'transfer'): the pooled summary (a pandas DataFrame: per
+    attack, budget, kind and relation of target to source), the transfer table with readable
+    labels when W&B keeps all of it (`rows`; else empty, and the run's summary says where the
+    whole table is), each matrix as a table (sources as rows, targets as columns) and as a
+    labelled heatmap figure.
 
     matrices: name -> pandas DataFrame (index: source labels, columns: target labels);
     figures: name -> PNG bytes of the same matrix drawn with axis titles and cell values.
     """
-    if where["mode"] == "disabled" or not rows:
+    if where["mode"] == "disabled" or not total_rows:
         return
     run = sweep_run(job="transfer", **where)
     assert run.run is not None
-    payload: dict[str, Any] = {"transfer": _table(rows)}
+    payload: dict[str, Any] = {"transfer_summary": wandb.Table(dataframe=summary)}
+    if rows:
+        payload["transfer"] = _table(rows)
     for name, frame in matrices.items():
-        wide = frame.reset_index(names="examples made on")
+        # a pair not measured (pairs: sample) is an empty cell
+        wide = frame.astype(object).where(frame.notna(), None).reset_index(names="examples made on")
         payload[f"transfer_matrix/{name}"] = wandb.Table(dataframe=wide)
     for name, image in figures.items():
         payload[f"transfer_heatmap/{name}"] = wandb.Image(
             _png(image), caption=f"{name}: error of each column's model on each row's examples"
         )
     run.run.log(payload)
+    run.run.summary["transfer/rows"] = total_rows
+    if not rows:
+        run.run.summary["transfer/table"] = (
+            f"{total_rows} rows, over the {TABLE_ROWS} W&B keeps of a table: see transfer/ "
+            "in the results artifact"
+        )
     run.finish()
 
 

@@ -1,24 +1,30 @@
-"""All-pairs transfer over a finished sweep: the paper's Tables 2 and 4, plus non-neural controls.
+"""Transfer over a finished sweep: the paper's Tables 2 and 4, plus non-neural controls.
 
-Every ok trial's adversarial examples (from the examples table) are fed to every ok trial's model
-of the same data set (a sweep may hold several) and to scikit-learn controls trained on the
-source's own training subset. Beside each set of
-adversarial examples stand the paper's baselines: Gaussian noise with each example's own
-per-pixel rms distortion, and the perturbation amplified to a chosen rms (the paper's Table 4:
-"distortion magnified" to a stddev, so that transfer is compared at a distortion at least that
-large; amplification only enlarges, so an example whose perturbation is already larger keeps
-it, and the amplified row never transfers less for being shrunk). Each target is one Ray
-task that loads (or trains) its model once and evaluates every set, so the cost grows with the
-number of models, not with pairs of model loads.
+Each ok trial's adversarial examples (from the examples table) are fed to the trial models of
+the same data set that `transfer.pairs` chooses for it (advlab.transfer_pairs: all, within
+grid axes, or a seeded sample) and to scikit-learn controls trained on the source's own
+training subset. Beside each set of adversarial examples stand the paper's baselines: Gaussian
+noise with each example's own per-pixel rms distortion, and the perturbation amplified to a
+chosen rms (the paper's Table 4: "distortion magnified" to a stddev, so that transfer is
+compared at a distortion at least that large; amplification only enlarges, so an example whose
+perturbation is already larger keeps it, and the amplified row never transfers less for being
+shrunk).
+
+The work is sharded (`transfer_pairs.Shard`: one target and at most 128 of its sources), one
+Ray task per shard wherever the cluster has room; each task loads (or fits) its target once,
+fetches only its sources' examples, and writes its own files (`transfer/<shard>.parquet`,
+rows per pair; `transfer_examples/<shard>.parquet` per example on request) as it finishes, so
+a killed stage resumes with the shards it has not written. Shards no longer planned are
+removed, then `transfer.json` records the stage: presence of its record with these inputs
+means the table is whole.
 
 Failures stay local: a source whose examples cannot be read is skipped with its reason, and a
-target that cannot be loaded or fitted leaves one `failed` row with its reason; every other
-pair is still measured and written.
+target that cannot be loaded or fitted leaves a `failed` row with its reason
+(`<shard>.failed.parquet`, retried by the next run); every other pair is still measured.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from advlab import manifest, text
+from advlab import manifest, text, transfer_summary
 from advlab.attacks.noise import add_noise, amplify, matched_noise
 from advlab.data import select_subset
 from advlab.families import FitJob, ModelRequest, TrialModel, model_for, resolve
@@ -39,7 +45,9 @@ from advlab.store import TRANSFER_RECORD, SweepStore
 from advlab.sweep_settings import TransferSpec
 from advlab.sweepfile import add_plugin_dirs
 from advlab.tables import NOISE_SOURCE, Status
+from advlab.transfer_pairs import Shard, data_of, first_seen, pair_rank, plan_shards
 
+FAILED = ".failed.parquet"  # a shard whose target failed: its row; the next run retries it
 Predict = Callable[[np.ndarray], np.ndarray]  # (N, D) float32 in [0,1] -> (N,) labels
 
 
@@ -57,6 +65,8 @@ class EvalSet:
     y: np.ndarray  # (N,) true labels
     amplified_to: float | None = None  # amplified sets: the per-pixel rms aimed at
     data: str = ""  # the data set its images come from (`data_of`): targets of that data only
+    example: np.ndarray | None = None  # (N,) each example's number in its attack run
+    index: np.ndarray | None = None  # (N,) its index in the attacked split
 
 
 @dataclass
@@ -66,6 +76,8 @@ class TransferOutcome:
     skipped: dict[str, str] = field(default_factory=dict)  # trial id -> why it is not in
     failed_targets: dict[str, str] = field(default_factory=dict)  # target -> reason
     seconds: float = 0.0
+    shards: int = 0  # shards of the stage
+    ran: int = 0  # of them run now (the others were written by an earlier run)
 
 
 def per_pixel_rms(x: np.ndarray, clean: np.ndarray) -> float:
@@ -81,16 +93,19 @@ def source_sets(
     for (attack, budget), group in rows.groupby(["attack", "budget"], dropna=False, sort=True):
         group = group.sort_values("example")
         # a copy of the rows (a streaming set reads just these: `.to` reads a view's rows)
-        index = torch.as_tensor(group["dataset_index"].to_numpy())
-        clean = images[index].to("cpu").flatten(1).numpy()
+        index = group["dataset_index"].to_numpy()
+        clean = images[torch.as_tensor(index)].to("cpu").flatten(1).numpy()
         x = np.stack(group["x_adv"].to_numpy()).astype(np.float32)  # a writable copy
         y = group["label"].to_numpy()
+        example = group["example"].to_numpy()
         common = {
             "source_trial": trial_id,
             "attack": attack,
             "budget": None if pd.isna(budget) else float(budget),
             "clean": clean,
             "data": data_of(spec),
+            "example": example,
+            "index": index,
         }
         sets.append(EvalSet(**common, kind="adversarial", rms=per_pixel_rms(x, clean), x=x, y=y))
         clean_t, x_t = torch.tensor(clean), torch.tensor(x)
@@ -106,7 +121,7 @@ def source_sets(
             # upward only: a perturbation already above the target keeps its size
             goal = torch.clamp(own_rms, min=target)
             big = amplify(clean_t[moved], x_t[moved], goal).numpy()
-            common |= {"clean": clean[moved]}
+            common |= {"clean": clean[moved], "example": example[moved], "index": index[moved]}
             rms = per_pixel_rms(big, clean[moved])
             sets.append(
                 EvalSet(**common, kind="amplified", rms=rms, x=big, y=y[moved], amplified_to=target)
@@ -132,42 +147,45 @@ def fixed_noise_sets(specs: list[TrialSpec], settings: TransferSpec) -> list[Eva
             EvalSet(
                 source_trial=NOISE_SOURCE, attack="gaussian", budget=stddev, kind="noise",
                 rms=per_pixel_rms(noisy, clean.numpy()), x=noisy, clean=clean.numpy(), y=y,
-                data=data_of(specs[0]),
+                data=data_of(specs[0]), example=np.arange(len(y)), index=np.arange(len(y)),
             )
         )  # fmt: skip
     return sets
 
 
-def data_of(spec: TrialSpec) -> str:
-    """The data set a trial reads, as its images and labels are (normalisation lives inside
-    the model): a model is a transfer target only of examples made on its own data set, since
-    other images differ in shape or in what their labels mean."""
-    return json.dumps(spec.dataset.model_dump(mode="json", exclude={"normalize"}), sort_keys=True)
-
-
-def evaluate(target: str, target_kind: str, predict: Predict, sets: list[EvalSet]) -> list[dict]:
-    """Error of one target on every set, and on the same examples before perturbation."""
-    rows = []
+def evaluate(
+    target: str, target_kind: str, predict: Predict, sets: list[EvalSet], per_example: bool
+) -> tuple[list[dict], list[dict]]:
+    """Errors of one target on every set and on the same examples before perturbation, as
+    counts and exact fractions (int / int in float64: 2 of 25 is 0.08); with `per_example`,
+    also each example's two predictions."""
+    rows, examples = [], []
     for s in sets:
         n = len(s.y)
+        key = {
+            "source_trial": s.source_trial, "attack": s.attack, "budget": s.budget,
+            "kind": s.kind, "amplified_to": s.amplified_to, "target": target,
+            "target_kind": target_kind,
+        }  # fmt: skip
+        adv = predict(s.x) if n else np.zeros(0, dtype=np.int64)
+        clean = predict(s.clean) if n else np.zeros(0, dtype=np.int64)
+        wrong, wrong_clean = int((adv != s.y).sum()), int((clean != s.y).sum())
         rows.append(
-            {
-                "source_trial": s.source_trial,
-                "attack": s.attack,
-                "budget": s.budget,
-                "kind": s.kind,
-                "amplified_to": s.amplified_to,
-                "rms": s.rms,
-                "target": target,
-                "target_kind": target_kind,
-                "n": n,
-                "error_adv": float((predict(s.x) != s.y).mean()) if n else math.nan,
-                "error_clean": float((predict(s.clean) != s.y).mean()) if n else math.nan,
-                "status": Status.OK,
-                "reason": "",
+            key | {
+                "rms": s.rms, "n": n, "errors_adv": wrong, "errors_clean": wrong_clean,
+                "error_adv": wrong / n if n else math.nan,
+                "error_clean": wrong_clean / n if n else math.nan,
+                "status": Status.OK, "reason": "",
             }
-        )
-    return rows
+        )  # fmt: skip
+        if per_example and n:
+            assert s.example is not None and s.index is not None
+            examples += [
+                key | {"example": int(e), "dataset_index": int(i), "label": int(y),
+                       "prediction_adv": int(p), "prediction_clean": int(c)}
+                for e, i, y, p, c in zip(s.example, s.index, s.y, adv, clean, strict=True)
+            ]  # fmt: skip
+    return rows, examples
 
 
 def failed_target(target: str, target_kind: str, err: Exception) -> list[dict]:
@@ -215,17 +233,13 @@ def _predictor(model: TrialModel, shape: tuple[int, int, int]) -> Predict:
     return predict
 
 
-def training_set(spec: TrialSpec) -> str:
-    """What a control trains on: the same data set, subset and split as the trial."""
-    return json.dumps([spec.dataset.model_dump(mode="json"), spec.subset], sort_keys=True)
-
-
 @dataclass
 class Sources:
-    """The ok trials whose examples transfer, and why the others do not."""
+    """The ok trials whose examples transfer (in the order the sweep first listed them), their
+    sets, and why the others do not."""
 
     specs: dict[str, TrialSpec]
-    sets: list[EvalSet]
+    sets: dict[str, list[EvalSet]]  # source (or the noise pseudo-source) -> its sets
     skipped: dict[str, str]
     keys: dict[str, str] = field(default_factory=dict)  # trial id -> its model's training key
 
@@ -234,28 +248,35 @@ def gather_sources(store: SweepStore, settings: TransferSpec) -> Sources:
     trials = store.read("trials")
     if trials.empty:
         raise FileNotFoundError(f"{store.uri}: no trials to transfer between; run the sweep first")
-    expected = manifest.trial_order(store.read_manifest()) or list(trials["trial_id"])
+    recorded = store.read_manifest()
+    expected = manifest.trial_order(recorded) or list(trials["trial_id"])
     skipped = {
         row.trial_id: f"{row.status}: {row.reason}"
         for row in trials[trials["status"] != Status.OK].itertuples()
     }
     skipped |= {t: "no result" for t in expected if t not in set(trials["trial_id"])}
-    ok = trials[trials["status"] == Status.OK]
+    ok = trials[trials["status"] == Status.OK].set_index("trial_id", drop=False)
     examples = store.read("examples")
-    generator = torch.Generator().manual_seed(settings.seed)
+    by_trial = dict(tuple(examples.groupby("trial_id", sort=False))) if len(examples) else {}
     specs: dict[str, TrialSpec] = {}
-    sets: list[EvalSet] = []
+    sets: dict[str, list[EvalSet]] = {}
     keys: dict[str, str] = {}
-    for row in ok.itertuples():
+    for trial_id in first_seen(recorded, ok.index):
+        row = ok.loc[trial_id]
         try:
-            spec = TrialSpec.from_stored(row.spec)
-            mine = examples[examples["trial_id"] == row.trial_id]
-            sets += source_sets(row.trial_id, spec, mine, settings, generator)
-            specs[row.trial_id] = spec
-            keys[row.trial_id] = row.training_key if isinstance(row.training_key, str) else ""
+            spec = TrialSpec.from_stored(row["spec"])
+            mine = by_trial.get(trial_id, examples.iloc[0:0])
+            # Its own noise stream: a source's noise rows never depend on the other sources.
+            generator = torch.Generator().manual_seed(pair_rank(settings.seed, trial_id, "") >> 1)
+            sets[trial_id] = source_sets(trial_id, spec, mine, settings, generator)
+            specs[trial_id] = spec
+            key = row["training_key"]
+            keys[trial_id] = key if isinstance(key, str) else ""
         except Exception as err:  # one unreadable source must not stop the others
-            skipped[row.trial_id] = f"{type(err).__name__}: {err}".splitlines()[0]
-    sets += fixed_noise_sets(list(specs.values()), settings)
+            skipped[trial_id] = f"{type(err).__name__}: {err}".splitlines()[0]
+    noise = fixed_noise_sets(list(specs.values()), settings)
+    if noise:
+        sets[NOISE_SOURCE] = noise
     return Sources(specs, sets, skipped, keys)
 
 
@@ -275,14 +296,15 @@ def transfer_inputs(store: SweepStore, settings: TransferSpec) -> dict[str, Any]
 
 def stale_reason(store: SweepStore, settings: TransferSpec) -> str | None:
     """Why the sweep's transfer table does not match its trials now (None: it does, or there
-    is nothing to transfer): none made yet, its table gone, trials or attack runs added or
-    gone since, other settings, or a stage cut off before its record."""
+    is nothing to transfer): none made yet, its table or a shard of it gone, trials or attack
+    runs added or gone since, other settings, or a stage cut off before its record."""
     now = transfer_inputs(store, settings)
     recorded = store.read_json(TRANSFER_RECORD)
     if recorded is None:
         return "no transfer table yet" if now["trials"] else None
     made = recorded.get("inputs")
-    if not store.trial_files("transfer"):
+    files = store.trial_files("transfer")
+    if not files:
         return "its table is missing"
     if not isinstance(made, dict):
         return "its record predates the record of its inputs"
@@ -293,119 +315,169 @@ def stale_reason(store: SweepStore, settings: TransferSpec) -> str | None:
         )
     if made.get("attack_runs") != now["attack_runs"]:
         return "attack runs were added or rerun since"
-    if made.get("settings") != now["settings"]:
+    if _settings(made.get("settings")) != settings:
         return "the transfer settings changed"
+    if "shards" not in recorded:
+        return "its record predates sharded transfer"
+    present = {_shard_of(path) for path in files}
+    if not set(recorded["shards"]) <= present:
+        return "shards of its table are missing"
     return None
 
 
+def _settings(dumped: Any) -> TransferSpec | None:
+    """Recorded settings as settings now (a key added since takes its default)."""
+    try:
+        return TransferSpec.model_validate(dumped)
+    except ValueError:
+        return None
+
+
+def _shard_of(path: str) -> str:
+    return path.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def run_shard(
+    store: SweepStore, shard: Shard, shard_id: str, spec: TrialSpec, sets: list[EvalSet],
+    settings: TransferSpec,
+) -> str:  # fmt: skip
+    """One shard, in a Ray task: load or fit its target once, classify its sources' sets, write
+    its files (per-example rows first: the per-pair file last says the shard is done). Returns
+    '' or the reason its target failed (then `<shard>.failed.parquet` holds that row)."""
+    try:
+        if shard.target_kind == "trial":
+            predict = trial_predictor(store, spec, shard.key)
+            sets = [s for s in sets if s.data == data_of(spec)]
+        else:
+            predict = control_predictor(shard.target, spec, settings)
+        rows, examples = evaluate(
+            shard.target, shard.target_kind, predict, sets, settings.per_example
+        )
+    except Exception as err:
+        failed = failed_target(shard.target, shard.target_kind, err)
+        store.write_rows("transfer", shard_id, failed, part="failed")  # FAILED
+        for table in ("transfer", "transfer_examples"):  # an earlier run's rows of it are void
+            for path in store.trial_files(table):
+                if _shard_of(path) == shard_id and not path.endswith(FAILED):
+                    store.fs.delete_file(path)
+        return f"{type(err).__name__}: {err}".splitlines()[0]
+    if settings.per_example:
+        store.write_rows("transfer_examples", shard_id, examples)
+    store.write_rows("transfer", shard_id, rows)
+    return ""
+
+
+def finished_shards(store: SweepStore) -> set[str]:
+    return {_shard_of(p) for p in store.trial_files("transfer") if not p.endswith(FAILED)}
+
+
+def remove_other_shards(store: SweepStore, keep: set[str]) -> None:
+    """Files of shards this stage no longer has (pairs displaced, trials rerun, settings
+    changed), and failed files of shards that have since succeeded."""
+    done = finished_shards(store)
+    for table in ("transfer", "transfer_examples"):
+        for path in store.trial_files(table):
+            shard = _shard_of(path)
+            failed_since_done = path.endswith(FAILED) and shard in done
+            if shard not in keep or failed_since_done:
+                store.fs.delete_file(path)
+
+
 def run_transfer(
-    sweep_dir: str, settings: TransferSpec | None = None, wandb_mode: str | None = None
+    sweep_dir: str,
+    settings: TransferSpec | None = None,
+    wandb_mode: str | None = None,
+    fresh: bool = False,
 ) -> TransferOutcome:
-    """Transfer every ok trial's examples to every ok trial and control; writes transfer/."""
+    """Transfer each ok trial's examples to the trials `settings.pairs` chooses and to every
+    control, one Ray task per shard not yet written (every shard when `fresh`); writes
+    transfer/ (and transfer_examples/)."""
     import ray
 
     start = time.perf_counter()
     store = SweepStore.from_dir(sweep_dir)
+    recorded = store.read_manifest() or {}
     if settings is None:
-        recorded = (store.read_manifest() or {}).get("transfer", {})
-        settings = TransferSpec.model_validate(recorded)
-    folders = (store.read_manifest() or {}).get("plugin_dirs", [])
+        settings = TransferSpec.model_validate(recorded.get("transfer", {}))
+    folders = recorded.get("plugin_dirs", [])
     add_plugin_dirs(folders)
     inputs = transfer_inputs(store, settings)
     sources = gather_sources(store, settings)
-    sets_ref = ray.put(sources.sets)
+    runs: dict[str, list[str]] = {}
+    for run in inputs["attack_runs"]:
+        trial_id, attack_id = run.split("/", 1)
+        runs.setdefault(trial_id, []).append(attack_id)
+    shards = plan_shards(sources.specs, sources.keys, settings, NOISE_SOURCE in sources.sets)
+    ids = [shard.shard_id(runs, settings) for shard in shards]
+    done = set() if fresh else finished_shards(store)
+    todo = [(shard, i) for shard, i in zip(shards, ids, strict=True) if i not in done]
+    refs = {source: ray.put(sets) for source, sets in sources.sets.items()}
 
     @ray.remote(num_cpus=1)
-    def trial_task(trial_id: str, spec: TrialSpec, key: str, sets: list[EvalSet]) -> list[dict]:
+    def shard_task(shard: Shard, shard_id: str, spec: TrialSpec, *parts: list[EvalSet]) -> str:
         torch.set_num_threads(1)
         add_plugin_dirs(folders)  # a user's model module imports on this worker too
-        try:
-            mine = [s for s in sets if s.data == data_of(spec)]
-            return evaluate(trial_id, "trial", trial_predictor(store, spec, key), mine)
-        except Exception as err:
-            return failed_target(trial_id, "trial", err)
+        return run_shard(store, shard, shard_id, spec, [s for p in parts for s in p], settings)
 
-    @ray.remote(num_cpus=1)
-    def control_task(name: str, spec: TrialSpec, mine: list[str], sets: list[EvalSet]) -> list:
-        torch.set_num_threads(1)
-        add_plugin_dirs(folders)
-        try:
-            chosen = [s for s in sets if s.source_trial in set(mine)]
-            return evaluate(name, "control", control_predictor(name, spec, settings), chosen)
-        except Exception as err:
-            return failed_target(name, "control", err)
-
-    futures = [
-        trial_task.remote(t, s, sources.keys.get(t, ""), sets_ref) for t, s in sources.specs.items()
-    ]
-    groups: dict[str, list[str]] = {}
-    for trial_id, spec in sources.specs.items():
-        groups.setdefault(training_set(spec), []).append(trial_id)
-    for number, members in enumerate(groups.values()):
-        mine = members + ([NOISE_SOURCE] if number == 0 else [])
-        spec = sources.specs[members[0]]
-        futures += [control_task.remote(n, spec, mine, sets_ref) for n in settings.controls]
-    rows = [row for result in ray.get(futures) for row in result]
-    failed = {r["target"]: r["reason"] for r in rows if r["status"] == Status.FAILED}
-    store.write_rows("transfer", "all", rows)
+    pending = [
+        shard_task.remote(shard, i, sources.specs[shard.fit_on],
+                          *[refs[s] for s in shard.sources if s in refs])
+        for shard, i in todo
+    ]  # fmt: skip
+    ray.get(pending)  # each task wrote its files as it finished
+    remove_other_shards(store, set(ids))
+    table = store.read("transfer")
+    failed_rows = table[table["status"] != Status.OK]
+    failed = dict(zip(failed_rows["target"], failed_rows["reason"], strict=True))
     record = {
-        "sources": list(sources.specs), "targets": sorted({r["target"] for r in rows}),
-        "skipped": sources.skipped, "failed": failed, "inputs": inputs,
+        "sources": list(sources.specs), "targets": sorted(set(table["target"])),
+        "skipped": sources.skipped, "failed": failed, "inputs": inputs, "shards": sorted(ids),
     }  # fmt: skip
     store.write_json(TRANSFER_RECORD, record)  # last: the table is whole, and of these inputs
-    frame = pd.DataFrame([r for r in rows if r["status"] == Status.OK])
+    frame = table[table["status"] == Status.OK].reset_index(drop=True)
     log_to_wandb(store, frame, wandb_mode)
     seconds = time.perf_counter() - start
-    return TransferOutcome(frame, list(sources.specs), sources.skipped, failed, seconds)
-
-
-def transfer_matrices(
-    frame: pd.DataFrame, labels: dict[str, str] | None = None
-) -> dict[str, pd.DataFrame]:
-    """Per attack (and budget): error on adversarial examples, sources (rows) x targets, both
-    named by their labels (controls by their own names) in the order they were run."""
-    names = labels or {}
-    matrices = {}
-    adversarial = frame[frame["kind"] == "adversarial"] if len(frame) else frame
-    for (attack, budget), group in adversarial.groupby(["attack", "budget"], dropna=False):
-        table = group.pivot_table(index="source_trial", columns="target", values="error_adv")
-        table = table.reindex(
-            index=list(dict.fromkeys(group["source_trial"])),
-            columns=list(dict.fromkeys(group["target"])),
-        )
-        table.index = [names.get(t, t) for t in table.index]
-        table.columns = [names.get(t, t) for t in table.columns]
-        matrices[attack if pd.isna(budget) else f"{attack}@{budget:g}"] = table
-    return matrices
+    return TransferOutcome(
+        frame, list(sources.specs), sources.skipped, failed, seconds, len(shards), len(todo)
+    )
 
 
 def log_to_wandb(store: SweepStore, frame: pd.DataFrame, mode: str | None) -> None:
-    """The transfer table, matrices and labelled heatmaps as one run in the sweep's W&B group."""
-    from advlab.track import log_transfer_run, recorded_target
+    """The transfer stage as one run in the sweep's W&B group: its pooled summary, the whole
+    table while W&B keeps every row, and each matrix (capped: transfer_summary) as a table and
+    a labelled heatmap."""
+    from advlab.track import TABLE_ROWS, log_transfer_run, recorded_target
 
     recorded = store.read_manifest() or {}
     target = recorded_target(recorded, mode)
     if target["mode"] == "disabled" or frame.empty:
         return
     labels = manifest.labels(recorded)
-    named = frame.assign(
-        source_label=frame["source_trial"].map(lambda t: labels.get(t, t)),
-        target_label=frame["target"].map(lambda t: labels.get(t, t)),
-    )
-    matrices = transfer_matrices(frame, labels)
+    config = manifest.labels(recorded, without=("seed",))
+    frame = transfer_summary.in_order(frame, recorded)
+    rows: list[dict[str, Any]] = []
+    if len(frame) <= TABLE_ROWS:
+        rows = frame.assign(
+            source_label=frame["source_trial"].map(lambda t: labels.get(t, t)),
+            target_label=frame["target"].map(lambda t: labels.get(t, t)),
+        ).to_dict("records")
+    matrices = transfer_summary.matrices(frame, labels, config)
     log_transfer_run(
-        **target, group=store.sweep, directory=store.wandb_dir(), rows=named.to_dict("records"),
-        matrices=matrices, figures={name: heatmap_png(name, m) for name, m in matrices.items()},
+        **target, group=store.sweep, directory=store.wandb_dir(), rows=rows,
+        total_rows=len(frame), summary=transfer_summary.summary(frame, config),
+        matrices={name: m.frame for name, m in matrices.items()},
+        figures={name: heatmap_png(name, m) for name, m in matrices.items()},
     )  # fmt: skip
     store.sync_wandb()
 
 
-def heatmap_png(name: str, matrix: pd.DataFrame) -> bytes:
+def heatmap_png(name: str, matrix: transfer_summary.Matrix) -> bytes:
     """A transfer matrix drawn with labelled axes and the error in each cell."""
     from advlab.report.charts import png, transfer_heatmap
 
+    note = f" ({matrix.note})" if matrix.note else ""
     spec = transfer_heatmap(
-        matrix, title=f"transfer of {name} examples",
+        matrix.frame, title=f"transfer of {name} examples{note}",
         row_title="examples made on", column_title="classified by",
     )  # fmt: skip
     return png(spec)

@@ -208,7 +208,8 @@ def test_a_transfer_cut_off_after_the_sweep_grew_reruns_and_matches_a_clean_one(
     finished, tmp_path: Path, capsys
 ) -> None:
     path, folder = _copy(finished, tmp_path)
-    old_rows = (folder / "transfer" / "all.parquet").read_bytes()
+    shards = folder / "transfer"
+    old_rows = {p.name: p.read_bytes() for p in shards.glob("*.parquet")}
     old_record = (folder / "transfer.json").read_bytes()
     raw = yaml.safe_load(path.read_text())
     raw["grid"]["weight_decay"] = [1.0e-4, 1.0e-3]  # the sweep grows to four trials
@@ -217,8 +218,13 @@ def test_a_transfer_cut_off_after_the_sweep_grew_reruns_and_matches_a_clean_one(
     storage = ["--storage", str(tmp_path / "results")]
     assert main(["sweep", str(grown), *storage]) == 0
     clean = results.load(str(folder)).transfer
-    # kill -9 during that transfer stage: the trials are done, the table is the old one
-    (folder / "transfer" / "all.parquet").write_bytes(old_rows)
+    # kill -9 during that transfer stage: the trials are done, half the new shards written,
+    # the old table's shards not yet removed, the record the old one
+    new = sorted({p.name for p in shards.glob("*.parquet")} - set(old_rows))
+    for name in new[: len(new) // 2]:
+        (shards / name).unlink()
+    for name, data in old_rows.items():
+        (shards / name).write_bytes(data)
     (folder / "transfer.json").write_bytes(old_record)
     capsys.readouterr()
     assert main(["sweep", str(grown), *storage]) == 0
@@ -241,7 +247,7 @@ def test_a_transfer_cut_off_after_the_sweep_grew_reruns_and_matches_a_clean_one(
 
 def test_a_transfer_record_without_its_inputs_is_stale(tmp_path: Path) -> None:
     from advlab.sweep_settings import TransferSpec
-    from advlab.transfer import stale_reason
+    from advlab.transfer import stale_reason, transfer_inputs
 
     store = SweepStore(str(tmp_path), "s")
     settings = TransferSpec()
@@ -253,3 +259,13 @@ def test_a_transfer_record_without_its_inputs_is_stale(tmp_path: Path) -> None:
     assert stale_reason(store, settings) == "its table is missing"
     store.write_rows("transfer", "all", [{"target": "t1", "status": "ok", "reason": ""}])
     assert stale_reason(store, settings) == "its record predates the record of its inputs"
+    inputs = transfer_inputs(store, settings)
+    store.write_json("transfer.json", {"sources": ["t1"], "inputs": inputs})
+    assert stale_reason(store, settings) == "its record predates sharded transfer"
+    store.write_json("transfer.json", {"inputs": inputs, "shards": ["all", "other"]})
+    assert stale_reason(store, settings) == "shards of its table are missing"
+    store.write_json("transfer.json", {"inputs": inputs, "shards": ["all"]})
+    assert stale_reason(store, settings) is None
+    inputs["settings"] = {"pairs": "sample"}  # recorded settings read as settings now
+    store.write_json("transfer.json", {"inputs": inputs, "shards": ["all"]})
+    assert stale_reason(store, settings) == "the transfer settings changed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from conftest import tiny_sweep
@@ -132,3 +133,83 @@ def test_transfer_run_in_wandb_holds_the_table(swept: SweepStore) -> None:
 
 def _records(table: dict) -> list[dict]:
     return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+
+
+@pytest.mark.slow
+def test_sampled_pairs_per_example_rows_and_resuming_a_cut_stage(
+    ray_local, tmp_path, capsys, monkeypatch
+) -> None:
+    """pairs: sample over 4 trials: each source meets itself, one sampled trial and the
+    control; per-example rows add up to the per-pair counts; a shard lost after the stage is
+    the only one `advlab transfer` runs again, and the table comes back the same. W&B keeping
+    only 50 rows of a table here, its run holds the pooled summary, not a truncated table."""
+    monkeypatch.setattr("advlab.track.TABLE_ROWS", 50)
+    import advlab
+    from advlab.spec import TrialSpec
+    from advlab.sweep_settings import TransferSpec
+    from advlab.transfer import stale_reason
+    from advlab.transfer_pairs import trial_targets
+
+    raw = tiny_sweep(
+        name="sampled", storage=str(tmp_path), grid={"model": ["fc10", "fc16-10"], "seed": [0, 1]}
+    )
+    raw |= {"eps": [0.1], "measures": []}
+    raw["transfer"] = {
+        "controls": ["constant"], "pairs": "sample", "sample": 1, "per_example": True,
+        "amplify_rms": [0.1],
+    }  # fmt: skip
+    path = tmp_path / "sampled.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(path)]) == 0
+    store = SweepStore(str(tmp_path), "sampled")
+    settings = TransferSpec.model_validate(raw["transfer"])
+    trials = store.read("trials")
+    specs = {
+        t: TrialSpec.from_stored(s) for t, s in zip(trials["trial_id"], trials["spec"], strict=True)
+    }
+    rows = store.read("transfer")
+    want = {(s, t) for s, ts in trial_targets(specs, settings).items() for t in ts}
+    want |= {(s, "constant") for s in specs}
+    assert set(zip(rows["source_trial"], rows["target"], strict=True)) == want
+    assert len(want) == 4 * 3
+    keys = ["source_trial", "attack", "budget", "kind", "amplified_to", "target"]
+    per_example = store.read("transfer_examples")
+    missing = {"budget": -1.0, "amplified_to": -1.0}  # NaN keys never compare equal
+    counted = (
+        per_example.fillna(missing)
+        .assign(
+            adv=lambda f: f["prediction_adv"] != f["label"],
+            clean=lambda f: f["prediction_clean"] != f["label"],
+        )
+        .groupby(keys)
+        .agg(size=("adv", "size"), adv=("adv", "sum"), clean=("clean", "sum"))
+        .reset_index()
+    )
+    both = rows.fillna(missing).merge(counted, on=keys, how="left", validate="one_to_one")
+    assert len(both) == len(rows) == 12 * 6  # fgsm@0.1 and lbfgs, each with noise, amplified
+    assert (both["size"] == both["n"]).all() and (both["adv"] == both["errors_adv"]).all()
+    assert (both["clean"] == both["errors_clean"]).all()
+    assert (both["error_adv"] == both["errors_adv"] / both["n"]).all()
+    loaded = advlab.load(store.path()).table("transfer_examples")
+    assert len(loaded) == len(per_example) and loaded["source_label"].notna().all()
+
+    assert stale_reason(store, settings) is None
+    store.fs.delete_file(store.trial_files("transfer")[0])
+    assert stale_reason(store, settings) == "shards of its table are missing"
+    capsys.readouterr()
+    assert main(["transfer", store.path()]) == 0
+    out = capsys.readouterr().out
+    assert f"(1 of {len(store.trial_files('transfer'))} shards run now)" in out
+    again = store.read("transfer")
+    order = [*keys, "target_kind"]
+    pd.testing.assert_frame_equal(
+        again.sort_values(order).reset_index(drop=True),
+        rows.sort_values(order).reset_index(drop=True),
+    )
+    assert stale_reason(store, settings) is None
+    runs = [read_offline_run(d) for d in offline_run_dirs(store.path())]
+    (logged,) = [r for r in runs if r["run"]["id"] == "sampled-transfer-v1"]
+    assert any(f.startswith("media/table/transfer_summary") for f in logged["files"])
+    assert not any(f.startswith("media/table/transfer_0") for f in logged["files"])
+    assert logged["summary"]["transfer/rows"] == 72
+    assert "72 rows, over the 50 W&B keeps" in logged["summary"]["transfer/table"]

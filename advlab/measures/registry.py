@@ -51,8 +51,8 @@ SCOPE_KEYS: dict[str, tuple[tuple[str, pa.DataType], ...]] = {
 }
 # Folders the store keeps under a sweep: no measure's table may take one of these names.
 RESERVED = (
-    "trials", "epochs", "examples", "attacks", "curves", "transfer", "pareto", "measures",
-    "models", "ray", "wandb", "damaged", "files",
+    "trials", "epochs", "examples", "attacks", "curves", "transfer", "transfer_examples",
+    "pareto", "measures", "models", "ray", "wandb", "damaged", "files",
 )  # fmt: skip
 
 Rows = list[dict[str, Any]]
