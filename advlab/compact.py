@@ -35,6 +35,9 @@ from advlab.text import count
 # At a sweep's end, compaction runs once its tables hold this many loose files (about 18
 # trials): a small sweep keeps one readable file per trial and run, a large one a few files.
 AUTO_MIN_FILES = 200
+# The transfer stage keeps one file per shard and resumes by their names (advlab.transfer): its
+# tables hold about one file per trial and are left to it.
+SHARDED = ("transfer", "transfer_examples")
 ROW_GROUP = 8192  # rows are sorted by trial, so a one-trial read skips the other row groups
 
 
@@ -59,7 +62,7 @@ def compact_store(store: SweepStore) -> list[Compaction]:
     """Compact every table whose schema is known here (a plug-in's table this process cannot
     import stays as it is), skipping tables with nothing to do."""
     done = []
-    for table in store.tables():
+    for table in _compactable(store):
         try:
             schema(table)
         except KeyError:
@@ -68,6 +71,10 @@ def compact_store(store: SweepStore) -> list[Compaction]:
         if outcome is not None:
             done.append(outcome)
     return done
+
+
+def _compactable(store: SweepStore) -> list[str]:
+    return [t for t in store.tables() if t not in SHARDED]
 
 
 def summary_line(done: list[Compaction]) -> str:
@@ -87,7 +94,7 @@ def compact_after_sweep(store: SweepStore) -> str | None:
     merged), and say so. A failure here loses nothing (the loose files stay and read as
     before), so it is said in one line, not raised. None when there was nothing to do."""
     try:
-        files = [p for t in store.tables() for p in store.trial_files(t)]
+        files = [p for t in _compactable(store) for p in store.trial_files(t)]
         loose = sum(not parts.is_compacted(p) for p in files)
         if loose < AUTO_MIN_FILES and loose == len(files):
             return None

@@ -255,3 +255,16 @@ def test_a_sweeps_end_compacts_past_the_threshold_or_once_compacted(copy, monkey
     assert compact.compact_after_sweep(store) == (  # compacted before: one loose file is enough
         "advlab: compacted 2 parquet files into one per table (1 table)"
     )
+
+
+def test_the_transfer_stages_shard_files_are_left_to_it(copy) -> None:
+    """The transfer stage resumes by its shard files' names: compaction must not merge them."""
+    _, folder = copy
+    store = SweepStore.from_dir(str(folder))
+    shards = ["a1b2c3", "d4e5f6"]
+    for shard in shards:
+        store.write_rows("transfer", shard, [])
+    compact.compact_sweep(str(folder))
+    left = sorted(Path(p).name for p in store.trial_files("transfer"))
+    assert left == [f"{s}.parquet" for s in shards]
+    assert all(parts.is_compacted(p) for t in TABLES for p in store.trial_files(t))
