@@ -24,7 +24,7 @@ from advlab.bounds.exact import _distance, _highs_lp, _highs_qp, linear_minimum
 from advlab.bounds.neighbours import nearest_neighbour_minimum
 from advlab.bounds.trees import GUARD, LEFT, forest_minimum, tree_ensemble_trees
 from advlab.families import FitJob, ModelRequest, resolve
-from advlab.families.decision import torch_decision
+from advlab.families.decision import NeighbourVotes, torch_decision, torch_labels
 from advlab.spec import TrainSpec
 
 
@@ -86,6 +86,25 @@ def test_torch_decision_functions_equal_scikit_learns(digits, estimator, classes
         pairwise = module.pairwise(images(x)).numpy()
         expected = -ovo[:, None] if ovo.ndim == 1 else ovo  # two classes: sklearn flips it
         np.testing.assert_allclose(pairwise, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("classes", [10, 9])
+def test_the_torch_knn_label_oracle_predicts_as_scikit_learn(digits, k, classes) -> None:
+    x, y = digits
+    keep = y != 4 if classes == 9 else np.ones_like(y, dtype=bool)  # 9: class 4 never seen
+    rng = np.random.default_rng(k)
+    est = KNeighborsClassifier(n_neighbors=k).fit(x[keep][:700].astype(np.float64), y[keep][:700])
+    oracle = torch_labels(est, 10)
+    assert isinstance(oracle, NeighbourVotes)
+    # test digits, and random points between digits (off the 1/16 grid, where distances tie less)
+    between = x[800:1000] + rng.uniform(0, 1, (200, 1)) * (x[1000:1200] - x[800:1000])
+    queries = np.concatenate([x[700:], between.astype(np.float32)])
+    got = oracle(images(queries)).argmax(1).numpy()
+    assert np.array_equal(got, est.predict(queries.astype(np.float64)))
+    assert torch_labels(KNeighborsClassifier(weights="distance").fit(x[:50], y[:50]), 10) is None
+    model = fitted("knn", x[:300], y[:300], n_neighbors=k)
+    assert isinstance(model.module, NeighbourVotes) and not model.gradients
 
 
 def test_an_rbf_svm_that_breaks_ties_by_class_order_stays_prediction_only(digits) -> None:
