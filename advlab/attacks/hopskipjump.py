@@ -224,7 +224,6 @@ def _gradient_estimate(
     noise = [
         torch.randn(int(k), d, generator=gens[int(i)]) for i, k in zip(rows, probes, strict=True)
     ]
-    sizes = probes.tolist()
     u = torch.cat(noise).to(state.x)
     u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
     owner = torch.repeat_interleave(torch.arange(len(rows), device=u.device), probes)
@@ -232,12 +231,12 @@ def _gradient_estimate(
     z = (base + delta[owner, None] * u).clamp(0.0, 1.0)
     u = (z - base) / delta[owner, None]  # the probe the box let through
     sign = state.adversarial(z, rows[owner]).to(u.dtype) * 2 - 1
-    out = []
-    for part_u, part_s in zip(u.split(sizes), sign.split(sizes), strict=True):
-        mean = part_s.mean()
-        weight = part_s if mean.abs() == 1 else part_s - mean  # all one side: no baseline
-        out.append((weight[:, None] * part_u).mean(0))
-    grad = torch.stack(out)
+    # per example: the signs less their mean (a baseline), unless all fell on one side; sums
+    # over each example's probes by index_add_, one call for the batch
+    mean = u.new_zeros(len(rows)).index_add_(0, owner, sign) / probes.to(u.dtype)
+    baseline = torch.where(mean.abs() == 1, torch.zeros_like(mean), mean)
+    weight = sign - baseline[owner]
+    grad = u.new_zeros(len(rows), d).index_add_(0, owner, weight[:, None] * u)
     return grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
