@@ -212,15 +212,12 @@ def test_the_exact_attack_refuses_a_model_it_has_no_minimum_for(digits) -> None:
     xa, ya = correct(boosted.estimator, x[1000:], y[1000:], 2)
     with pytest.raises(AttackError, match="no exact minimum for this model"):
         run_attack("exact", boosted.module, xa, ya)
-    forest = fitted("random_forest", x[:200], y[:200], n_estimators=3)
-    xa, ya = correct(forest.estimator, x[1000:], y[1000:], 2)
-    with pytest.raises(AttackError, match="Linf only"):
-        run_attack("exact", forest.module, xa, ya)
 
 
-def brute_force_forest(est, x0: np.ndarray, label: int) -> float:
+def brute_force_forest(est, x0: np.ndarray, label: int, norm: str = "linf") -> float:
     """Every cell of the forest's threshold grid (with the MILP's guard margins), its point
-    nearest x0 classified by the forest itself: the least Linf distance of a wrong one."""
+    nearest x0 (in both norms: x0 clipped to the cell) classified by the forest itself: the
+    least distance of a wrong one."""
     trees = tree_ensemble_trees(est)
     intervals = []
     for f in range(len(x0)):
@@ -234,32 +231,41 @@ def brute_force_forest(est, x0: np.ndarray, label: int) -> float:
     points = np.array([[np.clip(x0[f], lo, hi) for f, (lo, hi) in enumerate(cell)]
                        for cell in itertools.product(*intervals)])  # fmt: skip
     wrong = est.predict(points) != label
-    return float(np.abs(points - x0).max(1)[wrong].min())
+    dist = np.abs(points - x0).max(1) if norm == "linf" else np.linalg.norm(points - x0, axis=1)
+    return float(dist[wrong].min())
 
 
-def test_exact_forest_minima_equal_brute_force() -> None:
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_exact_forest_minima_equal_brute_force(norm) -> None:
     rng = np.random.default_rng(0)
     for dim, n, trees, depth, classes in [(2, 30, 3, 3, 2), (3, 40, 5, 3, 3), (4, 30, 3, 2, 2)]:
         x, y = rng.random((n, dim)), rng.integers(0, classes, n)
         est = RandomForestClassifier(trees, max_depth=depth, random_state=0).fit(x, y)
         xs = rng.random((5, dim))
         ys = est.predict(xs)
-        for result, x0, label in zip(forest_minimum(est, xs, ys), xs, ys, strict=True):
+        for result, x0, label in zip(forest_minimum(est, xs, ys, norm=norm), xs, ys, strict=True):
             assert result.exact and est.predict(result.point[None])[0] != label
-            assert result.upper == pytest.approx(brute_force_forest(est, x0, label), abs=1e-7)
+            want = brute_force_forest(est, x0, label, norm)
+            assert result.upper == pytest.approx(want, abs=1e-7)
 
 
-def test_the_exact_linf_attack_on_a_random_forest(digits) -> None:
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_the_exact_attack_on_a_random_forest(digits, norm) -> None:
     x, y = digits
     forest = fitted("random_forest", x[:300], y[:300], n_estimators=5, max_depth=4)
     xa, ya = correct(forest.estimator, x[1000:], y[1000:], 4)
-    result = run_attack("exact_linf", forest.module, xa, ya)
+    suffix = "_linf" if norm == "linf" else ""
+    result = run_attack("exact" + suffix, forest.module, xa, ya)
     assert result.success.all()
     assert np.all(forest.estimator.predict(result.x_adv.flatten(1).numpy()) != ya.numpy())
-    hsj = run_attack("hsj_linf", forest.module, xa, ya, max_queries=1000)
-    exact = (result.x_adv - xa).flatten(1).abs().amax(1)
-    found = (hsj.x_adv - xa).flatten(1).abs().amax(1)
+    hsj = run_attack("hsj" + suffix, forest.module, xa, ya, max_queries=1000)
+    exact = _distance_rows(result.x_adv - xa, norm)
+    found = _distance_rows(hsj.x_adv - xa, norm)
     assert (found[hsj.success] >= exact[hsj.success] - GUARD).all()  # none beats the minimum
+
+
+def _distance_rows(d: torch.Tensor, norm: str) -> torch.Tensor:
+    return d.flatten(1).abs().amax(1) if norm == "linf" else d.flatten(1).norm(dim=1)
 
 
 # HopSkipJump at this budget (queries per example, every phase counted)

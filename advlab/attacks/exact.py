@@ -6,7 +6,7 @@ advlab.bounds (their proven minima), so sweeps store, score and report them like
   advlab.bounds.exact.linear_minimum;
 - a 1-nearest-neighbour classifier (the `knn` family with n_neighbors 1, Euclidean): the convex
   problems of advlab.bounds.neighbours;
-- a tree ensemble (decision tree, random forest, extra trees), Linf only: the mixed-integer
+- a tree ensemble (decision tree, random forest, extra trees), in Linf and L2: the mixed-integer
   program of advlab.bounds.trees (Kantchelian et al. 2016), whose points lie past the
   thresholds by its guard margin and are used as they are.
 
@@ -109,7 +109,7 @@ def _minimisers(
     if not linear:
         raise AttackError(
             "exact: no exact minimum for this model; it covers linear models (fc10, logistic, "
-            "linear_svm), 1-nearest neighbour (knn with n_neighbors 1) and, in Linf, random "
+            "linear_svm), 1-nearest neighbour (knn with n_neighbors 1) and small random "
             "forests; use hsj or ddn"
         )
     device = model_device(model)
@@ -124,16 +124,12 @@ def _minimisers(
 def _forest_points(
     estimator: Any, x: Tensor, y: Tensor, norm: str, s: ExactSettings
 ) -> list[tuple[Tensor, Tensor | None] | None]:
-    """A tree ensemble's exact Linf minimisers (already past the boundary by the guard)."""
+    """A tree ensemble's exact minimisers (already past the boundary by the guard)."""
     from advlab.bounds.trees import forest_minimum
 
-    if norm != "linf":
-        raise AttackError(
-            "exact: tree ensembles have exact minima in Linf only (a MILP); use exact_linf"
-        )
     flat = x.detach().cpu().double().flatten(1).numpy()
     labels = np.asarray(estimator.classes_)[y.cpu().numpy()]
-    found = forest_minimum(estimator, flat, labels, time_limit=s.time_limit)
+    found = forest_minimum(estimator, flat, labels, time_limit=s.time_limit, norm=norm)
     return [
         None if not r.exact else (torch.from_numpy(r.point).view(x.shape[1:]), None) for r in found
     ]

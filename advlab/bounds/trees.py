@@ -1,5 +1,6 @@
-"""Exact minimum Linf distortions of tree ensembles by mixed-integer programming (Kantchelian,
-Tygar & Joseph 2016), for scikit-learn's decision trees, random forests and extra trees.
+"""Exact minimum Linf and L2 distortions of tree ensembles by mixed-integer programming
+(Kantchelian, Tygar & Joseph 2016), for scikit-learn's decision trees, random forests and extra
+trees.
 
 Variables: the pixels x_i the trees split on (in [0, 1]); per pixel and threshold t_ij (sorted)
 a binary p_ij = [x_i <= t_ij], monotone in j; per tree a leaf weight l_v >= 0 summing to 1,
@@ -12,6 +13,12 @@ x_i >= t_ij + guard and going left x_i <= t_ij - 1e-7 (the guard margins: trees 
 float32 pixels with `x <= t`), so the minimum is exact up to `guard`. Every point the solver
 returns is checked with the model's own predict; one that fails is reported as such, never as
 a minimum. HiGHS (scipy.optimize.milp).
+
+Linf minimises eps with |x_i - x0_i| <= eps. L2 needs no quadratic term (HiGHS solves no
+mixed-integer QP): the trees only see which interval between consecutive thresholds each pixel
+lies in, and within an interval the nearest value to x0_i is its projection, so the squared
+distance is a constant per (pixel, interval), linear in the p's. The point is rebuilt from the
+chosen intervals (x0 projected onto each), which the trees route exactly as the solver's.
 """
 
 from __future__ import annotations
@@ -51,16 +58,17 @@ def forest_minimum(
     *,
     guard: float = GUARD,
     time_limit: float = 60.0,
+    norm: str = "linf",
 ) -> list[ExactResult]:
-    """Exact untargeted minimum Linf distortions (B flattened examples) of a fitted tree
-    ensemble; `y` are class labels (of `estimator.classes_`)."""
+    """Exact untargeted minimum distortions in `norm` ("linf" or "l2") of B flattened examples
+    by a fitted tree ensemble; `y` are class labels (of `estimator.classes_`)."""
     trees = tree_ensemble_trees(estimator)
     if trees is None:
         raise ValueError(f"forest_minimum takes scikit-learn trees, not {type(estimator).__name__}")
     xs = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     columns = np.searchsorted(estimator.classes_, np.asarray(y))
     return [
-        _one(estimator, trees, x0, int(c), guard, time_limit)
+        _one(estimator, trees, x0, int(c), guard, time_limit, norm)
         for x0, c in zip(xs, columns, strict=True)
     ]
 
@@ -93,27 +101,36 @@ class _Layout:
 
 
 def _one(
-    estimator: Any, trees: list[Any], x0: np.ndarray, label: int, guard: float, limit: float
+    estimator: Any,
+    trees: list[Any],
+    x0: np.ndarray,
+    label: int,
+    guard: float,
+    limit: float,
+    norm: str,
 ) -> ExactResult:
     start = time.perf_counter()
     said = int(np.searchsorted(estimator.classes_, estimator.predict(x0[None])[0]))
     if said != label:
-        return ExactResult("linf", True, 0.0, 0.0, "adversarial_at_start", "", 0.0,
+        return ExactResult(norm, True, 0.0, 0.0, "adversarial_at_start", "", 0.0,
                            point=x0.copy(), reached=said)  # fmt: skip
     lay = _Layout(trees, len(estimator.classes_), label)
     rows = _Rows()
-    _pixel_rows(rows, lay, x0, guard)
+    _pixel_rows(rows, lay, x0, guard, linf=norm == "linf")
     scores = _tree_rows(rows, lay, trees)
     _goal_rows(rows, lay, scores, label)
     cost = np.zeros(lay.size)
-    cost[lay.eps] = 1.0
+    if norm == "linf":
+        cost[lay.eps] = 1.0
+    else:
+        _squared_costs(cost, lay, x0, guard)
     integral = np.zeros(lay.size)
     integral[len(lay.pixels) : lay.leaves[0][0] if lay.leaves else lay.eps] = 1
     integral[list(lay.goals.values())] = 1
     lower, upper = np.zeros(lay.size), np.ones(lay.size)
     found = milp(cost, constraints=rows.constraint(lay.size), integrality=integral,
                  bounds=Bounds(lower, upper), options={"time_limit": limit})  # fmt: skip
-    return _check(estimator, lay, x0, label, found, time.perf_counter() - start)
+    return _check(estimator, lay, x0, label, found, time.perf_counter() - start, norm, guard)
 
 
 class _Rows:
@@ -140,8 +157,9 @@ class _Rows:
         return LinearConstraint(a, np.array(self.lo), np.array(self.hi))
 
 
-def _pixel_rows(rows: _Rows, lay: _Layout, x0: np.ndarray, guard: float) -> None:
-    """p monotone; x <= t - LEFT where p = 1, x >= t + guard where p = 0; |x - x0| <= eps."""
+def _pixel_rows(rows: _Rows, lay: _Layout, x0: np.ndarray, guard: float, linf: bool) -> None:
+    """p monotone; x <= t - LEFT where p = 1, x >= t + guard where p = 0; in Linf
+    |x - x0| <= eps."""
     for f in lay.pixels.tolist():
         xi, cuts = lay.x[f], lay.cuts[f]
         for j, t in enumerate(cuts.tolist()):
@@ -150,8 +168,36 @@ def _pixel_rows(rows: _Rows, lay: _Layout, x0: np.ndarray, guard: float) -> None
                 rows.add({pj: 1.0, pj + 1: -1.0}, -math.inf, 0.0)
             rows.add({xi: 1.0, pj: 1.0}, -math.inf, t - LEFT + 1.0)
             rows.add({xi: 1.0, pj: t + guard}, t + guard, math.inf)
-        rows.add({xi: 1.0, lay.eps: -1.0}, -math.inf, float(x0[f]))
-        rows.add({xi: 1.0, lay.eps: 1.0}, float(x0[f]), math.inf)
+        if linf:
+            rows.add({xi: 1.0, lay.eps: -1.0}, -math.inf, float(x0[f]))
+            rows.add({xi: 1.0, lay.eps: 1.0}, float(x0[f]), math.inf)
+
+
+def _intervals(cuts: np.ndarray, guard: float) -> np.ndarray:
+    """(m + 1, 2) the values a pixel may take in each interval between its m thresholds."""
+    lo = np.concatenate([[0.0], cuts + guard])
+    hi = np.concatenate([cuts - LEFT, [1.0]])
+    return np.stack([lo, hi], axis=1)
+
+
+def _squared_costs(cost: np.ndarray, lay: _Layout, x0: np.ndarray, guard: float) -> None:
+    """L2's objective, up to a constant: interval k of a pixel (q_k = p_{k+1} - p_k, with
+    p_0 = 0 and p_{m+1} = 1) costs its squared distance to x0, so p_j carries c_{j-1} - c_j."""
+    for f in lay.pixels.tolist():
+        span = _intervals(lay.cuts[f], guard)
+        c = (np.clip(x0[f], span[:, 0], span[:, 1]) - x0[f]) ** 2
+        cost[lay.p[f] : lay.p[f] + len(span) - 1] = c[:-1] - c[1:]
+
+
+def _rebuilt(lay: _Layout, x0: np.ndarray, z: np.ndarray, guard: float) -> np.ndarray:
+    """x0 projected onto each pixel's chosen interval (the one below its first p = 1)."""
+    point = x0.copy()
+    for f in lay.pixels.tolist():
+        p = np.round(z[lay.p[f] : lay.p[f] + len(lay.cuts[f])])
+        k = int((p == 0).sum())  # p is monotone: the zeros come first
+        lo, hi = _intervals(lay.cuts[f], guard)[k]
+        point[f] = min(max(x0[f], lo), hi)
+    return point
 
 
 def _tree_rows(rows: _Rows, lay: _Layout, trees: list[Any]) -> list[dict[int, float]]:
@@ -199,18 +245,29 @@ def _goal_rows(rows: _Rows, lay: _Layout, scores: list[dict[int, float]], label:
 
 
 def _check(
-    estimator: Any, lay: _Layout, x0: np.ndarray, label: int, found: Any, seconds: float
+    estimator: Any,
+    lay: _Layout,
+    x0: np.ndarray,
+    label: int,
+    found: Any,
+    seconds: float,
+    norm: str,
+    guard: float,
 ) -> ExactResult:
     if found.x is None:
         status = {2: "infeasible", 1: "time_limit"}.get(found.status, "error")
         lower = math.inf if status == "infeasible" else 0.0
-        return ExactResult("linf", False, lower, None, status, found.message, seconds, seconds)
-    point = x0.copy()
-    point[lay.pixels] = np.clip(found.x[: len(lay.pixels)], 0.0, 1.0)
-    dist = float(np.abs(point - x0).max(initial=0.0))
+        return ExactResult(norm, False, lower, None, status, found.message, seconds, seconds)
+    if norm == "linf":
+        point = x0.copy()
+        point[lay.pixels] = np.clip(found.x[: len(lay.pixels)], 0.0, 1.0)
+        dist = float(np.abs(point - x0).max(initial=0.0))
+    else:
+        point = _rebuilt(lay, x0, found.x, guard)
+        dist = float(np.linalg.norm(point - x0))
     reached = int(np.searchsorted(estimator.classes_, estimator.predict(point[None])[0]))
     ok = reached != label and found.status == 0
     reason = "" if reached != label else "the model's own predict keeps the label at the point"
-    return ExactResult("linf", ok, dist if ok else 0.0, dist if reached != label else None,
+    return ExactResult(norm, ok, dist if ok else 0.0, dist if reached != label else None,
                        "optimal" if found.status == 0 else "time_limit", found.message,
                        seconds, seconds, point=point, reached=reached, reason=reason)  # fmt: skip
