@@ -1,6 +1,6 @@
 """The critics' controls attacked directly: torch decision functions equal scikit-learn's, every
 adversarial a gradient attack returns on them is misclassified by the scikit-learn model
-itself, exact minima (linear models, 1-NN, random forests in Linf) equal brute force, and
+itself, exact minima (linear models, 1-NN, random forests in Linf and L2) equal brute force, and
 HopSkipJump (decision-based) lands within 10% of the exact minimum on a linear model at a
 stated query budget."""
 
