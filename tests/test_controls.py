@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
@@ -22,7 +22,7 @@ from advlab.attacks.base import AttackError
 from advlab.attacks.registry import get, run_attack
 from advlab.bounds.exact import _distance, _highs_lp, _highs_qp, linear_minimum
 from advlab.bounds.neighbours import nearest_neighbour_minimum
-from advlab.bounds.trees import GUARD, LEFT, forest_minimum, tree_ensemble_trees
+from advlab.bounds.trees import GUARD, LEFT, forest_minimum, tree_ensemble
 from advlab.families import FitJob, ModelRequest, resolve
 from advlab.families.decision import NeighbourVotes, torch_decision, torch_labels
 from advlab.spec import TrainSpec
@@ -208,17 +208,17 @@ def test_the_exact_attack_on_1nn_and_linear_models(digits, norm) -> None:
 
 def test_the_exact_attack_refuses_a_model_it_has_no_minimum_for(digits) -> None:
     x, y = digits
-    boosted = fitted("gradient_boosting", x[:200], y[:200], max_iter=3)
-    xa, ya = correct(boosted.estimator, x[1000:], y[1000:], 2)
+    svm = fitted("rbf_svm", x[:200], y[:200])
+    xa, ya = correct(svm.estimator, x[1000:], y[1000:], 2)
     with pytest.raises(AttackError, match="no exact minimum for this model"):
-        run_attack("exact", boosted.module, xa, ya)
+        run_attack("exact", svm.module, xa, ya)
 
 
 def brute_force_forest(est, x0: np.ndarray, label: int, norm: str = "linf") -> float:
     """Every cell of the forest's threshold grid (with the MILP's guard margins), its point
     nearest x0 (in both norms: x0 clipped to the cell) classified by the forest itself: the
     least distance of a wrong one."""
-    trees = tree_ensemble_trees(est)
+    trees, _ = tree_ensemble(est)
     intervals = []
     for f in range(len(x0)):
         cuts = np.unique(np.concatenate(
@@ -235,29 +235,51 @@ def brute_force_forest(est, x0: np.ndarray, label: int, norm: str = "linf") -> f
     return float(dist[wrong].min())
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_exact_forest_minima_equal_brute_force(norm) -> None:
+def small_ensemble(kind: str, trees: int, depth: int, x: np.ndarray, y: np.ndarray):
+    if kind == "forest":
+        return RandomForestClassifier(trees, max_depth=depth, random_state=0).fit(x, y)
+    boosting = HistGradientBoostingClassifier(
+        max_iter=trees,
+        max_depth=depth,
+        learning_rate=0.5,
+        min_samples_leaf=3,
+        early_stopping=False,
+        random_state=0,
+    )
+    return boosting.fit(x, y)
+
+
+@pytest.mark.parametrize("kind", ["forest", "boosting"])
+def test_exact_tree_ensemble_minima_equal_brute_force(kind) -> None:
     rng = np.random.default_rng(0)
     for dim, n, trees, depth, classes in [(2, 30, 3, 3, 2), (3, 40, 5, 3, 3), (4, 30, 3, 2, 2)]:
         x, y = rng.random((n, dim)), rng.integers(0, classes, n)
-        est = RandomForestClassifier(trees, max_depth=depth, random_state=0).fit(x, y)
-        xs = rng.random((5, dim))
+        est = small_ensemble(kind, trees, depth, x, y)
+        xs = rng.random((4, dim))
         ys = est.predict(xs)
-        for result, x0, label in zip(forest_minimum(est, xs, ys, norm=norm), xs, ys, strict=True):
-            assert result.exact and est.predict(result.point[None])[0] != label
-            want = brute_force_forest(est, x0, label, norm)
-            assert result.upper == pytest.approx(want, abs=1e-7)
+        for norm in ("linf", "l2"):
+            found = forest_minimum(est, xs, ys, norm=norm)
+            for result, x0, label in zip(found, xs, ys, strict=True):
+                assert result.exact and est.predict(result.point[None])[0] != label
+                want = brute_force_forest(est, x0, label, norm)
+                assert result.upper == pytest.approx(want, abs=1e-7)
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
-def test_the_exact_attack_on_a_random_forest(digits, norm) -> None:
+@pytest.mark.parametrize(
+    ("family", "norm"),
+    [("random_forest", "linf"), ("random_forest", "l2"), ("gradient_boosting", "l2")],
+)
+def test_the_exact_attack_on_tree_ensembles(digits, family, norm) -> None:
     x, y = digits
-    forest = fitted("random_forest", x[:300], y[:300], n_estimators=5, max_depth=4)
+    args = {"n_estimators": 5} if family == "random_forest" else {"max_iter": 1}
+    forest = fitted(family, x[:300], y[:300], max_depth=4, **args)
     xa, ya = correct(forest.estimator, x[1000:], y[1000:], 4)
     suffix = "_linf" if norm == "linf" else ""
     result = run_attack("exact" + suffix, forest.module, xa, ya)
     assert result.success.all()
     assert np.all(forest.estimator.predict(result.x_adv.flatten(1).numpy()) != ya.numpy())
+    if family != "random_forest":
+        return  # boosting's predict is slow per call (a thread pool): HopSkipJump is not run
     hsj = run_attack("hsj" + suffix, forest.module, xa, ya, max_queries=1000)
     exact = _distance_rows(result.x_adv - xa, norm)
     found = _distance_rows(hsj.x_adv - xa, norm)
