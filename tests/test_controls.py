@@ -97,9 +97,11 @@ def test_the_torch_knn_label_oracle_predicts_as_scikit_learn(digits, k, classes)
     est = KNeighborsClassifier(n_neighbors=k).fit(x[keep][:700].astype(np.float64), y[keep][:700])
     oracle = torch_labels(est, 10)
     assert isinstance(oracle, NeighbourVotes)
-    # test digits, and random points between digits (off the 1/16 grid, where distances tie less)
+    # test digits, random points between digits (off the 1/16 grid, where distances tie less),
+    # and runs of probes within 1e-3 of points between digits (the blocks the oracle prunes)
     between = x[800:1000] + rng.uniform(0, 1, (200, 1)) * (x[1000:1200] - x[800:1000])
-    queries = np.concatenate([x[700:], between.astype(np.float32)])
+    probes = np.repeat(between[:4], 100, axis=0) + rng.normal(0, 1e-3 / 8, (400, 64))
+    queries = np.concatenate([x[700:], between, probes.clip(0, 1)]).astype(np.float32)
     got = oracle(images(queries)).argmax(1).numpy()
     assert np.array_equal(got, est.predict(queries.astype(np.float64)))
     assert torch_labels(KNeighborsClassifier(weights="distance").fit(x[:50], y[:50]), 10) is None

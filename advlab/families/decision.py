@@ -14,7 +14,8 @@
   nearest training points, whose argmax (the smallest class among tied votes) is predict. It
   is a label oracle, not a decision function (the votes are piecewise constant): the model
   stays prediction-only, but decision-based attacks query it in batched float64 matrix
-  products instead of one scikit-learn call per batch (`torch_labels`).
+  products instead of one scikit-learn call per batch, each block of nearby queries against
+  only the training points that can be nearest (`torch_labels`).
 
 Every module computes in float64 and returns the input's dtype. A class the estimator never saw
 (a subsample without it) gets the logit `ABSENT`, so it never wins.
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 ABSENT = -1.0e9  # the logit of a class the estimator was not fitted on
 SOFT_VOTE_SCALE = 1.0  # pairwise score units per unit of the smooth votes' sigmoid
 KERNEL_BLOCK = 1 << 19  # float64 entries of one (queries, training points) block: 4 MiB
+LOCAL_BLOCK = 128  # queries per block of the neighbour votes (pruned around the block's centre)
 
 
 class Float64Sequential(nn.Sequential):
@@ -210,15 +212,24 @@ class NeighbourVotes(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.detach().flatten(1).to(self.points.dtype)
-        rows = max(1, KERNEL_BLOCK // len(self.points))  # cache-sized distance blocks
+        rows = max(1, min(LOCAL_BLOCK, KERNEL_BLOCK // len(self.points)))
         votes = torch.cat([self._votes(part) for part in flat.split(rows)])
         out = torch.full((len(x), self.num_classes), ABSENT, dtype=votes.dtype, device=x.device)
         out[:, self.classes] = votes
         return out.to(x.dtype)
 
     def _votes(self, flat: Tensor) -> Tensor:
+        """Votes of a block of queries. A decision-based attack asks in runs of queries close
+        together (probes around one point), so only the training points that can be among the
+        k nearest of some query are compared: by the triangle inequality, those within
+        (k-th nearest distance + 2 r) of the block's centre, r the block's radius about it."""
+        centre = flat.mean(0)
+        radius = (flat - centre).norm(dim=1).max()
+        reach = (self.points - centre).norm(dim=1)
+        bound = reach.kthvalue(self.k).values + 2 * radius
+        keep = (reach <= bound * (1 + 1e-9) + 1e-12).nonzero().flatten()  # round-off slack
         # |x|^2 is the same for every training point, so it is left out of the ranking
-        sq = torch.addmm(self.points_sq, flat, self.points.T, alpha=-2.0)
-        near = sq.topk(self.k, dim=1, largest=False).indices
+        sq = torch.addmm(self.points_sq[keep], flat, self.points[keep].T, alpha=-2.0)
+        near = keep[sq.topk(self.k, dim=1, largest=False).indices]
         votes = flat.new_zeros(len(flat), len(self.classes))
         return votes.scatter_add_(1, self.labels[near], torch.ones_like(near, dtype=flat.dtype))
