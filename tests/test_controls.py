@@ -88,8 +88,7 @@ def test_torch_decision_functions_equal_scikit_learns(digits, estimator, classes
         np.testing.assert_allclose(pairwise, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("k", [1, 5])
-@pytest.mark.parametrize("classes", [10, 9])
+@pytest.mark.parametrize(("k", "classes"), [(1, 10), (5, 9)])
 def test_the_torch_knn_label_oracle_predicts_as_scikit_learn(digits, k, classes) -> None:
     x, y = digits
     keep = y != 4 if classes == 9 else np.ones_like(y, dtype=bool)  # 9: class 4 never seen
