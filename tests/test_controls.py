@@ -1,8 +1,9 @@
 """The critics' controls attacked directly: torch decision functions equal scikit-learn's, every
 adversarial a gradient attack returns on them is misclassified by the scikit-learn model
-itself, exact minima (linear models, 1-NN, random forests in Linf and L2) equal brute force, and
-HopSkipJump (decision-based) lands within 10% of the exact minimum on a linear model at a
-stated query budget."""
+itself, exact minima (linear models, 1-NN, random forests and boosted trees in Linf and L2)
+equal brute force, the torch k-NN label oracle predicts as scikit-learn, and HopSkipJump
+(decision-based) lands within 10% of the exact minimum on a linear model at a stated query
+budget."""
 
 from __future__ import annotations
 
