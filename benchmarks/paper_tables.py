@@ -10,6 +10,7 @@ beside the Gaussian-noise rows, with the controls as extra columns.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import pandas as pd
@@ -19,10 +20,17 @@ from advlab.tables import NOISE_SOURCE
 
 
 def trial_label(row: pd.Series) -> str:
-    """The paper's way of naming a model: fc100-100-10(1e-05, 1e-05, 1e-06)."""
-    decay = ", ".join(f"{v:g}" for v in row["weight_decay"])  # always a list of lambdas
+    """The paper's way of naming a model: fc100-100-10(1e-05, 1e-05, 1e-06); a control by its
+    settings: knn(n_neighbors=1, max_train=10000)."""
+    args = row.get("model_args")
+    if isinstance(args, str):
+        args = json.loads(args) if args else {}
+    if args:
+        settings = ", ".join(f"{k}={v}" for k, v in args.items())
+    else:
+        settings = ", ".join(f"{v:g}" for v in row["weight_decay"])  # a list of lambdas
     subset = "" if row["subset"] == "all" else f" {row['subset']}"
-    return f"{row['model']}({decay}){subset}"
+    return f"{row['model']}({settings}){subset}"
 
 
 def pct(value: float) -> str:

@@ -1,8 +1,9 @@
 """The critics' controls attacked directly: torch decision functions equal scikit-learn's, every
 adversarial a gradient attack returns on them is misclassified by the scikit-learn model
-itself, exact minima (linear models, 1-NN, random forests in Linf) equal brute force, and
-HopSkipJump (decision-based) lands within 10% of the exact minimum on a linear model at a
-stated query budget."""
+itself, exact minima (linear models, 1-NN, random forests and boosted trees in Linf and L2)
+equal brute force, the torch k-NN label oracle predicts as scikit-learn, and HopSkipJump
+(decision-based) lands within 10% of the exact minimum on a linear model at a stated query
+budget."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from sklearn.ensemble import RandomForestClassifier
+from sklearn.ensemble import HistGradientBoostingClassifier, RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC, LinearSVC
@@ -22,9 +23,9 @@ from advlab.attacks.base import AttackError
 from advlab.attacks.registry import get, run_attack
 from advlab.bounds.exact import _distance, _highs_lp, _highs_qp, linear_minimum
 from advlab.bounds.neighbours import nearest_neighbour_minimum
-from advlab.bounds.trees import GUARD, LEFT, forest_minimum, tree_ensemble_trees
+from advlab.bounds.trees import GUARD, LEFT, forest_minimum, tree_ensemble
 from advlab.families import FitJob, ModelRequest, resolve
-from advlab.families.decision import torch_decision
+from advlab.families.decision import NeighbourVotes, torch_decision, torch_labels
 from advlab.spec import TrainSpec
 
 
@@ -86,6 +87,26 @@ def test_torch_decision_functions_equal_scikit_learns(digits, estimator, classes
         pairwise = module.pairwise(images(x)).numpy()
         expected = -ovo[:, None] if ovo.ndim == 1 else ovo  # two classes: sklearn flips it
         np.testing.assert_allclose(pairwise, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("k", "classes"), [(1, 10), (5, 9)])
+def test_the_torch_knn_label_oracle_predicts_as_scikit_learn(digits, k, classes) -> None:
+    x, y = digits
+    keep = y != 4 if classes == 9 else np.ones_like(y, dtype=bool)  # 9: class 4 never seen
+    rng = np.random.default_rng(k)
+    est = KNeighborsClassifier(n_neighbors=k).fit(x[keep][:700].astype(np.float64), y[keep][:700])
+    oracle = torch_labels(est, 10)
+    assert isinstance(oracle, NeighbourVotes)
+    # test digits, random points between digits (off the 1/16 grid, where distances tie less),
+    # and runs of probes within 1e-3 of points between digits (the blocks the oracle prunes)
+    between = x[800:1000] + rng.uniform(0, 1, (200, 1)) * (x[1000:1200] - x[800:1000])
+    probes = np.repeat(between[:4], 100, axis=0) + rng.normal(0, 1e-3 / 8, (400, 64))
+    queries = np.concatenate([x[700:], between, probes.clip(0, 1)]).astype(np.float32)
+    got = oracle(images(queries)).argmax(1).numpy()
+    assert np.array_equal(got, est.predict(queries.astype(np.float64)))
+    assert torch_labels(KNeighborsClassifier(weights="distance").fit(x[:50], y[:50]), 10) is None
+    model = fitted("knn", x[:300], y[:300], n_neighbors=k)
+    assert isinstance(model.module, NeighbourVotes) and not model.gradients
 
 
 def test_an_rbf_svm_that_breaks_ties_by_class_order_stays_prediction_only(digits) -> None:
@@ -189,20 +210,17 @@ def test_the_exact_attack_on_1nn_and_linear_models(digits, norm) -> None:
 
 def test_the_exact_attack_refuses_a_model_it_has_no_minimum_for(digits) -> None:
     x, y = digits
-    boosted = fitted("gradient_boosting", x[:200], y[:200], max_iter=3)
-    xa, ya = correct(boosted.estimator, x[1000:], y[1000:], 2)
+    svm = fitted("rbf_svm", x[:200], y[:200])
+    xa, ya = correct(svm.estimator, x[1000:], y[1000:], 2)
     with pytest.raises(AttackError, match="no exact minimum for this model"):
-        run_attack("exact", boosted.module, xa, ya)
-    forest = fitted("random_forest", x[:200], y[:200], n_estimators=3)
-    xa, ya = correct(forest.estimator, x[1000:], y[1000:], 2)
-    with pytest.raises(AttackError, match="Linf only"):
-        run_attack("exact", forest.module, xa, ya)
+        run_attack("exact", svm.module, xa, ya)
 
 
-def brute_force_forest(est, x0: np.ndarray, label: int) -> float:
+def brute_force_forest(est, x0: np.ndarray, label: int, norm: str = "linf") -> float:
     """Every cell of the forest's threshold grid (with the MILP's guard margins), its point
-    nearest x0 classified by the forest itself: the least Linf distance of a wrong one."""
-    trees = tree_ensemble_trees(est)
+    nearest x0 (in both norms: x0 clipped to the cell) classified by the forest itself: the
+    least distance of a wrong one."""
+    trees, _ = tree_ensemble(est)
     intervals = []
     for f in range(len(x0)):
         cuts = np.unique(np.concatenate(
@@ -215,32 +233,63 @@ def brute_force_forest(est, x0: np.ndarray, label: int) -> float:
     points = np.array([[np.clip(x0[f], lo, hi) for f, (lo, hi) in enumerate(cell)]
                        for cell in itertools.product(*intervals)])  # fmt: skip
     wrong = est.predict(points) != label
-    return float(np.abs(points - x0).max(1)[wrong].min())
+    dist = np.abs(points - x0).max(1) if norm == "linf" else np.linalg.norm(points - x0, axis=1)
+    return float(dist[wrong].min())
 
 
-def test_exact_forest_minima_equal_brute_force() -> None:
+def small_ensemble(kind: str, trees: int, depth: int, x: np.ndarray, y: np.ndarray):
+    if kind == "forest":
+        return RandomForestClassifier(trees, max_depth=depth, random_state=0).fit(x, y)
+    boosting = HistGradientBoostingClassifier(
+        max_iter=trees,
+        max_depth=depth,
+        learning_rate=0.5,
+        min_samples_leaf=3,
+        early_stopping=False,
+        random_state=0,
+    )
+    return boosting.fit(x, y)
+
+
+@pytest.mark.parametrize("kind", ["forest", "boosting"])
+def test_exact_tree_ensemble_minima_equal_brute_force(kind) -> None:
     rng = np.random.default_rng(0)
     for dim, n, trees, depth, classes in [(2, 30, 3, 3, 2), (3, 40, 5, 3, 3), (4, 30, 3, 2, 2)]:
         x, y = rng.random((n, dim)), rng.integers(0, classes, n)
-        est = RandomForestClassifier(trees, max_depth=depth, random_state=0).fit(x, y)
-        xs = rng.random((5, dim))
+        est = small_ensemble(kind, trees, depth, x, y)
+        xs = rng.random((4, dim))
         ys = est.predict(xs)
-        for result, x0, label in zip(forest_minimum(est, xs, ys), xs, ys, strict=True):
-            assert result.exact and est.predict(result.point[None])[0] != label
-            assert result.upper == pytest.approx(brute_force_forest(est, x0, label), abs=1e-7)
+        for norm in ("linf", "l2"):
+            found = forest_minimum(est, xs, ys, norm=norm)
+            for result, x0, label in zip(found, xs, ys, strict=True):
+                assert result.exact and est.predict(result.point[None])[0] != label
+                want = brute_force_forest(est, x0, label, norm)
+                assert result.upper == pytest.approx(want, abs=1e-7)
 
 
-def test_the_exact_linf_attack_on_a_random_forest(digits) -> None:
+@pytest.mark.parametrize(
+    ("family", "norm"),
+    [("random_forest", "linf"), ("random_forest", "l2"), ("gradient_boosting", "l2")],
+)
+def test_the_exact_attack_on_tree_ensembles(digits, family, norm) -> None:
     x, y = digits
-    forest = fitted("random_forest", x[:300], y[:300], n_estimators=5, max_depth=4)
+    args = {"n_estimators": 5} if family == "random_forest" else {"max_iter": 1}
+    forest = fitted(family, x[:300], y[:300], max_depth=4, **args)
     xa, ya = correct(forest.estimator, x[1000:], y[1000:], 4)
-    result = run_attack("exact_linf", forest.module, xa, ya)
+    suffix = "_linf" if norm == "linf" else ""
+    result = run_attack("exact" + suffix, forest.module, xa, ya)
     assert result.success.all()
     assert np.all(forest.estimator.predict(result.x_adv.flatten(1).numpy()) != ya.numpy())
-    hsj = run_attack("hsj_linf", forest.module, xa, ya, max_queries=1000)
-    exact = (result.x_adv - xa).flatten(1).abs().amax(1)
-    found = (hsj.x_adv - xa).flatten(1).abs().amax(1)
+    if family != "random_forest":
+        return  # boosting's predict is slow per call (a thread pool): HopSkipJump is not run
+    hsj = run_attack("hsj" + suffix, forest.module, xa, ya, max_queries=1000)
+    exact = _distance_rows(result.x_adv - xa, norm)
+    found = _distance_rows(hsj.x_adv - xa, norm)
     assert (found[hsj.success] >= exact[hsj.success] - GUARD).all()  # none beats the minimum
+
+
+def _distance_rows(d: torch.Tensor, norm: str) -> torch.Tensor:
+    return d.flatten(1).abs().amax(1) if norm == "linf" else d.flatten(1).norm(dim=1)
 
 
 # HopSkipJump at this budget (queries per example, every phase counted)

@@ -6,9 +6,9 @@ advlab.bounds (their proven minima), so sweeps store, score and report them like
   advlab.bounds.exact.linear_minimum;
 - a 1-nearest-neighbour classifier (the `knn` family with n_neighbors 1, Euclidean): the convex
   problems of advlab.bounds.neighbours;
-- a tree ensemble (decision tree, random forest, extra trees), Linf only: the mixed-integer
-  program of advlab.bounds.trees (Kantchelian et al. 2016), whose points lie past the
-  thresholds by its guard margin and are used as they are.
+- a tree ensemble (decision tree, random forest, extra trees, histogram gradient boosting), in
+  Linf and L2: the mixed-integer program of advlab.bounds.trees (Kantchelian et al. 2016),
+  whose points lie past the thresholds by its guard margin and are used as they are.
 
 A minimiser lies on the decision boundary, where the classes tie; the returned image is moved
 just past it (toward the winning training point for 1-NN, along the perturbation for linear
@@ -96,9 +96,9 @@ def _minimisers(
             tx, ty, flat, y.cpu().numpy(), norm=norm, nearest=s.nearest
         )
         return [_knn_pair(r, tx, ty, x.shape[1:]) for r in results]
-    from advlab.bounds.trees import tree_ensemble_trees
+    from advlab.bounds.trees import tree_ensemble
 
-    if tree_ensemble_trees(estimator) is not None:
+    if tree_ensemble(estimator) is not None:
         return _forest_points(estimator, x, y, norm, s)
     from advlab.bounds.exact import linear_minimum, relu_net
 
@@ -109,8 +109,8 @@ def _minimisers(
     if not linear:
         raise AttackError(
             "exact: no exact minimum for this model; it covers linear models (fc10, logistic, "
-            "linear_svm), 1-nearest neighbour (knn with n_neighbors 1) and, in Linf, random "
-            "forests; use hsj or ddn"
+            "linear_svm), 1-nearest neighbour (knn with n_neighbors 1) and small tree "
+            "ensembles (random_forest, gradient_boosting); use hsj or ddn"
         )
     device = model_device(model)
     results = linear_minimum(model.cpu(), x.cpu(), y.cpu(), norm=norm)
@@ -124,16 +124,12 @@ def _minimisers(
 def _forest_points(
     estimator: Any, x: Tensor, y: Tensor, norm: str, s: ExactSettings
 ) -> list[tuple[Tensor, Tensor | None] | None]:
-    """A tree ensemble's exact Linf minimisers (already past the boundary by the guard)."""
+    """A tree ensemble's exact minimisers (already past the boundary by the guard)."""
     from advlab.bounds.trees import forest_minimum
 
-    if norm != "linf":
-        raise AttackError(
-            "exact: tree ensembles have exact minima in Linf only (a MILP); use exact_linf"
-        )
     flat = x.detach().cpu().double().flatten(1).numpy()
     labels = np.asarray(estimator.classes_)[y.cpu().numpy()]
-    found = forest_minimum(estimator, flat, labels, time_limit=s.time_limit)
+    found = forest_minimum(estimator, flat, labels, time_limit=s.time_limit, norm=norm)
     return [
         None if not r.exact else (torch.from_numpy(r.point).view(x.shape[1:]), None) for r in found
     ]

@@ -224,20 +224,22 @@ def _gradient_estimate(
     noise = [
         torch.randn(int(k), d, generator=gens[int(i)]) for i, k in zip(rows, probes, strict=True)
     ]
-    sizes = probes.tolist()
-    u = torch.cat(noise).to(state.x)
-    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    owner = torch.repeat_interleave(torch.arange(len(rows), device=u.device), probes)
-    base = state.point[rows][owner]
-    z = (base + delta[owner, None] * u).clamp(0.0, 1.0)
-    u = (z - base) / delta[owner, None]  # the probe the box let through
-    sign = state.adversarial(z, rows[owner]).to(u.dtype) * 2 - 1
-    out = []
-    for part_u, part_s in zip(u.split(sizes), sign.split(sizes), strict=True):
-        mean = part_s.mean()
-        weight = part_s if mean.abs() == 1 else part_s - mean  # all one side: no baseline
-        out.append((weight[:, None] * part_u).mean(0))
-    grad = torch.stack(out)
+    z = torch.cat(noise).to(state.x)
+    owner = torch.repeat_interleave(torch.arange(len(rows), device=z.device), probes)
+    # z = point + delta * u / |u|, clipped to the box, in place: the probes are most of the
+    # attack's memory traffic, so each is written once and read by the model and one sum
+    scale = delta[owner, None] / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    z = z.mul_(scale).add_(state.point[rows][owner]).clamp_(0.0, 1.0)
+    sign = state.adversarial(z, rows[owner]).to(z.dtype) * 2 - 1
+    # per example: the signs less their mean (a baseline), unless all fell on one side. The
+    # estimate sum_i w_i (z_i - point) / delta (the probes the box let through) is normalised,
+    # so it is sum_i w_i z_i - (sum_i w_i) point: one index_add_ over the probes
+    mean = z.new_zeros(len(rows)).index_add_(0, owner, sign) / probes.to(z.dtype)
+    baseline = torch.where(mean.abs() == 1, torch.zeros_like(mean), mean)
+    weight = sign - baseline[owner]
+    total = z.new_zeros(len(rows)).index_add_(0, owner, weight)
+    grad = z.new_zeros(len(rows), d).index_add_(0, owner, z.mul_(weight[:, None]))
+    grad = grad - total[:, None] * state.point[rows]
     return grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 

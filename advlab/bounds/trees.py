@@ -1,23 +1,33 @@
-"""Exact minimum Linf distortions of tree ensembles by mixed-integer programming (Kantchelian,
-Tygar & Joseph 2016), for scikit-learn's decision trees, random forests and extra trees.
+"""Exact minimum Linf and L2 distortions of tree ensembles by mixed-integer programming
+(Kantchelian, Tygar & Joseph 2016), for scikit-learn's decision trees, random forests, extra
+trees and histogram gradient boosting.
 
 Variables: the pixels x_i the trees split on (in [0, 1]); per pixel and threshold t_ij (sorted)
 a binary p_ij = [x_i <= t_ij], monotone in j; per tree a leaf weight l_v >= 0 summing to 1,
 with the leaves under a node's left child summing to at most its p and those under the right
 child to at most 1 - p (so exactly the reached leaf has weight 1); the ensemble's class scores
-s_c = mean over trees of the reached leaf's class fractions (scikit-learn's predict_proba);
-for the untargeted goal a binary per wrong class, one of which must score at least the label's
-(strictly more for a class after the label: argmax takes the first on ties). Going right needs
+s_c = a baseline plus the reached leaves' scores (a forest: the mean over trees of the leaf's
+class fractions, its predict_proba; boosting: the raw scores, baseline plus each class's trees'
+leaf values, whose argmax its predict is); for the untargeted goal a binary per wrong class,
+one of which must score at least the label's (strictly more for a class after the label:
+argmax takes the first on ties). Going right needs
 x_i >= t_ij + guard and going left x_i <= t_ij - 1e-7 (the guard margins: trees compare
 float32 pixels with `x <= t`), so the minimum is exact up to `guard`. Every point the solver
 returns is checked with the model's own predict; one that fails is reported as such, never as
 a minimum. HiGHS (scipy.optimize.milp).
+
+Linf minimises eps with |x_i - x0_i| <= eps. L2 needs no quadratic term (HiGHS solves no
+mixed-integer QP): the trees only see which interval between consecutive thresholds each pixel
+lies in, and within an interval the nearest value to x0_i is its projection, so the squared
+distance is a constant per (pixel, interval), linear in the p's. The point is rebuilt from the
+chosen intervals (x0 projected onto each), which the trees route exactly as the solver's.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,17 +41,72 @@ LEFT = 1e-7  # and below it to go left: a float32 pixel then still compares <= i
 TIE = 1e-6  # how much a class after the label must outscore it
 
 
-def tree_ensemble_trees(estimator: Any) -> list[Any] | None:
-    """The fitted `tree_` objects of a decision tree, random forest or extra-trees classifier
-    (None for anything else)."""
-    from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+@dataclass
+class Tree:
+    """One tree in scikit-learn's `tree_` layout (children_left < 0 at leaves; a node goes left
+    where x[feature] <= threshold) with what each leaf adds to each class's score."""
+
+    feature: np.ndarray
+    threshold: np.ndarray
+    children_left: np.ndarray
+    children_right: np.ndarray
+    scores: np.ndarray  # (nodes, classes)
+
+    @property
+    def node_count(self) -> int:
+        return len(self.feature)
+
+
+def tree_ensemble(estimator: Any) -> tuple[list[Tree], np.ndarray] | None:
+    """(trees, baseline) of a fitted decision tree, random forest, extra-trees or histogram
+    gradient-boosting classifier, whose predict is the argmax (the first on ties) of baseline
+    plus the reached leaves' scores; None for anything else."""
+    from sklearn.ensemble import (
+        ExtraTreesClassifier,
+        HistGradientBoostingClassifier,
+        RandomForestClassifier,
+    )
     from sklearn.tree import DecisionTreeClassifier
 
+    if isinstance(estimator, HistGradientBoostingClassifier):
+        return _boosted_trees(estimator)
     if isinstance(estimator, DecisionTreeClassifier):
-        return [estimator.tree_]
-    if isinstance(estimator, RandomForestClassifier | ExtraTreesClassifier):
-        return [t.tree_ for t in estimator.estimators_]
-    return None
+        fitted = [estimator.tree_]
+    elif isinstance(estimator, RandomForestClassifier | ExtraTreesClassifier):
+        fitted = [t.tree_ for t in estimator.estimators_]
+    else:
+        return None
+    trees = []
+    for t in fitted:
+        fractions = t.value[:, 0, :] / t.value[:, 0, :].sum(1, keepdims=True)
+        trees.append(Tree(t.feature, t.threshold, t.children_left, t.children_right,
+                          fractions / len(fitted)))  # fmt: skip
+    return trees, np.zeros(len(estimator.classes_))
+
+
+def _boosted_trees(estimator: Any) -> tuple[list[Tree], np.ndarray] | None:
+    """Histogram boosting's trees (numeric splits, no missing values: images have none). Two
+    classes: one tree per round scoring class 1 against a fixed 0 (predict: class 1 where the
+    raw score is > 0); more: one tree per class per round."""
+    k = len(estimator.classes_)
+    baseline = np.asarray(estimator._baseline_prediction, dtype=np.float64).ravel()
+    if k == 2:
+        baseline = np.array([0.0, baseline[0]])
+    trees = []
+    for round_ in estimator._predictors:
+        for column, predictor in enumerate(round_):
+            nodes = predictor.nodes
+            if nodes["is_categorical"].any():
+                return None
+            leaf = nodes["is_leaf"].astype(bool)
+            scores = np.zeros((len(nodes), k))
+            scores[:, 1 if k == 2 else column] = np.where(leaf, nodes["value"], 0.0)
+            left = np.where(leaf, -1, nodes["left"].astype(np.int64))
+            right = np.where(leaf, -1, nodes["right"].astype(np.int64))
+            feature = nodes["feature_idx"].astype(np.int64)
+            trees.append(Tree(feature, nodes["num_threshold"].astype(np.float64), left, right,
+                              scores))  # fmt: skip
+    return trees, baseline
 
 
 def forest_minimum(
@@ -51,16 +116,18 @@ def forest_minimum(
     *,
     guard: float = GUARD,
     time_limit: float = 60.0,
+    norm: str = "linf",
 ) -> list[ExactResult]:
-    """Exact untargeted minimum Linf distortions (B flattened examples) of a fitted tree
-    ensemble; `y` are class labels (of `estimator.classes_`)."""
-    trees = tree_ensemble_trees(estimator)
-    if trees is None:
+    """Exact untargeted minimum distortions in `norm` ("linf" or "l2") of B flattened examples
+    by a fitted tree ensemble; `y` are class labels (of `estimator.classes_`)."""
+    ensemble = tree_ensemble(estimator)
+    if ensemble is None:
         raise ValueError(f"forest_minimum takes scikit-learn trees, not {type(estimator).__name__}")
+    trees, baseline = ensemble
     xs = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     columns = np.searchsorted(estimator.classes_, np.asarray(y))
     return [
-        _one(estimator, trees, x0, int(c), guard, time_limit)
+        _one(estimator, trees, baseline, x0, int(c), guard, time_limit, norm)
         for x0, c in zip(xs, columns, strict=True)
     ]
 
@@ -68,7 +135,7 @@ def forest_minimum(
 class _Layout:
     """Where each variable lives: x per split pixel, p per (pixel, threshold), leaves, goals."""
 
-    def __init__(self, trees: list[Any], n_classes: int, label: int) -> None:
+    def __init__(self, trees: list[Tree], n_classes: int, label: int) -> None:
         used = sorted({int(f) for t in trees for f in t.feature[t.children_left >= 0]})
         self.pixels = np.array(used, dtype=np.int64)
         self.cuts = {
@@ -93,27 +160,37 @@ class _Layout:
 
 
 def _one(
-    estimator: Any, trees: list[Any], x0: np.ndarray, label: int, guard: float, limit: float
+    estimator: Any,
+    trees: list[Tree],
+    baseline: np.ndarray,
+    x0: np.ndarray,
+    label: int,
+    guard: float,
+    limit: float,
+    norm: str,
 ) -> ExactResult:
     start = time.perf_counter()
     said = int(np.searchsorted(estimator.classes_, estimator.predict(x0[None])[0]))
     if said != label:
-        return ExactResult("linf", True, 0.0, 0.0, "adversarial_at_start", "", 0.0,
+        return ExactResult(norm, True, 0.0, 0.0, "adversarial_at_start", "", 0.0,
                            point=x0.copy(), reached=said)  # fmt: skip
     lay = _Layout(trees, len(estimator.classes_), label)
     rows = _Rows()
-    _pixel_rows(rows, lay, x0, guard)
+    _pixel_rows(rows, lay, x0, guard, linf=norm == "linf")
     scores = _tree_rows(rows, lay, trees)
-    _goal_rows(rows, lay, scores, label)
+    _goal_rows(rows, lay, scores, _score_ranges(trees, baseline), label)
     cost = np.zeros(lay.size)
-    cost[lay.eps] = 1.0
+    if norm == "linf":
+        cost[lay.eps] = 1.0
+    else:
+        _squared_costs(cost, lay, x0, guard)
     integral = np.zeros(lay.size)
     integral[len(lay.pixels) : lay.leaves[0][0] if lay.leaves else lay.eps] = 1
     integral[list(lay.goals.values())] = 1
     lower, upper = np.zeros(lay.size), np.ones(lay.size)
     found = milp(cost, constraints=rows.constraint(lay.size), integrality=integral,
                  bounds=Bounds(lower, upper), options={"time_limit": limit})  # fmt: skip
-    return _check(estimator, lay, x0, label, found, time.perf_counter() - start)
+    return _check(estimator, lay, x0, label, found, time.perf_counter() - start, norm, guard)
 
 
 class _Rows:
@@ -140,8 +217,9 @@ class _Rows:
         return LinearConstraint(a, np.array(self.lo), np.array(self.hi))
 
 
-def _pixel_rows(rows: _Rows, lay: _Layout, x0: np.ndarray, guard: float) -> None:
-    """p monotone; x <= t - LEFT where p = 1, x >= t + guard where p = 0; |x - x0| <= eps."""
+def _pixel_rows(rows: _Rows, lay: _Layout, x0: np.ndarray, guard: float, linf: bool) -> None:
+    """p monotone; x <= t - LEFT where p = 1, x >= t + guard where p = 0; in Linf
+    |x - x0| <= eps."""
     for f in lay.pixels.tolist():
         xi, cuts = lay.x[f], lay.cuts[f]
         for j, t in enumerate(cuts.tolist()):
@@ -150,13 +228,42 @@ def _pixel_rows(rows: _Rows, lay: _Layout, x0: np.ndarray, guard: float) -> None
                 rows.add({pj: 1.0, pj + 1: -1.0}, -math.inf, 0.0)
             rows.add({xi: 1.0, pj: 1.0}, -math.inf, t - LEFT + 1.0)
             rows.add({xi: 1.0, pj: t + guard}, t + guard, math.inf)
-        rows.add({xi: 1.0, lay.eps: -1.0}, -math.inf, float(x0[f]))
-        rows.add({xi: 1.0, lay.eps: 1.0}, float(x0[f]), math.inf)
+        if linf:
+            rows.add({xi: 1.0, lay.eps: -1.0}, -math.inf, float(x0[f]))
+            rows.add({xi: 1.0, lay.eps: 1.0}, float(x0[f]), math.inf)
 
 
-def _tree_rows(rows: _Rows, lay: _Layout, trees: list[Any]) -> list[dict[int, float]]:
-    """Each tree's leaf weights sum to 1 and follow its splits; the class scores, as terms."""
-    n_classes = trees[0].value.shape[2]
+def _intervals(cuts: np.ndarray, guard: float) -> np.ndarray:
+    """(m + 1, 2) the values a pixel may take in each interval between its m thresholds."""
+    lo = np.concatenate([[0.0], cuts + guard])
+    hi = np.concatenate([cuts - LEFT, [1.0]])
+    return np.stack([lo, hi], axis=1)
+
+
+def _squared_costs(cost: np.ndarray, lay: _Layout, x0: np.ndarray, guard: float) -> None:
+    """L2's objective, up to a constant: interval k of a pixel (q_k = p_{k+1} - p_k, with
+    p_0 = 0 and p_{m+1} = 1) costs its squared distance to x0, so p_j carries c_{j-1} - c_j."""
+    for f in lay.pixels.tolist():
+        span = _intervals(lay.cuts[f], guard)
+        c = (np.clip(x0[f], span[:, 0], span[:, 1]) - x0[f]) ** 2
+        cost[lay.p[f] : lay.p[f] + len(span) - 1] = c[:-1] - c[1:]
+
+
+def _rebuilt(lay: _Layout, x0: np.ndarray, z: np.ndarray, guard: float) -> np.ndarray:
+    """x0 projected onto each pixel's chosen interval (the one below its first p = 1)."""
+    point = x0.copy()
+    for f in lay.pixels.tolist():
+        p = np.round(z[lay.p[f] : lay.p[f] + len(lay.cuts[f])])
+        k = int((p == 0).sum())  # p is monotone: the zeros come first
+        lo, hi = _intervals(lay.cuts[f], guard)[k]
+        point[f] = min(max(x0[f], lo), hi)
+    return point
+
+
+def _tree_rows(rows: _Rows, lay: _Layout, trees: list[Tree]) -> list[dict[int, float]]:
+    """Each tree's leaf weights sum to 1 and follow its splits; the class scores, as terms
+    (the baseline is in _score_ranges)."""
+    n_classes = trees[0].scores.shape[1]
     scores: list[dict[int, float]] = [{} for _ in range(n_classes)]
     for t, leaf_vars in zip(trees, lay.leaves, strict=True):
         leaves = np.flatnonzero(t.children_left < 0)
@@ -170,12 +277,19 @@ def _tree_rows(rows: _Rows, lay: _Layout, trees: list[Any]) -> list[dict[int, fl
             right = {var[v]: 1.0 for v in under[int(t.children_right[node])]}
             rows.add(left | {pj: -1.0}, -math.inf, 0.0)
             rows.add(right | {pj: 1.0}, -math.inf, 1.0)
-        fractions = t.value[:, 0, :] / t.value[:, 0, :].sum(1, keepdims=True)
         for leaf in leaves.tolist():
             for c in range(n_classes):
-                if fractions[leaf, c]:
-                    scores[c][var[leaf]] = fractions[leaf, c] / len(trees)
+                if t.scores[leaf, c]:
+                    scores[c][var[leaf]] = float(t.scores[leaf, c])
     return scores
+
+
+def _score_ranges(trees: list[Tree], baseline: np.ndarray) -> np.ndarray:
+    """(classes, 3): each class's baseline and the least and greatest score it can reach."""
+    leaves = [t.scores[t.children_left < 0] for t in trees]
+    low = baseline + sum(s.min(0) for s in leaves)
+    high = baseline + sum(s.max(0) for s in leaves)
+    return np.stack([baseline, low, high], axis=1)
 
 
 def _leaves_under(t: Any) -> dict[int, list[int]]:
@@ -186,31 +300,46 @@ def _leaves_under(t: Any) -> dict[int, list[int]]:
     return under
 
 
-def _goal_rows(rows: _Rows, lay: _Layout, scores: list[dict[int, float]], label: int) -> None:
+def _goal_rows(
+    rows: _Rows, lay: _Layout, scores: list[dict[int, float]], ranges: np.ndarray, label: int
+) -> None:
     """One wrong class c is chosen (z_c = 1) and scores at least the label (by TIE if c is
-    after it): s_c - s_y >= tie - 2 (1 - z_c)."""
+    after it): s_c - s_y >= tie - M (1 - z_c), M large enough to free it where z_c = 0."""
     rows.add({z: 1.0 for z in lay.goals.values()}, 1.0, 1.0)
     for c, z in lay.goals.items():
         terms = dict(scores[c])
         for v, w in scores[label].items():
             terms[v] = terms.get(v, 0.0) - w
         tie = TIE if c > label else 0.0
-        rows.add(terms | {z: -2.0}, tie - 2.0, math.inf)
+        need = tie - (ranges[c, 0] - ranges[label, 0])  # the baselines move to the bound
+        big = max(2.0, tie + ranges[label, 2] - ranges[c, 1] + 1.0)
+        rows.add(terms | {z: -big}, need - big, math.inf)
 
 
 def _check(
-    estimator: Any, lay: _Layout, x0: np.ndarray, label: int, found: Any, seconds: float
+    estimator: Any,
+    lay: _Layout,
+    x0: np.ndarray,
+    label: int,
+    found: Any,
+    seconds: float,
+    norm: str,
+    guard: float,
 ) -> ExactResult:
     if found.x is None:
         status = {2: "infeasible", 1: "time_limit"}.get(found.status, "error")
         lower = math.inf if status == "infeasible" else 0.0
-        return ExactResult("linf", False, lower, None, status, found.message, seconds, seconds)
-    point = x0.copy()
-    point[lay.pixels] = np.clip(found.x[: len(lay.pixels)], 0.0, 1.0)
-    dist = float(np.abs(point - x0).max(initial=0.0))
+        return ExactResult(norm, False, lower, None, status, found.message, seconds, seconds)
+    if norm == "linf":
+        point = x0.copy()
+        point[lay.pixels] = np.clip(found.x[: len(lay.pixels)], 0.0, 1.0)
+        dist = float(np.abs(point - x0).max(initial=0.0))
+    else:
+        point = _rebuilt(lay, x0, found.x, guard)
+        dist = float(np.linalg.norm(point - x0))
     reached = int(np.searchsorted(estimator.classes_, estimator.predict(point[None])[0]))
     ok = reached != label and found.status == 0
     reason = "" if reached != label else "the model's own predict keeps the label at the point"
-    return ExactResult("linf", ok, dist if ok else 0.0, dist if reached != label else None,
+    return ExactResult(norm, ok, dist if ok else 0.0, dist if reached != label else None,
                        "optimal" if found.status == 0 else "time_limit", found.message,
                        seconds, seconds, point=point, reached=reached, reason=reason)  # fmt: skip

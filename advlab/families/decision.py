@@ -10,6 +10,13 @@
   so their gradient is taken through smooth votes (a sigmoid of each pairwise score): the value
   is scikit-learn's, the slope says which way the pairwise scores move the votes.
 
+- k nearest neighbours (uniform weights, Euclidean): `NeighbourVotes`, the votes of the k
+  nearest training points, whose argmax (the smallest class among tied votes) is predict. It
+  is a label oracle, not a decision function (the votes are piecewise constant): the model
+  stays prediction-only, but decision-based attacks query it in batched float64 matrix
+  products instead of one scikit-learn call per batch, each block of nearby queries against
+  only the training points that can be nearest (`torch_labels`).
+
 Every module computes in float64 and returns the input's dtype. A class the estimator never saw
 (a subsample without it) gets the logit `ABSENT`, so it never wins.
 """
@@ -24,6 +31,8 @@ from torch import Tensor, nn
 
 ABSENT = -1.0e9  # the logit of a class the estimator was not fitted on
 SOFT_VOTE_SCALE = 1.0  # pairwise score units per unit of the smooth votes' sigmoid
+KERNEL_BLOCK = 1 << 19  # float64 entries of one (queries, training points) block: 4 MiB
+LOCAL_BLOCK = 128  # queries per block of the neighbour votes (pruned around the block's centre)
 
 
 class Float64Sequential(nn.Sequential):
@@ -116,6 +125,7 @@ class RBFDecision(nn.Module):
             coef[p, starts[i] : starts[i + 1]] = dual[j - 1, starts[i] : starts[i + 1]]
             coef[p, starts[j] : starts[j + 1]] = dual[i, starts[j] : starts[j + 1]]
         self.register_buffer("support", torch.from_numpy(support))
+        self.register_buffer("support_sq", self.support.square().sum(1))
         self.register_buffer("coef", torch.from_numpy(coef))
         self.register_buffer("intercept", torch.from_numpy(intercept))
         self.register_buffer("first", torch.tensor([i for i, _ in pairs], dtype=torch.int64))
@@ -127,9 +137,15 @@ class RBFDecision(nn.Module):
         """(B, k(k-1)/2) in the buffers' dtype (float64 as built): > 0 where the pair's first
         class wins (libsvm's sign)."""
         flat = x.flatten(1).to(self.support.dtype)
-        sq = (flat * flat).sum(1, keepdim=True) - 2 * flat @ self.support.T
-        sq = (sq + (self.support * self.support).sum(1)).clamp_min(0.0)
-        return torch.exp(-self.gamma * sq) @ self.coef.T + self.intercept
+        # in row chunks: a (rows, support) kernel block that stays in cache is several times
+        # faster than one the size of a whole query batch
+        rows = max(1, KERNEL_BLOCK // len(self.support))
+        return torch.cat([self._pairwise_rows(part) for part in flat.split(rows)])
+
+    def _pairwise_rows(self, flat: Tensor) -> Tensor:
+        sq = torch.addmm(self.support_sq, flat, self.support.T, alpha=-2.0)
+        sq = (sq + (flat * flat).sum(1, keepdim=True)).clamp_min(0.0)
+        return torch.addmm(self.intercept, torch.exp(-self.gamma * sq), self.coef.T)
 
     def forward(self, x: Tensor) -> Tensor:
         dec = self.pairwise(x)
@@ -155,3 +171,65 @@ class RBFDecision(nn.Module):
         soft.index_add_(1, self.first, wins).index_add_(1, self.second, 1.0 - wins)
         votes = hard + (soft - soft.detach())
         return votes + sums / (3 * (sums.abs() + 1))
+
+
+def torch_labels(estimator: Any, num_classes: int) -> nn.Module | None:
+    """A torch module of (B, C, H, W) -> (B, K) scores whose argmax is the estimator's predict,
+    for prediction-only estimators that have one (k nearest neighbours); None otherwise."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    classes = np.asarray(getattr(estimator, "classes_", []))
+    if not isinstance(estimator, KNeighborsClassifier) or not _labels_are_indices(
+        classes, num_classes
+    ):
+        return None
+    if estimator.weights != "uniform" or estimator.effective_metric_ != "euclidean":
+        return None
+    if getattr(estimator, "outputs_2d_", False):
+        return None
+    return NeighbourVotes(
+        np.asarray(estimator._fit_X, dtype=np.float64),
+        np.asarray(estimator._y, dtype=np.int64),  # indices into classes_
+        int(estimator.n_neighbors),
+        classes,
+        num_classes,
+    )
+
+
+class NeighbourVotes(nn.Module):
+    """k nearest neighbours' votes per class (float64 distances, as scikit-learn's brute
+    search); absent classes score ABSENT."""
+
+    def __init__(
+        self, train: np.ndarray, labels: np.ndarray, k: int, classes: np.ndarray, num_classes: int
+    ) -> None:
+        super().__init__()
+        self.register_buffer("points", torch.from_numpy(train))
+        self.register_buffer("points_sq", self.points.square().sum(1))
+        self.register_buffer("labels", torch.from_numpy(labels))
+        self.register_buffer("classes", torch.from_numpy(classes.astype(np.int64)))
+        self.k, self.num_classes = k, num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.detach().flatten(1).to(self.points.dtype)
+        rows = max(1, min(LOCAL_BLOCK, KERNEL_BLOCK // len(self.points)))
+        votes = torch.cat([self._votes(part) for part in flat.split(rows)])
+        out = torch.full((len(x), self.num_classes), ABSENT, dtype=votes.dtype, device=x.device)
+        out[:, self.classes] = votes
+        return out.to(x.dtype)
+
+    def _votes(self, flat: Tensor) -> Tensor:
+        """Votes of a block of queries. A decision-based attack asks in runs of queries close
+        together (probes around one point), so only the training points that can be among the
+        k nearest of some query are compared: by the triangle inequality, those within
+        (k-th nearest distance + 2 r) of the block's centre, r the block's radius about it."""
+        centre = flat.mean(0)
+        radius = (flat - centre).norm(dim=1).max()
+        reach = (self.points - centre).norm(dim=1)
+        bound = reach.kthvalue(self.k).values + 2 * radius
+        keep = (reach <= bound * (1 + 1e-9) + 1e-12).nonzero().flatten()  # round-off slack
+        # |x|^2 is the same for every training point, so it is left out of the ranking
+        sq = torch.addmm(self.points_sq[keep], flat, self.points[keep].T, alpha=-2.0)
+        near = keep[sq.topk(self.k, dim=1, largest=False).indices]
+        votes = flat.new_zeros(len(flat), len(self.classes))
+        return votes.scatter_add_(1, self.labels[near], torch.ones_like(near, dtype=flat.dtype))

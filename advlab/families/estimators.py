@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from advlab.families.base import FitJob, ModelFamily, ModelNameError, ModelRequest, TrialModel
-from advlab.families.decision import torch_decision
+from advlab.families.decision import torch_decision, torch_labels
 from advlab.strict import Strict
 
 TRUSTED_MODULES = ("sklearn", "numpy", "scipy")
@@ -54,7 +54,8 @@ Decision = Callable[[Any, int], nn.Module | None]  # (fitted estimator, K) -> to
 
 class EstimatorModel(TrialModel):
     """A scikit-learn-style estimator; `module` is its torch decision function once fitted
-    when the family has one (`gradients` then True), else one-hot scores of its predictions."""
+    when the family has one (`gradients` then True), else an exact torch label oracle where one
+    exists (k-NN: advlab.families.decision.torch_labels), else one-hot scores of its predictions."""
 
     def __init__(
         self,
@@ -79,7 +80,10 @@ class EstimatorModel(TrialModel):
         faithful one, else the one-hot view (and then no gradients)."""
         view = None if self.decision is None else self.decision(self.estimator, self.num_classes)
         self.gradients = view is not None
-        module = view if view is not None else EstimatorModule(self, self.num_classes)
+        # without a decision function, a torch label oracle where one is exact (k-NN): the
+        # same labels, queried far faster by decision-based attacks
+        labels = view if view is not None else torch_labels(self.estimator, self.num_classes)
+        module = labels if labels is not None else EstimatorModule(self, self.num_classes)
         module.estimator = self.estimator  # what exact minima read (advlab.attacks.exact)
         self.module = module.to(self.device).eval()
 
