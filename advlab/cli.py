@@ -1,4 +1,4 @@
-"""`advlab validate | sweep | trial | transfer | report | ls`.
+"""`advlab validate | sweep | trial | transfer | compact | report | ls`.
 
 Exit codes: 0 ok, 1 trials failed (each recorded with its reason), 2 bad input (one line naming
 the key and the fix; nothing was run or written), 130 interrupted (rerun to resume).
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--storage", help="results root; overrides the file")
     trial.add_argument("--wandb", choices=modes)
 
-    transfer = commands.add_parser("transfer", help="all-pairs transfer over a finished sweep")
+    transfer = commands.add_parser("transfer", help="the transfer stage of a finished sweep (its transfer.pairs)")
     transfer.add_argument("sweep_dir", metavar="SWEEP_DIR", help="<storage>/<sweep>")
     transfer.add_argument("--address", **address)
     transfer.add_argument("--verbose", "-v", action="count", default=0)
@@ -84,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", help="the sweeps under a storage root, with trial counts")
     ls.add_argument("storage", nargs="?", default="results", help="results root (default results)")
 
-    report = commands.add_parser("report", help="one HTML page from one or more sweep folders")
+    _report_arguments(commands.add_parser("report", help="one HTML page from sweep folders"))
+    return parser
+
+
+def _report_arguments(report: argparse.ArgumentParser) -> None:
+    """`advlab report`'s arguments: the sweeps, the page, and what it shows (filters, top-k,
+    charts against grid axes; advlab.report.settings)."""
     report.add_argument("sweep_dirs", nargs="+", metavar="SWEEP_DIR", help="<storage>/<sweep>")
     report.add_argument("-o", "--output", default="report.html")
     report.add_argument(
@@ -118,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a metric for those charts, as for --rank-by (repeatable)",
     )
     report.add_argument("--rows", type=int, help="table rows at most (default 50)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,14 +17,10 @@ import fcntl
 import io
 import json
 import os
-import re
-import shutil
-import tempfile
 import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -33,7 +29,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from advlab import parts
+from advlab import parts, wandb_staging
 from advlab.filesystems import check_reachable, filesystem, is_object_store
 from advlab.measures import registry as measures
 from advlab.model_store import FOLDER as MODELS
@@ -123,12 +119,7 @@ class SweepStore:
         if not self.is_remote:
             return self.path()
         if self._staging is None:
-            prefix = f"advlab-wandb-{_safe(self.sweep)}-"
-            for left in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-                found = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", left.name[len(prefix) :])
-                if found and not _alive(int(found[1])):
-                    shutil.rmtree(left, ignore_errors=True)
-            self._staging = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+            self._staging = wandb_staging.staging_dir(self.sweep)
         return self._staging
 
     def sync_wandb(self) -> None:
@@ -138,19 +129,7 @@ class SweepStore:
         W&B's own links (latest-run, debug logs) are not uploaded."""
         if not self.is_remote or self._staging is None:
             return
-        local = os.path.join(self._staging, "wandb")
-        for run in sorted(os.listdir(local)) if os.path.isdir(local) else []:
-            folder = os.path.join(local, run)
-            if os.path.islink(folder) or not os.path.isdir(folder):
-                continue
-            for base, _, names in os.walk(folder):
-                for name in names:
-                    source = os.path.join(base, name)
-                    inside = os.path.relpath(source, local).replace(os.sep, "/")
-                    folder_name, _, name = inside.rpartition("/")
-                    with open(source, "rb") as handle:
-                        self._write_atomic(f"wandb/{folder_name}", name, handle.read())
-        shutil.rmtree(self._staging, ignore_errors=True)
+        wandb_staging.upload_runs(self._staging, self._write_atomic)
         self._staging = None
 
     def wandb_runs(self) -> str:
@@ -573,20 +552,6 @@ def torch_file_problem(fs: pafs.FileSystem, path: str) -> str | None:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
         return f"not a complete torch file: {err}"
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
-    return True
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
 
 
 def _declared(table: str, columns: list[str] | None) -> pa.Schema | None:
