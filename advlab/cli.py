@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--storage", help="results root; overrides the file")
     trial.add_argument("--wandb", choices=modes)
 
-    transfer = commands.add_parser("transfer", help="the transfer stage of a finished sweep (its transfer.pairs)")
+    transfer = commands.add_parser(
+        "transfer", help="the transfer stage of a finished sweep (its transfer.pairs)"
+    )
     transfer.add_argument("sweep_dir", metavar="SWEEP_DIR", help="<storage>/<sweep>")
     transfer.add_argument("--address", **address)
     transfer.add_argument("--verbose", "-v", action="count", default=0)
