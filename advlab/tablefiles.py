@@ -105,7 +105,7 @@ def key_column(table: str) -> str | None:
 def misfiled_files(key: str | None, data: pa.Table) -> set[str]:
     """The files (`__filename`) among a scan's rows that are another trial's or table's: a
     row with no key, or of another trial than its file's name says."""
-    if key is None:
+    if key is None or data.num_rows == 0:  # empty files hold nobody's rows
         return set()
     files = data.column("__filename").dictionary_encode().combine_chunks()
     owners = pa.array([parts.trial_of(parts.stem(f)) for f in files.dictionary.to_pylist()])
@@ -115,7 +115,7 @@ def misfiled_files(key: str | None, data: pa.Table) -> set[str]:
     if key == "trial_id":
         wide = pc.equal(expected, parts.SWEEP_WIDE)
     else:  # the transfer table's files are named for no trial
-        wide = pa.array([True] * len(found))
+        wide = pa.array([True] * len(found), type=pa.bool_())
     wrong = pc.or_(pc.and_(wrong, pc.invert(wide)), pc.is_null(found))
     return set(pc.unique(data.column("__filename").filter(wrong)).to_pylist())
 

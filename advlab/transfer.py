@@ -94,7 +94,7 @@ def source_sets(
         group = group.sort_values("example")
         # a copy of the rows (a streaming set reads just these: `.to` reads a view's rows)
         index = group["dataset_index"].to_numpy()
-        clean = images[torch.as_tensor(index)].to("cpu").flatten(1).numpy()
+        clean = images[torch.tensor(index)].to("cpu").flatten(1).numpy()
         x = np.stack(group["x_adv"].to_numpy()).astype(np.float32)  # a writable copy
         y = group["label"].to_numpy()
         example = group["example"].to_numpy()

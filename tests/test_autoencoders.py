@@ -176,6 +176,7 @@ def test_autoencoders_sweep_transfers_among_them_and_reports_the_new_measures(
         ],
         transfer={"controls": [], "noise": False, "amplify_rms": []},
         storage=str(tmp_path / "results"),
+        wandb={"mode": "disabled"},  # W&B is test_sweep_e2e's
     )  # fmt: skip
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))

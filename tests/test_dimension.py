@@ -218,6 +218,7 @@ def test_a_sweep_over_two_resolutions(ray_local, write_sweep, tmp_path: Path) ->
         measures=[{"name": "input_gradients", "examples": 20},
                   {"name": "gaussian_noise", "sigmas": [0.3], "draws": 5}],
         transfer={"controls": []},
+        wandb={"mode": "disabled"},  # W&B is test_sweep_e2e's
     )  # fmt: skip
     assert main(["sweep", str(write_sweep(raw))]) == 0
     res = advlab.load(str(tmp_path / "results" / "tiny"))

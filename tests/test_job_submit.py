@@ -4,7 +4,6 @@ with a sweep file and a model module in that folder, then the results on storage
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import tiny_sweep
+from test_resume import _kill_session
 
 from advlab import results
 
@@ -74,8 +74,8 @@ def head() -> str:
     else:
         pytest.fail("the Ray head's job server never answered")
     yield address
-    os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=60)
+    _kill_session(process.pid)  # a private cluster: killed outright (a graceful stop takes ~30 s)
+    process.wait()
 
 
 @pytest.mark.slow

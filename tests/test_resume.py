@@ -155,8 +155,9 @@ def test_ctrl_c_stops_without_transfer_and_a_rerun_continues_from_the_checkpoint
     epochs = SweepStore(str(tmp_path / "results"), "ctrlc").read("epochs")
     assert epochs["epoch"].tolist() == list(range(1, 61))
 
+    # The same trial uninterrupted, in one process without Ray (`advlab trial`: the same code)
     straight = subprocess.run(
-        [*ADVLAB, "sweep", str(path), "--storage", str(tmp_path / "straight")],
+        [*ADVLAB, "trial", str(path), "--storage", str(tmp_path / "straight")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-3000:]
