@@ -172,9 +172,13 @@ def model_settings(name: str, model_args: dict[str, Any]) -> Strict | None:
         if model_args:
             raise ModelNameError(f"model_args: {name} is built in and takes none; drop them")
         return None
-    settings = KINDS[arch.kind][1]
+    return validate_model_args(name, KINDS[arch.kind][1], model_args)
+
+
+def validate_model_args(name: str, settings: type[Strict], args: dict[str, Any]) -> Strict:
+    """`model_args` checked against a model's settings model: one line naming the key."""
     try:
-        return settings.model_validate(model_args)
+        return settings.model_validate(args)
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"]) or "(top level)"

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from advlab.families.base import FitJob, ModelFamily, ModelNameError, ModelRequest, TrialModel
 from advlab.families.decision import torch_decision, torch_labels
+from advlab.models import validate_model_args
 from advlab.strict import Strict
 
 TRUSTED_MODULES = ("sklearn", "numpy", "scipy")
@@ -155,25 +156,10 @@ def estimator_family(
     run on `decision(fitted estimator, K)`, a torch module whose argmax is its predict."""
 
     def build(request: ModelRequest) -> TrialModel:
-        checked = validate_args(name, settings, request.args)
+        checked = validate_model_args(name, settings, request.args)
         return EstimatorModel(make(checked, request.seed), request, checked, decision)
 
     return ModelFamily(name, decision is not None, build, summary, settings, estimator=True)
-
-
-def validate_args(name: str, settings: type[Strict], args: dict[str, Any]) -> Strict:
-    from pydantic import ValidationError
-
-    try:
-        return settings.model_validate(args)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        known = ", ".join(settings.model_fields) or "none"
-        message = first["msg"].removeprefix("Value error, ")
-        raise ModelNameError(
-            f"model_args.{key}: {message} for {name} (its settings: {known})"
-        ) from None
 
 
 # --------------------------------------------------------------------------- built in
