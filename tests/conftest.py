@@ -46,19 +46,28 @@ def tiny_sweep(**overrides: Any) -> dict[str, Any]:
     return raw
 
 
-def sweep_files() -> list[Path]:
-    """Every sweep file of the repository, the data of those that read generated data written
-    first (sweeps/cifar_like.py: deterministic, 18 MB, under the gitignored sweeps/data/)."""
+SWEEPS = Path(__file__).parent.parent / "sweeps"
+
+
+def cifar_like() -> Any:
+    """sweeps/cifar_like.py, the writer of the RGB data set cifar_like.yaml reads (a script
+    beside the sweep files, not a package module)."""
     import importlib.util
 
-    sweeps = Path(__file__).parent.parent / "sweeps"
-    found = importlib.util.spec_from_file_location("cifar_like", sweeps / "cifar_like.py")
+    found = importlib.util.spec_from_file_location("cifar_like", SWEEPS / "cifar_like.py")
     assert found is not None and found.loader is not None
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
+    return module
+
+
+def sweep_files() -> list[Path]:
+    """Every sweep file of the repository, the data of those that read generated data written
+    first (sweeps/cifar_like.py: deterministic, 18 MB, under the gitignored sweeps/data/)."""
+    module = cifar_like()
     if not module.DEFAULT.is_file():
         module.write()
-    return sorted(sweeps.glob("*.yaml"))
+    return sorted(SWEEPS.glob("*.yaml"))
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_sweep
+from conftest import cifar_like, tiny_sweep
 
 from advlab.augment import augment_batch, autocast, random_crop
 from advlab.data import DataError
@@ -35,15 +35,8 @@ def rgb_arrays(seed: int = 0, n_train: int = 96, n_test: int = 48, size: int = 8
 
 
 def write_pngs(arrays: dict, root: Path) -> Path:
-    from PIL import Image
-
-    for split in ("train", "test"):
-        for i, (image, label) in enumerate(
-            zip(arrays[f"x_{split}"], arrays[f"y_{split}"], strict=True)
-        ):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{i:04d}.png")
+    """The arrays as PNG folders, <split>/<class>/<i>.png, by cifar_like.py's own writer."""
+    cifar_like().write_pngs(arrays, root)
     return root
 
 
