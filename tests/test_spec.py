@@ -265,6 +265,20 @@ def test_every_relative_path_in_a_sweep_file_counts_from_its_folder(
     spec = load_sweep(path)
     assert spec.settings.storage == str(folder / "out")
     assert spec.trials[0].dataset.path == str(folder / "data" / "pairs.npz")
+    # init and a timm weights file too (only named here, not read); dataset.root likewise.
+    for name in ("w.pt", "w.safetensors"):
+        (folder / name).touch()
+    more = raw | {"model": "timm:resnet18", "model_args": {"pretrained": "w.safetensors"}}
+    path.write_text(yaml.safe_dump(more | {"init": "w.pt"}))
+    trial = load_sweep(path).trials[0]
+    assert (trial.init, trial.model_args["pretrained"]) == (
+        str(folder / "w.pt"),
+        str(folder / "w.safetensors"),
+    )
+    path.write_text(yaml.safe_dump(raw | {"dataset": {"name": "mnist", "root": "idx"}}))
+    with pytest.raises(SpecError, match=f"dataset.root: folder {folder / 'idx'} does not exist"):
+        load_sweep(path)
+    path.write_text(yaml.safe_dump(raw))
     # --storage is a command-line path: relative to where the command runs.
     assert main(["validate", str(path), "--storage", "elsewhere"]) == 0
     spec = load_sweep(path, overrides={"storage": str(tmp_path / "elsewhere")})
