@@ -278,6 +278,9 @@ def test_every_relative_path_in_a_sweep_file_counts_from_its_folder(
     path.write_text(yaml.safe_dump(raw | {"dataset": {"name": "mnist", "root": "idx"}}))
     with pytest.raises(SpecError, match=f"dataset.root: folder {folder / 'idx'} does not exist"):
         load_sweep(path)
+    bare = {k: v for k, v in raw.items() if k != "storage"}
+    path.write_text(yaml.safe_dump(bare))
+    assert load_sweep(path).settings.storage == str(folder / "results")  # none: results/ beside
     path.write_text(yaml.safe_dump(raw))
     # --storage is a command-line path: relative to where the command runs.
     assert main(["validate", str(path), "--storage", "elsewhere"]) == 0
