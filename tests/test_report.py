@@ -380,23 +380,6 @@ def test_failed_trials_are_listed_with_their_reason(page: Page, loaded: list[res
     assert table.texts("trial") == list(failed["label"])
 
 
-def test_sweeps_table_counts_stopped_trials_so_they_add_up() -> None:
-    # ASHA stopped three of five trials, one left no row: before, the table said "1 ok, 0
-    # failed, 1 no result" for five trials. The stopped ones now have their own column.
-    from types import SimpleNamespace
-
-    from advlab.report.sections.overview import _sweep_row
-
-    status = ["ok", "stopped", "stopped", "stopped"]
-    trials = pd.DataFrame({"trial_id": list("abcd"), "status": status, "dataset.name": "digits"})
-    manifest = {"versions": [{"trial_ids": list("abcde")}]}
-    run = SimpleNamespace(trials=trials, manifest=manifest, uri="/x/asha")
-    cells = _sweep_row(run, "asha").cells  # type: ignore[arg-type]
-    counts = {k: int(cells[k].text) for k in ("ok", "failed", "stopped", "missing")}
-    assert counts == {"ok": 1, "failed": 0, "stopped": 3, "missing": 1}
-    assert sum(counts.values()) == len(manifest["versions"][0]["trial_ids"])
-
-
 # --------------------------------------------------------------------------- charts
 
 
