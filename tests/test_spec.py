@@ -299,3 +299,30 @@ def test_every_relative_path_in_a_sweep_file_counts_from_its_folder(
     assert "--storage rel: relative" in capsys.readouterr().err
     assert main(["validate", str(path), "--storage", str(tmp_path / "abs")]) == 0
     assert not (tmp_path / "abs").exists() and not (folder / "out").exists()  # nothing written
+
+
+def test_readme_commands_list_every_option_of_each_command() -> None:
+    import argparse
+    import re
+
+    from advlab.cli import build_parser
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Commands\n\n```\n", 1)[1].split("```", 1)[0]
+    listed: dict[str, str] = {}
+    command = ""
+    for line in block.splitlines():
+        if line.startswith("advlab "):
+            command = line.split()[1]
+        listed[command] = listed.get(command, "") + line.strip().split("   ")[0] + " "
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(listed) == set(commands.choices)
+    for name, parser in commands.choices.items():
+        shown = set(re.findall(r"(?<![\w-])-{1,2}[a-z][\w-]*", listed[name]))
+        missing = [
+            a.option_strings
+            for a in parser._actions
+            if a.option_strings and "--help" not in a.option_strings
+            and not shown & set(a.option_strings)
+        ]  # fmt: skip
+        assert not missing, (name, missing)
