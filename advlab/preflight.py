@@ -36,6 +36,7 @@ def preflight(spec: SweepSpec, store: SweepStore | None, address: str | None) ->
         check_writable(store)
         check_same_sweep(spec, store)
     check_gpu(spec, address)
+    check_precision(spec.trials, address)
     check_cpus(spec, address)
     datasets = check_data(spec)
     check_models(spec, datasets)
@@ -50,6 +51,7 @@ def preflight_trial(spec: SweepSpec, index: int, store: SweepStore) -> None:
     check_writable(store)
     check_same_sweep(spec, store)
     trial = spec.trials[index]
+    check_precision([trial], None)
     check_model(trial, check_trial_data(trial, {}))
 
 
@@ -112,6 +114,19 @@ def check_gpu(spec: SweepSpec, address: str | None) -> None:
         raise SpecError(
             "resources.gpu: GPUs requested but this machine has none; set resources.gpu: 0 "
             "and device: auto, or pass --address of a cluster with GPU nodes"
+        )
+
+
+def check_precision(trials: list[TrialSpec], address: str | None) -> None:
+    """float16 training needs a GPU: trials run here (no `--address`) on a machine without
+    one would each fail at their first batch, so it is refused now. (`device: cpu` with
+    float16 is refused by the spec itself; a cluster's trials find out on their node.)"""
+    if address is not None or torch.cuda.is_available():
+        return
+    if any(t.train.precision == "float16" for t in trials):
+        raise SpecError(
+            "train.precision: float16 needs a GPU and this machine has none; use bfloat16 or "
+            "float32, or pass --address of a cluster with GPU nodes"
         )
 
 

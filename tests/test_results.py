@@ -209,6 +209,23 @@ def test_ls_lists_sweeps_with_their_trial_counts(mixed, capsys) -> None:
     assert row.split() == ["mixed", "1", "3", "2", "1", "0", "0", "0"]
 
 
+def test_sweeps_table_counts_stopped_trials_so_they_add_up() -> None:
+    # The report's "Sweeps compared" table, as `advlab ls` above: ASHA stopped three of five
+    # trials, one left no row; it said "1 ok, 0 failed, 1 no result" for five trials.
+    from types import SimpleNamespace
+
+    from advlab.report.sections.overview import _sweep_row
+
+    status = ["ok", "stopped", "stopped", "stopped"]
+    trials = pd.DataFrame({"trial_id": list("abcd"), "status": status, "dataset.name": "digits"})
+    manifest = {"versions": [{"trial_ids": list("abcde")}]}
+    run = SimpleNamespace(trials=trials, manifest=manifest, uri="/x/asha")
+    cells = _sweep_row(run, "asha").cells  # type: ignore[arg-type]
+    counts = {k: int(cells[k].text) for k in ("ok", "failed", "stopped", "missing")}
+    assert counts == {"ok": 1, "failed": 0, "stopped": 3, "missing": 1}
+    assert sum(counts.values()) == len(manifest["versions"][0]["trial_ids"])
+
+
 def test_seeds_are_repeats_summarised_with_a_95_percent_interval(tmp_path: Path) -> None:
     raw = tiny_sweep(name="seeds", grid={"model": ["fc10", "fc16-10"], "seed": [0, 1, 2]})
     raw["attacks"] = [{"name": "fgsm"}]

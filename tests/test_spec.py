@@ -265,6 +265,23 @@ def test_every_relative_path_in_a_sweep_file_counts_from_its_folder(
     spec = load_sweep(path)
     assert spec.settings.storage == str(folder / "out")
     assert spec.trials[0].dataset.path == str(folder / "data" / "pairs.npz")
+    # init and a timm weights file too (only named here, not read); dataset.root likewise.
+    for name in ("w.pt", "w.safetensors"):
+        (folder / name).touch()
+    more = raw | {"model": "timm:resnet18", "model_args": {"pretrained": "w.safetensors"}}
+    path.write_text(yaml.safe_dump(more | {"init": "w.pt"}))
+    trial = load_sweep(path).trials[0]
+    assert (trial.init, trial.model_args["pretrained"]) == (
+        str(folder / "w.pt"),
+        str(folder / "w.safetensors"),
+    )
+    path.write_text(yaml.safe_dump(raw | {"dataset": {"name": "mnist", "root": "idx"}}))
+    with pytest.raises(SpecError, match=f"dataset.root: folder {folder / 'idx'} does not exist"):
+        load_sweep(path)
+    bare = {k: v for k, v in raw.items() if k != "storage"}
+    path.write_text(yaml.safe_dump(bare))
+    assert load_sweep(path).settings.storage == str(folder / "results")  # none: results/ beside
+    path.write_text(yaml.safe_dump(raw))
     # --storage is a command-line path: relative to where the command runs.
     assert main(["validate", str(path), "--storage", "elsewhere"]) == 0
     spec = load_sweep(path, overrides={"storage": str(tmp_path / "elsewhere")})
@@ -282,3 +299,30 @@ def test_every_relative_path_in_a_sweep_file_counts_from_its_folder(
     assert "--storage rel: relative" in capsys.readouterr().err
     assert main(["validate", str(path), "--storage", str(tmp_path / "abs")]) == 0
     assert not (tmp_path / "abs").exists() and not (folder / "out").exists()  # nothing written
+
+
+def test_readme_commands_list_every_option_of_each_command() -> None:
+    import argparse
+    import re
+
+    from advlab.cli import build_parser
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Commands\n\n```\n", 1)[1].split("```", 1)[0]
+    listed: dict[str, str] = {}
+    command = ""
+    for line in block.splitlines():
+        if line.startswith("advlab "):
+            command = line.split()[1]
+        listed[command] = listed.get(command, "") + line.strip().split("   ")[0] + " "
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(listed) == set(commands.choices)
+    for name, parser in commands.choices.items():
+        shown = set(re.findall(r"(?<![\w-])-{1,2}[a-z][\w-]*", listed[name]))
+        missing = [
+            a.option_strings
+            for a in parser._actions
+            if a.option_strings and "--help" not in a.option_strings
+            and not shown & set(a.option_strings)
+        ]  # fmt: skip
+        assert not missing, (name, missing)

@@ -262,3 +262,22 @@ def test_float16_with_device_cpu_is_refused_before_any_work() -> None:
     with pytest.raises(SpecError, match=r"train\.precision: float16 needs a GPU") as err:
         parse_sweep(raw)
     assert "\n" not in str(err.value)
+
+
+def test_float16_on_a_machine_without_a_gpu_is_refused_before_any_work(
+    write_sweep, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # device: auto (the default) would run the trials on the CPU here, where each one failed
+    # at its first batch (`advlab trial`: a traceback, exit 1). Now: one line, exit 2, nothing
+    # written, from validate, sweep and trial alike; bfloat16 passes.
+    from advlab.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = write_sweep(rgb_sweep({"name": "digits"}, precision="float16"))
+    for command in (["validate"], ["sweep"], ["trial", "--index", "0"]):
+        capsys.readouterr()
+        assert main([*command, str(path)]) == 2, command
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "train.precision: float16 needs a GPU and this machine has none" in line
+    assert not (tmp_path / "results").exists()
+    assert main(["validate", str(path), "--set", "train.precision=bfloat16"]) == 0

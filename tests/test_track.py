@@ -78,6 +78,9 @@ def test_artifacts_point_at_the_stored_files(tmp_path: Path, monkeypatch) -> Non
     # What the README says: the model (and results) artifacts copy nothing; the tables, W&B's
     # own table artifacts, are staged by wandb in its data folder until uploaded.
     staged = [p.read_bytes() for p in staging.rglob("*") if p.is_file()]
+    assert {p.parent for p in staging.rglob("*") if p.is_file()} == {
+        staging / "artifacts" / "staging"
+    }  # the folder the README names: $WANDB_DATA_DIR/artifacts/staging
     assert staged and all(b"weights" not in s for s in staged)
     assert any(b'"robust_error"' in s and b'"_type": "table"' in s for s in staged)
     artifacts = read_offline_run(offline_run_dirs(tmp_path)[0])["artifacts"]

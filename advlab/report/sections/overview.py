@@ -54,7 +54,8 @@ def render(compared: Compared) -> str:
     ]
     columns = [
         ("sweep", "sweep"), ("folder", "folder"), ("dataset", "data set"), ("ok", "ok"),
-        ("failed", "failed"), ("missing", "no result yet"), ("versions", "versions"),
+        ("failed", "failed"), ("stopped", "stopped early"), ("missing", "no result yet"),
+        ("versions", "versions"),
     ]  # fmt: skip
     body = table("sweeps", columns, rows)
     changes = [
@@ -102,6 +103,7 @@ def _sweep_row(run: Results, name: str) -> Row:
             "dataset": text_cell(", ".join(datasets)),
             "ok": Cell(str(int((trials["status"] == Status.OK).sum()))),
             "failed": Cell(str(int((trials["status"] == Status.FAILED).sum()))),
+            "stopped": Cell(str(int((trials["status"] == Status.STOPPED).sum()))),
             "missing": Cell(str(len(missing))),
             "versions": Cell(str(len(versions))),
         }
