@@ -355,6 +355,8 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
         parse_subset(trial.subset)
         if trial.init is not None and not Path(trial.init).is_file():
             raise SpecError(f"init: no file {trial.init}; give the path of a saved state_dict")
+        if trial.model.startswith("robustbench:"):
+            _check_robustbench(trial)
         family = resolve(trial.model)
         if family.gradients is False or family.estimator:
             check_needs(trial, trial.model, gradients=bool(family.gradients))
@@ -376,7 +378,9 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
 
 
 # Relative to the sweep file's folder.
-PATH_KEYS = ("init", "dataset.path", "dataset.root", "model_args.pretrained")
+PATH_KEYS = (
+    "init", "dataset.path", "dataset.root", "model_args.pretrained", "model_args.model_dir"
+)  # fmt: skip
 
 
 def is_relative_path(value: object) -> bool:
@@ -415,18 +419,21 @@ def storage_from(storage: str, base_dir: Path | None) -> str:
 
 
 def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
-    """Relative dataset.path, dataset.root, init and model_args.pretrained (a timm model's
-    weights file) are relative to the sweep file's folder
-    (as `storage` is: `storage_from`)."""
+    """Relative dataset.path, dataset.root, init, model_args.pretrained (a timm model's
+    weights file) and model_args.model_dir (a robustbench: model's folder of checkpoints) are
+    relative to the sweep file's folder (as `storage` is: `storage_from`)."""
     if base_dir is None:
         return point
     point = copy.deepcopy(point)
     dataset = point.get("dataset")
     args = point.get("model_args")
+    # Only RobustBench's: a factory of yours may take a `model_dir` of another meaning.
+    robustbench = str(point.get("model", "")).startswith("robustbench:")
     holders = [
         (point, "init"),
         *([(dataset, "path"), (dataset, "root")] if isinstance(dataset, dict) else []),
         *([(args, "pretrained")] if isinstance(args, dict) else []),  # timm's weights file
+        *([(args, "model_dir")] if isinstance(args, dict) and robustbench else []),
     ]
     for holder, key in holders:
         value = holder.get(key)
@@ -442,6 +449,24 @@ def _absolute(path: Path) -> str:
         return str(path.resolve())
     except (RuntimeError, OSError):
         return os.path.abspath(path)
+
+
+def _check_robustbench(trial: TrialSpec) -> None:
+    """A robustbench: model's settings and name, before any work: its normalisation is its
+    own, and built-in data must have its zoo's shape (other data: checked once loaded)."""
+    from advlab.robustbench_models import check_fits, settings_of, zoo_entry
+
+    name = trial.model.partition(":")[2]
+    settings = settings_of(name, trial.model_args)
+    zoo_entry(name, settings)
+    if trial.dataset.normalize is not None:
+        raise SpecError(
+            f"dataset.normalize: {trial.model} standardises its inputs itself (RobustBench's "
+            "models take [0, 1] pixels); drop dataset.normalize"
+        )
+    if trial.dataset.name in FACTS:
+        facts = FACTS[trial.dataset.name]
+        check_fits(name, settings, _built_in_shape(trial), facts.num_classes)
 
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
