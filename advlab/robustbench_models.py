@@ -93,6 +93,27 @@ def zoo_entry(name: str, settings: RobustBenchSettings) -> dict[str, Any]:
     return zoo[name]
 
 
+def check_robustbench(
+    model: str,
+    model_args: dict[str, Any],
+    normalize: object,
+    data: tuple[tuple[int, ...], int] | None,
+) -> None:
+    """A trial's robustbench: model before any work: its settings and name, no
+    `dataset.normalize` (its normalisation is its own), and `data` = (input shape, classes)
+    of its zoo's data set when known before loading (built-in data sets)."""
+    name = model.removeprefix(PREFIX)
+    settings = settings_of(name, model_args)
+    zoo_entry(name, settings)
+    if normalize is not None:
+        raise ModelNameError(
+            f"dataset.normalize: {model} standardises its inputs itself (RobustBench's "
+            "models take [0, 1] pixels); drop dataset.normalize"
+        )
+    if data is not None:
+        check_fits(name, settings, *data)
+
+
 def check_fits(
     name: str, settings: RobustBenchSettings, input_shape: tuple[int, ...], num_classes: int
 ) -> None:

@@ -38,6 +38,7 @@ from advlab.models import (
     parse_architecture,
 )
 from advlab.plan import check_needs
+from advlab.robustbench_models import check_robustbench
 from advlab.sources import check_source
 from advlab.spec import (
     EVALUATION_KEYS,
@@ -355,8 +356,10 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
         parse_subset(trial.subset)
         if trial.init is not None and not Path(trial.init).is_file():
             raise SpecError(f"init: no file {trial.init}; give the path of a saved state_dict")
-        if trial.model.startswith("robustbench:"):
-            _check_robustbench(trial)
+        if trial.model.startswith("robustbench:"):  # built-in data: its shape checked now
+            data = FACTS.get(trial.dataset.name)
+            fit = None if data is None else (_built_in_shape(trial), data.num_classes)
+            check_robustbench(trial.model, trial.model_args, trial.dataset.normalize, fit)
         family = resolve(trial.model)
         if family.gradients is False or family.estimator:
             check_needs(trial, trial.model, gradients=bool(family.gradients))
@@ -449,24 +452,6 @@ def _absolute(path: Path) -> str:
         return str(path.resolve())
     except (RuntimeError, OSError):
         return os.path.abspath(path)
-
-
-def _check_robustbench(trial: TrialSpec) -> None:
-    """A robustbench: model's settings and name, before any work: its normalisation is its
-    own, and built-in data must have its zoo's shape (other data: checked once loaded)."""
-    from advlab.robustbench_models import check_fits, settings_of, zoo_entry
-
-    name = trial.model.partition(":")[2]
-    settings = settings_of(name, trial.model_args)
-    zoo_entry(name, settings)
-    if trial.dataset.normalize is not None:
-        raise SpecError(
-            f"dataset.normalize: {trial.model} standardises its inputs itself (RobustBench's "
-            "models take [0, 1] pixels); drop dataset.normalize"
-        )
-    if trial.dataset.name in FACTS:
-        facts = FACTS[trial.dataset.name]
-        check_fits(name, settings, _built_in_shape(trial), facts.num_classes)
 
 
 def _check_decay_per_layer(trial: TrialSpec, classes: int) -> None:
