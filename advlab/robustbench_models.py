@@ -18,12 +18,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
-from advlab.models import ModelNameError, validate_model_args
+from advlab.models import ModelNameError, _unloadable, validate_model_args
 from advlab.strict import Strict
 
 PREFIX = "robustbench:"
@@ -156,6 +158,9 @@ def robustbench_model(
     files = checkpoints(name, settings, entry)
     if weights == "none" or (weights == "local" and not all(f.is_file() for f in files)):
         return _architecture(name, entry)
+    for path in files:
+        if path.is_file():
+            _check_weights_only(name, path)
     try:
         utils = import_robustbench()
         return utils.load_model(
@@ -170,6 +175,20 @@ def robustbench_model(
         raise RobustBenchLoadError(
             f"model: {PREFIX}{name}: no checkpoint at {files[0]} and its download failed "
             f"({why}); put the file there"
+        ) from None
+
+
+def _check_weights_only(name: str, path: Path) -> None:
+    """RobustBench's loader calls torch.load without weights_only: torch 2.6 and later read
+    tensors only by default, earlier ones run the file's pickle. A checkpoint is first read
+    here weights_only (memory-mapped: little is read), so no version runs a file's code."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises many kinds for a damaged or foreign file
+        raise RobustBenchLoadError(
+            f"model: {PREFIX}{name}: cannot load {path} ({_unloadable(str(path), err)})"
         ) from None
 
 

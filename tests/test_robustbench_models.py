@@ -4,6 +4,7 @@ test must not depend on the network either way: the download is replaced by a fa
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,16 @@ def test_without_robustbench_the_line_says_how_to_install_it(
     monkeypatch.setitem(__import__("sys").modules, "robustbench.utils", None)
     with pytest.raises(ModelNameError, match=r"pip install 'advlab\[robustbench\]'"):
         import_robustbench()
+
+
+def test_a_checkpoint_holding_python_objects_is_refused_unrun(tmp_path: Path) -> None:
+    """Whatever torch's default for RobustBench's own torch.load, a file's pickle never runs."""
+    folder = tmp_path / "cifar10" / "Linf"
+    folder.mkdir(parents=True)
+    torch.save({"state_dict": {}, "args": argparse.Namespace(lr=0.1)}, folder / f"{NAME}.pt")
+    with pytest.raises(ModelNameError, match="holds Python objects besides tensors") as err:
+        build_model(MODEL, (3, 32, 32), 10, model_args={"model_dir": str(tmp_path)})
+    assert "\n" not in str(err.value)
 
 
 def _sweep(tmp_path: Path, model_dir: str, test_labels: list[int] | None = None) -> Path:
