@@ -143,13 +143,16 @@ def build_model(
     activation: str = "sigmoid",
     model_args: dict[str, Any] | None = None,
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    weights: str = "load",
 ) -> nn.Module:
     """Build the model ``name`` for inputs of ``input_shape`` (C, H, W): one lookup for all.
 
     ``name`` is a built-in architecture (below), ``torchvision:<name>`` (torchvision's model,
     untrained, its first convolution adapted to the data's channels) or ``timm:<name>`` (timm's,
-    untrained or from a local weights file, `model_args.pretrained`); your own factories by
-    import path resolve in advlab.families, which wraps what they return with :func:`finish`.
+    untrained or from a local weights file, `model_args.pretrained`) or ``robustbench:<name>``
+    (RobustBench's zoo, its weights read by RobustBench's loader as ``weights`` says:
+    advlab.robustbench_models); your own factories by import path resolve in
+    advlab.families, which wraps what they return with :func:`finish`.
     ``activation`` sets the hidden units of fc nets and the autoencoder's encoder; cnn and
     resnet18 always use ReLU and ignore it. ``normalize`` = (mean, std) per channel wraps the
     model so it takes [0, 1] pixels and standardises them itself (:class:`Normalized`).
@@ -159,6 +162,11 @@ def build_model(
         model = _torchvision_model(name.partition(":")[2], input_shape, num_classes, model_args)
     elif name.startswith("timm:"):
         model = _timm_model(name.partition(":")[2], input_shape, num_classes, model_args)
+    elif name.startswith("robustbench:"):
+        from advlab.robustbench_models import robustbench_model
+
+        name = name.partition(":")[2]
+        model = robustbench_model(name, input_shape, num_classes, model_args, weights)
     else:
         model = _builtin_model(name, input_shape, num_classes, activation, model_args or {})
     return model if normalize is None else Normalized(model, *normalize)

@@ -23,7 +23,7 @@ class UserExit(RuntimeError):
 
 
 # Model names of the libraries advlab builds from (advlab.models), not modules of yours.
-LIBRARY_PREFIXES = ("torchvision:", "timm:")
+LIBRARY_PREFIXES = ("torchvision:", "timm:", "robustbench:")
 
 
 def is_import_path(name: Any) -> bool:

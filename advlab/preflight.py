@@ -229,7 +229,7 @@ def check_model(trial: TrialSpec, data: Dataset) -> None:
         )
     check_model_size(trial, shape, classes)
     try:
-        model = model_for(trial, shape, classes)
+        model = model_for(trial, shape, classes, weights="local")  # downloads at the trial
     except (ModelNameError, ValueError) as err:
         raise SpecError(str(err)) from None
     if isinstance(model, EstimatorModel):  # a factory's estimator: known only once built
@@ -275,7 +275,9 @@ def check_model_size(trial: TrialSpec, shape: tuple[int, ...], classes: int) -> 
         return
     try:
         with torch.device("meta"):
-            module = build_model(trial.model, shape, classes, trial.activation, trial.model_args)
+            module = build_model(
+                trial.model, shape, classes, trial.activation, trial.model_args, weights="none"
+            )
     except Exception:  # the real build says what is wrong, in its own line
         return
     count = sum(p.numel() for p in module.parameters())

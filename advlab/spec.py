@@ -362,7 +362,7 @@ class TrialSpec(_Strict):
     """Everything that decides a trial's numbers. Any key may be a grid axis."""
 
     dataset: DatasetSpec = DatasetSpec()
-    # built-in name, torchvision:<name>, timm:<name> or module:function (advlab.models)
+    # built-in name, torchvision:<name>, timm:<name>, robustbench:<name> or module:function
     model: str = "fc10"
     model_args: dict[str, Any] = {}  # keyword arguments of the model's factory; sweepable
     init: str | None = None  # weights to start from (a state_dict .pt, loaded weights_only)

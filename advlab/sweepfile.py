@@ -38,6 +38,7 @@ from advlab.models import (
     parse_architecture,
 )
 from advlab.plan import check_needs
+from advlab.robustbench_models import check_robustbench
 from advlab.sources import check_source
 from advlab.spec import (
     EVALUATION_KEYS,
@@ -355,6 +356,10 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
         parse_subset(trial.subset)
         if trial.init is not None and not Path(trial.init).is_file():
             raise SpecError(f"init: no file {trial.init}; give the path of a saved state_dict")
+        if trial.model.startswith("robustbench:"):  # built-in data: its shape checked now
+            data = FACTS.get(trial.dataset.name)
+            fit = None if data is None else (_built_in_shape(trial), data.num_classes)
+            check_robustbench(trial.model, trial.model_args, trial.dataset.normalize, fit)
         family = resolve(trial.model)
         if family.gradients is False or family.estimator:
             check_needs(trial, trial.model, gradients=bool(family.gradients))
@@ -376,7 +381,9 @@ def _validate_trial(point: dict[str, Any], base_dir: Path | None) -> TrialSpec:
 
 
 # Relative to the sweep file's folder.
-PATH_KEYS = ("init", "dataset.path", "dataset.root", "model_args.pretrained")
+PATH_KEYS = (
+    "init", "dataset.path", "dataset.root", "model_args.pretrained", "model_args.model_dir"
+)  # fmt: skip
 
 
 def is_relative_path(value: object) -> bool:
@@ -415,18 +422,21 @@ def storage_from(storage: str, base_dir: Path | None) -> str:
 
 
 def _resolve_paths(point: dict[str, Any], base_dir: Path | None) -> dict[str, Any]:
-    """Relative dataset.path, dataset.root, init and model_args.pretrained (a timm model's
-    weights file) are relative to the sweep file's folder
-    (as `storage` is: `storage_from`)."""
+    """Relative dataset.path, dataset.root, init, model_args.pretrained (a timm model's
+    weights file) and model_args.model_dir (a robustbench: model's folder of checkpoints) are
+    relative to the sweep file's folder (as `storage` is: `storage_from`)."""
     if base_dir is None:
         return point
     point = copy.deepcopy(point)
     dataset = point.get("dataset")
     args = point.get("model_args")
+    # Only RobustBench's: a factory of yours may take a `model_dir` of another meaning.
+    robustbench = str(point.get("model", "")).startswith("robustbench:")
     holders = [
         (point, "init"),
         *([(dataset, "path"), (dataset, "root")] if isinstance(dataset, dict) else []),
         *([(args, "pretrained")] if isinstance(args, dict) else []),  # timm's weights file
+        *([(args, "model_dir")] if isinstance(args, dict) and robustbench else []),
     ]
     for holder, key in holders:
         value = holder.get(key)

@@ -199,7 +199,7 @@ def trial_predictor(store: SweepStore, spec: TrialSpec, key: str | None = None) 
     """A trial's trained model, loaded once from the storage root's model store: the one its row
     names (`key`, the training key it trained or loaded), else its spec's key now."""
     data = load_data_spec(spec.dataset)
-    model = model_for(spec, data.input_shape, data.num_classes)
+    model = model_for(spec, data.input_shape, data.num_classes, weights="none")  # loaded below
     key = key or spec.training_key()
     saved = store.load_model(key)
     if saved is None:

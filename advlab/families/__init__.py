@@ -7,7 +7,7 @@ A trial's `model` resolves here, in one lookup:
   called as `factory(input_shape, num_classes, **model_args)` that returns a torch.nn.Module
   or a scikit-learn-style estimator (fit/predict);
 - anything else is a torch architecture (fc<h1>-...-<K>, ae<h>-<K>, cnn, resnet18,
-  torchvision:<name>, timm:<name>; advlab.models).
+  torchvision:<name>, timm:<name>, robustbench:<name>; advlab.models).
 
 The same lookup serves trials and the transfer stage's controls, so a control is a model like
 any other.
@@ -97,9 +97,12 @@ def _from_factory(factory: Callable[..., Any], request: ModelRequest) -> TrialMo
     return EstimatorModel(made, request, EstimatorSettings())
 
 
-def model_for(spec: Any, input_shape: tuple[int, int, int], num_classes: int) -> TrialModel:
+def model_for(
+    spec: Any, input_shape: tuple[int, int, int], num_classes: int, weights: str = "load"
+) -> TrialModel:
     """A TrialSpec's model for its data, untrained (the one place trials, transfer and the
-    checks build a trial's model): name, settings, activation, normalisation, init weights."""
+    checks build a trial's model): name, settings, activation, normalisation, init weights;
+    `weights` says what a robustbench: model reads (advlab.families.base.ModelRequest)."""
     norm = spec.dataset.normalize
     request = ModelRequest(
         name=spec.model,
@@ -110,6 +113,7 @@ def model_for(spec: Any, input_shape: tuple[int, int, int], num_classes: int) ->
         normalize=None if norm is None else (list(norm.mean), list(norm.std)),
         init=spec.init,
         seed=spec.seed,
+        weights=weights,
     )
     family = resolve(spec.model)
     if any(family is builtin for builtin in (TORCH, *BUILTIN)):

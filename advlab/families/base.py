@@ -37,6 +37,9 @@ class ModelRequest:
     normalize: tuple[list[float], list[float]] | None = None  # (mean, std) per channel
     init: str | None = None  # starting weights (torch models)
     seed: int = 0
+    # robustbench: models' checkpoints: "load" (a trial: downloaded when missing), "local"
+    # (the checks: read when on disk), "none" (weights loaded after, as the transfer does).
+    weights: str = "load"
 
 
 @dataclass

@@ -40,8 +40,9 @@ def wrap_module(module: nn.Module, request: ModelRequest) -> TorchModel:
 
 def _build(request: ModelRequest) -> TrialModel:
     module = build_model(
-        request.name, request.input_shape, request.num_classes, request.activation, request.args
-    )
+        request.name, request.input_shape, request.num_classes, request.activation, request.args,
+        weights=request.weights,
+    )  # fmt: skip
     return wrap_module(module, request)
 
 
@@ -50,5 +51,5 @@ TORCH = ModelFamily(
     gradients=True,
     build=_build,
     summary="torch modules: fc<h1>-...-<K>, ae<h>-<K>, cnn, resnet18, torchvision:<name>, "
-    "timm:<name>",
+    "timm:<name>, robustbench:<name>",
 )
