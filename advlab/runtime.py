@@ -7,6 +7,7 @@ batching and device moves behave the same everywhere.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -15,6 +16,14 @@ from torch import Tensor, nn
 from advlab.measure import fraction
 
 PREDICT_BATCH = 4096
+# What one predict batch's rows may save for backward (rows x the per-row state autograd would
+# keep: every activation of a forward, summed). Measured on RobustBench's PreActResNet-18 at
+# 32x32 (6.8 MB per row): 4,096-row batches peaked at 7.0 GB, 128-row ones at 1.15 GB, in the
+# same time; FC nets save a few kB per row and keep PREDICT_BATCH.
+PREDICT_BYTES = 512 * 2**20
+_ROW_BYTES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -44,16 +53,31 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: Tensor, batch_size: int = PREDICT_BATCH) -> Tensor:
-    """(N,) int64 predicted classes, in eval mode and in batches, on the model's device."""
+def predict(model: nn.Module, x: Tensor, batch_size: int | None = None) -> Tensor:
+    """(N,) int64 predicted classes, in eval mode and in batches, on the model's device;
+    batches of `predict_rows` rows unless `batch_size` is given."""
     device = model_device(model)
     if len(x) == 0:
         return torch.empty(0, dtype=torch.int64, device=device)
+    batch_size = batch_size or predict_rows(model, x)
     with eval_mode(model):
         parts = [
             model(x[i : i + batch_size].to(device)).argmax(1) for i in range(0, len(x), batch_size)
         ]
     return torch.cat(parts)
+
+
+def predict_rows(model: nn.Module, x: Tensor) -> int:
+    """Rows per predict batch of x: PREDICT_BYTES over the state one row saves, at most
+    PREDICT_BATCH. Measured once per model and row shape: an architecture's activations do not
+    change with its weights."""
+    if len(x) <= 1:
+        return PREDICT_BATCH
+    shape = tuple(x.shape[1:])
+    known = _ROW_BYTES.setdefault(model, {})
+    if shape not in known:
+        known[shape] = _row_bytes(model, x[:1].to(model_device(model)))
+    return int(min(PREDICT_BATCH, max(1, PREDICT_BYTES // max(known[shape], 1))))
 
 
 def error_rate(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -78,8 +102,13 @@ def rows_per_grad_chunk(model: nn.Module, example: Tensor, budget: int | None = 
     rows minus those on one (the weights it saves are shared, the activations are per row).
     """
     budget = GRAD_CHUNK_BYTES if budget is None else budget
+    return max(1, budget // max(_row_bytes(model, example), 1))
+
+
+def _row_bytes(model: nn.Module, example: Tensor) -> int:
+    """The bytes autograd saves for backward on two rows of `example` minus those on one."""
     per_row = [_saved_bytes(model, example.expand(k, *example.shape[1:])) for k in (1, 2)]
-    return max(1, budget // max(per_row[1] - per_row[0], 1))
+    return per_row[1] - per_row[0]
 
 
 def chunk_rows(model: nn.Module, x: Tensor) -> int:

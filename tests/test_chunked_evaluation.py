@@ -106,3 +106,27 @@ def test_gradient_attacks_run_in_chunks_end_where_whole_runs_do(
     assert torch.equal(chunked.success, whole.success) and bool(whole.success.any())
     assert torch.equal(chunked.grad_evals, whole.grad_evals)
     torch.testing.assert_close(chunked.x_adv, whole.x_adv, rtol=0, atol=1e-4)
+
+
+def test_predict_batches_hold_the_bytes_budget_and_change_no_label(
+    digits: tuple[Tensor, Tensor], small_conv: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from advlab import runtime
+
+    x = digits[0][:300]
+    whole = runtime.predict(small_conv, x, batch_size=len(x))
+    # An FC model saves a few floats per row: its batches stay at PREDICT_BATCH.
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    assert runtime.predict_rows(linear, x) == runtime.PREDICT_BATCH
+    # small_conv saves per row its input (64 floats), the conv's output (4 x 64, kept by the
+    # ReLU) and the flattened activations (256): 576 floats, 2,304 bytes; a budget of 50 rows.
+    monkeypatch.setattr(runtime, "PREDICT_BYTES", 50 * 4 * (64 + 256 + 256))
+    monkeypatch.setattr(runtime, "_ROW_BYTES", runtime.weakref.WeakKeyDictionary())
+    assert runtime.predict_rows(small_conv, x) == 50
+    seen: list[int] = []
+    hook = small_conv.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    try:
+        assert torch.equal(runtime.predict(small_conv, x), whole)
+    finally:
+        hook.remove()
+    assert seen == [50] * 6
