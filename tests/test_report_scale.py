@@ -17,7 +17,7 @@ from advlab.cli import main
 from advlab.report import ReportSettings, ReportSettingsError, build_report, render_report
 from advlab.report.html import vega_bundle
 from advlab.report.load import load_all
-from advlab.report.sections import table1
+from advlab.report.sections import robust, table1, training
 from advlab.report.select import select
 from advlab.report.settings import Metric, from_command_line
 from advlab.stats import METHOD, RATE_METHOD, estimate
@@ -220,3 +220,13 @@ def test_table1_names_each_cells_interval_method(small: str) -> None:
     lo = float(re.search(r'data-lo="([^"]*)"', attrs[fgsm]).group(1))
     hi = float(re.search(r'data-hi="([^"]*)"', attrs[fgsm]).group(1))
     assert (lo, hi) == (expected.lo, expected.hi) and 0.0 < lo < 0.35 < hi < 1.0
+
+
+def test_each_chart_names_its_interval_method(small: str) -> None:
+    # Robust error is a share of each trial's n_scanned (13 here): over seeds and examples.
+    # The synthetic epochs' test error has no n_test beside it: the seeds-only bootstrap.
+    compared = load_all([small])
+    sections = ((robust, RATE_METHOD), (training, METHOD))
+    for html, method in ((section.render(compared), method) for section, method in sections):
+        subtitles = set(re.findall(r'"subtitle": "interval: ([^"]*)"', html))
+        assert subtitles == {method}
