@@ -271,7 +271,9 @@ RATE_COUNTS: dict[tuple[str, str], str] = {
     ("trials", "train_error"): "n_train",
     ("trials", "test_error"): "n_test",
     ("trials", "heldout_error"): "n_heldout",
+    ("trials", "val_robust_error"): "n_validation",  # PGD on every validation example
     ("epochs", "test_error"): "n_test",  # the whole test set, every epoch it is evaluated
+    ("epochs", "val_robust_error"): "n_validation",
     ("attacks", "success_rate"): "n",
     ("curves", "success_rate"): "n",
     ("curves", "robust_error"): "n_scanned",  # clean mistakes and fooled, of those scanned

@@ -21,7 +21,7 @@ from conftest import tiny_sweep
 from advlab import results
 from advlab.cli import main
 from advlab.manifest import record_version
-from advlab.stats import RATE_METHOD, estimate
+from advlab.stats import METHOD, RATE_METHOD, estimate
 from advlab.store import SweepStore
 from advlab.sweep import trial_context
 from advlab.sweepfile import parse_sweep
@@ -254,6 +254,9 @@ def test_seeds_are_repeats_summarised_with_a_95_percent_interval(tmp_path: Path)
     curves = res.over_seeds("curves", "robust_error")
     assert len(curves) == 2 * 2  # two configurations x two budgets, one attack
     assert set(curves["n"]) == {3} and set(curves["method"]) == {RATE_METHOD}
+    runs = res.over_seeds("attacks", "success_rate")  # over each run's n attacked examples
+    assert len(runs) == 2 * 2 and set(runs["method"]) == {RATE_METHOD}
+    assert set(res.over_seeds("attacks", "mean_dist_rms")["method"]) == {METHOD}
     clean = res.over_seeds("trials", "test_error", count="n_scanned")  # any count column
     assert (
         clean.loc[0, "hi"] == estimate(res.trials["test_error"][:3], res.trials["n_scanned"][:3]).hi
