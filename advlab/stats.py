@@ -18,10 +18,12 @@ n - k + 1/2) (k = rate x n of its n examples), and takes the mean; the interval 
 examples, which the seeds-only bootstrap ignores (two seeds gave exactly their range, one seed
 nothing); every drawn rate lies in [0, 1], so the interval does; with one seed it is the
 Jeffreys interval (Brown, Cai & DasGupta 2001), with many seeds of many examples it tends to
-the seeds-only bootstrap. Where every seed's rate is 0 the lower end is 0 (and where every one
-is 1 the upper end is 1), their modification at k = 0 and k = n, so the interval holds the
-mean. A group where some seed's count is missing (a sweep written before the count was
-recorded) falls back to the seeds-only bootstrap, and its estimate names that method.
+the seeds-only bootstrap. The interval is widened to hold the seeds' mean where it does not:
+that gives a lower end of 0 where every seed's rate is 0 (and an upper end of 1 where every
+one is 1), Brown, Cai & DasGupta's modification at k = 0 and k = n, and otherwise happens only
+with seeds of a handful of examples, whose Jeffreys draws lean towards 1/2. A group where
+some seed's count is missing (a sweep written before the count was recorded) falls back to
+the seeds-only bootstrap, and its estimate names that method.
 """
 
 from __future__ import annotations
@@ -101,10 +103,10 @@ def rate_interval(
     # Jeffreys, not Binomial(n, k/n): the latter is stuck at 0 for k = 0 (no interval at all).
     drawn = rng.beta(hits[picks] + 0.5, counts[picks] - hits[picks] + 0.5)
     lo, hi = _ends(drawn.mean(axis=1), level)
-    # Brown, Cai & DasGupta's ends at k = 0 and k = n, so the interval holds the mean.
-    lo = 0.0 if not hits.any() else max(0.0, lo)
-    hi = 1.0 if (hits == counts).all() else min(1.0, hi)
-    return lo, hi
+    # Widened to hold the observed mean: Brown, Cai & DasGupta's end 0 at k = 0 (1 at k = n);
+    # otherwise only seeds of a handful of examples, pulled towards 1/2, can need it.
+    mean = float(np.clip(rates, 0.0, 1.0).mean())
+    return max(0.0, min(lo, mean)), min(1.0, max(hi, mean))
 
 
 def estimate(

@@ -122,6 +122,10 @@ def test_two_seeds_of_a_rate_are_wider_than_their_range_and_inside_0_1() -> None
     assert found.mean == pytest.approx(0.2) and found.values == (0.1, 0.3)
     edge = estimate([0.0, 1.0], counts=[3, 3])  # the extremes: still inside [0, 1]
     assert 0.0 <= edge.lo < edge.hi <= 1.0
+    # Seeds of 1 and 2 examples drawn from Beta(1/2, 3/2) and Beta(1/2, 5/2) lean towards 1/2:
+    # the 2.5% quantile of the resampled means lies above the seeds' mean 0.02: it starts there.
+    few = estimate([0.0, 0.0, 0.0, 0.1, 0.0], counts=[50, 1, 1, 10, 2])
+    assert few.lo == pytest.approx(0.02) and few.hi < 1.0
 
 
 def test_many_seeds_of_huge_counts_tend_to_the_seeds_only_bootstrap() -> None:
