@@ -154,10 +154,13 @@ def number(value: float | None, digits: int = 4) -> str:
 SHOWN_VALUES = 8  # a cell lists its values (the seeds) when there are at most this many
 
 
-def estimate_cell(found: Estimate, as_percent: bool, unit: str = "seeds") -> Cell:
+def estimate_cell(
+    found: Estimate, as_percent: bool, unit: str = "seeds", method: str | None = None
+) -> Cell:
     """A mean; its 95% interval [lo, hi] where it has one (a rate over known examples has one
-    from a single seed) and, with repeats, each value (seed) beside it; the title names the
-    interval's method."""
+    from a single seed) and, with repeats, each value (seed) beside it; the title and
+    data-method name the interval's method (found.method unless `method` says better)."""
+    method = method or found.method
     if found.n == 0:
         return Cell()
     show = percent if as_percent else number
@@ -173,12 +176,12 @@ def estimate_cell(found: Estimate, as_percent: bool, unit: str = "seeds") -> Cel
     body = esc(cell.text)
     if has_interval:
         cell.attrs |= {"data-lo": repr(found.lo), "data-hi": repr(found.hi)}
-        cell.attrs |= {"data-method": found.method}
+        cell.attrs |= {"data-method": method}
         body += f' <span class="ci">[{esc(show(found.lo))}, {esc(show(found.hi))}]</span>'
     if listed:
         body += f'<span class="seeds">{esc(listed)}</span>'
     cell.raw = body
-    cell.title = f"mean of {found.n} {unit}; {found.method}: {show(found.lo)} to {show(found.hi)}"
+    cell.title = f"mean of {found.n} {unit}; {method}: {show(found.lo)} to {show(found.hi)}"
     cell.title += f"; {listed}" if listed else ""
     return cell
 
