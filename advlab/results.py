@@ -25,7 +25,7 @@ import pandas as pd
 from advlab import dimension, manifest, transfer_summary
 from advlab.stats import aggregate
 from advlab.store import SweepStore, list_sweeps
-from advlab.tables import SCHEMAS, Status
+from advlab.tables import RATE_COUNTS, SCHEMAS, Status
 
 __all__ = ["Results", "load"]
 
@@ -102,17 +102,26 @@ class Results:
         return _with_suffix(frame, self.trial_suffix) if self.trial_suffix else frame
 
     def over_seeds(
-        self, name: str, value: str, by: tuple[str, ...] = ("attack", "budget")
+        self,
+        name: str,
+        value: str,
+        by: tuple[str, ...] = ("attack", "budget"),
+        count: str | None = None,
     ) -> pd.DataFrame:
         """`value` of table `name` summarised over seeds: trials that differ only in their seed
         are repeats of one configuration; one row per configuration (and `by` key present)
-        with the mean, its 95% interval (lo, hi: advlab.stats.METHOD, so a rate's stays in
-        [0, 1]), the number of seeds n and the seeds' own `values` (a list, in grid order)."""
+        with the mean, its 95% interval (lo, hi), the number of seeds n, the seeds' own
+        `values` (a list, in grid order) and the interval's `method` (advlab.stats). A rate
+        whose count of examples is known (advlab.tables.RATE_COUNTS, or the column `count`
+        names, in the table or the trials table) gets the interval over seeds and examples;
+        any other value the bootstrap over seeds."""
         frame = self.trials if name == "trials" else getattr(self, name)
         keys = ["configuration", *[k for k in by if k in frame and name != "trials"]]
-        if "configuration" not in frame:
-            frame = frame.merge(self.trials[["trial_id", "configuration"]], on="trial_id")
-        return aggregate(frame, keys, value)
+        count = count or RATE_COUNTS.get((name, value))
+        missing = [c for c in ("configuration", count) if c and c not in frame and c in self.trials]
+        if missing:
+            frame = frame.merge(self.trials[["trial_id", *missing]], on="trial_id")
+        return aggregate(frame, keys, value, count if count in frame else None)
 
     def dimension(self) -> pd.DataFrame:
         """Distortion and input-gradient norms against the input dimension d (a sweep over

@@ -203,6 +203,8 @@ _TRIAL_RESULTS = [
     ("train_error", pa.float64()),
     ("test_error", pa.float64()),
     ("heldout_error", pa.float64()),
+    ("n_test", pa.int64()),  # examples behind test_error (its interval counts them)
+    ("n_heldout", pa.int64()),  # and behind heldout_error; train_error's are n_train
     ("n_attacked", pa.int64()),
     ("n_scanned", pa.int64()),  # examples looked at to find the n_attacked correct ones
     ("n_clean_wrong", pa.int64()),  # of those, misclassified without any attack
@@ -259,6 +261,25 @@ def _config_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, 
 CONFIG_FIELDS = _config_fields(TrialSpec)
 TRIALS = pa.schema([*_TRIAL_HEAD, *CONFIG_FIELDS, *_TRIAL_RESULTS])
 assert len(set(TRIALS.names)) == len(TRIALS.names), "a config field shadows a results column"
+
+# The examples behind each rate that is a share of a known count (advlab.stats gives such a
+# rate an interval over seeds and examples): (table, rate column) -> the count's column, in
+# the same row or, where the rate's table lacks it, in the trial's row of the trials table.
+# Left out, on purpose: the epochs' train_error (batches seen under changing weights, not one
+# set of examples) and measure tables (their rows are the examples already).
+RATE_COUNTS: dict[tuple[str, str], str] = {
+    ("trials", "train_error"): "n_train",
+    ("trials", "test_error"): "n_test",
+    ("trials", "heldout_error"): "n_heldout",
+    ("trials", "val_robust_error"): "n_validation",  # PGD on every validation example
+    ("epochs", "test_error"): "n_test",  # the whole test set, every epoch it is evaluated
+    ("epochs", "val_robust_error"): "n_validation",
+    ("attacks", "success_rate"): "n",
+    ("curves", "success_rate"): "n",
+    ("curves", "robust_error"): "n_scanned",  # clean mistakes and fooled, of those scanned
+    ("transfer", "error_adv"): "n",
+    ("transfer", "error_clean"): "n",
+}
 
 SCHEMAS: dict[str, pa.Schema] = {
     "trials": TRIALS,

@@ -444,6 +444,8 @@ def summary_columns(trained: Trained, attacked: AttackedSet) -> dict[str, Any]:
         "train_error": model.error_rate(trained.x_train, trained.y_train),
         "test_error": model.error_rate(data.x_test, data.y_test),
         "heldout_error": model.error_rate(data.x_train[heldout], data.y_train[heldout]),
+        "n_test": len(data.y_test),
+        "n_heldout": len(heldout),
         "n_attacked": len(attacked.y),
         "n_scanned": attacked.n_scanned,
         "n_clean_wrong": attacked.n_clean_wrong,

@@ -30,6 +30,7 @@ from advlab import results
 from advlab.cli import main
 from advlab.data import load_dataset
 from advlab.report import build_report
+from advlab.stats import RATE_METHOD, estimate
 from advlab.store import SweepStore
 from advlab.transfer import NOISE_SOURCE
 
@@ -289,16 +290,21 @@ def test_table1_has_one_row_per_configuration_with_means_over_seeds(
         assert float(attrs["data-value"]) == pytest.approx(trials["test_error"].mean())
         assert row["seeds"][1] == str(len(group))
         seeds = list(trials["test_error"])
-        if len(group) > 1:  # repeats: the bootstrap interval over seeds, and every seed shown
-            assert len(group) == 2  # two seeds: the interval is exactly their range
-            lo, hi = float(attrs["data-lo"]), float(attrs["data-hi"])
-            assert (lo, hi) == pytest.approx((min(seeds), max(seeds)))
+        # A test error is a share of the n_test test examples: its interval is over seeds and
+        # examples (advlab.stats), with one seed too; of one or two seeds it holds their range.
+        lo, hi = float(attrs["data-lo"]), float(attrs["data-hi"])
+        assert attrs["data-method"] == RATE_METHOD
+        expected = estimate(seeds, trials["n_test"])
+        assert (lo, hi) == (expected.lo, expected.hi)
+        assert 0.0 <= lo <= min(seeds) and max(seeds) <= hi <= 1.0
+        assert f"[{100 * lo:.1f}%, {100 * hi:.1f}%]" in row["test_error"][1]
+        if len(group) > 1:  # repeats: every seed shown
+            assert len(group) == 2
             assert json.loads(attrs["data-values"]) == pytest.approx(seeds)
             shown = ", ".join(f"{100 * v:.1f}%" for v in seeds)
             assert f"seeds: {shown}" in row["test_error"][1]
-            assert f"[{100 * lo:.1f}%, {100 * hi:.1f}%]" in row["test_error"][1]
         else:
-            assert "data-lo" not in attrs and "seeds:" not in row["test_error"][1]
+            assert "data-values" not in attrs and "seeds:" not in row["test_error"][1]
     assert table.texts("model") == ["fc10", "fc16-10", "fc16-10", "fc10", "fc16-10"]
     assert table.texts("weight_decay") == ["0.0001", "0.0001", "0.001, 0.0001", "0", "0.001"]
     rates = [k for k in table.header if k.endswith("_error") or "success" in k]
@@ -309,7 +315,8 @@ def test_table1_has_one_row_per_configuration_with_means_over_seeds(
 
 def test_the_page_names_its_interval_method(report: Path) -> None:
     text = report.read_text(encoding="utf-8")
-    assert "Intervals: 95% percentile bootstrap over seeds (resampling the seeds" in text
+    assert "for rates whose count of examples is stored, the\n95% two-level bootstrap" in text
+    assert "for every other value, the 95% percentile bootstrap over seeds" in text
 
 
 def test_table1_tells_two_lbfgs_setups_apart_and_learns_kinds_and_norms_from_the_data(

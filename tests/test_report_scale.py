@@ -17,8 +17,10 @@ from advlab.cli import main
 from advlab.report import ReportSettings, ReportSettingsError, build_report, render_report
 from advlab.report.html import vega_bundle
 from advlab.report.load import load_all
+from advlab.report.sections import robust, table1, training
 from advlab.report.select import select
 from advlab.report.settings import Metric, from_command_line
+from advlab.stats import METHOD, RATE_METHOD, estimate
 from advlab.tables import NOISE_SOURCE
 
 MODELS = ["fc8-10", "fc16-10", "fc24-10"]
@@ -200,3 +202,31 @@ def test_bad_report_settings_are_one_line_and_exit_2(small: str, tmp_path: Path,
     assert not Path(out).exists()  # nothing written
     with pytest.raises(ReportSettingsError, match="no grid axis 'seedz'"):
         build_report([small], out, settings=ReportSettings(where={"seedz": ["0"]}))
+
+
+def test_table1_names_each_cells_interval_method(small: str) -> None:
+    # The synthetic trials store no n_test (a sweep written before it was recorded): their test
+    # error keeps the seeds-only bootstrap; every attack run stores its n (12 examples), so a
+    # success rate's interval is over seeds and examples, the same as advlab.stats gives.
+    html = table1.render(load_all([small]))
+    first = re.search(r"<tr[^>]*data-config[^>]*>(.*?)</tr>", html, re.S)
+    assert first is not None
+    attrs = dict(re.findall(r'<td data-col="([^"]*)"([^>]*)>', first.group(1)))
+    method = {col: re.search(r'data-method="([^"]*)"', a) for col, a in attrs.items()}
+    assert method["test_error"].group(1) == METHOD
+    fgsm = "fgsm|success@0.05"
+    assert method[fgsm].group(1) == RATE_METHOD and method["lbfgs|success"].group(1) == RATE_METHOD
+    expected = estimate([0.35] * SEEDS, [12] * SEEDS)  # success 0.3 + ε at every seed
+    lo = float(re.search(r'data-lo="([^"]*)"', attrs[fgsm]).group(1))
+    hi = float(re.search(r'data-hi="([^"]*)"', attrs[fgsm]).group(1))
+    assert (lo, hi) == (expected.lo, expected.hi) and 0.0 < lo < 0.35 < hi < 1.0
+
+
+def test_each_chart_names_its_interval_method(small: str) -> None:
+    # Robust error is a share of each trial's n_scanned (13 here): over seeds and examples.
+    # The synthetic epochs' test error has no n_test beside it: the seeds-only bootstrap.
+    compared = load_all([small])
+    sections = ((robust, RATE_METHOD), (training, METHOD))
+    for html, method in ((section.render(compared), method) for section, method in sections):
+        subtitles = set(re.findall(r'"subtitle": "interval: ([^"]*)"', html))
+        assert subtitles == {method}

@@ -21,6 +21,7 @@ from conftest import tiny_sweep
 from advlab import results
 from advlab.cli import main
 from advlab.manifest import record_version
+from advlab.stats import METHOD, RATE_METHOD, estimate
 from advlab.store import SweepStore
 from advlab.sweep import trial_context
 from advlab.sweepfile import parse_sweep
@@ -243,10 +244,20 @@ def test_seeds_are_repeats_summarised_with_a_95_percent_interval(tmp_path: Path)
         assert summary.loc[model, "n"] == 3
         assert summary.loc[model, "mean"] == pytest.approx(errors.mean())
         assert summary.loc[model, "values"] == pytest.approx(list(errors))  # seed 0, 1, 2
-        # Bootstrap over three seeds: 1 resample in 27 (3.7% > 2.5%) is all one seed, so the
-        # interval runs from the lowest seed to the highest, inside [0, 1].
+        # A test error is a rate over the test set (digits: ceil(0.25 x 1797) = 450 examples):
+        # its interval is over seeds and examples (advlab.stats, whose tests check the method).
         lo, hi = summary.loc[model, "lo"], summary.loc[model, "hi"]
-        assert (lo, hi) == (pytest.approx(errors.min()), pytest.approx(errors.max()))
+        assert summary.loc[model, "method"] == RATE_METHOD
+        assert 0.0 <= lo < errors.mean() < hi <= 1.0
+        assert (lo, hi) == (estimate(errors, [450] * 3).lo, estimate(errors, [450] * 3).hi)
+    assert set(res.trials["n_test"]) == {450}
     curves = res.over_seeds("curves", "robust_error")
     assert len(curves) == 2 * 2  # two configurations x two budgets, one attack
-    assert set(curves["n"]) == {3}
+    assert set(curves["n"]) == {3} and set(curves["method"]) == {RATE_METHOD}
+    runs = res.over_seeds("attacks", "success_rate")  # over each run's n attacked examples
+    assert len(runs) == 2 * 2 and set(runs["method"]) == {RATE_METHOD}
+    assert set(res.over_seeds("attacks", "mean_dist_rms")["method"]) == {METHOD}
+    clean = res.over_seeds("trials", "test_error", count="n_scanned")  # any count column
+    assert (
+        clean.loc[0, "hi"] == estimate(res.trials["test_error"][:3], res.trials["n_scanned"][:3]).hi
+    )

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats as scipy_stats
 
-from advlab.stats import LEVEL, METHOD, aggregate, estimate
+from advlab.stats import LEVEL, METHOD, RATE_METHOD, RESAMPLES, aggregate, estimate
 
 
 def exact_bootstrap_quantiles(values: list[float], q: float) -> float:
@@ -88,3 +88,74 @@ def test_aggregate_keeps_each_groups_values_in_row_order() -> None:
     assert (rows.loc["a", "lo"], rows.loc["a", "hi"], rows.loc["a", "n"]) == (0.2, 0.3, 2)
     assert rows.loc["b", "values"] == [0.1] and rows.loc["b", "n"] == 1
     assert math.isnan(rows.loc["c", "lo"])
+    assert set(rows["method"]) == {METHOD}
+
+
+def _quantile_error(q: float) -> float:
+    """Four standard errors of the fraction of RESAMPLES draws below a true q-quantile: how far
+    (in probability) an interval end estimated from RESAMPLES draws may honestly land."""
+    return 4 * math.sqrt(q * (1 - q) / RESAMPLES)
+
+
+@pytest.mark.parametrize("hits", [5, 0])
+def test_one_seed_of_a_rate_gives_the_jeffreys_interval(hits: int) -> None:
+    # One seed, `hits` of 50 examples: the interval is the Jeffreys posterior's 2.5% and 97.5%
+    # quantiles; at k = 0 its lower end is 0 (Brown, Cai & DasGupta's modification).
+    found = estimate([hits / 50], counts=[50])
+    posterior = scipy_stats.beta(hits + 0.5, 50 - hits + 0.5)
+    assert found.method == RATE_METHOD and found.n == 1
+    assert abs(posterior.cdf(found.hi) - 0.975) < _quantile_error(0.975)
+    if hits == 0:
+        assert found.lo == 0.0 and posterior.ppf(0.025) < 1e-4
+    else:
+        assert abs(posterior.cdf(found.lo) - 0.025) < _quantile_error(0.025)
+    assert 0.0 <= found.lo <= found.mean <= found.hi <= 1.0
+
+
+def test_two_seeds_of_a_rate_are_wider_than_their_range_and_inside_0_1() -> None:
+    # 10 and 30 wrong of 100: the seeds-only bootstrap gives exactly [0.1, 0.3]; counting each
+    # seed's examples widens it on both sides.
+    alone = estimate([0.1, 0.3])
+    found = estimate([0.1, 0.3], counts=[100, 100])
+    assert (alone.lo, alone.hi) == (0.1, 0.3)
+    assert 0.0 < found.lo < 0.1 and 0.3 < found.hi < 1.0
+    assert found.mean == pytest.approx(0.2) and found.values == (0.1, 0.3)
+    edge = estimate([0.0, 1.0], counts=[3, 3])  # the extremes: still inside [0, 1]
+    assert 0.0 <= edge.lo < edge.hi <= 1.0
+    # Seeds of 1 and 2 examples drawn from Beta(1/2, 3/2) and Beta(1/2, 5/2) lean towards 1/2:
+    # the 2.5% quantile of the resampled means lies above the seeds' mean 0.02: it starts there.
+    few = estimate([0.0, 0.0, 0.0, 0.1, 0.0], counts=[50, 1, 1, 10, 2])
+    assert few.lo == pytest.approx(0.02) and few.hi < 1.0
+
+
+def test_many_seeds_of_huge_counts_tend_to_the_seeds_only_bootstrap() -> None:
+    # With 10^9 examples a seed's posterior is a point: only the seeds' spread is left, and the
+    # seeds are drawn by the same first draws of the same generator.
+    rates = [0.11, 0.14, 0.2, 0.23, 0.3, 0.35]
+    alone = estimate(rates)
+    found = estimate(rates, counts=[1e9] * len(rates))
+    assert found.method == RATE_METHOD and alone.method == METHOD
+    assert found.lo == pytest.approx(alone.lo, abs=1e-4)
+    assert found.hi == pytest.approx(alone.hi, abs=1e-4)
+
+
+def test_rate_intervals_are_deterministic_and_fall_back_without_every_count() -> None:
+    assert estimate([0.2, 0.4], [30, 40]) == estimate([0.2, 0.4], [30, 40])
+    # A seed without its count (an older sweep): the whole group keeps the seeds-only method.
+    assert estimate([0.2, 0.4], [30, None]) == estimate([0.2, 0.4])
+    # A null rate is left out with its count, not shifted onto another seed's.
+    assert estimate([0.2, None], [50, 7]) == estimate([0.2], [50])
+
+
+def test_aggregate_takes_a_count_column() -> None:
+    frame = pd.DataFrame(
+        {"configuration": ["a", "a", "b"], "rate": [0.0, 0.0, 0.5], "n": [50, 50, 8]}
+    )
+    rows = aggregate(frame, ["configuration"], "rate", count="n").set_index("configuration")
+    assert list(rows["method"]) == [RATE_METHOD, RATE_METHOD]
+    assert rows.loc["a", "lo"] == 0.0 and 0.0 < rows.loc["a", "hi"] < 0.05  # 0 of 100 in all
+    assert rows.loc["b", "n"] == 1 and 0.0 < rows.loc["b", "lo"] < 0.5 < rows.loc["b", "hi"]
+    assert (rows.loc["b", "lo"], rows.loc["b", "hi"]) == (
+        estimate([0.5], [8]).lo,
+        estimate([0.5], [8]).hi,
+    )

@@ -1,8 +1,9 @@
 """Vega-Lite charts (through altair) that share one colour per configuration.
 
 Every chart takes rows already aggregated over seeds (config, configuration, x, mean, lo, hi, n,
-values, ci) and draws the mean as points and lines, the 95% interval as a band or bars, and each
-seed's own value as a small hollow point. Each chart
+values, ci, method) and draws the mean as points and lines, the 95% interval as a band or bars
+(its method in the subtitle and each point's tooltip), and each seed's own value as a small
+hollow point. Each chart
 carries two parameters the page drives: `visible`, the configuration keys the page's filters let
 through (a filter transform), and `pick`, bound to the chart's own legend (click an entry to
 bring one configuration forward). Hover a point for its values.
@@ -18,7 +19,7 @@ import altair as alt
 import pandas as pd
 
 from advlab.report.load import Config
-from advlab.stats import METHOD, aggregate
+from advlab.stats import aggregate
 
 WIDTH, HEIGHT = 430, 250
 POINTS = "points"  # the name of the layer that holds the plotted means (tests read it back)
@@ -81,14 +82,17 @@ def trend(
         alt.Tooltip("configuration:N"),
         *extra_tooltip,
         alt.Tooltip("mean:Q", title="mean", format=".4g"),
-        alt.Tooltip("ci:N", title=METHOD),
+        alt.Tooltip("ci:N", title="95% interval"),
+        alt.Tooltip("method:N", title="interval method"),  # rates: over seeds and examples
         alt.Tooltip("n:Q", title="seeds"),
     ]
     points = _mean_points(base.encode(y=y), pick, emphasis, tooltip, size=55)
     seeds = _seed_points(base, y_title, emphasis, extra_tooltip)
     layers = [spread, line, seeds, points] if rows[["lo", "hi"]].notna().any().any() else [
         line, points]  # fmt: skip
-    return finish(alt.layer(*layers, data=NAMED), configs, title, records(rows))
+    methods = list(dict.fromkeys(rows["method"].dropna())) if "method" in rows else []
+    heading = alt.Title(title, subtitle=f"interval: {'; '.join(methods)}") if methods else title
+    return finish(alt.layer(*layers, data=NAMED), configs, heading, records(rows))
 
 
 def _legend_pick() -> tuple[Any, Any]:
@@ -131,7 +135,10 @@ def _seed_points(
 
 
 def finish(
-    chart: alt.LayerChart, configs: Sequence[Config], title: str, values: list[dict[str, Any]]
+    chart: alt.LayerChart,
+    configs: Sequence[Config],
+    title: str | alt.Title,
+    values: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The page's `visible` filter, size and title; the Vega-Lite spec as a dict, its data
     `values` (records()).
@@ -174,10 +181,14 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def summarise(frame: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
-    """Per configuration and `by` key (in order): mean, interval, seeds and the seeds' values of
-    `value` (advlab.stats: the interval never leaves the values seen, so it needs no clipping)."""
-    rows = aggregate(frame, ["config", "configuration", *by], value)
+def summarise(
+    frame: pd.DataFrame, by: Sequence[str], value: str, count: str | None = None
+) -> pd.DataFrame:
+    """Per configuration and `by` key (in order): mean, interval, seeds, the seeds' values of
+    `value` and the interval's method (advlab.stats: inside [0, 1] for a rate and inside the
+    values seen otherwise, so it needs no clipping). count: the column of each row's count of
+    examples when `value` is a rate over them (the interval over seeds and examples)."""
+    rows = aggregate(frame, ["config", "configuration", *by], value, count)
     return rows.assign(
         ci=[interval_text(lo, hi) for lo, hi in zip(rows["lo"], rows["hi"], strict=True)]
     )

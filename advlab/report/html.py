@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from advlab.stats import METHOD, WHY, Estimate
+from advlab.stats import METHOD, RATE_METHOD, RATE_WHY, WHY, Estimate
 
 # 'unsafe-eval': Vega compiles its expressions with Function(); nothing else is allowed out.
 CSP = (
@@ -154,27 +154,35 @@ def number(value: float | None, digits: int = 4) -> str:
 SHOWN_VALUES = 8  # a cell lists its values (the seeds) when there are at most this many
 
 
-def estimate_cell(found: Estimate, as_percent: bool, unit: str = "seeds") -> Cell:
-    """A mean; with repeats, its 95% interval [lo, hi] and each value (seed) beside it."""
+def estimate_cell(
+    found: Estimate, as_percent: bool, unit: str = "seeds", method: str | None = None
+) -> Cell:
+    """A mean; its 95% interval [lo, hi] where it has one (a rate over known examples has one
+    from a single seed) and, with repeats, each value (seed) beside it; the title and
+    data-method name the interval's method (found.method unless `method` says better)."""
+    method = method or found.method
     if found.n == 0:
         return Cell()
     show = percent if as_percent else number
     cell = Cell(text=show(found.mean), value=found.mean, attrs={"data-n": str(found.n)})
-    if found.n < 2:
+    has_interval = math.isfinite(found.lo) and math.isfinite(found.hi)
+    if found.n < 2 and not has_interval:
         return cell
-    values = [show(v) for v in found.values]
-    cell.attrs |= {"data-values": json.dumps(list(found.values))}
-    listed = f"{unit}: {', '.join(values)}" if found.n <= SHOWN_VALUES else ""
+    listed = ""
+    if found.n >= 2:
+        cell.attrs |= {"data-values": json.dumps(list(found.values))}
+        values = [show(v) for v in found.values]
+        listed = f"{unit}: {', '.join(values)}" if found.n <= SHOWN_VALUES else ""
     body = esc(cell.text)
-    if math.isfinite(found.lo) and math.isfinite(found.hi):
+    if has_interval:
         cell.attrs |= {"data-lo": repr(found.lo), "data-hi": repr(found.hi)}
+        cell.attrs |= {"data-method": method}
         body += f' <span class="ci">[{esc(show(found.lo))}, {esc(show(found.hi))}]</span>'
     if listed:
         body += f'<span class="seeds">{esc(listed)}</span>'
     cell.raw = body
-    cell.title = f"mean of {found.n} {unit}; {METHOD}: {show(found.lo)} to {show(found.hi)}" + (
-        f"; {listed}" if listed else ""
-    )
+    cell.title = f"mean of {found.n} {unit}; {method}: {show(found.lo)} to {show(found.hi)}"
+    cell.title += f"; {listed}" if listed else ""
     return cell
 
 
@@ -225,8 +233,10 @@ def page(title: str, controls: str, sections: Sequence[str], configs: list[dict[
 <h1>{esc(title)}</h1>
 <p class="meta">advlab report, written {esc(stamp)}. Works offline: every script, chart and
 image is inside this file.</p>
-<p class="meta" id="method">Intervals: {esc(METHOD)} ({esc(WHY)}). Every seed is shown beside
-its mean: the values under each table cell, small hollow points in the charts.</p>
+<p class="meta" id="method">Intervals: for rates whose count of examples is stored, the
+{esc(RATE_METHOD)} ({esc(RATE_WHY)}); for every other value, the {esc(METHOD)} ({esc(WHY)}).
+Each cell's and chart's tooltip names the method it used. Every seed is shown beside its mean:
+the values under each table cell, small hollow points in the charts.</p>
 {"".join(sections)}
 </main>
 <script type="application/json" id="advlab-configs">{script_json(configs)}</script>

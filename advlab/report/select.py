@@ -10,13 +10,30 @@ import pandas as pd
 
 from advlab.report.load import Compared, Config
 from advlab.report.settings import Metric, ReportSettings, ReportSettingsError
+from advlab.tables import RATE_COUNTS
 
 
 def metric_values(compared: Compared, metric: Metric) -> pd.Series:
     """The metric per ok trial (index trial_id); trials without it are left out."""
+    values = metric_rows(compared, metric)[metric.column].astype(float)
+    return values.dropna() if metric.attack is None else values
+
+
+def metric_counts(compared: Compared, metric: Metric) -> pd.Series | None:
+    """Per ok trial, the count of examples the metric is a share of (advlab.tables.RATE_COUNTS:
+    the trial's n_test for its test error, the run's n for a success rate); None when the
+    metric is not such a rate or the sweeps did not record the count."""
+    table = "trials" if metric.attack is None else "attacks"
+    count = RATE_COUNTS.get((table, metric.column))
+    rows = metric_rows(compared, metric)
+    return None if count is None or count not in rows else rows[count].astype(float)
+
+
+def metric_rows(compared: Compared, metric: Metric) -> pd.DataFrame:
+    """The rows (index trial_id, one per ok trial) the metric is read from: the trials', or
+    the metric's attack's run (at its budget for a fixed-budget attack)."""
     if metric.attack is None:
-        frame = compared.ok_trials
-        return frame.set_index("trial_id")[metric.column].astype(float).dropna()
+        return compared.ok_trials.set_index("trial_id")
     attacks = compared.attacks
     runs = attacks[attacks["attack"] == metric.attack]
     if runs.empty:
@@ -30,7 +47,7 @@ def metric_values(compared: Compared, metric: Metric) -> pd.Series:
         if runs.empty:
             raise ReportSettingsError(f"metric: {metric.attack} ran at no budget {budget:g}")
     runs = runs[runs["trial_id"].isin(set(compared.ok_trials["trial_id"]))]
-    return runs.drop_duplicates("trial_id").set_index("trial_id")[metric.column].astype(float)
+    return runs.drop_duplicates("trial_id").set_index("trial_id")
 
 
 def ranked(compared: Compared, metric: Metric, descending: bool = False) -> list[Config]:

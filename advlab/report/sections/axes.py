@@ -12,7 +12,7 @@ import pandas as pd
 from advlab.report import charts
 from advlab.report.html import chart, chart_row, section
 from advlab.report.load import Compared
-from advlab.report.select import metric_values
+from advlab.report.select import metric_counts, metric_values
 from advlab.report.settings import Metric
 
 DEFAULT_AXES = 3
@@ -40,6 +40,7 @@ def default_metrics(compared: Compared) -> list[Metric]:
 def axis_rows(compared: Compared, axis: str, metric: Metric) -> pd.DataFrame:
     """Per configuration: its axis value (`x`) and the metric's mean, interval and seeds."""
     values = metric_values(compared, metric)
+    counts = metric_counts(compared, metric)  # a rate's examples: the interval counts them
     trials = compared.ok_trials
     trials = trials[trials["trial_id"].isin(values.index)]
     at = {c.key: c.values.get(axis, "—") for c in compared.configs}
@@ -51,7 +52,10 @@ def axis_rows(compared: Compared, axis: str, metric: Metric) -> pd.DataFrame:
             "value": values.reindex(trials["trial_id"]).to_numpy(float),
         }
     )
-    return charts.summarise(frame, ["x"], "value")
+    if counts is None:
+        return charts.summarise(frame, ["x"], "value")
+    frame["count"] = counts.reindex(trials["trial_id"]).to_numpy(float)
+    return charts.summarise(frame, ["x"], "value", count="count")
 
 
 def render(compared: Compared) -> str:
@@ -80,7 +84,8 @@ def render(compared: Compared) -> str:
         return ""
     intro = (
         "Each point is a configuration's mean over seeds at its value of the axis (bars: 95% "
-        "interval, hollow points: each seed); configurations sharing a value stand side by "
+        "interval, over seeds and examples for a rate whose count is stored, the subtitle "
+        "names the method; hollow points: each seed); configurations sharing a value stand side by "
         "side. Choose axes and metrics with advlab report --chart AXIS --chart-metric METRIC."
     )
     return section("axes", "Metrics against grid axes", chart_row(items), intro)

@@ -28,6 +28,7 @@ from advlab.stats import estimate
 from advlab.text import value_text
 
 SKIP = {"trial_id", "example"}  # keys of the rows, not what was measured
+ROWS = "95% percentile bootstrap over the rows behind the cell"
 
 
 def columns_of(name: str, frame: pd.DataFrame) -> tuple[list[str], list[str], set[str]]:
@@ -72,7 +73,8 @@ def measure_table(compared: Compared, name: str, frame: pd.DataFrame) -> str:
             for key, _, (column, chosen) in spread:
                 series = rows.loc[chosen(rows), column]
                 series = series.astype("float64") if column in flags else series
-                cells[key] = estimate_cell(estimate(series), column in flags, unit="values")
+                found = estimate(series)  # its values are the rows: seeds, or seeds' examples
+                cells[key] = estimate_cell(found, column in flags, unit="values", method=ROWS)
             body.append(Row(cells, config.key))
     head = [("configuration", "configuration"), *[(k, k) for k in down], ("n", "trials")]
     head += [(key, header) for key, header, _ in spread]

@@ -32,6 +32,7 @@ def clean_points(compared: Compared) -> pd.DataFrame:
             "configuration": trials["configuration"],
             "budget": 0.0,
             "robust_error": trials["n_clean_wrong"].astype(float) / scanned.where(scanned > 0),
+            "n_scanned": scanned,
         }
     )
 
@@ -42,10 +43,12 @@ def curve_rows(compared: Compared, attack: str, norm: str) -> pd.DataFrame:
     mine = curves[(curves["attack"] == attack) & (curves["norm"] == norm)]
     clean = clean_points(compared)
     clean = clean[clean["trial_id"].isin(set(mine["trial_id"]))]
-    columns = ["trial_id", "config", "configuration", "budget", "robust_error"]
+    # Every point is a share of the trial's scanned examples: the interval counts them too.
+    mine = mine.merge(clean[["trial_id", "n_scanned"]], on="trial_id", how="left")
+    columns = ["trial_id", "config", "configuration", "budget", "robust_error", "n_scanned"]
     both = pd.concat([clean[columns], mine[columns]], ignore_index=True)
     both["budget"] = both["budget"].astype(float)
-    return charts.summarise(both, ["budget"], "robust_error")
+    return charts.summarise(both, ["budget"], "robust_error", count="n_scanned")
 
 
 def render(compared: Compared) -> str:
@@ -68,7 +71,8 @@ def render(compared: Compared) -> str:
     intro = (
         "Fraction of the scanned test examples that are wrong under attack: misclassified "
         "clean, or fooled within the budget. ε = 0 is the clean error of the same examples. "
-        "Lines are means over seeds, bands their 95% interval, hollow points each seed. Hover "
+        "Lines are means over seeds, bands their 95% interval over seeds and scanned examples "
+        "(the subtitle names the method), hollow points each seed. Hover "
         "for values; click a legend entry to bring one configuration forward."
     )
     return section("robust", "Robust error against budget", chart_row(items), intro)

@@ -18,8 +18,8 @@ from advlab.report.html import Cell, Row, esc, estimate_cell, section, swatch_ce
 from advlab.report.load import Compared, Config
 from advlab.report.sections.robust import norm_title
 from advlab.report.select import rank_note, table_configs
-from advlab.stats import METHOD, estimate
-from advlab.tables import Status
+from advlab.stats import METHOD, RATE_METHOD, estimate
+from advlab.tables import RATE_COUNTS, Status
 from advlab.trial import flags, measure_defn
 
 FLAGS = "flags"  # the column of the measures' flags (masking, health, any measure with a flag)
@@ -37,32 +37,41 @@ class Measure:
     group: str = ""  # the attack variant it belongs to (a heading over its columns)
 
 
+COUNT = "|count"  # suffix of a rate's column of per-trial example counts in measures()' frame
+
+
 def measures(compared: Compared) -> tuple[list[Measure], pd.DataFrame]:
-    """The columns and a frame of per-trial values (index trial_id, one column per key)."""
+    """The columns and a frame of per-trial values (index trial_id, one column per key); a
+    rate's count of examples per trial (advlab.tables.RATE_COUNTS) is column key + COUNT."""
     trials = compared.ok_trials.set_index("trial_id")
     columns = [Measure(k, t, True) for k, t in ERRORS if trials[k].notna().any()]
     values = trials[[m.key for m in columns]].astype(float)
-    attacks = compared.attacks
-    for variant, group in attacks.groupby("variant", sort=False):
+    for m in columns:
+        count = RATE_COUNTS[("trials", m.key)]
+        if count in trials:  # a sweep written before n_test was recorded has none
+            values[m.key + COUNT] = trials[count].astype(float)
+    for variant, group in compared.attacks.groupby("variant", sort=False):
+        norm = group["norm"].iloc[0]
         if group["kind"].iloc[0] == "minimization":
-            norm = group["norm"].iloc[0]
+            rows = group.set_index("trial_id")
             found = [
                 (Measure(f"{variant}|dist", f"mean min. {norm_title(norm)}", False, variant),
-                 group.set_index("trial_id")[f"mean_dist_{norm}"]),
+                 rows[f"mean_dist_{norm}"], None),
                 (Measure(f"{variant}|success", "success", True, variant),
-                 group.set_index("trial_id")["success_rate"]),
+                 rows["success_rate"], rows["n"]),
             ]  # fmt: skip
         else:
-            norm = group["norm"].iloc[0]
             found = [
                 (Measure(f"{variant}|success@{b:g}", f"ε = {b:g}", True,
                          f"{variant}: success within ε ({norm_title(norm)})"),
-                 rows.set_index("trial_id")["success_rate"])
+                 rows.set_index("trial_id")["success_rate"], rows.set_index("trial_id")["n"])
                 for b, rows in sorted(group.groupby("budget"), key=lambda item: item[0])
             ]  # fmt: skip
-        for measure, series in found:
+        for measure, series, counts in found:
             columns.append(measure)
             values[measure.key] = series.astype(float).reindex(values.index)
+            if counts is not None:
+                values[measure.key + COUNT] = counts.astype(float).reindex(values.index)
     return columns, values
 
 
@@ -85,7 +94,9 @@ def render(compared: Compared) -> str:
     groups = {m.key: m.group for m in columns}
     intro = (
         "One row per configuration: trials that differ only in their seed are repeats, shown as "
-        f"their mean, its interval [lo, hi] ({METHOD}) and each seed's value beneath. "
+        "their mean, its interval [lo, hi] and each seed's value beneath. Rates (errors, "
+        f"success) whose count of examples is stored get the {RATE_METHOD}; distortions and "
+        f"rates of older sweeps without counts the {METHOD} (hover a cell for its method). "
         "Distortions are means over the "
         "successful examples, in the attack's own norm (rms is the paper's "
         "sqrt(mean((x'−x)²)) over pixels in [0, 1])."
@@ -131,7 +142,9 @@ def _row(
     cells |= {a: Cell(config.values.get(a, "—"), cls="text axis") for a in axes}
     cells["seeds"] = Cell(str(len(values)), value=float(len(values)))
     for measure in columns:
-        cells[measure.key] = estimate_cell(estimate(values[measure.key]), measure.as_percent)
+        counts = values.get(measure.key + COUNT)  # a rate over known examples: seeds and examples
+        found = estimate(values[measure.key], counts)
+        cells[measure.key] = estimate_cell(found, measure.as_percent)
     if raised is not None:
         cells[FLAGS] = _flags_cell(raised, list(values.index))
     return Row(cells, config.key)

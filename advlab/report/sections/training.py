@@ -8,6 +8,7 @@ import pandas as pd
 from advlab.report import charts
 from advlab.report.html import chart, chart_row, section
 from advlab.report.load import Compared
+from advlab.tables import RATE_COUNTS
 
 # metric, title, axis format, largest value it can take
 CURVES = (("test_error", "test error", ".0%"), ("loss", "training loss", ".3~g"))
@@ -19,7 +20,12 @@ def epoch_rows(compared: Compared, metric: str) -> pd.DataFrame:
     ok = set(compared.ok_trials["trial_id"])
     mine = epochs[epochs["trial_id"].isin(ok) & epochs[metric].notna()]
     frame = mine.assign(value=mine[metric].astype(float))
-    return charts.summarise(frame, ["epoch"], "value")
+    count = RATE_COUNTS.get(("epochs", metric))  # test error: a share of the test set
+    trials = compared.ok_trials
+    if count is None or count not in trials:
+        return charts.summarise(frame, ["epoch"], "value")
+    frame = frame.merge(trials[["trial_id", count]], on="trial_id", how="left")
+    return charts.summarise(frame, ["epoch"], "value", count=count)
 
 
 def render(compared: Compared) -> str:
@@ -36,5 +42,8 @@ def render(compared: Compared) -> str:
             extra_tooltip=[alt.Tooltip("epoch:Q")],
         )  # fmt: skip
         items.append(chart(f"training-{metric}", spec, shows="training", metric=metric))
-    intro = "Means over seeds, bands their 95% interval, hollow points each seed."
+    intro = (
+        "Means over seeds, bands their 95% interval (the test error's over seeds and test "
+        "examples; each chart's subtitle names its method), hollow points each seed."
+    )
     return section("training", "Training curves", chart_row(items), intro) if items else ""
