@@ -9,6 +9,8 @@
   what `predict` takes the argmax of when `break_ties=True`). The votes are piecewise constant,
   so their gradient is taken through smooth votes (a sigmoid of each pairwise score): the value
   is scikit-learn's, the slope says which way the pairwise scores move the votes.
+  `argmax_labels` gives decision-based attacks the predicted classes straight from the float64
+  scores (forward rounds them to the input's dtype, where two classes' scores can tie).
 
 - k nearest neighbours (uniform weights, Euclidean): `NeighbourVotes`, the votes of the k
   nearest training points, whose argmax (the smallest class among tied votes) is predict. It
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 ABSENT = -1.0e9  # the logit of a class the estimator was not fitted on
 SOFT_VOTE_SCALE = 1.0  # pairwise score units per unit of the smooth votes' sigmoid
 KERNEL_BLOCK = 1 << 19  # float64 entries of one (queries, training points) block: 4 MiB
+SMALL_BATCH = 64  # queries below which the RBF SVM's pairwise scores are one product
 LOCAL_BLOCKS = (128, 16)  # queries per block of the neighbour votes (pruned around its centre)
 LOCAL_CANDIDATES = 8  # training points per block and per neighbour ranked for a local block
 
@@ -133,6 +136,15 @@ class RBFDecision(nn.Module):
         self.register_buffer("second", torch.tensor([j for _, j in pairs], dtype=torch.int64))
         self.register_buffer("classes", torch.from_numpy(classes.astype(np.int64)))
         self.gamma, self.k, self.num_classes = gamma, k, num_classes
+        # Class c's vectors carry coefficients in the k - 1 pairs with c only: libsvm's
+        # dual_coef_ rows times their kernel values (one small product per class) give those
+        # pairs' terms, a fifth of the products of `coef` (k(k-1)/2 pairs over every vector)
+        self.bounds = [int(v) for v in starts]
+        self.register_buffer("dual", torch.from_numpy(np.ascontiguousarray(dual)))
+        first_term = [i * (k - 1) + j - 1 for i, j in pairs]  # pair (i, j) in class i's block
+        second_term = [j * (k - 1) + i for i, j in pairs]  # and in class j's
+        self.register_buffer("first_term", torch.tensor(first_term, dtype=torch.int64))
+        self.register_buffer("second_term", torch.tensor(second_term, dtype=torch.int64))
 
     def pairwise(self, x: Tensor) -> Tensor:
         """(B, k(k-1)/2) in the buffers' dtype (float64 as built): > 0 where the pair's first
@@ -144,21 +156,38 @@ class RBFDecision(nn.Module):
         return torch.cat([self._pairwise_rows(part) for part in flat.split(rows)])
 
     def _pairwise_rows(self, flat: Tensor) -> Tensor:
-        sq = torch.addmm(self.support_sq, flat, self.support.T, alpha=-2.0)
-        sq = (sq + (flat * flat).sum(1, keepdim=True)).clamp_min(0.0)
-        return torch.addmm(self.intercept, torch.exp(-self.gamma * sq), self.coef.T)
+        # transposed, (support, rows): each class's kernel values are contiguous rows, and
+        # the per-class products are wide (several times faster than a (rows, pairs) one)
+        sq = torch.addmm(self.support_sq[:, None], self.support, flat.T, alpha=-2.0)
+        kernel = sq.add_((flat * flat).sum(1)).clamp_min_(0.0).mul_(-self.gamma).exp_()
+        if len(flat) < SMALL_BATCH:  # one product beats k small ones
+            return torch.addmm(self.intercept, kernel.T, self.coef.T)
+        b = self.bounds
+        terms = torch.cat([self.dual[:, b[c] : b[c + 1]] @ kernel[b[c] : b[c + 1]]
+                           for c in range(self.k)])  # fmt: skip
+        return (terms[self.first_term] + terms[self.second_term]).T + self.intercept
+
+    def argmax_labels(self, x: Tensor) -> Tensor:
+        """(B,) the predicted classes: the argmax of `forward(x)`'s float64 scores (without
+        the smooth votes, which only give the slope)."""
+        scores = self._scores(self.pairwise(x), smooth=False)
+        return self.classes[scores.argmax(1)]
 
     def forward(self, x: Tensor) -> Tensor:
         dec = self.pairwise(x)
-        if self.k == 2:
-            scores = torch.cat([torch.zeros_like(dec), -dec], dim=1)  # scikit-learn's sign
-        else:
-            scores = self._one_vs_rest(dec)
+        scores = self._scores(dec)
         out = torch.full((len(x), self.num_classes), ABSENT, dtype=dec.dtype, device=x.device)
         out[:, self.classes] = scores
         return out.to(x.dtype)
 
-    def _one_vs_rest(self, dec: Tensor) -> Tensor:
+    def _scores(self, dec: Tensor, smooth: bool = True) -> Tensor:
+        """(B, k) scores of the fitted classes from the pairwise ones (smooth: with the
+        votes' slope; the values are the same)."""
+        if self.k == 2:
+            return torch.cat([torch.zeros_like(dec), -dec], dim=1)  # scikit-learn's sign
+        return self._one_vs_rest(dec, smooth)
+
+    def _one_vs_rest(self, dec: Tensor, smooth: bool = True) -> Tensor:
         """scikit-learn's `_ovr_decision_function(dec < 0, -dec, k)`, with the votes' slope
         taken from smooth votes (straight through: the value is the hard votes')."""
         b = len(dec)
@@ -167,6 +196,8 @@ class RBFDecision(nn.Module):
         hard = dec.new_zeros(b, self.k)
         won = (dec >= 0).to(dec.dtype)
         hard.index_add_(1, self.first, won).index_add_(1, self.second, 1.0 - won)
+        if not smooth:
+            return hard + sums / (3 * (sums.abs() + 1))
         wins = torch.sigmoid(dec / SOFT_VOTE_SCALE)
         soft = dec.new_zeros(b, self.k)
         soft.index_add_(1, self.first, wins).index_add_(1, self.second, 1.0 - wins)
