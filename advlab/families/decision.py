@@ -34,7 +34,7 @@ from torch import Tensor, nn
 ABSENT = -1.0e9  # the logit of a class the estimator was not fitted on
 SOFT_VOTE_SCALE = 1.0  # pairwise score units per unit of the smooth votes' sigmoid
 KERNEL_BLOCK = 1 << 19  # float64 entries of one (queries, training points) block: 4 MiB
-SMALL_BATCH = 64  # queries below which the RBF SVM's pairwise scores are one product
+SMALL_BATCH = 256  # queries below which the RBF SVM's pairwise scores are one product
 LOCAL_BLOCKS = (128, 16)  # queries per block of the neighbour votes (pruned around its centre)
 LOCAL_CANDIDATES = 8  # training points per block and per neighbour ranked for a local block
 
@@ -156,11 +156,15 @@ class RBFDecision(nn.Module):
         return torch.cat([self._pairwise_rows(part) for part in flat.split(rows)])
 
     def _pairwise_rows(self, flat: Tensor) -> Tensor:
+        if flat.requires_grad:  # gradient attacks: the dense form, whose backward is faster
+            sq = torch.addmm(self.support_sq, flat, self.support.T, alpha=-2.0)
+            sq = (sq + (flat * flat).sum(1, keepdim=True)).clamp_min(0.0)
+            return torch.addmm(self.intercept, torch.exp(-self.gamma * sq), self.coef.T)
         # transposed, (support, rows): each class's kernel values are contiguous rows, and
         # the per-class products are wide (several times faster than a (rows, pairs) one)
         sq = torch.addmm(self.support_sq[:, None], self.support, flat.T, alpha=-2.0)
         kernel = sq.add_((flat * flat).sum(1)).clamp_min_(0.0).mul_(-self.gamma).exp_()
-        if len(flat) < SMALL_BATCH:  # one product beats k small ones
+        if len(flat) < SMALL_BATCH:  # one product beats k small ones (more so with threads)
             return torch.addmm(self.intercept, kernel.T, self.coef.T)
         b = self.bounds
         terms = torch.cat([self.dual[:, b[c] : b[c + 1]] @ kernel[b[c] : b[c + 1]]
