@@ -140,11 +140,13 @@ class RBFDecision(nn.Module):
         # dual_coef_ rows times their kernel values (one small product per class) give those
         # pairs' terms, a fifth of the products of `coef` (k(k-1)/2 pairs over every vector)
         self.bounds = [int(v) for v in starts]
-        self.register_buffer("dual", torch.from_numpy(np.ascontiguousarray(dual)))
         first_term = [i * (k - 1) + j - 1 for i, j in pairs]  # pair (i, j) in class i's block
         second_term = [j * (k - 1) + i for i, j in pairs]  # and in class j's
-        self.register_buffer("first_term", torch.tensor(first_term, dtype=torch.int64))
-        self.register_buffer("second_term", torch.tensor(second_term, dtype=torch.int64))
+        derived = {"dual": torch.from_numpy(np.ascontiguousarray(dual)),
+                   "first_term": torch.tensor(first_term, dtype=torch.int64),
+                   "second_term": torch.tensor(second_term, dtype=torch.int64)}  # fmt: skip
+        for name, value in derived.items():  # not saved: the state dict stays as it was
+            self.register_buffer(name, value, persistent=False)
 
     def pairwise(self, x: Tensor) -> Tensor:
         """(B, k(k-1)/2) in the buffers' dtype (float64 as built): > 0 where the pair's first
