@@ -1,6 +1,6 @@
 """advlab's HopSkipJump against ART's on the same scikit-learn models and examples (issue 31).
 
-8x8 digits (advlab's embedded set: 898 training images, the first correctly classified test
+8x8 digits (advlab's embedded set: 1,347 training images, the first correctly classified test
 images attacked). ART 1.20 (`pip install adversarial-robustness-toolbox`, a bench extra) runs
 with its defaults (50 iterations, up to 10,000 probes per gradient estimate, one example at a
 time) behind a BlackBoxClassifier that counts the images it classifies and answers with

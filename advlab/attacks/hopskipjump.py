@@ -15,7 +15,8 @@ own stream (seeded by the generator and its pixels) and spends its own queries, 
 does not depend on its batch-mates. `grad_evals` counts model queries (one per image the model
 classifies, the start's search included); no example ever spends more than `max_queries`.
 Untargeted only (a targeted start needs an image of the target class, which attacks are not
-given).
+given). A model with an `argmax_labels(x)` method (the RBF SVM's torch version) is asked that
+instead of `forward(x).argmax(1)`.
 """
 
 from __future__ import annotations
@@ -72,10 +73,12 @@ class _State:
     def adversarial(self, z: Tensor, rows: Tensor) -> Tensor:
         """(n,) bool for images z (n, D) of examples `rows`; one query each."""
         out = []
+        # a model may offer its argmax directly, faster (advlab.families.decision.RBFDecision)
+        labels = getattr(self.model, "argmax_labels", None)
         with torch.no_grad():
             for start in range(0, len(z), self.batch):
                 part = z[start : start + self.batch].view(-1, *self.shape)
-                out.append(self.model(part).argmax(1))
+                out.append(labels(part) if callable(labels) else self.model(part).argmax(1))
         pred = torch.cat(out) if out else torch.empty(0, dtype=torch.int64, device=z.device)
         self.queries.index_add_(0, rows, torch.ones_like(rows))
         return pred != self.y[rows]

@@ -9,6 +9,8 @@
   what `predict` takes the argmax of when `break_ties=True`). The votes are piecewise constant,
   so their gradient is taken through smooth votes (a sigmoid of each pairwise score): the value
   is scikit-learn's, the slope says which way the pairwise scores move the votes.
+  `argmax_labels` gives decision-based attacks the predicted classes straight from the float64
+  scores (forward rounds them to the input's dtype, where two classes' scores can tie).
 
 - k nearest neighbours (uniform weights, Euclidean): `NeighbourVotes`, the votes of the k
   nearest training points, whose argmax (the smallest class among tied votes) is predict. It
@@ -32,7 +34,9 @@ from torch import Tensor, nn
 ABSENT = -1.0e9  # the logit of a class the estimator was not fitted on
 SOFT_VOTE_SCALE = 1.0  # pairwise score units per unit of the smooth votes' sigmoid
 KERNEL_BLOCK = 1 << 19  # float64 entries of one (queries, training points) block: 4 MiB
-LOCAL_BLOCK = 128  # queries per block of the neighbour votes (pruned around the block's centre)
+SMALL_BATCH = 256  # queries below which the RBF SVM's pairwise scores are one product
+LOCAL_BLOCKS = (128, 16)  # queries per block of the neighbour votes (pruned around its centre)
+LOCAL_CANDIDATES = 8  # training points per block and per neighbour ranked for a local block
 
 
 class Float64Sequential(nn.Sequential):
@@ -132,6 +136,17 @@ class RBFDecision(nn.Module):
         self.register_buffer("second", torch.tensor([j for _, j in pairs], dtype=torch.int64))
         self.register_buffer("classes", torch.from_numpy(classes.astype(np.int64)))
         self.gamma, self.k, self.num_classes = gamma, k, num_classes
+        # Class c's vectors carry coefficients in the k - 1 pairs with c only: libsvm's
+        # dual_coef_ rows times their kernel values (one small product per class) give those
+        # pairs' terms, a fifth of the products of `coef` (k(k-1)/2 pairs over every vector)
+        self.bounds = [int(v) for v in starts]
+        first_term = [i * (k - 1) + j - 1 for i, j in pairs]  # pair (i, j) in class i's block
+        second_term = [j * (k - 1) + i for i, j in pairs]  # and in class j's
+        derived = {"dual": torch.from_numpy(np.ascontiguousarray(dual)),
+                   "first_term": torch.tensor(first_term, dtype=torch.int64),
+                   "second_term": torch.tensor(second_term, dtype=torch.int64)}  # fmt: skip
+        for name, value in derived.items():  # not saved: the state dict stays as it was
+            self.register_buffer(name, value, persistent=False)
 
     def pairwise(self, x: Tensor) -> Tensor:
         """(B, k(k-1)/2) in the buffers' dtype (float64 as built): > 0 where the pair's first
@@ -143,21 +158,42 @@ class RBFDecision(nn.Module):
         return torch.cat([self._pairwise_rows(part) for part in flat.split(rows)])
 
     def _pairwise_rows(self, flat: Tensor) -> Tensor:
-        sq = torch.addmm(self.support_sq, flat, self.support.T, alpha=-2.0)
-        sq = (sq + (flat * flat).sum(1, keepdim=True)).clamp_min(0.0)
-        return torch.addmm(self.intercept, torch.exp(-self.gamma * sq), self.coef.T)
+        if flat.requires_grad:  # gradient attacks: the dense form, whose backward is faster
+            sq = torch.addmm(self.support_sq, flat, self.support.T, alpha=-2.0)
+            sq = (sq + (flat * flat).sum(1, keepdim=True)).clamp_min(0.0)
+            return torch.addmm(self.intercept, torch.exp(-self.gamma * sq), self.coef.T)
+        # transposed, (support, rows): each class's kernel values are contiguous rows, and
+        # the per-class products are wide (several times faster than a (rows, pairs) one)
+        sq = torch.addmm(self.support_sq[:, None], self.support, flat.T, alpha=-2.0)
+        kernel = sq.add_((flat * flat).sum(1)).clamp_min_(0.0).mul_(-self.gamma).exp_()
+        if len(flat) < SMALL_BATCH:  # one product beats k small ones (more so with threads)
+            return torch.addmm(self.intercept, kernel.T, self.coef.T)
+        b = self.bounds
+        terms = torch.cat([self.dual[:, b[c] : b[c + 1]] @ kernel[b[c] : b[c + 1]]
+                           for c in range(self.k)])  # fmt: skip
+        return (terms[self.first_term] + terms[self.second_term]).T + self.intercept
+
+    def argmax_labels(self, x: Tensor) -> Tensor:
+        """(B,) the predicted classes: the argmax of `forward(x)`'s float64 scores (without
+        the smooth votes, which only give the slope)."""
+        scores = self._scores(self.pairwise(x), smooth=False)
+        return self.classes[scores.argmax(1)]
 
     def forward(self, x: Tensor) -> Tensor:
         dec = self.pairwise(x)
-        if self.k == 2:
-            scores = torch.cat([torch.zeros_like(dec), -dec], dim=1)  # scikit-learn's sign
-        else:
-            scores = self._one_vs_rest(dec)
+        scores = self._scores(dec)
         out = torch.full((len(x), self.num_classes), ABSENT, dtype=dec.dtype, device=x.device)
         out[:, self.classes] = scores
         return out.to(x.dtype)
 
-    def _one_vs_rest(self, dec: Tensor) -> Tensor:
+    def _scores(self, dec: Tensor, smooth: bool = True) -> Tensor:
+        """(B, k) scores of the fitted classes from the pairwise ones (smooth: with the
+        votes' slope; the values are the same)."""
+        if self.k == 2:
+            return torch.cat([torch.zeros_like(dec), -dec], dim=1)  # scikit-learn's sign
+        return self._one_vs_rest(dec, smooth)
+
+    def _one_vs_rest(self, dec: Tensor, smooth: bool = True) -> Tensor:
         """scikit-learn's `_ovr_decision_function(dec < 0, -dec, k)`, with the votes' slope
         taken from smooth votes (straight through: the value is the hard votes')."""
         b = len(dec)
@@ -166,6 +202,8 @@ class RBFDecision(nn.Module):
         hard = dec.new_zeros(b, self.k)
         won = (dec >= 0).to(dec.dtype)
         hard.index_add_(1, self.first, won).index_add_(1, self.second, 1.0 - won)
+        if not smooth:
+            return hard + sums / (3 * (sums.abs() + 1))
         wins = torch.sigmoid(dec / SOFT_VOTE_SCALE)
         soft = dec.new_zeros(b, self.k)
         soft.index_add_(1, self.first, wins).index_add_(1, self.second, 1.0 - wins)
@@ -206,30 +244,67 @@ class NeighbourVotes(nn.Module):
         super().__init__()
         self.register_buffer("points", torch.from_numpy(train))
         self.register_buffer("points_sq", self.points.square().sum(1))
+        self.points_max = float(self.points_sq.max().sqrt()) if len(train) else 0.0
         self.register_buffer("labels", torch.from_numpy(labels))
         self.register_buffer("classes", torch.from_numpy(classes.astype(np.int64)))
         self.k, self.num_classes = k, num_classes
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.detach().flatten(1).to(self.points.dtype)
-        rows = max(1, min(LOCAL_BLOCK, KERNEL_BLOCK // len(self.points)))
-        votes = torch.cat([self._votes(part) for part in flat.split(rows)])
+        near = self.nearest(flat)
+        votes = flat.new_zeros(len(flat), len(self.classes))
+        votes.scatter_add_(1, self.labels[near], torch.ones_like(near, dtype=flat.dtype))
         out = torch.full((len(x), self.num_classes), ABSENT, dtype=votes.dtype, device=x.device)
         out[:, self.classes] = votes
         return out.to(x.dtype)
 
-    def _votes(self, flat: Tensor) -> Tensor:
-        """Votes of a block of queries. A decision-based attack asks in runs of queries close
-        together (probes around one point), so only the training points that can be among the
-        k nearest of some query are compared: by the triangle inequality, those within
-        (k-th nearest distance + 2 r) of the block's centre, r the block's radius about it."""
-        centre = flat.mean(0)
-        radius = (flat - centre).norm(dim=1).max()
-        reach = (self.points - centre).norm(dim=1)
-        bound = reach.kthvalue(self.k).values + 2 * radius
-        keep = (reach <= bound * (1 + 1e-9) + 1e-12).nonzero().flatten()  # round-off slack
-        # |x|^2 is the same for every training point, so it is left out of the ranking
-        sq = torch.addmm(self.points_sq[keep], flat, self.points[keep].T, alpha=-2.0)
-        near = keep[sq.topk(self.k, dim=1, largest=False).indices]
-        votes = flat.new_zeros(len(flat), len(self.classes))
-        return votes.scatter_add_(1, self.labels[near], torch.ones_like(near, dtype=flat.dtype))
+    def nearest(self, flat: Tensor) -> Tensor:
+        """(n, k) indices of the k nearest training points of queries `flat` (n, D) in the
+        points' dtype. A decision-based attack asks in runs of queries close together (probes
+        around one point), so blocks of consecutive queries are first tried against only the
+        training points that can be nearest to one of them (`_local`: blocks of 128, then the
+        rows of the blocks that failed in blocks of 16, e.g. a block that straddles two
+        examples' probes); the rest are compared with every training point."""
+        near = torch.empty(len(flat), self.k, dtype=torch.int64, device=flat.device)
+        todo = torch.arange(len(flat), device=flat.device)
+        for block in LOCAL_BLOCKS:
+            todo = self._local(flat, todo, block, near)
+        rows = max(1, KERNEL_BLOCK // len(self.points))
+        for part in todo.split(rows):
+            sq = torch.addmm(self.points_sq, flat[part], self.points.T, alpha=-2.0)
+            near[part] = sq.topk(self.k, dim=1, largest=False).indices
+        return near
+
+    def _local(self, flat: Tensor, todo: Tensor, block: int, near: Tensor) -> Tensor:
+        """Fill `near` for the whole blocks of `block` consecutive rows of `todo` whose
+        possible neighbours are few; return the rows left (failed blocks and the tail).
+
+        By the triangle inequality only the training points within (k-th nearest distance
+        + 2 r) of a block's centre can be among the k nearest of a query within r of it. The
+        centre's distances come from a matrix product, so the bound gets their round-off:
+        |a - b| <= sqrt(|a^2 - b^2|) and the squares are off by (2D + 10) u (|c| + |p|)^2 at
+        most (u the unit round-off). A block is local when its LOCAL_CANDIDATES * (k + 1)
+        points nearest the centre hold every point within the bound; the k nearest of each
+        of its queries are then ranked among those alone."""
+        whole = len(todo) // block * block
+        m = min(len(self.points), LOCAL_CANDIDATES + LOCAL_CANDIDATES * self.k)
+        if whole == 0 or m >= len(self.points):
+            return todo
+        rows = todo[:whole].view(-1, block)
+        groups = flat[rows]  # (g, block, D)
+        centre = groups.mean(1)
+        radius = (groups - centre[:, None]).norm(dim=2).amax(1)
+        centre_sq = centre.square().sum(1, keepdim=True)
+        sq = torch.addmm(self.points_sq + centre_sq, centre, self.points.T, alpha=-2.0)
+        close = sq.topk(m, dim=1, largest=False)  # sorted: the k-th nearest is among them
+        reach = close.values.clamp_min(0.0).sqrt()  # (g, m) distances from the centre
+        unit = torch.finfo(flat.dtype).eps / 2
+        slack = ((2 * flat.shape[1] + 10) * unit) ** 0.5 * (centre_sq.sqrt() + self.points_max)
+        bound = reach[:, self.k - 1] + 2 * radius * (1 + 1e-9) + 2 * slack.squeeze(1) + 1e-12
+        local = reach[:, -1] > bound  # every point within the bound is a candidate
+        cand = close.indices[local]  # (l, m)
+        dist = torch.baddbmm(self.points_sq[cand][:, None, :], groups[local],
+                             self.points[cand].transpose(1, 2), alpha=-2.0)  # fmt: skip
+        best = dist.topk(self.k, dim=2, largest=False).indices  # (l, block, k) into cand
+        near[rows[local].flatten()] = cand.gather(1, best.flatten(1)).view(-1, self.k)
+        return torch.cat([rows[~local].flatten(), todo[whole:]])
