@@ -350,9 +350,9 @@ def run_tuner(
 ) -> TuneRun:
     """One Tuner.fit over `configs` (grid points), sampling the search space `num_samples`
     times per point for random and Optuna searches."""
+    search = search_algorithm(spec, store, pending, done, max_concurrent)
     tuner = make_tuner(
-        spec, store, configs, num_samples, search_algorithm(spec, store, pending, done, max_concurrent),
-        max_concurrent, verbose, callbacks,
+        spec, store, configs, num_samples, search, max_concurrent, verbose, callbacks,
     )  # fmt: skip
     # Ctrl-C raises here instead of Tune's own handler, which would finish the call, print its
     # Tuner.restore hint and leave the caller guessing whether the run completed.
