@@ -191,10 +191,16 @@ def domains(search: SearchSpec, choices: dict[str, list[Any]] | None = None) -> 
 
 
 def search_algorithm(
-    spec: SweepSpec, store: SweepStore, pending: list[dict[str, Any]], done: int = 0
+    spec: SweepSpec,
+    store: SweepStore,
+    pending: list[dict[str, Any]],
+    done: int = 0,
+    max_concurrent: int | None = None,
 ) -> Any:
     """Optuna's sampler (single or multi-objective), or Tune's random/grid generator; samples
-    an interrupted run left unfinished are evaluated first (they continue from checkpoints)."""
+    an interrupted run left unfinished are evaluated first (they continue from checkpoints).
+    The generator carries the trials-at-once limit itself: Tune ignores its own
+    `max_concurrent_trials` for a generator passed as the search (only a warning says so)."""
     from ray.tune.search import BasicVariantGenerator
 
     search = spec.settings.search
@@ -202,7 +208,10 @@ def search_algorithm(
         # A continued search draws on from a seed moved past the samples it has, not the same
         # first draws again.
         seed = search.seed + done
-        return BasicVariantGenerator(points_to_evaluate=pending or None, random_state=seed)
+        limit = max_concurrent or spec.settings.max_concurrent or 0
+        return BasicVariantGenerator(
+            points_to_evaluate=pending or None, random_state=seed, max_concurrent=limit
+        )
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -341,9 +350,9 @@ def run_tuner(
 ) -> TuneRun:
     """One Tuner.fit over `configs` (grid points), sampling the search space `num_samples`
     times per point for random and Optuna searches."""
+    search = search_algorithm(spec, store, pending, done, max_concurrent)
     tuner = make_tuner(
-        spec, store, configs, num_samples, search_algorithm(spec, store, pending, done),
-        max_concurrent, verbose, callbacks,
+        spec, store, configs, num_samples, search, max_concurrent, verbose, callbacks,
     )  # fmt: skip
     # Ctrl-C raises here instead of Tune's own handler, which would finish the call, print its
     # Tuner.restore hint and leave the caller guessing whether the run completed.

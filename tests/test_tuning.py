@@ -352,3 +352,18 @@ def test_progress_says_which_attack_run_of_how_many_a_trial_is_on(
     # A scheduler counts reports as epochs and Optuna reads each one's metric: no attack runs.
     asha = parse_sweep(tiny_sweep(scheduler={"name": "asha"}))
     assert not trial_configs(asha, str(tmp_path), "disabled", {})[0]["attack_progress"]
+
+
+@pytest.mark.parametrize("flag, in_file, expected", [(1, None, 1), (None, 2, 2), (None, None, 0)])
+def test_the_grid_generator_carries_the_trials_at_once_limit(
+    flag: int | None, in_file: int | None, expected: int, tmp_path: Path
+) -> None:
+    # Tune ignores max_concurrent_trials when the search is a generator (only a warning said
+    # so): `--max-concurrent 1` ran two trials at once until the generator got the limit.
+    from advlab.tuning import search_algorithm
+
+    path = search_sweep(tmp_path, grid={"seed": [0, 1, 2]}, max_concurrent=in_file)
+    spec = parse_sweep(yaml.safe_load(path.read_text()), tmp_path)
+    store = SweepStore(str(tmp_path / "results"), spec.name)
+    generator = search_algorithm(spec, store, [], 0, flag)
+    assert generator.max_concurrent == expected
