@@ -27,11 +27,12 @@ from numbers import Real
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 from torch import Tensor, nn
 
 from advlab.autoencoders import ACTIVATIONS, KINDS, AutoencoderClassifier, build_autoencoder
 from advlab.autoencoders import activation_layer as _activation
+from advlab.model_errors import ModelNameError, validate_model_args
+from advlab.model_errors import unloadable as _unloadable
 from advlab.strict import NoSettings, Strict
 
 __all__ = [
@@ -47,10 +48,6 @@ __all__ = [
     "decay_weights",
     "parse_architecture",
 ]
-
-
-class ModelNameError(ValueError):
-    """A model name that names no architecture, or one whose class count does not fit the data."""
 
 
 _FORMS = "use fc10, fc<h1>-...-<K>, ae<h>-<K> (or dae, cae, vae), cnn or resnet18"
@@ -181,20 +178,6 @@ def model_settings(name: str, model_args: dict[str, Any]) -> Strict | None:
             raise ModelNameError(f"model_args: {name} is built in and takes none; drop them")
         return None
     return validate_model_args(name, KINDS[arch.kind][1], model_args)
-
-
-def validate_model_args(name: str, settings: type[Strict], args: dict[str, Any]) -> Strict:
-    """`model_args` checked against a model's settings model: one line naming the key."""
-    try:
-        return settings.model_validate(args)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        known = ", ".join(settings.model_fields) or "none"
-        message = first["msg"].removeprefix("Value error, ")
-        raise ModelNameError(
-            f"model_args.{key}: {message} for {name} (its settings: {known})"
-        ) from None
 
 
 def _builtin_model(
@@ -435,12 +418,3 @@ def read_weights(path: str, key: str = "init") -> dict[str, Any]:
     if isinstance(state, dict) and state and all(str(k).startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
-
-
-def _unloadable(path: str, err: BaseException) -> str:
-    """Why torch.load refused an `init` file, in a few words."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        return "an empty file"
-    if "Weights only load failed" in str(err):  # torch's paragraph about weights_only
-        return "it holds Python objects besides tensors, and advlab never runs a pickle's code"
-    return " ".join(str(err).split())[:160] or type(err).__name__

@@ -25,7 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from advlab.models import ModelNameError, _unloadable, validate_model_args
+from advlab.model_errors import ModelNameError, validate_model_args
+from advlab.model_errors import unloadable as _unloadable
 from advlab.strict import Strict
 
 PREFIX = "robustbench:"

@@ -87,9 +87,13 @@ def trend(
         alt.Tooltip("n:Q", title="seeds"),
     ]
     points = _mean_points(base.encode(y=y), pick, emphasis, tooltip, size=55)
-    seeds = _seed_points(base, y_title, emphasis, extra_tooltip)
-    layers = [spread, line, seeds, points] if rows[["lo", "hi"]].notna().any().any() else [
-        line, points]  # fmt: skip
+    # A layer without data would make Vega warn of an infinite extent: the band needs an
+    # interval (one seed has one where its rate's count is known), the seed points two seeds.
+    layers = [spread] if rows[["lo", "hi"]].notna().any().any() else []
+    layers.append(line)
+    if (rows["n"] > 1).any():
+        layers.append(_seed_points(base, y_title, emphasis, extra_tooltip))
+    layers.append(points)
     methods = list(dict.fromkeys(rows["method"].dropna())) if "method" in rows else []
     heading = alt.Title(title, subtitle=f"interval: {'; '.join(methods)}") if methods else title
     return finish(alt.layer(*layers, data=NAMED), configs, heading, records(rows))
