@@ -110,15 +110,20 @@ def compare(name: str, x_train, y_train, x_test, y_test, n: int) -> dict[str, An
     return row
 
 
+def digits() -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """The embedded 8x8 digits and their 1,347 training images (subset 'all')."""
+    data = load_dataset("digits")
+    split = select_subset(data, "all")
+    return data, data.x_train[split.train_idx], data.y_train[split.train_idx]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=10)
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = load_dataset("digits")
-    split = select_subset(data, "all")
-    x_train, y_train = data.x_train[split.train_idx], data.y_train[split.train_idx]
+    data, x_train, y_train = digits()
     for name in args.models.split(","):
         row = compare(name, x_train, y_train, data.x_test, data.y_test, args.examples)
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"

@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from hopskipjump_art import fitted
+from hopskipjump_art import digits, fitted
 
 from advlab.attacks import hopskipjump
-from advlab.data import load_dataset, select_subset
 
 
 def timed_oracle(module: torch.nn.Module, spent: list[float]) -> None:
@@ -46,9 +45,7 @@ def main() -> None:
     parser.add_argument("--compare", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    data = load_dataset("digits")
-    split = select_subset(data, "all")
-    x_train, y_train = data.x_train[split.train_idx], data.y_train[split.train_idx]
+    data, x_train, y_train = digits()
     for name in args.models.split(","):
         model = fitted(name, x_train, y_train)
         keep = model.predict(data.x_test) == data.y_test
