@@ -14,7 +14,8 @@ argmax takes the first on ties). Going right needs
 x_i >= t_ij + guard and going left x_i <= t_ij - 1e-7 (the guard margins: trees compare
 float32 pixels with `x <= t`), so the minimum is exact up to `guard`. Every point the solver
 returns is checked with the model's own predict; one that fails is reported as such, never as
-a minimum. HiGHS (scipy.optimize.milp).
+a minimum. HiGHS (scipy.optimize.milp), with no relative gap; `time_limit` (seconds per
+example) covers building the model too, and a solve cut short reports its dual bound as lower.
 
 Linf minimises eps with |x_i - x0_i| <= eps. L2 needs no quadratic term (HiGHS solves no
 mixed-integer QP): the trees only see which interval between consecutive thresholds each pixel
@@ -128,7 +129,8 @@ def forest_minimum(
     norm: str = "linf",
 ) -> list[ExactResult]:
     """Exact untargeted minimum distortions in `norm` ("linf" or "l2") of B flattened examples
-    by a fitted tree ensemble; `y` are class labels (of `estimator.classes_`)."""
+    by a fitted tree ensemble; `y` are class labels (of `estimator.classes_`). `time_limit`:
+    seconds per example, model building included."""
     ensemble = tree_ensemble(estimator)
     if ensemble is None:
         raise ValueError(f"forest_minimum takes scikit-learn trees, not {type(estimator).__name__}")
