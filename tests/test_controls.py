@@ -267,6 +267,38 @@ def test_exact_tree_ensemble_minima_equal_brute_force(kind) -> None:
                 assert result.upper == pytest.approx(want, abs=1e-7)
 
 
+def test_the_exact_l2_minimum_of_boosting_over_many_pixels_is_not_stopped_short() -> None:
+    """60 split pixels near 0: the old L2 objective left out a constant (~20, the cost of every
+    pixel's top interval), so HiGHS's relative gap of 1e-4 let it stop at 0.048364 ("optimal")
+    above the minimum 0.047186, which the model's own predict confirms."""
+    rng = np.random.default_rng(3)
+    x = rng.random((300, 200))
+    y = (x[:, :3].sum(1) + 0.3 * rng.standard_normal(300) > 1.5).astype(int)
+    est = HistGradientBoostingClassifier(max_iter=40, max_leaf_nodes=4, learning_rate=0.3,
+                                         min_samples_leaf=3, early_stopping=False,
+                                         random_state=3).fit(x, y)  # fmt: skip
+    x0 = (rng.random((3, 200)) * 0.05)[1]
+    label = est.predict(x0[None])[0]
+    (found,) = forest_minimum(est, x0[None], [label], norm="l2")
+    assert found.exact and est.predict(found.point[None])[0] != label
+    assert found.upper == pytest.approx(0.0471857910, rel=1e-6)
+    assert found.lower == pytest.approx(found.upper, rel=1e-6)
+    assert est.predict((x0 + 0.999 * (found.point - x0))[None])[0] == label
+
+
+def test_the_exact_tree_minimum_keeps_its_time_limit(digits) -> None:
+    """HiGHS's presolve ignores its time limit: on this 100-tree forest it ran 20-50 s of a
+    1 s limit. Whatever the solver found by then is reported, proven or not."""
+    x, y = digits
+    forest = RandomForestClassifier(100, random_state=0, n_jobs=1).fit(x[:1500], y[:1500])
+    x0, label = x[1600], forest.predict(x[1600:1601])[0]
+    (found,) = forest_minimum(forest, x0[None], [label], time_limit=1.0)
+    assert found.seconds < 4.0 and found.status in ("time_limit", "optimal")
+    if found.upper is not None:
+        assert forest.predict(found.point[None])[0] != label
+        assert found.lower <= found.upper
+
+
 @pytest.mark.parametrize(
     ("family", "norm"),
     [("random_forest", "linf"), ("random_forest", "l2"), ("gradient_boosting", "l2")],

@@ -14,7 +14,8 @@ argmax takes the first on ties). Going right needs
 x_i >= t_ij + guard and going left x_i <= t_ij - 1e-7 (the guard margins: trees compare
 float32 pixels with `x <= t`), so the minimum is exact up to `guard`. Every point the solver
 returns is checked with the model's own predict; one that fails is reported as such, never as
-a minimum. HiGHS (scipy.optimize.milp).
+a minimum. HiGHS (scipy.optimize.milp), with no relative gap; `time_limit` (seconds per
+example) covers building the model too, and a solve cut short reports its dual bound as lower.
 
 Linf minimises eps with |x_i - x0_i| <= eps. L2 needs no quadratic term (HiGHS solves no
 mixed-integer QP): the trees only see which interval between consecutive thresholds each pixel
@@ -39,6 +40,15 @@ from advlab.bounds.exact import ExactResult
 GUARD = 1e-5  # how far right of a threshold a pixel must lie to go right
 LEFT = 1e-7  # and below it to go left: a float32 pixel then still compares <= it
 TIE = 1e-6  # how much a class after the label must outscore it
+# HiGHS stops by default at a relative gap of 1e-4: none, so "optimal" is the minimum (to its
+# absolute gap of 1e-6 in the objective, eps or the squared L2 distance). Scaling the objective
+# up (as advlab.bounds.solver_worker does) let HiGHS settle on TIE-violating points within its
+# feasibility tolerance, which the model's predict then rejected.
+HIGHS: dict[str, Any] = {"mip_rel_gap": 0.0}
+# HiGHS's presolve ignores its time limit: on a 100-tree forest of digits (236k nonzeros) it
+# ran 52 s under a 5 s limit. Larger models are solved without it (1.4-3x slower on small
+# ones, which keep it), and then the time limit holds.
+PRESOLVE_NONZEROS = 50_000
 
 
 @dataclass
@@ -119,7 +129,8 @@ def forest_minimum(
     norm: str = "linf",
 ) -> list[ExactResult]:
     """Exact untargeted minimum distortions in `norm` ("linf" or "l2") of B flattened examples
-    by a fitted tree ensemble; `y` are class labels (of `estimator.classes_`)."""
+    by a fitted tree ensemble; `y` are class labels (of `estimator.classes_`). `time_limit`:
+    seconds per example, model building included."""
     ensemble = tree_ensemble(estimator)
     if ensemble is None:
         raise ValueError(f"forest_minimum takes scikit-learn trees, not {type(estimator).__name__}")
@@ -156,7 +167,7 @@ class _Layout:
             at += len(leaves)
         self.goals = {c: at + k for k, c in enumerate(c for c in range(n_classes) if c != label)}
         at += len(self.goals)
-        self.eps, self.size = at, at + 1
+        self.eps, self.size = at, at + 1  # L2: fixed at 1, carrying the constant cost
 
 
 def _one(
@@ -174,23 +185,35 @@ def _one(
     if said != label:
         return ExactResult(norm, True, 0.0, 0.0, "adversarial_at_start", "", 0.0,
                            point=x0.copy(), reached=said)  # fmt: skip
+    deadline = start + limit
     lay = _Layout(trees, len(estimator.classes_), label)
     rows = _Rows()
     _pixel_rows(rows, lay, x0, guard, linf=norm == "linf")
-    scores = _tree_rows(rows, lay, trees)
+    scores = _tree_rows(rows, lay, trees, deadline)
+    if scores is None:
+        return _out_of_time(norm, "building the MILP", time.perf_counter() - start)
     _goal_rows(rows, lay, scores, _score_ranges(trees, baseline), label)
-    cost = np.zeros(lay.size)
+    cost, lower, upper = np.zeros(lay.size), np.zeros(lay.size), np.ones(lay.size)
     if norm == "linf":
         cost[lay.eps] = 1.0
-    else:
-        _squared_costs(cost, lay, x0, guard)
+    else:  # the objective is the squared distance itself: the constant rides on a fixed 1
+        cost[lay.eps] = _squared_costs(cost, lay, x0, guard)
+        lower[lay.eps] = 1.0
     integral = np.zeros(lay.size)
     integral[len(lay.pixels) : lay.leaves[0][0] if lay.leaves else lay.eps] = 1
     integral[list(lay.goals.values())] = 1
-    lower, upper = np.zeros(lay.size), np.ones(lay.size)
+    left = deadline - time.perf_counter()
+    if left <= 0:
+        return _out_of_time(norm, "building the MILP", time.perf_counter() - start)
+    options = {"time_limit": left, "presolve": len(rows.v) <= PRESOLVE_NONZEROS, **HIGHS}
     found = milp(cost, constraints=rows.constraint(lay.size), integrality=integral,
-                 bounds=Bounds(lower, upper), options={"time_limit": limit})  # fmt: skip
+                 bounds=Bounds(lower, upper), options=options)  # fmt: skip
     return _check(estimator, lay, x0, label, found, time.perf_counter() - start, norm, guard)
+
+
+def _out_of_time(norm: str, where: str, seconds: float) -> ExactResult:
+    return ExactResult(norm, False, 0.0, None, "time_limit", f"time limit reached {where}",
+                       seconds, seconds)  # fmt: skip
 
 
 class _Rows:
@@ -240,13 +263,17 @@ def _intervals(cuts: np.ndarray, guard: float) -> np.ndarray:
     return np.stack([lo, hi], axis=1)
 
 
-def _squared_costs(cost: np.ndarray, lay: _Layout, x0: np.ndarray, guard: float) -> None:
-    """L2's objective, up to a constant: interval k of a pixel (q_k = p_{k+1} - p_k, with
-    p_0 = 0 and p_{m+1} = 1) costs its squared distance to x0, so p_j carries c_{j-1} - c_j."""
+def _squared_costs(cost: np.ndarray, lay: _Layout, x0: np.ndarray, guard: float) -> float:
+    """L2's objective: interval k of a pixel (q_k = p_{k+1} - p_k, with p_0 = 0 and
+    p_{m+1} = 1) costs its squared distance c_k to x0, so p_j carries c_{j-1} - c_j, plus the
+    constant c_m (returned, summed over pixels: the objective is then the squared distance)."""
+    constant = 0.0
     for f in lay.pixels.tolist():
         span = _intervals(lay.cuts[f], guard)
         c = (np.clip(x0[f], span[:, 0], span[:, 1]) - x0[f]) ** 2
         cost[lay.p[f] : lay.p[f] + len(span) - 1] = c[:-1] - c[1:]
+        constant += float(c[-1])
+    return constant
 
 
 def _rebuilt(lay: _Layout, x0: np.ndarray, z: np.ndarray, guard: float) -> np.ndarray:
@@ -260,12 +287,16 @@ def _rebuilt(lay: _Layout, x0: np.ndarray, z: np.ndarray, guard: float) -> np.nd
     return point
 
 
-def _tree_rows(rows: _Rows, lay: _Layout, trees: list[Tree]) -> list[dict[int, float]]:
+def _tree_rows(
+    rows: _Rows, lay: _Layout, trees: list[Tree], deadline: float = math.inf
+) -> list[dict[int, float]] | None:
     """Each tree's leaf weights sum to 1 and follow its splits; the class scores, as terms
-    (the baseline is in _score_ranges)."""
+    (the baseline is in _score_ranges). None once time.perf_counter() passes `deadline`."""
     n_classes = trees[0].scores.shape[1]
     scores: list[dict[int, float]] = [{} for _ in range(n_classes)]
     for t, leaf_vars in zip(trees, lay.leaves, strict=True):
+        if time.perf_counter() > deadline:
+            return None
         leaves = np.flatnonzero(t.children_left < 0)
         var = dict(zip(leaves.tolist(), leaf_vars.tolist(), strict=True))
         rows.add({v: 1.0 for v in leaf_vars.tolist()}, 1.0, 1.0)
@@ -328,7 +359,7 @@ def _check(
 ) -> ExactResult:
     if found.x is None:
         status = {2: "infeasible", 1: "time_limit"}.get(found.status, "error")
-        lower = math.inf if status == "infeasible" else 0.0
+        lower = math.inf if status == "infeasible" else _proven(found, norm)
         return ExactResult(norm, False, lower, None, status, found.message, seconds, seconds)
     if norm == "linf":
         point = x0.copy()
@@ -340,6 +371,15 @@ def _check(
     reached = int(np.searchsorted(estimator.classes_, estimator.predict(point[None])[0]))
     ok = reached != label and found.status == 0
     reason = "" if reached != label else "the model's own predict keeps the label at the point"
-    return ExactResult(norm, ok, dist if ok else 0.0, dist if reached != label else None,
+    lower = dist if ok else min(_proven(found, norm), dist)
+    return ExactResult(norm, ok, lower, dist if reached != label else None,
                        "optimal" if found.status == 0 else "time_limit", found.message,
                        seconds, seconds, point=point, reached=reached, reason=reason)  # fmt: skip
+
+
+def _proven(found: Any, norm: str) -> float:
+    """The solver's dual bound as a distance (the objective is eps, or the squared L2)."""
+    bound = getattr(found, "mip_dual_bound", None)
+    if bound is None or not math.isfinite(bound) or bound <= 0:
+        return 0.0
+    return float(bound) if norm == "linf" else math.sqrt(bound)
