@@ -288,12 +288,13 @@ def test_the_exact_l2_minimum_of_boosting_over_many_pixels_is_not_stopped_short(
 
 def test_the_exact_tree_minimum_keeps_its_time_limit(digits) -> None:
     """HiGHS's presolve ignores its time limit: on this 100-tree forest it ran 20-50 s of a
-    1 s limit. Whatever the solver found by then is reported, proven or not."""
+    1 s limit (7.2 s before the fix). Whatever the solver found by then is
+    reported, proven or not; the bound leaves room for a loaded machine."""
     x, y = digits
     forest = RandomForestClassifier(100, random_state=0, n_jobs=1).fit(x[:1500], y[:1500])
     x0, label = x[1600], forest.predict(x[1600:1601])[0]
     (found,) = forest_minimum(forest, x0[None], [label], time_limit=1.0)
-    assert found.seconds < 4.0 and found.status in ("time_limit", "optimal")
+    assert found.seconds < 6.0 and found.status in ("time_limit", "optimal")
     if found.upper is not None:
         assert forest.predict(found.point[None])[0] != label
         assert found.lower <= found.upper
