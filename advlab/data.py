@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from advlab.text import one_line
+
 __all__ = [
     "DATASETS",
     "FACTS",
@@ -141,7 +143,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         if raw[:2] == b"\x1f\x8b":
             raw = gzip.decompress(raw)
     except (OSError, EOFError) as err:
-        raise DataError(f"dataset.root: cannot read IDX file {path} ({_one_line(err)})") from err
+        raise DataError(f"dataset.root: cannot read IDX file {path} ({one_line(err)})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"dataset.root: {path} is not an IDX file (bad magic number)")
     dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
@@ -241,14 +243,9 @@ def _load_digits() -> Dataset:
     )
 
 
-def _one_line(err: Exception) -> str:
-    """torchvision's errors span lines (one per mirror); DataError messages must not."""
-    return " ".join(str(err).split())
-
-
 def _download_failed(name: str, err: Exception) -> DataError:
     return DataError(
-        f"dataset.root: downloading {name} into {default_cache_dir()} failed ({_one_line(err)}); "
+        f"dataset.root: downloading {name} into {default_cache_dir()} failed ({one_line(err)}); "
         "check the network or point dataset.root at a local copy"
     )
 
@@ -292,7 +289,7 @@ def _load_cifar10(root: Path | None) -> Dataset:
         if download:
             raise _download_failed("cifar10", err) from err
         raise DataError(
-            f"dataset.root: cannot load CIFAR-10 from {folder / _CIFAR_FOLDER} ({_one_line(err)}); "
+            f"dataset.root: cannot load CIFAR-10 from {folder / _CIFAR_FOLDER} ({one_line(err)}); "
             "re-extract cifar-10-python.tar.gz there or drop dataset.root to download"
         ) from err
     return Dataset(

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from advlab.strict import Strict
+from advlab.text import one_line
 
 
 class ModelNameError(ValueError):
@@ -36,4 +37,4 @@ def unloadable(path: str, err: BaseException) -> str:
         return "an empty file"
     if "Weights only load failed" in str(err):  # torch's paragraph about weights_only
         return "it holds Python objects besides tensors, and advlab never runs a pickle's code"
-    return " ".join(str(err).split())[:160] or type(err).__name__
+    return one_line(err, 160) or type(err).__name__

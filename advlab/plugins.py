@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from advlab.text import one_line
+
 T = TypeVar("T")
 
 
@@ -40,7 +42,7 @@ def import_object(path: str, key: str) -> Any:
             loaded = importlib.import_module(module)
     except ImportError as err:
         raise PluginError(
-            f"{key}: cannot import module {module!r} ({_line(err)}); "
+            f"{key}: cannot import module {module!r} ({one_line(err, 200)}); "
             "put it beside the sweep file or install it"
         ) from None
     except SystemExit as err:  # a script's command line (argparse) run as it is imported
@@ -84,7 +86,7 @@ def describe(err: BaseException) -> str:
     """An error as one line: its type and its first words (sys.exit's code for SystemExit)."""
     if isinstance(err, SystemExit):
         return f"SystemExit (it called sys.exit({err.code!r})); it must return, not exit"
-    text = _line(err)
+    text = one_line(err, 200)
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
@@ -110,7 +112,3 @@ def kept_defaults() -> Iterator[None]:
     finally:
         if dtype is not None and torch is not None:
             torch.set_default_dtype(dtype)
-
-
-def _line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]

@@ -28,6 +28,7 @@ from torch import nn
 from advlab.model_errors import ModelNameError, validate_model_args
 from advlab.model_errors import unloadable as _unloadable
 from advlab.strict import Strict
+from advlab.text import one_line
 
 PREFIX = "robustbench:"
 INSTALL = "pip install 'advlab[robustbench]'"
@@ -56,7 +57,7 @@ def import_robustbench() -> Any:
     try:
         return importlib.import_module("robustbench.utils")
     except ImportError as err:  # robustbench, or one of its imports (pkg_resources: setuptools)
-        why = " ".join(str(err).split())[:120]
+        why = one_line(err, 120)
         raise ModelNameError(
             f"model: robustbench: models need robustbench ({why}); {INSTALL}"
         ) from None
@@ -168,7 +169,7 @@ def robustbench_model(
             name, settings.model_dir, settings.dataset, settings.threat_model
         ).float()
     except Exception as err:  # a failed download or a file that does not fit, in one line
-        why = " ".join(f"{type(err).__name__}: {err}".split())[:240]
+        why = one_line(f"{type(err).__name__}: {err}", 240)
         if all(f.is_file() for f in files):
             raise RobustBenchLoadError(
                 f"model: {PREFIX}{name}: RobustBench's loader failed on {files[0]} ({why})"
@@ -202,5 +203,5 @@ def _architecture(name: str, entry: dict[str, Any]) -> nn.Module:
     try:
         return entry["model"]().eval()
     except Exception as err:  # a zoo entry whose constructor needs what is not here
-        why = " ".join(str(err).split())[:160] or type(err).__name__
+        why = one_line(err, 160) or type(err).__name__
         raise ModelNameError(f"model: {PREFIX}{name} cannot be built ({why})") from None

@@ -255,10 +255,6 @@ def resolve_import(path: str, key: str) -> Callable[..., Any]:
     return found
 
 
-def _line(err: BaseException) -> str:
-    return " ".join(str(err).split())[:200]
-
-
 # --------------------------------------------------------------------------- checks
 
 

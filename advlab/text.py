@@ -8,6 +8,12 @@ import math
 from typing import Any
 
 
+def one_line(message: object, limit: int | None = None) -> str:
+    """A message (an exception, say) on one line, at most `limit` characters: error texts
+    span lines (torchvision's name each mirror), the lines advlab prints must not."""
+    return " ".join(str(message).split())[:limit]
+
+
 def count(n: int, noun: str, plural: str | None = None) -> str:
     """`n noun` with the noun in the plural unless n is 1: "1 trial", "0 trials", "4 trials"."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
