@@ -87,11 +87,12 @@ def zoo_entry(name: str, settings: RobustBenchSettings) -> dict[str, Any]:
             f"model: {PREFIX}{name} is no RobustBench model for {where} ({known}); check the "
             "name or model_args.dataset and model_args.threat_model"
         )
-    timm_name = f"{name.lower().replace('-', '_')}_{settings.dataset}_{settings.threat_model}"
-    if utils.timm.is_model(timm_name.lower()):
+    # RobustBench's own name for a zoo model it takes from timm's hub
+    timm_name = f"{name.replace('-', '_')}_{settings.dataset}_{settings.threat_model}".lower()
+    if utils.timm.is_model(timm_name):
         raise ModelNameError(
             f"model: {PREFIX}{name} ({where}) is one RobustBench loads from timm's hub, not "
-            f"from model_dir; use model: timm:{timm_name.lower()} with model_args.pretrained, "
+            f"from model_dir; use model: timm:{timm_name} with model_args.pretrained, "
             "a local weights file"
         )
     return zoo[name]
