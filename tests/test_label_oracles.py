@@ -1,13 +1,17 @@
 """The fast label oracles decision-based attacks query (advlab.families.decision) at near ties:
-1-NN's pruned votes and the RBF SVM's one-vs-one labels equal scikit-learn's predict on points
-a hair either side of a decision boundary, and HopSkipJump is the same through either path."""
+1-NN's pruned votes, the RBF SVM's one-vs-one labels and a linear model's float64 argmax equal
+scikit-learn's predict on points a hair either side of a decision boundary, and HopSkipJump is
+the same through either path."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.svm import SVC
 from torch import nn
@@ -54,7 +58,7 @@ def test_pruned_1nn_votes_equal_scikit_learn_at_near_ties(digits) -> None:
     assert len(left) == 0 and np.array_equal(labels[near[:, 0].numpy()], expected)
 
 
-def boundary(est: SVC, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def boundary(est: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The point where predict changes on the segment from a to b, bisected to 1e-13."""
     low, high = 0.0, 1.0
     first = est.predict(a[None])[0]
@@ -81,6 +85,23 @@ def test_the_rbf_svm_labels_equal_scikit_learn_at_near_ties(digits) -> None:
     images = torch.from_numpy(queries).view(-1, 1, 8, 8)
     assert np.array_equal(module.argmax_labels(images).numpy(), expected)
     assert np.array_equal(module(images).argmax(1).numpy(), expected)
+
+
+def test_a_linear_models_float32_queries_get_its_float64_labels(digits) -> None:
+    x, y = digits
+    est = LogisticRegression(max_iter=2000).fit(x[:600], y[:600])
+    module = torch_decision(est, 10)
+    pred = est.predict(x[600:700])
+    starts = np.flatnonzero(pred[:-1] != pred[1:])[:8]
+    queries = np.concatenate([near_ties(x[600 + i], x[601 + i],
+                                        boundary(est, x[600 + i], x[601 + i]))
+                              for i in starts])  # fmt: skip
+    images = torch.from_numpy(queries).float().view(-1, 1, 8, 8)  # HopSkipJump's probes' dtype
+    expected = est.predict(images.flatten(1).double().numpy())
+    assert len(set(expected)) > 2
+    assert np.array_equal(module.argmax_labels(images).numpy(), expected)
+    # forward's scores, rounded to float32, tie on some of these: the labels need float64
+    assert not np.array_equal(module(images).argmax(1).numpy(), expected)
 
 
 class Float64Forward(nn.Module):

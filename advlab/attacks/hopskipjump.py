@@ -15,8 +15,9 @@ own stream (seeded by the generator and its pixels) and spends its own queries, 
 does not depend on its batch-mates. `grad_evals` counts model queries (one per image the model
 classifies, the start's search included); no example ever spends more than `max_queries`.
 Untargeted only (a targeted start needs an image of the target class, which attacks are not
-given). A model with an `argmax_labels(x)` method (the RBF SVM's torch version) is asked that
-instead of `forward(x).argmax(1)`.
+given). A model with an `argmax_labels(x)` method (the torch versions of linear models and the
+RBF SVM) is asked that instead of `forward(x).argmax(1)`. On a CPU the probes are drawn, classified
+and summed a few examples at a time (PROBE_PIXELS), which keeps them in cache.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from advlab.attacks.base import (
     merged_settings,
     prepare,
 )
+
+PROBE_PIXELS = 1 << 19  # probe pixels per model call on a CPU (2 MB in float32: in cache)
 
 
 class HopSkipJumpSettings(Settings):
@@ -223,27 +226,52 @@ def _gradient_estimate(
 ) -> Tensor:
     """(n, D) unit estimates of the boundary's normal at the points of `rows` (pointing into
     the adversarial side): sign-weighted means of random unit probes of radius delta."""
-    d = state.x.shape[1]
-    noise = [
-        torch.randn(int(k), d, generator=gens[int(i)]) for i, k in zip(rows, probes, strict=True)
+    counts = probes.tolist()
+    parts = [
+        _probe_sums(state, gens, rows[g], delta[g], counts[g.start])
+        for g in _probe_groups(counts, state.x.shape[1], state.x.device)
     ]
-    z = torch.cat(noise).to(state.x)
-    owner = torch.repeat_interleave(torch.arange(len(rows), device=z.device), probes)
+    grad = torch.cat(parts)
+    return grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _probe_groups(counts: list[int], d: int, device: torch.device) -> list[slice]:
+    """Runs of consecutive examples with the same count of probes (examples short of queries
+    have fewer) and, on a CPU, at most PROBE_PIXELS probe pixels together (one example at
+    least): their probes then stay in cache through the model's call and the sums."""
+    limit = max(1, PROBE_PIXELS // d) if device.type == "cpu" else math.inf
+    groups, start, total = [], 0, 0
+    for i, k in enumerate(counts):
+        if i > start and (k != counts[start] or total + k > limit):
+            groups.append(slice(start, i))
+            start, total = i, 0
+        total += k
+    groups.append(slice(start, len(counts)))
+    return groups
+
+
+def _probe_sums(
+    state: _State, gens: list[torch.Generator], rows: Tensor, delta: Tensor, k: int
+) -> Tensor:
+    """(n, D) unnormalised estimates for `rows`, k probes each (see _gradient_estimate)."""
+    n, d = len(rows), state.x.shape[1]
+    z = torch.empty(n, k, d)
+    for j, i in enumerate(rows.tolist()):  # each example's probes from its own stream
+        torch.randn(k, d, generator=gens[i], out=z[j])
+    z = z.to(state.x)
+    point = state.point[rows]
     # z = point + delta * u / |u|, clipped to the box, in place: the probes are most of the
-    # attack's memory traffic, so each is written once and read by the model and one sum
-    scale = delta[owner, None] / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    z = z.mul_(scale).add_(state.point[rows][owner]).clamp_(0.0, 1.0)
-    sign = state.adversarial(z, rows[owner]).to(z.dtype) * 2 - 1
+    # attack's memory traffic, so each is written once and read by the model and one product
+    z.mul_(delta[:, None, None] / z.norm(dim=2, keepdim=True).clamp_min(1e-12))
+    z.add_(point[:, None]).clamp_(0.0, 1.0)
+    adv = state.adversarial(z.view(n * k, d), rows.repeat_interleave(k))
+    sign = adv.view(n, k).to(z.dtype) * 2 - 1
     # per example: the signs less their mean (a baseline), unless all fell on one side. The
     # estimate sum_i w_i (z_i - point) / delta (the probes the box let through) is normalised,
-    # so it is sum_i w_i z_i - (sum_i w_i) point: one index_add_ over the probes
-    mean = z.new_zeros(len(rows)).index_add_(0, owner, sign) / probes.to(z.dtype)
-    baseline = torch.where(mean.abs() == 1, torch.zeros_like(mean), mean)
-    weight = sign - baseline[owner]
-    total = z.new_zeros(len(rows)).index_add_(0, owner, weight)
-    grad = z.new_zeros(len(rows), d).index_add_(0, owner, z.mul_(weight[:, None]))
-    grad = grad - total[:, None] * state.point[rows]
-    return grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # so it is sum_i w_i z_i - (sum_i w_i) point
+    mean = sign.mean(1)
+    weight = sign - torch.where(mean.abs() == 1, torch.zeros_like(mean), mean)[:, None]
+    return torch.bmm(weight[:, None], z).squeeze(1) - weight.sum(1, keepdim=True) * point
 
 
 def _step_search(

@@ -4,6 +4,7 @@
   predict is the argmax of `X @ coef_.T + intercept_`): a `Sequential(Flatten, Linear)` in
   float64, the shape advlab.bounds.exact reads for its exact minima. Two classes: logits
   [0, decision], so class 1 wins exactly where scikit-learn's decision is > 0.
+  `argmax_labels` is the float64 scores' argmax, for decision-based attacks.
 - RBF SVC: its one-vs-one scores (`pairwise`, equal to `decision_function` with shape "ovo"),
   combined as scikit-learn's one-vs-rest output (votes plus squashed confidences, which is
   what `predict` takes the argmax of when `break_ties=True`). The votes are piecewise constant,
@@ -81,7 +82,16 @@ def _linear_module(estimator: Any, classes: np.ndarray, num_classes: int) -> nn.
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight))
         layer.bias.copy_(torch.from_numpy(bias))
-    return Float64Sequential(nn.Flatten(), layer).requires_grad_(False)
+    return LinearDecision(nn.Flatten(), layer).requires_grad_(False)
+
+
+class LinearDecision(Float64Sequential):
+    """Flatten + Linear in float64: a linear model's scores; `argmax_labels` their float64
+    argmax (forward rounds the scores to the input's dtype, where two classes can tie)."""
+
+    def argmax_labels(self, x: Tensor) -> Tensor:
+        layer = self[1]
+        return layer(x.flatten(1).to(layer.weight.dtype)).argmax(1)
 
 
 def _is_rbf_svc(estimator: Any) -> bool:
