@@ -38,8 +38,8 @@ def fail(message: str) -> NoReturn:
 
 
 def one_line(message: str) -> str:
-    text = " ".join(str(message).split())
-    return text if len(text) <= MAX_MESSAGE else f"{text[: MAX_MESSAGE - 3]}..."
+    line = text.one_line(message)
+    return line if len(line) <= MAX_MESSAGE else f"{line[: MAX_MESSAGE - 3]}..."
 
 
 def build_parser() -> argparse.ArgumentParser:

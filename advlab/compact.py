@@ -30,7 +30,7 @@ from advlab import parts
 from advlab.store import SweepStore
 from advlab.tablefiles import key_column, misfiled_files
 from advlab.tables import schema
-from advlab.text import count
+from advlab.text import count, one_line
 
 # At a sweep's end, compaction runs once its tables hold this many loose files (about 18
 # trials): a small sweep keeps one readable file per trial and run, a large one a few files.
@@ -102,7 +102,7 @@ def compact_after_sweep(store: SweepStore) -> str | None:
             return None
         return summary_line(compact_store(store))
     except (OSError, pa.ArrowException) as err:
-        why = " ".join(str(err).split())[:200]
+        why = one_line(err, 200)
         return f"advlab: compaction failed ({why}); results stand; run `advlab compact {store.uri}`"
 
 

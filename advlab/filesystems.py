@@ -13,6 +13,8 @@ import os
 
 import pyarrow.fs as pafs
 
+from advlab.text import one_line
+
 
 class BadStorage(ValueError):
     """Storage that cannot hold a sweep, said in one line with its fix: a malformed endpoint,
@@ -61,7 +63,7 @@ def check_reachable(fs: pafs.FileSystem, root: str, uri: str) -> None:
     try:
         found = fs.get_file_info(bucket).type
     except OSError as err:
-        why = " ".join(str(err).split())[:160]
+        why = one_line(err, 160)
         raise BadStorage(
             f"storage: cannot reach {uri} at {where} ({why}); check AWS_ENDPOINT_URL, the "
             "bucket and the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import torch
 
 from advlab.filesystems import is_object_store
+from advlab.text import one_line
 
 FOLDER = ".models"
 DAMAGED = "damaged"
@@ -87,7 +88,7 @@ class ModelStore:
         """A damaged model moved to <root>/damaged/ (kept for a look, never read) by a store
         that writes, or only noted; returns the line that says so."""
         name = path.rsplit("/", 1)[1]
-        text = " ".join(str(why).split())[:120]
+        text = one_line(why, 120)
         where = f"{FOLDER}/{name}" if path.startswith(self.root + "/") else f"models/{name}"
         if self.read_only:
             line = f"{where} ({text}), left in place"

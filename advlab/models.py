@@ -34,6 +34,7 @@ from advlab.autoencoders import activation_layer as _activation
 from advlab.model_errors import ModelNameError, validate_model_args
 from advlab.model_errors import unloadable as _unloadable
 from advlab.strict import NoSettings, Strict
+from advlab.text import one_line
 
 __all__ = [
     "ACTIVATIONS",
@@ -258,7 +259,7 @@ def _timm_model(
             name, num_classes=num_classes, in_chans=input_shape[0], **extra, **args
         )
     except Exception as err:  # timm raises many kinds for arguments or weights that do not fit
-        why = " ".join(str(err).split())[:200] or type(err).__name__
+        why = one_line(err, 200) or type(err).__name__
         raise ModelNameError(f"model: timm:{name} cannot be built ({why})") from None
 
 
@@ -379,7 +380,7 @@ def load_init(model: nn.Module, path: str) -> None:
     try:
         target.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as err:
-        why = " ".join(str(err).split())[:200]
+        why = one_line(err, 200)
         raise ModelNameError(f"init: {path} does not fit the model ({why})") from None
     for name, value in target.state_dict().items():
         if value.is_floating_point() and not torch.isfinite(value).all():

@@ -36,6 +36,7 @@ from advlab.model_store import FOLDER as MODELS
 from advlab.model_store import ModelStore
 from advlab.tablefiles import foreign_file, key_column, read_compacted, read_loose
 from advlab.tables import SCHEMAS, schema, table
+from advlab.text import one_line
 
 TABLES = tuple(SCHEMAS)  # the core tables; measure tables are folders beside them
 MANIFEST = "sweep.json"
@@ -242,7 +243,7 @@ class SweepStore:
         if not is_object_store(self.fs):
             self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
         self.fs.move(path, target)
-        why = " ".join(str(err).split())[:120]
+        why = one_line(err, 120)
         line = f"{relative} is damaged ({why}); moved to damaged/, {then}"
         self.damaged.append(line)
         return line
@@ -423,7 +424,7 @@ class SweepStore:
         if not self.read_only:
             self.quarantine(path, err)
             return
-        why = " ".join(str(err).split())[:120]
+        why = one_line(err, 120)
         self.damaged.append(f"{self._relative(path)} ({why}), left in place")
 
     def _relative(self, path: str) -> str:

@@ -23,7 +23,7 @@ from advlab.storage_errors import failure_reason
 from advlab.store import SweepStore, resolve_storage
 from advlab.sweepfile import SweepSpec
 from advlab.tables import Status
-from advlab.text import count
+from advlab.text import count, one_line
 from advlab.track import reachable_mode, recorded_target, resolve_mode
 from advlab.transfer import TransferOutcome
 from advlab.trial import TrialContext, flags
@@ -151,7 +151,7 @@ def open_store(spec: SweepSpec) -> SweepStore:
     except BadStorage as err:  # a malformed endpoint: its own line names it and the fix
         raise SpecError(str(err)) from None
     except (OSError, ValueError) as err:  # pyarrow: unreachable bucket, malformed URI
-        why = " ".join(str(err).split())[:160]
+        why = one_line(err, 160)
         raise SpecError(
             f"storage: cannot open {storage} ({why}); check the path or the bucket, its "
             "credentials and the network"

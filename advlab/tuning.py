@@ -26,6 +26,7 @@ from advlab.store import CHECKPOINT, SEARCH_DB, SweepStore
 from advlab.sweep_settings import SearchSpec
 from advlab.sweepfile import SweepSpec, add_plugin_dirs, axis_text, set_dotted
 from advlab.tables import Status
+from advlab.text import one_line
 from advlab.trial import TrialContext, TrialStopped
 
 
@@ -65,7 +66,7 @@ def init_ray(address: str | None, verbose: int = 0) -> None:
     except (ConnectionError, RuntimeError, ValueError) as err:
         if address is None:
             raise
-        why = " ".join(str(err).split())[:160]
+        why = one_line(err, 160)
         raise SpecError(
             f"--address: no Ray cluster answers at {address} ({why}); start one with "
             "`ray start --head` or drop --address to run locally"
