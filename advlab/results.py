@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from advlab import dimension, manifest, transfer_summary
-from advlab.stats import aggregate
+from advlab.stats import aggregate, with_counts
 from advlab.store import SweepStore, list_sweeps
 from advlab.tables import RATE_COUNTS, SCHEMAS, Status
 
@@ -117,11 +117,10 @@ class Results:
         any other value the bootstrap over seeds."""
         frame = self.trials if name == "trials" else getattr(self, name)
         keys = ["configuration", *[k for k in by if k in frame and name != "trials"]]
-        count = count or RATE_COUNTS.get((name, value))
-        missing = [c for c in ("configuration", count) if c and c not in frame and c in self.trials]
-        if missing:
-            frame = frame.merge(self.trials[["trial_id", *missing]], on="trial_id")
-        return aggregate(frame, keys, value, count if count in frame else None)
+        if "configuration" not in frame:
+            frame = frame.merge(self.trials[["trial_id", "configuration"]], on="trial_id")
+        frame, count = with_counts(frame, self.trials, count or RATE_COUNTS.get((name, value)))
+        return aggregate(frame, keys, value, count)
 
     def dimension(self) -> pd.DataFrame:
         """Distortion and input-gradient norms against the input dimension d (a sweep over

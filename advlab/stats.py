@@ -136,6 +136,19 @@ def estimate(
     return Estimate(mean, lo, hi, n, kept)
 
 
+def with_counts(
+    frame: pd.DataFrame, trials: pd.DataFrame, count: str | None
+) -> tuple[pd.DataFrame, str | None]:
+    """`frame` with the column `count`, a rate's count of examples (advlab.tables.RATE_COUNTS
+    names it), merged from the trials' rows by trial_id when the frame lacks it; and that
+    column, or None when neither has it (a sweep written before the count was recorded)."""
+    if count is None or count in frame:
+        return frame, count
+    if count not in trials:
+        return frame, None
+    return frame.merge(trials[["trial_id", count]], on="trial_id", how="left"), count
+
+
 def aggregate(
     frame: pd.DataFrame, by: list[str], value: str, count: str | None = None
 ) -> pd.DataFrame:

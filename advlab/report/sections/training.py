@@ -8,6 +8,7 @@ import pandas as pd
 from advlab.report import charts
 from advlab.report.html import chart, chart_row, section
 from advlab.report.load import Compared
+from advlab.stats import with_counts
 from advlab.tables import RATE_COUNTS
 
 # metric, title, axis format, largest value it can take
@@ -20,11 +21,8 @@ def epoch_rows(compared: Compared, metric: str) -> pd.DataFrame:
     ok = set(compared.ok_trials["trial_id"])
     mine = epochs[epochs["trial_id"].isin(ok) & epochs[metric].notna()]
     frame = mine.assign(value=mine[metric].astype(float))
-    count = RATE_COUNTS.get(("epochs", metric))  # test error: a share of the test set
-    trials = compared.ok_trials
-    if count is None or count not in trials:
-        return charts.summarise(frame, ["epoch"], "value")
-    frame = frame.merge(trials[["trial_id", count]], on="trial_id", how="left")
+    # test error: a share of the test set, whose size is in the trial's row
+    frame, count = with_counts(frame, compared.ok_trials, RATE_COUNTS.get(("epochs", metric)))
     return charts.summarise(frame, ["epoch"], "value", count=count)
 
 
