@@ -64,7 +64,7 @@ def test_killed_driver_resumes_without_recomputing_finished_trials(tmp_path: Pat
         "dataset": {"name": "digits"},
         "grid": {"seed": [0, 1, 2]},
         "model": "fc32-10",
-        "train": {"epochs": 15, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
+        "train": {"epochs": 8, "batch_size": 32, "optimizer": "adam", "lr": 0.01},
         "attack_examples": 10,
         "attacks": [{"name": "fgsm"}],
         "max_concurrent": 1,
@@ -117,7 +117,7 @@ def test_ctrl_c_stops_without_transfer_and_a_rerun_continues_from_the_checkpoint
         "name": "ctrlc",
         "dataset": {"name": "digits"},
         "model": "fc32-10",
-        "train": {"epochs": 60, "batch_size": 8, "optimizer": "adam", "lr": 0.005},
+        "train": {"epochs": 30, "batch_size": 8, "optimizer": "adam", "lr": 0.005},
         "attack_examples": 10,
         "attacks": [{"name": "fgsm"}],
         "checkpoint_every": 2,
@@ -153,7 +153,7 @@ def test_ctrl_c_stops_without_transfer_and_a_rerun_continues_from_the_checkpoint
     (resumed,) = trials.itertuples()
     assert resumed.resumed_from_epoch >= 2  # continued, not restarted
     epochs = SweepStore(str(tmp_path / "results"), "ctrlc").read("epochs")
-    assert epochs["epoch"].tolist() == list(range(1, 61))
+    assert epochs["epoch"].tolist() == list(range(1, 31))
 
     # The same trial uninterrupted, in one process without Ray (`advlab trial`: the same code)
     straight = subprocess.run(
