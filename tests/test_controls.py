@@ -7,8 +7,10 @@ budget."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -366,6 +368,29 @@ def test_hopskipjump_is_seeded_batch_independent_and_linf_too(digits) -> None:
         assert torch.equal(part.x_adv, whole.x_adv[2:4].flip(0))
         assert torch.equal(part.grad_evals, whole.grad_evals[2:4].flip(0))
         assert (whole.grad_evals <= 600).all() and (whole.grad_evals > 100).all()
+
+
+def test_hopskipjump_probe_groups_change_no_result(digits, monkeypatch) -> None:
+    """The probes go through the model a few examples at a time (PROBE_PIXELS): one example
+    per group, the default's groups and a batch of one give the same points, bit for bit,
+    through a float model (the logistic regression's float64 argmax)."""
+    hsj = importlib.import_module("advlab.attacks.hopskipjump")  # the module, not the function
+    x, y = digits
+    logistic = fitted("logistic", x[:1000], y[:1000])
+    xa, ya = correct(logistic.estimator, x[1000:], y[1000:], 12)
+
+    def run(xs: torch.Tensor, ys: torch.Tensor) -> Any:
+        return run_attack("hsj", logistic.module, xs, ys, max_queries=1500,
+                          generator=torch.Generator().manual_seed(3))  # fmt: skip
+
+    grouped = run(xa, ya)
+    assert len(hsj._probe_groups([1000] * 12, 64, torch.device("cpu"))) > 1  # split at 8,192 rows
+    monkeypatch.setattr(hsj, "PROBE_PIXELS", 1)  # every example a group of its own
+    alone = run(xa, ya)
+    single = run(xa[5:6], ya[5:6])
+    assert grouped.success.all() and torch.equal(grouped.x_adv, alone.x_adv)
+    assert torch.equal(grouped.grad_evals, alone.grad_evals)
+    assert torch.equal(single.x_adv, grouped.x_adv[5:6])
 
 
 @pytest.mark.parametrize(
