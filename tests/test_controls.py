@@ -371,26 +371,40 @@ def test_hopskipjump_is_seeded_batch_independent_and_linf_too(digits) -> None:
 
 
 def test_hopskipjump_probe_groups_change_no_result(digits, monkeypatch) -> None:
-    """The probes go through the model a few examples at a time (PROBE_PIXELS): one example
-    per group, the default's groups and a batch of one give the same points, bit for bit,
-    through a float model (the logistic regression's float64 argmax)."""
+    """The probes go through the model a few examples at a time (PROBE_PIXELS): all in one
+    group, groups of a few examples, one example per group and a batch of one give the same
+    points, bit for bit, through a float model (the logistic regression's float64 argmax)."""
     hsj = importlib.import_module("advlab.attacks.hopskipjump")  # the module, not the function
     x, y = digits
     logistic = fitted("logistic", x[:1000], y[:1000])
     xa, ya = correct(logistic.estimator, x[1000:], y[1000:], 12)
+    split = hsj._probe_groups
+    sizes: list[int] = []  # examples per group, every group of the last run
 
-    def run(xs: torch.Tensor, ys: torch.Tensor) -> Any:
-        return run_attack("hsj", logistic.module, xs, ys, max_queries=1500,
-                          generator=torch.Generator().manual_seed(3))  # fmt: skip
+    def recorded(counts: list[int], d: int, device: torch.device) -> list[slice]:
+        groups = split(counts, d, device)
+        sizes.extend(g.stop - g.start for g in groups)
+        return groups
 
-    grouped = run(xa, ya)
-    assert len(hsj._probe_groups([1000] * 12, 64, torch.device("cpu"))) > 1  # split at 8,192 rows
-    monkeypatch.setattr(hsj, "PROBE_PIXELS", 1)  # every example a group of its own
-    alone = run(xa, ya)
-    single = run(xa[5:6], ya[5:6])
-    assert grouped.success.all() and torch.equal(grouped.x_adv, alone.x_adv)
-    assert torch.equal(grouped.grad_evals, alone.grad_evals)
-    assert torch.equal(single.x_adv, grouped.x_adv[5:6])
+    monkeypatch.setattr(hsj, "_probe_groups", recorded)
+
+    def run(pixels: int, xs: torch.Tensor = xa, ys: torch.Tensor = ya) -> tuple[Any, list[int]]:
+        sizes.clear()
+        monkeypatch.setattr(hsj, "PROBE_PIXELS", pixels)
+        result = run_attack("hsj", logistic.module, xs, ys, max_queries=1500,
+                            generator=torch.Generator().manual_seed(3))  # fmt: skip
+        return result, list(sizes)
+
+    whole, one_group = run(1 << 30)
+    few, few_sizes = run(64 * 500)  # 500 probe rows: two to five examples of 100-250 probes
+    alone, alone_sizes = run(1)
+    single, _ = run(1, xa[5:6], ya[5:6])
+    assert set(one_group) == {12} and max(few_sizes) in range(2, 12) and set(alone_sizes) == {1}
+    assert whole.success.all()
+    for other in (few, alone):
+        assert torch.equal(whole.x_adv, other.x_adv)
+        assert torch.equal(whole.grad_evals, other.grad_evals)
+    assert torch.equal(single.x_adv, whole.x_adv[5:6])
 
 
 @pytest.mark.parametrize(
