@@ -11,7 +11,7 @@ sweep: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check advlab tests benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check advlab tests benchmarks
