@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -158,14 +159,40 @@ def trial_workers(sessions: list[int]) -> list[int]:
 
 def advlab_files(folder: Path) -> list[str]:
     """advlab's results files under a folder. Not counted: a checkpoint a trial killed with
-    the driver was saving to its temporary folder for Tune to upload (tmp*/training.pt); a
-    kill leaves it, no reader looks for it there."""
+    the driver was saving to its temporary folder for Tune to upload (tmp*/training.pt), and
+    the W&B staging folder of such a trial (killed_runs); a kill leaves them, no reader looks
+    for them there."""
     return [
         str(path)
         for path in folder.rglob("*")
         if (path.name.endswith(ADVLAB_FILES) or path.name.startswith("offline-run-"))
         and not (path.name == "training.pt" and path.parent.name.startswith("tmp"))
+        and _killed_staging(path) is None
     ]
+
+
+def _killed_staging(path: Path) -> Path | None:
+    """The W&B staging folder (advlab.wandb_staging) holding `path` when its process is gone:
+    a trial killed with the driver, whose part-run the rerun's replaces. The next trial to
+    stage on that node removes it; when none runs there, it stays in the node's TMPDIR."""
+    for parent in path.parents:
+        found = re.fullmatch(r"advlab-wandb-.+-(\d+)-[a-z0-9_]{8}", parent.name)
+        if found:
+            try:
+                os.kill(int(found[1]), 0)
+            except ProcessLookupError:
+                return parent
+            return None
+    return None
+
+
+def killed_runs(folder: Path) -> set[str]:
+    """The trial ids of the W&B runs left in killed trials' staging folders under a folder."""
+    return {
+        path.name.rsplit("-", 1)[1]
+        for path in folder.rglob("offline-run-*")
+        if path.is_dir() and _killed_staging(path) is not None
+    }
 
 
 @pytest.mark.slow
@@ -231,9 +258,13 @@ def test_a_two_node_sweep_on_s3_survives_a_killed_driver_and_reads_as_a_local_ru
     assert main(["ls", storage]) == 0
     assert main(["report", f"{storage}/cloud", "-o", str(root / "report.html")]) == 0
     assert "cloud" in (root / "report.html").read_text()
-    # No node and no driver kept a results file: everything went to the bucket.
+    # No node and no driver kept a results file: everything went to the bucket. A killed
+    # trial's W&B staging may stay on its node (its process cannot clean up), but its trial
+    # reran and that run reached the bucket.
     for name in ("head", "worker", "driver"):
         assert advlab_files(root / name) == [], name
+        for trial_id in killed_runs(root / name):
+            assert any(r.endswith(f"-{trial_id}") for r in runs), trial_id
     for temp in cluster.temps:
         assert advlab_files(Path(temp)) == [], temp
 
