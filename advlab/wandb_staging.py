@@ -18,12 +18,27 @@ from pathlib import Path
 
 def staging_dir(sweep: str) -> str:
     """A new staging folder for this process, after removing those of dead processes."""
-    prefix = f"advlab-wandb-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep)}-"
+    prefix = staging_prefix(sweep)
     for left in Path(tempfile.gettempdir()).glob(f"{prefix}*"):
-        found = re.fullmatch(r"(\d+)-[a-z0-9_]{8}", left.name[len(prefix) :])
-        if found and not _alive(int(found[1])):
+        if left_by_dead_process(left.name, prefix):
             shutil.rmtree(left, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def staging_prefix(sweep: str) -> str:
+    """The start of the name of every staging folder of a sweep."""
+    return f"advlab-wandb-{re.sub(r'[^A-Za-z0-9_.-]+', '_', sweep)}-"
+
+
+def left_by_dead_process(name: str, prefix: str) -> bool:
+    """Whether `name` is a staging folder (of the sweep with this prefix) whose process is gone:
+    a killed trial's, which cannot remove it itself."""
+    found = (
+        re.fullmatch(r"(\d+)-[a-z0-9_]{8}", name[len(prefix) :])
+        if name.startswith(prefix)
+        else None
+    )
+    return found is not None and not _alive(int(found[1]))
 
 
 def upload_runs(staging: str, write: Callable[[str, str, bytes], None]) -> None:

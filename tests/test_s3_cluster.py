@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from test_resume import _kill_session, _session_pids
 
 from advlab import results
 from advlab.cli import main
+from advlab.wandb_staging import left_by_dead_process, staging_prefix
 
 pytest_plugins = ["s3_server"]  # the loopback S3 server
 
@@ -175,15 +175,8 @@ def _killed_staging(path: Path) -> Path | None:
     """The W&B staging folder (advlab.wandb_staging) holding `path` when its process is gone:
     a trial killed with the driver, whose part-run the rerun's replaces. The next trial to
     stage on that node removes it; when none runs there, it stays in the node's TMPDIR."""
-    for parent in path.parents:
-        found = re.fullmatch(r"advlab-wandb-.+-(\d+)-[a-z0-9_]{8}", parent.name)
-        if found:
-            try:
-                os.kill(int(found[1]), 0)
-            except ProcessLookupError:
-                return parent
-            return None
-    return None
+    prefix = staging_prefix(SWEEP["name"])
+    return next((f for f in path.parents if left_by_dead_process(f.name, prefix)), None)
 
 
 def killed_runs(folder: Path) -> set[str]:
